@@ -1,0 +1,146 @@
+"""Generate a simulated dataset on all cores: frames, defect masks and the manifest.
+
+Each container is drawn from ``SeedSequence([seed, index])``, so its images are byte-identical whatever
+the number of workers or the order in which they finish.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .imageio import write_png
+from .manifest import MANIFEST_NAME, ManifestWriter, parse_record
+from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, split_for, union_box
+from .sim.config import SimConfig
+from .sim.render import render
+from .sim.scene import sample_scene
+
+
+@dataclass
+class GenerateStats:
+    containers: int
+    frames: int
+    seconds: float
+    workers: int
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else float("inf")
+
+
+def container_id(index: int) -> str:
+    return f"c{index:06d}"
+
+
+def make_container(cfg: SimConfig, index: int, seed: int) -> tuple[ContainerRecord, list, object]:
+    """Render one container in memory: (record with relative paths, frames, mask or None)."""
+    scene = sample_scene(cfg, index, seed)
+    out = render(scene, cfg.camera)
+    cid = container_id(index)
+    frames = [f"images/{cid}_f{k}.png" for k in range(len(out.frames))]
+    defects = [Defect(cls=a.cls, bbox=union_box(a.frame_bboxes), frame_bboxes=a.frame_bboxes,
+                      mask_value=a.mask_value or None, kind=a.kind, size_um=a.size_um, length_mm=a.length_mm,
+                      deviation_mm=a.deviation_mm) for a in out.defects]
+    nuis = [NuisanceObject(tag=a.cls, kind=a.kind, bbox=union_box(a.frame_bboxes), frame_bboxes=a.frame_bboxes,
+                           size_um=a.size_um) for a in out.nuisances]
+    has_mask = bool(defects)
+    fr = out.framing
+    assert fr is not None
+    axis_col, bottom_row = fr.to_px(scene.pose.dx_mm, scene.pose.dz_mm)
+    rec = ContainerRecord(
+        id=cid, frames=frames, classes=scene.classes, split=split_for(cid), format=scene.format.name,
+        product=scene.product, defects=defects, nuisances=scene.nuisance_tags, nuisance_objects=nuis,
+        mask=f"masks/{cid}.png" if has_mask else None, fill_height_mm=round(scene.fill_height_mm, 4),
+        fill_volume_ml=round(scene.fill_volume_ml, 5),
+        fill_spec=FillSpec(round(scene.fill_target_mm, 4), scene.fill_tolerance_mm),
+        pixel_um=cfg.camera.pixel_um, image_size=(fr.width, fr.height),
+        extra={"pose": {"dx_mm": round(scene.pose.dx_mm, 4), "dz_mm": round(scene.pose.dz_mm, 4),
+                        "tilt_deg": round(scene.pose.tilt_deg, 4)},
+               "axis_px": [round(float(axis_col), 2), round(float(bottom_row), 2)]},
+    )
+    return rec, out.frames, out.mask if has_mask else None
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: SimConfig, seed: int, root: str) -> None:
+    # One thread per process: the processes already fill the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import cv2
+
+    cv2.setNumThreads(1)
+    _WORKER.update(cfg=cfg, seed=seed, root=Path(root))
+
+
+def _work(index: int) -> dict:
+    cfg, seed, root = _WORKER["cfg"], _WORKER["seed"], _WORKER["root"]
+    rec, frames, mask = make_container(cfg, index, seed)
+    for rel, img in zip(rec.frames, frames, strict=True):
+        write_png(root / rel, img)
+    if mask is not None and rec.mask:
+        write_png(root / rec.mask, mask)
+    return rec.to_json()
+
+
+def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | None = None,
+             overwrite: bool = False, progress: Callable | None = None) -> GenerateStats:
+    """Write ``n`` containers to ``out``. ``progress`` wraps an iterator (e.g. tqdm) if given."""
+    cfg.validate()
+    if n < 1:
+        raise ValueError(f"number of containers must be at least 1, got {n}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; choose another directory or pass --overwrite")
+        if not ((out / MANIFEST_NAME).exists() or (out / (MANIFEST_NAME + ".partial")).exists()):
+            raise FileExistsError(f"{out} is not empty and holds no vialinspect dataset; refusing to overwrite it")
+        for sub in ("images", "masks"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for f in (MANIFEST_NAME, MANIFEST_NAME + ".partial"):
+            (out / f).unlink(missing_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    workers = max(1, workers or os.cpu_count() or 1)
+    header = {
+        "created_by": "vialinspect generate",
+        "seed": seed,
+        "containers": n,
+        "frames_per_container": cfg.frames,
+        "classes": list(DEFECT_CLASSES),
+        "simulator": asdict(cfg),
+        "host": platform.node(),
+    }
+    writer = ManifestWriter(out, header)
+    t0 = time.perf_counter()
+    frames = 0
+    pool = None
+    try:
+        if workers == 1:
+            _init_worker(cfg, seed, str(out))
+            results = map(_work, range(n))
+        else:
+            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, seed, str(out)))
+            results = pool.imap(_work, range(n), chunksize=4)
+        it = progress(results, total=n) if progress else results
+        for row in it:
+            rec = parse_record(row, out, check_files=False)
+            writer.write(rec)
+            frames += len(rec.frames)
+        if pool is not None:
+            pool.close()
+            pool.join()
+    except BaseException:
+        writer.abort()
+        if pool is not None:
+            pool.terminate()
+        raise
+    writer.close()
+    return GenerateStats(containers=n, frames=frames, seconds=time.perf_counter() - t0, workers=workers)

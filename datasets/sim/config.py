@@ -1,0 +1,82 @@
+"""Typed settings of the imaging simulator, with defaults that give realistic inspection images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..records import DEFECT_CLASSES
+from .formats import FORMATS
+
+__all__ = ["DEFECT_CLASSES", "CameraConfig", "SimConfig"]
+PARTICLE_KINDS: tuple[str, ...] = ("glass", "metal", "rubber", "fibre")
+CRACK_LOCATIONS: tuple[str, ...] = ("neck", "shoulder", "body", "heel")
+NUISANCE_TAGS: tuple[str, ...] = (
+    "bubbles",  # free bubbles in the liquid, rising
+    "meniscus_bubbles",  # foam-like cluster at the liquid surface
+    "stopper_bubble",  # syringes: gas pocket under the plunger stopper
+    "scratch",
+    "embossing",
+    "dust",  # dry dust on the outer surface
+    "droplet",  # water droplet on the outer surface
+    "reflection",  # glare streak from the light
+)
+PRODUCTS: tuple[str, ...] = ("clear", "tinted", "opalescent")
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    """A back-lit monochrome inspection camera. Defaults: 40 µm/px, a 100 µm particle covers ~2.5 px."""
+
+    pixel_um: float = 40.0
+    blur_sigma_px: float = 0.55  # optics point spread (Gaussian sigma)
+    read_noise_dn: float = 1.2  # sensor read noise, 8-bit digital numbers
+    shot_noise_gain: float = 0.035  # shot-noise variance per DN of signal
+    backlight_dn: float = 218.0  # bare back light at nominal exposure
+    exposure_drift: float = 0.05  # relative std of exposure between containers (drift over a shift)
+    flicker: float = 0.008  # relative std of exposure between frames of one container
+    gradient: float = 0.06  # max relative brightness slope across the field
+    vignetting: float = 0.12  # relative fall-off in the corners
+    jitter_mm: float = 0.35  # std of the container's position in the field
+    tilt_deg: float = 0.6  # std of the container's tilt
+    frame_interval_s: float = 0.04  # 25 frames/s after the spin stops
+    settle_s: float = 0.12  # delay from spin stop to the first frame
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    formats: tuple[str, ...] = tuple(FORMATS)
+    frames: int = 4
+    defect_rate: float = 0.5  # fraction of containers with at least one defect
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    # Relative weights of defect classes among defective containers.
+    class_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    particle_size_um: tuple[float, float] = (50.0, 1000.0)  # log-uniform
+    crack_length_mm: tuple[float, float] = (0.5, 6.0)  # log-uniform
+    # Chance per container that each nuisance is present.
+    nuisance_rates: tuple[tuple[str, float], ...] = (
+        ("bubbles", 0.40),
+        ("meniscus_bubbles", 0.30),
+        ("stopper_bubble", 0.60),
+        ("scratch", 0.15),
+        ("embossing", 0.25),
+        ("dust", 0.15),
+        ("droplet", 0.10),
+        ("reflection", 0.15),
+    )
+    product_weights: tuple[float, float, float] = (0.6, 0.25, 0.15)
+
+    def validate(self) -> None:
+        for f in self.formats:
+            if f not in FORMATS:
+                raise ValueError(f"unknown container format {f!r}; known: {', '.join(FORMATS)}")
+        if not self.formats:
+            raise ValueError("at least one container format is needed")
+        if not 1 <= self.frames <= 64:
+            raise ValueError(f"frames per container must be 1..64, got {self.frames}")
+        if not 0.0 <= self.defect_rate <= 1.0:
+            raise ValueError(f"defect rate must be within 0..1, got {self.defect_rate}")
+        if not 5.0 <= self.camera.pixel_um <= 200.0:
+            raise ValueError(f"pixel scale must be 5..200 µm/px, got {self.camera.pixel_um}")
+        unknown = {t for t, _ in self.nuisance_rates} - set(NUISANCE_TAGS)
+        if unknown:
+            raise ValueError(f"unknown nuisance tags: {sorted(unknown)}")

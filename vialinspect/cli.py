@@ -1,0 +1,195 @@
+"""The ``vialinspect`` command. It parses arguments and calls into the packages; it holds no logic of its own.
+
+Heavy libraries are imported inside each command so that ``vialinspect --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, never as a traceback."""
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    return n
+
+
+def _fraction(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {v!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {x}")
+    return x
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    def wrap(it, total=None):
+        return tqdm(it, total=total, desc=desc, unit="container", dynamic_ncols=True,
+                    disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
+
+    return wrap
+
+
+# ---------------------------------------------------------------- generate
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from datasets.generate import generate
+    from datasets.sim.config import CameraConfig, SimConfig
+    from datasets.sim.formats import FORMATS
+
+    formats = tuple(f.strip() for f in a.formats.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"unknown format(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(FORMATS)}")
+    cfg = SimConfig(formats=formats, frames=a.frames, defect_rate=a.defect_rate,
+                    camera=CameraConfig(pixel_um=a.pixel_um))
+    try:
+        cfg.validate()
+        stats = generate(Path(a.out), a.containers, cfg, seed=a.seed, workers=a.workers, overwrite=a.overwrite,
+                         progress=_progress("generate"))
+    except (ValueError, FileExistsError) as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {stats.containers} containers, {stats.frames} frames to {a.out} in {stats.seconds:.1f} s "
+          f"({stats.frames_per_s:.0f} frames/s on {stats.workers} workers)")
+    return 0
+
+
+# ---------------------------------------------------------------- dataset check / preview
+
+def _open(path: str, check_files: bool = True):
+    from datasets.manifest import DatasetError
+    from datasets.reader import open_dataset
+
+    try:
+        return open_dataset(path, check_files=check_files)
+    except DatasetError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_dataset_check(a: argparse.Namespace) -> int:
+    from datasets.reader import decode_check, summarize
+
+    ds = _open(a.path)
+    problems = list(ds.problems)
+    if not a.quick:
+        problems += decode_check(ds, progress=_progress("decode"))
+    summary = summarize(ds)
+    summary["problems"] = len(problems)
+    if a.json:
+        print(json.dumps({"summary": summary, "problems": [str(p) for p in problems]}, indent=2))
+    else:
+        print(f"{ds.root}: {ds.kind} dataset, {summary['containers']} containers, {summary['frames']} frames")
+        for key in ("splits", "classes", "nuisances", "formats", "frames_per_container"):
+            items = ", ".join(f"{k}={v}" for k, v in sorted(summary[key].items(), key=lambda kv: str(kv[0])))
+            print(f"  {key:22s} {items or '-'}")
+        print(f"  {'good_with_bubbles':22s} {summary['good_with_bubbles']}")
+        if problems:
+            print(f"{len(problems)} problem(s):")
+            for p in problems[:a.max_problems]:
+                print(f"  {p}")
+            if len(problems) > a.max_problems:
+                print(f"  ... and {len(problems) - a.max_problems} more (--max-problems to see them)")
+        else:
+            print("no problems found")
+    return 1 if problems else 0
+
+
+def cmd_dataset_preview(a: argparse.Namespace) -> int:
+    from datasets.preview import contact_sheet
+
+    ds = _open(a.path)
+    try:
+        out = contact_sheet(ds, Path(a.out), n=a.count, height=a.tile_height, seed=a.seed)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vialinspect",
+        description="Automated visual inspection of injectable containers: simulate, train, export, inspect, review.",
+    )
+    p.add_argument("--version", action="version", version=f"vialinspect {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="render a simulated dataset of vials and syringes",
+                       description="Render back-lit inspection frames of vials and syringes with exact ground truth "
+                                   "(defect boxes and masks, fill heights, nuisance tags) and write a dataset.")
+    g.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    g.add_argument("--containers", type=_positive_int, default=200, help="number of containers (default 200)")
+    g.add_argument("--frames", type=_positive_int, default=4,
+                   help="frames per container taken after the spin stops (default 4; 1 allowed)")
+    g.add_argument("--formats", default="vial-2R,vial-10R,syringe-1mL",
+                   help="comma-separated container formats (default: vial-2R,vial-10R,syringe-1mL)")
+    g.add_argument("--defect-rate", type=_fraction, default=0.5,
+                   help="fraction of containers with at least one defect (default 0.5)")
+    g.add_argument("--pixel-um", type=float, default=40.0, help="camera pixel scale in µm/px (default 40)")
+    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical images (default 0)")
+    g.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("dataset", help="check or preview a dataset",
+                       description="Work with a dataset directory (a manifest dataset or an ImageFolder).")
+    dsub = d.add_subparsers(dest="dataset_command", metavar="ACTION")
+    c = dsub.add_parser("check", help="validate a dataset and print counts",
+                        description="Validate every manifest row and decode every image; print counts per split, "
+                                    "class, nuisance and format. Exit status 1 if any problem is found.")
+    c.add_argument("path", help="dataset directory")
+    c.add_argument("--quick", action="store_true", help="check the manifest and file presence only; decode nothing")
+    c.add_argument("--json", action="store_true", help="print the summary and problems as JSON")
+    c.add_argument("--max-problems", type=_positive_int, default=50, help="problems to list (default 50)")
+    c.set_defaults(func=cmd_dataset_check)
+    v = dsub.add_parser("preview", help="write a contact sheet PNG with annotations drawn",
+                        description="Write a contact sheet covering good units, each defect class and each nuisance "
+                                    "per container format, with boxes and zoomed crops of annotated objects.")
+    v.add_argument("path", help="dataset directory")
+    v.add_argument("--out", required=True, help="output image (.png)")
+    v.add_argument("--count", type=_positive_int, default=16, help="at least this many containers (default 16)")
+    v.add_argument("--tile-height", type=_positive_int, default=420, help="tile height in pixels (default 420)")
+    v.add_argument("--seed", type=int, default=0, help="which examples to pick (default 0)")
+    v.set_defaults(func=cmd_dataset_preview)
+    d.set_defaults(func=lambda a: (d.print_help(), 2)[1])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(a.func(a) or 0)
+    except UserError as e:
+        print(f"vialinspect: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vialinspect: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
