@@ -1,0 +1,49 @@
+"""What the model says about one container, and the one rule that turns it into rejected classes.
+
+``Scores`` crosses every border (model runtime -> evaluation, station, review), so it is plain data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CLASSES: tuple[str, ...] = ("particle", "crack", "fill_level")
+FILL_SCALE_MM = 0.05  # steepness of the fill-level score around the spec edge
+
+
+@dataclass
+class Scores:
+    """Model output for one container."""
+
+    probs: dict[str, float]  # per class, in [0, 1]; fill_level here is the image classifier's opinion
+    fill_height_mm: float | None = None  # measured liquid height above the container's lowest point
+    maps: np.ndarray | None = None  # (3, h, w) float32 in [0, 1], coarse localisation per class
+    map_stride: int = 8  # image pixels per map cell
+    extra: dict = field(default_factory=dict)
+
+
+def fill_probability(height_mm: float, target_mm: float, tolerance_mm: float) -> float:
+    """0.5 exactly at the spec edge |height - target| = tolerance, towards 1 outside, towards 0 inside."""
+    z = (abs(height_mm - target_mm) - tolerance_mm) / FILL_SCALE_MM
+    return 1.0 / (1.0 + math.exp(-max(min(z, 60.0), -60.0)))
+
+
+def class_scores(scores: Scores, fill_spec: tuple[float, float] | None = None) -> dict[str, float]:
+    """Per-class scores used for decisions.
+
+    Where the fill height was measured and the product's spec (target, tolerance) is known, the fill-level
+    score comes from the measurement against the spec, so the spec (not a learned threshold) decides;
+    otherwise it is the classifier's probability.
+    """
+    out = {c: float(scores.probs.get(c, 0.0)) for c in CLASSES}
+    if fill_spec is not None and scores.fill_height_mm is not None and math.isfinite(scores.fill_height_mm):
+        out["fill_level"] = fill_probability(scores.fill_height_mm, fill_spec[0], fill_spec[1])
+    return out
+
+
+def rejected_classes(scores: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+    """Classes whose score reaches its threshold (positive release: a missing threshold rejects)."""
+    return [c for c in CLASSES if scores.get(c, 1.0) >= thresholds.get(c, 0.0)]
