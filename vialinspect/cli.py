@@ -124,6 +124,51 @@ def cmd_dataset_preview(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train / evaluate
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from datasets.manifest import DatasetError
+    from training.checkpoint import CheckpointError
+    from training.config import load_config
+    from training.trainer import TrainingError, train
+
+    overrides = {"epochs": a.epochs, "frames": a.frames, "device": a.device, "frr": a.frr, "batch_size": a.batch_size,
+                 "lr": a.lr, "workers": a.workers, "max_minutes": a.max_minutes, "seed": a.seed}
+    try:
+        cfg = load_config(a.config, overrides)
+        summary = train(a.data, a.out, cfg, init=a.init, resume=a.resume,
+                        progress=os.environ.get("VIALINSPECT_NO_PROGRESS") != "1")
+    except (ValueError, DatasetError, CheckpointError, TrainingError) as e:
+        raise UserError(str(e)) from None
+    print(f"{summary['stopped']}; {summary['epochs_run']} epoch(s) in {summary['minutes']:.1f} min; "
+          f"best model: {Path(a.out) / 'best.pt'}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from datasets.manifest import DatasetError
+    from training.evaluate import EvaluationError, evaluate_model
+
+    def bar(total):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="evaluate", unit="container", dynamic_ncols=True,
+                    disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
+
+    try:
+        report, _, _ = evaluate_model(a.model, a.data, a.out, split=a.split, batch_size=a.batch_size, progress=bar)
+    except (DatasetError, EvaluationError, ValueError) as e:
+        raise UserError(str(e)) from None
+    print(f"{report['n_containers']} containers; false-reject rate "
+          f"{report['false_reject_rate'] if report['false_reject_rate'] is not None else '-'}")
+    for c, v in report["classes"].items():
+        print(f"  {c:11s} recall {v.get('recall')}  precision {v.get('precision')}  AUROC {v.get('auroc')}")
+    if report.get("fill_height_mae_mm") is not None:
+        print(f"  fill height MAE {report['fill_height_mae_mm']} mm")
+    print(f"report: {Path(a.out) / 'report.md'}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +217,38 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="which examples to pick (default 0)")
     v.set_defaults(func=cmd_dataset_preview)
     d.set_defaults(func=lambda a: (d.print_help(), 2)[1])
+
+    t = sub.add_parser("train", help="train the defect model on a dataset",
+                       description="Train VialNet (particles, cracks, fill level) on a dataset directory; writes "
+                                   "RUN/best.pt (calibrated thresholds) and RUN/last.pt. Under torchrun it trains "
+                                   "with DistributedDataParallel on every process.")
+    t.add_argument("--data", required=True, help="dataset directory (manifest dataset or ImageFolder)")
+    t.add_argument("--out", required=True, help="run directory for checkpoints")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs (default 30)")
+    t.add_argument("--frames", type=_positive_int, default=None, help="frames per container (default: the data's)")
+    t.add_argument("--init", default=None, help="start from this model's weights (fine-tuning) instead of scratch")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to train (default auto)")
+    t.add_argument("--config", default=None, help="settings file (.yaml, .toml or .json); flags override it")
+    t.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    t.add_argument("--frr", type=float, default=None,
+                   help="false-reject budget for threshold calibration on the validation split (default 0.01)")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="containers per batch (default 4)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.002)")
+    t.add_argument("--workers", type=int, default=None, help="data-loading processes (default 1)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes of training")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a model on a dataset: PoD, false rejects, plots",
+                       description="Score a dataset with a model and write report.json, report.md and PNG plots "
+                                   "(PoD by particle size, ROC, confusion, worst false rejects and misses).")
+    e.add_argument("--model", required=True, help="model: a checkpoint (RUN/best.pt)")
+    e.add_argument("--data", required=True, help="dataset directory")
+    e.add_argument("--out", required=True, help="report directory")
+    e.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
+                   help="which split (default: test; every image for an ImageFolder without split folders)")
+    e.add_argument("--batch-size", type=_positive_int, default=4, help="containers per batch (default 4)")
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 

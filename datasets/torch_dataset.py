@@ -1,0 +1,76 @@
+"""A torch ``Dataset`` over dataset records: raw frames plus every target a record can offer.
+
+It returns raw images (no normalisation) so that the model's one preprocessing function, which lives in
+``vision``, stays the only place that prepares network input. Targets that a record lacks are flagged
+absent (``has_mask``, ``has_fill``), never invented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .imageio import read_gray
+from .records import DEFECT_CLASSES, ContainerRecord
+
+
+@dataclass
+class Sample:
+    frames: list[np.ndarray]  # K raw 2-D images
+    masks: np.ndarray  # (3, H, W) uint8 0/1 per class; zeros when unknown (see has_mask)
+    labels: np.ndarray  # (3,) float32 0/1
+    has_mask: bool  # masks are real ground truth (simulated data), not just zeros
+    fill_height_mm: float  # nan when unknown
+    rows: np.ndarray  # (2,) float32 image rows of the liquid surface and the container's lowest point; nan unknown
+    index: int
+
+
+def class_masks(record: ContainerRecord, mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    out = np.zeros((len(DEFECT_CLASSES), *shape), np.uint8)
+    if mask is None:
+        return out
+    for d in record.defects:
+        if d.mask_value:
+            out[DEFECT_CLASSES.index(d.cls)] |= (mask == d.mask_value)
+    return out
+
+
+def target_rows(record: ContainerRecord) -> np.ndarray:
+    """Rows of the flat liquid surface and of the container's lowest point, from the simulator's pose."""
+    axis = record.extra.get("axis_px")
+    if axis is None or record.fill_height_mm is None or not record.pixel_um:
+        return np.array([np.nan, np.nan], np.float32)
+    bottom = float(axis[1])
+    surface = bottom - record.fill_height_mm * 1000.0 / record.pixel_um
+    return np.array([surface, bottom], np.float32)
+
+
+class ContainerDataset(Dataset):
+    """Records of one dataset root. ``transform(sample) -> sample`` runs after loading (augmentation)."""
+
+    def __init__(self, root: str | Path, records: list[ContainerRecord],
+                 transform: Callable[[Sample], Sample] | None = None):
+        self.root = Path(root)
+        self.records = records
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Sample:
+        r = self.records[i]
+        frames = [read_gray(self.root / f) for f in r.frames]
+        shape = frames[0].shape
+        mask = read_gray(self.root / r.mask) if r.mask else None
+        # Simulated records carry a full defect list; a record without a mask file but with defects listed
+        # and an image size is still exact ground truth (no defect pixels) only when it is a good unit.
+        has_mask = r.mask is not None or (r.is_good and "axis_px" in r.extra)
+        labels = np.array([c in r.classes for c in DEFECT_CLASSES], np.float32)
+        s = Sample(frames=frames, masks=class_masks(r, mask, shape), labels=labels, has_mask=has_mask,
+                   fill_height_mm=float(r.fill_height_mm) if r.fill_height_mm is not None else float("nan"),
+                   rows=target_rows(r), index=i)
+        return self.transform(s) if self.transform else s

@@ -1,0 +1,146 @@
+"""Training: the loss falls, checkpoints carry what they must, resume, DDP on 2 gloo processes, errors."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from datasets.generate import generate
+from datasets.sim.config import CameraConfig, SimConfig
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.config import TrainConfig, load_config
+from training.data import TrainTransform
+from training.losses import total_loss
+from training.trainer import train
+from vialinspect.cli import main
+from vision.model import VialNet
+from vision.preprocess import InputSpec
+
+SMALL = (8, 8, 12, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def coarse_data(tmp_path_factory):
+    """Low-resolution (120 µm/px) containers so a training step takes milliseconds."""
+    out = tmp_path_factory.mktemp("coarse") / "data"
+    generate(out, 48, SimConfig(frames=2, defect_rate=0.6, camera=CameraConfig(pixel_um=120.0)), seed=3, workers=2)
+    return out
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=4, workers=0, widths=SMALL, lr=3e-3, threads=1)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def test_loss_falls_on_a_fixed_batch(coarse_data):
+    from datasets.reader import open_dataset
+    from datasets.torch_dataset import ContainerDataset
+
+    torch.manual_seed(0)
+    ds = open_dataset(coarse_data)
+    spec = InputSpec(frames=2, pixel_um=120.0)
+    recs = [r for r in ds.records if r.format == "vial-2R"][:4]
+    data = ContainerDataset(ds.root, recs, TrainTransform(spec))
+    items = [data[i] for i in range(len(recs))]
+    batch = {k: torch.as_tensor(__import__("numpy").stack([it[k] for it in items])) for k in items[0]}
+    net = VialNet(2, SMALL)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss, _ = total_loss(net(batch["x"]), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_train_writes_self_describing_checkpoints_and_resumes(coarse_data, tmp_path):
+    run = tmp_path / "run"
+    summary = train(coarse_data, run, _cfg(epochs=2), progress=False, log=lambda *a: None)
+    assert summary["epochs_run"] == 2
+    best = load_checkpoint(run / "best.pt")
+    assert set(best["thresholds"]) == {"particle", "crack", "fill_level"}
+    assert len(best["dataset"]["hash"]) == 64 and best["git_commit"]
+    assert best["config"]["widths"] == list(SMALL) or tuple(best["config"]["widths"]) == SMALL
+    assert best["input_spec"]["frames"] == 2 and best["input_spec"]["pixel_um"] == 120.0
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 1 and "optimizer" in last
+    summary = train(coarse_data, run, _cfg(epochs=3), resume=True, progress=False, log=lambda *a: None)
+    assert summary["epochs_run"] == 3 and load_checkpoint(run / "last.pt")["epoch"] == 2
+
+
+def test_evaluate_cli_on_a_checkpoint(coarse_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(coarse_data, run, _cfg(epochs=1), progress=False, log=lambda *a: None)
+    assert main(["evaluate", "--model", str(run / "best.pt"), "--data", str(coarse_data), "--out",
+                 str(tmp_path / "rep"), "--split", "all"]) == 0
+    import json
+
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    for key in ("n_containers", "false_reject_rate", "classes", "pod_by_particle_size", "crack_recall_by_length",
+                "fill_height_mae_mm", "nuisance_false_reject_rate", "thresholds", "model", "confusion"):
+        assert key in rep
+    assert rep["n_containers"] == 48
+    for png in ("pod.png", "roc.png", "confusion.png", "worst.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000
+
+
+def test_corrupt_checkpoint_and_bad_paths_give_clear_errors(coarse_data, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    assert main(["evaluate", "--model", str(bad), "--data", str(coarse_data), "--out", str(tmp_path / "r")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert main(["train", "--data", str(coarse_data), "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert "no " in capsys.readouterr().err
+    assert main(["train", "--data", str(coarse_data), "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2 \
+        or torch.cuda.is_available()
+
+
+def test_config_file_and_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nbatch_size: 2\nwidths: [8, 8, 8, 8, 8]\n")
+    cfg = load_config(f, {"epochs": 3, "lr": None})
+    assert cfg.epochs == 3 and cfg.batch_size == 2 and cfg.widths == (8, 8, 8, 8, 8)
+    f.write_text("epoch: 7\n")
+    with pytest.raises(ValueError, match="unknown training setting"):
+        load_config(f, {})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, data, out, results):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "LOCAL_RANK": str(rank), "VIALINSPECT_NO_PROGRESS": "1"})
+    s = train(data, out, _cfg(epochs=1, device="cpu"), progress=False, log=lambda *a: None)
+    results[rank] = s["weights_sha256"]
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_ddp_on_two_gloo_processes_ends_with_identical_weights(coarse_data, tmp_path):
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    results = manager.dict()
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(coarse_data), str(tmp_path / "ddp"), results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(results) == 2 and results[0] == results[1]
+    assert (tmp_path / "ddp" / "best.pt").is_file()

@@ -1,0 +1,53 @@
+"""Per-class thresholds chosen on the validation split to meet a false-reject budget.
+
+The budget (default 1% of good units rejected) is shared equally by the classes whose threshold is
+learned. Fill level is decided by the measured height against the product's spec wherever both exist:
+the spec, not a statistic, defines that defect, so its threshold stays at the spec edge (0.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from datasets.records import ContainerRecord
+from vision.scores import CLASSES, Scores, class_scores, rejected_classes
+
+SPEC_EDGE = 0.5
+
+
+def fill_is_spec_decided(records: list[ContainerRecord], scores: list[Scores]) -> bool:
+    return bool(records) and all(r.fill_spec is not None and s.fill_height_mm is not None
+                                 for r, s in zip(records, scores, strict=True))
+
+
+def threshold_for_budget(good_scores: np.ndarray, budget: float) -> float:
+    """Smallest threshold that rejects at most ``budget`` of these good units (scores >= t reject)."""
+    g = np.sort(np.asarray(good_scores, np.float64))[::-1]
+    if len(g) == 0:
+        return SPEC_EDGE
+    k = int(np.floor(budget * len(g)))  # good units we may reject
+    t = g[k] if k < len(g) else g[-1]
+    return float(min(np.nextafter(t, np.inf), 0.9999))
+
+
+def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float = 0.01) -> dict:
+    """Thresholds per class plus what they achieve on these (validation) records."""
+    spec_fill = fill_is_spec_decided(records, scores)
+    cs = [class_scores(s, _spec(r)) for r, s in zip(records, scores, strict=True)]
+    good = [c for c, r in zip(cs, records, strict=True) if r.is_good]
+    learned = [c for c in CLASSES if not (c == "fill_level" and spec_fill)]
+    thresholds = {"fill_level": SPEC_EDGE} if spec_fill else {}
+    for c in learned:
+        thresholds[c] = threshold_for_budget(np.array([g[c] for g in good]), frr / len(learned))
+    rejected_good = sum(1 for g in good if rejected_classes(g, thresholds))
+    return {
+        "thresholds": thresholds,
+        "frr_budget": frr,
+        "n_good": len(good),
+        "val_false_reject_rate": rejected_good / len(good) if good else None,
+        "fill_level_by_spec": spec_fill,
+    }
+
+
+def _spec(r: ContainerRecord):
+    return (r.fill_spec.target_mm, r.fill_spec.tolerance_mm) if r.fill_spec else None

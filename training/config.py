@@ -1,0 +1,88 @@
+"""Training settings: one typed place with defaults that work, loadable from a YAML, TOML or JSON file."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 6  # epochs without a better validation loss before stopping early
+    frames: int | None = None  # frames per container; default: the dataset's
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = 1  # data-loading processes
+    threads: int | None = None  # torch intra-op threads on the CPU (default: all cores)
+    seed: int = 0
+    frr: float = 0.01  # false-reject budget for calibrating thresholds on the validation split
+    widths: tuple[int, ...] = (16, 24, 32, 48, 64)
+    max_side: int = 1792
+    samples_per_epoch: int | None = None  # default: the size of the training split
+    balance: bool = True  # class-balanced sampling
+    augment: bool = True
+    amp: bool = True  # mixed precision, used on CUDA only
+    max_minutes: float | None = None  # stop after this much training time (the best checkpoint is kept)
+    map_pos_weight: float = 20.0
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # class, map, fill rows
+    val_every: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(names)}")
+        clean = {}
+        for k, v in d.items():
+            if k in ("widths", "loss_weights") and v is not None:
+                v = tuple(v)
+            clean[k] = v
+        cfg = cls(**clean)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not 0 < self.frr < 1:
+            raise ValueError(f"frr must be within (0, 1), got {self.frr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.frames is not None and self.frames < 1:
+            raise ValueError("frames must be >= 1")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the file (if any), then command-line overrides that were actually given."""
+    d: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"{p}: config file not found")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                d = yaml.safe_load(text) or {}
+            elif p.suffix == ".toml":
+                d = tomllib.loads(text)
+            else:
+                d = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error is the user's file, reported as such
+            raise ValueError(f"{p}: cannot parse config ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: config must be a mapping of setting: value")
+        d = dict(d.get("train", d))
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(d)

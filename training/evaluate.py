@@ -1,0 +1,91 @@
+"""`vialinspect evaluate`: score a dataset with a model and write the qualification-style report."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets.manifest import Dataset
+from datasets.reader import open_dataset
+from datasets.records import ContainerRecord
+from vision.preprocess import InputSpec
+from vision.scores import Scores
+
+from .checkpoint import CheckpointError, build_model, load_checkpoint
+from .metrics import evaluate
+from .predict import TorchPredictor, predict_records
+from .report import write_report
+
+
+class EvaluationError(Exception):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    predictor: object  # has .spec and .predict_prepared(list[Prepared]) -> list[Scores]
+    spec: InputSpec
+    thresholds: dict[str, float]
+    model_id: str
+    source: str
+
+
+def _file_id(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """A checkpoint (``.pt``) now; model packages (directories) come with the export step."""
+    p = Path(path)
+    if p.is_dir():
+        raise EvaluationError(f"{p} is a directory: model packages need the export step (issue 4); "
+                              "pass a checkpoint such as RUN/best.pt")
+    try:
+        ck = load_checkpoint(p)
+    except CheckpointError as e:
+        raise EvaluationError(str(e)) from None
+    net, spec = build_model(ck)
+    thresholds = ck.get("thresholds")
+    if not thresholds:
+        raise EvaluationError(f"{p} has no calibrated thresholds (a last.pt mid-training?); use the run's best.pt")
+    predictor = TorchPredictor(net, spec, device, has_fill=bool(ck.get("heads", {}).get("fill")))
+    return LoadedModel(predictor, spec, thresholds, model_id=f"ckpt-{_file_id(p)}", source=str(p))
+
+
+def select_records(ds: Dataset, split: str | None) -> list[ContainerRecord]:
+    """Default: the test split of a manifest dataset; every image of an ImageFolder without split folders."""
+    if split in (None, "auto"):
+        split = "test" if ds.kind == "manifest" or any(r.split == "test" for r in ds.records) else "all"
+    if split == "all":
+        return list(ds.records)
+    recs = ds.split(split)
+    if ds.kind == "imagefolder" and not recs and split == "test":
+        return list(ds.records)
+    return recs
+
+
+def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_dir: str | Path | None,
+                   split: str | None = None, batch_size: int = 4, progress: Callable | None = None,
+                   thresholds: dict[str, float] | None = None) -> tuple[dict, list[ContainerRecord], list[Scores]]:
+    m = model if isinstance(model, LoadedModel) else load_model(model)
+    ds = open_dataset(data_dir)
+    recs = select_records(ds, split)
+    usable = [r for r in recs if len(r.frames) in (1, m.spec.frames)]
+    if not usable:
+        raise EvaluationError(f"{data_dir}: no containers to evaluate in split {split or 'default'} "
+                              f"(the model takes {m.spec.frames} frame(s) per container)")
+    scores = predict_records(m.predictor, ds.root, usable, batch_size=batch_size, progress=progress)
+    th = thresholds or m.thresholds
+    report = evaluate(usable, scores, th, m.model_id)
+    report["dataset"] = {"path": str(Path(data_dir).resolve()), "kind": ds.kind, "split": split or "default",
+                         "skipped_frame_count": len(recs) - len(usable), "bad_rows": len(ds.problems)}
+    report["model_source"] = m.source
+    if out_dir is not None:
+        write_report(report, Path(out_dir), usable, scores, ds.root, th)
+    return report, usable, scores

@@ -1,0 +1,46 @@
+"""Training losses for VialNet's three heads; each is used only where the data has the target."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vision.model import ROW_STRIDE, soft_rows
+
+
+def row_loss(row_logits: torch.Tensor, rows_px: torch.Tensor, has_fill: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy towards a soft (Gaussian, 1 cell) target around each true row, plus L1 of the
+    soft-argmax row and of the surface-to-bottom distance (what the fill height is made of)."""
+    if has_fill.sum() == 0:
+        return row_logits.sum() * 0.0
+    sel = has_fill > 0
+    logits, rows = row_logits[sel], rows_px[sel]
+    n_rows = logits.shape[-1]
+    centres = (torch.arange(n_rows, device=logits.device, dtype=logits.dtype) * ROW_STRIDE
+               + (ROW_STRIDE - 1) / 2.0)
+    d = (centres[None, None, :] - rows[:, :, None]) / ROW_STRIDE
+    target = torch.softmax(-0.5 * d * d, dim=-1)
+    ce = -(target * torch.log_softmax(logits, -1)).sum(-1).mean()
+    # L1 terms refine to sub-cell precision once the cross-entropy has found the right place; clamped so that
+    # early, far-off guesses do not swamp the other heads' gradients.
+    pred = soft_rows(logits)
+    l1 = ((pred - rows).abs() / ROW_STRIDE).clamp(max=4.0).mean()
+    dist = (((pred[:, 1] - pred[:, 0]) - (rows[:, 1] - rows[:, 0])).abs() / ROW_STRIDE).clamp(max=4.0).mean()
+    return ce + 0.5 * (l1 + dist)
+
+
+def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 20.0):
+    class_logits, maps, row_logits = outputs
+    labels = batch["labels"]
+    l_cls = F.binary_cross_entropy_with_logits(class_logits, labels)
+    has_mask = batch["has_mask"] > 0
+    if has_mask.any():
+        t = batch["map_target"][has_mask]
+        m = maps[has_mask]
+        pw = torch.tensor(pos_weight, device=m.device, dtype=m.dtype)
+        l_map = F.binary_cross_entropy_with_logits(m, t, pos_weight=pw)
+    else:
+        l_map = maps.sum() * 0.0
+    l_row = row_loss(row_logits, batch["rows"], batch["has_fill"])
+    total = weights[0] * l_cls + weights[1] * l_map + weights[2] * l_row
+    return total, {"cls": float(l_cls.detach()), "map": float(l_map.detach()), "row": float(l_row.detach())}

@@ -1,0 +1,70 @@
+"""Run a trained network over containers and get ``Scores``: used by evaluation and calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datasets.imageio import read_gray
+from datasets.records import ContainerRecord
+from vision.model import InferenceModel, VialNet
+from vision.preprocess import InputSpec, Prepared, preprocess
+from vision.scores import CLASSES, Scores
+
+from .data import MAP_STRIDE, image_size, input_shape
+
+
+class TorchPredictor:
+    """PyTorch inference for a batch of same-size containers."""
+
+    def __init__(self, net: VialNet, spec: InputSpec, device: str = "cpu", has_fill: bool = True):
+        self.spec, self.device, self.has_fill = spec, torch.device(device), has_fill
+        mm_per_px = (spec.pixel_um or 40.0) / 1000.0
+        self.model = InferenceModel(net, mm_per_px).to(self.device).eval()
+
+    @torch.no_grad()
+    def predict_prepared(self, batch: list[Prepared]) -> list[Scores]:
+        x = torch.from_numpy(np.stack([p.x for p in batch])).to(self.device)
+        probs, maps, heights = self.model(x)
+        return to_scores(probs.cpu().numpy(), maps.cpu().numpy(), heights.cpu().numpy(), batch, self.has_fill)
+
+    def predict(self, containers: list[list[np.ndarray]]) -> list[Scores]:
+        return self.predict_prepared([preprocess(f, self.spec) for f in containers])
+
+
+def to_scores(probs: np.ndarray, maps: np.ndarray, heights: np.ndarray, batch: list[Prepared],
+              has_fill: bool) -> list[Scores]:
+    """Network outputs for a batch to per-container ``Scores`` (maps cropped to the image, heights in mm)."""
+    out = []
+    for i, p in enumerate(batch):
+        mh, mw = -(-p.height // MAP_STRIDE), -(-p.width // MAP_STRIDE)
+        h = float(heights[i]) / p.scale if has_fill else None
+        out.append(Scores(probs={c: float(probs[i, k]) for k, c in enumerate(CLASSES)}, fill_height_mm=h,
+                          maps=maps[i, :, :mh, :mw].astype(np.float32), map_stride=round(MAP_STRIDE / p.scale)))
+    return out
+
+
+def predict_records(predictor, root: Path, records: list[ContainerRecord], batch_size: int = 4,
+                    progress: Callable | None = None) -> list[Scores]:
+    """Scores for every record, in the records' order; batches group containers of one input size."""
+    root = Path(root)
+    spec = predictor.spec
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(input_shape(image_size(root, r), spec), []).append(i)
+    result: list[Scores | None] = [None] * len(records)
+    bar = progress(total=len(records)) if progress else None
+    for idx in groups.values():
+        for j in range(0, len(idx), batch_size):
+            chunk = idx[j:j + batch_size]
+            prepared = [preprocess([read_gray(root / f) for f in records[i].frames], spec) for i in chunk]
+            for i, s in zip(chunk, predictor.predict_prepared(prepared), strict=True):
+                result[i] = s
+            if bar:
+                bar.update(len(chunk))
+    if bar:
+        bar.close()
+    return result  # type: ignore[return-value]

@@ -1,0 +1,322 @@
+"""The training loop: balanced size-bucketed batches, early stopping on the validation split, best and last
+checkpoints, resume, AMP on CUDA, DistributedDataParallel under torchrun, calibration at the end."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from datasets.manifest import Dataset
+from datasets.reader import open_dataset
+from datasets.records import ContainerRecord, split_for
+from datasets.torch_dataset import ContainerDataset
+from vision.model import VialNet, adapt_first_layer, soft_rows
+from vision.preprocess import InputSpec
+
+from .augment import Augmenter
+from .calibrate import calibrate
+from .checkpoint import build_model, dataset_hash, git_commit, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import BucketBatchSampler, TrainTransform, class_weights, image_size, input_shape
+from .losses import total_loss
+from .metrics import auroc
+from .predict import TorchPredictor, predict_records
+
+
+class TrainingError(Exception):
+    """A problem with the inputs to training (data, device, init model), reported without a traceback."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_dist(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but no CUDA GPU is available (use auto or cpu)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def _splits(ds: Dataset, frames: int, log) -> tuple[list[ContainerRecord], list[ContainerRecord]]:
+    recs = [r for r in ds.records if len(r.frames) == frames or len(r.frames) == 1]
+    if len(recs) < len(ds.records):
+        log(f"note: {len(ds.records) - len(recs)} container(s) with a frame count other than {frames} left out")
+    train = [r for r in recs if r.split == "train"]
+    val = [r for r in recs if r.split == "val"]
+    if not val:
+        # No validation split (e.g. an ImageFolder without one): hold out ~15% of train, deterministically.
+        val = [r for r in train if split_for("val:" + r.id, (0.85, 0.15, 0.0)) == "val"]
+        train = [r for r in train if r not in val]
+        log(f"note: no validation split in the data; held out {len(val)} training containers for validation")
+    if not train or not val:
+        raise TrainingError(f"{ds.root}: need training and validation containers, found {len(train)} and {len(val)}")
+    return train, val
+
+
+def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment: bool):
+    shapes = [input_shape(image_size(root, r), spec) for r in records]
+    weights = class_weights(records) if (train and cfg.balance) else None
+    samples = cfg.samples_per_epoch or len(records)
+    sampler = BucketBatchSampler(shapes, cfg.batch_size, samples, weights, seed=cfg.seed, rank=d.rank if train else 0,
+                                 world=d.world if train else 1, shuffle=train)
+    aug = Augmenter(spec.frames) if (train and augment) else None
+    ds = ContainerDataset(root, records, transform=TrainTransform(spec, aug))
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                        pin_memory=False)
+    return loader, sampler
+
+
+def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    out["x"] = out["x"].float()
+    if channels_last:
+        out["x"] = out["x"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _init_weights(net: VialNet, init: str, frames: int, log) -> None:
+    ck = load_checkpoint(init) if not Path(init).is_dir() else _package_state(init)
+    state = adapt_first_layer(ck["state_dict"], frames)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise TrainingError(f"--init {init}: its network does not match (missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]})")
+    log(f"initialised from {init}")
+
+
+def _package_state(path: str) -> dict:
+    raise TrainingError(f"{path} is a directory: fine-tuning from a model package needs the export step "
+                        "(issue 4); pass a checkpoint (.pt) for now")
+
+
+def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str | None = None, resume: bool = False,
+          log=print, progress: bool = True) -> dict:
+    """Train VialNet on ``data_dir``; writes ``best.pt`` and ``last.pt`` into ``out_dir``; returns a summary."""
+    cfg.validate()
+    device = pick_device(cfg.device)
+    d = _setup_dist(device)
+    if not d.main:
+        log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
+    torch.manual_seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // d.world))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ds = open_dataset(data_dir)
+    if ds.problems:
+        log(f"warning: {len(ds.problems)} bad row(s) in {data_dir} left out (see `vialinspect dataset check`)")
+    frames = cfg.frames or ds.frames_per_container
+    train_recs, val_recs = _splits(ds, frames, log)
+    pixel = {r.pixel_um for r in train_recs}
+    spec = InputSpec(frames=frames, pixel_um=pixel.pop() if len(pixel) == 1 else None, max_side=cfg.max_side)
+    has_fill = any(r.fill_height_mm is not None and "axis_px" in r.extra for r in train_recs)
+    has_mask = any(r.mask is not None for r in train_recs)
+    log(f"data: {len(train_recs)} train / {len(val_recs)} val containers, K={frames}, "
+        f"pixel {spec.pixel_um or 'unknown'} µm/px, masks {'yes' if has_mask else 'no'}, "
+        f"fill heights {'yes' if has_fill else 'no'}; device {device}"
+        + (f", {d.world} processes" if d.world > 1 else ""))
+    data_hash = dataset_hash(ds) if d.main else ""
+
+    start_epoch, best, history, bad_epochs = 0, math.inf, [], 0
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    resumed = None
+    if resume:
+        if not last_path.is_file():
+            raise TrainingError(f"--resume: no {last_path} to resume from")
+        resumed = load_checkpoint(last_path)
+        if resumed.get("dataset", {}).get("hash") not in (None, data_hash) and d.main:
+            raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
+        cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
+    net = VialNet(frames, cfg.widths)
+    if init and not resumed:
+        _init_weights(net, init, frames, log)
+    if resumed:
+        net.load_state_dict(resumed["state_dict"])
+    channels_last = device.type == "cpu"  # measured ~2x faster for this network on 2 CPU cores
+    net = net.to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
+
+    train_loader, train_sampler = _loader(ds.root, train_recs, spec, cfg, True, d, cfg.augment)
+    val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False)
+    steps = len(train_sampler)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(cfg.epochs * steps, 1)))
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if resumed:
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        start_epoch, best, history = resumed["epoch"] + 1, resumed["best_val_loss"], resumed["history"]
+        bad_epochs = resumed.get("bad_epochs", 0)
+        log(f"resumed from {last_path} at epoch {start_epoch + 1}")
+
+    meta = {
+        "model": {"arch": "VialNet", "frames": frames, "widths": list(cfg.widths)},
+        "input_spec": spec.to_json(),
+        "classes": ["particle", "crack", "fill_level"],
+        "config": cfg.to_json(),
+        "dataset": {"root": str(Path(data_dir).resolve()), "hash": data_hash, "kind": ds.kind,
+                    "n_train": len(train_recs), "n_val": len(val_recs)},
+        "git_commit": git_commit(),
+        "heads": {"fill": has_fill, "maps": has_mask},
+    }
+    t_start = time.perf_counter()
+    stopped = "epochs done"
+    for epoch in range(start_epoch, cfg.epochs):
+        train_sampler.set_epoch(epoch)
+        model.train()
+        it = train_loader
+        bar = None
+        if progress and d.main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
+                       disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
+        run_loss, n = 0.0, 0
+        for batch in it:
+            b = _to(batch, device, channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                outputs = model(b["x"])
+            loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            run_loss += float(loss.detach())
+            n += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{run_loss / n:.3f}", cls=f"{parts['cls']:.3f}", map=f"{parts['map']:.3f}",
+                                row=f"{parts['row']:.3f}")
+        if bar:
+            bar.close()
+        val = _validate(net, val_loader, device, channels_last, cfg, spec)
+        entry = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), **val,
+                 "minutes": (time.perf_counter() - t_start) / 60}
+        history.append(entry)
+        improved = val["val_loss"] < best
+        if improved:
+            best, bad_epochs = val["val_loss"], 0
+        else:
+            bad_epochs += 1
+        if d.main:
+            aur = " ".join(f"{c[:4]}={val['auroc'][c]:.3f}" for c in val["auroc"] if val["auroc"][c] is not None)
+            mae = f" fill MAE {val['fill_mae_mm']:.3f} mm" if val["fill_mae_mm"] is not None else ""
+            log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, val loss {val['val_loss']:.4f}"
+                f" AUROC {aur}{mae}{'  (best)' if improved else ''}")
+            state = {"state_dict": net.state_dict(), "epoch": epoch, "best_val_loss": best, "history": history,
+                     "bad_epochs": bad_epochs, **meta}
+            save_checkpoint(last_path, {**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+            if improved:
+                save_checkpoint(best_path, state)
+        if bad_epochs >= cfg.patience:
+            stopped = f"early stop: no better validation loss for {cfg.patience} epochs"
+            break
+        if cfg.max_minutes and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes:
+            stopped = f"time budget of {cfg.max_minutes} min reached"
+            break
+    log(stopped)
+    summary: dict = {"stopped": stopped, "epochs_run": len(history), "best_val_loss": best,
+                     "minutes": (time.perf_counter() - t_start) / 60, "rank": d.rank,
+                     "weights_sha256": weights_digest(net)}
+    if d.main:
+        summary["calibration"] = finalize(best_path, ds.root, val_recs, cfg, device, log)
+    if d.world > 1:
+        dist.barrier()
+    return summary
+
+
+def warmup_cosine(total: int, warmup_frac: float = 0.1):
+    """Learning-rate factor: linear warm-up, then cosine decay to 2% at ``total`` steps."""
+    warm = max(1, int(total * warmup_frac))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """Digest of the trainable parameters: equal on every DDP rank when training stayed in sync."""
+    h = hashlib.sha256()
+    for name, p in sorted(net.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfig, spec: InputSpec) -> dict:
+    net.eval()
+    losses, probs, labels, errs = [], [], [], []
+    mm = (spec.pixel_um or 40.0) / 1000.0
+    for batch in loader:
+        b = _to(batch, device, channels_last)
+        outputs = net(b["x"])
+        loss, _ = total_loss(outputs, b, cfg.loss_weights, cfg.map_pos_weight)
+        losses.append(float(loss) * len(b["x"]))
+        probs.append(torch.sigmoid(outputs[0]).cpu().numpy())
+        labels.append(b["labels"].cpu().numpy())
+        sel = b["has_fill"] > 0
+        if sel.any():
+            rows = soft_rows(outputs[2][sel])
+            pred = (rows[:, 1] - rows[:, 0]) * mm
+            true = (b["rows"][sel][:, 1] - b["rows"][sel][:, 0]) * mm
+            errs.append((pred - true).abs().cpu().numpy())
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    classes = ["particle", "crack", "fill_level"]
+    return {
+        "val_loss": sum(losses) / max(len(y), 1),
+        "auroc": {c: auroc(y[:, k] > 0.5, p[:, k]) for k, c in enumerate(classes)},
+        "fill_mae_mm": float(np.concatenate(errs).mean()) if errs else None,
+    }
+
+
+def finalize(best_path: Path, root: Path, val_recs: list[ContainerRecord], cfg: TrainConfig, device, log) -> dict:
+    """Calibrate the best model's thresholds on the validation split and store them in its checkpoint."""
+    ck = load_checkpoint(best_path)
+    net, spec = build_model(ck)
+    predictor = TorchPredictor(net, spec, str(device), has_fill=ck["heads"]["fill"])
+    scores = predict_records(predictor, root, val_recs, batch_size=cfg.batch_size)
+    cal = calibrate(val_recs, scores, cfg.frr)
+    ck["thresholds"] = cal["thresholds"]
+    ck["calibration"] = cal
+    save_checkpoint(best_path, {k: v for k, v in ck.items() if k not in ("format", "version", "saved_utc")})
+    log("thresholds (FRR budget {:.1%} on {} good val units): {}".format(
+        cfg.frr, cal["n_good"], ", ".join(f"{k}={v:.4f}" for k, v in cal["thresholds"].items())))
+    return cal

@@ -1,0 +1,120 @@
+"""VialNet: one compact, fully convolutional CNN for a container's K stacked frames.
+
+Outputs, for a batch of containers:
+- ``class_logits`` (B, 3): particle, crack, fill_level;
+- ``map_logits`` (B, 3, H/8, W/8): coarse localisation per class (0.32 mm cells at 40 µm/px), supervised by
+  the simulator's masks; a class's logit is its map's maximum plus a small global correction, so a
+  particle is found where it is, and evidence of a 3-pixel particle is not averaged away;
+- ``row_logits`` (B, 2, H/4): where along the image rows the liquid surface and the container's lowest
+  point are. A soft-argmax turns them into rows with sub-cell precision and the fill height in mm.
+
+Fully convolutional: one model serves every container format (image size), given the same pixel scale.
+The 2x2 pixel unshuffle at the input keeps every pixel's information while the convolutions run at half
+resolution; this is what keeps training on two CPU cores affordable at native resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLASSES = ("particle", "crack", "fill_level")
+
+
+def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class VialNet(nn.Module):
+    def __init__(self, frames: int = 4, widths: tuple[int, ...] = (16, 24, 32, 48, 64)):
+        super().__init__()
+        w = widths
+        self.frames = frames
+        self.widths = tuple(widths)
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.stem = _cbr(4 * frames, w[0])  # 1/2
+        self.s2 = nn.Sequential(_cbr(w[0], w[1], 2), _cbr(w[1], w[1]))  # 1/4
+        self.s3 = nn.Sequential(_cbr(w[1], w[2], 2), _cbr(w[2], w[2]))  # 1/8
+        self.s4 = nn.Sequential(_cbr(w[2], w[3], 2), _cbr(w[3], w[3], dilation=2))  # 1/16
+        self.s5 = nn.Sequential(_cbr(w[3], w[4], 2), _cbr(w[4], w[4], dilation=2))  # 1/32
+        self.map_head = nn.Sequential(_cbr(w[2] + w[3] + w[4], 32), nn.Conv2d(32, len(CLASSES), 1))
+        self.global_head = nn.Linear(2 * w[4], len(CLASSES))
+        nn.init.zeros_(self.global_head.weight)
+        nn.init.zeros_(self.global_head.bias)
+        # Rows: column-pooled features at 1/4 plus upsampled context, then dilated 1-D convolutions
+        # (receptive field ~ 10 mm) so the surface is told apart from other dark bands (shoulder, stopper).
+        rc = 2 * w[1] + 2 * w[3]
+        self.row_head = nn.Sequential(
+            nn.Conv1d(rc, 48, 5, padding=2), nn.ReLU(inplace=True),
+            nn.Conv1d(48, 48, 5, padding=4, dilation=2), nn.ReLU(inplace=True),
+            nn.Conv1d(48, 48, 5, padding=8, dilation=4), nn.ReLU(inplace=True),
+            nn.Conv1d(48, 48, 5, padding=16, dilation=8), nn.ReLU(inplace=True),
+            nn.Conv1d(48, 2, 1),
+        )
+        # A prior towards "nothing there": defects are rare per map cell.
+        nn.init.constant_(self.map_head[-1].bias, -4.0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f1 = self.stem(self.unshuffle(x))
+        f2 = self.s2(f1)
+        f3 = self.s3(f2)
+        f4 = self.s4(f3)
+        f5 = self.s5(f4)
+        size3 = f3.shape[-2:]
+        ctx = torch.cat([f3, F.interpolate(f4, size=size3, mode="nearest"),
+                         F.interpolate(f5, size=size3, mode="nearest")], 1)
+        maps = self.map_head(ctx)
+        g = torch.cat([f5.mean((2, 3)), f5.amax((2, 3))], 1)
+        class_logits = maps.amax((2, 3)) + self.global_head(g)
+        # Row profile: mean and max over columns.
+        r2 = torch.cat([f2.mean(3), f2.amax(3)], 1)
+        r4 = torch.cat([f4.mean(3), f4.amax(3)], 1)
+        r4 = F.interpolate(r4.unsqueeze(-1), size=(r2.shape[-1], 1), mode="nearest").squeeze(-1)
+        row_logits = self.row_head(torch.cat([r2, r4], 1))
+        return class_logits, maps, row_logits
+
+
+ROW_STRIDE = 4
+
+
+def soft_rows(row_logits: torch.Tensor) -> torch.Tensor:
+    """Expected image row (px) of each row channel: (B, 2, R) -> (B, 2). ONNX-friendly (no arange)."""
+    p = torch.softmax(row_logits, dim=-1)
+    idx = torch.cumsum(torch.ones_like(p), dim=-1) - 1.0  # 0, 1, 2, ... without a dynamic arange
+    return (p * (idx * ROW_STRIDE + (ROW_STRIDE - 1) / 2.0)).sum(-1)
+
+
+class InferenceModel(nn.Module):
+    """What gets exported: probabilities, localisation maps in [0, 1] and the fill height in mm."""
+
+    def __init__(self, net: VialNet, mm_per_px: float):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mm_per_px", torch.tensor(float(mm_per_px)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        class_logits, maps, row_logits = self.net(x)
+        rows = soft_rows(row_logits)
+        fill_height = (rows[:, 1] - rows[:, 0]) * self.mm_per_px
+        return torch.sigmoid(class_logits), torch.sigmoid(maps), fill_height
+
+
+def adapt_first_layer(state: dict, frames_to: int) -> dict:
+    """Re-shape a checkpoint's stem for another number of frames (e.g. a 4-frame simulator model as the
+    starting point of a 1-frame model on real still images): the per-frame weights are summed or shared,
+    so a still scene gives the same first-layer response."""
+    key = "stem.0.weight"
+    w = state[key]
+    cout, cin, kh, kw = w.shape
+    frames_from = cin // 4
+    if frames_from == frames_to:
+        return state
+    per_frame = w.reshape(cout, frames_from, 4, kh, kw).sum(1, keepdim=True) / frames_to
+    state = dict(state)
+    state[key] = per_frame.repeat(1, frames_to, 1, 1, 1).reshape(cout, 4 * frames_to, kh, kw)
+    return state
