@@ -8,7 +8,9 @@ os.environ.setdefault("VIALINSPECT_NO_PROGRESS", "1")
 import pytest  # noqa: E402
 
 from datasets.generate import generate  # noqa: E402
-from datasets.sim.config import SimConfig  # noqa: E402
+from datasets.sim.config import CameraConfig, SimConfig  # noqa: E402
+
+SMALL_WIDTHS = (8, 8, 12, 16, 16)
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +19,29 @@ def tiny_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "data"
     generate(out, 24, SimConfig(frames=3, defect_rate=0.6), seed=11, workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def coarse_data(tmp_path_factory):
+    """Low-resolution (120 µm/px) containers, 2 frames each, so a training step takes milliseconds."""
+    out = tmp_path_factory.mktemp("coarse") / "data"
+    generate(out, 48, SimConfig(frames=2, defect_rate=0.6, camera=CameraConfig(pixel_um=120.0)), seed=3, workers=2)
+    return out
+
+
+def small_config(**kw):
+    from training.config import TrainConfig
+
+    base = dict(epochs=2, batch_size=4, workers=0, widths=SMALL_WIDTHS, lr=3e-3, threads=1, crop=64, crop_batch=4)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(coarse_data, tmp_path_factory):
+    """A tiny model trained for one epoch on ``coarse_data``: its best.pt has calibrated thresholds."""
+    from training.trainer import train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    train(coarse_data, run, small_config(epochs=1), progress=False, log=lambda *a: None)
+    return run

@@ -7,10 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from datasets.generate import generate
-from datasets.sim.config import CameraConfig, SimConfig
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import TrainConfig, load_config
+from training.config import load_config
 from training.data import TrainTransform
 from training.losses import total_loss
 from training.trainer import train
@@ -18,21 +16,8 @@ from vialinspect.cli import main
 from vision.model import VialNet
 from vision.preprocess import InputSpec
 
-SMALL = (8, 8, 12, 16, 16)
-
-
-@pytest.fixture(scope="module")
-def coarse_data(tmp_path_factory):
-    """Low-resolution (120 µm/px) containers so a training step takes milliseconds."""
-    out = tmp_path_factory.mktemp("coarse") / "data"
-    generate(out, 48, SimConfig(frames=2, defect_rate=0.6, camera=CameraConfig(pixel_um=120.0)), seed=3, workers=2)
-    return out
-
-
-def _cfg(**kw):
-    base = dict(epochs=2, batch_size=4, workers=0, widths=SMALL, lr=3e-3, threads=1)
-    base.update(kw)
-    return TrainConfig.from_dict(base)
+from .conftest import SMALL_WIDTHS as SMALL
+from .conftest import small_config
 
 
 def test_loss_falls_on_a_fixed_batch(coarse_data):
@@ -60,7 +45,7 @@ def test_loss_falls_on_a_fixed_batch(coarse_data):
 
 def test_train_writes_self_describing_checkpoints_and_resumes(coarse_data, tmp_path):
     run = tmp_path / "run"
-    summary = train(coarse_data, run, _cfg(epochs=2), progress=False, log=lambda *a: None)
+    summary = train(coarse_data, run, small_config(epochs=2), progress=False, log=lambda *a: None)
     assert summary["epochs_run"] == 2
     best = load_checkpoint(run / "best.pt")
     assert set(best["thresholds"]) == {"particle", "crack", "fill_level"}
@@ -69,13 +54,12 @@ def test_train_writes_self_describing_checkpoints_and_resumes(coarse_data, tmp_p
     assert best["input_spec"]["frames"] == 2 and best["input_spec"]["pixel_um"] == 120.0
     last = load_checkpoint(run / "last.pt")
     assert last["epoch"] == 1 and "optimizer" in last
-    summary = train(coarse_data, run, _cfg(epochs=3), resume=True, progress=False, log=lambda *a: None)
+    summary = train(coarse_data, run, small_config(epochs=3), resume=True, progress=False, log=lambda *a: None)
     assert summary["epochs_run"] == 3 and load_checkpoint(run / "last.pt")["epoch"] == 2
 
 
-def test_evaluate_cli_on_a_checkpoint(coarse_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    train(coarse_data, run, _cfg(epochs=1), progress=False, log=lambda *a: None)
+def test_evaluate_cli_on_a_checkpoint(coarse_data, tiny_run, tmp_path, capsys):
+    run = tiny_run
     assert main(["evaluate", "--model", str(run / "best.pt"), "--data", str(coarse_data), "--out",
                  str(tmp_path / "rep"), "--split", "all"]) == 0
     import json
@@ -123,7 +107,7 @@ def _free_port() -> int:
 def _ddp_worker(rank, world, port, data, out, results):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "LOCAL_RANK": str(rank), "VIALINSPECT_NO_PROGRESS": "1"})
-    s = train(data, out, _cfg(epochs=1, device="cpu"), progress=False, log=lambda *a: None)
+    s = train(data, out, small_config(epochs=1, device="cpu"), progress=False, log=lambda *a: None)
     results[rank] = s["weights_sha256"]
     import torch.distributed as dist
 

@@ -29,7 +29,11 @@ class TrainConfig:
     augment: bool = True
     amp: bool = True  # mixed precision, used on CUDA only
     max_minutes: float | None = None  # stop after this much training time (the best checkpoint is kept)
-    map_pos_weight: float = 20.0
+    map_pos_weight: float = 1.0  # weight of defect cells' mean loss against background cells' mean loss
+    p_full: float = 0.3  # share of drawn containers used whole; the rest become crops (needs masks)
+    crop: int = 256  # crop side in pixels (a multiple of 32)
+    crop_batch: int = 8
+    crops_per_full: int = 4
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # class, map, fill rows
     val_every: int = 1
 
@@ -58,6 +62,10 @@ class TrainConfig:
             raise ValueError(f"frr must be within (0, 1), got {self.frr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.crop < 32 or self.crop % 32:
+            raise ValueError(f"crop must be a multiple of 32, got {self.crop}")
+        if not 0 <= self.p_full <= 1:
+            raise ValueError(f"p_full must be within 0..1, got {self.p_full}")
         if self.frames is not None and self.frames < 1:
             raise ValueError("frames must be >= 1")
 

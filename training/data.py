@@ -1,7 +1,13 @@
-"""From dataset records to training batches: preprocessing, targets, class balance and size buckets.
+"""From dataset records to training batches: preprocessing, targets, class balance, crops and size buckets.
 
-Containers of different formats have different image sizes, and the network is fully convolutional:
-a batch holds containers of one size (a bucket), so nothing is resized or padded beyond the 32-px grid.
+Two kinds of training item:
+- a whole container image, which trains every head (the fill-level rows need the whole container);
+- a crop (default 256 x 256 px at native resolution), half of them centred on a defect or a nuisance
+  object. Crops cost ~8x less than whole images and put small particles, cracks, bubbles and glass marks in
+  front of the network far more often; the network is fully convolutional, so it runs on whole images at
+  inference. Crops need pixel masks for their labels, so data without masks (ImageFolder) uses whole
+  images only.
+Containers of different formats have different image sizes: a batch holds items of one size (a bucket).
 """
 
 from __future__ import annotations
@@ -10,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import Dataset as TorchDataset
 
 from datasets.records import DEFECT_CLASSES, ContainerRecord
-from datasets.torch_dataset import Sample
+from datasets.torch_dataset import ContainerDataset, Sample
 from vision.model import ROW_STRIDE
+from vision.postprocess import MAP_STRIDE
 from vision.preprocess import InputSpec, preprocess
 
-MAP_STRIDE = 8
+FULL, CROP = 0, 1
 
 
 def image_size(root: Path, rec: ContainerRecord) -> tuple[int, int]:
@@ -42,13 +50,27 @@ def _block_max(m: np.ndarray, k: int) -> np.ndarray:
     return m.reshape(c, h // k, k, w // k, k).max(axis=(2, 4))
 
 
+def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a crop: half the time around an annotated object, else anywhere."""
+    boxes = [d.bbox for d in rec.defects if d.bbox] + [o.bbox for o in rec.nuisance_objects if o.bbox]
+    if boxes and rng.uniform() < 0.5:
+        x0, y0, x1, y1 = boxes[int(rng.integers(len(boxes)))]
+        cx = (x0 + x1) / 2 + rng.uniform(-0.35, 0.35) * size
+        cy = (y0 + y1) / 2 + rng.uniform(-0.35, 0.35) * size
+    else:
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    top = int(np.clip(cy - size / 2, 0, max(h - size, 0)))
+    left = int(np.clip(cx - size / 2, 0, max(w - size, 0)))
+    return top, left
+
+
 class TrainTransform:
     """Sample -> dict of arrays the loss needs; runs in the data-loading workers."""
 
     def __init__(self, spec: InputSpec, augment=None):
         self.spec, self.augment = spec, augment
 
-    def __call__(self, s: Sample) -> dict:
+    def __call__(self, s: Sample, full: bool = True) -> dict:
         import cv2
 
         if self.augment is not None:
@@ -62,16 +84,39 @@ class TrainTransform:
         padded = np.zeros((len(DEFECT_CLASSES), hp, wp), np.uint8)
         padded[:, :masks.shape[1], :masks.shape[2]] = masks[:, :hp, :wp]
         rows = s.rows * prep.scale
-        has_fill = bool(np.isfinite(rows).all()) and 0 <= rows.min() and rows.max() < hp
+        has_fill = full and bool(np.isfinite(rows).all()) and 0 <= rows.min() and rows.max() < hp
+        labels = s.labels if full else padded.reshape(len(DEFECT_CLASSES), -1).max(1).astype(np.float32)
         return {
             "x": prep.x,
             "map_target": _block_max(padded, MAP_STRIDE).astype(np.float32),
-            "labels": s.labels,
+            "labels": labels,
             "has_mask": np.float32(s.has_mask),
             "rows": np.nan_to_num(rows, nan=0.0).astype(np.float32),
             "has_fill": np.float32(has_fill),
             "index": s.index,
         }
+
+
+class TrainingItems(TorchDataset):
+    """Indexed by (record index, FULL | CROP, seed) tuples from ``MixedBatchSampler``."""
+
+    def __init__(self, base: ContainerDataset, transform: TrainTransform, crop: int):
+        self.base, self.transform, self.crop = base, transform, crop
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key) -> dict:
+        i, mode, seed = key
+        s = self.base[i]
+        if mode == CROP:
+            h, w = s.frames[0].shape
+            top, left = _crop_window(self.base.records[i], h, w, self.crop, np.random.default_rng(seed))
+            win = (slice(top, top + self.crop), slice(left, left + self.crop))
+            s = Sample(frames=[f[win] for f in s.frames], masks=s.masks[(slice(None), *win)], labels=s.labels,
+                       has_mask=s.has_mask, fill_height_mm=float("nan"),
+                       rows=np.array([np.nan, np.nan], np.float32), index=s.index)
+        return self.transform(s, full=mode == FULL)
 
 
 def class_weights(records: list[ContainerRecord]) -> np.ndarray:
@@ -82,19 +127,25 @@ def class_weights(records: list[ContainerRecord]) -> np.ndarray:
     return w / w.sum()
 
 
-class BucketBatchSampler:
-    """Batches of same-size inputs, drawn with weights, re-drawn each epoch; sliced per rank for DDP."""
+class MixedBatchSampler:
+    """Batches of same-size items, drawn with weights and re-drawn each epoch; sliced per rank for DDP.
 
-    def __init__(self, shapes: list[tuple[int, int]], batch_size: int, samples: int, weights: np.ndarray | None,
-                 seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True):
-        self.shapes, self.batch_size, self.samples = shapes, batch_size, samples
+    Each drawn record becomes a whole-image item with probability ``p_full`` (always, where it cannot be
+    cropped), else ``crops_per_full`` crops, so an epoch costs about the same whatever the mix.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]], croppable: list[bool], batch_size: int, samples: int,
+                 weights: np.ndarray | None, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True,
+                 p_full: float = 1.0, crop: int = 256, crop_batch: int = 8, crops_per_full: int = 4):
+        self.shapes, self.croppable, self.batch_size, self.samples = shapes, croppable, batch_size, samples
         self.weights, self.seed, self.rank, self.world, self.shuffle = weights, seed, rank, world, shuffle
+        self.p_full, self.crop, self.crop_batch, self.crops_per_full = p_full, crop, crop_batch, crops_per_full
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self) -> list[list[tuple[int, int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         n = len(self.shapes)
         if self.shuffle:
@@ -102,11 +153,17 @@ class BucketBatchSampler:
                              p=self.weights)
         else:
             idx = np.arange(n)
-        buckets: dict[tuple[int, int], list[int]] = {}
+        buckets: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        crops: list[tuple[int, int, int]] = []
         for i in idx:
-            buckets.setdefault(self.shapes[int(i)], []).append(int(i))
+            i = int(i)
+            if self.shuffle and self.croppable[i] and rng.uniform() >= self.p_full:
+                crops += [(i, CROP, int(rng.integers(2**31))) for _ in range(self.crops_per_full)]
+            else:
+                buckets.setdefault(self.shapes[i], []).append((i, FULL, 0))
         batches = [b[j:j + self.batch_size] for _, b in sorted(buckets.items())
                    for j in range(0, len(b), self.batch_size)]
+        batches += [crops[j:j + self.crop_batch] for j in range(0, len(crops), self.crop_batch)]
         if self.shuffle:
             order = rng.permutation(len(batches))
             batches = [batches[i] for i in order]
@@ -123,5 +180,5 @@ class BucketBatchSampler:
         return len(self._batches())
 
 
-__all__ = ["ROW_STRIDE", "MAP_STRIDE", "TrainTransform", "BucketBatchSampler", "class_weights", "image_size",
-           "input_shape"]
+__all__ = ["ROW_STRIDE", "MAP_STRIDE", "TrainTransform", "TrainingItems", "MixedBatchSampler", "class_weights",
+           "image_size", "input_shape"]

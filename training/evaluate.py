@@ -10,7 +10,9 @@ from pathlib import Path
 from datasets.manifest import Dataset
 from datasets.reader import open_dataset
 from datasets.records import ContainerRecord
+from export.package import load_package
 from vision.preprocess import InputSpec
+from vision.runtime import OnnxModel
 from vision.scores import Scores
 
 from .checkpoint import CheckpointError, build_model, load_checkpoint
@@ -40,12 +42,20 @@ def _file_id(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """A checkpoint (``.pt``) now; model packages (directories) come with the export step."""
+def load_package_model(path: str | Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
+    """A verified model package run by ONNX Runtime (GPU if available, else CPU)."""
+    pkg = load_package(path)
+    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
+    runner = OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),
+                       device=device, threads=threads)
+    return LoadedModel(runner, spec, pkg.thresholds, model_id=pkg.version_id, source=str(pkg.path))
+
+
+def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
+    """A model package (directory) or a checkpoint (``.pt``)."""
     p = Path(path)
     if p.is_dir():
-        raise EvaluationError(f"{p} is a directory: model packages need the export step (issue 4); "
-                              "pass a checkpoint such as RUN/best.pt")
+        return load_package_model(p, device=device)
     try:
         ck = load_checkpoint(p)
     except CheckpointError as e:
@@ -54,8 +64,15 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     thresholds = ck.get("thresholds")
     if not thresholds:
         raise EvaluationError(f"{p} has no calibrated thresholds (a last.pt mid-training?); use the run's best.pt")
-    predictor = TorchPredictor(net, spec, device, has_fill=bool(ck.get("heads", {}).get("fill")))
+    torch_device = "cuda" if device in ("cuda", "tensorrt") or (device == "auto" and _cuda()) else "cpu"
+    predictor = TorchPredictor(net, spec, torch_device, has_fill=bool(ck.get("heads", {}).get("fill")))
     return LoadedModel(predictor, spec, thresholds, model_id=f"ckpt-{_file_id(p)}", source=str(p))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def select_records(ds: Dataset, split: str | None) -> list[ContainerRecord]:

@@ -29,16 +29,28 @@ def row_loss(row_logits: torch.Tensor, rows_px: torch.Tensor, has_fill: torch.Te
     return ce + 0.5 * (l1 + dist)
 
 
-def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 20.0):
+def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """Per class, mean BCE over defect cells plus mean BCE over background cells: a 3-pixel particle's
+    cells weigh as much as the thousands of empty ones, instead of vanishing in a global mean."""
+    bce = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
+    pos = target > 0.5
+    total = maps.sum() * 0.0
+    for c in range(maps.shape[1]):
+        p, b = pos[:, c], bce[:, c]
+        if (~p).any():
+            total = total + b[~p].mean()
+        if p.any():
+            total = total + pos_weight * b[p].mean()
+    return total / maps.shape[1]
+
+
+def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 1.0):
     class_logits, maps, row_logits = outputs
     labels = batch["labels"]
     l_cls = F.binary_cross_entropy_with_logits(class_logits, labels)
     has_mask = batch["has_mask"] > 0
     if has_mask.any():
-        t = batch["map_target"][has_mask]
-        m = maps[has_mask]
-        pw = torch.tensor(pos_weight, device=m.device, dtype=m.dtype)
-        l_map = F.binary_cross_entropy_with_logits(m, t, pos_weight=pw)
+        l_map = map_loss(maps[has_mask], batch["map_target"][has_mask], pos_weight)
     else:
         l_map = maps.sum() * 0.0
     l_row = row_loss(row_logits, batch["rows"], batch["has_fill"])

@@ -11,10 +11,11 @@ import torch
 from datasets.imageio import read_gray
 from datasets.records import ContainerRecord
 from vision.model import InferenceModel, VialNet
+from vision.postprocess import to_scores
 from vision.preprocess import InputSpec, Prepared, preprocess
-from vision.scores import CLASSES, Scores
+from vision.scores import Scores
 
-from .data import MAP_STRIDE, image_size, input_shape
+from .data import image_size, input_shape
 
 
 class TorchPredictor:
@@ -33,18 +34,6 @@ class TorchPredictor:
 
     def predict(self, containers: list[list[np.ndarray]]) -> list[Scores]:
         return self.predict_prepared([preprocess(f, self.spec) for f in containers])
-
-
-def to_scores(probs: np.ndarray, maps: np.ndarray, heights: np.ndarray, batch: list[Prepared],
-              has_fill: bool) -> list[Scores]:
-    """Network outputs for a batch to per-container ``Scores`` (maps cropped to the image, heights in mm)."""
-    out = []
-    for i, p in enumerate(batch):
-        mh, mw = -(-p.height // MAP_STRIDE), -(-p.width // MAP_STRIDE)
-        h = float(heights[i]) / p.scale if has_fill else None
-        out.append(Scores(probs={c: float(probs[i, k]) for k, c in enumerate(CLASSES)}, fill_height_mm=h,
-                          maps=maps[i, :, :mh, :mw].astype(np.float32), map_stride=round(MAP_STRIDE / p.scale)))
-    return out
 
 
 def predict_records(predictor, root: Path, records: list[ContainerRecord], batch_size: int = 4,

@@ -26,7 +26,7 @@ from .augment import Augmenter
 from .calibrate import calibrate
 from .checkpoint import build_model, dataset_hash, git_commit, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import BucketBatchSampler, TrainTransform, class_weights, image_size, input_shape
+from .data import MixedBatchSampler, TrainingItems, TrainTransform, class_weights, image_size, input_shape
 from .losses import total_loss
 from .metrics import auroc
 from .predict import TorchPredictor, predict_records
@@ -83,13 +83,17 @@ def _splits(ds: Dataset, frames: int, log) -> tuple[list[ContainerRecord], list[
 
 def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment: bool):
     shapes = [input_shape(image_size(root, r), spec) for r in records]
+    croppable = [r.mask is not None or (r.is_good and "axis_px" in r.extra) for r in records]
+    croppable = [c and min(s) >= cfg.crop for c, s in zip(croppable, shapes, strict=True)]
     weights = class_weights(records) if (train and cfg.balance) else None
     samples = cfg.samples_per_epoch or len(records)
-    sampler = BucketBatchSampler(shapes, cfg.batch_size, samples, weights, seed=cfg.seed, rank=d.rank if train else 0,
-                                 world=d.world if train else 1, shuffle=train)
+    sampler = MixedBatchSampler(shapes, croppable, cfg.batch_size, samples, weights, seed=cfg.seed,
+                                rank=d.rank if train else 0, world=d.world if train else 1, shuffle=train,
+                                p_full=cfg.p_full if train else 1.0, crop=cfg.crop, crop_batch=cfg.crop_batch,
+                                crops_per_full=cfg.crops_per_full)
     aug = Augmenter(spec.frames) if (train and augment) else None
-    ds = ContainerDataset(root, records, transform=TrainTransform(spec, aug))
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+    items = TrainingItems(ContainerDataset(root, records), TrainTransform(spec, aug), cfg.crop)
+    loader = DataLoader(items, batch_sampler=sampler, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                         pin_memory=False)
     return loader, sampler
 

@@ -147,7 +147,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from datasets.manifest import DatasetError
-    from training.evaluate import EvaluationError, evaluate_model
+    from export.package import PackageError
+    from training.evaluate import EvaluationError, evaluate_model, load_model
 
     def bar(total):
         from tqdm import tqdm
@@ -156,8 +157,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                     disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
 
     try:
-        report, _, _ = evaluate_model(a.model, a.data, a.out, split=a.split, batch_size=a.batch_size, progress=bar)
-    except (DatasetError, EvaluationError, ValueError) as e:
+        report, _, _ = evaluate_model(load_model(a.model, device=a.device), a.data, a.out, split=a.split,
+                                      batch_size=a.batch_size, progress=bar)
+    except (DatasetError, EvaluationError, PackageError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"{report['n_containers']} containers; false-reject rate "
           f"{report['false_reject_rate'] if report['false_reject_rate'] is not None else '-'}")
@@ -166,6 +168,91 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if report.get("fill_height_mae_mm") is not None:
         print(f"  fill height MAE {report['fill_height_mae_mm']} mm")
     print(f"report: {Path(a.out) / 'report.md'}")
+    return 0
+
+
+# ---------------------------------------------------------------- export / package
+
+def _held_out(data_dir: Path, spec, count: int):
+    """Held-out containers for export parity: the test split first, then validation."""
+    from datasets.imageio import read_gray
+    from datasets.reader import open_dataset
+    from vision.preprocess import preprocess
+
+    ds = open_dataset(data_dir)
+    recs = [r for r in ds.split("test") + ds.split("val") + ds.records if len(r.frames) in (1, spec.frames)]
+    seen, chosen = set(), []
+    for r in recs:
+        if r.id not in seen:
+            seen.add(r.id)
+            chosen.append(r)
+        if len(chosen) >= count:
+            break
+    prepared = [preprocess([read_gray(ds.root / f) for f in r.frames], spec) for r in chosen]
+    specs = [(r.fill_spec.target_mm, r.fill_spec.tolerance_mm) if r.fill_spec else None for r in chosen]
+    return prepared, specs
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from datasets.manifest import DatasetError
+    from export.exporter import export_package
+    from export.onnx_export import ExportError
+    from export.package import PackageError
+    from training.checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
+
+    try:
+        ck = load_checkpoint(a.checkpoint)
+        net, spec = build_model(ck)
+        data = Path(a.parity_data) if a.parity_data else Path(ck.get("dataset", {}).get("root", ""))
+        if not a.parity_data and not data.is_dir():
+            raise UserError(f"the training data {data} is not here for the parity check; pass --parity-data DIR")
+        print(f"loading {a.parity_count} held-out container(s) from {data} for the parity check")
+        held_out, fill_specs = _held_out(data, spec, a.parity_count)
+        export_package(net, spec, ck, Path(a.out), held_out, fill_specs, opset=a.opset, fp16=a.fp16,
+                       git_commit=git_commit(), overwrite=a.overwrite)
+    except (CheckpointError, DatasetError, ExportError, PackageError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def cmd_package_show(a: argparse.Namespace) -> int:
+    from export.package import PackageError, load_package
+
+    try:
+        pkg = load_package(a.path)
+    except PackageError as e:
+        raise UserError(str(e)) from None
+    m = pkg.metadata
+    if a.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+        return 0
+    print(f"{pkg.path}: verified, version {pkg.version_id}")
+    print(f"  classes      {', '.join(m['classes'])}")
+    inp = m["input"]
+    print(f"  input        {inp['frames']} frame(s), {inp['dtype']}, {inp['pixel_um']} µm/px, "
+          f"normalise (x - {inp['normalisation']['mean']}) / {inp['normalisation']['std']}")
+    print(f"  thresholds   {', '.join(f'{k}={v:.4f}' for k, v in m['thresholds'].items())}")
+    print(f"  training     data {str(m['training'].get('data_hash'))[:16]}…, commit {m['training'].get('git_commit')}")
+    print(f"  export       {m['export']['precision']}, opset {m['export']['opset']}, parity "
+          f"max |Δp| {m['export']['parity']['max_abs_prob']:.1e}")
+    if m.get("parent_version"):
+        print(f"  parent       {m['parent_version']} ({m.get('change_reason')})")
+    return 0
+
+
+def cmd_package_thresholds(a: argparse.Namespace) -> int:
+    from export.package import PackageError, load_package, with_thresholds
+
+    new = {c: v for c, v in (("particle", a.particle), ("crack", a.crack), ("fill_level", a.fill_level))
+           if v is not None}
+    if not new:
+        raise UserError("give at least one of --particle, --crack, --fill-level")
+    try:
+        pkg = with_thresholds(load_package(a.path), new, Path(a.out), a.reason)
+    except PackageError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {pkg.path}: version {pkg.version_id} (parent {pkg.metadata['parent_version']}), "
+          f"model.onnx unchanged ({pkg.metadata['onnx_sha256'][:16]}…)")
     return 0
 
 
@@ -242,13 +329,49 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset: PoD, false rejects, plots",
                        description="Score a dataset with a model and write report.json, report.md and PNG plots "
                                    "(PoD by particle size, ROC, confusion, worst false rejects and misses).")
-    e.add_argument("--model", required=True, help="model: a checkpoint (RUN/best.pt)")
+    e.add_argument("--model", required=True, help="model: a package directory or a checkpoint (RUN/best.pt)")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                   help="execution provider for a package (default auto: GPU if installed, else CPU)")
     e.add_argument("--data", required=True, help="dataset directory")
     e.add_argument("--out", required=True, help="report directory")
     e.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
                    help="which split (default: test; every image for an ImageFolder without split folders)")
     e.add_argument("--batch-size", type=_positive_int, default=4, help="containers per batch (default 4)")
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="export a checkpoint to a verified ONNX model package",
+                       description="Export RUN/best.pt to MODEL_DIR (model.onnx, model.json, SHA256SUMS). The "
+                                   "ONNX model is checked, then compared with PyTorch on held-out containers "
+                                   "(max |Δp| <= 1e-4, identical decisions); on any failure nothing is written.")
+    x.add_argument("--checkpoint", required=True, help="checkpoint with calibrated thresholds (RUN/best.pt)")
+    x.add_argument("--out", required=True, help="package directory to create")
+    x.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
+    x.add_argument("--fp16", action="store_true", help="half-precision weights and arithmetic (for GPUs)")
+    x.add_argument("--parity-data", default=None,
+                   help="dataset with held-out containers for the parity check (default: the training data)")
+    x.add_argument("--parity-count", type=_positive_int, default=8, help="containers for parity (default 8)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing package directory")
+    x.set_defaults(func=cmd_export)
+
+    k = sub.add_parser("package", help="inspect model packages or re-version their thresholds",
+                       description="Verify and show a model package, or make a new version with other thresholds "
+                                   "(model.onnx stays byte-identical).")
+    ksub = k.add_subparsers(dest="package_command", metavar="ACTION")
+    ks = ksub.add_parser("show", help="verify a package and print its metadata",
+                         description="Verify checksums, format and version id, then print the metadata.")
+    ks.add_argument("path", help="package directory")
+    ks.add_argument("--json", action="store_true", help="print model.json")
+    ks.set_defaults(func=cmd_package_show)
+    kt = ksub.add_parser("set-thresholds", help="new package version with other thresholds",
+                         description="Write a new package version that differs only in thresholds.")
+    kt.add_argument("path", help="package directory")
+    kt.add_argument("--out", required=True, help="new package directory")
+    kt.add_argument("--particle", type=float, default=None, help="new particle threshold")
+    kt.add_argument("--crack", type=float, default=None, help="new crack threshold")
+    kt.add_argument("--fill-level", type=float, default=None, help="new fill-level threshold")
+    kt.add_argument("--reason", required=True, help="why the thresholds change (recorded in the package)")
+    kt.set_defaults(func=cmd_package_thresholds)
+    k.set_defaults(func=lambda a: (k.print_help(), 2)[1])
     return p
 
 

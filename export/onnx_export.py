@@ -1,0 +1,115 @@
+"""ONNX export with verification: the checker, then parity with PyTorch on held-out images.
+
+The export fails loudly and writes nothing unless probabilities agree within ``PARITY_ATOL`` (fp32) and
+every accept/reject decision is identical. Inputs and outputs are named; batch, height and width are
+dynamic, so one model serves every container format at its pixel scale.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vision.model import InferenceModel, VialNet
+from vision.postprocess import to_scores
+from vision.preprocess import InputSpec, Prepared
+from vision.runtime import INPUT_NAME, OUTPUT_NAMES
+from vision.scores import class_scores, rejected_classes
+
+PARITY_ATOL = 1e-4
+PARITY_ATOL_FP16 = 2e-2  # half precision keeps ~3 decimal digits; decisions must still agree
+DEFAULT_OPSET = 17
+
+
+class ExportError(Exception):
+    pass
+
+
+@dataclass
+class ParityResult:
+    max_abs_prob: float
+    max_abs_map: float
+    max_abs_fill_mm: float
+    n_containers: int
+    decisions_identical: bool
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_prob <= self.tolerance and self.decisions_identical
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_abs_prob": self.max_abs_prob, "max_abs_map": self.max_abs_map,
+                "max_abs_fill_mm": self.max_abs_fill_mm, "n_containers": self.n_containers,
+                "decisions_identical": self.decisions_identical, "tolerance": self.tolerance}
+
+
+class _Half(torch.nn.Module):
+    """fp16 weights and arithmetic inside, fp32 at the edges, so callers and preprocessing do not change."""
+
+    def __init__(self, m: torch.nn.Module):
+        super().__init__()
+        self.m = m.half()
+
+    def forward(self, x):
+        return tuple(o.float() for o in self.m(x.half()))
+
+
+def export_onnx(net: VialNet, spec: InputSpec, metadata_props: dict[str, str], opset: int = DEFAULT_OPSET,
+                fp16: bool = False) -> bytes:
+    import onnx
+
+    model: torch.nn.Module = InferenceModel(net, (spec.pixel_um or 40.0) / 1000.0).eval()
+    if fp16:
+        model = _Half(model).eval()
+    dummy = torch.zeros(1, spec.frames, 4 * spec.pad_multiple, 2 * spec.pad_multiple)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(
+            model, (dummy,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, "probs": {0: "batch"},
+                          "maps": {0: "batch", 2: "map_height", 3: "map_width"}, "fill_height_mm": {0: "batch"}},
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:  # noqa: BLE001 - any checker failure stops the export
+        raise ExportError(f"onnx.checker rejected the exported model: {e}") from None
+    for k, v in metadata_props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "vialinspect"
+    return proto.SerializeToString()
+
+
+def parity(net: VialNet, spec: InputSpec, onnx_bytes: bytes, prepared: list[Prepared], thresholds: dict[str, float],
+           fill_specs: list[tuple[float, float] | None], fp16: bool = False) -> ParityResult:
+    """Compare ONNX Runtime (CPU) with PyTorch container by container."""
+    import onnxruntime as ort
+
+    if not prepared:
+        raise ExportError("parity needs at least one held-out container")
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    ref = InferenceModel(net, (spec.pixel_um or 40.0) / 1000.0).eval()
+    dp = dm = df = 0.0
+    same = True
+    for prep, fspec in zip(prepared, fill_specs, strict=True):
+        x = prep.x[None]
+        o_probs, o_maps, o_fill = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        with torch.no_grad():
+            t_probs, t_maps, t_fill = (t.numpy() for t in ref(torch.from_numpy(x)))
+        dp = max(dp, float(np.abs(o_probs - t_probs).max()))
+        dm = max(dm, float(np.abs(o_maps - t_maps).max()))
+        df = max(df, float(np.abs(o_fill - t_fill).max()))
+        a = to_scores(o_probs, o_maps, o_fill, [prep], True)[0]
+        b = to_scores(t_probs, t_maps, t_fill, [prep], True)[0]
+        if rejected_classes(class_scores(a, fspec), thresholds) != rejected_classes(class_scores(b, fspec), thresholds):
+            same = False
+    return ParityResult(dp, dm, df, len(prepared), same, PARITY_ATOL_FP16 if fp16 else PARITY_ATOL)

@@ -1,0 +1,158 @@
+"""ONNX export, packages and the runtime: parity, tamper refusal, GPU->CPU fallback, re-versioning."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from export.package import PackageError, load_package, with_thresholds
+from training.evaluate import evaluate_model, load_model
+from vialinspect.cli import main
+from vision.preprocess import InputSpec
+from vision.runtime import CPU, OnnxModel, provider_plan
+
+
+@pytest.fixture(scope="module")
+def package(tiny_run, coarse_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pkg") / "model"
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out),
+                 "--parity-data", str(coarse_data), "--parity-count", "4"]) == 0
+    return out
+
+
+def test_package_files_metadata_and_onnx_props(package, tiny_run):
+    files = sorted(p.name for p in package.iterdir())
+    assert files == ["SHA256SUMS", "model.json", "model.onnx"]
+    pkg = load_package(package)
+    m = pkg.metadata
+    assert m["classes"] == ["particle", "crack", "fill_level"]
+    assert m["input"]["frames"] == 2 and m["input"]["pixel_um"] == 120.0 and m["input"]["dtype"] == "float32"
+    assert set(m["thresholds"]) == {"particle", "crack", "fill_level"}
+    assert len(m["training"]["data_hash"]) == 64 and m["export"]["parity"]["max_abs_prob"] <= 1e-4
+    assert m["export"]["parity"]["decisions_identical"] is True
+    proto = onnx.load(str(package / "model.onnx"))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["vialinspect.input_spec"]) == m["input"]["spec"]
+    assert props["vialinspect.training_data_hash"] == m["training"]["data_hash"]
+    assert [i.name for i in proto.graph.input] == ["frames"]
+    assert [o.name for o in proto.graph.output] == ["probs", "maps", "fill_height_mm"]
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param  # dynamic batch
+
+
+def test_package_scores_match_the_checkpoint(package, tiny_run, coarse_data):
+    a, _, sa = evaluate_model(load_model(tiny_run / "best.pt"), coarse_data, None, split="all")
+    b, _, sb = evaluate_model(load_model(package, device="cpu"), coarse_data, None, split="all")
+    for x, y in zip(sa, sb, strict=True):
+        for c in x.probs:
+            assert abs(x.probs[c] - y.probs[c]) < 1e-4
+        assert abs(x.fill_height_mm - y.fill_height_mm) < 1e-3
+    for key in ("false_reject_rate", "confusion", "pod_by_particle_size", "thresholds"):
+        assert a[key] == b[key]
+
+
+@pytest.mark.parametrize("damage", ["onnx_byte", "onnx_truncated", "json_threshold", "no_sums", "foreign", "version"])
+def test_tampered_or_foreign_packages_are_refused(package, tmp_path, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(package, bad)
+    if damage == "onnx_byte":
+        data = bytearray((bad / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (bad / "model.onnx").write_bytes(bytes(data))
+    elif damage == "onnx_truncated":
+        data = (bad / "model.onnx").read_bytes()
+        (bad / "model.onnx").write_bytes(data[: len(data) // 2])
+    elif damage == "json_threshold":
+        m = json.loads((bad / "model.json").read_text())
+        m["thresholds"]["particle"] = 0.99
+        (bad / "model.json").write_text(json.dumps(m))
+    elif damage == "no_sums":
+        (bad / "SHA256SUMS").unlink()
+    elif damage == "foreign":
+        (bad / "model.onnx").write_bytes(b"not onnx")
+        (bad / "SHA256SUMS").write_text("0" * 64 + "  model.onnx\n" + "1" * 64 + "  model.json\n")
+    elif damage == "version":
+        # Consistent checksums but a version id that does not belong to the contents.
+        import hashlib
+
+        m = json.loads((bad / "model.json").read_text())
+        m["version_id"] = "0123456789abcdef"
+        (bad / "model.json").write_text(json.dumps(m))
+        sums = (f"{hashlib.sha256((bad / 'model.onnx').read_bytes()).hexdigest()}  model.onnx\n"
+                f"{hashlib.sha256((bad / 'model.json').read_bytes()).hexdigest()}  model.json\n")
+        (bad / "SHA256SUMS").write_text(sums)
+    with pytest.raises(PackageError):
+        load_package(bad)
+    assert main(["package", "show", str(bad)]) == 2
+
+
+def test_threshold_only_reversioning_keeps_the_onnx_bytes(package, tmp_path):
+    pkg = load_package(package)
+    new = with_thresholds(pkg, {"particle": 0.42}, tmp_path / "v2", reason="tighter particle limit")
+    assert new.metadata["onnx_sha256"] == pkg.metadata["onnx_sha256"]
+    assert (tmp_path / "v2" / "model.onnx").read_bytes() == (package / "model.onnx").read_bytes()
+    assert new.version_id != pkg.version_id and new.metadata["parent_version"] == pkg.version_id
+    assert load_package(tmp_path / "v2").thresholds["particle"] == 0.42
+    with pytest.raises(PackageError, match="within"):
+        with_thresholds(pkg, {"crack": 1.5}, tmp_path / "v3", reason="x")
+
+
+def test_cuda_request_without_a_gpu_falls_back_to_cpu_with_status(package):
+    pkg = load_package(package)
+    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
+    m = OnnxModel(str(pkg.onnx_path), spec, device="cuda")
+    assert m.status.provider == CPU and m.status.fallback and "GPU" in m.status.reason
+    out = m.predict([[np.full((64, 32), 200, np.uint8)] * 2])
+    assert set(out[0].probs) == {"particle", "crack", "fill_level"}
+
+
+class _FakeOrt:
+    """onnxruntime stand-in where a CUDA provider is installed but fails to start or to run."""
+
+    import onnxruntime as _real
+
+    GraphOptimizationLevel = _real.GraphOptimizationLevel
+    SessionOptions = _real.SessionOptions
+
+    def __init__(self, fail_at: str):
+        self.fail_at = fail_at
+
+    def get_available_providers(self):
+        return ["CUDAExecutionProvider", CPU]
+
+    def InferenceSession(self, path, so, providers):  # noqa: N802 - mirrors onnxruntime
+        if "CUDAExecutionProvider" in providers and self.fail_at == "start":
+            raise RuntimeError("CUDA driver not found")
+        real = self._real.InferenceSession(path, so, providers=[CPU])
+        if "CUDAExecutionProvider" in providers and self.fail_at == "run":
+            class Broken:
+                def get_providers(self):
+                    return ["CUDAExecutionProvider", CPU]
+
+                def run(self, *a, **k):
+                    raise RuntimeError("CUDA error: an illegal memory access")
+            return Broken()
+        return real
+
+
+@pytest.mark.parametrize("fail_at", ["start", "run"])
+def test_gpu_provider_failure_falls_back_to_cpu(package, fail_at):
+    pkg = load_package(package)
+    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
+    m = OnnxModel(str(pkg.onnx_path), spec, device="auto", _ort=_FakeOrt(fail_at))
+    if fail_at == "start":
+        assert m.status.fallback and m.status.provider == CPU and "failed to start" in m.status.reason
+    else:
+        assert not m.status.fallback and m.status.provider == "CUDAExecutionProvider"
+    scores = m.predict([[np.full((64, 32), 200, np.uint8)] * 2])
+    assert len(scores) == 1 and m.status.provider == CPU and m.status.fallback
+
+
+def test_provider_plan_orders_gpu_first_and_always_ends_on_cpu():
+    avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]
+    assert provider_plan("auto", avail) == avail
+    assert provider_plan("cuda", avail) == ["CUDAExecutionProvider", CPU]
+    assert provider_plan("cpu", avail) == [CPU]
+    assert provider_plan("auto", [CPU]) == [CPU]

@@ -1,0 +1,22 @@
+"""Network outputs to per-container ``Scores``: one function for PyTorch and ONNX Runtime alike."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .preprocess import Prepared
+from .scores import CLASSES, Scores
+
+MAP_STRIDE = 8  # image pixels per localisation-map cell at the network input
+
+
+def to_scores(probs: np.ndarray, maps: np.ndarray, heights: np.ndarray, batch: list[Prepared],
+              has_fill: bool) -> list[Scores]:
+    """Maps are cropped to the image (padding removed), heights are in mm of the original image."""
+    out = []
+    for i, p in enumerate(batch):
+        mh, mw = -(-p.height // MAP_STRIDE), -(-p.width // MAP_STRIDE)
+        h = float(heights[i]) / p.scale if has_fill else None
+        out.append(Scores(probs={c: float(probs[i, k]) for k, c in enumerate(CLASSES)}, fill_height_mm=h,
+                          maps=np.asarray(maps[i, :, :mh, :mw], np.float32), map_stride=round(MAP_STRIDE / p.scale)))
+    return out

@@ -1,0 +1,123 @@
+"""ONNX Runtime session for the exported model, with GPU-to-CPU fallback exposed as a status.
+
+Execution providers are tried in the order TensorRT, CUDA, CPU among those installed (the GPU ones come
+with the ``onnxruntime-gpu`` package). If a GPU provider fails to start, or fails at run time, the session
+falls back to the CPU, logs a warning and says so in ``status`` so the station can report it: the line
+keeps running, slower, instead of stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .postprocess import to_scores
+from .preprocess import InputSpec, Prepared, preprocess
+from .scores import Scores
+
+log = logging.getLogger("vialinspect.runtime")
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+CPU = "CPUExecutionProvider"
+INPUT_NAME = "frames"
+OUTPUT_NAMES = ("probs", "maps", "fill_height_mm")
+
+
+@dataclass
+class RuntimeStatus:
+    provider: str  # the provider that runs the model now
+    requested: str  # auto | cpu | cuda | tensorrt
+    fallback: bool = False  # a GPU was wanted (or was in use) and the CPU runs instead
+    reason: str | None = None
+    available: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"provider": self.provider, "requested": self.requested, "fallback": self.fallback,
+                "reason": self.reason, "available": self.available}
+
+
+def provider_plan(requested: str, available: list[str]) -> list[str]:
+    """Providers to ask for, best first; the CPU is always last so a session can always start."""
+    if requested == "cpu":
+        return [CPU]
+    if requested == "tensorrt":
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    elif requested == "cuda":
+        wanted = ["CUDAExecutionProvider"]
+    elif requested == "auto":
+        wanted = list(GPU_PROVIDERS)
+    else:
+        raise ValueError(f"unknown device {requested!r} (auto, cpu, cuda, tensorrt)")
+    return [p for p in wanted if p in available] + [CPU]
+
+
+class OnnxModel:
+    """Runs ``model.onnx``: preprocessing (the shared function), batching, outputs to ``Scores``."""
+
+    def __init__(self, onnx_path: str, spec: InputSpec, has_fill: bool = True, device: str = "auto",
+                 threads: int | None = None, _ort=None):
+        import onnxruntime as ort
+
+        self._ort = _ort or ort
+        self.path, self.spec, self.has_fill, self.threads = onnx_path, spec, has_fill, threads
+        available = list(self._ort.get_available_providers())
+        plan = provider_plan(device, available)
+        self.status = RuntimeStatus(provider=CPU, requested=device, available=available)
+        wanted_gpu = device in ("cuda", "tensorrt") or (device == "auto" and plan[0] != CPU)
+        if device in ("cuda", "tensorrt") and plan == [CPU]:
+            self._fall_back(f"{device} was requested but onnxruntime offers no GPU provider "
+                            f"(available: {', '.join(available)}); install onnxruntime-gpu for GPUs")
+        try:
+            self.session = self._session(plan)
+        except Exception as e:  # noqa: BLE001 - any provider failure must fall back, not stop the line
+            if plan == [CPU]:
+                raise
+            self._fall_back(f"GPU provider failed to start ({type(e).__name__}: {e})")
+            self.session = self._session([CPU])
+        active = self.session.get_providers()[0]
+        self.status.provider = active
+        if wanted_gpu and active == CPU and not self.status.fallback:
+            self._fall_back(f"requested {plan[0]} did not start; running on the CPU")
+
+    def _session(self, providers: list[str]):
+        so = self._ort.SessionOptions()
+        # Default: every core. The station passes fewer to leave room for its acquisition and recording threads.
+        so.intra_op_num_threads = self.threads or max(1, (os.cpu_count() or 2))
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return self._ort.InferenceSession(self.path, so, providers=providers)
+
+    def _fall_back(self, reason: str) -> None:
+        self.status.fallback = True
+        self.status.reason = reason
+        self.status.provider = CPU
+        log.warning("inference falls back to the CPU: %s", reason)
+
+    def warm_up(self, height: int, width: int, batch: int = 1) -> None:
+        """First runs allocate and tune kernels; do them before the line starts, not on the first unit."""
+        x = np.zeros((batch, self.spec.frames, height, width), np.float32)
+        for _ in range(2):
+            self._run(x)
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        try:
+            return self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        except Exception as e:  # noqa: BLE001
+            if self.status.provider == CPU:
+                raise
+            self._fall_back(f"GPU inference failed ({type(e).__name__}: {e})")
+            self.session = self._session([CPU])
+            return self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+
+    def predict_prepared(self, batch: list[Prepared]) -> list[Scores]:
+        shapes = {p.x.shape for p in batch}
+        if len(shapes) != 1:
+            raise ValueError(f"a batch needs inputs of one size, got {sorted(shapes)}")
+        probs, maps, heights = self._run(np.stack([p.x for p in batch]))
+        return to_scores(probs, maps, heights, batch, self.has_fill)
+
+    def predict(self, containers: list[list[np.ndarray]]) -> list[Scores]:
+        return self.predict_prepared([preprocess(f, self.spec) for f in containers])
