@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 DEFECT_CLASSES: tuple[str, ...] = ("particle", "crack", "fill_level")
@@ -85,6 +85,19 @@ def _drop_none(d: Any) -> Any:
     if isinstance(d, list):
         return [_drop_none(v) for v in d]
     return d
+
+
+def fit_frames(records: list[ContainerRecord], k: int) -> tuple[list[ContainerRecord], int]:
+    """Records usable by a model of ``k`` frames: the first ``k`` frames of longer records (a single-frame
+    model on multi-frame data sees the first frame), single-frame records as they are (the model repeats
+    them). Returns the usable records and how many were left out for having too few frames."""
+    out = []
+    for r in records:
+        if len(r.frames) == k or len(r.frames) == 1:
+            out.append(r)
+        elif len(r.frames) > k:
+            out.append(replace(r, frames=r.frames[:k]))
+    return out, len(records) - len(out)
 
 
 def split_for(key: str, fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS) -> str:

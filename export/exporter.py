@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from vision.model import VialNet
 from vision.preprocess import InputSpec, Prepared
@@ -72,7 +75,9 @@ def export_package(net: VialNet, spec: InputSpec, ck: dict[str, Any], out: Path,
         raise ExportError(f"parity failed: max |Δp| {res.max_abs_prob:.2e} (tolerance {res.tolerance:.0e}), "
                           f"decisions identical: {res.decisions_identical}; nothing written")
     meta = package_metadata(spec, ck, precision, opset, res.to_json(), git_commit)
-    pkg = write_package(out, onnx_bytes, meta, overwrite=overwrite)
+    buf = io.BytesIO()
+    torch.save({"model": ck.get("model"), "state_dict": net.float().state_dict()}, buf)
+    pkg = write_package(out, onnx_bytes, meta, overwrite=overwrite, weights=buf.getvalue())
     step(f"4/4 wrote {out} (version {pkg.version_id}); parity max |Δp| {res.max_abs_prob:.1e}, "
          f"max |Δfill| {res.max_abs_fill_mm:.1e} mm, decisions identical")
     return pkg

@@ -5,7 +5,8 @@
   evaluation summary, creation time, git commit.
 - ``model.onnx`` carries the metadata of the weights themselves in its ``metadata_props`` (the same input
   spec, classes, data hash and the export-time thresholds), so a loose ONNX file still says what it is.
-- ``SHA256SUMS`` lists both files; a package whose files do not match, or whose version id does not match
+- ``weights.pt`` (optional) holds the same weights for PyTorch, so a package can be fine-tuned;
+- ``SHA256SUMS`` lists every file; a package whose files do not match, or whose version id does not match
   its contents, is refused and never run.
 The version id is derived from the contents (ONNX hash + metadata), so a threshold change gives a new
 version whose ``model.onnx`` is byte-identical.
@@ -26,6 +27,7 @@ from typing import Any
 PACKAGE_FORMAT = "vialinspect-model-package"
 FORMAT_VERSION = 1
 ONNX_NAME, META_NAME, SUMS_NAME = "model.onnx", "model.json", "SHA256SUMS"
+WEIGHTS_NAME = "weights.pt"  # optional: the PyTorch weights, for fine-tuning (`train --init PACKAGE`)
 # Fields that do not define the model's behaviour: they may differ between identical versions.
 _VOLATILE = ("version_id", "created_utc", "parent_version", "change_reason", "git_commit")
 
@@ -51,6 +53,11 @@ class ModelPackage:
     def thresholds(self) -> dict[str, float]:
         return dict(self.metadata["thresholds"])
 
+    @property
+    def weights_path(self) -> Path | None:
+        p = self.path / WEIGHTS_NAME
+        return p if self.metadata.get("weights_sha256") else None
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -66,7 +73,8 @@ def version_id(onnx_sha256: str, metadata: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def write_package(out: Path, onnx_bytes: bytes, metadata: dict[str, Any], overwrite: bool = False) -> ModelPackage:
+def write_package(out: Path, onnx_bytes: bytes, metadata: dict[str, Any], overwrite: bool = False,
+                  weights: bytes | None = None) -> ModelPackage:
     """Write atomically: everything goes to a temporary sibling directory that is renamed into place."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -76,16 +84,21 @@ def write_package(out: Path, onnx_bytes: bytes, metadata: dict[str, Any], overwr
             raise PackageError(f"{out} is not a model package; refusing to overwrite it")
     onnx_sha = hashlib.sha256(onnx_bytes).hexdigest()
     meta = {"format": PACKAGE_FORMAT, "format_version": FORMAT_VERSION, **metadata, "onnx_sha256": onnx_sha}
+    meta.pop("weights_sha256", None)
+    if weights is not None:
+        meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     meta.setdefault("created_utc", datetime.now(UTC).isoformat(timespec="seconds"))
     meta["version_id"] = version_id(onnx_sha, meta)
     meta_bytes = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / ONNX_NAME).write_bytes(onnx_bytes)
-        (tmp / META_NAME).write_bytes(meta_bytes)
-        sums = "".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in
-                       ((ONNX_NAME, onnx_bytes), (META_NAME, meta_bytes)))
+        files = [(ONNX_NAME, onnx_bytes), (META_NAME, meta_bytes)]
+        if weights is not None:
+            files.append((WEIGHTS_NAME, weights))
+        for name, data in files:
+            (tmp / name).write_bytes(data)
+        sums = "".join(f"{hashlib.sha256(b).hexdigest()}  {n}\n" for n, b in files)
         (tmp / SUMS_NAME).write_text(sums)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -116,6 +129,9 @@ def load_package(path: str | Path) -> ModelPackage:
     for name in (ONNX_NAME, META_NAME):
         if name not in listed:
             raise PackageError(f"{p}: {SUMS_NAME} does not list {name}")
+    for name in listed:
+        if "/" in name or name.startswith("."):
+            raise PackageError(f"{p}: {SUMS_NAME} lists an unexpected path {name!r}")
         f = p / name
         if not f.is_file():
             raise PackageError(f"{p}: {name} is missing")
@@ -132,6 +148,8 @@ def load_package(path: str | Path) -> ModelPackage:
                            f"(this vialinspect reads version {FORMAT_VERSION})")
     if meta.get("onnx_sha256") != listed[ONNX_NAME]:
         raise PackageError(f"{p}: model.json names another model.onnx than the one in the package")
+    if meta.get("weights_sha256") and meta["weights_sha256"] != listed.get(WEIGHTS_NAME):
+        raise PackageError(f"{p}: {WEIGHTS_NAME} is missing or not the one model.json names")
     if meta.get("version_id") != version_id(listed[ONNX_NAME], meta):
         raise PackageError(f"{p}: version id does not match the package contents; refusing to load")
     for key in ("classes", "input", "thresholds"):
@@ -150,8 +168,9 @@ def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, 
         if not 0.0 < float(t) <= 1.0:
             raise PackageError(f"threshold for {c} must be within (0, 1], got {t}")
     meta = {k: v for k, v in pkg.metadata.items() if k not in ("version_id", "created_utc", "onnx_sha256",
-                                                                  "format", "format_version")}
+                                                                  "format", "format_version", "weights_sha256")}
     meta["thresholds"] = {**pkg.thresholds, **{c: float(t) for c, t in thresholds.items()}}
     meta["parent_version"] = pkg.version_id
     meta["change_reason"] = reason
-    return write_package(out, pkg.onnx_path.read_bytes(), meta, overwrite=overwrite)
+    weights = pkg.weights_path.read_bytes() if pkg.weights_path else None
+    return write_package(out, pkg.onnx_path.read_bytes(), meta, overwrite=overwrite, weights=weights)

@@ -24,7 +24,7 @@ def package(tiny_run, coarse_data, tmp_path_factory):
 
 def test_package_files_metadata_and_onnx_props(package, tiny_run):
     files = sorted(p.name for p in package.iterdir())
-    assert files == ["SHA256SUMS", "model.json", "model.onnx"]
+    assert files == ["SHA256SUMS", "model.json", "model.onnx", "weights.pt"]
     pkg = load_package(package)
     m = pkg.metadata
     assert m["classes"] == ["particle", "crack", "fill_level"]
@@ -156,3 +156,17 @@ def test_provider_plan_orders_gpu_first_and_always_ends_on_cpu():
     assert provider_plan("cuda", avail) == ["CUDAExecutionProvider", CPU]
     assert provider_plan("cpu", avail) == [CPU]
     assert provider_plan("auto", [CPU]) == [CPU]
+
+
+def test_fine_tune_from_a_package_with_another_frame_count(package, coarse_data, tmp_path):
+    from training.trainer import train
+
+    from .conftest import small_config
+
+    # The package takes 2 frames; a single-frame model starts from it (first layer adapted).
+    s = train(coarse_data, tmp_path / "ft", small_config(epochs=1, frames=1), init=str(package), progress=False,
+              log=lambda *a: None)
+    assert s["epochs_run"] == 1
+    from training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "ft" / "best.pt")["input_spec"]["frames"] == 1

@@ -98,10 +98,14 @@ class TrainTransform:
 
 
 class TrainingItems(TorchDataset):
-    """Indexed by (record index, FULL | CROP, seed) tuples from ``MixedBatchSampler``."""
+    """Indexed by (record index, FULL | CROP, seed) tuples from ``MixedBatchSampler``.
 
-    def __init__(self, base: ContainerDataset, transform: TrainTransform, crop: int):
-        self.base, self.transform, self.crop = base, transform, crop
+    Every item is a dict of arrays with a leading item axis: 1 for a whole image, ``crops`` for a crop
+    item, so one decode of a container's frames serves several crops. ``collate`` concatenates them.
+    """
+
+    def __init__(self, base: ContainerDataset, transform: TrainTransform, crop: int, crops: int = 4):
+        self.base, self.transform, self.crop, self.crops = base, transform, crop, crops
 
     def __len__(self) -> int:
         return len(self.base)
@@ -109,14 +113,25 @@ class TrainingItems(TorchDataset):
     def __getitem__(self, key) -> dict:
         i, mode, seed = key
         s = self.base[i]
-        if mode == CROP:
-            h, w = s.frames[0].shape
-            top, left = _crop_window(self.base.records[i], h, w, self.crop, np.random.default_rng(seed))
+        if mode == FULL:
+            return {k: np.asarray(v)[None] for k, v in self.transform(s, full=True).items()}
+        h, w = s.frames[0].shape
+        rng = np.random.default_rng(seed)
+        items = []
+        for _ in range(self.crops):
+            top, left = _crop_window(self.base.records[i], h, w, self.crop, rng)
             win = (slice(top, top + self.crop), slice(left, left + self.crop))
-            s = Sample(frames=[f[win] for f in s.frames], masks=s.masks[(slice(None), *win)], labels=s.labels,
+            c = Sample(frames=[f[win] for f in s.frames], masks=s.masks[(slice(None), *win)], labels=s.labels,
                        has_mask=s.has_mask, fill_height_mm=float("nan"),
                        rows=np.array([np.nan, np.nan], np.float32), index=s.index)
-        return self.transform(s, full=mode == FULL)
+            items.append(self.transform(c, full=False))
+        return {k: np.stack([np.asarray(it[k]) for it in items]) for k in items[0]}
+
+
+def collate(items: list[dict]):
+    import torch
+
+    return {k: torch.from_numpy(np.concatenate([it[k] for it in items])) for k in items[0]}
 
 
 def class_weights(records: list[ContainerRecord]) -> np.ndarray:
@@ -131,7 +146,7 @@ class MixedBatchSampler:
     """Batches of same-size items, drawn with weights and re-drawn each epoch; sliced per rank for DDP.
 
     Each drawn record becomes a whole-image item with probability ``p_full`` (always, where it cannot be
-    cropped), else ``crops_per_full`` crops, so an epoch costs about the same whatever the mix.
+    cropped), else an item of ``crops_per_full`` crops; a crop batch holds ``crop_batch`` crops.
     """
 
     def __init__(self, shapes: list[tuple[int, int]], croppable: list[bool], batch_size: int, samples: int,
@@ -158,12 +173,13 @@ class MixedBatchSampler:
         for i in idx:
             i = int(i)
             if self.shuffle and self.croppable[i] and rng.uniform() >= self.p_full:
-                crops += [(i, CROP, int(rng.integers(2**31))) for _ in range(self.crops_per_full)]
+                crops.append((i, CROP, int(rng.integers(2**31))))
             else:
                 buckets.setdefault(self.shapes[i], []).append((i, FULL, 0))
         batches = [b[j:j + self.batch_size] for _, b in sorted(buckets.items())
                    for j in range(0, len(b), self.batch_size)]
-        batches += [crops[j:j + self.crop_batch] for j in range(0, len(crops), self.crop_batch)]
+        per = max(1, self.crop_batch // self.crops_per_full)  # crop items per batch; each holds several crops
+        batches += [crops[j:j + per] for j in range(0, len(crops), per)]
         if self.shuffle:
             order = rng.permutation(len(batches))
             batches = [batches[i] for i in order]
@@ -181,4 +197,4 @@ class MixedBatchSampler:
 
 
 __all__ = ["ROW_STRIDE", "MAP_STRIDE", "TrainTransform", "TrainingItems", "MixedBatchSampler", "class_weights",
-           "image_size", "input_shape"]
+           "collate", "image_size", "input_shape"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets.manifest import Dataset
 from datasets.reader import open_dataset
-from datasets.records import ContainerRecord
+from datasets.records import ContainerRecord, fit_frames
 from export.package import load_package
 from vision.preprocess import InputSpec
 from vision.runtime import OnnxModel
@@ -93,7 +93,7 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     m = model if isinstance(model, LoadedModel) else load_model(model)
     ds = open_dataset(data_dir)
     recs = select_records(ds, split)
-    usable = [r for r in recs if len(r.frames) in (1, m.spec.frames)]
+    usable, dropped = fit_frames(recs, m.spec.frames)
     if not usable:
         raise EvaluationError(f"{data_dir}: no containers to evaluate in split {split or 'default'} "
                               f"(the model takes {m.spec.frames} frame(s) per container)")
@@ -101,7 +101,7 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     th = thresholds or m.thresholds
     report = evaluate(usable, scores, th, m.model_id)
     report["dataset"] = {"path": str(Path(data_dir).resolve()), "kind": ds.kind, "split": split or "default",
-                         "skipped_frame_count": len(recs) - len(usable), "bad_rows": len(ds.problems)}
+                         "skipped_frame_count": dropped, "bad_rows": len(ds.problems)}
     report["model_source"] = m.source
     if out_dir is not None:
         write_report(report, Path(out_dir), usable, scores, ds.root, th)

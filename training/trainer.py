@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from datasets.manifest import Dataset
 from datasets.reader import open_dataset
-from datasets.records import ContainerRecord, split_for
+from datasets.records import ContainerRecord, fit_frames, split_for
 from datasets.torch_dataset import ContainerDataset
 from vision.model import VialNet, adapt_first_layer, soft_rows
 from vision.preprocess import InputSpec
@@ -26,7 +26,15 @@ from .augment import Augmenter
 from .calibrate import calibrate
 from .checkpoint import build_model, dataset_hash, git_commit, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import MixedBatchSampler, TrainingItems, TrainTransform, class_weights, image_size, input_shape
+from .data import (
+    MixedBatchSampler,
+    TrainingItems,
+    TrainTransform,
+    class_weights,
+    collate,
+    image_size,
+    input_shape,
+)
 from .losses import total_loss
 from .metrics import auroc
 from .predict import TorchPredictor, predict_records
@@ -66,9 +74,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def _splits(ds: Dataset, frames: int, log) -> tuple[list[ContainerRecord], list[ContainerRecord]]:
-    recs = [r for r in ds.records if len(r.frames) == frames or len(r.frames) == 1]
-    if len(recs) < len(ds.records):
-        log(f"note: {len(ds.records) - len(recs)} container(s) with a frame count other than {frames} left out")
+    recs, dropped = fit_frames(ds.records, frames)
+    if dropped:
+        log(f"note: {dropped} container(s) with fewer than {frames} frames left out")
     train = [r for r in recs if r.split == "train"]
     val = [r for r in recs if r.split == "val"]
     if not val:
@@ -92,9 +100,9 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
                                 p_full=cfg.p_full if train else 1.0, crop=cfg.crop, crop_batch=cfg.crop_batch,
                                 crops_per_full=cfg.crops_per_full)
     aug = Augmenter(spec.frames) if (train and augment) else None
-    items = TrainingItems(ContainerDataset(root, records), TrainTransform(spec, aug), cfg.crop)
+    items = TrainingItems(ContainerDataset(root, records), TrainTransform(spec, aug), cfg.crop, cfg.crops_per_full)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                        pin_memory=False)
+                        collate_fn=collate, pin_memory=False)
     return loader, sampler
 
 
@@ -117,8 +125,15 @@ def _init_weights(net: VialNet, init: str, frames: int, log) -> None:
 
 
 def _package_state(path: str) -> dict:
-    raise TrainingError(f"{path} is a directory: fine-tuning from a model package needs the export step "
-                        "(issue 4); pass a checkpoint (.pt) for now")
+    from export.package import PackageError, load_package
+
+    try:
+        pkg = load_package(path)
+    except PackageError as e:
+        raise TrainingError(str(e)) from None
+    if pkg.weights_path is None:
+        raise TrainingError(f"{path}: this package carries no PyTorch weights (weights.pt) to fine-tune from")
+    return torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
 
 
 def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str | None = None, resume: bool = False,

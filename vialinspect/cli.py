@@ -177,10 +177,11 @@ def _held_out(data_dir: Path, spec, count: int):
     """Held-out containers for export parity: the test split first, then validation."""
     from datasets.imageio import read_gray
     from datasets.reader import open_dataset
+    from datasets.records import fit_frames
     from vision.preprocess import preprocess
 
     ds = open_dataset(data_dir)
-    recs = [r for r in ds.split("test") + ds.split("val") + ds.records if len(r.frames) in (1, spec.frames)]
+    recs, _ = fit_frames(ds.split("test") + ds.split("val") + ds.records, spec.frames)
     seen, chosen = set(), []
     for r in recs:
         if r.id not in seen:
