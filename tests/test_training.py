@@ -128,3 +128,32 @@ def test_ddp_on_two_gloo_processes_ends_with_identical_weights(coarse_data, tmp_
     assert all(p.exitcode == 0 for p in procs)
     assert len(results) == 2 and results[0] == results[1]
     assert (tmp_path / "ddp" / "best.pt").is_file()
+
+
+def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(coarse_data, tiny_run, tmp_path):
+    """Real-image layout: colour JPEGs of another size, no masks, no fill heights, fine-tuned from a model."""
+    import json
+
+    import cv2
+
+    from datasets.imageio import read_gray
+    from datasets.reader import open_dataset
+
+    ds = open_dataset(coarse_data)
+    root = tmp_path / "real"
+    for i, r in enumerate(ds.records):
+        cls = r.classes[0] if r.classes else "good"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        img = cv2.resize(read_gray(coarse_data / r.frames[0]), None, fx=1.25, fy=1.25)
+        cv2.imwrite(str(root / cls / f"img{i:03d}.jpg"), cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
+    summary = train(root, tmp_path / "run", small_config(epochs=1), init=str(tiny_run / "best.pt"), progress=False,
+                    log=lambda *a: None)
+    assert summary["epochs_run"] == 1
+    ck = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ck["heads"] == {"fill": False, "maps": False} and ck["input_spec"]["frames"] == 1
+    assert ck["input_spec"]["pixel_um"] is None
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "best.pt"), "--data", str(root), "--out",
+                 str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["n_containers"] == len(ds.records)  # every image, no split folders
+    assert rep["pod_by_particle_size"] == [] and rep["fill_height_mae_mm"] is None

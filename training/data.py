@@ -93,6 +93,7 @@ class TrainTransform:
             "has_mask": np.float32(s.has_mask),
             "rows": np.nan_to_num(rows, nan=0.0).astype(np.float32),
             "has_fill": np.float32(has_fill),
+            "full": np.float32(full),
             "index": s.index,
         }
 

@@ -76,15 +76,12 @@ def _cuda() -> bool:
 
 
 def select_records(ds: Dataset, split: str | None) -> list[ContainerRecord]:
-    """Default: the test split of a manifest dataset; every image of an ImageFolder without split folders."""
+    """Default: the test split of a manifest dataset; every image of an ImageFolder (``--split`` narrows it)."""
     if split in (None, "auto"):
-        split = "test" if ds.kind == "manifest" or any(r.split == "test" for r in ds.records) else "all"
+        split = "test" if ds.kind == "manifest" else "all"
     if split == "all":
         return list(ds.records)
-    recs = ds.split(split)
-    if ds.kind == "imagefolder" and not recs and split == "test":
-        return list(ds.records)
-    return recs
+    return ds.split(split)
 
 
 def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_dir: str | Path | None,

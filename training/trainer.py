@@ -223,8 +223,12 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
                        disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
         run_loss, n = 0.0, 0
+        t_epoch = t_note = time.perf_counter()
         for batch in it:
             b = _to(batch, device, channels_last)
+            # Batch-norm statistics come from whole containers only: crops (mostly liquid, centred on
+            # objects) have other statistics, and inference always sees whole containers.
+            _bn_train(net, bool(b["full"].min() > 0))
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 outputs = model(b["x"])
             loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight)
@@ -239,6 +243,11 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
                 bar.update(1)
                 bar.set_postfix(loss=f"{run_loss / n:.3f}", cls=f"{parts['cls']:.3f}", map=f"{parts['map']:.3f}",
                                 row=f"{parts['row']:.3f}")
+            elif d.main and time.perf_counter() - t_note > 60:
+                # Without a progress bar (logs, CI), still say how far the epoch is, once a minute.
+                t_note = time.perf_counter()
+                log(f"  epoch {epoch + 1}: batch {n}/{steps}, loss {run_loss / n:.4f}, "
+                    f"{n / (t_note - t_epoch):.2f} batches/s")
         if bar:
             bar.close()
         val = _validate(net, val_loader, device, channels_last, cfg, spec)
@@ -275,6 +284,12 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     if d.world > 1:
         dist.barrier()
     return summary
+
+
+def _bn_train(net: torch.nn.Module, on: bool) -> None:
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.train(on)
 
 
 def warmup_cosine(total: int, warmup_frac: float = 0.1):

@@ -1,0 +1,112 @@
+"""Runtime benchmark: PyTorch eager against ONNX Runtime on the default model, batch 1 and batch 8.
+
+    .venv/bin/python benchmarks/runtime.py [--model models/default] [--format vial-2R] [--seconds 5]
+                                           [--json bench_out/runtime.json]
+
+Input: K frames of the container format's native size (vial-2R: 4 x 925 x 450 px, padded to 928 x 480),
+preprocessing excluded (it is the same for both). Reports images/s (containers/s) and latency p50/p99 per
+batch, and the ratio ONNX Runtime / eager. Target: ONNX Runtime >= 2x eager at batch 1 on 2 CPU cores.
+Where a GPU provider is installed (onnxruntime-gpu), the CUDA provider is measured too, fp32 and fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from datasets.sim.formats import get_format  # noqa: E402
+from datasets.sim.render import framing_for  # noqa: E402
+from export.package import load_package  # noqa: E402
+from vision.model import InferenceModel, VialNet  # noqa: E402
+from vision.preprocess import InputSpec  # noqa: E402
+from vision.runtime import OnnxModel  # noqa: E402
+
+
+def measure(fn, x, seconds: float) -> dict:
+    for _ in range(3):
+        fn(x)
+    lat = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(lat) < 10:
+        t = time.perf_counter()
+        fn(x)
+        lat.append(time.perf_counter() - t)
+    lat_ms = np.array(lat) * 1000
+    b = x.shape[0]
+    return {"batch": b, "images_per_s": round(float(b * len(lat) / (lat_ms.sum() / 1000)), 1),
+            "p50_ms": round(float(np.percentile(lat_ms, 50)), 2), "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
+            "runs": len(lat)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/default", help="model package (default models/default)")
+    p.add_argument("--format", default="vial-2R", help="container format whose image size is used")
+    p.add_argument("--seconds", type=float, default=5.0, help="measuring time per case (default 5)")
+    p.add_argument("--json", default="bench_out/runtime.json", help="where to write the JSON result")
+    a = p.parse_args()
+    pkg = load_package(a.model)
+    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
+    fr = framing_for(get_format(a.format), spec.pixel_um or 40.0)
+    m = spec.pad_multiple
+    h, w = -(-fr.height // m) * m, -(-fr.width // m) * m
+    weights = torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
+    net = VialNet(frames=spec.frames, widths=tuple(weights["model"]["widths"]))
+    net.load_state_dict(weights["state_dict"])
+    eager = InferenceModel(net.eval(), (spec.pixel_um or 40.0) / 1000).eval()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def run_eager(x):
+        with torch.no_grad():
+            return eager(torch.from_numpy(x))
+
+    rows = []
+    ort_cpu = OnnxModel(str(pkg.onnx_path), spec, device="cpu")
+    cases = [("pytorch-eager", "cpu", run_eager), ("onnxruntime", ort_cpu.status.provider, ort_cpu._run)]
+    gpu = OnnxModel(str(pkg.onnx_path), spec, device="cuda")
+    if not gpu.status.fallback:
+        import tempfile
+
+        from export.onnx_export import export_onnx
+
+        cases.append(("onnxruntime-fp32", gpu.status.provider, gpu._run))
+        f16 = Path(tempfile.mkdtemp()) / "model_fp16.onnx"
+        f16.write_bytes(export_onnx(net, spec, {}, fp16=True))
+        gpu16 = OnnxModel(str(f16), spec, device="cuda")
+        cases.append(("onnxruntime-fp16", gpu16.status.provider, gpu16._run))
+    for batch in (1, 8):
+        x = np.random.default_rng(0).standard_normal((batch, spec.frames, h, w)).astype(np.float32)
+        for name, provider, fn in cases:
+            rows.append({"engine": name, "provider": provider, **measure(fn, x, a.seconds)})
+    by = {(r["engine"], r["batch"]): r for r in rows}
+    ratios = {f"batch{b}": round(by[("onnxruntime", b)]["images_per_s"] / by[("pytorch-eager", b)]["images_per_s"], 2)
+              for b in (1, 8)}
+    result = {"model": pkg.version_id, "format": a.format, "input": [spec.frames, h, w], "cores": os.cpu_count(),
+              "rows": rows, "ort_over_eager": ratios, "target_batch1_ratio": 2.0,
+              "meets_target": bool(ratios["batch1"] >= 2.0),
+              "gpu": None if gpu.status.fallback else gpu.status.provider,
+              "gpu_note": gpu.status.reason if gpu.status.fallback else None}
+    print(f"{'engine':18s} {'provider':22s} {'batch':>5s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    for r in rows:
+        print(f"{r['engine']:18s} {r['provider']:22s} {r['batch']:5d} {r['images_per_s']:8.1f} {r['p50_ms']:8.2f} "
+              f"{r['p99_ms']:8.2f}")
+    print(f"ONNX Runtime / eager: {ratios} (target >= 2.0 at batch 1)")
+    if gpu.status.fallback:
+        print(f"GPU: not measured ({gpu.status.reason})")
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
