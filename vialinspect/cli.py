@@ -257,6 +257,31 @@ def cmd_package_thresholds(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- station
+
+def cmd_station(a: argparse.Namespace) -> int:
+    import logging
+
+    from export.package import PackageError
+    from inspection_station.recipe import RecipeError
+    from inspection_station.sources import SourceError
+    from inspection_station.station import StationOptions, run_station, summary_text
+    from inspection_station.store import StoreError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    opts = StationOptions(recipe=Path(a.recipe), source=a.source, store=Path(a.store),
+                          max_containers=a.max_containers, duration_s=a.duration, line=a.line,
+                          metrics_port=a.metrics_port, device=a.device, threads=a.threads, quiet=a.quiet)
+    try:
+        summary = run_station(opts)
+    except (RecipeError, PackageError, SourceError, StoreError, ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    print(summary_text(summary))
+    if a.summary_json:
+        Path(a.summary_json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return 1 if summary.get("alarm") else 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="dataset directory")
     e.add_argument("--out", required=True, help="report directory")
     e.add_argument("--split", default=None, choices=["train", "val", "test", "all"],
-                   help="which split (default: test; every image for an ImageFolder without split folders)")
+                   help="which split (default: test for a manifest dataset, every image of an ImageFolder)")
     e.add_argument("--batch-size", type=_positive_int, default=4, help="containers per batch (default 4)")
     e.set_defaults(func=cmd_evaluate)
 
@@ -373,6 +398,28 @@ def build_parser() -> argparse.ArgumentParser:
     kt.add_argument("--reason", required=True, help="why the thresholds change (recorded in the package)")
     kt.set_defaults(func=cmd_package_thresholds)
     k.set_defaults(func=lambda a: (k.print_help(), 2)[1])
+
+    st = sub.add_parser("station", help="run the inspection station on a frame source",
+                        description="Run the inline station: acquire frames from SOURCE, assemble containers, "
+                                    "decide with the recipe's model (positive release: any doubt rejects), record "
+                                    "every decision, then tell the line. Ctrl-C or SIGTERM drains and stops cleanly.")
+    st.add_argument("--recipe", required=True, help="product recipe (.toml or .yaml)")
+    st.add_argument("--source", required=True,
+                    help="frame source: sim://?rate=1200 | folder:PATH | video file | camera:N | rtsp://... | "
+                         "basler://[serial]")
+    st.add_argument("--store", default="station_store", help="record store directory (default station_store)")
+    st.add_argument("--max-containers", type=_positive_int, default=None, help="stop after this many units")
+    st.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    st.add_argument("--line", default="log",
+                    help="line output: log (STORE/line.jsonl), log:PATH, none, or an opc.tcp:// endpoint")
+    st.add_argument("--metrics-port", type=int, default=None,
+                    help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (0 picks a free port)")
+    st.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                    help="execution provider (default auto: GPU if installed, else CPU)")
+    st.add_argument("--threads", type=_positive_int, default=None, help="inference threads (default: all cores)")
+    st.add_argument("--quiet", action="store_true", help="no live status line")
+    st.add_argument("--summary-json", default=None, help="also write the final summary as JSON here")
+    st.set_defaults(func=cmd_station)
     return p
 
 

@@ -1,0 +1,281 @@
+"""The inline pipeline: acquisition -> assembly -> batched inference -> decision -> record -> line output.
+
+Three threads joined by bounded queues (no shared mutable state besides the stats object):
+- acquisition reads the source, assembles containers and hands them to inference; when the inference
+  queue is full the unit is rejected at once (``not_inspected:queue_full``) instead of waiting;
+- inference takes whatever is waiting (up to the recipe's ``batch_max``: the batch grows with the load),
+  decides, and passes decisions on; a unit past its deadline is rejected, never accepted late;
+- recording writes each decision to the store and only then sends it to the line, so a result is final
+  only once it is on disk. A full disk rejects the unit, raises an alarm and stops the station cleanly.
+
+Positive release: a unit is accepted only when all its frames arrived intact and in time and the model
+ran and passed it; every other path ends in a reject with a ``not_inspected:<cause>`` reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vision.preprocess import preprocess
+from vision.scores import class_scores, rejected_classes
+
+from .assembly import Assembler
+from .line import LineOutput
+from .recipe import Recipe
+from .sources import Source
+from .stats import StationStats
+from .store import DiskFullError, RecordStore
+from .types import Container, Decision, not_inspected
+
+log = logging.getLogger("vialinspect.station")
+_STOP = object()
+
+
+@dataclass
+class LoadedModel:
+    runner: Any  # vision.runtime.OnnxModel or anything with .spec and .predict_prepared
+    version: str
+    thresholds: dict[str, float]
+    has_maps: bool = True
+
+
+class ModelSlot:
+    """The model in use, and a model waiting to replace it between two batches (a signed promotion)."""
+
+    def __init__(self, model: LoadedModel | None):
+        self._model = model
+        self._pending: LoadedModel | None = None
+        self._lock = threading.Lock()
+
+    def request_swap(self, model: LoadedModel) -> None:
+        with self._lock:
+            self._pending = model
+
+    def current(self) -> LoadedModel | None:
+        with self._lock:
+            if self._pending is not None:
+                old = self._model.version if self._model else None
+                self._model, self._pending = self._pending, None
+                log.warning("model swapped between containers: %s -> %s", old, self._model.version)
+            return self._model
+
+
+class Pipeline:
+    def __init__(self, source: Source, recipe: Recipe, model: ModelSlot, store: RecordStore, line: LineOutput,
+                 stats: StationStats | None = None, *, start_sequence: int = 0, max_containers: int | None = None,
+                 window_s: float | None = None, queue_size: int = 32, read_timeout_s: float = 1.0,
+                 on_alarm: Callable[[str], None] | None = None):
+        self.source, self.recipe, self.model, self.store, self.line = source, recipe, model, store, line
+        self.stats = stats or StationStats()
+        self.max_containers = max_containers
+        self.deadline_s = recipe.deadline_ms / 1000.0
+        window = window_s if window_s is not None else self.deadline_s * 0.6
+        self.assembler = Assembler(recipe.frames, window, tuple(recipe.frame_size) if recipe.frame_size else None,
+                                   start_sequence=start_sequence)
+        self.read_timeout_s = read_timeout_s
+        self.infer_q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.record_q: queue.Queue = queue.Queue(maxsize=queue_size * 4)
+        self.stop_event = threading.Event()
+        self.alarm: str | None = None
+        self.on_alarm = on_alarm
+        self._acquired = 0
+        self._threads: list[threading.Thread] = []
+        self.errors: list[str] = []
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        for name, fn in (("acquire", self._acquire), ("infer", self._infer), ("record", self._record)):
+            t = threading.Thread(target=self._guard(fn), name=f"station-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - a dead thread must stop the station, visibly
+                log.exception("station thread %s failed", threading.current_thread().name)
+                self.errors.append(f"{threading.current_thread().name}: {type(e).__name__}: {e}")
+                self._raise_alarm(f"internal error in {threading.current_thread().name}: {e}")
+                self.stop_event.set()
+        return run
+
+    def _raise_alarm(self, text: str) -> None:
+        self.alarm = text
+        self.stats.set(alarm=text)
+        log.error("ALARM: %s", text)
+        if self.on_alarm:
+            self.on_alarm(text)
+
+    # ---------------------------------------------------------------- acquisition
+
+    def _enough(self) -> bool:
+        return self.max_containers is not None and self._acquired >= self.max_containers
+
+    def _hand_over(self, containers: list[Container]) -> None:
+        for c in containers:
+            if self._enough():
+                return
+            self._acquired += 1
+            if c.truth is None:
+                c.truth = self.source.truth(c.id)
+            try:
+                self.infer_q.put_nowait(c)
+            except queue.Full:
+                self.record_q.put((self._reject(c, [not_inspected("queue_full")], None), c, None))
+        self.stats.set(queue_depth=self.infer_q.qsize())
+
+    def _acquire(self) -> None:
+        try:
+            while not self.stop_event.is_set() and not self._enough():
+                if self.source.exhausted:
+                    break
+                frame = self.source.read(self.read_timeout_s)
+                self._hand_over(self.assembler.push(frame))
+                self._hand_over(self.assembler.flush(time.monotonic()))
+            # Drain: units still being assembled cannot be inspected any more.
+            self._hand_over(self.assembler.flush(time.monotonic()))
+            self._hand_over(self.assembler.drain("shutdown"))
+        finally:
+            self.infer_q.put(_STOP)
+
+    # ---------------------------------------------------------------- inference and decision
+
+    def _reject(self, c: Container, reasons: list[str], model: LoadedModel | None, **kw: Any) -> Decision:
+        now = time.monotonic()
+        return Decision(container_id=c.id, sequence=c.sequence, accept=False, reasons=reasons,
+                        recipe=self.recipe.name, model_version=model.version if model else None,
+                        decided_at=time.time(), truth=c.truth,
+                        timings_ms={"total": (now - c.trigger_time) * 1000.0}, **kw)
+
+    def _batch(self) -> list[Container] | None:
+        first = self.infer_q.get()
+        if first is _STOP:
+            return None
+        batch = [first]
+        while len(batch) < self.recipe.batch_max:
+            try:
+                nxt = self.infer_q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                self.infer_q.put(_STOP)  # seen again after this batch
+                break
+            batch.append(nxt)
+        return batch
+
+    def _infer(self) -> None:
+        try:
+            while True:
+                batch = self._batch()
+                if batch is None:
+                    return
+                for d, c, maps in self.decide(batch):
+                    self.record_q.put((d, c, maps))
+                self.stats.set(queue_depth=self.infer_q.qsize(), batch_size=len(batch))
+        finally:
+            self.record_q.put(_STOP)
+
+    def decide(self, batch: list[Container]) -> list[tuple[Decision, Container, np.ndarray | None]]:
+        model = self.model.current()
+        out: list[tuple[Decision, Container, np.ndarray | None]] = []
+        ready: list[Container] = []
+        now = time.monotonic()
+        for c in batch:
+            if c.problems:
+                out.append((self._reject(c, [not_inspected(p) for p in c.problems], model), c, None))
+            elif model is None:
+                out.append((self._reject(c, [not_inspected("no_model")], None), c, None))
+            elif now - c.trigger_time > self.deadline_s:
+                out.append((self._reject(c, [not_inspected("deadline_missed")], model), c, None))
+            else:
+                ready.append(c)
+        if not ready:
+            return out
+        assert model is not None
+        thresholds = self.recipe.effective_thresholds(model.thresholds)
+        groups: dict[tuple, list[tuple[Container, Any]]] = {}
+        for c in ready:
+            try:
+                prep = preprocess([f.pixels for f in c.frames], model.runner.spec)
+            except ValueError:
+                out.append((self._reject(c, [not_inspected("wrong_size")], model), c, None))
+                continue
+            groups.setdefault(prep.x.shape, []).append((c, prep))
+        provider = getattr(getattr(model.runner, "status", None), "provider", None)
+        for items in groups.values():
+            t0 = time.monotonic()
+            try:
+                scores = model.runner.predict_prepared([p for _, p in items])
+            except Exception as e:  # noqa: BLE001 - any model failure rejects, never accepts
+                log.error("inference failed for %d unit(s): %s", len(items), e)
+                for c, _ in items:
+                    out.append((self._reject(c, [not_inspected("inference_error")], model, provider=provider), c,
+                                None))
+                continue
+            t1 = time.monotonic()
+            for (c, _), s in zip(items, scores, strict=True):
+                cs = class_scores(s, self.recipe.fill_spec)
+                reasons = rejected_classes(cs, thresholds)
+                total = time.monotonic() - c.trigger_time
+                if total > self.deadline_s:
+                    reasons.append(not_inspected("deadline_missed"))
+                d = Decision(container_id=c.id, sequence=c.sequence, accept=not reasons, reasons=reasons,
+                             recipe=self.recipe.name, model_version=model.version, scores=cs, thresholds=thresholds,
+                             fill_height_mm=s.fill_height_mm, decided_at=time.time(), provider=provider,
+                             truth=c.truth, timings_ms={"queue": (t0 - c.trigger_time) * 1000.0,
+                                                        "inference": (t1 - t0) * 1000.0, "total": total * 1000.0})
+                out.append((d, c, s.maps if reasons else None))
+        status = getattr(model.runner, "status", None)
+        if status is not None:
+            self.stats.set(provider=status.provider, fallback=status.fallback, model_version=model.version)
+        return out
+
+    # ---------------------------------------------------------------- record, then tell the line
+
+    def _record(self) -> None:
+        disk_full = False
+        while True:
+            item = self.record_q.get()
+            if item is _STOP:
+                return
+            d, c, maps = item
+            if not disk_full:
+                try:
+                    self.store.record(d, c, maps)
+                except DiskFullError as e:
+                    disk_full = True
+                    self._raise_alarm(f"record store nearly full ({e}); stopping")
+                    self.stop_event.set()
+                except Exception as e:  # noqa: BLE001 - an unrecordable unit is not released
+                    disk_full = True
+                    self._raise_alarm(f"record store failed ({type(e).__name__}: {e}); stopping")
+                    self.stop_event.set()
+            if disk_full:
+                # It cannot be recorded, so it cannot be released: reject on the line, count it.
+                d = Decision(**{**d.__dict__, "accept": False,
+                                "reasons": sorted(set(d.reasons) | {not_inspected("disk_full")})})
+            self.line.send(d)
+            self.stats.add(d)

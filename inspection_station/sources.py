@@ -1,0 +1,829 @@
+"""Frame sources of the inspection station, all behind one small interface and chosen by a URI.
+
+``open_source(uri, frames_per_container, **opts)`` understands:
+
+- ``sim://?rate=1200&frames=4&seed=0&formats=vial-2R&defect_rate=0.5&count=N&start=S&pixel_um=40``
+  the imaging simulator as a camera at a line rate (containers per minute, ``rate=0``: as fast as it renders),
+  with ground truth per container (``truth(container_id)``);
+- ``folder:PATH`` image files replayed in name order, K consecutive files per container (``loop=1``);
+- ``file:PATH`` or a plain path with a video suffix, ``camera:N``, ``rtsp://...`` through OpenCV;
+- ``basler://[serial or index]?...`` Basler GigE/USB3 cameras through pypylon (optional dependency).
+
+Options come from the URI's query (not for ``rtsp://``, whose query belongs to the stream) and from keyword
+arguments, which win. Unknown options are an error, so that a typo does not silently change a recipe.
+
+Contract of ``Source.read(timeout)``: it never raises for a camera problem. It returns a Frame with pixels, or
+one with ``pixels=None`` and ``error`` set to a NOT_INSPECTED_CAUSES entry (``camera_timeout``,
+``camera_disconnected``, ``corrupt_frame``, ``missing_frame`` after an overrun). The caller's timeout is a
+watchdog: choose it longer than the frame interval, since a time-out is a fault, not a pause. Reading a
+finite source past its end raises ``SourceExhausted``; check ``exhausted`` first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import numpy as np
+
+from datasets.imageio import IMAGE_SUFFIXES, ImageError, read_gray
+
+from .types import Frame
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".mjpeg")
+
+
+class SourceError(Exception):
+    """A source cannot be opened as configured (bad URI, missing files, no such camera)."""
+
+
+class SourceExhausted(EOFError):
+    """``read`` was called on a finite source that has no more frames."""
+
+
+class Source(ABC):
+    """A camera-like stream of Frames. Subclasses implement ``_read``; the base numbers the frames."""
+
+    def __init__(self, name: str, frames_per_container: int) -> None:
+        if frames_per_container < 1:
+            raise SourceError(f"frames per container must be at least 1, got {frames_per_container}")
+        self.name = name
+        self.frames_per_container = frames_per_container
+        self.stats: dict[str, int] = {}
+        self._seq = 0
+        self._closed = False
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    def read(self, timeout: float) -> Frame:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: source is closed")
+        if self.exhausted:
+            raise SourceExhausted(f"{self.name}: no more frames")
+        return self._read(max(0.0, float(timeout)))
+
+    @abstractmethod
+    def _read(self, timeout: float) -> Frame: ...
+
+    def close(self) -> None:
+        self._closed = True
+
+    def truth(self, container_id: str) -> dict[str, Any] | None:
+        """Ground truth of a unit; only simulated sources know it."""
+        return None
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def _frame(self, pixels: np.ndarray | None, *, error: str | None = None, container_id: str | None = None,
+               index: int | None = None, timestamp: float | None = None) -> Frame:
+        f = Frame(pixels=pixels, timestamp=time.monotonic() if timestamp is None else timestamp, seq=self._seq,
+                  source=self.name, container_id=container_id, index_in_container=index, error=error)
+        self._seq += 1
+        if error:
+            self._count(error)
+        return f
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+class _Opts:
+    """Typed access to a source's options; remembers which were used so that leftovers can be refused."""
+
+    def __init__(self, name: str, raw: dict[str, Any]) -> None:
+        self.name = name
+        self.raw = dict(raw)
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: Callable[[Any], Any], default: Any) -> Any:
+        self.used.add(key)
+        if key not in self.raw or self.raw[key] is None:
+            return default
+        try:
+            return kind(self.raw[key])
+        except (TypeError, ValueError) as e:
+            raise SourceError(f"{self.name}: bad value for option {key!r}: {self.raw[key]!r} ({e})") from None
+
+    def check(self) -> None:
+        extra = sorted(set(self.raw) - self.used)
+        if extra:
+            known = ", ".join(sorted(self.used))
+            raise SourceError(f"{self.name}: unknown option(s) {', '.join(extra)}; known: {known}")
+
+
+_QUERY = re.compile(r"^[A-Za-z_]\w*=[^&]*(&[A-Za-z_]\w*=[^&]*)*$")
+
+
+def _split_query(rest: str) -> tuple[str, dict[str, str]]:
+    """Split ``PATH?k=v&...`` where the query is optional; a '?' that is not followed by options stays in the path."""
+    head, sep, tail = rest.rpartition("?")
+    if sep and _QUERY.match(tail):
+        return head, dict(parse_qsl(tail, keep_blank_values=True))
+    return rest, {}
+
+
+class _Pacer:
+    """Spaces frames evenly at a line rate. Works on absolute due times so that waits do not accumulate drift."""
+
+    def __init__(self, containers_per_min: float, frames_per_container: int) -> None:
+        if containers_per_min < 0:
+            raise SourceError(f"rate must be >= 0 containers/min, got {containers_per_min}")
+        self.interval = 60.0 / (containers_per_min * frames_per_container) if containers_per_min > 0 else 0.0
+        self.next_due: float | None = None
+
+    def wait(self, deadline: float) -> bool:
+        """Sleep until the next frame is due; False when that is after ``deadline``."""
+        if self.interval <= 0:
+            return True
+        now = time.monotonic()
+        if self.next_due is None:
+            self.next_due = now
+        if self.next_due > deadline:
+            time.sleep(max(0.0, deadline - now))
+            return False
+        if self.next_due > now:
+            time.sleep(self.next_due - now)
+        return True
+
+    def delivered(self, t: float) -> bool:
+        """Book a delivery at ``t``; True when it was more than one interval late (an underrun)."""
+        if self.interval <= 0 or self.next_due is None:
+            return False
+        late = t - self.next_due > self.interval
+        # Re-anchor after an underrun: catching up in a burst would hide the stall and upset downstream pacing.
+        self.next_due = (t if late else self.next_due) + self.interval
+        return late
+
+
+class _Backoff:
+    """Exponential reconnect delay, reset by a success."""
+
+    def __init__(self, first: float, maximum: float) -> None:
+        self.first = max(0.0, first)
+        self.maximum = max(self.first, maximum)
+        self.delay = self.first
+        self.next_try = 0.0
+
+    def failed(self, now: float) -> None:
+        self.next_try = now + self.delay
+        self.delay = min(self.maximum, max(self.delay * 2, 1e-3))
+
+    def reset(self) -> None:
+        self.delay = self.first
+        self.next_try = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Simulator
+
+
+class SimSource(Source):
+    """The simulator as a line-rate camera. A background thread renders containers into a bounded queue.
+
+    Options: ``rate`` (containers/min, frames evenly spaced; 0 = as fast as rendered), ``frames``, ``seed``,
+    ``formats`` (comma separated), ``defect_rate``, ``count`` (0 = endless), ``start`` (first container index),
+    ``pixel_um``, ``first_wait`` (seconds the constructor waits for the first rendered container).
+    A frame that is due but not rendered by the read's deadline is reported as ``camera_timeout`` with its
+    container id and is skipped, as a triggered camera would lose it; ``stats["underruns"]`` counts those and the
+    frames delivered more than one interval late.
+    """
+
+    QUEUE_CONTAINERS = 6
+    TRUTH_KEEP = 20000
+
+    def __init__(self, uri: str, frames_per_container: int, opts: _Opts) -> None:
+        super().__init__(uri, frames_per_container)
+        from datasets.sim.config import CameraConfig, SimConfig
+
+        frames = opts.get("frames", int, frames_per_container)
+        if frames != frames_per_container:
+            raise SourceError(f"{uri}: frames={frames} contradicts frames_per_container={frames_per_container}")
+        rate = opts.get("rate", float, 1200.0)
+        self.seed = opts.get("seed", int, 0)
+        formats = opts.get("formats", lambda s: tuple(x for x in str(s).split(",") if x), None)
+        defect_rate = opts.get("defect_rate", float, 0.5)
+        count = opts.get("count", int, 0)  # 0 = endless
+        self.start = opts.get("start", int, 0)
+        pixel_um = opts.get("pixel_um", float, 40.0)
+        first_wait = opts.get("first_wait", float, 30.0)
+        opts.check()
+        if count < 0 or self.start < 0:
+            raise SourceError(f"{uri}: count and start must be >= 0")
+        kw: dict[str, Any] = dict(frames=frames, defect_rate=defect_rate, camera=CameraConfig(pixel_um=pixel_um))
+        if formats:
+            kw["formats"] = formats
+        self.config = SimConfig(**kw)
+        try:
+            self.config.validate()
+        except ValueError as e:
+            raise SourceError(f"{uri}: {e}") from None
+        self.end = self.start + count if count else None
+        self._pacer = _Pacer(rate, frames_per_container)
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_CONTAINERS)
+        self._truth: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._truth_lock = threading.Lock()
+        self._stop = threading.Event()
+        # Next frame to deliver: (container index, frame index). Time-outs advance it, so the stream stays in step
+        # with the line like a triggered camera whose image never came.
+        self._ci, self._k = self.start, 0
+        self._current: tuple[int, list[np.ndarray]] | None = None
+        self.render_ms = 0.0
+        self._thread = threading.Thread(target=self._render_loop, name="sim-render", daemon=True)
+        self._thread.start()
+        # Wait for the first container so that start-up (imports, first render) is not mistaken for a camera fault.
+        t_end = time.monotonic() + first_wait
+        while self._queue.empty() and self._thread.is_alive() and time.monotonic() < t_end:
+            time.sleep(0.005)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.end is not None and self._ci >= self.end
+
+    def _render_loop(self) -> None:
+        from datasets.generate import make_container
+
+        i = self.start
+        while not self._stop.is_set() and (self.end is None or i < self.end):
+            t0 = time.perf_counter()
+            try:
+                rec, frames, _ = make_container(self.config, i, self.seed)
+            except Exception as e:  # a simulator bug must surface in read(), not die silently in a thread
+                log.exception("simulator failed on container %d", i)
+                item: Any = e
+            else:
+                ms = (time.perf_counter() - t0) * 1e3
+                self.render_ms = ms if i == self.start else 0.9 * self.render_ms + 0.1 * ms
+                self._remember(rec)
+                item = (i, list(frames))
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+            i += 1
+
+    def _remember(self, rec: Any) -> None:
+        truth = {
+            "classes": list(rec.classes),
+            "fill_height_mm": rec.fill_height_mm,
+            "fill_spec": None if rec.fill_spec is None else {"target_mm": rec.fill_spec.target_mm,
+                                                             "tolerance_mm": rec.fill_spec.tolerance_mm},
+            "format": rec.format,
+            "product": rec.product,
+            "defects": [{"class": d.cls, "kind": d.kind, "size_um": d.size_um, "length_mm": d.length_mm,
+                         "deviation_mm": d.deviation_mm} for d in rec.defects],
+            "nuisances": list(rec.nuisances),
+            "seed": self.seed,
+        }
+        with self._truth_lock:
+            self._truth[rec.id] = truth
+            while len(self._truth) > self.TRUTH_KEEP:
+                self._truth.popitem(last=False)
+
+    def truth(self, container_id: str) -> dict[str, Any] | None:
+        with self._truth_lock:
+            t = self._truth.get(container_id)
+        return None if t is None else dict(t)
+
+    def _next_pixels(self, deadline: float) -> np.ndarray | None:
+        while True:
+            if self._current is not None and self._current[0] == self._ci:
+                return self._current[1][self._k]
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if isinstance(item, Exception):
+                raise RuntimeError(f"{self.name}: simulator failed") from item
+            if item[0] < self._ci:  # every frame of it already timed out
+                self._count("discarded_late")
+                continue
+            self._current = item
+
+    def _advance(self) -> None:
+        self._k += 1
+        if self._k >= self.frames_per_container:
+            self._ci, self._k = self._ci + 1, 0
+
+    def _read(self, timeout: float) -> Frame:
+        from datasets.generate import container_id
+
+        deadline = time.monotonic() + timeout
+        if not self._pacer.wait(deadline):
+            # Nothing was due yet: a plain time-out that stands for no particular container.
+            return self._frame(None, error="camera_timeout")
+        cid, k = container_id(self._ci), self._k
+        px = self._next_pixels(deadline)
+        now = time.monotonic()
+        if px is None:
+            # The frame was due and did not come: it is lost, as with a camera that missed its trigger.
+            self._pacer.delivered(now)
+            self._count("underruns")
+            self._advance()
+            return self._frame(None, error="camera_timeout", container_id=cid, index=k, timestamp=now)
+        if self._pacer.delivered(now):
+            self._count("underruns")
+            if self.stats.get("underruns") == 1:
+                log.warning("%s: rendering (%.0f ms/container) cannot keep the line rate", self.name, self.render_ms)
+        self._advance()
+        return self._frame(px, container_id=cid, index=k, timestamp=now)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+        super().close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image folder
+
+
+def _group_ids(groups: list[list[str]]) -> list[str]:
+    """Container ids for groups of file stems: simulator files c000123_f0.png ... give c000123."""
+    ids = []
+    for stems in groups:
+        prefix = stems[0]
+        for s in stems[1:]:
+            n = 0
+            while n < min(len(prefix), len(s)) and prefix[n] == s[n]:
+                n += 1
+            prefix = prefix[:n]
+        ids.append(re.sub(r"[_\-.]?f?\d*$", "", prefix) if len(stems) > 1 else stems[0])
+    if all(ids) and len(set(ids)) == len(ids):
+        return ids
+    # Names like img0000, img0001 share no per-group prefix: the first file's name is unique in the folder.
+    return [stems[0] for stems in groups]
+
+
+class FolderSource(Source):
+    """Image files in name order; each K consecutive files are one container."""
+
+    def __init__(self, uri: str, frames_per_container: int, path: str, opts: _Opts) -> None:
+        super().__init__(uri, frames_per_container)
+        self.loop = opts.get("loop", _as_bool, False)
+        pacer = _Pacer(opts.get("rate", float, 0.0), frames_per_container)
+        opts.check()
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise SourceError(f"{uri}: {root} is not a folder")
+        files = self._images(root)
+        if not files and (root / "images").is_dir():  # a generated dataset: its frames live in images/
+            files = self._images(root / "images")
+        if not files:
+            raise SourceError(f"{uri}: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+        k = frames_per_container
+        if len(files) % k:
+            log.warning("%s: %d files is not a multiple of %d frames; the last container will be incomplete",
+                        uri, len(files), k)
+        self.files = files
+        self._pacer = pacer
+        self._i = 0
+        self._pass = 0
+        self._ids = _group_ids([[f.stem for f in files[g * k:(g + 1) * k]] for g in range(math.ceil(len(files) / k))])
+
+    @staticmethod
+    def _images(root: Path) -> list[Path]:
+        return sorted((p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                      key=lambda p: p.name)
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.loop and self._i >= len(self.files)
+
+    def _read(self, timeout: float) -> Frame:
+        if not self._pacer.wait(time.monotonic() + timeout):
+            return self._frame(None, error="camera_timeout")
+        if self._i >= len(self.files):  # only reached with loop
+            self._i, self._pass = 0, self._pass + 1
+        i = self._i
+        self._i += 1
+        k = self.frames_per_container
+        g = i // k
+        # Replays must not repeat ids: the assembler would take the second pass as late frames.
+        cid = self._ids[g] if self._pass == 0 else f"{self._ids[g]}~{self._pass}"
+        try:
+            px = read_gray(self.files[i])
+        except ImageError as e:
+            log.warning("%s: %s", self.name, e)
+            px, err = None, "corrupt_frame"
+        else:
+            err = None
+        f = self._frame(px, error=err, container_id=cid, index=i % k)
+        self._pacer.delivered(f.timestamp)
+        return f
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenCV: video files, local cameras, RTSP streams
+
+
+def _to_gray(img: np.ndarray) -> np.ndarray:
+    import cv2
+
+    if img.ndim == 3:
+        if img.shape[2] == 1:
+            return img[:, :, 0]
+        return cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2GRAY)
+    return img
+
+
+class VideoFileSource(Source):
+    """A video file read with OpenCV; K consecutive frames form a container. Reads one frame ahead so that
+    ``exhausted`` is exact."""
+
+    def __init__(self, uri: str, frames_per_container: int, path: str, opts: _Opts) -> None:
+        super().__init__(uri, frames_per_container)
+        import cv2
+
+        self.loop = opts.get("loop", _as_bool, False)
+        self._pacer = _Pacer(opts.get("rate", float, 0.0), frames_per_container)
+        opts.check()
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise SourceError(f"{uri}: no such video file {self.path}")
+        self._cv2 = cv2
+        self._cap = cv2.VideoCapture(str(self.path))
+        if not self._cap.isOpened():
+            raise SourceError(f"{uri}: OpenCV cannot open {self.path}")
+        self._n = 0
+        self._ahead = self._grab()
+        if self._ahead is None:
+            raise SourceError(f"{uri}: {self.path} holds no readable frame")
+
+    def _grab(self) -> np.ndarray | None:
+        ok, img = self._cap.read()
+        if (not ok or img is None) and self.loop and self._n > 0:
+            self._cap.release()
+            self._cap = self._cv2.VideoCapture(str(self.path))
+            ok, img = self._cap.read()
+        if not ok or img is None:
+            return None
+        return _to_gray(img)
+
+    @property
+    def exhausted(self) -> bool:
+        return self._ahead is None
+
+    def _read(self, timeout: float) -> Frame:
+        if not self._pacer.wait(time.monotonic() + timeout):
+            return self._frame(None, error="camera_timeout")
+        px = self._ahead
+        k = self.frames_per_container
+        cid = f"{self.path.stem}-{self._n // k:06d}"
+        f = self._frame(px, container_id=cid, index=self._n % k,
+                        error="corrupt_frame" if px is not None and px.size == 0 else None)
+        self._n += 1
+        self._ahead = self._grab()
+        self._pacer.delivered(f.timestamp)
+        return f
+
+    def close(self) -> None:
+        self._cap.release()
+        super().close()
+
+
+class LiveCaptureSource(Source):
+    """A live OpenCV stream (``camera:N``, ``rtsp://``). A reader thread keeps the driver drained, notices a lost
+    device and reconnects with backoff, so the station keeps running through a camera outage.
+
+    ``capture_factory`` (an option) builds the capture object (``read() -> (ok, img)``, ``isOpened()``,
+    ``release()``); it exists for tests and for unusual backends.
+    """
+
+    QUEUE_FRAMES = 64
+
+    def __init__(self, uri: str, frames_per_container: int, target: int | str, opts: _Opts) -> None:
+        super().__init__(uri, frames_per_container)
+        self._backoff = _Backoff(opts.get("backoff", float, 0.5), opts.get("max_backoff", float, 10.0))
+        factory = opts.get("capture_factory", lambda f: f, None)
+        open_timeout = opts.get("open_timeout", float, 10.0)
+        opts.check()
+        self._factory: Callable[[], Any] = factory or (lambda: self._cv_open(target, open_timeout))
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_FRAMES)
+        self._stop = threading.Event()
+        self._overrun = False
+        self.connected = False
+        # The first connection is made here, so that a wrong camera number or URL fails the start loudly.
+        cap = self._try_open()
+        if cap is None:
+            raise SourceError(f"{uri}: cannot open the camera/stream")
+        self.connected = True
+        self._thread = threading.Thread(target=self._run, args=(cap,), name=f"capture {uri}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _cv_open(target: int | str, open_timeout: float) -> Any:
+        import cv2
+
+        if isinstance(target, int):
+            return cv2.VideoCapture(target)
+        params: list[int] = []
+        for prop, val in (("CAP_PROP_OPEN_TIMEOUT_MSEC", open_timeout * 1e3), ("CAP_PROP_READ_TIMEOUT_MSEC", 5e3)):
+            if hasattr(cv2, prop):
+                params += [getattr(cv2, prop), int(val)]
+        return cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
+
+    def _try_open(self) -> Any | None:
+        try:
+            cap = self._factory()
+            if cap is not None and cap.isOpened():
+                return cap
+            if cap is not None:
+                cap.release()
+        except Exception as e:
+            log.warning("%s: open failed: %s", self.name, e)
+        return None
+
+    def _put(self, item: tuple) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            # The consumer is behind: drop the oldest frame and say so, because grouping by sequence is now off.
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._overrun = True
+            self._count("overruns")
+            self._queue.put_nowait(item)
+
+    def _run(self, cap: Any) -> None:
+        while not self._stop.is_set():
+            if cap is None:
+                now = time.monotonic()
+                if now < self._backoff.next_try:
+                    self._stop.wait(min(0.05, self._backoff.next_try - now))
+                    continue
+                cap = self._try_open()
+                if cap is None:
+                    self._count("reconnect_failures")
+                    self._backoff.failed(time.monotonic())
+                    continue
+                self._backoff.reset()
+                self.connected = True
+                self._count("reconnects")
+                log.info("%s: reconnected", self.name)
+            try:
+                ok, img = cap.read()
+            except Exception as e:
+                log.warning("%s: read failed: %s", self.name, e)
+                ok, img = False, None
+            t = time.monotonic()
+            if not ok or img is None:
+                log.warning("%s: camera lost; reconnecting with backoff", self.name)
+                try:
+                    cap.release()
+                except Exception:
+                    pass
+                cap = None
+                self.connected = False
+                self._count("disconnects")
+                self._backoff.failed(t)
+                self._put(("error", "camera_disconnected", t))
+                continue
+            self._put(("frame", _to_gray(np.asarray(img)), t))
+        if cap is not None:
+            cap.release()
+
+    def _read(self, timeout: float) -> Frame:
+        if self._overrun:
+            self._overrun = False
+            return self._frame(None, error="missing_frame")
+        try:
+            kind, payload, t = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return self._frame(None, error="camera_timeout" if self.connected else "camera_disconnected")
+        if kind == "error":
+            return self._frame(None, error=payload, timestamp=t)
+        return self._frame(payload, error="corrupt_frame" if payload.size == 0 else None, timestamp=t)
+
+    def close(self) -> None:
+        self._stop.set()
+        # A blocked driver read cannot be interrupted; the thread is a daemon and exits on its next return.
+        self._thread.join(timeout=2.0)
+        super().close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Basler (pypylon)
+
+
+def _import_pylon() -> Any:
+    try:
+        from pypylon import pylon
+    except ImportError as e:
+        raise SourceError("basler:// needs the optional package pypylon (pip install pypylon)") from e
+    return pylon
+
+
+class BaslerSource(Source):
+    """A Basler camera through pypylon, free-running or externally triggered as configured on the camera.
+
+    Options: ``exposure_us``, ``gain``, ``pixel_format`` (Mono8, Mono12, ...), ``fps`` (frame-rate limit),
+    ``buffers`` (driver buffers), ``image_folder`` (camera emulator only: replay these images),
+    ``backoff``/``max_backoff`` (reconnect delays, seconds).
+    """
+
+    def __init__(self, uri: str, frames_per_container: int, device: str, opts: _Opts) -> None:
+        super().__init__(uri, frames_per_container)
+        self._pylon = _import_pylon()
+        self.device = device
+        self.settings = {
+            "exposure_us": opts.get("exposure_us", float, None),
+            "gain": opts.get("gain", float, None),
+            "pixel_format": opts.get("pixel_format", str, None),
+            "fps": opts.get("fps", float, None),
+            "buffers": opts.get("buffers", int, None),
+            "image_folder": opts.get("image_folder", str, None),
+        }
+        self._backoff = _Backoff(opts.get("backoff", float, 0.5), opts.get("max_backoff", float, 10.0))
+        opts.check()
+        self._cam: Any = None
+        self._connect()  # fail the start loudly when the camera is not there
+
+    def _find(self) -> Any:
+        pylon = self._pylon
+        tl = pylon.TlFactory.GetInstance()
+        devices = list(tl.EnumerateDevices())
+        if not devices:
+            raise SourceError(f"{self.name}: no Basler camera found")
+        d = self.device
+        if not d:
+            return tl.CreateDevice(devices[0])
+        if d.isdigit() and len(d) <= 2:  # serial numbers are longer; a short number is an index
+            if int(d) >= len(devices):
+                raise SourceError(f"{self.name}: camera index {d} but only {len(devices)} camera(s)")
+            return tl.CreateDevice(devices[int(d)])
+        for info in devices:
+            if info.GetSerialNumber() == d or info.GetUserDefinedName() == d:
+                return tl.CreateDevice(info)
+        found = ", ".join(i.GetSerialNumber() for i in devices)
+        raise SourceError(f"{self.name}: no camera with serial or name {d!r} (found: {found})")
+
+    def _set(self, names: tuple[str, ...], value: Any) -> None:
+        for n in names:
+            try:
+                getattr(self._cam, n).Value = value
+                return
+            except Exception:
+                continue
+        log.warning("%s: camera has no writable %s", self.name, "/".join(names))
+
+    def _connect(self) -> None:
+        pylon = self._pylon
+        cam = pylon.InstantCamera(self._find())
+        cam.Open()
+        self._cam = cam
+        s = self.settings
+        try:
+            if s["image_folder"]:
+                self._set(("TestImageSelector",), "Off")
+                self._set(("ImageFileMode",), "On")
+                self._set(("ImageFilename",), str(Path(s["image_folder"]).expanduser()))
+            if s["pixel_format"]:
+                self._set(("PixelFormat",), s["pixel_format"])
+            if s["exposure_us"] is not None:
+                self._set(("ExposureTime", "ExposureTimeAbs"), s["exposure_us"])
+            if s["gain"] is not None:
+                self._set(("Gain", "GainAbs"), s["gain"])
+            if s["fps"] is not None:
+                self._set(("AcquisitionFrameRateEnable",), True)
+                self._set(("AcquisitionFrameRate", "AcquisitionFrameRateAbs"), s["fps"])
+            if s["buffers"] is not None:
+                cam.MaxNumBuffer.Value = s["buffers"]
+            # One by one: every frame of a unit matters, a "latest image only" strategy would skip some silently.
+            cam.StartGrabbing(pylon.GrabStrategy_OneByOne)
+        except Exception:
+            self._drop_camera()
+            raise
+
+    def _drop_camera(self) -> None:
+        cam, self._cam = self._cam, None
+        if cam is None:
+            return
+        for call in (cam.StopGrabbing, cam.Close):
+            try:
+                call()
+            except Exception:
+                pass
+
+    def _grab(self, timeout_ms: int) -> Any:
+        return self._cam.RetrieveResult(timeout_ms, self._pylon.TimeoutHandling_Return)
+
+    def _read(self, timeout: float) -> Frame:
+        if self._cam is None:
+            now = time.monotonic()
+            if now < self._backoff.next_try:
+                time.sleep(min(timeout, self._backoff.next_try - now))
+                return self._frame(None, error="camera_disconnected")
+            try:
+                self._connect()
+            except Exception as e:
+                log.warning("%s: reconnect failed: %s", self.name, e)
+                self._count("reconnect_failures")
+                self._backoff.failed(time.monotonic())
+                return self._frame(None, error="camera_disconnected")
+            self._backoff.reset()
+            self._count("reconnects")
+            log.info("%s: reconnected", self.name)
+        try:
+            res = self._grab(max(1, int(timeout * 1000)))
+        except Exception as e:
+            return self._lost(e)
+        if res is None or not res.IsValid():
+            if self._cam.IsCameraDeviceRemoved():
+                return self._lost(None)
+            return self._frame(None, error="camera_timeout")
+        try:
+            if not res.GrabSucceeded():
+                log.warning("%s: grab failed: %s", self.name, res.GetErrorDescription())
+                return self._frame(None, error="corrupt_frame")
+            px = _to_gray(np.array(res.GetArray(), copy=True))
+        finally:
+            res.Release()
+        return self._frame(px, error="corrupt_frame" if px.size == 0 else None)
+
+    def _lost(self, e: Exception | None) -> Frame:
+        log.warning("%s: camera lost (%s); reconnecting with backoff", self.name, e or "device removed")
+        self._drop_camera()
+        self._count("disconnects")
+        self._backoff.failed(time.monotonic())
+        return self._frame(None, error="camera_disconnected")
+
+    def close(self) -> None:
+        self._drop_camera()
+        super().close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def open_source(uri: str, frames_per_container: int, **opts: Any) -> Source:
+    """Open the frame source named by ``uri`` (see the module docstring); keyword options override the query."""
+    uri = uri.strip()
+    if uri.startswith("sim://"):
+        parts = urlsplit(uri)
+        if parts.netloc or parts.path.strip("/"):
+            raise SourceError(f"{uri}: sim:// takes options only, e.g. sim://?rate=600&seed=1")
+        o = _Opts(uri, {**dict(parse_qsl(parts.query, keep_blank_values=True)), **opts})
+        return SimSource(uri, frames_per_container, o)
+    if uri.startswith("folder:"):
+        path, q = _split_query(uri[len("folder:"):])
+        return FolderSource(uri, frames_per_container, path, _Opts(uri, {**q, **opts}))
+    if uri.startswith("camera:"):
+        dev, q = _split_query(uri[len("camera:"):])
+        if not dev.isdigit():
+            raise SourceError(f"{uri}: camera:N wants a device number")
+        return LiveCaptureSource(uri, frames_per_container, int(dev), _Opts(uri, {**q, **opts}))
+    if uri.startswith(("rtsp://", "rtsps://")):
+        return LiveCaptureSource(uri, frames_per_container, uri, _Opts(uri, dict(opts)))
+    if uri.startswith("basler://"):
+        dev, q = _split_query(uri[len("basler://"):])
+        return BaslerSource(uri, frames_per_container, dev.strip("/"), _Opts(uri, {**q, **opts}))
+    if uri.startswith("file:"):
+        path, q = _split_query(uri[len("file:"):])
+        return VideoFileSource(uri, frames_per_container, path, _Opts(uri, {**q, **opts}))
+    path, q = _split_query(uri)
+    if Path(path).suffix.lower() in VIDEO_SUFFIXES:
+        return VideoFileSource(uri, frames_per_container, path, _Opts(uri, {**q, **opts}))
+    raise SourceError(f"unknown frame source {uri!r}; use sim://, folder:PATH, file:PATH, a video path, camera:N, "
+                      "rtsp://... or basler://")

@@ -1,0 +1,196 @@
+"""`vialinspect station`: wire recipe, model, source, store and line output; run until done or stopped.
+
+Clean shutdown on SIGINT or SIGTERM: acquisition stops, units already taken in are decided and recorded,
+units still being assembled are rejected (``not_inspected:shutdown``), then store and line close.
+A restarted station resumes after the last recorded unit (``start=`` for ``sim://``), so no unit is
+recorded twice.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.package import load_package
+from vision.preprocess import InputSpec
+from vision.runtime import OnnxModel
+
+from .line import LogLineOutput, OpcUaLineOutput
+from .pipeline import LoadedModel, ModelSlot, Pipeline
+from .recipe import Recipe, load_recipe
+from .sources import open_source
+from .stats import StationStats, prometheus_text, status_line
+from .store import RecordStore
+
+log = logging.getLogger("vialinspect.station")
+
+
+@dataclass
+class StationOptions:
+    recipe: Path
+    source: str
+    store: Path
+    max_containers: int | None = None
+    duration_s: float | None = None
+    line: str = "log"  # "log", "log:PATH", "none" or an opc.tcp:// endpoint
+    metrics_port: int | None = None  # Prometheus text endpoint on 127.0.0.1
+    device: str = "auto"
+    threads: int | None = None
+    status_every_s: float = 1.0
+    quiet: bool = False
+
+
+def load_model(path: Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
+    pkg = load_package(path)
+    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
+    runner = OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill", True)),
+                       device=device, threads=threads)
+    return LoadedModel(runner=runner, version=pkg.version_id, thresholds=pkg.thresholds)
+
+
+def open_line(spec: str, store_dir: Path):
+    if spec.startswith("opc.tcp://"):
+        return OpcUaLineOutput(spec)
+    if spec == "none":
+        return LogLineOutput(open("/dev/null", "w"))  # noqa: SIM115 - closed by the output
+    if spec.startswith("log:"):
+        return LogLineOutput(Path(spec[4:]))
+    return LogLineOutput(store_dir / "line.jsonl")
+
+
+class MetricsServer:
+    """Prometheus text format on 127.0.0.1 only: the station's figures never leave the machine by default."""
+
+    def __init__(self, port: int, stats: StationStats):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                if self.path.rstrip("/") not in ("/metrics", ""):
+                    self.send_error(404)
+                    return
+                body = prometheus_text(stats.snapshot()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _source_uri(uri: str, recipe: Recipe, start: int) -> str:
+    """Resume a simulated line after the last recorded unit unless the URI says where to start."""
+    if uri.startswith("sim://") and "start=" not in uri:
+        sep = "&" if "?" in uri else "?"
+        uri = f"{uri}{sep}start={start}"
+        if "formats=" not in uri and recipe.format:
+            uri += f"&formats={recipe.format}"
+        if "frames=" not in uri:
+            uri += f"&frames={recipe.frames}"
+    return uri
+
+
+def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
+    recipe = load_recipe(opts.recipe, check_model=True)
+    model = load_model(Path(recipe.model), opts.device, opts.threads)
+    store = RecordStore(opts.store, sample_accepted=recipe.sample_accepted, min_free_mb=recipe.min_free_mb)
+    last = store.last_sequence()
+    start = 0 if last is None else last + 1
+    source = open_source(_source_uri(opts.source, recipe, start), recipe.frames)
+    line = open_line(opts.line, Path(opts.store))
+    stats = StationStats()
+    stats.set(provider=model.runner.status.provider, fallback=model.runner.status.fallback,
+              model_version=model.version)
+    if model.runner.status.fallback:
+        print_fn(f"warning: inference runs on the CPU: {model.runner.status.reason}")
+    metrics = MetricsServer(opts.metrics_port, stats) if opts.metrics_port is not None else None
+    spec = model.runner.spec
+    if recipe.frame_size:
+        model.runner.warm_up(*_padded(recipe.frame_size, spec))
+    pipe = Pipeline(source, recipe, ModelSlot(model), store, line, stats, start_sequence=start,
+                    max_containers=opts.max_containers)
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not stopping.is_set():
+            print_fn(f"\n{signal.Signals(signum).name}: stopping (draining and recording units in flight)")
+        stopping.set()
+        pipe.request_stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
+    t0 = time.monotonic()
+    print_fn(f"station: recipe {recipe.name}, model {model.version} on {model.runner.status.provider}, source "
+             f"{opts.source}, store {opts.store} (resuming at unit {start})"
+             + (f", metrics http://127.0.0.1:{metrics.port}/metrics" if metrics else ""))
+    pipe.start()
+    tty = sys.stdout.isatty()
+    last_print = 0.0
+    try:
+        while pipe.running:
+            time.sleep(0.1)
+            if opts.duration_s is not None and time.monotonic() - t0 >= opts.duration_s:
+                pipe.request_stop()
+            heartbeat = {"state": "alarm" if pipe.alarm else ("stopping" if pipe.stop_event.is_set() else "running"),
+                         "fallback": model.runner.status.fallback}
+            if time.monotonic() - last_print >= opts.status_every_s:
+                last_print = time.monotonic()
+                line.heartbeat(heartbeat)
+                if not opts.quiet:
+                    text = status_line(stats.snapshot())
+                    print_fn(("\r" + text) if tty else text, **({"end": "", "flush": True} if tty else {}))
+        pipe.join()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        source.close()
+        line.close()
+        store.close()
+        if metrics:
+            metrics.close()
+    snap = stats.snapshot()
+    snap.update(alarm=pipe.alarm, errors=pipe.errors, resumed_at=start, store=str(opts.store), recipe=recipe.name,
+                model_version=model.version, provider=model.runner.status.provider,
+                fallback=model.runner.status.fallback, wall_s=time.monotonic() - t0)
+    if tty and not opts.quiet:
+        print_fn("")
+    return snap
+
+
+def _padded(frame_size, spec: InputSpec) -> tuple[int, int]:
+    w, h = frame_size
+    m = spec.pad_multiple
+    return -(-h // m) * m, -(-w // m) * m
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    lines = [f"station summary: {s['containers']} units in {s['wall_s']:.1f} s "
+             f"({s['containers_per_min_overall']:.0f}/min), rejected {s['rejected']} "
+             f"({100 * s['reject_rate']:.1f}%), not inspected {s['not_inspected']}",
+             f"  reasons: {json.dumps(s['reasons'], sort_keys=True)}",
+             f"  latency p50 {s.get('latency_p50_ms') or 0:.1f} ms, p99 {s.get('latency_p99_ms') or 0:.1f} ms; "
+             f"model {s['model_version']} on {s['provider']}{' (fallback)' if s['fallback'] else ''}"]
+    acc = s.get("live_accuracy")
+    if acc:
+        lines.append(f"  live accuracy (simulated truth): false-reject rate {acc['false_reject_rate']}, "
+                     f"defect recall {acc['defect_recall']}, by class {acc['recall_by_class']}")
+    if s.get("alarm"):
+        lines.append(f"  ALARM: {s['alarm']}")
+    return "\n".join(lines)

@@ -1,0 +1,611 @@
+"""The record store: one row per decided container, and the frames of flagged (and audit-sampled) units.
+
+Layout of a store directory::
+
+    STORE/records.sqlite            decisions, one row per container (SQLite, WAL, synchronous=FULL)
+    STORE/frames/<name>/f<k>.png    lossless frames of every rejected unit and of the accepted audit sample
+    STORE/maps/<name>.npz           the model's localisation maps of those units (when given)
+    STORE/.writer.lock              held (flock) by the one process that records into the store
+
+``<name>`` is the container id when that is a plain file name, else ``_`` + a hash of the id; the row keeps
+it in ``frames_dir``.
+
+Crash safety (a crash or ``kill -9`` at any moment loses nothing decided and records nothing twice):
+frames go to a temporary folder, are fsynced and renamed into place (maps likewise), and only then is the
+row inserted in one transaction. The row is the commit point: a container whose row exists is complete,
+and files without a row are debris of an interrupted ``record`` that the next writer removes on open.
+Rows are append-only (triggers refuse UPDATE and DELETE): review verdicts are kept elsewhere, so an
+earlier entry is never obscured (21 CFR 11.10(e)).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasets.imageio import write_png
+
+from .types import Container, Decision
+
+try:  # POSIX: the kernel drops the lock when the holder dies, even by SIGKILL
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no single-writer guard
+    fcntl = None  # type: ignore[assignment]
+
+SCHEMA_VERSION = 1
+DB_NAME = "records.sqlite"
+FRAMES_DIR, MAPS_DIR = "frames", "maps"
+LOCK_NAME = ".writer.lock"
+TMP_PREFIX = ".tmp-"  # cannot clash with a frames folder name: those start with a letter, digit or "_"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PAGE = 256  # rows per query in iter_decisions, so no read transaction stays open between yields
+
+_SCHEMA = f"""
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION});
+CREATE TABLE decisions (
+    container_id     TEXT PRIMARY KEY NOT NULL,
+    sequence         INTEGER NOT NULL,
+    decided_at       REAL NOT NULL,       -- unix seconds (UTC)
+    decided_at_utc   TEXT NOT NULL,       -- the same instant, ISO 8601, for people and exports
+    recorded_at_utc  TEXT NOT NULL,       -- when this row was written
+    recipe           TEXT NOT NULL,
+    model_version    TEXT,
+    accept           INTEGER NOT NULL CHECK (accept IN (0, 1)),
+    reasons          TEXT NOT NULL,       -- JSON list
+    scores           TEXT NOT NULL,       -- JSON object
+    thresholds       TEXT NOT NULL,       -- JSON object
+    fill_height_mm   REAL,
+    timings_ms       TEXT NOT NULL,       -- JSON object
+    provider         TEXT,
+    truth            TEXT,                -- JSON, simulated units only
+    format           TEXT,
+    kept             TEXT,                -- why frames were kept: 'flagged', 'sample' or NULL (none kept)
+    frames_dir       TEXT,                -- folder under frames/ when frames were kept
+    frames           TEXT NOT NULL,       -- JSON list, one entry per frame: file name, or null (no pixels)
+    has_maps         INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX decisions_sequence ON decisions (sequence);
+CREATE INDEX decisions_decided_at ON decisions (decided_at);
+CREATE INDEX decisions_frames_dir ON decisions (frames_dir) WHERE frames_dir IS NOT NULL;
+CREATE TRIGGER decisions_no_update BEFORE UPDATE ON decisions
+BEGIN SELECT RAISE(ABORT, 'decision records are append-only'); END;
+CREATE TRIGGER decisions_no_delete BEFORE DELETE ON decisions
+BEGIN SELECT RAISE(ABORT, 'decision records are append-only'); END;
+"""
+
+_COLUMNS = (
+    "container_id", "sequence", "decided_at", "decided_at_utc", "recorded_at_utc", "recipe", "model_version",
+    "accept", "reasons", "scores", "thresholds", "fill_height_mm", "timings_ms", "provider", "truth", "format",
+    "kept", "frames_dir", "frames", "has_maps",
+)
+_JSON_COLUMNS = ("reasons", "scores", "thresholds", "timings_ms", "truth", "frames")
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used: not a store, a newer schema, already being written, closed."""
+
+
+class DiskFullError(StoreError):
+    """Too little free space to keep a record; nothing of the unit was written."""
+
+
+def audit_sampled(container_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether an accepted unit belongs to the audit sample.
+
+    A hash of the id, not random state, decides: the same unit is sampled whichever process records it, in
+    whatever order, and a restart does not change the sample.
+    """
+    if fraction <= 0.0:
+        return False
+    h = hashlib.sha256(f"{seed}:{container_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < fraction
+
+
+def frames_dir_name(container_id: str) -> str:
+    if _SAFE_NAME.fullmatch(container_id) and container_id not in (".", ".."):
+        return container_id
+    return "_" + hashlib.sha256(container_id.encode()).hexdigest()[:32]
+
+
+def _utc_iso(t: float) -> str:
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _to_json(value: Any) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        return repr(o)  # a record must never fail on an odd value in an audit field
+
+    return json.dumps(value, default=default, sort_keys=True)
+
+
+def _as_unix(t: float | datetime | str | None) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, str):
+        t = datetime.fromisoformat(t)
+    if isinstance(t, datetime):
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=UTC)
+        return t.timestamp()
+    return float(t)
+
+
+def _fsync_path(path: Path) -> None:
+    if os.name != "posix" and path.is_dir():  # pragma: no cover - directories cannot be fsynced there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorcode", None) == 13 or "disk is full" in str(e)  # SQLITE_FULL
+    return False
+
+
+class RecordStore:
+    """The station's record of every decision; see the module docstring for the layout and write order.
+
+    One process records (``readonly=False``, the default; it takes an exclusive lock on the store and
+    cleans up after a crash on open); any number of others may read (``readonly=True``, e.g. the review app).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        sample_accepted: float = 0.0,
+        min_free_mb: float = 200.0,
+        seed: int = 0,
+        *,
+        readonly: bool = False,
+        disk_usage: Callable[[Path], Any] = shutil.disk_usage,
+    ) -> None:
+        if not 0.0 <= sample_accepted <= 1.0:
+            raise ValueError(f"sample_accepted must be within 0..1, got {sample_accepted}")
+        if not min_free_mb >= 0.0:
+            raise ValueError(f"min_free_mb must be >= 0, got {min_free_mb}")
+        self.path = Path(path)
+        self.sample_accepted = float(sample_accepted)
+        self.min_free_mb = float(min_free_mb)
+        self.seed = int(seed)
+        self.readonly = readonly
+        self._disk_usage = disk_usage
+        self._db = self.path / DB_NAME
+        self._frames = self.path / FRAMES_DIR
+        self._maps = self.path / MAPS_DIR
+        # Threads: `record` uses one writer connection behind `_write_lock` (one recording thread, but close()
+        # may come from another). Queries use one read-only connection per thread: in WAL mode they read a
+        # committed snapshot concurrently, so a slow review query never holds up the recording thread, and
+        # no connection is ever shared between threads mid-query.
+        self._write_lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._lock_fh = None
+        self._closed = False
+        self.cleaned_up: list[str] = []  # what the opening writer removed (debris of an interrupted record)
+        if readonly:
+            if not self._db.is_file():
+                raise StoreError(f"{self.path}: no record store here ({DB_NAME} missing)")
+            self._check_schema(self._reader())
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._frames.mkdir(exist_ok=True)
+            self._maps.mkdir(exist_ok=True)
+            self._take_writer_lock()
+            self._writer = self._connect(readonly=False)
+            self._init_schema(self._writer)
+            self.cleaned_up = self._cleanup()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- opening -------------------------------------------------------------------------------------------
+
+    def _take_writer_lock(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        fh = open(self.path / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise StoreError(
+                f"{self.path}: already open for recording by another process or store object; "
+                "only one station may record into a store (open it with readonly=True to read)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._lock_fh = fh
+
+    def _connect(self, readonly: bool) -> sqlite3.Connection:
+        try:
+            if readonly and self.readonly:
+                conn = sqlite3.connect(self._db.resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0,
+                                       isolation_level=None, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self._db, timeout=30.0, isolation_level=None, check_same_thread=False)
+            if readonly:
+                conn.execute("PRAGMA query_only=ON")
+            else:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    conn.close()
+                    raise StoreError(f"{self._db}: cannot switch to WAL mode (got {mode!r})")
+                # FULL: a commit is on disk when execute() returns, so the row really is the commit point.
+                conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as e:
+            raise StoreError(f"{self._db}: cannot open ({e})") from None
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> bool:
+        """True when the schema exists and is ours; False for an empty database; raise otherwise."""
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                return False
+            if "schema_version" not in tables or "decisions" not in tables:
+                raise StoreError(f"{self._db}: not a vialinspect record store (tables: {sorted(tables)})")
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self._db}: not a readable SQLite database ({e})") from None
+        version = row[0]
+        if version is None:
+            raise StoreError(f"{self._db}: schema_version is empty; not a complete record store")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self._db}: written by a newer vialinspect (store schema {version}, this version reads up to "
+                f"{SCHEMA_VERSION}); upgrade vialinspect to open it"
+            )
+        if version < SCHEMA_VERSION:  # pragma: no cover - no older schema exists yet; migrations go here
+            raise StoreError(f"{self._db}: store schema {version} needs a migration to {SCHEMA_VERSION}")
+        return True
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        if self._check_schema(conn):
+            return
+        try:
+            conn.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + "\nCOMMIT;")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"{self._db}: cannot create the schema ({e})") from None
+
+    def _cleanup(self) -> list[str]:
+        """Remove temporary files and kept-frame files without a row: debris of an interrupted ``record``.
+
+        Safe only for the writer (it holds the lock, so no ``record`` is in flight anywhere). Cost grows with
+        the number of kept units: one directory listing and one indexed query per 500 entries.
+        """
+        removed: list[str] = []
+        assert self._writer is not None
+        for folder, suffix in ((self._frames, ""), (self._maps, ".npz")):
+            candidates: dict[str, Path] = {}
+            for entry in os.scandir(folder):
+                p = Path(entry.path)
+                if entry.name.startswith(TMP_PREFIX):
+                    _remove(p)
+                    removed.append(f"{folder.name}/{entry.name}")
+                elif suffix == "" and entry.is_dir(follow_symlinks=False):
+                    candidates[entry.name] = p
+                elif suffix and entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
+                    candidates[entry.name[: -len(suffix)]] = p
+            names = list(candidates)
+            for i in range(0, len(names), 500):
+                chunk = names[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                known = {r[0] for r in self._writer.execute(
+                    f"SELECT frames_dir FROM decisions WHERE frames_dir IN ({marks})", chunk)}
+                for name in chunk:
+                    if name not in known:
+                        _remove(candidates[name])
+                        removed.append(f"{folder.name}/{candidates[name].name}")
+        if removed:
+            _fsync_path(self._frames)
+            _fsync_path(self._maps)
+        return removed
+
+    # ---- recording -----------------------------------------------------------------------------------------
+
+    def is_sampled(self, container_id: str) -> bool:
+        """Whether an accepted unit's frames are kept for audit (deterministic in the id and ``seed``)."""
+        return audit_sampled(container_id, self.sample_accepted, self.seed)
+
+    def free_space_ok(self) -> bool:
+        try:
+            free = self._disk_usage(self.path).free
+        except OSError:
+            return False  # cannot tell whether the record would fit: treat as full (any doubt stops)
+        return free / 2**20 >= self.min_free_mb
+
+    def record(self, decision: Decision, container: Container, maps: np.ndarray | None = None) -> bool:
+        """Record a decided unit; True when recorded now, False when it was already recorded (nothing written).
+
+        Raises ``DiskFullError`` before writing anything when free space is below ``min_free_mb`` (or when the
+        disk fills up mid-way; what was written is then removed), so the caller can reject the unit as
+        ``not_inspected:disk_full``. When this returns True the record is durable.
+        """
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only; cannot record")
+        if decision.container_id != container.id:
+            raise ValueError(f"decision is for {decision.container_id!r} but the container is {container.id!r}")
+        with self._write_lock:
+            conn = self._writer_conn()
+            cid = decision.container_id
+            if conn.execute("SELECT 1 FROM decisions WHERE container_id = ?", (cid,)).fetchone():
+                return False  # re-delivered after a restart: the first record stands
+            if not self.free_space_ok():
+                raise DiskFullError(
+                    f"{self.path}: less than {self.min_free_mb:g} MB free; container {cid!r} was not recorded"
+                )
+            kept = "flagged" if not decision.accept else ("sample" if self.is_sampled(cid) else None)
+            name = frames_dir_name(cid) if kept else None
+            try:
+                files: list[str | None] = []
+                has_maps = False
+                if name is not None:
+                    files = self._write_frames(name, container)
+                    if maps is not None:
+                        self._write_maps(name, maps)
+                        has_maps = True
+                else:
+                    files = [None] * len(container.frames)
+                self._insert(conn, decision, container, kept, name, files, has_maps)
+            except BaseException as e:
+                if name is not None:
+                    self._discard(name)
+                if _is_disk_full(e):
+                    raise DiskFullError(f"{self.path}: disk full while recording {cid!r}; nothing kept ({e})") from e
+                raise
+            return True
+
+    def _writer_conn(self) -> sqlite3.Connection:
+        if self._closed or self._writer is None:
+            raise StoreError(f"{self.path}: store is closed")
+        return self._writer
+
+    def _write_frames(self, name: str, container: Container) -> list[str | None]:
+        tmp = self._frames / f"{TMP_PREFIX}{name}"
+        _remove(tmp)
+        tmp.mkdir()
+        files: list[str | None] = []
+        for k, frame in enumerate(container.frames):
+            files.append(None if frame.pixels is None else _write_frame(tmp, k, frame.pixels))
+        _fsync_path(tmp)
+        final = self._frames / name
+        _remove(final)  # debris of an earlier failed attempt at this unit (no row exists, checked)
+        os.rename(tmp, final)
+        _fsync_path(self._frames)
+        return files
+
+    def _write_maps(self, name: str, maps: np.ndarray) -> None:
+        tmp = self._maps / f"{TMP_PREFIX}{name}.npz"
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, maps=np.asarray(maps))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._maps / f"{name}.npz")
+        _fsync_path(self._maps)
+
+    def _discard(self, name: str) -> None:
+        for p in (self._frames / f"{TMP_PREFIX}{name}", self._frames / name,
+                  self._maps / f"{TMP_PREFIX}{name}.npz", self._maps / f"{name}.npz"):
+            try:
+                _remove(p)
+            except OSError:
+                pass  # the next open cleans up whatever is left
+
+    def _insert(self, conn: sqlite3.Connection, d: Decision, c: Container, kept: str | None, name: str | None,
+                files: list[str | None], has_maps: bool) -> None:
+        now = time.time()
+        # An unset decision time (0) would file the unit in 1970; the recording time is the closest truth.
+        decided_at = d.decided_at if d.decided_at and math.isfinite(d.decided_at) and d.decided_at > 0 else now
+        fill = d.fill_height_mm if d.fill_height_mm is not None and math.isfinite(d.fill_height_mm) else None
+        values = (
+            d.container_id, int(d.sequence), float(decided_at), _utc_iso(decided_at), _utc_iso(now), d.recipe,
+            d.model_version, int(bool(d.accept)), _to_json(list(d.reasons)), _to_json(d.scores),
+            _to_json(d.thresholds), fill, _to_json(d.timings_ms), d.provider,
+            None if d.truth is None else _to_json(d.truth), c.format, kept, name, _to_json(files), int(has_maps),
+        )
+        # One INSERT in autocommit mode is one transaction; with synchronous=FULL it is durable on return.
+        conn.execute(f"INSERT INTO decisions ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})",
+                     values)
+
+    # ---- queries (any thread) ------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError(f"{self.path}: store is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect(readonly=True)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def get(self, container_id: str) -> dict[str, Any] | None:
+        row = self._reader().execute("SELECT * FROM decisions WHERE container_id = ?", (container_id,)).fetchone()
+        return None if row is None else _row_dict(row)
+
+    def count(self) -> int:
+        return int(self._reader().execute("SELECT COUNT(*) FROM decisions").fetchone()[0])
+
+    def last_sequence(self) -> int | None:
+        """The highest sequence recorded (a restarted station resumes after it), or None for an empty store."""
+        v = self._reader().execute("SELECT MAX(sequence) FROM decisions").fetchone()[0]
+        return None if v is None else int(v)
+
+    def iter_decisions(
+        self,
+        since: float | datetime | str | None = None,
+        until: float | datetime | str | None = None,
+        flagged_only: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Records in recording order; ``since`` inclusive, ``until`` exclusive (unix seconds, datetime or ISO).
+
+        Rows are fetched a page at a time, so the generator may be consumed slowly without holding a read
+        transaction open (which would keep the WAL from being checkpointed).
+        """
+        where, args = ["rowid > ?"], []
+        t0, t1 = _as_unix(since), _as_unix(until)
+        if t0 is not None:
+            where.append("decided_at >= ?")
+            args.append(t0)
+        if t1 is not None:
+            where.append("decided_at < ?")
+            args.append(t1)
+        if flagged_only:
+            where.append("accept = 0")
+        sql = f"SELECT rowid AS _rowid, * FROM decisions WHERE {' AND '.join(where)} ORDER BY rowid LIMIT ?"
+        last, left = 0, limit
+        while left is None or left > 0:
+            page = _PAGE if left is None else min(_PAGE, left)
+            rows = self._reader().execute(sql, (last, *args, page)).fetchall()
+            for row in rows:
+                d = _row_dict(row)
+                last = d.pop("_rowid")
+                yield d
+            if left is not None:
+                left -= len(rows)
+            if len(rows) < page:
+                return
+
+    def frame_paths(self, container_id: str) -> list[Path]:
+        """Kept frames of a unit, in frame order (frames that had no pixels are skipped); [] if none kept."""
+        rec = self.get(container_id)
+        if rec is None or rec["frames_dir"] is None:
+            return []
+        folder = self._frames / rec["frames_dir"]
+        return [folder / f for f in rec["frames"] if f is not None]
+
+    def maps_path(self, container_id: str) -> Path | None:
+        rec = self.get(container_id)
+        if rec is None or not rec["has_maps"]:
+            return None
+        return self._maps / f"{rec['frames_dir']}.npz"
+
+    def stats(self, since: float | datetime | str | None = None,
+              until: float | datetime | str | None = None) -> dict[str, Any]:
+        """Counts: total, accepted, rejected, not_inspected, and rejections per reason."""
+        where, args = ["1"], []
+        t0, t1 = _as_unix(since), _as_unix(until)
+        if t0 is not None:
+            where.append("decided_at >= ?")
+            args.append(t0)
+        if t1 is not None:
+            where.append("decided_at < ?")
+            args.append(t1)
+        w = " AND ".join(where)
+        conn = self._reader()
+        total, accepted = conn.execute(f"SELECT COUNT(*), COALESCE(SUM(accept), 0) FROM decisions WHERE {w}",
+                                       args).fetchone()
+        per_reason = {
+            r[0]: int(r[1])
+            for r in conn.execute(
+                f"SELECT j.value, COUNT(*) FROM decisions, json_each(decisions.reasons) AS j "
+                f"WHERE accept = 0 AND {w} GROUP BY j.value ORDER BY j.value", args)
+        }
+        not_inspected = conn.execute(
+            f"SELECT COUNT(*) FROM decisions WHERE accept = 0 AND {w} AND EXISTS "
+            f"(SELECT 1 FROM json_each(decisions.reasons) AS j WHERE j.value LIKE 'not_inspected:%')", args
+        ).fetchone()[0]
+        return {
+            "total": int(total),
+            "accepted": int(accepted),
+            "rejected": int(total) - int(accepted),
+            "not_inspected": int(not_inspected),
+            "reasons": per_reason,
+        }
+
+    # ---- closing -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._write_lock:
+            self._closed = True
+            with self._readers_lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            if self._lock_fh is not None:
+                self._lock_fh.close()  # releases the flock
+                self._lock_fh = None
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_frame(folder: Path, k: int, pixels: np.ndarray) -> str | None:
+    px = np.asarray(pixels)
+    png_shape = px.ndim == 2 or (px.ndim == 3 and px.shape[2] in (1, 3, 4))
+    # Not an image a PNG holds (float, odd shape): kept exactly as .npy, since such frames are often the
+    # very evidence of why the unit was rejected (wrong_size, corrupt_frame).
+    name = f"f{k}.png" if px.size and px.dtype in (np.uint8, np.uint16) and png_shape else f"f{k}.npy"
+    try:
+        if name.endswith(".png"):
+            write_png(folder / name, px)
+        else:
+            np.save(folder / name, px, allow_pickle=False)
+    except OSError:
+        raise
+    except Exception:
+        # Evidence that cannot be encoded at all (object arrays, ...) must not cost the unit its record.
+        _remove(folder / name)
+        return None
+    _fsync_path(folder / name)
+    return name
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def _row_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for k in _JSON_COLUMNS:
+        if d.get(k) is not None:
+            d[k] = json.loads(d[k])
+    d["accept"] = bool(d["accept"])
+    d["has_maps"] = bool(d["has_maps"])
+    return d

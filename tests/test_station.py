@@ -1,0 +1,270 @@
+"""The inline station: every not-inspected cause rejects (none accepts), crash and restart, metrics, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline
+from inspection_station.recipe import Recipe
+from inspection_station.sources import Source
+from inspection_station.stats import StationStats
+from inspection_station.store import RecordStore
+from inspection_station.types import NOT_INSPECTED_CAUSES
+from vision.preprocess import InputSpec
+from vision.scores import Scores
+
+K = 2
+SIZE = (32, 64)  # width, height
+
+
+class ListSource(Source):
+    """Frames scripted by the test: (delay_s, container_id, index, pixels or None, error)."""
+
+    def __init__(self, script):
+        super().__init__("test://", K)
+        self.script = list(script)
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.script
+
+    def _read(self, timeout):
+        delay, cid, idx, px, err = self.script.pop(0)
+        time.sleep(delay)
+        return self._frame(px, error=err, container_id=cid, index=idx)
+
+
+class FakeRunner:
+    """Stands in for the ONNX model: scores from a function of the frames; can fail or be slow."""
+
+    def __init__(self, particle=0.1, fail=False, sleep=0.0):
+        self.spec = InputSpec(frames=K, pixel_um=40.0)
+        self.particle, self.fail, self.sleep = particle, fail, sleep
+
+    def predict_prepared(self, batch):
+        if self.fail:
+            raise RuntimeError("simulated inference failure")
+        time.sleep(self.sleep)
+        return [Scores(probs={"particle": self.particle, "crack": 0.0, "fill_level": 0.0}, fill_height_mm=13.7)
+                for _ in batch]
+
+
+def _recipe(**kw):
+    base = dict(name="t", format="vial-2R", model="unused", frames=K, deadline_ms=400, frame_size=list(SIZE),
+                batch_max=4, sample_accepted=0.0, min_free_mb=0.0)
+    base.update(kw)
+    return Recipe.from_dict(base)
+
+
+def _px(dtype=np.uint8, size=SIZE):
+    return np.full((size[1], size[0]), 180, dtype)
+
+
+def _unit(cid, over=None):
+    """Two good frames for container ``cid``; ``over`` replaces frames by index: {1: (px, err)}."""
+    rows = []
+    for i in range(K):
+        px, err = (over or {}).get(i, (_px(), None))
+        rows.append((0.0, cid, i, px, err))
+    return rows
+
+
+def _run(script, tmp_path, runner=None, model=True, recipe=None, queue_size=32, disk=None, max_containers=None):
+    store = RecordStore(tmp_path / "store", min_free_mb=recipe.min_free_mb if recipe else 0.0,
+                        **({"disk_usage": disk} if disk else {}))
+    sent = []
+
+    class Line:
+        def send(self, d):
+            sent.append(d)
+
+        def heartbeat(self, state):
+            pass
+
+        def close(self):
+            pass
+
+    slot = ModelSlot(LoadedModel(runner or FakeRunner(), "v1", {"particle": 0.5, "crack": 0.5, "fill_level": 0.5})
+                     if model else None)
+    pipe = Pipeline(ListSource(script), recipe or _recipe(), slot, store, Line(), StationStats(),
+                    queue_size=queue_size, window_s=0.3, read_timeout_s=0.05, max_containers=max_containers)
+    pipe.start()
+    assert pipe.join(timeout=30)
+    rows = {r["container_id"]: r for r in store.iter_decisions()}
+    store.close()
+    return pipe, sent, rows
+
+
+def _decision(sent, cid):
+    return next(d for d in sent if d.container_id == cid)
+
+
+def test_clean_units_are_accepted_and_recorded_before_the_line_hears(tmp_path):
+    pipe, sent, rows = _run(_unit("a") + _unit("b"), tmp_path)
+    assert [d.accept for d in sent] == [True, True]
+    assert set(rows) == {"a", "b"} and all(r["accept"] for r in rows.values())
+
+
+def test_each_assembly_fault_rejects_with_its_cause(tmp_path):
+    script = (
+        _unit("ok")
+        + _unit("corrupt", {1: (np.zeros((0, 0), np.uint8), None)})
+        + _unit("size", {1: (_px(size=(40, 64)), None)})
+        + _unit("depth", {1: (_px(np.uint16), None)})
+        + _unit("timeout", {1: (None, "camera_timeout")})
+        + _unit("gone", {1: (None, "camera_disconnected")})
+        + [(0.0, "missing", 0, _px(), None)]  # its second frame never comes
+        + [(0.5, "late", 0, _px(), None), (0.5, "late", 1, _px(), None)]  # second frame after the window
+    )
+    pipe, sent, rows = _run(script, tmp_path)
+    expect = {"corrupt": "corrupt_frame", "size": "wrong_size", "depth": "wrong_size", "timeout": "camera_timeout",
+              "gone": "camera_disconnected", "missing": "missing_frame"}
+    assert _decision(sent, "ok").accept
+    for cid, cause in expect.items():
+        d = _decision(sent, cid)
+        assert not d.accept and f"not_inspected:{cause}" in d.reasons, (cid, d.reasons)
+    late = _decision(sent, "late")
+    assert not late.accept and any(r in late.reasons for r in ("not_inspected:missing_frame",
+                                                               "not_inspected:late_frame"))
+    assert len(rows) == len(sent)  # every decision, accepted or not, is in the store
+
+
+def test_inference_error_no_model_and_deadline_reject(tmp_path):
+    _, sent, _ = _run(_unit("a"), tmp_path / "1", runner=FakeRunner(fail=True))
+    assert not sent[0].accept and sent[0].reasons == ["not_inspected:inference_error"]
+    _, sent, _ = _run(_unit("a"), tmp_path / "2", model=False)
+    assert not sent[0].accept and sent[0].reasons == ["not_inspected:no_model"]
+    _, sent, _ = _run(_unit("a"), tmp_path / "3", runner=FakeRunner(sleep=0.6))
+    assert not sent[0].accept and "not_inspected:deadline_missed" in sent[0].reasons
+
+
+def test_a_full_queue_rejects_instead_of_waiting(tmp_path):
+    script = [row for i in range(12) for row in _unit(f"u{i}")]
+    _, sent, rows = _run(script, tmp_path, runner=FakeRunner(sleep=0.1), queue_size=1,
+                         recipe=_recipe(deadline_ms=5000, batch_max=1))
+    reasons = [r for d in sent for r in d.reasons]
+    assert "not_inspected:queue_full" in reasons
+    assert len(sent) == 12 and len(rows) == 12
+    assert all(not d.accept for d in sent if "not_inspected:queue_full" in d.reasons)
+
+
+def test_a_defect_score_over_threshold_rejects(tmp_path):
+    _, sent, rows = _run(_unit("p"), tmp_path, runner=FakeRunner(particle=0.9))
+    assert sent[0].reasons == ["particle"] and not rows["p"]["accept"]
+    assert rows["p"]["kept"] == "flagged"
+
+
+def test_disk_full_rejects_alarms_and_stops(tmp_path):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+
+    def disk(_path):
+        return usage(10**9, 10**9 - 10**5, 10**5)  # 0.1 MB free
+
+    script = [row for i in range(6) for row in _unit(f"u{i}")]
+    pipe, sent, rows = _run(script, tmp_path, recipe=_recipe(min_free_mb=50), disk=disk)
+    assert pipe.alarm and "full" in pipe.alarm
+    assert sent and all(not d.accept and "not_inspected:disk_full" in d.reasons for d in sent)
+    assert rows == {}
+
+
+def test_every_not_inspected_cause_is_known():
+    assert {"missing_frame", "late_frame", "corrupt_frame", "wrong_size", "camera_timeout", "camera_disconnected",
+            "inference_error", "deadline_missed", "queue_full", "no_model", "disk_full"} <= set(NOT_INSPECTED_CAUSES)
+
+
+# ---------------------------------------------------------------- the real station, in a subprocess
+
+
+@pytest.fixture(scope="module")
+def station_recipe(tiny_run, coarse_data, tmp_path_factory):
+    """The tiny exported model (2 frames, 120 µm/px) behind a recipe for simulated 2R vials."""
+    from vialinspect.cli import main
+
+    d = tmp_path_factory.mktemp("station")
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(d / "model"),
+                 "--parity-data", str(coarse_data), "--parity-count", "2"]) == 0
+    (d / "recipe.toml").write_text(
+        'name = "test-2R"\nformat = "vial-2R"\nmodel = "model"\nframes = 2\ndeadline_ms = 5000\n'
+        "frame_size = [150, 308]\nbatch_max = 4\nsample_accepted = 0.0\nmin_free_mb = 0\n")
+    return d / "recipe.toml"
+
+
+SIM = "sim://?rate=0&seed=7&pixel_um=120&defect_rate=0.5"
+
+
+def _station_cmd(recipe, store, n, extra=()):
+    return [sys.executable, "-m", "vialinspect.cli", "station", "--recipe", str(recipe), "--source", SIM,
+            "--store", str(store), "--max-containers", str(n), "--quiet", *extra]
+
+
+def _env():
+    return {**os.environ, "VIALINSPECT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_kill_9_mid_run_then_restart_loses_and_duplicates_nothing(station_recipe, tmp_path):
+    store = tmp_path / "store"
+    p = subprocess.Popen(_station_cmd(station_recipe, store, 400), env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    db = store / "records.sqlite"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if db.exists():
+            with RecordStore(store, readonly=True) as s:
+                if s.count() >= 8:
+                    break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    with RecordStore(store, readonly=True) as s:
+        before = s.count()
+    assert before >= 8
+    # Restart: it resumes after the last recorded unit and finishes the run of 30 units in all.
+    r = subprocess.run(_station_cmd(station_recipe, store, 30 - before), env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with RecordStore(store, readonly=True) as s:
+        rows = list(s.iter_decisions())
+    seqs = sorted(row["sequence"] for row in rows)
+    ids = [row["container_id"] for row in rows]
+    assert len(ids) == len(set(ids)) == 30
+    assert seqs == list(range(30))
+
+
+def test_station_cli_summary_metrics_and_sigterm(station_recipe, tmp_path):
+    store = tmp_path / "store"
+    p = subprocess.Popen(_station_cmd(station_recipe, store, 100000, ("--metrics-port", "0")) + [
+        "--summary-json", str(tmp_path / "s.json")], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    port = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and port is None:
+        line = p.stdout.readline()
+        if "metrics http://127.0.0.1:" in line:
+            port = int(line.split("metrics http://127.0.0.1:")[1].split("/")[0])
+    assert port, "no metrics address printed"
+    text = ""
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        if "vialinspect_containers_total" in text and "vialinspect_containers_total 0" not in text:
+            break
+        time.sleep(0.3)
+    assert "vialinspect_containers_per_minute" in text
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert "station summary" in out
+    summary = json.loads((tmp_path / "s.json").read_text())
+    with RecordStore(store, readonly=True) as s:
+        assert s.count() == summary["containers"] > 0
+    sent = [json.loads(x) for x in Path(store / "line.jsonl").read_text().splitlines()]
+    assert sum(1 for x in sent if x["type"] == "decision") == summary["containers"]
