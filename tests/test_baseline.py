@@ -65,6 +65,19 @@ def test_large_metal_particle_scores_higher_than_the_same_container_without(insp
     assert p_dirty > p_clean + 0.4
 
 
+def test_particle_map_points_at_the_particle(inspector):
+    scene = replace(_clean_scene("vial-2R"), objects=(_free("rubber", 500.0, z0_mm=9.0),))
+    out = render(scene, SimConfig(formats=("vial-2R",)).camera)
+    s = inspector.score(out.frames, PIXEL_UM, "vial-2R")
+    assert s.maps is not None and s.maps[0].max() > 0.5
+    r, c = np.unravel_index(int(np.argmax(s.maps[0])), s.maps[0].shape)
+    x, y = (c + 0.5) * s.map_stride, (r + 0.5) * s.map_stride
+    boxes = [b for b in out.defects[0].frame_bboxes if b is not None]
+    assert any(b[0] - 8 <= x <= b[2] + 8 and b[1] - 8 <= y <= b[3] + 8 for b in boxes)
+    x0, y0, x1, y1 = s.extra["particle_bbox"]
+    assert any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1 for b in boxes)
+
+
 def test_small_particle_found_by_frame_differencing(inspector):
     clean = _clean_scene("vial-10R", index=1)
     dirty = replace(clean, objects=(_free("rubber", 200.0, z0_mm=15.0, rho_mm=5.0),))
@@ -122,7 +135,7 @@ def test_4mm_crack_scores_higher_than_no_crack(inspector):
     assert s_clean.probs["crack"] < 0.2
     assert s_crack.probs["crack"] > 0.5
     assert s_crack.extra["crack_length_mm"] > 1.5
-    # Where it was found: the crack map lights up around the crack, not elsewhere.
+    # The coarse crack map lights up too, and stays dark on the good unit.
     assert s_crack.maps[1].max() > 0.5 and s_clean.maps[1].max() < 0.2
 
 

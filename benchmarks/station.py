@@ -1,0 +1,172 @@
+"""Station benchmark: the whole inline pipeline on frames rendered beforehand.
+
+    .venv/bin/python benchmarks/station.py [--model models/default] [--rate 1200] [--minutes 2]
+                                           [--containers 120] [--format vial-2R] [--json bench_out/station.json]
+
+1. Render ``--containers`` simulated units (K frames each) into memory, so the simulator's cost is not counted.
+2. Raw runtime throughput: preprocessing + ONNX Runtime on those frames, batch 8, nothing else.
+3. The station (acquisition thread, assembly, adaptive batching, decisions, SQLite record store with
+   flagged frames saved as PNG, log line output) fed by a replaying source: first as fast as it can go
+   (sustained containers/min, and that as a fraction of the raw throughput), then at ``--rate`` units/min
+   for ``--minutes`` (decision latency p50/p99 at line speed, resident memory sampled every 5 s, growth
+   from the first to the last minute).
+Targets on 2 CPU cores: >= 1,200 containers/min at K=4, >= 85% of raw runtime throughput, p99 <= 100 ms,
+resident memory <= 1 GB and flat (< 5% growth) over a 30-minute run (``--minutes 30``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+
+from datasets.generate import container_id, make_container  # noqa: E402
+from datasets.sim.config import SimConfig  # noqa: E402
+from inspection_station.line import LogLineOutput  # noqa: E402
+from inspection_station.pipeline import ModelSlot, Pipeline  # noqa: E402
+from inspection_station.recipe import Recipe  # noqa: E402
+from inspection_station.sources import Source  # noqa: E402
+from inspection_station.station import load_model  # noqa: E402
+from inspection_station.stats import StationStats  # noqa: E402
+from inspection_station.store import RecordStore  # noqa: E402
+from vision.preprocess import preprocess  # noqa: E402
+
+
+class ReplaySource(Source):
+    """Replays pre-rendered units at ``rate`` units/min (0: as fast as asked), with fresh container ids."""
+
+    def __init__(self, units: list[list[np.ndarray]], k: int, rate: float, total: int):
+        super().__init__("replay://", k)
+        self.units, self.k, self.total = units, k, total
+        self.interval = 60.0 / rate / k if rate > 0 else 0.0
+        self.n = 0
+        self.next_t = time.monotonic()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.n >= self.total * self.k
+
+    def _read(self, timeout: float):
+        if self.interval:
+            delay = self.next_t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.next_t = max(self.next_t + self.interval, time.monotonic() - 1.0)
+        u, i = divmod(self.n, self.k)
+        self.n += 1
+        return self._frame(self.units[u % len(self.units)][i], container_id=container_id(u), index=i)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_station(model, recipe: Recipe, units, rate: float, total: int, store_dir: Path, samples: list | None = None):
+    stats = StationStats()
+    store = RecordStore(store_dir, sample_accepted=recipe.sample_accepted, min_free_mb=50)
+    line = LogLineOutput(open(os.devnull, "w"))  # noqa: SIM115 - closed by the output
+    pipe = Pipeline(ReplaySource(units, recipe.frames, rate, total), recipe, ModelSlot(model), store, line, stats,
+                    max_containers=total)
+    t0 = time.monotonic()
+    pipe.start()
+    stop = threading.Event()
+    if samples is not None:
+        def sample():
+            while not stop.wait(5.0):
+                samples.append((time.monotonic() - t0, rss_mb()))
+        threading.Thread(target=sample, daemon=True).start()
+    pipe.join()
+    stop.set()
+    wall = time.monotonic() - t0
+    store.close()
+    line.close()
+    s = stats.snapshot()
+    s["wall_s"] = wall
+    s["sustained_per_min"] = 60.0 * s["containers"] / wall
+    return s
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/default", help="model package (default models/default)")
+    p.add_argument("--format", default="vial-2R", help="container format to render (default vial-2R)")
+    p.add_argument("--containers", type=int, default=120, help="distinct units rendered beforehand (default 120)")
+    p.add_argument("--rate", type=float, default=1200.0, help="line rate for the latency run, units/min (default 1200)")
+    p.add_argument("--minutes", type=float, default=2.0, help="length of the line-rate run (default 2; target 30)")
+    p.add_argument("--max-units", type=int, default=600, help="units in the as-fast-as-possible run (default 600)")
+    p.add_argument("--json", default="bench_out/station.json", help="where to write the JSON result")
+    a = p.parse_args()
+
+    model = load_model(Path(a.model), device="auto")
+    k = model.runner.spec.frames
+    cfg = SimConfig(formats=(a.format,), frames=k, camera=SimConfig().camera)
+    print(f"rendering {a.containers} {a.format} units (K={k}) beforehand ...", flush=True)
+    rendered = [make_container(cfg, i, 12345) for i in range(a.containers)]
+    units = [frames for _, frames, _ in rendered]
+    h, w = units[0][0].shape
+    recipe = Recipe.from_dict({"name": f"bench-{a.format}", "format": a.format, "model": str(Path(a.model).resolve()),
+                               "frames": k, "frame_size": [w, h], "deadline_ms": 500, "batch_max": 8,
+                               "sample_accepted": 0.01, "min_free_mb": 50})
+
+    # Raw runtime throughput: preprocessing + ONNX Runtime, batch 8.
+    prepared = [preprocess(u, model.runner.spec) for u in units]
+    model.runner.warm_up(*prepared[0].x.shape[1:], batch=8)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 10.0:
+        for j in range(0, len(units), 8):
+            batch = [preprocess(u, model.runner.spec) for u in units[j:j + 8]]
+            model.runner.predict_prepared(batch)
+            n += len(batch)
+    raw_per_min = 60.0 * n / (time.perf_counter() - t0)
+    print(f"raw runtime: {raw_per_min:.0f} units/min", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="vi-bench-station-") as tmp:
+        fast = run_station(model, recipe, units, 0.0, a.max_units, Path(tmp) / "fast")
+        print(f"station, as fast as possible: {fast['sustained_per_min']:.0f} units/min", flush=True)
+        total = int(a.rate * a.minutes)
+        samples: list[tuple[float, float]] = []
+        line_run = run_station(model, recipe, units, a.rate, total, Path(tmp) / "line", samples)
+    first = [m for t, m in samples if t <= 60.0] or [m for _, m in samples[:1]]
+    last = [m for t, m in samples if t >= samples[-1][0] - 60.0] if samples else []
+    growth = (np.mean(last) / np.mean(first) - 1.0) if first and last else None
+    result = {
+        "model": model.version, "provider": model.runner.status.provider, "format": a.format, "frames": k,
+        "frame_size": [w, h], "cores": os.cpu_count(),
+        "raw_runtime_per_min": round(raw_per_min, 1),
+        "station_max_per_min": round(fast["sustained_per_min"], 1),
+        "station_fraction_of_raw": round(fast["sustained_per_min"] / raw_per_min, 3),
+        "max_run_not_inspected": fast["not_inspected"],
+        "line_rate_per_min": a.rate, "line_run_minutes": a.minutes,
+        "line_run_achieved_per_min": round(line_run["sustained_per_min"], 1),
+        "latency_p50_ms": line_run["latency_p50_ms"], "latency_p99_ms": line_run["latency_p99_ms"],
+        "line_run_not_inspected": line_run["not_inspected"], "line_run_reasons": line_run["reasons"],
+        "rss_mb_max": round(max(m for _, m in samples), 1) if samples else round(rss_mb(), 1),
+        "rss_growth_first_to_last_minute": None if growth is None else round(float(growth), 4),
+        "targets": {"per_min": 1200, "fraction_of_raw": 0.85, "p99_ms": 100, "rss_mb": 1024, "rss_growth": 0.05},
+    }
+    print(f"\n{'metric':34s} value")
+    for key, v in result.items():
+        if key != "targets":
+            print(f"{key:34s} {v}")
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
