@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean model
 
 venv: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Reproduces the committed default model package (models/default): simulate, train (30-minute budget on
+# 2 CPU cores), export with parity checks. Training under a time budget depends on the machine's speed.
+model: $(STAMP)
+	$(BIN)/vialinspect generate --out build/model_data --containers 3000 --frames 4 --seed 100 --overwrite
+	$(BIN)/vialinspect train --data build/model_data --out build/model_run --epochs 14 --max-minutes 30
+	$(BIN)/vialinspect export --checkpoint build/model_run/best.pt --out models/default --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,21 +30,12 @@ def row_loss(row_logits: torch.Tensor, rows_px: torch.Tensor, has_fill: torch.Te
 
 
 def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float) -> torch.Tensor:
-    """Per class, mean BCE over defect cells plus mean BCE over background cells: a 3-pixel particle's
-    cells weigh as much as the thousands of empty ones, instead of vanishing in a global mean."""
-    bce = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
-    pos = target > 0.5
-    total = maps.sum() * 0.0
-    for c in range(maps.shape[1]):
-        p, b = pos[:, c], bce[:, c]
-        if (~p).any():
-            total = total + b[~p].mean()
-        if p.any():
-            total = total + pos_weight * b[p].mean()
-    return total / maps.shape[1]
+    """Per-cell BCE; defect cells weigh ``pos_weight`` times a background cell, since they are rare."""
+    pw = torch.tensor(pos_weight, device=maps.device, dtype=maps.dtype)
+    return F.binary_cross_entropy_with_logits(maps, target, pos_weight=pw)
 
 
-def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 1.0):
+def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 10.0):
     class_logits, maps, row_logits = outputs
     labels = batch["labels"]
     l_cls = F.binary_cross_entropy_with_logits(class_logits, labels)

@@ -226,9 +226,10 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         t_epoch = t_note = time.perf_counter()
         for batch in it:
             b = _to(batch, device, channels_last)
-            # Batch-norm statistics come from whole containers only: crops (mostly liquid, centred on
-            # objects) have other statistics, and inference always sees whole containers.
-            _bn_train(net, bool(b["full"].min() > 0))
+            # Batch norm normalises every batch by its own statistics, but the running statistics used at
+            # inference follow whole-container batches only: crops (mostly liquid, centred on objects) have
+            # other statistics, and inference always sees whole containers.
+            _bn_momentum(net, 0.1 if bool(b["full"].min() > 0) else 0.0)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 outputs = model(b["x"])
             loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight)
@@ -286,10 +287,10 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     return summary
 
 
-def _bn_train(net: torch.nn.Module, on: bool) -> None:
+def _bn_momentum(net: torch.nn.Module, momentum: float) -> None:
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.train(on)
+            m.momentum = momentum
 
 
 def warmup_cosine(total: int, warmup_frac: float = 0.1):

@@ -1,33 +1,44 @@
 """`make demo`: the whole product on a small embedded default, step by step.
 
-Today: simulate a small dataset, validate it and write an annotated contact sheet. Each later part of the
-product (training, export, station, review) adds its step here.
+Simulate a small dataset, validate it, write an annotated contact sheet, evaluate the committed default
+model on it, then run the inspection station on the simulator as a camera with that model.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 from .cli import main as cli
 
+MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+RECIPE = Path(__file__).resolve().parents[1] / "inspection_station" / "recipes" / "vial-2R.toml"
 
-def run(out: Path, containers: int = 120) -> int:
+
+def run(out: Path, containers: int = 120, station_units: int = 300) -> int:
     data = out / "data"
     steps = [
         ("simulate a dataset", ["generate", "--out", str(data), "--containers", str(containers), "--frames", "4",
                                 "--seed", "7", "--overwrite"]),
         ("validate it", ["dataset", "check", str(data)]),
         ("contact sheet", ["dataset", "preview", str(data), "--out", str(out / "contact_sheet.png")]),
+        ("evaluate the default model", ["evaluate", "--model", str(MODEL), "--data", str(data), "--out",
+                                        str(out / "report"), "--split", "all"]),
+        ("inspection station on the simulated line", [
+            "station", "--recipe", str(RECIPE), "--source", "sim://?rate=1200&seed=7", "--store",
+            str(out / "station_store"), "--max-containers", str(station_units)]),
     ]
+    shutil.rmtree(out / "station_store", ignore_errors=True)  # a fresh line run each time
     for i, (title, argv) in enumerate(steps, 1):
         print(f"\n== demo step {i}/{len(steps)}: {title}: vialinspect {' '.join(argv)}", flush=True)
         rc = cli(argv)
         if rc != 0:
             print(f"demo stopped: step {i} failed (exit {rc})", file=sys.stderr)
             return rc
-    print(f"\ndemo done: dataset in {data}, contact sheet in {out / 'contact_sheet.png'}")
+    print(f"\ndemo done: dataset {data}, contact sheet {out / 'contact_sheet.png'}, report {out / 'report'}, "
+          f"station records {out / 'station_store'}")
     return 0
 
 
@@ -35,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vialinspect.demo", description="Run the vialinspect demo.")
     p.add_argument("--out", default="demo_out", help="where the demo writes (default demo_out)")
     p.add_argument("--containers", type=int, default=120, help="containers to simulate (default 120)")
+    p.add_argument("--station-units", type=int, default=300, help="units the station inspects (default 300)")
     a = p.parse_args(argv)
-    return run(Path(a.out), a.containers)
+    return run(Path(a.out), a.containers, a.station_units)
 
 
 if __name__ == "__main__":

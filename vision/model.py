@@ -3,8 +3,8 @@
 Outputs, for a batch of containers:
 - ``class_logits`` (B, 3): particle, crack, fill_level;
 - ``map_logits`` (B, 3, H/8, W/8): coarse localisation per class (0.32 mm cells at 40 µm/px), supervised by
-  the simulator's masks; a class's logit is its map's maximum plus a small global correction, so a
-  particle is found where it is, and evidence of a 3-pixel particle is not averaged away;
+  the simulator's masks; the particle and crack logits are their map's maximum, so a particle is found
+  where it is and the evidence of a 3-pixel particle is not averaged away (fill level adds a global term);
 - ``row_logits`` (B, 2, H/4): where along the image rows the liquid surface and the container's lowest
   point are. A soft-argmax turns them into rows with sub-cell precision and the fill height in mm.
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CLASSES = ("particle", "crack", "fill_level")
+MOTION_GAIN = 2.0  # frame differences are small next to the frames themselves
 
 
 def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -37,7 +38,7 @@ class VialNet(nn.Module):
         self.frames = frames
         self.widths = tuple(widths)
         self.unshuffle = nn.PixelUnshuffle(2)
-        self.stem = _cbr(4 * frames, w[0])  # 1/2
+        self.stem = _cbr(4 * self.in_channels(frames), w[0])  # 1/2
         self.s2 = nn.Sequential(_cbr(w[0], w[1], 2), _cbr(w[1], w[1]))  # 1/4
         self.s3 = nn.Sequential(_cbr(w[1], w[2], 2), _cbr(w[2], w[2]))  # 1/8
         self.s4 = nn.Sequential(_cbr(w[2], w[3], 2), _cbr(w[3], w[3], dilation=2))  # 1/16
@@ -46,6 +47,7 @@ class VialNet(nn.Module):
         self.global_head = nn.Linear(2 * w[4], len(CLASSES))
         nn.init.zeros_(self.global_head.weight)
         nn.init.zeros_(self.global_head.bias)
+        self.register_buffer("global_mask", torch.tensor([0.0, 0.0, 1.0]), persistent=False)
         # Rows: column-pooled features at 1/4 plus upsampled context, then dilated 1-D convolutions
         # (receptive field ~ 10 mm) so the surface is told apart from other dark bands (shoulder, stopper).
         rc = 2 * w[1] + 2 * w[3]
@@ -59,8 +61,21 @@ class VialNet(nn.Module):
         # A prior towards "nothing there": defects are rare per map cell.
         nn.init.constant_(self.map_head[-1].bias, -4.0)
 
+    @staticmethod
+    def in_channels(frames: int) -> int:
+        return frames + 1 if frames > 1 else 1
+
+    def motion(self, x: torch.Tensor) -> torch.Tensor:
+        """[mean frame, each frame minus the mean]: what moves between frames (particles, bubbles) stands out
+        of a flat background in the difference channels, what stays (glass marks, cracks) lives in the mean.
+        The network could learn this; giving it explicitly makes small moving objects easy to learn."""
+        if self.frames == 1:
+            return x
+        mean = x.mean(1, keepdim=True)
+        return torch.cat([mean, (x - mean) * MOTION_GAIN], 1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        f1 = self.stem(self.unshuffle(x))
+        f1 = self.stem(self.unshuffle(self.motion(x)))
         f2 = self.s2(f1)
         f3 = self.s3(f2)
         f4 = self.s4(f3)
@@ -70,7 +85,9 @@ class VialNet(nn.Module):
                          F.interpolate(f5, size=size3, mode="nearest")], 1)
         maps = self.map_head(ctx)
         g = torch.cat([f5.mean((2, 3)), f5.amax((2, 3))], 1)
-        class_logits = maps.amax((2, 3)) + self.global_head(g)
+        # Particles and cracks are local: their logit is the map's peak, so a false peak anywhere is what the
+        # image-level loss pushes down. Fill level is global: it also gets a pooled-feature term.
+        class_logits = maps.amax((2, 3)) + self.global_head(g) * self.global_mask
         # Row profile: mean and max over columns.
         r2 = torch.cat([f2.mean(3), f2.amax(3)], 1)
         r4 = torch.cat([f4.mean(3), f4.amax(3)], 1)
@@ -106,15 +123,22 @@ class InferenceModel(nn.Module):
 
 def adapt_first_layer(state: dict, frames_to: int) -> dict:
     """Re-shape a checkpoint's stem for another number of frames (e.g. a 4-frame simulator model as the
-    starting point of a 1-frame model on real still images): the per-frame weights are summed or shared,
-    so a still scene gives the same first-layer response."""
+    starting point of a 1-frame model on real still images). The stem sees [mean, differences...]: the
+    mean's weights carry over; difference weights are dropped (one frame has no motion) or start at zero
+    (new frames), so a still scene gives exactly the same response."""
     key = "stem.0.weight"
     w = state[key]
     cout, cin, kh, kw = w.shape
-    frames_from = cin // 4
-    if frames_from == frames_to:
+    groups_from = cin // 4
+    groups_to = VialNet.in_channels(frames_to)
+    if groups_from == groups_to:
         return state
-    per_frame = w.reshape(cout, frames_from, 4, kh, kw).sum(1, keepdim=True) / frames_to
+    g = w.reshape(cout, groups_from, 4, kh, kw)
+    new = torch.zeros(cout, groups_to, 4, kh, kw, dtype=w.dtype)
+    new[:, 0] = g[:, 0]
+    n = min(groups_from, groups_to)
+    if n > 1:
+        new[:, 1:n] = g[:, 1:n]
     state = dict(state)
-    state[key] = per_frame.repeat(1, frames_to, 1, 1, 1).reshape(cout, 4 * frames_to, kh, kw)
+    state[key] = new.reshape(cout, 4 * groups_to, kh, kw)
     return state
