@@ -282,6 +282,208 @@ def cmd_station(a: argparse.Namespace) -> int:
     return 1 if summary.get("alarm") else 0
 
 
+# ---------------------------------------------------------------- review / users / audit (QA side of the store)
+
+def _review_db(store: str, create: bool = True):
+    from inspection_station.audit import ReviewDB, ReviewDBError
+
+    try:
+        return ReviewDB(store, create=create)
+    except ReviewDBError as e:
+        raise UserError(str(e)) from None
+
+
+def _read_password(a: argparse.Namespace, confirm: bool) -> str:
+    if a.password_stdin:
+        line = sys.stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    import getpass
+
+    pw = getpass.getpass("password: ")
+    if confirm and getpass.getpass("repeat password: ") != pw:
+        raise UserError("the passwords do not match")
+    return pw
+
+
+def cmd_review_serve(a: argparse.Namespace) -> int:
+    import ipaddress
+
+    from inspection_station.audit import ReviewDBError
+    from inspection_station.review import ReviewError
+    from inspection_station.review_app import serve
+    from inspection_station.store import StoreError
+    from inspection_station.users import list_users
+
+    if not any(u.active for u in list_users(_review_db(a.store))):
+        raise UserError(f"{a.store}: no active user can log in; add one first: vialinspect users add NAME --store "
+                        f"{a.store} --full-name 'First Last' --role admin")
+    try:
+        loopback = a.host == "localhost" or ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        print(f"vialinspect: warning: serving on {a.host}: the review app is reachable from the network; put it "
+              "behind a TLS reverse proxy", file=sys.stderr)
+    try:
+        serve(a.store, host=a.host, port=a.port, idle_timeout_s=a.idle_minutes * 60.0)
+    except (StoreError, ReviewDBError, ReviewError, OSError) as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def cmd_review_export(a: argparse.Namespace) -> int:
+    from inspection_station.audit import ReviewDBError
+    from inspection_station.review import ReviewError, export_reviewed, os_actor
+    from inspection_station.store import StoreError
+
+    try:
+        r = export_reviewed(a.store, a.out, actor=os_actor(), overwrite=a.overwrite)
+    except (StoreError, ReviewDBError, ReviewError, OSError) as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {r.containers} reviewed container(s) to {r.out_dir}: {r.confirmed} confirmed defect(s), "
+          f"{r.false_rejects} false reject(s) as good units; audit entry {r.audit_seq}")
+    for s in r.skipped:
+        print(f"  skipped {s}")
+    return 0
+
+
+def cmd_users_add(a: argparse.Namespace) -> int:
+    from inspection_station.review import os_actor
+    from inspection_station.users import UserError as BadUser
+    from inspection_station.users import add_user
+
+    db = _review_db(a.store)
+    try:
+        u = add_user(db, a.username, a.full_name, a.role, _read_password(a, confirm=True), actor=os_actor())
+    except BadUser as e:
+        raise UserError(str(e)) from None
+    print(f"added {u.role} {u.username} ({u.full_name})")
+    return 0
+
+
+def cmd_users_disable(a: argparse.Namespace) -> int:
+    from inspection_station.review import os_actor
+    from inspection_station.users import UserError as BadUser
+    from inspection_station.users import disable_user
+
+    db = _review_db(a.store, create=False)
+    try:
+        u = disable_user(db, a.username, actor=os_actor(), reason=a.reason)
+    except BadUser as e:
+        raise UserError(str(e)) from None
+    print(f"disabled {u.username} at {u.disabled_at_utc}")
+    return 0
+
+
+def cmd_users_list(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from inspection_station.users import list_users
+
+    rows = list_users(_review_db(a.store, create=False))
+    if a.json:
+        print(json.dumps([asdict(u) for u in rows], indent=2))
+        return 0
+    for u in rows:
+        state = "active" if u.active else f"disabled {u.disabled_at_utc} by {u.disabled_by}"
+        print(f"{u.username:20s} {u.role:9s} {u.full_name:30s} {state}")
+    if not rows:
+        print("no users")
+    return 0
+
+
+def cmd_audit_verify(a: argparse.Namespace) -> int:
+    from inspection_station.audit import verify
+
+    r = verify(_review_db(a.store, create=False))
+    if a.json:
+        print(json.dumps(r.to_dict(), indent=2))
+    elif r.ok:
+        print(f"audit trail intact: {r.entries} entries; head hash {r.head_hash}")
+    else:
+        print(f"audit trail TAMPERED: entry {r.first_bad_seq}: {r.problem}")
+    return 0 if r.ok else 1
+
+
+def cmd_audit_export(a: argparse.Namespace) -> int:
+    from inspection_station.audit import export_csv
+    from inspection_station.review import os_actor
+
+    try:
+        n = export_csv(_review_db(a.store, create=False), a.out, os_actor())
+    except OSError as e:
+        raise UserError(f"{a.out}: {e.strerror or e}") from None
+    print(f"wrote {n} audit entries to {a.out}")
+    return 0
+
+
+def _add_review_parsers(sub) -> None:
+    r = sub.add_parser("review", help="QA review app over a record store (login required), or export reviews",
+                       description="Serve the QA review app over a station's record store: the queue of rejected "
+                                   "units, unit detail with signed decisions (keys c, f, e), history, audit trail "
+                                   "and trends. Every page and API needs a login (vialinspect users add). "
+                                   "Without ACTION it serves the app; 'review export' writes the reviewed units "
+                                   "as a dataset.")
+    r.add_argument("--store", required=False, help="record store directory (as given to vialinspect station)")
+    r.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    r.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    r.add_argument("--idle-minutes", type=float, default=30.0,
+                   help="end a session after this many idle minutes (default 30; 0: never)")
+    r.set_defaults(func=lambda a: cmd_review_serve(a) if a.store else (r.print_help(), 2)[1])
+    rsub = r.add_subparsers(dest="review_command", metavar="ACTION")
+    rx = rsub.add_parser("export", help="write reviewed units as a dataset for retraining",
+                         description="Write the reviewed units to DATASET_DIR in the dataset format (manifest.jsonl "
+                                     "version 1 + images): confirmed defects with the reviewed class, false rejects "
+                                     "as good units; escalated units are left out. The export is audited.")
+    rx.add_argument("--store", required=True, help="record store directory")
+    rx.add_argument("--out", required=True, help="dataset directory to write (must be empty or absent)")
+    rx.add_argument("--overwrite", action="store_true", help="replace an earlier review export in --out")
+    rx.set_defaults(func=cmd_review_export)
+
+    u = sub.add_parser("users", help="add, disable or list review-app users",
+                       description="Users of the review app, kept in STORE/review.sqlite with salted scrypt "
+                                   "password hashes. Users are disabled, never deleted; every change is audited "
+                                   "(as the operating-system account that ran the command).")
+    usub = u.add_subparsers(dest="users_command", metavar="ACTION")
+    ua = usub.add_parser("add", help="add a user", description="Add a user; the password is asked for twice.")
+    ua.add_argument("username", help="login name (letters, digits, . _ @ -)")
+    ua.add_argument("--store", required=True, help="record store directory")
+    ua.add_argument("--full-name", required=True, help="printed name shown with every signature")
+    ua.add_argument("--role", choices=["reviewer", "admin"], default="reviewer",
+                    help="reviewer, or admin (may also change other reviewers' reviews); default reviewer")
+    ua.add_argument("--password-stdin", action="store_true",
+                    help="read the password from the first line of standard input (for scripts)")
+    ua.set_defaults(func=cmd_users_add)
+    ud = usub.add_parser("disable", help="disable a user (never deleted)",
+                         description="Disable a user: no more logins or signatures; open sessions end.")
+    ud.add_argument("username", help="login name")
+    ud.add_argument("--store", required=True, help="record store directory")
+    ud.add_argument("--reason", default=None, help="why (recorded in the audit trail)")
+    ud.set_defaults(func=cmd_users_disable)
+    ul = usub.add_parser("list", help="list users", description="List users with role and state.")
+    ul.add_argument("--store", required=True, help="record store directory")
+    ul.add_argument("--json", action="store_true", help="print JSON")
+    ul.set_defaults(func=cmd_users_list)
+    u.set_defaults(func=lambda a: (u.print_help(), 2)[1])
+
+    au = sub.add_parser("audit", help="verify or export the review audit trail",
+                        description="The append-only, hash-chained audit trail of the review app.")
+    ausub = au.add_subparsers(dest="audit_command", metavar="ACTION")
+    av = ausub.add_parser("verify", help="check the hash chain; exit 1 and name the entry if tampered",
+                          description="Walk the hash chain and cross-check reviews and users against it. Exit "
+                                      "status 0 when intact, 1 when an entry was edited, deleted or reordered.")
+    av.add_argument("--store", required=True, help="record store directory")
+    av.add_argument("--json", action="store_true", help="print the result as JSON")
+    av.set_defaults(func=cmd_audit_verify)
+    ae = ausub.add_parser("export", help="write the audit trail as CSV",
+                          description="Write every audit entry (with its hashes) to a CSV file; the export is "
+                                      "itself audited.")
+    ae.add_argument("--store", required=True, help="record store directory")
+    ae.add_argument("--out", required=True, help="CSV file to write")
+    ae.set_defaults(func=cmd_audit_export)
+    au.set_defaults(func=lambda a: (au.print_help(), 2)[1])
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--quiet", action="store_true", help="no live status line")
     st.add_argument("--summary-json", default=None, help="also write the final summary as JSON here")
     st.set_defaults(func=cmd_station)
+    _add_review_parsers(sub)
     return p
 
 

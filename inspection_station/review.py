@@ -1,0 +1,800 @@
+"""QA review of rejected units, independent of any UI so that it can be scripted.
+
+- the queue of flagged (rejected) containers not yet reviewed, with filters and sorting;
+- a container's detail: its frames, the localisation maps overlaid, fill height against the spec band,
+  scores against thresholds, the station's reasons and model version;
+- signed reviews (21 CFR 11.50: printed name, time and meaning; 11.200: the password is re-entered for every
+  signature): ``confirmed_defect`` (with the reviewed classes), ``false_reject`` (a good unit) or
+  ``escalate``. A change of a review is a new review that supersedes the old one, never an update;
+- trends: reject rate per class over time and review outcomes per model version;
+- export of reviewed units as a dataset (manifest v1) for retraining.
+
+Rejects stay rejects: nothing here writes to the station's record store (it is opened read-only); a review
+is evidence for learning and trending, not a release decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sqlite3
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasets.imageio import ImageError, read_gray, to_uint8, write_png
+from datasets.manifest import MANIFEST_NAME, ManifestWriter
+from datasets.records import DEFECT_CLASSES, ContainerRecord, split_for
+
+from . import audit, users
+from .audit import ReviewDB
+from .store import DB_NAME, FRAMES_DIR, MAPS_DIR, RecordStore, frames_dir_name
+
+VERDICTS: tuple[str, ...] = ("confirmed_defect", "false_reject", "escalate")
+NOT_INSPECTED = "not_inspected"  # the queue's class filter for units rejected because a check did not run
+MAX_ID_LENGTH = 256
+MAX_COMMENT_LENGTH = 2000
+# One colour per class for map overlays (RGB): particle red, crack orange, fill level blue.
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {"particle": (255, 40, 40), "crack": (255, 170, 0),
+                                                  "fill_level": (40, 120, 255)}
+
+
+class ReviewError(Exception):
+    """A request that cannot be carried out: unknown container, invalid verdict, already reviewed, ..."""
+
+
+class SignatureError(ReviewError):
+    """The signature was refused (wrong password, disabled or unknown user); it was audited as failed."""
+
+
+def meaning_of(verdict: str, classes: Sequence[str] = ()) -> str:
+    """The meaning a signature carries (21 CFR 11.50(a)(3)), in words that stand on their own."""
+    if verdict == "confirmed_defect":
+        return f"Reviewed: confirmed defect ({', '.join(classes)})"
+    if verdict == "false_reject":
+        return "Reviewed: false reject (good unit)"
+    if verdict == "escalate":
+        return "Reviewed: escalated for further investigation"
+    raise ReviewError(f"unknown verdict {verdict!r} (known: {', '.join(VERDICTS)})")
+
+
+# ---------------------------------------------------------------- plain data across the border
+
+@dataclass
+class QueueFilter:
+    cls: str | None = None  # a defect class or "not_inspected"
+    recipe: str | None = None
+    model_version: str | None = None
+    since: str | float | datetime | None = None  # inclusive; a date, an ISO time or unix seconds
+    until: str | float | datetime | None = None  # exclusive; a bare date means the end of that day
+    sort: str = "time"  # "time" (oldest first) or "score" (highest first)
+    descending: bool = False  # reverse the order
+    status: str = "pending"  # "pending" (not reviewed), "escalated" (current review is escalate), "all"
+
+
+@dataclass
+class QueueItem:
+    container_id: str
+    sequence: int
+    decided_at_utc: str
+    recipe: str
+    model_version: str | None
+    format: str | None
+    reasons: list[str]
+    score: float | None  # the highest score among the rejected classes, None when no check ran
+    status: str  # "pending", or the current review's verdict
+
+
+@dataclass
+class ScoreRow:
+    cls: str
+    score: float | None
+    threshold: float | None
+    rejected: bool
+
+
+@dataclass
+class FillView:
+    height_mm: float | None  # measured by the model
+    target_mm: float | None
+    tolerance_mm: float | None
+    spec_source: str  # where the band comes from
+    in_spec: bool | None
+
+    @property
+    def deviation_mm(self) -> float | None:
+        if self.height_mm is None or self.target_mm is None:
+            return None
+        return self.height_mm - self.target_mm
+
+
+@dataclass
+class Review:
+    review_id: int
+    container_id: str
+    verdict: str
+    classes: list[str]
+    comment: str
+    reviewer: str
+    printed_name: str
+    signed_at_utc: str
+    meaning: str
+    supersedes: int | None
+    model_version: str | None
+    recipe: str | None
+    station_reasons: list[str]
+    audit_seq: int
+    superseded_by: int | None = None
+
+    @property
+    def signature(self) -> str:
+        """The signature's manifestation as shown and printed (21 CFR 11.50)."""
+        return f"{self.printed_name} ({self.reviewer}), {self.signed_at_utc}: {self.meaning}"
+
+
+@dataclass
+class UnitDetail:
+    container_id: str
+    record: dict[str, Any]  # the station's decision row, as stored
+    reasons: list[str]
+    model_version: str | None
+    recipe: str
+    decided_at_utc: str
+    scores: list[ScoreRow]
+    fill: FillView
+    frame_count: int
+    frames: list[np.ndarray | None] = field(default_factory=list)  # uint8 gray; None where no pixels were kept
+    overlays: list[np.ndarray | None] = field(default_factory=list)  # RGB uint8 with the maps; [] without maps
+    map_classes: list[str] = field(default_factory=list)
+    reviews: list[Review] = field(default_factory=list)  # oldest first
+
+    @property
+    def current_review(self) -> Review | None:
+        return next((r for r in reversed(self.reviews) if r.superseded_by is None), None)
+
+
+@dataclass
+class RejectRate:
+    period: str  # "YYYY-MM-DD" or "YYYY-MM-DDTHH:00" (UTC)
+    model_version: str
+    cls: str  # a defect class, "not_inspected", or "any" (all rejects)
+    rejected: int
+    inspected: int
+
+    @property
+    def rate(self) -> float:
+        return self.rejected / self.inspected if self.inspected else 0.0
+
+
+@dataclass
+class Outcome:
+    model_version: str
+    inspected: int
+    rejected: int
+    confirmed: int
+    false_reject: int
+    escalated: int
+    pending: int
+
+    @property
+    def false_share(self) -> float | None:
+        """Of the decided reviews, the share that were false rejects."""
+        n = self.confirmed + self.false_reject
+        return self.false_reject / n if n else None
+
+    @property
+    def estimated_false_reject_rate(self) -> float | None:
+        """Good units rejected per unit inspected: the reject rate times the reviewed false-reject share."""
+        share = self.false_share
+        return None if share is None or not self.inspected else self.rejected * share / self.inspected
+
+
+@dataclass
+class Trends:
+    reject_rates: list[RejectRate]
+    outcomes: list[Outcome]
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    containers: int
+    confirmed: int
+    false_rejects: int
+    skipped: list[str]  # "<id>: why"
+    manifest_sha256: str
+    audit_seq: int
+
+
+# ---------------------------------------------------------------- helpers
+
+def parse_time(v: str | float | datetime | None, end: bool = False) -> float | None:
+    """Unix seconds from a date ("2026-11-20"), an ISO time (UTC unless it says otherwise) or a number.
+
+    With ``end``, a bare date means the end of that day, so ``until=2026-11-20`` includes the 20th.
+    """
+    if v is None or v == "":
+        return None
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, str):
+        s = v.strip()
+        try:
+            t = datetime.fromisoformat(s)
+        except ValueError:
+            raise ReviewError(f"not a date or time: {v!r} (use YYYY-MM-DD or YYYY-MM-DDTHH:MM)") from None
+        if end and len(s) == 10:
+            t += timedelta(days=1)
+        v = t
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=UTC)
+    return v.timestamp()
+
+
+def _classes(reviewed_class: str | Sequence[str] | None) -> list[str]:
+    if reviewed_class is None or reviewed_class == "":
+        return []
+    items = [reviewed_class] if isinstance(reviewed_class, str) else list(reviewed_class)
+    out = []
+    for c in items:
+        if c not in DEFECT_CLASSES:
+            raise ReviewError(f"unknown class {c!r} (known: {', '.join(DEFECT_CLASSES)})")
+        if c not in out:
+            out.append(c)
+    return [c for c in DEFECT_CLASSES if c in out]
+
+
+def _review(row: sqlite3.Row, superseded_by: int | None = None) -> Review:
+    return Review(review_id=row["review_id"], container_id=row["container_id"], verdict=row["verdict"],
+                  classes=json.loads(row["classes"]), comment=row["comment"], reviewer=row["reviewer"],
+                  printed_name=row["printed_name"], signed_at_utc=row["signed_at_utc"], meaning=row["meaning"],
+                  supersedes=row["supersedes"], model_version=row["model_version"], recipe=row["recipe"],
+                  station_reasons=json.loads(row["station_reasons"]), audit_seq=row["audit_seq"],
+                  superseded_by=superseded_by)
+
+
+def _rejected_score(rec: dict[str, Any]) -> float | None:
+    vals = [float(rec["scores"][c]) for c in rec["reasons"] if c in (rec.get("scores") or {})]
+    vals = [v for v in vals if math.isfinite(v)]
+    return max(vals) if vals else None
+
+
+def _reason_class(reason: str) -> str:
+    return NOT_INSPECTED if reason.startswith("not_inspected:") else reason
+
+
+def overlay_maps(frame: np.ndarray, maps: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """The frame in gray with each class's map blended in its colour (RGB uint8, the frame's size).
+
+    The maps are coarse (1/8 of the image, (3, h, w) in [0, 1]) and cover the whole frame, so they are scaled
+    to it; only confident cells are tinted, so the unit itself stays visible.
+    """
+    import cv2
+
+    g = to_uint8(np.asarray(frame))
+    if g.ndim == 3:
+        g = g[..., 0]
+    out = np.repeat(g[..., None].astype(np.float32), 3, axis=2)
+    h, w = g.shape
+    for c in classes:
+        if c not in DEFECT_CLASSES:
+            continue
+        k = DEFECT_CLASSES.index(c)
+        if k >= maps.shape[0]:
+            continue
+        m = cv2.resize(np.asarray(maps[k], np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        a = np.clip((m - 0.15) / 0.85, 0.0, 1.0)[..., None] * 0.7
+        out = out * (1.0 - a) + np.asarray(CLASS_COLOURS[c], np.float32) * a
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _fill_spec_for_format(fmt: str | None) -> tuple[float, float] | None:
+    if not fmt:
+        return None
+    from datasets.sim.formats import FORMATS
+
+    f = FORMATS.get(fmt)
+    return None if f is None else (round(float(f.target_fill_mm), 4), float(f.fill_tolerance_mm))
+
+
+# ---------------------------------------------------------------- the service
+
+class ReviewService:
+    """Review over one store directory: the record store (read-only) plus ``STORE/review.sqlite``.
+
+    ``fill_specs`` maps a recipe name to its (target_mm, tolerance_mm); the station's rows do not carry the
+    spec, so without it the band shown is the container format's nominal spec, and the detail says so.
+    """
+
+    def __init__(self, store_dir: str | Path, fill_specs: dict[str, tuple[float, float]] | None = None) -> None:
+        self.store_dir = Path(store_dir)
+        self.store = RecordStore(self.store_dir, readonly=True)
+        try:
+            self.db = ReviewDB(self.store_dir)
+        except BaseException:
+            self.store.close()
+            raise
+        self.fill_specs = dict(fill_specs or {})
+        self._frames_root = (self.store_dir / FRAMES_DIR).resolve()
+        self._maps_root = (self.store_dir / MAPS_DIR).resolve()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> ReviewService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- input validation: every id from outside passes here before anything is read ----------------------
+
+    def record(self, container_id: Any) -> dict[str, Any]:
+        """The decision row of a container id given by a user; ``ReviewError`` for anything else."""
+        if not isinstance(container_id, str) or not container_id or len(container_id) > MAX_ID_LENGTH:
+            raise ReviewError("invalid container id")
+        if any(ord(ch) < 32 for ch in container_id):
+            raise ReviewError("invalid container id (control characters)")
+        rec = self.store.get(container_id)
+        if rec is None:
+            raise ReviewError(f"unknown container id {container_id!r}")
+        return rec
+
+    def _inside(self, root: Path, p: Path) -> Path:
+        # Defence in depth: even a tampered frames_dir in the store cannot point outside the store's folders.
+        rp = p.resolve()
+        if not rp.is_relative_to(root) or rp == root:
+            raise ReviewError("refused: the stored path leads outside the store")
+        return rp
+
+    def frame_files(self, container_id: str) -> list[Path | None]:
+        """One entry per frame (None where the station had no pixels); validated paths inside the store."""
+        rec = self.record(container_id)
+        if not rec["frames_dir"]:
+            return [None] * len(rec["frames"])
+        if rec["frames_dir"] != frames_dir_name(container_id):
+            raise ReviewError(f"refused: the stored frame folder of {container_id!r} is not the expected one")
+        folder = self._frames_root / rec["frames_dir"]
+        out: list[Path | None] = []
+        for f in rec["frames"]:
+            if f is None:
+                out.append(None)
+            elif not isinstance(f, str) or "/" in f or "\\" in f or f in (".", ".."):
+                raise ReviewError(f"refused: invalid stored frame name {f!r}")
+            else:
+                out.append(self._inside(self._frames_root, folder / f))
+        return out
+
+    def frame_file(self, container_id: str, index: int) -> Path:
+        """The file of frame ``index`` of a container, or ``ReviewError``: never a path outside the store."""
+        files = self.frame_files(container_id)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(files):
+            raise ReviewError(f"container {container_id!r} has no frame {index!r}")
+        p = files[index]
+        if p is None or not p.is_file():
+            raise ReviewError(f"frame {index} of {container_id!r} was not kept")
+        return p
+
+    def load_frame(self, container_id: str, index: int) -> np.ndarray:
+        p = self.frame_file(container_id, index)
+        if p.suffix == ".npy":
+            return np.load(p, allow_pickle=False)
+        try:
+            return read_gray(p)
+        except ImageError as e:
+            raise ReviewError(str(e)) from None
+
+    def load_maps(self, container_id: str) -> np.ndarray | None:
+        rec = self.record(container_id)
+        if not rec["has_maps"] or not rec["frames_dir"]:
+            return None
+        p = self._inside(self._maps_root, self._maps_root / f"{frames_dir_name(container_id)}.npz")
+        if not p.is_file():
+            return None
+        with np.load(p, allow_pickle=False) as z:
+            return np.asarray(z["maps"], np.float32)
+
+    # ---- queue ------------------------------------------------------------------------------------------
+
+    def current_reviews(self) -> dict[str, Review]:
+        """The current (latest, not superseded) review of every reviewed container."""
+        with self.db.connect() as conn:
+            rows = conn.execute("SELECT * FROM reviews r WHERE NOT EXISTS "
+                                "(SELECT 1 FROM reviews s WHERE s.supersedes = r.review_id)").fetchall()
+        return {r["container_id"]: _review(r) for r in rows}
+
+    def queue(self, filt: QueueFilter | None = None, limit: int | None = None) -> list[QueueItem]:
+        f = filt or QueueFilter()
+        if f.sort not in ("time", "score"):
+            raise ReviewError(f"unknown sort {f.sort!r} (time or score)")
+        if f.status not in ("pending", "escalated", "all"):
+            raise ReviewError(f"unknown status {f.status!r} (pending, escalated or all)")
+        if f.cls and f.cls not in (*DEFECT_CLASSES, NOT_INSPECTED):
+            raise ReviewError(f"unknown class {f.cls!r}")
+        since, until = parse_time(f.since), parse_time(f.until, end=True)
+        current = self.current_reviews()
+        items: list[QueueItem] = []
+        for rec in self.store.iter_decisions(since=since, until=until, flagged_only=True):
+            cid = rec["container_id"]
+            rv = current.get(cid)
+            status = "pending" if rv is None else rv.verdict
+            if f.status == "pending" and rv is not None:
+                continue
+            if f.status == "escalated" and status != "escalate":
+                continue
+            if f.cls and f.cls not in {_reason_class(r) for r in rec["reasons"]}:
+                continue
+            if f.recipe and rec["recipe"] != f.recipe:
+                continue
+            if f.model_version and rec["model_version"] != f.model_version:
+                continue
+            items.append(QueueItem(container_id=cid, sequence=rec["sequence"], decided_at_utc=rec["decided_at_utc"],
+                                   recipe=rec["recipe"], model_version=rec["model_version"], format=rec["format"],
+                                   reasons=list(rec["reasons"]), score=_rejected_score(rec), status=status))
+        if f.sort == "score":
+            # Highest first; units without scores (a check that did not run) last.
+            items.sort(key=lambda q: (q.score is None, -(q.score or 0.0), q.decided_at_utc))
+        else:
+            items.sort(key=lambda q: (q.decided_at_utc, q.sequence))
+        if f.descending:
+            items.reverse()
+        return items if limit is None else items[:limit]
+
+    def filter_options(self) -> dict[str, list[str]]:
+        """The recipes and model versions that occur among rejected units (for the queue's filters)."""
+        with self._records() as conn:
+            recipes = [r[0] for r in conn.execute("SELECT DISTINCT recipe FROM decisions WHERE accept = 0 "
+                                                  "ORDER BY recipe")]
+            versions = [r[0] for r in conn.execute("SELECT DISTINCT model_version FROM decisions WHERE accept = 0 "
+                                                   "AND model_version IS NOT NULL ORDER BY model_version")]
+        return {"classes": [*DEFECT_CLASSES, NOT_INSPECTED], "recipes": recipes, "model_versions": versions}
+
+    # ---- detail -----------------------------------------------------------------------------------------
+
+    def fill_view(self, rec: dict[str, Any]) -> FillView:
+        h = rec.get("fill_height_mm")
+        spec, source = self.fill_specs.get(rec["recipe"]), f"recipe {rec['recipe']}"
+        if spec is None:
+            spec, source = _fill_spec_for_format(rec.get("format")), f"nominal spec of format {rec.get('format')}"
+        if spec is None:
+            return FillView(h, None, None, "no fill spec known", None)
+        target, tol = spec
+        return FillView(h, target, tol, source, None if h is None else abs(h - target) <= tol)
+
+    def detail(self, container_id: str, images: bool = True) -> UnitDetail:
+        rec = self.record(container_id)
+        scores = rec.get("scores") or {}
+        thresholds = rec.get("thresholds") or {}
+        rows = []
+        for c in sorted(set(DEFECT_CLASSES) | set(scores) | set(thresholds),
+                        key=lambda c: (c not in DEFECT_CLASSES, DEFECT_CLASSES.index(c) if c in DEFECT_CLASSES else 0,
+                                       c)):
+            s, t = scores.get(c), thresholds.get(c)
+            rows.append(ScoreRow(c, None if s is None else float(s), None if t is None else float(t),
+                                 c in rec["reasons"]))
+        d = UnitDetail(container_id=container_id, record=rec, reasons=list(rec["reasons"]),
+                       model_version=rec["model_version"], recipe=rec["recipe"], decided_at_utc=rec["decided_at_utc"],
+                       scores=rows, fill=self.fill_view(rec), frame_count=len(rec["frames"]),
+                       reviews=self.reviews(container_id))
+        if images:
+            frames: list[np.ndarray | None] = []
+            for k, p in enumerate(self.frame_files(container_id)):
+                if p is None or not p.is_file():
+                    frames.append(None)
+                    continue
+                try:
+                    px = self.load_frame(container_id, k)
+                except (ReviewError, ValueError, OSError):
+                    frames.append(None)
+                    continue
+                frames.append(to_uint8(px) if px.ndim == 2 and px.dtype in (np.uint8, np.uint16) else None)
+            d.frames = frames
+            maps = self.load_maps(container_id)
+            if maps is not None and maps.ndim == 3:
+                shown = [c for c in DEFECT_CLASSES if c in rec["reasons"]] or list(DEFECT_CLASSES)
+                d.map_classes = shown
+                d.overlays = [None if f is None else overlay_maps(f, maps, shown) for f in frames]
+        return d
+
+    def reviews(self, container_id: str) -> list[Review]:
+        """Every review of a container, oldest first, each knowing which review superseded it."""
+        with self.db.connect() as conn:
+            rows = conn.execute("SELECT * FROM reviews WHERE container_id = ? ORDER BY review_id",
+                                (container_id,)).fetchall()
+        by = {r["supersedes"]: r["review_id"] for r in rows if r["supersedes"] is not None}
+        return [_review(r, by.get(r["review_id"])) for r in rows]
+
+    def history(self, container_id: str) -> tuple[list[Review], list[audit.AuditEntry]]:
+        """A container's reviews and every audit entry about it (signatures, failed signatures, changes)."""
+        self.record(container_id)
+        return self.reviews(container_id), audit.history(self.db, container_id)
+
+    # ---- signing ----------------------------------------------------------------------------------------
+
+    def sign_review(self, user: str, password: str, container_id: str, verdict: str,
+                    reviewed_class: str | Sequence[str] | None = None, comment: str = "",
+                    supersedes: int | None = None) -> Review:
+        """Sign a review of a rejected unit; the password is checked for this signature.
+
+        A first review needs ``supersedes=None``; changing the current review needs its id as ``supersedes``
+        and a comment giving the reason. Writes the review and exactly one audit entry in one transaction; a
+        refused password writes one ``signature_failed`` entry and raises ``SignatureError``.
+        """
+        if verdict not in VERDICTS:
+            raise ReviewError(f"unknown verdict {verdict!r} (known: {', '.join(VERDICTS)})")
+        classes = _classes(reviewed_class) if verdict == "confirmed_defect" else []
+        if verdict == "confirmed_defect" and not classes:
+            raise ReviewError("a confirmed defect needs its class (particle, crack or fill_level)")
+        comment = (comment or "").strip()
+        if len(comment) > MAX_COMMENT_LENGTH:
+            raise ReviewError(f"the comment is longer than {MAX_COMMENT_LENGTH} characters")
+        if supersedes is not None and not comment:
+            raise ReviewError("changing a review needs a reason in the comment")
+        rec = self.record(container_id)
+        if rec["accept"]:
+            raise ReviewError(f"{container_id!r} was accepted by the station; only rejected units are reviewed")
+        try:
+            signer = users.verify_password(self.db, user, password)
+        except users.AuthError as e:
+            audit.record(self.db, (user or "(empty)")[:128], audit.SIGNATURE_FAILED, container_id,
+                         new_value={"verdict": verdict, "classes": classes}, reason=str(e))
+            raise SignatureError(f"signature refused: {e}") from None
+        meaning = meaning_of(verdict, classes)
+        with self.db.transaction() as conn:
+            cur = conn.execute("SELECT * FROM reviews r WHERE container_id = ? AND NOT EXISTS "
+                               "(SELECT 1 FROM reviews s WHERE s.supersedes = r.review_id)",
+                               (container_id,)).fetchone()
+            if cur is not None and supersedes is None:
+                raise ReviewError(f"{container_id!r} is already reviewed (review {cur['review_id']}: {cur['meaning']} "
+                                  f"by {cur['reviewer']}); to change it, sign a new review that supersedes "
+                                  f"{cur['review_id']}, with a reason")
+            if supersedes is not None:
+                if cur is None or cur["review_id"] != supersedes:
+                    now_id = None if cur is None else cur["review_id"]
+                    raise ReviewError(f"review {supersedes} is not the current review of {container_id!r} "
+                                      f"(current: {now_id})")
+                if cur["reviewer"] != signer.username and signer.role != "admin":
+                    raise ReviewError(f"only an admin may change another reviewer's review ({cur['reviewer']})")
+            t, now = audit.utc_now()
+            used = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'reviews'").fetchone()
+            top = conn.execute("SELECT MAX(review_id) FROM reviews").fetchone()[0]
+            review_id = max(int(used[0]) if used else 0, int(top or 0)) + 1
+            row = {"review_id": review_id, "verdict": verdict, "classes": json.dumps(classes), "comment": comment,
+                   "reviewer": signer.username, "printed_name": signer.full_name, "signed_at_utc": now,
+                   "meaning": meaning, "supersedes": supersedes}
+            seq = audit.append(conn, signer.username, audit.REVIEW_CHANGED if cur is not None else audit.REVIEW,
+                               container_id, old_value=None if cur is None else audit.review_audit_value(cur),
+                               new_value=audit.review_audit_value(row), reason=comment or None, at_utc=now)
+            conn.execute(
+                "INSERT INTO reviews (review_id, container_id, verdict, classes, comment, reviewer, printed_name, "
+                "signed_at_utc, signed_at, meaning, supersedes, model_version, recipe, station_reasons, decided_at, "
+                "audit_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (review_id, container_id, verdict, row["classes"], comment, signer.username, signer.full_name, now, t,
+                 meaning, supersedes, rec["model_version"], rec["recipe"], json.dumps(rec["reasons"]),
+                 rec["decided_at"], seq))
+            out = conn.execute("SELECT * FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
+        return _review(out)
+
+    # ---- trends -----------------------------------------------------------------------------------------
+
+    def _records(self):
+        # Aggregates run in SQL on a read-only connection of their own: iterating rows in Python would
+        # take seconds for a shift's worth of units.
+        db = self.store_dir / DB_NAME
+        conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0)
+        conn.execute("PRAGMA query_only=ON")
+        return _Closing(conn)
+
+    def trends(self, bucket: str = "day", since: str | float | datetime | None = None,
+               until: str | float | datetime | None = None) -> Trends:
+        """Reject rate per class over time (per model version), and review outcomes per model version."""
+        fmt = {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H:00"}.get(bucket)
+        if fmt is None:
+            raise ReviewError(f"unknown bucket {bucket!r} (day or hour)")
+        where, args = ["1"], []
+        t0, t1 = parse_time(since), parse_time(until, end=True)
+        if t0 is not None:
+            where.append("decided_at >= ?")
+            args.append(t0)
+        if t1 is not None:
+            where.append("decided_at < ?")
+            args.append(t1)
+        w = " AND ".join(where)
+        period = f"strftime('{fmt}', decided_at, 'unixepoch')"
+        mv = "COALESCE(model_version, '(none)')"
+        with self._records() as conn:
+            totals = {(p, m): (int(n), int(r)) for p, m, n, r in conn.execute(
+                f"SELECT {period}, {mv}, COUNT(*), SUM(1 - accept) FROM decisions WHERE {w} GROUP BY 1, 2", args)}
+            per_class = conn.execute(
+                f"SELECT {period}, {mv}, CASE WHEN j.value LIKE 'not_inspected:%' THEN '{NOT_INSPECTED}' "
+                f"ELSE j.value END AS cls, COUNT(DISTINCT container_id) FROM decisions, json_each(decisions.reasons) "
+                f"AS j WHERE accept = 0 AND {w} GROUP BY 1, 2, 3", args).fetchall()
+            by_version = {m: (int(n), int(r)) for m, n, r in conn.execute(
+                f"SELECT {mv}, COUNT(*), SUM(1 - accept) FROM decisions WHERE {w} GROUP BY 1", args)}
+        rates = [RejectRate(p, m, "any", r, n) for (p, m), (n, r) in totals.items()]
+        rates += [RejectRate(p, m, c, int(k), totals[(p, m)][0]) for p, m, c, k in per_class]
+        rates.sort(key=lambda x: (x.period, x.model_version, x.cls))
+        counts: dict[str, Counter] = {}
+        for rv in self.current_reviews().values():
+            if t0 is not None or t1 is not None:
+                rec = self.store.get(rv.container_id)
+                if rec is None or (t0 is not None and rec["decided_at"] < t0) or \
+                        (t1 is not None and rec["decided_at"] >= t1):
+                    continue
+            counts.setdefault(rv.model_version or "(none)", Counter())[rv.verdict] += 1
+        outcomes = []
+        for m in sorted(set(by_version) | set(counts)):
+            n, r = by_version.get(m, (0, 0))
+            c = counts.get(m, Counter())
+            reviewed = c["confirmed_defect"] + c["false_reject"] + c["escalate"]
+            outcomes.append(Outcome(m, n, r, c["confirmed_defect"], c["false_reject"], c["escalate"],
+                                    max(r - reviewed, 0)))
+        return Trends(rates, outcomes)
+
+    # ---- export -----------------------------------------------------------------------------------------
+
+    def export_reviewed(self, out_dir: str | Path, actor: str, overwrite: bool = False) -> ExportResult:
+        """Reviewed units as a dataset (manifest v1) for retraining, and one ``export`` audit entry.
+
+        Confirmed defects carry the reviewed classes, false rejects are good units (no classes); escalated
+        units have no label yet and are left out, as are units whose frames were not all kept. Each row keeps
+        its review (id, verdict, signer, time) and the station's decision, so every label is traceable.
+        """
+        out = Path(out_dir)
+        if out.resolve().is_relative_to(self.store_dir.resolve()):
+            raise ReviewError(f"{out}: the dataset must not be written inside the record store")
+        if out.exists() and any(out.iterdir()):
+            header = _manifest_header(out)
+            if not overwrite:
+                raise ReviewError(f"{out} is not empty; choose another directory or pass overwrite")
+            if header.get("created_by") != "vialinspect review export":
+                raise ReviewError(f"{out} holds something other than a review export; refusing to overwrite it")
+            shutil.rmtree(out / "images", ignore_errors=True)
+            (out / MANIFEST_NAME).unlink(missing_ok=True)
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        chosen = [rv for rv in self.current_reviews().values() if rv.verdict in ("confirmed_defect", "false_reject")]
+        chosen.sort(key=lambda rv: rv.container_id)
+        rows: list[ContainerRecord] = []
+        skipped: list[str] = []
+        for rv in chosen:
+            rec = self.store.get(rv.container_id)
+            if rec is None:
+                skipped.append(f"{rv.container_id}: not in the record store")
+                continue
+            files = self.frame_files(rv.container_id)
+            if not files or any(p is None or not p.is_file() for p in files):
+                skipped.append(f"{rv.container_id}: not every frame was kept")
+                continue
+            name = frames_dir_name(rv.container_id)
+            rels, size = [], None
+            try:
+                for k, p in enumerate(files):
+                    assert p is not None
+                    rel = f"images/{name}_f{k}.png"
+                    if p.suffix == ".png":
+                        shutil.copyfile(p, out / rel)  # byte-identical evidence: PNG is lossless already
+                        img = read_gray(out / rel)
+                    else:
+                        img = np.load(p, allow_pickle=False)
+                        if img.ndim != 2 or img.dtype not in (np.uint8, np.uint16):
+                            raise ValueError(f"frame {k} is a {img.dtype} array of shape {img.shape}")
+                        write_png(out / rel, img)
+                    size = (int(img.shape[1]), int(img.shape[0]))
+                    rels.append(rel)
+            except (ValueError, OSError, ImageError) as e:
+                for rel in rels:
+                    (out / rel).unlink(missing_ok=True)
+                skipped.append(f"{rv.container_id}: {e}")
+                continue
+            rows.append(ContainerRecord(
+                id=rv.container_id, frames=rels, classes=list(rv.classes), split=split_for(rv.container_id),
+                format=rec["format"], image_size=size,
+                extra={
+                    "review": {"review_id": rv.review_id, "verdict": rv.verdict, "reviewer": rv.reviewer,
+                               "printed_name": rv.printed_name, "signed_at_utc": rv.signed_at_utc,
+                               "meaning": rv.meaning, "comment": rv.comment},
+                    # The model's own measurement, not ground truth: kept apart from fill_height_mm so that
+                    # training never learns from it.
+                    "station": {"reasons": rec["reasons"], "model_version": rec["model_version"],
+                                "recipe": rec["recipe"], "decided_at_utc": rec["decided_at_utc"],
+                                "scores": rec["scores"], "fill_height_mm": rec["fill_height_mm"]},
+                },
+            ))
+        k_counts = Counter(len(r.frames) for r in rows)
+        _, now = audit.utc_now()
+        header = {
+            "created_by": "vialinspect review export", "exported_at_utc": now, "exported_by": actor,
+            "source_store": str(self.store_dir.resolve()), "containers": len(rows),
+            "frames_per_container": k_counts.most_common(1)[0][0] if rows else 1,
+            "classes": list(DEFECT_CLASSES),
+        }
+        writer = ManifestWriter(out, header)
+        try:
+            for r in rows:
+                writer.write(r)
+        except BaseException:
+            writer.abort()
+            raise
+        manifest = writer.close()
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        confirmed = sum(1 for r in rows if r.classes)
+        seq = audit.record(self.db, actor, audit.EXPORT, new_value={
+            "out_dir": str(out.resolve()), "containers": len(rows), "confirmed_defects": confirmed,
+            "false_rejects": len(rows) - confirmed, "skipped": len(skipped), "manifest_sha256": digest,
+            "review_ids": [r.extra["review"]["review_id"] for r in rows],
+        }, reason="reviewed units exported for retraining")
+        return ExportResult(out, len(rows), confirmed, len(rows) - confirmed, skipped, digest, seq)
+
+
+class _Closing:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def _manifest_header(root: Path) -> dict[str, Any]:
+    try:
+        with open(root / MANIFEST_NAME, encoding="utf-8") as fh:
+            h = json.loads(fh.readline())
+        return h if isinstance(h, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- module-level functions for scripts
+
+def _service(store: ReviewService | str | Path) -> tuple[ReviewService, bool]:
+    if isinstance(store, ReviewService):
+        return store, False
+    return ReviewService(store), True
+
+
+def sign_review(store: ReviewService | str | Path, user: str, password: str, container_id: str, verdict: str,
+                reviewed_class: str | Sequence[str] | None = None, comment: str = "",
+                supersedes: int | None = None) -> Review:
+    """:meth:`ReviewService.sign_review` on a store directory (or an open service)."""
+    svc, own = _service(store)
+    try:
+        return svc.sign_review(user, password, container_id, verdict, reviewed_class, comment, supersedes)
+    finally:
+        if own:
+            svc.close()
+
+
+def export_reviewed(store: ReviewService | str | Path, out_dir: str | Path, actor: str | None = None,
+                    overwrite: bool = False) -> ExportResult:
+    """:meth:`ReviewService.export_reviewed` on a store directory; ``actor`` defaults to the OS user."""
+    svc, own = _service(store)
+    try:
+        return svc.export_reviewed(out_dir, actor or os_actor(), overwrite=overwrite)
+    finally:
+        if own:
+            svc.close()
+
+
+def os_actor() -> str:
+    """Who acts from a command line: the operating-system account (the store's files are guarded by it)."""
+    import getpass
+
+    try:
+        name = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        name = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return f"os:{name}"
+
+
+def review_to_dict(r: Review) -> dict[str, Any]:
+    return {**asdict(r), "signature": r.signature}
