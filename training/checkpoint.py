@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from datasets.manifest import MANIFEST_NAME, Dataset
+from export.package import sha256_file
 from vision.model import VialNet
 from vision.preprocess import InputSpec
 
@@ -64,19 +65,11 @@ def build_model(ck: dict[str, Any]) -> tuple[VialNet, InputSpec]:
     return net, InputSpec.from_json(ck["input_spec"])
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def container_digest(root: Path, frames: list[str]) -> str:
     """Content hash of one container's frames: the same images give the same digest wherever they live."""
     h = hashlib.sha256()
     for f in frames:
-        h.update(_file_digest(Path(root) / f).encode())
+        h.update(sha256_file(Path(root) / f).encode())
     return h.hexdigest()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 5e-4
     weight_decay: float = 1e-4
     patience: int = 6  # epochs without a better validation loss before stopping early
     frames: int | None = None  # frames per container; default: the dataset's
@@ -30,7 +30,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision, used on CUDA only
     max_minutes: float | None = None  # stop after this much training time (the best checkpoint is kept)
     map_pos_weight: float = 10.0  # weight of a defect cell against a background cell in the map loss
-    p_full: float = 0.3  # share of drawn containers used whole; the rest become crops (needs masks)
+    p_full: float = 0.5  # share of drawn containers used whole; the rest become crops (needs masks)
     crop: int = 256  # crop side in pixels (a multiple of 32)
     crop_batch: int = 8
     crops_per_full: int = 4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from datasets.manifest import Dataset
 from datasets.reader import open_dataset
 from datasets.records import ContainerRecord, fit_frames
-from export.package import load_package
+from export.package import load_package, sha256_file
 from vision.preprocess import InputSpec
 from vision.runtime import OnnxModel
 from vision.scores import Scores
@@ -32,14 +31,6 @@ class LoadedModel:
     thresholds: dict[str, float]
     model_id: str
     source: str
-
-
-def _file_id(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def load_package_model(path: str | Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
@@ -66,7 +57,7 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
         raise EvaluationError(f"{p} has no calibrated thresholds (a last.pt mid-training?); use the run's best.pt")
     torch_device = "cuda" if device in ("cuda", "tensorrt") or (device == "auto" and _cuda()) else "cpu"
     predictor = TorchPredictor(net, spec, torch_device, has_fill=bool(ck.get("heads", {}).get("fill")))
-    return LoadedModel(predictor, spec, thresholds, model_id=f"ckpt-{_file_id(p)}", source=str(p))
+    return LoadedModel(predictor, spec, thresholds, model_id=f"ckpt-{sha256_file(p)[:16]}", source=str(p))
 
 
 def _cuda() -> bool:

@@ -1,7 +1,8 @@
 """`make demo`: the whole product on a small embedded default, step by step.
 
 Simulate a small dataset, validate it, write an annotated contact sheet, evaluate the committed default
-model on it, then run the inspection station on the simulator as a camera with that model.
+model on it, run the inspection station on the simulator as a camera with that model, and end with the QA
+review app serving the station's flagged units (a demo reviewer login is printed).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
 RECIPE = Path(__file__).resolve().parents[1] / "inspection_station" / "recipes" / "vial-2R.toml"
 
 
-def run(out: Path, containers: int = 120, station_units: int = 300) -> int:
+def run(out: Path, containers: int = 120, station_units: int = 300, review: bool = True, port: int = 7860) -> int:
     data = out / "data"
     steps = [
         ("simulate a dataset", ["generate", "--out", str(data), "--containers", str(containers), "--frames", "4",
@@ -39,6 +40,28 @@ def run(out: Path, containers: int = 120, station_units: int = 300) -> int:
             return rc
     print(f"\ndemo done: dataset {data}, contact sheet {out / 'contact_sheet.png'}, report {out / 'report'}, "
           f"station records {out / 'station_store'}")
+    if review:
+        return serve_review(out / "station_store", port)
+    return 0
+
+
+DEMO_USER, DEMO_PASSWORD = "qa.demo", "demo-password-1"
+
+
+def serve_review(store: Path, port: int) -> int:
+    """The review app on the demo store, with a demo reviewer (demo only: never a fixed password on a line)."""
+    from inspection_station.audit import ReviewDB
+    from inspection_station.review_app import serve
+    from inspection_station.users import add_user, get_user
+
+    db = ReviewDB(store)
+    if get_user(db, DEMO_USER) is None:
+        add_user(db, DEMO_USER, "Demo Reviewer", "reviewer", DEMO_PASSWORD, actor="demo")
+    print(f"\n== review app: http://127.0.0.1:{port}  (login: {DEMO_USER} / {DEMO_PASSWORD}; Ctrl-C stops)", flush=True)
+    try:
+        serve(store, host="127.0.0.1", port=port, block=True)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -47,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="where the demo writes (default demo_out)")
     p.add_argument("--containers", type=int, default=120, help="containers to simulate (default 120)")
     p.add_argument("--station-units", type=int, default=300, help="units the station inspects (default 300)")
+    p.add_argument("--no-review", action="store_true", help="end without starting the review app")
+    p.add_argument("--port", type=int, default=7860, help="review app port on 127.0.0.1 (default 7860)")
     a = p.parse_args(argv)
-    return run(Path(a.out), a.containers, a.station_units)
+    return run(Path(a.out), a.containers, a.station_units, review=not a.no_review, port=a.port)
 
 
 if __name__ == "__main__":
