@@ -33,7 +33,7 @@ from datasets.generate import generate  # noqa: E402
 from datasets.reader import open_dataset  # noqa: E402
 from datasets.sim.config import SimConfig  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.evaluate import evaluate_model  # noqa: E402
+from training.evaluate import evaluate_model, load_model  # noqa: E402
 from training.report import compare_reports, write_report  # noqa: E402
 from training.trainer import train  # noqa: E402
 
@@ -119,6 +119,8 @@ def main() -> int:
     p.add_argument("--skip-k1", action="store_true", help="skip the single-frame comparison model")
     p.add_argument("--skip-baseline", action="store_true", help="skip the classical baseline")
     p.add_argument("--frr", type=float, default=0.01, help="false-reject budget for calibration (default 0.01)")
+    p.add_argument("--k4-model", default=None,
+                   help="evaluate this trained K=4 model (package or checkpoint) instead of training one")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +129,13 @@ def main() -> int:
         print(f"== generating {a.containers} containers into {data}", flush=True)
         generate(data, a.containers, SimConfig(frames=4), seed=a.seed, overwrite=True)
     summary: dict = {"containers": len(open_dataset(data).records), "targets": TARGETS}
-    print("== training the K=4 model", flush=True)
-    rep4, info4 = train_and_eval(data, out / "k4", 4, a.minutes, a.epochs)
+    if a.k4_model:
+        print(f"== evaluating the given K=4 model {a.k4_model}", flush=True)
+        rep4, _, _ = evaluate_model(load_model(a.k4_model), data, out / "k4", split="test")
+        info4 = {"train_minutes": None, "wall_minutes": None, "epochs": None, "stopped": f"given: {a.k4_model}"}
+    else:
+        print("== training the K=4 model", flush=True)
+        rep4, info4 = train_and_eval(data, out / "k4", 4, a.minutes, a.epochs)
     summary["k4"] = {**headline(rep4), **info4,
                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     reports = {"k4": rep4}

@@ -97,6 +97,8 @@ def run_station(model, recipe: Recipe, units, rate: float, total: int, store_dir
     s = stats.snapshot()
     s["wall_s"] = wall
     s["sustained_per_min"] = 60.0 * s["containers"] / wall
+    # Units actually inspected: a unit turned away (queue full) is decided fast but not inspected.
+    s["inspected_per_min"] = 60.0 * (s["containers"] - s["not_inspected"]) / wall
     return s
 
 
@@ -108,6 +110,8 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=1200.0, help="line rate for the latency run, units/min (default 1200)")
     p.add_argument("--minutes", type=float, default=2.0, help="length of the line-rate run (default 2; target 30)")
     p.add_argument("--max-units", type=int, default=600, help="units in the as-fast-as-possible run (default 600)")
+    p.add_argument("--max-rate", type=float, default=6000.0,
+                   help="offered rate of the as-fast-as-possible run, units/min (default 6000: above capacity)")
     p.add_argument("--json", default="bench_out/station.json", help="where to write the JSON result")
     a = p.parse_args()
 
@@ -135,8 +139,8 @@ def main() -> int:
     print(f"raw runtime: {raw_per_min:.0f} units/min", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="vi-bench-station-") as tmp:
-        fast = run_station(model, recipe, units, 0.0, a.max_units, Path(tmp) / "fast")
-        print(f"station, as fast as possible: {fast['sustained_per_min']:.0f} units/min", flush=True)
+        fast = run_station(model, recipe, units, a.max_rate, a.max_units, Path(tmp) / "fast")
+        print(f"station, as fast as possible: {fast['inspected_per_min']:.0f} units/min inspected", flush=True)
         total = int(a.rate * a.minutes)
         samples: list[tuple[float, float]] = []
         line_run = run_station(model, recipe, units, a.rate, total, Path(tmp) / "line", samples)
@@ -147,8 +151,8 @@ def main() -> int:
         "model": model.version, "provider": model.runner.status.provider, "format": a.format, "frames": k,
         "frame_size": [w, h], "cores": os.cpu_count(),
         "raw_runtime_per_min": round(raw_per_min, 1),
-        "station_max_per_min": round(fast["sustained_per_min"], 1),
-        "station_fraction_of_raw": round(fast["sustained_per_min"] / raw_per_min, 3),
+        "station_max_inspected_per_min": round(fast["inspected_per_min"], 1),
+        "station_fraction_of_raw": round(fast["inspected_per_min"] / raw_per_min, 3),
         "max_run_not_inspected": fast["not_inspected"],
         "line_rate_per_min": a.rate, "line_run_minutes": a.minutes,
         "line_run_achieved_per_min": round(line_run["sustained_per_min"], 1),
