@@ -36,7 +36,7 @@ from datasets.records import DEFECT_CLASSES, ContainerRecord, split_for
 
 from . import audit, users
 from .audit import ReviewDB
-from .store import DB_NAME, FRAMES_DIR, MAPS_DIR, RecordStore, frames_dir_name
+from .store import DB_NAME, FRAMES_DIR, MAPS_DIR, RecordStore, frames_dir_name, time_range_sql
 
 VERDICTS: tuple[str, ...] = ("confirmed_defect", "false_reject", "escalate")
 NOT_INSPECTED = "not_inspected"  # the queue's class filter for units rejected because a check did not run
@@ -599,15 +599,9 @@ class ReviewService:
         fmt = {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H:00"}.get(bucket)
         if fmt is None:
             raise ReviewError(f"unknown bucket {bucket!r} (day or hour)")
-        where, args = ["1"], []
         t0, t1 = parse_time(since), parse_time(until, end=True)
-        if t0 is not None:
-            where.append("decided_at >= ?")
-            args.append(t0)
-        if t1 is not None:
-            where.append("decided_at < ?")
-            args.append(t1)
-        w = " AND ".join(where)
+        where, args = time_range_sql(t0, t1)
+        w = " AND ".join(["1", *where])
         period = f"strftime('{fmt}', decided_at, 'unixepoch')"
         mv = "COALESCE(model_version, '(none)')"
         with self._records() as conn:

@@ -151,6 +151,18 @@ def _as_unix(t: float | datetime | str | None) -> float | None:
     return float(t)
 
 
+def time_range_sql(t0: float | None, t1: float | None) -> tuple[list[str], list[float]]:
+    """WHERE clauses and arguments for decided_at in [t0, t1); either end may be open."""
+    where, args = [], []
+    if t0 is not None:
+        where.append("decided_at >= ?")
+        args.append(t0)
+    if t1 is not None:
+        where.append("decided_at < ?")
+        args.append(t1)
+    return where, args
+
+
 def _fsync_path(path: Path) -> None:
     if os.name != "posix" and path.is_dir():  # pragma: no cover - directories cannot be fsynced there
         return
@@ -479,14 +491,8 @@ class RecordStore:
         Rows are fetched a page at a time, so the generator may be consumed slowly without holding a read
         transaction open (which would keep the WAL from being checkpointed).
         """
-        where, args = ["rowid > ?"], []
-        t0, t1 = _as_unix(since), _as_unix(until)
-        if t0 is not None:
-            where.append("decided_at >= ?")
-            args.append(t0)
-        if t1 is not None:
-            where.append("decided_at < ?")
-            args.append(t1)
+        where, args = time_range_sql(_as_unix(since), _as_unix(until))
+        where, args = ["rowid > ?", *where], args
         if flagged_only:
             where.append("accept = 0")
         sql = f"SELECT rowid AS _rowid, * FROM decisions WHERE {' AND '.join(where)} ORDER BY rowid LIMIT ?"
@@ -520,15 +526,8 @@ class RecordStore:
     def stats(self, since: float | datetime | str | None = None,
               until: float | datetime | str | None = None) -> dict[str, Any]:
         """Counts: total, accepted, rejected, not_inspected, and rejections per reason."""
-        where, args = ["1"], []
-        t0, t1 = _as_unix(since), _as_unix(until)
-        if t0 is not None:
-            where.append("decided_at >= ?")
-            args.append(t0)
-        if t1 is not None:
-            where.append("decided_at < ?")
-            args.append(t1)
-        w = " AND ".join(where)
+        where, args = time_range_sql(_as_unix(since), _as_unix(until))
+        w = " AND ".join(["1", *where])
         conn = self._reader()
         total, accepted = conn.execute(f"SELECT COUNT(*), COALESCE(SUM(accept), 0) FROM decisions WHERE {w}",
                                        args).fetchone()
