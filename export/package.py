@@ -158,6 +158,19 @@ def load_package(path: str | Path) -> ModelPackage:
     return ModelPackage(p, meta)
 
 
+def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = None):
+    """ONNX Runtime for a verified package, with the package's own input spec (a ``vision.runtime.OnnxModel``).
+
+    The fill height is reported only when the package says its fill head was trained.
+    """
+    from vision.preprocess import InputSpec
+    from vision.runtime import OnnxModel
+
+    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
+    return OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),
+                     device=device, threads=threads)
+
+
 def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, reason: str,
                     overwrite: bool = False) -> ModelPackage:
     """A new package version with other thresholds and the very same ``model.onnx`` bytes."""

@@ -44,7 +44,6 @@ class LoadedModel:
     runner: Any  # vision.runtime.OnnxModel or anything with .spec and .predict_prepared
     version: str
     thresholds: dict[str, float]
-    has_maps: bool = True
 
 
 class ModelSlot:

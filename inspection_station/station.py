@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.package import load_package
+from export.package import load_package, open_runner
 from vision.preprocess import InputSpec
-from vision.runtime import OnnxModel
 
 from .line import LogLineOutput, OpcUaLineOutput
 from .pipeline import LoadedModel, ModelSlot, Pipeline
@@ -50,10 +49,7 @@ class StationOptions:
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
     pkg = load_package(path)
-    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
-    runner = OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill", True)),
-                       device=device, threads=threads)
-    return LoadedModel(runner=runner, version=pkg.version_id, thresholds=pkg.thresholds)
+    return LoadedModel(runner=open_runner(pkg, device, threads), version=pkg.version_id, thresholds=pkg.thresholds)
 
 
 def open_line(spec: str, store_dir: Path):

@@ -20,7 +20,6 @@ from torch.utils.data import Dataset as TorchDataset
 
 from datasets.records import DEFECT_CLASSES, ContainerRecord
 from datasets.torch_dataset import ContainerDataset, Sample
-from vision.model import ROW_STRIDE
 from vision.postprocess import MAP_STRIDE
 from vision.preprocess import InputSpec, preprocess
 
@@ -197,5 +196,5 @@ class MixedBatchSampler:
         return len(self._batches())
 
 
-__all__ = ["ROW_STRIDE", "MAP_STRIDE", "TrainTransform", "TrainingItems", "MixedBatchSampler", "class_weights",
+__all__ = ["MAP_STRIDE", "TrainTransform", "TrainingItems", "MixedBatchSampler", "class_weights",
            "collate", "image_size", "input_shape"]

@@ -9,9 +9,8 @@ from pathlib import Path
 from datasets.manifest import Dataset
 from datasets.reader import open_dataset
 from datasets.records import ContainerRecord, fit_frames
-from export.package import load_package, sha256_file
+from export.package import load_package, open_runner, sha256_file
 from vision.preprocess import InputSpec
-from vision.runtime import OnnxModel
 from vision.scores import Scores
 
 from .checkpoint import CheckpointError, build_model, load_checkpoint
@@ -36,10 +35,8 @@ class LoadedModel:
 def load_package_model(path: str | Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
     """A verified model package run by ONNX Runtime (GPU if available, else CPU)."""
     pkg = load_package(path)
-    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
-    runner = OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),
-                       device=device, threads=threads)
-    return LoadedModel(runner, spec, pkg.thresholds, model_id=pkg.version_id, source=str(pkg.path))
+    runner = open_runner(pkg, device, threads)
+    return LoadedModel(runner, runner.spec, pkg.thresholds, model_id=pkg.version_id, source=str(pkg.path))
 
 
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:

@@ -32,9 +32,6 @@ class TorchPredictor:
         probs, maps, heights = self.model(x)
         return to_scores(probs.cpu().numpy(), maps.cpu().numpy(), heights.cpu().numpy(), batch, self.has_fill)
 
-    def predict(self, containers: list[list[np.ndarray]]) -> list[Scores]:
-        return self.predict_prepared([preprocess(f, self.spec) for f in containers])
-
 
 def predict_records(predictor, root: Path, records: list[ContainerRecord], batch_size: int = 4,
                     progress: Callable | None = None) -> list[Scores]:

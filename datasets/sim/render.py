@@ -25,7 +25,6 @@ from .motion import position
 from .scene import FreeObject, GlassMark, Scene
 
 LIQUID = {"clear": (0.97, 0.30), "tinted": (0.80, 0.30), "opalescent": (0.88, 0.18)}  # transmission, lens
-DEFECT_MASK_LEVEL = 0.25
 
 
 @dataclass(frozen=True)
