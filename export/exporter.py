@@ -55,7 +55,8 @@ def package_metadata(spec: InputSpec, ck: dict[str, Any], precision: str, opset:
 
 def export_package(net: VialNet, spec: InputSpec, ck: dict[str, Any], out: Path, held_out: list[Prepared],
                    fill_specs: list, opset: int = DEFAULT_OPSET, fp16: bool = False, git_commit: str = "unknown",
-                   overwrite: bool = False, step: Callable[[str], None] = print) -> ModelPackage:
+                   overwrite: bool = False, step: Callable[[str], None] = print,
+                   extra_metadata: dict[str, Any] | None = None) -> ModelPackage:
     if not ck.get("thresholds"):
         raise ExportError("the checkpoint has no calibrated thresholds; export the run's best.pt")
     net = net.eval()
@@ -74,7 +75,7 @@ def export_package(net: VialNet, spec: InputSpec, ck: dict[str, Any], out: Path,
     if not res.ok:
         raise ExportError(f"parity failed: max |Δp| {res.max_abs_prob:.2e} (tolerance {res.tolerance:.0e}), "
                           f"decisions identical: {res.decisions_identical}; nothing written")
-    meta = package_metadata(spec, ck, precision, opset, res.to_json(), git_commit)
+    meta = {**package_metadata(spec, ck, precision, opset, res.to_json(), git_commit), **(extra_metadata or {})}
     buf = io.BytesIO()
     torch.save({"model": ck.get("model"), "state_dict": net.float().state_dict()}, buf)
     pkg = write_package(out, onnx_bytes, meta, overwrite=overwrite, weights=buf.getvalue())

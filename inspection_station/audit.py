@@ -38,8 +38,9 @@ LOGIN, LOGIN_FAILED, LOGOUT = "login", "login_failed", "logout"
 REVIEW, REVIEW_CHANGED, SIGNATURE_FAILED = "review", "review_changed", "signature_failed"
 USER_ADDED, USER_DISABLED = "user_added", "user_disabled"
 EXPORT, AUDIT_EXPORT = "export", "audit_export"
+MODEL_RETRAINED, MODEL_PROMOTED, MODEL_ROLLED_BACK = "model_retrained", "model_promoted", "model_rolled_back"
 ACTIONS: tuple[str, ...] = (LOGIN, LOGIN_FAILED, LOGOUT, REVIEW, REVIEW_CHANGED, SIGNATURE_FAILED, USER_ADDED,
-                            USER_DISABLED, EXPORT, AUDIT_EXPORT)
+                            USER_DISABLED, EXPORT, AUDIT_EXPORT, MODEL_RETRAINED, MODEL_PROMOTED, MODEL_ROLLED_BACK)
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);

@@ -47,23 +47,37 @@ class LoadedModel:
 
 
 class ModelSlot:
-    """The model in use, and a model waiting to replace it between two batches (a signed promotion)."""
+    """The model in use, and a model waiting to replace it between two batches (a signed promotion).
 
-    def __init__(self, model: LoadedModel | None):
+    The infer thread asks for ``current()`` once per batch, so every container of a batch is decided by one
+    model, and the version recorded with each decision is the one that decided it.
+    """
+
+    def __init__(self, model: LoadedModel | None, on_swap: Callable[[LoadedModel], None] | None = None):
         self._model = model
         self._pending: LoadedModel | None = None
         self._lock = threading.Lock()
+        self._on_swap = on_swap
+        self.history: list[str] = [model.version] if model else []
 
     def request_swap(self, model: LoadedModel) -> None:
         with self._lock:
             self._pending = model
+
+    @property
+    def version(self) -> str | None:
+        with self._lock:
+            return self._model.version if self._model else None
 
     def current(self) -> LoadedModel | None:
         with self._lock:
             if self._pending is not None:
                 old = self._model.version if self._model else None
                 self._model, self._pending = self._pending, None
+                self.history.append(self._model.version)
                 log.warning("model swapped between containers: %s -> %s", old, self._model.version)
+                if self._on_swap:
+                    self._on_swap(self._model)
             return self._model
 
 

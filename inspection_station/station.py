@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from export.package import load_package, open_runner
+from export.registry import RegistryError
 from vision.preprocess import InputSpec
 
 from .line import LogLineOutput, OpcUaLineOutput
@@ -45,11 +46,59 @@ class StationOptions:
     threads: int | None = None
     status_every_s: float = 1.0
     quiet: bool = False
+    registry: Path | None = None  # run the registry's current model for the recipe, and follow promotions
+    registry_poll_s: float = 2.0
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
     pkg = load_package(path)
     return LoadedModel(runner=open_runner(pkg, device, threads), version=pkg.version_id, thresholds=pkg.thresholds)
+
+
+class RegistryWatcher:
+    """Follows the registry's ``current`` pointer for one recipe and hands a newly promoted (or rolled-back)
+    model to the pipeline, which takes it up between two batches. The new package is verified, loaded and
+    warmed up here, off the inspection path; one that fails to load leaves the running model in place."""
+
+    def __init__(self, registry, recipe: Recipe, slot: ModelSlot, stats: StationStats, device: str,
+                 threads: int | None, poll_s: float, current: str, print_fn=print):
+        self.registry, self.recipe, self.slot, self.stats = registry, recipe, slot, stats
+        self.device, self.threads, self.poll_s, self.print_fn = device, threads, poll_s, print_fn
+        self.loaded = current
+        self.failed: str | None = None
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="registry-watch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.poll_s):
+            self.check()
+
+    def check(self) -> None:
+        version, _ = self.registry.pointer_stamp(self.recipe.name)
+        if version is None or version in (self.loaded, self.failed):
+            return
+        try:
+            model = load_model(self.registry.package_dir(version), self.device, self.threads)
+            if self.recipe.frame_size:
+                model.runner.warm_up(*_padded(self.recipe.frame_size, model.runner.spec))
+        except Exception as e:  # noqa: BLE001 - any failure keeps the running model; it is reported, not fatal
+            self.failed = version
+            log.error("registry: promoted model %s not taken up: %s", version, e)
+            self.print_fn(f"\nwarning: promoted model {version} could not be loaded ({e}); still running {self.loaded}")
+            return
+        if model.runner.spec.frames != self.recipe.frames:
+            self.failed = version
+            self.print_fn(f"\nwarning: promoted model {version} takes {model.runner.spec.frames} frame(s), the recipe "
+                          f"{self.recipe.frames}; still running {self.loaded}")
+            return
+        self.slot.request_swap(model)
+        self.loaded, self.failed = version, None
+        self.print_fn(f"\nregistry: model {version} promoted for {self.recipe.name}; taken up between containers")
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=5)
 
 
 def open_line(spec: str, store_dir: Path):
@@ -104,8 +153,20 @@ def _source_uri(uri: str, recipe: Recipe, start: int) -> str:
 
 
 def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
-    recipe = load_recipe(opts.recipe, check_model=True)
-    model = load_model(Path(recipe.model), opts.device, opts.threads)
+    registry = None
+    if opts.registry is not None:
+        from export.registry import Registry
+
+        recipe = load_recipe(opts.recipe, check_model=False)
+        registry = Registry(opts.registry)
+        current = registry.current(recipe.name)
+        if current is None:
+            raise RegistryError(f"the registry {opts.registry} has no current model for recipe {recipe.name!r}; "
+                                "promote one first (`vialinspect registry promote`)")
+        model = load_model(registry.package_dir(current), opts.device, opts.threads)
+    else:
+        recipe = load_recipe(opts.recipe, check_model=True)
+        model = load_model(Path(recipe.model), opts.device, opts.threads)
     store = RecordStore(opts.store, sample_accepted=recipe.sample_accepted, min_free_mb=recipe.min_free_mb)
     last = store.last_sequence()
     start = 0 if last is None else last + 1
@@ -120,8 +181,11 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     spec = model.runner.spec
     if recipe.frame_size:
         model.runner.warm_up(*_padded(recipe.frame_size, spec))
-    pipe = Pipeline(source, recipe, ModelSlot(model), store, line, stats, start_sequence=start,
+    slot = ModelSlot(model, on_swap=lambda m: stats.set(model_version=m.version))
+    pipe = Pipeline(source, recipe, slot, store, line, stats, start_sequence=start,
                     max_containers=opts.max_containers)
+    watcher = RegistryWatcher(registry, recipe, slot, stats, opts.device, opts.threads, opts.registry_poll_s,
+                              model.version, print_fn) if registry is not None else None
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -154,6 +218,8 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
                     print_fn(("\r" + text) if tty else text, **({"end": "", "flush": True} if tty else {}))
         pipe.join()
     finally:
+        if watcher:
+            watcher.close()
         for s, h in old.items():
             signal.signal(s, h)
         source.close()
@@ -163,7 +229,7 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
             metrics.close()
     snap = stats.snapshot()
     snap.update(alarm=pipe.alarm, errors=pipe.errors, resumed_at=start, store=str(opts.store), recipe=recipe.name,
-                model_version=model.version, provider=model.runner.status.provider,
+                model_version=slot.version, models_used=slot.history, provider=model.runner.status.provider,
                 fallback=model.runner.status.fallback, wall_s=time.monotonic() - t0)
     if tty and not opts.quiet:
         print_fn("")

@@ -70,8 +70,9 @@ class TrainConfig:
             raise ValueError("frames must be >= 1")
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the file (if any), then command-line overrides that were actually given."""
+def load_config(path: str | Path | None, overrides: dict[str, Any],
+                defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults (the class's, then ``defaults``), then the file (if any), then overrides actually given."""
     d: dict[str, Any] = {}
     if path:
         p = Path(path)
@@ -92,5 +93,6 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
         if not isinstance(d, dict):
             raise ValueError(f"{p}: config must be a mapping of setting: value")
         d = dict(d.get("train", d))
+    d = {**(defaults or {}), **d}
     d.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(d)

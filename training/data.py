@@ -135,11 +135,24 @@ def collate(items: list[dict]):
 
 
 def class_weights(records: list[ContainerRecord]) -> np.ndarray:
-    """Sampling weight per record so good units and each defect class are drawn about equally often."""
+    """Sampling weight per record so good units and each defect class are drawn about equally often.
+
+    A record's ``sample_weight`` (a manifest field, default 1) multiplies its weight within its class:
+    retraining uses it to draw reviewed hard negatives more often than the many ordinary good units.
+    """
     keys = ["good" if r.is_good else r.classes[0] for r in records]
-    counts = {k: keys.count(k) for k in set(keys)}
-    w = np.array([1.0 / counts[k] for k in keys])
+    own = np.array([_sample_weight(r) for r in records])
+    totals = {k: float(sum(w for k2, w in zip(keys, own, strict=True) if k2 == k)) for k in set(keys)}
+    w = np.array([ow / totals[k] for k, ow in zip(keys, own, strict=True)])
     return w / w.sum()
+
+
+def _sample_weight(r: ContainerRecord) -> float:
+    try:
+        w = float(r.extra.get("sample_weight", 1.0))
+    except (TypeError, ValueError):
+        return 1.0
+    return w if np.isfinite(w) and w > 0 else 1.0
 
 
 class MixedBatchSampler:

@@ -1,0 +1,50 @@
+"""A trained checkpoint to a verified model package: the one path used by `vialinspect export` and retraining."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from datasets.imageio import read_gray
+from datasets.reader import open_dataset
+from datasets.records import fit_frames
+from export.exporter import export_package
+from export.package import ModelPackage
+from vision.preprocess import Prepared, preprocess
+
+from .checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
+
+
+def held_out(data_dir: Path, spec, count: int) -> tuple[list[Prepared], list]:
+    """Held-out containers for export parity: the test split first, then validation."""
+    ds = open_dataset(data_dir)
+    recs, _ = fit_frames(ds.split("test") + ds.split("val") + ds.records, spec.frames)
+    seen, chosen = set(), []
+    for r in recs:
+        if r.id not in seen:
+            seen.add(r.id)
+            chosen.append(r)
+        if len(chosen) >= count:
+            break
+    prepared = [preprocess([read_gray(ds.root / f) for f in r.frames], spec) for r in chosen]
+    specs = [(r.fill_spec.target_mm, r.fill_spec.tolerance_mm) if r.fill_spec else None for r in chosen]
+    return prepared, specs
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_data: str | Path | None = None,
+                      parity_count: int = 8, opset: int | None = None, fp16: bool = False, overwrite: bool = False,
+                      extra_metadata: dict[str, Any] | None = None,
+                      step: Callable[[str], None] = print) -> ModelPackage:
+    """Export ``checkpoint`` to a package at ``out`` after parity on held-out containers of ``parity_data``
+    (default: the training data the checkpoint names). ``extra_metadata`` (e.g. parent version) is merged in."""
+    ck = load_checkpoint(checkpoint)
+    net, spec = build_model(ck)
+    data = Path(parity_data) if parity_data else Path(ck.get("dataset", {}).get("root", ""))
+    if not data.is_dir():
+        raise CheckpointError(f"the training data {data} is not here for the parity check; pass --parity-data DIR")
+    step(f"loading {parity_count} held-out container(s) from {data} for the parity check")
+    prepared, fill_specs = held_out(data, spec, parity_count)
+    kw: dict[str, Any] = {} if opset is None else {"opset": opset}
+    return export_package(net, spec, ck, Path(out), prepared, fill_specs, fp16=fp16, git_commit=git_commit(),
+                          overwrite=overwrite, step=step, extra_metadata=extra_metadata, **kw)

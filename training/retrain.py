@@ -1,0 +1,232 @@
+"""Governed retraining: base data + reviewed rejects → challenger → gate against the champion → registry.
+
+1. The training set: a deterministic sample of the base data's train and validation splits, plus every
+   reviewed unit (confirmed defects with their reviewed class, false rejects as good units: hard negatives,
+   drawn ``reviewed_weight`` times as often as a base unit of their class). Images are hard-linked (copied
+   across file systems) into a dataset of its own, so what was trained on is kept and hashed.
+2. The leak check: no frame of the qualification set may be in the training set, compared by the hash of
+   the decoded pixels (so a re-encoded or renamed copy is caught too).
+3. Fine-tune from the champion's weights (or train from scratch), calibrate on the validation split,
+   export with the parity check, register the challenger with its model card.
+4. Evaluate challenger and champion on the same frozen qualification set, write both reports, the
+   side-by-side comparison and the gate's verdict, and record the gate in the registry.
+
+Nothing here promotes: a person signs that (``vialinspect registry promote``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasets.imageio import read_gray
+from datasets.manifest import Dataset, ManifestWriter
+from datasets.reader import open_dataset
+from datasets.records import ContainerRecord, fit_frames
+from export.registry import Registry, RegistryError
+
+from .checkpoint import dataset_hash
+from .config import TrainConfig
+from .evaluate import evaluate_model, load_package_model
+from .export_run import export_checkpoint
+from .gate import GateConfig, compare, render_markdown
+from .report import compare_reports
+from .trainer import train
+
+
+class RetrainError(Exception):
+    """Retraining cannot go ahead: no champion, no reviewed data, leaked qualification data, bad inputs."""
+
+
+class LeakError(RetrainError):
+    """Qualification data found in the training set."""
+
+
+@dataclass
+class RetrainConfig:
+    recipe: str
+    base_sample: int | None = 800  # base containers (train + val) to mix with the reviewed ones; None = all
+    reviewed_weight: float = 3.0  # how much more often a reviewed unit is drawn than a base unit of its class
+    from_scratch: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=2e-4))
+    gate: GateConfig = field(default_factory=GateConfig)
+    seed: int = 0
+
+
+@dataclass
+class RetrainResult:
+    challenger: str
+    champion: str
+    passed: bool
+    gate_md: Path
+    comparison_md: Path
+    reports: Path
+    train_summary: dict[str, Any]
+    gate: dict[str, Any]
+
+
+def pixel_hash(path: Path) -> str:
+    img = read_gray(path)
+    return hashlib.sha256(f"{img.shape}{img.dtype}".encode() + np.ascontiguousarray(img).tobytes()).hexdigest()
+
+
+def frame_hashes(root: Path, records: list[ContainerRecord]) -> dict[str, str]:
+    """Pixel hash → one frame path that has it, for every frame of ``records``."""
+    paths = [Path(root) / f for r in records for f in r.frames]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        hashes = list(pool.map(pixel_hash, paths))  # decoding releases the GIL
+    return {h: str(p) for h, p in zip(hashes, paths, strict=True)}
+
+
+def check_no_leak(qual_root: Path, qual: list[ContainerRecord], train_root: Path,
+                  train_recs: list[ContainerRecord]) -> int:
+    """Raise ``LeakError`` if any qualification frame's pixels appear in the training set; else frames checked."""
+    q = frame_hashes(qual_root, qual)
+    t = frame_hashes(train_root, train_recs)
+    leaked = sorted(set(q) & set(t))
+    if leaked:
+        ex = "; ".join(f"{q[h]} = {t[h]}" for h in leaked[:3])
+        raise LeakError(f"{len(leaked)} qualification frame(s) are also in the training set (e.g. {ex}); "
+                        "the qualification set must stay independent of everything the model is trained on")
+    return len(q)
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _moved(r: ContainerRecord, root: Path, prefix: str, out: Path, **changes: Any) -> ContainerRecord:
+    frames = []
+    for f in r.frames:
+        _link(root / f, out / prefix / f)
+        frames.append(f"{prefix}/{f}")
+    mask = None
+    if r.mask:
+        _link(root / r.mask, out / prefix / r.mask)
+        mask = f"{prefix}/{r.mask}"
+    return dataclasses.replace(r, id=f"{prefix}.{r.id}", frames=frames, mask=mask, **changes)
+
+
+def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: RetrainConfig,
+                       frames: int) -> tuple[list[ContainerRecord], dict[str, Any]]:
+    """Write the retraining dataset at ``out`` (manifest v1); returns its records and what went in."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    base_recs, _ = fit_frames([r for r in base.records if r.split in ("train", "val")], frames)
+    if cfg.base_sample is not None and len(base_recs) > cfg.base_sample:
+        rng = np.random.default_rng(cfg.seed)
+        keep = sorted(rng.choice(len(base_recs), size=cfg.base_sample, replace=False).tolist())
+        base_recs = [base_recs[i] for i in keep]
+    rev_recs, dropped = fit_frames(reviewed.records, frames)
+    rows = [_moved(r, base.root, "base", out) for r in base_recs]
+    for r in rev_recs:
+        # The reviewed units have no test split here: the qualification set is the independent test.
+        split = "val" if r.split == "val" else "train"
+        extra = {**r.extra, "sample_weight": cfg.reviewed_weight, "source": "review"}
+        rows.append(_moved(r, reviewed.root, "reviewed", out, split=split, extra=extra))
+    header = {"created_by": "vialinspect retrain", "frames_per_container": frames, "containers": len(rows),
+              "classes": ["particle", "crack", "fill_level"]}
+    w = ManifestWriter(out, header)
+    for r in rows:
+        w.write(r)
+    w.close()
+    info = {"base_containers": len(base_recs), "reviewed_containers": len(rev_recs),
+            "reviewed_confirmed": sum(1 for r in rev_recs if r.classes),
+            "reviewed_false_rejects": sum(1 for r in rev_recs if not r.classes),
+            "reviewed_skipped_frame_count": dropped}
+    return rows, info
+
+
+def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry | str | Path,
+            qualification: str | Path, work_dir: str | Path, cfg: RetrainConfig, actor: str,
+            log: Callable[[str], None] = print, progress: bool = True,
+            provenance: dict[str, Any] | None = None) -> RetrainResult:
+    reg = registry if isinstance(registry, Registry) else Registry(registry)
+    champion = reg.current(cfg.recipe)
+    if champion is None:
+        raise RetrainError(f"the registry has no current model for recipe {cfg.recipe!r}: add the model the line "
+                           "runs and promote it first (`vialinspect registry add` / `registry promote`)")
+    champ_pkg = reg.package(champion)
+    frames = int(champ_pkg.metadata["input"]["frames"])
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    reviewed = open_dataset(reviewed_dir)
+    if not reviewed.records:
+        raise RetrainError(f"{reviewed_dir}: no reviewed units (confirmed defects or false rejects) to learn from")
+    base = open_dataset(base_data)
+    qual = open_dataset(qualification)
+    qual_recs, _ = fit_frames(list(qual.records), frames)
+    if not qual_recs:
+        raise RetrainError(f"{qualification}: no qualification containers with {frames} frames")
+
+    log(f"champion {champion} (recipe {cfg.recipe}); building the training set in {work / 'data'}")
+    train_recs, info = build_training_set(base, reviewed, work / "data", cfg, frames)
+    log(f"training set: {info['base_containers']} base + {info['reviewed_containers']} reviewed containers "
+        f"({info['reviewed_confirmed']} confirmed defects, {info['reviewed_false_rejects']} false rejects)")
+    checked = check_no_leak(qual.root, qual_recs, work / "data", train_recs)
+    log(f"leak check: none of the {checked} qualification frames is in the training set")
+    qual_hash = dataset_hash(qual, qual_recs)
+    train_ds = open_dataset(work / "data")
+    train_hash = dataset_hash(train_ds)
+
+    init = None if cfg.from_scratch else str(reg.package_dir(champion))
+    train_cfg = cfg.train
+    widths = champ_pkg.metadata.get("architecture", {}).get("widths")
+    if init and widths:  # fine-tuning keeps the champion's network, whatever the settings say
+        train_cfg = dataclasses.replace(train_cfg, widths=tuple(widths), frames=frames)
+    summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)
+    pkg = export_checkpoint(work / "run" / "best.pt", work / "challenger", parity_data=work / "data",
+                            overwrite=True, step=log, extra_metadata={
+                                "parent_version": None if cfg.from_scratch else champion,
+                                "change_reason": f"retrained from reviewed rejects for recipe {cfg.recipe}"})
+    card = {"recipe": cfg.recipe, "retraining": {
+        **info, "from_scratch": cfg.from_scratch, "training_set_hash": train_hash,
+        "base_data": str(Path(base_data).resolve()), "base_data_hash": dataset_hash(base),
+        "reviewed_data": str(Path(reviewed_dir).resolve()), "reviewed_data_hash": dataset_hash(reviewed),
+        "qualification_data": str(Path(qualification).resolve()), "qualification_hash": qual_hash,
+        "qualification_frames_checked_for_leaks": checked, "train_config": train_cfg.to_json(),
+        "train_summary": {k: v for k, v in summary.items() if k != "calibration"}, **(provenance or {})}}
+    try:
+        challenger = reg.add(pkg.path, actor, "challenger retrained from reviewed rejects", card=card)
+    except RegistryError as e:
+        raise RetrainError(f"{e} (the retrained model is identical to one already registered)") from None
+    log(f"registered challenger {challenger}; evaluating both on the qualification set ({len(qual_recs)} containers)")
+
+    reports = reg.reports_dir(challenger)
+    rep_b, recs_b, scores_b = evaluate_model(load_package_model(reg.package_dir(challenger)), qualification,
+                                             reports / "challenger", split="all")
+    rep_a, recs_a, scores_a = evaluate_model(load_package_model(reg.package_dir(champion)), qualification,
+                                             reports / "champion", split="all")
+    if [r.id for r in recs_a] != [r.id for r in recs_b]:
+        raise RetrainError("the two models did not see the same qualification containers")
+    result = compare(recs_a, scores_a, scores_b, rep_a["thresholds"], rep_b["thresholds"], cfg.gate)
+    gate_md = reports / "gate.md"
+    gate_md.write_text(render_markdown(result, champion, challenger))
+    comparison = reports / "comparison.md"
+    comparison.write_text(compare_reports(rep_a, rep_b, f"champion {champion}", f"challenger {challenger}"))
+    (reports / "gate.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    gate_summary = {"qualification_hash": qual_hash, "n_qualification": len(qual_recs),
+                    "failed": [c.name for c in result.failures()],
+                    "false_reject_rate": {"champion": rep_a["false_reject_rate"],
+                                          "challenger": rep_b["false_reject_rate"]},
+                    "report": str(gate_md.relative_to(reg.root))}
+    reg.record_gate(challenger, champion, result.passed, gate_summary, actor)
+    log(f"gate {'PASSED' if result.passed else 'FAILED'}: see {gate_md}")
+    return RetrainResult(challenger, champion, result.passed, gate_md, comparison, reports, summary,
+                         result.to_json())

@@ -1,0 +1,296 @@
+"""``vialinspect retrain`` and ``vialinspect registry``: the governed model-change commands of the one CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .cli import UserError, _positive_int, _read_password
+
+
+def _registry(path: str, create: bool = False):
+    from export.registry import Registry, RegistryError
+
+    try:
+        return Registry(path, create=create)
+    except RegistryError as e:
+        raise UserError(str(e)) from None
+
+
+def _recipe_name(value: str) -> str:
+    """A recipe file's name, or the value itself when it is a name."""
+    p = Path(value)
+    if p.suffix.lower() in (".toml", ".yaml", ".yml") or p.is_file():
+        from inspection_station.recipe import RecipeError, load_recipe
+
+        try:
+            return load_recipe(p).name
+        except RecipeError as e:
+            raise UserError(str(e)) from None
+    return value
+
+
+# ---------------------------------------------------------------- retrain
+
+def cmd_retrain(a: argparse.Namespace) -> int:
+    from datasets.manifest import DatasetError
+    from export.onnx_export import ExportError
+    from export.package import PackageError
+    from export.registry import RegistryError
+    from inspection_station import audit
+    from inspection_station.audit import ReviewDB, ReviewDBError
+    from inspection_station.review import ReviewError, export_reviewed, os_actor
+    from inspection_station.store import StoreError
+    from training.checkpoint import CheckpointError
+    from training.config import load_config
+    from training.evaluate import EvaluationError
+    from training.gate import GateConfig
+    from training.retrain import RetrainConfig, RetrainError, retrain
+    from training.trainer import TrainingError
+
+    recipe = _recipe_name(a.recipe)
+    reg = _registry(a.registry)
+    work = Path(a.work or f"retrain_work/{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
+    actor = os_actor()
+    try:
+        overrides = {"epochs": a.epochs, "lr": a.lr, "frr": a.frr, "device": a.device, "max_minutes": a.max_minutes,
+                     "seed": a.seed}
+        cfg_train = load_config(a.config, overrides, defaults={"epochs": 6, "lr": 2e-4})
+        cfg = RetrainConfig(recipe=recipe, base_sample=a.base_sample or None, reviewed_weight=a.reviewed_weight,
+                            from_scratch=a.from_scratch, train=cfg_train,
+                            gate=GateConfig(alpha=a.alpha, pod_tolerance=a.pod_tolerance,
+                                            frr_tolerance=a.frr_tolerance),
+                            seed=a.seed or 0)
+        print(f"1/3 exporting reviewed units from {a.store} to {work / 'reviewed'}")
+        exp = export_reviewed(a.store, work / "reviewed", actor=actor, overwrite=True)
+        print(f"    {exp.containers} reviewed unit(s): {exp.confirmed} confirmed defect(s), {exp.false_rejects} false "
+              f"reject(s); {len(exp.skipped)} skipped")
+        print("2/3 retraining, exporting and gating")
+        res = retrain(exp.out_dir, a.base_data, reg, a.qualification, work, cfg, actor,
+                      progress=os.environ.get("VIALINSPECT_NO_PROGRESS") != "1",
+                      provenance={"review_export_manifest_sha256": exp.manifest_sha256,
+                                  "review_export_audit_seq": exp.audit_seq})
+        audit.record(ReviewDB(a.store, create=False), actor, audit.MODEL_RETRAINED, new_value={
+            "recipe": recipe, "champion": res.champion, "challenger": res.challenger, "gate_passed": res.passed,
+            "registry": str(reg.root.resolve()), "review_export_manifest_sha256": exp.manifest_sha256},
+            reason="challenger retrained from reviewed rejects")
+    except (DatasetError, ExportError, PackageError, RegistryError, ReviewDBError, ReviewError, StoreError,
+            CheckpointError, EvaluationError, RetrainError, TrainingError, ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+    print("3/3 gate")
+    print(res.gate_md.read_text())
+    print(f"side-by-side reports: {res.comparison_md}")
+    if res.passed:
+        print(f"challenger {res.challenger} is a candidate; an admin promotes it with\n"
+              f"  vialinspect registry promote {res.challenger} --registry {a.registry} --recipe {recipe} "
+              f"--store {a.store} --user NAME --reason TEXT")
+    return 0 if res.passed else 1
+
+
+# ---------------------------------------------------------------- registry
+
+def cmd_registry_add(a: argparse.Namespace) -> int:
+    from export.registry import RegistryError
+    from inspection_station.review import os_actor
+
+    reg = _registry(a.registry, create=True)
+    try:
+        v = reg.add(a.package, os_actor(), a.reason)
+    except RegistryError as e:
+        raise UserError(str(e)) from None
+    print(f"registered {v} in {reg.root}")
+    return 0
+
+
+def cmd_registry_list(a: argparse.Namespace) -> int:
+    reg = _registry(a.registry)
+    rows = []
+    for v in reg.versions():
+        c = reg.card(v)
+        rows.append({"version": v, "status": c["status"], "current_for": c["current_for"],
+                     "parent": c.get("parent_version"), "registered_utc": c.get("registered_utc"),
+                     "gate": None if c["gate"] is None else ("passed" if c["gate"].get("passed") else "failed")})
+    rows.sort(key=lambda r: r["registered_utc"] or "")
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'version':18s} {'status':10s} {'gate':7s} {'parent':18s} {'registered (UTC)':26s} current for")
+    for r in rows:
+        print(f"{r['version']:18s} {r['status']:10s} {r['gate'] or '-':7s} {r['parent'] or '-':18s} "
+              f"{r['registered_utc'] or '-':26s} {', '.join(r['current_for']) or '-'}")
+    return 0
+
+
+def cmd_registry_show(a: argparse.Namespace) -> int:
+    from export.registry import RegistryError
+
+    reg = _registry(a.registry)
+    try:
+        v = reg.resolve(a.version)
+        reg.package(v)  # verified, or refused
+        card = reg.card(v)
+    except RegistryError as e:
+        raise UserError(str(e)) from None
+    if a.json:
+        print(json.dumps(card, indent=2, sort_keys=True))
+        return 0
+    print(f"model {v}: {card['status']}" + (f" (current for {', '.join(card['current_for'])})"
+                                             if card["current_for"] else ""))
+    print(f"  registered {card.get('registered_utc')} by {card.get('registered_by')}: {card.get('reason')}")
+    print(f"  parent     {card.get('parent_version') or '-'}")
+    print(f"  training   data {str(card['training'].get('data_hash'))[:16]}…, {card['training'].get('n_train')} "
+          f"train containers, commit {card['training'].get('git_commit')}")
+    rt = card.get("retraining")
+    if rt:
+        print(f"  retrained  {rt['base_containers']} base + {rt['reviewed_containers']} reviewed "
+              f"({rt['reviewed_confirmed']} confirmed, {rt['reviewed_false_rejects']} false rejects); "
+              f"qualification {rt['qualification_hash'][:16]}…")
+    print(f"  thresholds {', '.join(f'{k}={x:.4f}' for k, x in card['thresholds'].items())}")
+    g = card.get("gate")
+    if g:
+        frr = g.get("false_reject_rate", {})
+        print(f"  gate       {'passed' if g.get('passed') else 'FAILED'} against {g.get('champion')}: false-reject "
+              f"rate {frr.get('champion')} -> {frr.get('challenger')}"
+              + (f"; failed: {', '.join(g['failed'])}" if g.get("failed") else "")
+              + (f"; report {reg.root / g['report']}" if g.get("report") else ""))
+    for p in card["promotions"]:
+        print(f"  {p['action']:10s} {p['at_utc']} for {p['recipe']} by {p['signed_by']} ({p['user']}): {p['reason']}")
+    return 0
+
+
+def cmd_registry_history(a: argparse.Namespace) -> int:
+    reg = _registry(a.registry)
+    events = reg.history(recipe=a.recipe)
+    if a.json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(e) for e in events], indent=2))
+        return 0
+    for e in events:
+        who = (e.signature or {}).get("printed_name") or e.actor
+        print(f"{e.seq:4d} {e.at_utc} {e.action:9s} {e.version} {e.recipe or '-':14s} {who}: {e.reason}")
+    return 0
+
+
+def cmd_registry_verify(a: argparse.Namespace) -> int:
+    reg = _registry(a.registry)
+    problems = reg.verify()
+    if problems:
+        for p in problems:
+            print(f"PROBLEM: {p}")
+        return 1
+    print(f"{reg.root}: intact ({len(reg.history())} events, {len(reg.versions())} packages verified)")
+    return 0
+
+
+def _signed_change(a: argparse.Namespace, rollback: bool) -> int:
+    from export.registry import RegistryError
+    from inspection_station.audit import ReviewDBError
+    from inspection_station.promotion import PromotionError, promote
+    from inspection_station.promotion import rollback as do_rollback
+
+    reg = _registry(a.registry)
+    recipe = _recipe_name(a.recipe)
+    try:
+        if rollback:
+            target = reg.rollback_target(recipe)
+            print(f"rolling {recipe} back from {reg.current(recipe)} to {target}; sign with your password")
+            ch = do_rollback(a.store, reg, recipe, a.user, _read_password(a, confirm=False), a.reason)
+        else:
+            v = reg.resolve(a.version)
+            print(f"promoting {v} for {recipe} (now {reg.current(recipe) or 'none'}); sign with your password")
+            ch = promote(a.store, reg, v, recipe, a.user, _read_password(a, confirm=False), a.reason)
+    except (PromotionError, RegistryError, ReviewDBError) as e:
+        raise UserError(str(e)) from None
+    sig = ch.event.signature or {}
+    print(f"{ch.event.action}: {recipe} now runs {ch.event.version}; signed by {sig.get('printed_name')} "
+          f"({sig.get('meaning')}); audit entry {ch.audit_seq}. Stations started with --registry take it up "
+          "between containers.")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser("retrain", help="retrain from reviewed rejects and gate the challenger against the champion",
+                       description="Build a training set from base data plus the store's reviewed rejects (confirmed "
+                                   "defects with their reviewed class, false rejects as hard negatives), fine-tune the "
+                                   "recipe's current model, calibrate, export, register the challenger, evaluate "
+                                   "challenger and champion on the frozen qualification set (never trained on: checked "
+                                   "by pixel hash) and gate it. Exit 0: a candidate; 1: refused by the gate. Nothing "
+                                   "is promoted: that takes a signature (`registry promote`).")
+    r.add_argument("--store", required=True, help="record store with signed reviews (as used by the station)")
+    r.add_argument("--base-data", required=True, help="the base training dataset (manifest or ImageFolder)")
+    r.add_argument("--registry", required=True, help="model registry directory")
+    r.add_argument("--qualification", required=True,
+                   help="frozen qualification dataset; every container in it is used, none is trained on")
+    r.add_argument("--recipe", required=True, help="recipe name or recipe file (its current model is the champion)")
+    r.add_argument("--work", default=None, help="working directory (default retrain_work/<UTC time>)")
+    r.add_argument("--epochs", type=_positive_int, default=None, help="fine-tuning epochs (default 6)")
+    r.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4 for fine-tuning)")
+    r.add_argument("--max-minutes", type=float, default=None, help="training time budget in minutes")
+    r.add_argument("--frr", type=float, default=None, help="false-reject budget for calibration (default 0.01)")
+    r.add_argument("--base-sample", type=int, default=800,
+                   help="base containers mixed with the reviewed ones (default 800; 0 = all)")
+    r.add_argument("--reviewed-weight", type=float, default=3.0,
+                   help="how much more often a reviewed unit is drawn than a base unit of its class (default 3)")
+    r.add_argument("--from-scratch", action="store_true", help="train a new network instead of fine-tuning")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="training device (default auto)")
+    r.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    r.add_argument("--config", default=None, help="training settings file (YAML, TOML or JSON)")
+    r.add_argument("--alpha", type=float, default=0.05, help="gate: significance of 'worse' (default 0.05)")
+    r.add_argument("--pod-tolerance", type=float, default=0.05,
+                   help="gate: allowed absolute drop of a detection rate before it counts as worse (default 0.05)")
+    r.add_argument("--frr-tolerance", type=float, default=0.0,
+                   help="gate: allowed absolute rise of the false-reject rate (default 0)")
+    r.set_defaults(func=cmd_retrain)
+
+    g = sub.add_parser("registry", help="model registry: list, show, add, promote, rollback, history, verify",
+                       description="Versioned model packages with model cards, a current model per recipe and the "
+                                   "full history. Promotion and rollback need an admin's signature (the review app's "
+                                   "users) and are written to the store's audit trail.")
+    gs = g.add_subparsers(dest="registry_command", metavar="ACTION")
+
+    def common(p, recipe: bool = False) -> None:
+        p.add_argument("--registry", required=True, help="model registry directory")
+        if recipe:
+            p.add_argument("--recipe", required=True, help="recipe name or recipe file")
+
+    p = gs.add_parser("list", help="every version with status, gate result and where it is current")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_registry_list)
+    p = gs.add_parser("show", help="a version's model card, gate result and promotions")
+    p.add_argument("version", help="version id (or a unique prefix of at least 6 characters)")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_registry_show)
+    p = gs.add_parser("add", help="register a model package (creates the registry if needed)")
+    p.add_argument("package", help="model package directory")
+    common(p)
+    p.add_argument("--reason", required=True, help="why it is registered (recorded in the history)")
+    p.set_defaults(func=cmd_registry_add)
+    for name, fn, helptext in (("promote", lambda a: _signed_change(a, False),
+                                "make a gated candidate (or a recipe's first model) current: signed"),
+                               ("rollback", lambda a: _signed_change(a, True),
+                                "return a recipe to the model current before this one: signed")):
+        p = gs.add_parser(name, help=helptext)
+        if name == "promote":
+            p.add_argument("version", help="version id (or a unique prefix of at least 6 characters)")
+        common(p, recipe=True)
+        p.add_argument("--store", required=True, help="record store whose users sign and whose audit trail records it")
+        p.add_argument("--user", required=True, help="signing user (an admin of the review app)")
+        p.add_argument("--reason", required=True, help="the signed reason")
+        p.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of standard input (for scripts)")
+        p.set_defaults(func=fn)
+    p = gs.add_parser("history", help="the hash-chained history of registrations, gates and changes")
+    common(p)
+    p.add_argument("--recipe", default=None, help="only this recipe's changes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_registry_history)
+    p = gs.add_parser("verify", help="check the history chain, every package's checksums and the pointers")
+    common(p)
+    p.set_defaults(func=cmd_registry_verify)
+    g.set_defaults(func=lambda a: (g.print_help(), 2)[1])
