@@ -3,8 +3,10 @@
 ``open_source(uri, frames_per_container, **opts)`` understands:
 
 - ``sim://?rate=1200&frames=4&seed=0&formats=vial-2R&defect_rate=0.5&count=N&start=S&pixel_um=40``
+  ``&nuisance=lot_code:0.5,dust:0.3``
   the imaging simulator as a camera at a line rate (containers per minute, ``rate=0``: as fast as it renders),
-  with ground truth per container (``truth(container_id)``);
+  with ground truth per container (``truth(container_id)``); ``nuisance`` sets the chance per container of
+  nuisances (e.g. ``lot_code``, an inkjet lot code on vials that is off by default);
 - ``folder:PATH`` image files replayed in name order, K consecutive files per container (``loop=1``);
 - ``file:PATH`` or a plain path with a video suffix, ``camera:N``, ``rtsp://...`` through OpenCV;
 - ``basler://[serial or index]?...`` Basler GigE/USB3 cameras through pypylon (optional dependency).
@@ -218,7 +220,9 @@ class SimSource(Source):
 
     Options: ``rate`` (containers/min, frames evenly spaced; 0 = as fast as rendered), ``frames``, ``seed``,
     ``formats`` (comma separated), ``defect_rate``, ``count`` (0 = endless), ``start`` (first container index),
-    ``pixel_um``, ``first_wait`` (seconds the constructor waits for the first rendered container).
+    ``pixel_um``, ``nuisance`` (``TAG:RATE[,TAG:RATE...]``, chances per container that override the simulator's
+    defaults, e.g. ``lot_code:0.5``), ``first_wait`` (seconds the constructor waits for the first rendered
+    container).
     A frame that is due but not rendered by the read's deadline is reported as ``camera_timeout`` with its
     container id and is skipped, as a triggered camera would lose it; ``stats["underruns"]`` counts those and the
     frames delivered more than one interval late.
@@ -229,7 +233,7 @@ class SimSource(Source):
 
     def __init__(self, uri: str, frames_per_container: int, opts: _Opts) -> None:
         super().__init__(uri, frames_per_container)
-        from datasets.sim.config import CameraConfig, SimConfig
+        from datasets.sim.config import CameraConfig, SimConfig, parse_nuisance_rates
 
         frames = opts.get("frames", int, frames_per_container)
         if frames != frames_per_container:
@@ -241,6 +245,7 @@ class SimSource(Source):
         count = opts.get("count", int, 0)  # 0 = endless
         self.start = opts.get("start", int, 0)
         pixel_um = opts.get("pixel_um", float, 40.0)
+        nuisance = opts.get("nuisance", str, "")
         first_wait = opts.get("first_wait", float, 30.0)
         opts.check()
         if count < 0 or self.start < 0:
@@ -249,6 +254,12 @@ class SimSource(Source):
         if formats:
             kw["formats"] = formats
         self.config = SimConfig(**kw)
+        try:
+            rates = parse_nuisance_rates([x for x in nuisance.split(",") if x.strip()], sep=":")
+        except ValueError as e:
+            raise SourceError(f"{uri}: bad value for option 'nuisance': {e}") from None
+        if rates:
+            self.config = self.config.with_nuisance_rates(rates)
         try:
             self.config.validate()
         except ValueError as e:

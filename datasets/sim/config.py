@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..records import DEFECT_CLASSES
 from .formats import FORMATS
 
-__all__ = ["DEFECT_CLASSES", "CameraConfig", "SimConfig"]
+__all__ = ["DEFECT_CLASSES", "NUISANCE_TAGS", "CameraConfig", "SimConfig", "parse_nuisance_rates"]
 PARTICLE_KINDS: tuple[str, ...] = ("glass", "metal", "rubber", "fibre")
 CRACK_LOCATIONS: tuple[str, ...] = ("neck", "shoulder", "body", "heel")
 NUISANCE_TAGS: tuple[str, ...] = (
@@ -19,6 +19,7 @@ NUISANCE_TAGS: tuple[str, ...] = (
     "dust",  # dry dust on the outer surface
     "droplet",  # water droplet on the outer surface
     "reflection",  # glare streak from the light
+    "lot_code",  # vials: inkjet-printed dot-matrix lot code on the body; off by default (rate 0)
 )
 PRODUCTS: tuple[str, ...] = ("clear", "tinted", "opalescent")
 
@@ -52,7 +53,8 @@ class SimConfig:
     class_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
     particle_size_um: tuple[float, float] = (50.0, 1000.0)  # log-uniform
     crack_length_mm: tuple[float, float] = (0.5, 6.0)  # log-uniform
-    # Chance per container that each nuisance is present.
+    # Chance per container that each nuisance is present. A tag that is not listed has rate 0 ("lot_code" is off
+    # by default, so that datasets of existing configs stay byte-identical).
     nuisance_rates: tuple[tuple[str, float], ...] = (
         ("bubbles", 0.40),
         ("meniscus_bubbles", 0.30),
@@ -79,4 +81,33 @@ class SimConfig:
             raise ValueError(f"pixel scale must be 5..200 µm/px, got {self.camera.pixel_um}")
         unknown = {t for t, _ in self.nuisance_rates} - set(NUISANCE_TAGS)
         if unknown:
-            raise ValueError(f"unknown nuisance tags: {sorted(unknown)}")
+            raise ValueError(f"unknown nuisance tags: {sorted(unknown)}; known: {', '.join(NUISANCE_TAGS)}")
+        for tag, rate in self.nuisance_rates:
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"nuisance rate of {tag} must be within 0..1, got {rate}")
+
+    def with_nuisance_rates(self, overrides: dict[str, float]) -> SimConfig:
+        """A copy with some nuisance rates set (replacing listed tags in place, appending new ones)."""
+        rates = dict(self.nuisance_rates)
+        rates.update(overrides)
+        return replace(self, nuisance_rates=tuple(rates.items()))
+
+
+def parse_nuisance_rates(items: list[str] | tuple[str, ...], sep: str = "=") -> dict[str, float]:
+    """Parse ``TAG<sep>RATE`` items (e.g. ``lot_code=0.5``) into {tag: rate}; ValueError with a clear message."""
+    out: dict[str, float] = {}
+    for item in items:
+        tag, s, value = str(item).partition(sep)
+        tag = tag.strip()
+        if not s or not tag:
+            raise ValueError(f"expected TAG{sep}RATE, got {item!r}")
+        if tag not in NUISANCE_TAGS:
+            raise ValueError(f"unknown nuisance {tag!r}; known: {', '.join(NUISANCE_TAGS)}")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise ValueError(f"nuisance rate of {tag} must be a number within 0..1, got {value.strip()!r}") from None
+        if not 0.0 <= rate <= 1.0:  # also refuses nan
+            raise ValueError(f"nuisance rate of {tag} must be within 0..1, got {value.strip()}")
+        out[tag] = rate
+    return out

@@ -3,7 +3,8 @@
 Image formation for a back-lit camera, in order:
 1. transmission of the container in its own frame: glass walls as cylindrical lenses (dark edge band,
    bright line inside), thick glass at heel and shoulder, liquid (tint, haze, lens darkening), meniscus,
-   stopper, cap; then the marks fixed to the glass (cracks, scratches, embossing, dust, droplets, glare);
+   stopper, cap; then the marks fixed to the glass (cracks, scratches, embossing, dust, droplets, glare, and
+   a printed lot code when switched on);
 2. optics blur, then the container's pose (shift and tilt) in the field;
 3. back light with exposure drift, gradient and vignetting;
 4. per frame: objects in the swirling liquid at their positions, flicker, shot and read noise, 8 bits.
@@ -224,6 +225,9 @@ def _mark_sprite(mark: GlassMark, fr: Framing, blur: float) -> sprites.Sprite | 
     if mark.kind == "scratch":
         x, y = _mm_to_px_points(fr, mark.points_mm)
         return sprites.scratch(x, y, mark.contrast, mark.seed, blur)
+    if mark.kind == "lot_code":
+        x, y = _mm_to_px_points(fr, mark.points_mm)
+        return sprites.dots(x, y, mark.size_mm / s, mark.contrast, mark.seed, blur)
     cx, cy = fr.to_px(*mark.points_mm[0])
     if mark.kind in ("dust", "droplet"):
         return sprites.spot(mark.kind, float(cx), float(cy), mark.size_mm / s, mark.contrast, mark.seed, blur)

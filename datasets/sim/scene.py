@@ -31,9 +31,9 @@ class FreeObject:
 class GlassMark:
     """Something fixed to the container: it moves only with the container, never between frames."""
 
-    kind: str  # crack | scratch | embossing | dust | droplet | reflection
-    points_mm: tuple[tuple[float, float], ...]  # polyline (crack, scratch) or a single anchor point
-    size_mm: float  # crack/scratch length; dust/droplet diameter; reflection width; embossing height
+    kind: str  # crack | scratch | embossing | dust | droplet | reflection | lot_code
+    points_mm: tuple[tuple[float, float], ...]  # polyline (crack, scratch), dot centres (lot_code) or one anchor
+    size_mm: float  # crack/scratch length; dust/droplet/lot-code dot diameter; reflection width; embossing height
     contrast: float
     seed: int
     location: str | None = None  # cracks: neck | shoulder | body | heel
@@ -181,6 +181,34 @@ def _spot(rng, fmt: ContainerFormat, kind: str, fill_mm: float) -> GlassMark:
                      seed=int(rng.integers(0, 2**31 - 1)))
 
 
+def _lot_code(rng, fmt: ContainerFormat) -> GlassMark:
+    """An inkjet-printed dot-matrix lot code on the vial body: 1-2 rows of dots, some left out like a character
+    pattern, printed on the curved outer surface (so dots crowd together towards the edges of the picture)."""
+    rows = 1 if rng.uniform() < 0.5 else 2
+    cols = int(rng.integers(6, 13))
+    pitch = float(rng.uniform(0.35, 0.5))
+    dot = float(rng.uniform(0.2, 0.3))
+    R = fmt.outer_radius_mm
+    # Arc length along the glass -> projected x; the whole code stays within +-60% of the radius.
+    half_angle = (cols - 1) * pitch / 2 / R
+    max_centre = max(np.arcsin(0.6) - half_angle, 0.0)
+    centre = float(rng.uniform(-max_centre, max_centre))
+    z_lo, z_hi = _glass_z_range(fmt, "body")
+    height = (rows - 1) * pitch
+    z_top = float(rng.uniform(z_lo + height, z_hi))
+    keep = rng.uniform(size=(rows, cols)) < 0.8
+    keep[:, 0] = keep[:, -1] = True  # the code's extent is always marked
+    jitter = rng.normal(0, 0.02, size=(rows, cols, 2))
+    pts = []
+    for r in range(rows):
+        for c in range(cols):
+            if keep[r, c]:
+                a = centre + (c - (cols - 1) / 2) * pitch / R
+                pts.append((float(R * np.sin(a) + jitter[r, c, 0]), float(z_top - r * pitch + jitter[r, c, 1])))
+    return GlassMark(kind="lot_code", points_mm=tuple(pts), size_mm=dot, contrast=float(rng.uniform(0.7, 0.95)),
+                     seed=int(rng.integers(0, 2**31 - 1)))
+
+
 def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
     """Draw every random choice for container ``index``; the same (cfg, index, seed) gives the same scene."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
@@ -253,6 +281,13 @@ def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
         marks.append(GlassMark(kind="reflection", points_mm=((x, float(fmt.bottom_mm)),),
                                size_mm=float(rng.uniform(0.25, 0.9)), contrast=float(rng.uniform(0.06, 0.18)),
                                seed=int(rng.integers(0, 2**31 - 1))))
+    # Newer nuisances draw from their own stream, and only when they are switched on: the main stream, and so
+    # every other choice of the scene, is the same whatever their rates (existing configs stay byte-identical,
+    # and a lot code can be switched on for the very same containers).
+    if fmt.kind == "vial" and rates.get("lot_code", 0) > 0:
+        lrng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
+        if lrng.uniform() < rates["lot_code"]:
+            marks.append(_lot_code(lrng, fmt))
 
     def clipped(std: float) -> float:
         return float(np.clip(rng.normal(0, std), -3 * std, 3 * std))

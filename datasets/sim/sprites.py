@@ -191,6 +191,23 @@ def spot(kind: str, cx: float, cy: float, size_px: float, contrast: float, seed:
     return Sprite(cv_.x0, cv_.y0, alpha, np.zeros_like(alpha))
 
 
+def dots(x: np.ndarray, y: np.ndarray, diameter_px: float, contrast: float, seed: int, blur: float) -> Sprite:
+    """Printed ink dots (an inkjet lot code): round, opaque, slightly uneven in size and ink density."""
+    rng = np.random.default_rng(seed)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    r = max(diameter_px / 2, 0.35)
+    cv_ = _Canvas(x.min() - 1.3 * r, y.min() - 1.3 * r, x.max() + 1.3 * r, y.max() + 1.3 * r,
+                  int(np.ceil(3 * blur)) + 2)
+    hi = cv_.new()
+    centres = cv_.pt(x, y)
+    radii = r * rng.uniform(0.85, 1.15, len(x))
+    inks = rng.uniform(0.8, 1.0, len(x))
+    for (px, py), rad, ink in zip(centres, radii, inks, strict=True):
+        cv2.circle(hi, (int(px), int(py)), int(rad * SS * _ONE), int(255 * ink), -1, cv2.LINE_AA, SHIFT)
+    alpha = contrast * cv_.reduce(hi, blur)
+    return Sprite(cv_.x0, cv_.y0, alpha, np.zeros_like(alpha))
+
+
 def embossing(cx: float, cy: float, height_px: float, contrast: float, seed: int, blur: float) -> Sprite:
     """Moulded characters on the glass: a faint dark stroke with a bright shadow beside it."""
     rng = np.random.default_rng(seed)
