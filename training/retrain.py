@@ -121,9 +121,13 @@ def _moved(r: ContainerRecord, root: Path, prefix: str, out: Path, **changes: An
     return dataclasses.replace(r, id=f"{prefix}.{r.id}", frames=frames, mask=mask, **changes)
 
 
-def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: RetrainConfig,
-                       frames: int) -> tuple[list[ContainerRecord], dict[str, Any]]:
-    """Write the retraining dataset at ``out`` (manifest v1); returns its records and what went in."""
+def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: RetrainConfig, frames: int,
+                       pixel_um: float | None = None) -> tuple[list[ContainerRecord], dict[str, Any]]:
+    """Write the retraining dataset at ``out`` (manifest v1); returns its records and what went in.
+
+    Reviewed units come from the line's camera, whose pixel scale is the champion's (``pixel_um``): it is
+    filled in where the review export does not state one, so the set keeps one known scale.
+    """
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -138,7 +142,8 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
         # The reviewed units have no test split here: the qualification set is the independent test.
         split = "val" if r.split == "val" else "train"
         extra = {**r.extra, "sample_weight": cfg.reviewed_weight, "source": "review"}
-        rows.append(_moved(r, reviewed.root, "reviewed", out, split=split, extra=extra))
+        rows.append(_moved(r, reviewed.root, "reviewed", out, split=split, extra=extra,
+                           pixel_um=r.pixel_um if r.pixel_um is not None else pixel_um))
     header = {"created_by": "vialinspect retrain", "frames_per_container": frames, "containers": len(rows),
               "classes": ["particle", "crack", "fill_level"]}
     w = ManifestWriter(out, header)
@@ -176,7 +181,8 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
         raise RetrainError(f"{qualification}: no qualification containers with {frames} frames")
 
     log(f"champion {champion} (recipe {cfg.recipe}); building the training set in {work / 'data'}")
-    train_recs, info = build_training_set(base, reviewed, work / "data", cfg, frames)
+    train_recs, info = build_training_set(base, reviewed, work / "data", cfg, frames,
+                                          champ_pkg.metadata["input"].get("pixel_um"))
     log(f"training set: {info['base_containers']} base + {info['reviewed_containers']} reviewed containers "
         f"({info['reviewed_confirmed']} confirmed defects, {info['reviewed_false_rejects']} false rejects)")
     checked = check_no_leak(qual.root, qual_recs, work / "data", train_recs)

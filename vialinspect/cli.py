@@ -52,15 +52,21 @@ def _progress(desc: str):
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from datasets.generate import generate
-    from datasets.sim.config import CameraConfig, SimConfig
+    from datasets.sim.config import CameraConfig, SimConfig, parse_nuisance_rates
     from datasets.sim.formats import FORMATS
 
     formats = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise UserError(f"unknown format(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(FORMATS)}")
+    try:
+        nuisance = parse_nuisance_rates(a.nuisance or [])
+    except ValueError as e:
+        raise UserError(f"--nuisance: {e}") from None
     cfg = SimConfig(formats=formats, frames=a.frames, defect_rate=a.defect_rate,
                     camera=CameraConfig(pixel_um=a.pixel_um))
+    if nuisance:
+        cfg = cfg.with_nuisance_rates(nuisance)
     try:
         cfg.validate()
         stats = generate(Path(a.out), a.containers, cfg, seed=a.seed, workers=a.workers, overwrite=a.overwrite,
@@ -173,44 +179,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- export / package
 
-def _held_out(data_dir: Path, spec, count: int):
-    """Held-out containers for export parity: the test split first, then validation."""
-    from datasets.imageio import read_gray
-    from datasets.reader import open_dataset
-    from datasets.records import fit_frames
-    from vision.preprocess import preprocess
-
-    ds = open_dataset(data_dir)
-    recs, _ = fit_frames(ds.split("test") + ds.split("val") + ds.records, spec.frames)
-    seen, chosen = set(), []
-    for r in recs:
-        if r.id not in seen:
-            seen.add(r.id)
-            chosen.append(r)
-        if len(chosen) >= count:
-            break
-    prepared = [preprocess([read_gray(ds.root / f) for f in r.frames], spec) for r in chosen]
-    specs = [(r.fill_spec.target_mm, r.fill_spec.tolerance_mm) if r.fill_spec else None for r in chosen]
-    return prepared, specs
-
-
 def cmd_export(a: argparse.Namespace) -> int:
     from datasets.manifest import DatasetError
-    from export.exporter import export_package
     from export.onnx_export import ExportError
     from export.package import PackageError
-    from training.checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
+    from training.checkpoint import CheckpointError
+    from training.export_run import export_checkpoint
 
     try:
-        ck = load_checkpoint(a.checkpoint)
-        net, spec = build_model(ck)
-        data = Path(a.parity_data) if a.parity_data else Path(ck.get("dataset", {}).get("root", ""))
-        if not a.parity_data and not data.is_dir():
-            raise UserError(f"the training data {data} is not here for the parity check; pass --parity-data DIR")
-        print(f"loading {a.parity_count} held-out container(s) from {data} for the parity check")
-        held_out, fill_specs = _held_out(data, spec, a.parity_count)
-        export_package(net, spec, ck, Path(a.out), held_out, fill_specs, opset=a.opset, fp16=a.fp16,
-                       git_commit=git_commit(), overwrite=a.overwrite)
+        export_checkpoint(a.checkpoint, a.out, parity_data=a.parity_data, parity_count=a.parity_count, opset=a.opset,
+                          fp16=a.fp16, overwrite=a.overwrite)
     except (CheckpointError, DatasetError, ExportError, PackageError, ValueError) as e:
         raise UserError(str(e)) from None
     return 0
@@ -263,6 +241,7 @@ def cmd_station(a: argparse.Namespace) -> int:
     import logging
 
     from export.package import PackageError
+    from export.registry import RegistryError
     from inspection_station.recipe import RecipeError
     from inspection_station.sources import SourceError
     from inspection_station.station import StationOptions, run_station, summary_text
@@ -271,10 +250,11 @@ def cmd_station(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opts = StationOptions(recipe=Path(a.recipe), source=a.source, store=Path(a.store),
                           max_containers=a.max_containers, duration_s=a.duration, line=a.line,
-                          metrics_port=a.metrics_port, device=a.device, threads=a.threads, quiet=a.quiet)
+                          metrics_port=a.metrics_port, device=a.device, threads=a.threads, quiet=a.quiet,
+                          registry=Path(a.registry) if a.registry else None)
     try:
         summary = run_station(opts)
-    except (RecipeError, PackageError, SourceError, StoreError, ValueError, OSError) as e:
+    except (RecipeError, PackageError, RegistryError, SourceError, StoreError, ValueError, OSError) as e:
         raise UserError(str(e)) from None
     print(summary_text(summary))
     if a.summary_json:
@@ -506,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--defect-rate", type=_fraction, default=0.5,
                    help="fraction of containers with at least one defect (default 0.5)")
     g.add_argument("--pixel-um", type=float, default=40.0, help="camera pixel scale in µm/px (default 40)")
+    g.add_argument("--nuisance", action="append", metavar="TAG=RATE", default=None,
+                   help="set the chance per container (0..1) of a nuisance, e.g. lot_code=0.5 (an inkjet lot code "
+                        "on vials, off by default); repeatable. Tags: bubbles, meniscus_bubbles, stopper_bubble, "
+                        "scratch, embossing, dust, droplet, reflection, lot_code")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical images (default 0)")
     g.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
@@ -621,8 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--threads", type=_positive_int, default=None, help="inference threads (default: all cores)")
     st.add_argument("--quiet", action="store_true", help="no live status line")
     st.add_argument("--summary-json", default=None, help="also write the final summary as JSON here")
+    st.add_argument("--registry", default=None,
+                    help="model registry: run its current model for the recipe's name (instead of the recipe's "
+                         "model) and take up a promoted or rolled-back model between containers, without a restart")
     st.set_defaults(func=cmd_station)
     _add_review_parsers(sub)
+    from .cli_models import add_parsers
+
+    add_parsers(sub)
     return p
 
 
