@@ -152,6 +152,8 @@ class Pipeline:
             if self._enough():
                 return
             self._acquired += 1
+            if c.format is None:  # every unit inspected under a recipe is of the recipe's container format
+                c.format = self.recipe.format
             if c.truth is None:
                 c.truth = self.source.truth(c.id)
             try:

@@ -32,7 +32,7 @@ import numpy as np
 
 from datasets.imageio import ImageError, read_gray, to_uint8, write_png
 from datasets.manifest import MANIFEST_NAME, ManifestWriter
-from datasets.records import DEFECT_CLASSES, ContainerRecord, split_for
+from datasets.records import DEFECT_CLASSES, ContainerRecord, FillSpec, split_for
 
 from . import audit, users
 from .audit import ReviewDB
@@ -688,9 +688,11 @@ class ReviewService:
                     (out / rel).unlink(missing_ok=True)
                 skipped.append(f"{rv.container_id}: {e}")
                 continue
+            fv = self.fill_view(rec)  # the spec the unit was judged against, so training decides fill by it too
             rows.append(ContainerRecord(
                 id=rv.container_id, frames=rels, classes=list(rv.classes), split=split_for(rv.container_id),
                 format=rec["format"], image_size=size,
+                fill_spec=FillSpec(fv.target_mm, fv.tolerance_mm) if fv.target_mm is not None else None,
                 extra={
                     "review": {"review_id": rv.review_id, "verdict": rv.verdict, "reviewer": rv.reviewer,
                                "printed_name": rv.printed_name, "signed_at_utc": rv.signed_at_utc,
