@@ -20,6 +20,7 @@ NUISANCE_TAGS: tuple[str, ...] = (
     "droplet",  # water droplet on the outer surface
     "reflection",  # glare streak from the light
     "lot_code",  # vials: inkjet-printed dot-matrix lot code on the body; off by default (rate 0)
+    "silicone_oil",  # droplets of silicone oil shed from a siliconised barrel, drifting in the liquid; off by default
 )
 PRODUCTS: tuple[str, ...] = ("clear", "tinted", "opalescent")
 
@@ -53,8 +54,8 @@ class SimConfig:
     class_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
     particle_size_um: tuple[float, float] = (50.0, 1000.0)  # log-uniform
     crack_length_mm: tuple[float, float] = (0.5, 6.0)  # log-uniform
-    # Chance per container that each nuisance is present. A tag that is not listed has rate 0 ("lot_code" is off
-    # by default, so that datasets of existing configs stay byte-identical).
+    # Chance per container that each nuisance is present. A tag that is not listed has rate 0 ("lot_code" and
+    # "silicone_oil" are off by default, so that datasets of existing configs stay byte-identical).
     nuisance_rates: tuple[tuple[str, float], ...] = (
         ("bubbles", 0.40),
         ("meniscus_bubbles", 0.30),

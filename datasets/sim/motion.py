@@ -14,7 +14,8 @@ import numpy as np
 G = 9.81  # m/s^2
 WATER_DENSITY = 1000.0  # kg/m^3
 WATER_VISCOSITY = 1.0e-3  # Pa s
-DENSITY = {"glass": 2500.0, "metal": 7900.0, "rubber": 1250.0, "fibre": 1300.0, "bubble": 1.2}
+# "oil": silicone oil (polydimethylsiloxane) droplets, slightly lighter than the liquid: they rise very slowly.
+DENSITY = {"glass": 2500.0, "metal": 7900.0, "rubber": 1250.0, "fibre": 1300.0, "bubble": 1.2, "oil": 965.0}
 MAX_SPEED_MM_S = 40.0  # Stokes' law overestimates large objects' speed; real ones reach a drag-limited speed
 
 

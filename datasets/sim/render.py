@@ -395,6 +395,8 @@ def _object_sprite(scene: Scene, fr: Framing, m: np.ndarray, obj: FreeObject, t:
     if obj.kind == "bubble":
         flatten = 0.7 if obj.tag == "stopper_bubble" else 1.0
         sp = sprites.bubble(float(cx), float(cy), size_px, b, flatten)
+    elif obj.kind == "oil":
+        sp = sprites.oil_droplet(float(cx), float(cy), size_px, obj.shape_seed, b)
     else:
         angle = obj.track.phi0 + obj.tumble_rad_s * t
         sp = sprites.particle(obj.kind, float(cx), float(cy), size_px, float(angle), obj.shape_seed, b)

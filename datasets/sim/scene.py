@@ -19,7 +19,7 @@ from .motion import Swirl, Track, settling_velocity_mm_s
 class FreeObject:
     """A particle or a bubble carried by the liquid."""
 
-    kind: str  # glass | metal | rubber | fibre | bubble
+    kind: str  # glass | metal | rubber | fibre | bubble | oil
     size_um: float  # largest dimension (diameter; length for fibres)
     track: Track
     shape_seed: int
@@ -209,6 +209,18 @@ def _lot_code(rng, fmt: ContainerFormat) -> GlassMark:
                      seed=int(rng.integers(0, 2**31 - 1)))
 
 
+def _silicone_oil(rng, fmt: ContainerFormat, fill_mm: float) -> list[FreeObject]:
+    """Silicone oil droplets shed from a siliconised barrel (or vial) into the liquid: many small, round, faint
+    droplets that follow the swirl and rise very slowly (the oil is a little lighter than the liquid)."""
+    out = []
+    for _ in range(int(rng.integers(20, 61))):
+        size = _loguniform(rng, 30, 300)
+        # Shed from the wall: more of them still near it than a uniform spread would put there.
+        rho = fmt.inner_radius_mm * float(np.sqrt(rng.uniform(0.1, 1.0)))
+        out.append(_free_object(rng, fmt, fill_mm, "oil", size, "silicone_oil", rho=rho))
+    return out
+
+
 def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
     """Draw every random choice for container ``index``; the same (cfg, index, seed) gives the same scene."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
@@ -283,11 +295,15 @@ def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
                                seed=int(rng.integers(0, 2**31 - 1))))
     # Newer nuisances draw from their own stream, and only when they are switched on: the main stream, and so
     # every other choice of the scene, is the same whatever their rates (existing configs stay byte-identical,
-    # and a lot code can be switched on for the very same containers).
+    # and a lot code or silicone oil can be switched on for the very same containers).
     if fmt.kind == "vial" and rates.get("lot_code", 0) > 0:
         lrng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
         if lrng.uniform() < rates["lot_code"]:
             marks.append(_lot_code(lrng, fmt))
+    if rates.get("silicone_oil", 0) > 0:
+        orng = np.random.default_rng(np.random.SeedSequence([seed, index, 2]))
+        if orng.uniform() < rates["silicone_oil"]:
+            objects.extend(_silicone_oil(orng, fmt, fill_mm))
 
     def clipped(std: float) -> float:
         return float(np.clip(rng.normal(0, std), -3 * std, 3 * std))
