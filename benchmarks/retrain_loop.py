@@ -80,10 +80,13 @@ def _truth(cfg: SimConfig, cid: str):
 
 def _live(work: Path, cfg: SimConfig, nuisance: str, version: str) -> dict:
     """Live false-reject rates by truth, for the units one model version decided."""
-    n_nuis = fr_nuis = n_other = fr_other = n_def = hit = 0
+    n_nuis = fr_nuis = n_other = fr_other = n_def = hit = skipped = 0
     with RecordStore(work / "store", readonly=True) as st:
         for r in st.iter_decisions():
             if r["model_version"] != version:
+                continue
+            if any(x.startswith("not_inspected") for x in r["reasons"]):
+                skipped += 1  # rejected without a model decision: says nothing about the model
                 continue
             classes, tags = _truth(cfg, r["container_id"])
             rejected = not r["accept"]
@@ -98,7 +101,7 @@ def _live(work: Path, cfg: SimConfig, nuisance: str, version: str) -> dict:
                 fr_other += rejected
     return {"good_with_nuisance": n_nuis, "nuisance_frr": fr_nuis / n_nuis if n_nuis else None,
             "good_without": n_other, "other_frr": fr_other / n_other if n_other else None,
-            "defective": n_def, "defect_reject_rate": hit / n_def if n_def else None}
+            "defective": n_def, "defect_reject_rate": hit / n_def if n_def else None, "not_inspected": skipped}
 
 
 def _review(work: Path, cfg: SimConfig) -> dict:

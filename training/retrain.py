@@ -2,8 +2,9 @@
 
 1. The training set: a deterministic sample of the base data's train and validation splits, plus every
    reviewed unit (confirmed defects with their reviewed class, false rejects as good units: hard negatives,
-   drawn ``reviewed_weight`` times as often as a base unit of their class). Images are hard-linked (copied
-   across file systems) into a dataset of its own, so what was trained on is kept and hashed.
+   drawn ``reviewed_weight`` times as often as a base unit of their class), all in the training split; the
+   thresholds are calibrated on the base validation split. Images are hard-linked (copied across file
+   systems) into a dataset of its own, so what was trained on is kept and hashed.
 2. The leak check: no frame of the qualification set may be in the training set, compared by the hash of
    the decoded pixels (so a re-encoded or renamed copy is caught too).
 3. Fine-tune from the champion's weights (or train from scratch), calibrate on the validation split,
@@ -139,10 +140,12 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
     rev_recs, dropped = fit_frames(reviewed.records, frames)
     rows = [_moved(r, base.root, "base", out) for r in base_recs]
     for r in rev_recs:
-        # The reviewed units have no test split here: the qualification set is the independent test.
-        split = "val" if r.split == "val" else "train"
+        # Reviewed units all train. They are the units the champion rejected, not a sample of the line, so
+        # calibrating the false-reject budget on them would set thresholds for the hardest few percent of
+        # units instead of the line's population (the base validation split); the qualification set measures
+        # what the challenger then does on them.
         extra = {**r.extra, "sample_weight": cfg.reviewed_weight, "source": "review"}
-        rows.append(_moved(r, reviewed.root, "reviewed", out, split=split, extra=extra,
+        rows.append(_moved(r, reviewed.root, "reviewed", out, split="train", extra=extra,
                            pixel_um=r.pixel_um if r.pixel_um is not None else pixel_um))
     header = {"created_by": "vialinspect retrain", "frames_per_container": frames, "containers": len(rows),
               "classes": ["particle", "crack", "fill_level"]}

@@ -474,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vialinspect {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    from datasets.sim.config import NUISANCE_TAGS
+
     g = sub.add_parser("generate", help="render a simulated dataset of vials and syringes",
                        description="Render back-lit inspection frames of vials and syringes with exact ground truth "
                                    "(defect boxes and masks, fill heights, nuisance tags) and write a dataset.")
@@ -487,9 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of containers with at least one defect (default 0.5)")
     g.add_argument("--pixel-um", type=float, default=40.0, help="camera pixel scale in µm/px (default 40)")
     g.add_argument("--nuisance", action="append", metavar="TAG=RATE", default=None,
-                   help="set the chance per container (0..1) of a nuisance, e.g. lot_code=0.5 (an inkjet lot code "
-                        "on vials, off by default); repeatable. Tags: bubbles, meniscus_bubbles, stopper_bubble, "
-                        "scratch, embossing, dust, droplet, reflection, lot_code")
+                   help="set the chance per container (0..1) of a nuisance, e.g. silicone_oil=0.5 (droplets shed "
+                        "by a siliconised barrel) or lot_code=0.5 (inkjet lot code on vials), both off by default; "
+                        "repeatable. Tags: " + ", ".join(NUISANCE_TAGS))
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical images (default 0)")
     g.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
