@@ -9,6 +9,7 @@ either record leads to the other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,52 +47,46 @@ def _signer(db: ReviewDB, user: str, password: str, what: str, version: str | No
     return signer
 
 
+def _signed_change(store_dir: str | Path, registry: Registry, action: str, recipe: str, current: str | None,
+                   target: str, meaning: str, user: str, password: str, reason: str,
+                   apply: Callable[[Signature], Event]) -> ModelChange:
+    """Verify the signer, write the audit entry, then make the registry change that names it."""
+    db = ReviewDB(store_dir, create=False)
+    signer = _signer(db, user, password, action, target)
+    what = audit.MODEL_PROMOTED if action == "promote" else audit.MODEL_ROLLED_BACK
+    seq = audit.record(db, signer.username, what, old_value={"recipe": recipe, "version": current},
+                       new_value={"recipe": recipe, "version": target, "registry": str(registry.root.resolve()),
+                                  "meaning": meaning, "printed_name": signer.full_name},
+                       reason=reason.strip())
+    try:
+        ev = apply(Signature(signer.username, signer.full_name, meaning, audit.utc_now()[1], seq))
+    except RegistryError as e:  # changed under our feet (another change in between): say so in the trail
+        audit.record(db, signer.username, what, new_value={"recipe": recipe, "version": target, "completed": False},
+                     reason=f"not completed: {e}")
+        raise PromotionError(str(e)) from None
+    return ModelChange(ev, seq)
+
+
 def promote(store_dir: str | Path, registry: Registry, version: str, recipe: str, user: str, password: str,
             reason: str) -> ModelChange:
     if not (reason or "").strip():
         raise PromotionError("a promotion needs a reason")
-    db = ReviewDB(store_dir, create=False)
     try:
         current = registry.check_promote(version, recipe)  # refuse before anyone signs for nothing
     except RegistryError as e:
         raise PromotionError(str(e)) from None
-    signer = _signer(db, user, password, "promote", version)
-    seq = audit.record(db, signer.username, audit.MODEL_PROMOTED, old_value={"recipe": recipe, "version": current},
-                       new_value={"recipe": recipe, "version": version, "registry": str(registry.root.resolve()),
-                                  "meaning": PROMOTE_MEANING, "printed_name": signer.full_name},
-                       reason=reason.strip())
-    sig = Signature(signer.username, signer.full_name, PROMOTE_MEANING, audit.utc_now()[1], seq)
-    try:
-        ev = registry.promote(version, recipe, sig, reason)
-    except RegistryError as e:  # changed under our feet (another promotion in between): say so in the trail
-        audit.record(db, signer.username, audit.MODEL_PROMOTED, new_value={"recipe": recipe, "version": version,
-                                                                           "completed": False},
-                     reason=f"not completed: {e}")
-        raise PromotionError(str(e)) from None
-    return ModelChange(ev, seq)
+    return _signed_change(store_dir, registry, "promote", recipe, current, version, PROMOTE_MEANING, user, password,
+                          reason, lambda sig: registry.promote(version, recipe, sig, reason))
 
 
 def rollback(store_dir: str | Path, registry: Registry, recipe: str, user: str, password: str,
              reason: str) -> ModelChange:
     if not (reason or "").strip():
         raise PromotionError("a rollback needs a reason")
-    db = ReviewDB(store_dir, create=False)
     try:
         current = registry.current(recipe)
         target = registry.rollback_target(recipe)
     except RegistryError as e:
         raise PromotionError(str(e)) from None
-    signer = _signer(db, user, password, "rollback", target)
-    seq = audit.record(db, signer.username, audit.MODEL_ROLLED_BACK, old_value={"recipe": recipe, "version": current},
-                       new_value={"recipe": recipe, "version": target, "registry": str(registry.root.resolve()),
-                                  "meaning": ROLLBACK_MEANING, "printed_name": signer.full_name},
-                       reason=reason.strip())
-    sig = Signature(signer.username, signer.full_name, ROLLBACK_MEANING, audit.utc_now()[1], seq)
-    try:
-        ev = registry.rollback(recipe, sig, reason)
-    except RegistryError as e:
-        audit.record(db, signer.username, audit.MODEL_ROLLED_BACK, new_value={"recipe": recipe, "version": target,
-                                                                               "completed": False},
-                     reason=f"not completed: {e}")
-        raise PromotionError(str(e)) from None
-    return ModelChange(ev, seq)
+    return _signed_change(store_dir, registry, "rollback", recipe, current, target, ROLLBACK_MEANING, user, password,
+                          reason, lambda sig: registry.rollback(recipe, sig, reason))

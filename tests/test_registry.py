@@ -22,7 +22,7 @@ from training.gate import GateConfig, binomial_tail, compare
 from vialinspect.cli import main
 from vision.scores import Scores
 
-from .test_station import FakeRunner, ListSource, _recipe, _unit
+from .test_station import FakeRunner, ListSource, RecordingLine, _recipe, _unit
 
 SIG = Signature("root", "Rita Admin", "test approval", "2026-11-30T00:00:00Z")
 TH = {"particle": 0.5, "crack": 0.5, "fill_level": 0.5}
@@ -216,20 +216,10 @@ def test_hot_swap_under_load_loses_and_duplicates_nothing(tmp_path):
     n = 60
     script = [row for i in range(n) for row in _unit(f"u{i:03d}")]
     store = RecordStore(tmp_path / "store", min_free_mb=0.0)
-    sent = []
-
-    class Line:
-        def send(self, d):
-            sent.append(d)
-
-        def heartbeat(self, state):
-            pass
-
-        def close(self):
-            pass
-
+    line = RecordingLine()
+    sent = line.sent
     slot = ModelSlot(LoadedModel(FakeRunner(sleep=0.005), "v1", TH))
-    pipe = Pipeline(ListSource(script), _recipe(), slot, store, Line(), StationStats(), queue_size=64,
+    pipe = Pipeline(ListSource(script), _recipe(), slot, store, line, StationStats(), queue_size=64,
                     window_s=0.3, read_timeout_s=0.05)
 
     def swapper():

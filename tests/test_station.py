@@ -57,6 +57,22 @@ class FakeRunner:
                 for _ in batch]
 
 
+class RecordingLine:
+    """A line output that keeps every decision it is sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, d):
+        self.sent.append(d)
+
+    def heartbeat(self, state):
+        pass
+
+    def close(self):
+        pass
+
+
 def _recipe(**kw):
     base = dict(name="t", format="vial-2R", model="unused", frames=K, deadline_ms=400, frame_size=list(SIZE),
                 batch_max=4, sample_accepted=0.0, min_free_mb=0.0)
@@ -80,21 +96,11 @@ def _unit(cid, over=None):
 def _run(script, tmp_path, runner=None, model=True, recipe=None, queue_size=32, disk=None, max_containers=None):
     store = RecordStore(tmp_path / "store", min_free_mb=recipe.min_free_mb if recipe else 0.0,
                         **({"disk_usage": disk} if disk else {}))
-    sent = []
-
-    class Line:
-        def send(self, d):
-            sent.append(d)
-
-        def heartbeat(self, state):
-            pass
-
-        def close(self):
-            pass
-
+    line = RecordingLine()
+    sent = line.sent
     slot = ModelSlot(LoadedModel(runner or FakeRunner(), "v1", {"particle": 0.5, "crack": 0.5, "fill_level": 0.5})
                      if model else None)
-    pipe = Pipeline(ListSource(script), recipe or _recipe(), slot, store, Line(), StationStats(),
+    pipe = Pipeline(ListSource(script), recipe or _recipe(), slot, store, line, StationStats(),
                     queue_size=queue_size, window_s=0.3, read_timeout_s=0.05, max_containers=max_containers)
     pipe.start()
     assert pipe.join(timeout=30)
