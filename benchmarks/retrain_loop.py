@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN, ADMIN_PW = "qa_lead", "qa-lead-password-1"
 REVIEWER, REVIEWER_PW = "qa_reviewer", "qa-reviewer-password-1"
 LINE_SEED = 31337
-LINE_RATE = 600  # units/min: a real line pace this 2-core machine renders and inspects with room to spare
+LINE_RATE = 400  # units/min: a line pace at which this 2-core machine both renders and inspects every unit
 
 
 def _dataset(path: Path, n: int, cfg: SimConfig, seed: int) -> Path:
@@ -137,7 +137,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0.5, help="share of units carrying the nuisance (default 0.5)")
     ap.add_argument("--line-units", type=int, default=600, help="units run on the line before retraining")
     ap.add_argument("--after-units", type=int, default=400, help="units run on the line after promotion")
-    ap.add_argument("--qualification", type=int, default=400, help="qualification containers (default 400)")
+    ap.add_argument("--qualification", type=int, default=800, help="qualification containers (default 800)")
     ap.add_argument("--base", type=int, default=1000, help="base containers generated (default 1000)")
     ap.add_argument("--base-sample", type=int, default=800, help="base containers mixed into retraining")
     ap.add_argument("--epochs", type=int, default=6)

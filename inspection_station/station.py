@@ -25,7 +25,7 @@ from vision.preprocess import InputSpec
 
 from .line import LogLineOutput, OpcUaLineOutput
 from .pipeline import LoadedModel, ModelSlot, Pipeline
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, RecipeError, load_recipe
 from .sources import open_source
 from .stats import StationStats, prometheus_text, status_line
 from .store import RecordStore
@@ -167,6 +167,9 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     else:
         recipe = load_recipe(opts.recipe, check_model=True)
         model = load_model(Path(recipe.model), opts.device, opts.threads)
+    if model.runner.spec.frames != recipe.frames:
+        raise RecipeError(f"the model {model.version} takes {model.runner.spec.frames} frame(s) per container, the "
+                          f"recipe {recipe.frames}", "frames", opts.recipe)
     store = RecordStore(opts.store, sample_accepted=recipe.sample_accepted, min_free_mb=recipe.min_free_mb)
     last = store.last_sequence()
     start = 0 if last is None else last + 1

@@ -148,3 +148,15 @@ def test_running_station_takes_up_a_promotion_between_containers(line, monkeypat
     assert main(["registry", "rollback", "--registry", str(d / "reg"), "--recipe", RECIPE, "--store",
                  str(d / "store"), "--user", "root", "--reason", "test rollback", "--password-stdin"]) == 0
     assert reg.current(RECIPE) == old
+
+
+def test_a_registry_model_that_does_not_fit_the_recipe_is_refused(line, tmp_path):
+    from inspection_station.recipe import RecipeError
+
+    text = (line / "recipe.toml").read_text().replace("frames = 2", "frames = 3").replace('model = "model"',
+                                                                                        f'model = "{line}/model"')
+    (tmp_path / "r3.toml").write_text(text)
+    opts = StationOptions(recipe=tmp_path / "r3.toml", source=f"{SIM}&rate=0", store=tmp_path / "store",
+                          max_containers=1, line="none", quiet=True, registry=line / "reg")
+    with pytest.raises(RecipeError, match="takes 2 frame"):
+        run_station(opts, print_fn=lambda *a, **k: None)

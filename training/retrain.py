@@ -198,7 +198,7 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
     train_cfg = cfg.train
     widths = champ_pkg.metadata.get("architecture", {}).get("widths")
     if init and widths:  # fine-tuning keeps the champion's network, whatever the settings say
-        train_cfg = dataclasses.replace(train_cfg, widths=tuple(widths), frames=frames)
+        train_cfg = dataclasses.replace(train_cfg, widths=tuple(widths), frames=frames, freeze_bn_stats=True)
     summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)
     pkg = export_checkpoint(work / "run" / "best.pt", work / "challenger", parity_data=work / "data",
                             overwrite=True, step=log, extra_metadata={
