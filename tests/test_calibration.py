@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from datasets.records import ContainerRecord, FillSpec
-from training.calibrate import calibrate, threshold_for_budget
+from training.calibrate import calibrate, hold_detection, threshold_for_budget, threshold_for_recall
 from vision.scores import Scores, class_scores, fill_probability, rejected_classes
 
 
@@ -46,3 +46,28 @@ def test_fill_probability_is_one_half_at_the_spec_edge():
 def test_missing_threshold_rejects():
     assert rejected_classes({"particle": 0.0, "crack": 0.0, "fill_level": 0.0}, {}) == ["particle", "crack",
                                                                                        "fill_level"]
+
+
+def test_threshold_for_recall_detects_the_asked_share():
+    pos = np.array([0.9, 0.2, 0.6, 0.4, 0.8])
+    t = threshold_for_recall(pos, 0.6)  # 3 of 5: the ones at 0.9, 0.8, 0.6
+    assert (pos >= t).sum() == 3 and t > 0.4
+    assert threshold_for_recall(np.array([]), 0.5) is None
+
+
+def test_hold_detection_lowers_a_threshold_only_where_detection_would_drop():
+    recs = [ContainerRecord(id=f"p{i}", frames=[], classes=["particle"]) for i in range(4)]
+    recs += [ContainerRecord(id=f"g{i}", frames=[], classes=[]) for i in range(4)]
+
+    def sc(vals):
+        return [Scores(probs={"particle": v, "crack": 0.0, "fill_level": 0.0}) for v in vals]
+
+    champ = sc([0.9, 0.8, 0.7, 0.1] + [0.1] * 4)  # finds 3 of 4 at threshold 0.5
+    th = {"particle": 0.5, "crack": 0.5, "fill_level": 0.5}
+    weaker = sc([0.45, 0.44, 0.6, 0.1] + [0.1] * 4)  # at 0.5 it would find only 1
+    out, info = hold_detection(recs, champ, th, weaker, th)
+    assert info["particle"]["champion_recall"] == 0.75 and info["particle"]["challenger_recall"] == 0.75
+    assert out["particle"] < 0.44
+    stronger = sc([0.99, 0.98, 0.97, 0.96] + [0.1] * 4)
+    out, _ = hold_detection(recs, champ, th, stronger, th)
+    assert out["particle"] == 0.5  # already detects more: the budget threshold stays

@@ -7,6 +7,8 @@ the spec, not a statistic, defines that defect, so its threshold stays at the sp
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from datasets.records import ContainerRecord
@@ -54,3 +56,42 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
 
 def _spec(r: ContainerRecord):
     return (r.fill_spec.target_mm, r.fill_spec.tolerance_mm) if r.fill_spec else None
+
+
+def threshold_for_recall(positive_scores: np.ndarray, recall: float) -> float | None:
+    """Highest threshold that still detects at least ``recall`` of these defective units (a parity margin
+    below the deciding unit's score, so ONNX Runtime decides that unit the same way); None without units."""
+    s = np.sort(np.asarray(positive_scores, np.float64))[::-1]
+    if len(s) == 0:
+        return None
+    k = max(1, math.ceil(recall * len(s) - 1e-9))
+    return float(max(s[k - 1] - PARITY_MARGIN, 1e-6))
+
+
+def hold_detection(records: list[ContainerRecord], champion: list[Scores], champion_thresholds: dict[str, float],
+                   challenger: list[Scores], challenger_thresholds: dict[str, float]) -> tuple[dict, dict]:
+    """Challenger thresholds that detect, on these records, at least what the champion detects.
+
+    Per learned class: the lower of the challenger's false-reject-budget threshold and the highest threshold
+    at which it still finds as many of the class's defective units as the champion. Detection (PoD) is what
+    qualification holds a model to; a model that separates defects better keeps its budget threshold and
+    spends the gain on fewer false rejects, one that separates them worse pays in false rejects, not in PoD.
+    """
+    out = dict(challenger_thresholds)
+    info: dict = {}
+    for c in CLASSES:
+        if c == "fill_level" and challenger_thresholds.get(c) == SPEC_EDGE:
+            continue  # decided by the spec, not by a learned threshold
+        pos = [i for i, r in enumerate(records) if c in r.classes]
+        if not pos:
+            continue
+        sa = np.array([class_scores(champion[i], _spec(records[i]))[c] for i in pos])
+        sb = np.array([class_scores(challenger[i], _spec(records[i]))[c] for i in pos])
+        target = float(np.mean(sa >= champion_thresholds.get(c, 0.0)))
+        t = threshold_for_recall(sb, target) if target > 0 else None
+        if t is not None and t < out[c]:
+            out[c] = t
+        info[c] = {"n": len(pos), "champion_recall": target, "budget_threshold": challenger_thresholds[c],
+                   "threshold": out[c], "challenger_recall": float(np.mean(sb >= out[c]))}
+    return out, info
+

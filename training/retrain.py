@@ -7,8 +7,10 @@
    systems) into a dataset of its own, so what was trained on is kept and hashed.
 2. The leak check: no frame of the qualification set may be in the training set, compared by the hash of
    the decoded pixels (so a re-encoded or renamed copy is caught too).
-3. Fine-tune from the champion's weights (or train from scratch), calibrate on the validation split,
-   export with the parity check, register the challenger with its model card.
+3. Fine-tune from the champion's weights (or train from scratch), calibrate on the validation split to the
+   false-reject budget, then (``hold_detection``) lower a class's threshold where needed so the challenger
+   finds at least the validation defects the champion finds; export with the parity check, register the
+   challenger with its model card.
 4. Evaluate challenger and champion on the same frozen qualification set, write both reports, the
    side-by-side comparison and the gate's verdict, and record the gate in the registry.
 
@@ -36,11 +38,13 @@ from datasets.reader import open_dataset
 from datasets.records import ContainerRecord, fit_frames
 from export.registry import Registry, RegistryError
 
-from .checkpoint import dataset_hash
+from .calibrate import hold_detection
+from .checkpoint import build_model, dataset_hash, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate_model, load_package_model
 from .export_run import export_checkpoint
 from .gate import GateConfig, compare, render_markdown
+from .predict import TorchPredictor, predict_records
 from .report import compare_reports
 from .trainer import train
 
@@ -59,6 +63,7 @@ class RetrainConfig:
     base_sample: int | None = 800  # base containers (train + val) to mix with the reviewed ones; None = all
     reviewed_weight: float = 3.0  # how much more often a reviewed unit is drawn than a base unit of its class
     from_scratch: bool = False
+    hold_detection: bool = True  # thresholds that keep the champion's detection on the validation split
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=2e-4))
     gate: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
@@ -160,6 +165,25 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
     return rows, info
 
 
+def _hold_detection(work: Path, val_recs: list[ContainerRecord], reg: Registry, champion: str,
+                    log: Callable[[str], None]) -> None:
+    """Re-threshold the challenger's best checkpoint so it detects what the champion detects on validation."""
+    best = work / "run" / "best.pt"
+    ck = load_checkpoint(best)
+    net, spec = build_model(ck)
+    ours = predict_records(TorchPredictor(net, spec, has_fill=bool(ck.get("heads", {}).get("fill"))), work / "data",
+                           val_recs)
+    champ = load_package_model(reg.package_dir(champion))
+    theirs = predict_records(champ.predictor, work / "data", val_recs)
+    th, info = hold_detection(val_recs, theirs, champ.thresholds, ours, ck["thresholds"])
+    ck["thresholds"] = th
+    ck["calibration"] = {**ck.get("calibration", {}), "hold_detection": info}
+    save_checkpoint(best, {k: v for k, v in ck.items() if k not in ("format", "version", "saved_utc")})
+    log("thresholds holding the champion's validation detection: " + ", ".join(
+        f"{c}={v['threshold']:.4f} (recall {v['champion_recall']:.2f} -> {v['challenger_recall']:.2f} on {v['n']})"
+        for c, v in info.items()))
+
+
 def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry | str | Path,
             qualification: str | Path, work_dir: str | Path, cfg: RetrainConfig, actor: str,
             log: Callable[[str], None] = print, progress: bool = True,
@@ -198,8 +222,10 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
     train_cfg = cfg.train
     widths = champ_pkg.metadata.get("architecture", {}).get("widths")
     if init and widths:  # fine-tuning keeps the champion's network, whatever the settings say
-        train_cfg = dataclasses.replace(train_cfg, widths=tuple(widths), frames=frames, freeze_bn_stats=True)
+        train_cfg = dataclasses.replace(train_cfg, widths=tuple(widths), frames=frames)
     summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)
+    if cfg.hold_detection:
+        _hold_detection(work, [r for r in train_recs if r.split == "val"], reg, champion, log)
     pkg = export_checkpoint(work / "run" / "best.pt", work / "challenger", parity_data=work / "data",
                             overwrite=True, step=log, extra_metadata={
                                 "parent_version": None if cfg.from_scratch else champion,
