@@ -141,6 +141,8 @@ def main() -> int:
     ap.add_argument("--base", type=int, default=1000, help="base containers generated (default 1000)")
     ap.add_argument("--base-sample", type=int, default=800, help="base containers mixed into retraining")
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--reviewed-weight", type=float, default=3.0,
+                    help="how much more often a reviewed unit is drawn than a base unit of its class")
     ap.add_argument("--max-minutes", type=float, default=None, help="training time budget")
     ap.add_argument("--model", default=str(ROOT / "models/default"), help="base model package")
     ap.add_argument("--work", default=str(ROOT / "bench_out/retrain_loop"))
@@ -184,7 +186,7 @@ def main() -> int:
     step("review")
 
     exp = export_reviewed(work / "store", work / "retrain" / "reviewed", actor="benchmark", overwrite=True)
-    cfg = RetrainConfig(recipe=recipe_name, base_sample=a.base_sample,
+    cfg = RetrainConfig(recipe=recipe_name, base_sample=a.base_sample, reviewed_weight=a.reviewed_weight,
                         train=TrainConfig(epochs=a.epochs, lr=2e-4, max_minutes=a.max_minutes))
     res = retrain(exp.out_dir, base, reg, qual, work / "retrain", cfg, "benchmark", progress=False)
     step("retrain + gate")

@@ -60,9 +60,9 @@ class RegistryWatcher:
     model to the pipeline, which takes it up between two batches. The new package is verified, loaded and
     warmed up here, off the inspection path; one that fails to load leaves the running model in place."""
 
-    def __init__(self, registry, recipe: Recipe, slot: ModelSlot, stats: StationStats, device: str,
-                 threads: int | None, poll_s: float, current: str, print_fn=print):
-        self.registry, self.recipe, self.slot, self.stats = registry, recipe, slot, stats
+    def __init__(self, registry, recipe: Recipe, slot: ModelSlot, device: str, threads: int | None, poll_s: float,
+                 current: str, print_fn=print):
+        self.registry, self.recipe, self.slot = registry, recipe, slot
         self.device, self.threads, self.poll_s, self.print_fn = device, threads, poll_s, print_fn
         self.loaded = current
         self.failed: str | None = None
@@ -187,7 +187,7 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     slot = ModelSlot(model, on_swap=lambda m: stats.set(model_version=m.version))
     pipe = Pipeline(source, recipe, slot, store, line, stats, start_sequence=start,
                     max_containers=opts.max_containers)
-    watcher = RegistryWatcher(registry, recipe, slot, stats, opts.device, opts.threads, opts.registry_poll_s,
+    watcher = RegistryWatcher(registry, recipe, slot, opts.device, opts.threads, opts.registry_poll_s,
                               model.version, print_fn) if registry is not None else None
     stopping = threading.Event()
 
