@@ -100,6 +100,7 @@ class Pipeline:
         self.alarm: str | None = None
         self.on_alarm = on_alarm
         self._acquired = 0
+        self._unit_s = 0.0  # running mean of inference time per unit, for admission under overload
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
 
@@ -156,6 +157,12 @@ class Pipeline:
                 c.format = self.recipe.format
             if c.truth is None:
                 c.truth = self.source.truth(c.id)
+            # Admission: a unit that would wait past its deadline behind the units already queued is turned
+            # away now. Queued FIFO, it would only go stale and make every unit behind it late as well.
+            age, wait = time.monotonic() - c.trigger_time, (self.infer_q.qsize() + 1) * self._unit_s
+            if not c.problems and self._unit_s and age <= self.deadline_s < age + wait:
+                self.record_q.put((self._reject(c, [not_inspected("queue_full")], None), c, None))
+                continue
             try:
                 self.infer_q.put_nowait(c)
             except queue.Full:
@@ -207,7 +214,11 @@ class Pipeline:
                 batch = self._batch()
                 if batch is None:
                     return
-                for d, c, maps in self.decide(batch):
+                t0 = time.monotonic()
+                decided = self.decide(batch)
+                per_unit = (time.monotonic() - t0) / len(batch)
+                self._unit_s = per_unit if not self._unit_s else 0.8 * self._unit_s + 0.2 * per_unit
+                for d, c, maps in decided:
                     self.record_q.put((d, c, maps))
                 self.stats.set(queue_depth=self.infer_q.qsize(), batch_size=len(batch))
         finally:

@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - Windows: no single-writer guard
     fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
+OVERLOAD_REASONS = frozenset({"not_inspected:queue_full", "not_inspected:deadline_missed"})
 DB_NAME = "records.sqlite"
 FRAMES_DIR, MAPS_DIR = "frames", "maps"
 LOCK_NAME = ".writer.lock"
@@ -382,6 +383,10 @@ class RecordStore:
                     f"{self.path}: less than {self.min_free_mb:g} MB free; container {cid!r} was not recorded"
                 )
             kept = "flagged" if not decision.accept else ("sample" if self.is_sampled(cid) else None)
+            if kept and not decision.accept and set(decision.reasons) <= OVERLOAD_REASONS:
+                # Turned away or timed out under load: no model looked at it, so there is nothing to review,
+                # and writing its frames would turn an overload into a recording backlog that stalls inspection.
+                kept = None
             name = frames_dir_name(cid) if kept else None
             try:
                 files: list[str | None] = []

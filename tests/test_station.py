@@ -162,6 +162,19 @@ def test_a_full_queue_rejects_instead_of_waiting(tmp_path):
     assert all(not d.accept for d in sent if "not_inspected:queue_full" in d.reasons)
 
 
+def test_overload_turns_units_away_at_the_door_and_keeps_inspecting(tmp_path):
+    # Units arrive every 20 ms; the model needs 150 ms a unit. Queued first-in first-out, every unit would go
+    # stale behind the others; admitted by the expected wait, the station keeps deciding units in time.
+    script = [(0.02 if k == 0 else 0.0, f"u{i:02d}", k, _px(), None) for i in range(40) for k in range(K)]
+    _, sent, rows = _run(script, tmp_path, runner=FakeRunner(sleep=0.15), recipe=_recipe(deadline_ms=500, batch_max=1))
+    assert len(sent) == 40 and len(rows) == 40
+    turned_away = [d for d in sent if d.reasons == ["not_inspected:queue_full"]]
+    inspected = [d for d in sent if d.accept]
+    assert turned_away and len(inspected) >= 5
+    assert all(d.timings_ms["total"] <= 500 for d in inspected)
+    assert all(rows[d.container_id]["kept"] is None for d in turned_away)  # no frames written for them
+
+
 def test_a_defect_score_over_threshold_rejects(tmp_path):
     _, sent, rows = _run(_unit("p"), tmp_path, runner=FakeRunner(particle=0.9))
     assert sent[0].reasons == ["particle"] and not rows["p"]["accept"]
