@@ -240,7 +240,8 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
     try:
         challenger = reg.add(pkg.path, actor, "challenger retrained from reviewed rejects", card=card)
     except RegistryError as e:
-        raise RetrainError(f"{e} (the retrained model is identical to one already registered)") from None
+        why = " (the retrained model is identical to one already registered)" if "already in" in str(e) else ""
+        raise RetrainError(f"{e}{why}") from None
     log(f"registered challenger {challenger}; evaluating both on the qualification set ({len(qual_recs)} containers)")
 
     reports = reg.reports_dir(challenger)
