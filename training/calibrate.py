@@ -74,8 +74,8 @@ def hold_detection(records: list[ContainerRecord], champion: list[Scores], champ
 
     Per learned class: the lower of the challenger's false-reject-budget threshold and the highest threshold
     at which it still finds as many of the class's defective units as the champion. Detection (PoD) is what
-    qualification holds a model to; a model that separates defects better keeps its budget threshold and
-    spends the gain on fewer false rejects, one that separates them worse pays in false rejects, not in PoD.
+    qualification holds a model to; a model that separates defects better keeps its budget threshold (and
+    detects more), one that separates them worse pays in false rejects, not in PoD.
     """
     out = dict(challenger_thresholds)
     info: dict = {}
