@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import load_config
-from training.data import TrainTransform
+from training.data import TrainTransform, class_weights
 from training.losses import total_loss
 from training.trainer import train
 from vialinspect.cli import main
@@ -157,3 +157,15 @@ def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(c
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["n_containers"] == len(ds.records)  # every image, no split folders
     assert rep["pod_by_particle_size"] == [] and rep["fill_height_mae_mm"] is None
+
+
+def test_class_weights_balance_classes_and_honour_sample_weight():
+    from datasets.records import ContainerRecord
+
+    recs = [ContainerRecord(id=f"g{i}", frames=[]) for i in range(3)]
+    recs += [ContainerRecord(id="hard", frames=[], extra={"sample_weight": 3.0})]
+    recs += [ContainerRecord(id=f"p{i}", frames=[], classes=["particle"]) for i in range(2)]
+    w = class_weights(recs)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[:4].sum() == pytest.approx(0.5) and w[4:].sum() == pytest.approx(0.5)  # good vs particle: equal
+    assert w[3] == pytest.approx(3 * w[0])  # the reviewed hard negative is drawn three times as often

@@ -36,7 +36,6 @@ class TrainConfig:
     crops_per_full: int = 4
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # class, map, fill rows
     val_every: int = 1
-    freeze_bn_stats: bool = False  # keep batch-norm running statistics as initialised (fine-tuning)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -141,8 +141,10 @@ def class_weights(records: list[ContainerRecord]) -> np.ndarray:
     retraining uses it to draw reviewed hard negatives more often than the many ordinary good units.
     """
     keys = ["good" if r.is_good else r.classes[0] for r in records]
-    own = np.array([_sample_weight(r) for r in records])
-    totals = {k: float(sum(w for k2, w in zip(keys, own, strict=True) if k2 == k)) for k in set(keys)}
+    own = [_sample_weight(r) for r in records]
+    totals: dict[str, float] = {}
+    for k, ow in zip(keys, own, strict=True):
+        totals[k] = totals.get(k, 0.0) + ow
     w = np.array([ow / totals[k] for k, ow in zip(keys, own, strict=True)])
     return w / w.sum()
 

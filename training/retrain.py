@@ -215,8 +215,6 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
     checked = check_no_leak(qual.root, qual_recs, work / "data", train_recs)
     log(f"leak check: none of the {checked} qualification frames is in the training set")
     qual_hash = dataset_hash(qual, qual_recs)
-    train_ds = open_dataset(work / "data")
-    train_hash = dataset_hash(train_ds)
 
     init = None if cfg.from_scratch else str(reg.package_dir(champion))
     train_cfg = cfg.train
@@ -231,7 +229,7 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
                                 "parent_version": None if cfg.from_scratch else champion,
                                 "change_reason": f"retrained from reviewed rejects for recipe {cfg.recipe}"})
     card = {"recipe": cfg.recipe, "retraining": {
-        **info, "from_scratch": cfg.from_scratch, "training_set_hash": train_hash,
+        **info, "from_scratch": cfg.from_scratch,  # the training set's own hash: the card's training.data_hash
         "base_data": str(Path(base_data).resolve()), "base_data_hash": dataset_hash(base),
         "reviewed_data": str(Path(reviewed_dir).resolve()), "reviewed_data_hash": dataset_hash(reviewed),
         "qualification_data": str(Path(qualification).resolve()), "qualification_hash": qual_hash,

@@ -229,11 +229,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             # Batch norm normalises every batch by its own statistics, but the running statistics used at
             # inference follow whole-container batches only: crops (mostly liquid, centred on objects) have
             # other statistics, and inference always sees whole containers.
-            # Fine-tuning may keep the initial model's statistics altogether (``freeze_bn_stats``): a small,
-            # skewed set (reviewed rejects) would otherwise shift every feature's scale and, with it, the
-            # operating point of detections the new data says nothing about.
-            full_batch = bool(b["full"].min() > 0)
-            _bn_momentum(net, 0.1 if full_batch and not cfg.freeze_bn_stats else 0.0)
+            _bn_momentum(net, 0.1 if bool(b["full"].min() > 0) else 0.0)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 outputs = model(b["x"])
             loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight)
