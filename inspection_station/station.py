@@ -87,10 +87,10 @@ class RegistryWatcher:
             log.error("registry: promoted model %s not taken up: %s", version, e)
             self.print_fn(f"\nwarning: promoted model {version} could not be loaded ({e}); still running {self.loaded}")
             return
-        if model.runner.spec.frames != self.recipe.frames:
+        misfit = _misfit(model, self.recipe)
+        if misfit:
             self.failed = version
-            self.print_fn(f"\nwarning: promoted model {version} takes {model.runner.spec.frames} frame(s), the recipe "
-                          f"{self.recipe.frames}; still running {self.loaded}")
+            self.print_fn(f"\nwarning: {misfit}; still running {self.loaded}")
             return
         self.slot.request_swap(model)
         self.loaded, self.failed = version, None
@@ -99,6 +99,14 @@ class RegistryWatcher:
     def close(self) -> None:
         self.stop_event.set()
         self.thread.join(timeout=5)
+
+
+def _misfit(model: LoadedModel, recipe: Recipe) -> str | None:
+    """Why ``model`` cannot inspect under ``recipe``, or None."""
+    k = model.runner.spec.frames
+    if k != recipe.frames:
+        return f"the model {model.version} takes {k} frame(s) per container, the recipe {recipe.frames}"
+    return None
 
 
 def open_line(spec: str, store_dir: Path):
@@ -167,9 +175,9 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     else:
         recipe = load_recipe(opts.recipe, check_model=True)
         model = load_model(Path(recipe.model), opts.device, opts.threads)
-    if model.runner.spec.frames != recipe.frames:
-        raise RecipeError(f"the model {model.version} takes {model.runner.spec.frames} frame(s) per container, the "
-                          f"recipe {recipe.frames}", "frames", opts.recipe)
+    misfit = _misfit(model, recipe)
+    if misfit:
+        raise RecipeError(misfit, "frames", opts.recipe)
     store = RecordStore(opts.store, sample_accepted=recipe.sample_accepted, min_free_mb=recipe.min_free_mb)
     last = store.last_sequence()
     start = 0 if last is None else last + 1
