@@ -158,7 +158,7 @@ def load_package(path: str | Path) -> ModelPackage:
     return ModelPackage(p, meta)
 
 
-def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = None):
+def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = None, spin: bool = True):
     """ONNX Runtime for a verified package, with the package's own input spec (a ``vision.runtime.OnnxModel``).
 
     The fill height is reported only when the package says its fill head was trained.
@@ -168,7 +168,7 @@ def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = N
 
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
     return OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),
-                     device=device, threads=threads)
+                     device=device, threads=threads, spin=spin)
 
 
 def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, reason: str,

@@ -50,9 +50,10 @@ class StationOptions:
     registry_poll_s: float = 2.0
 
 
-def load_model(path: Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
+def load_model(path: Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> LoadedModel:
     pkg = load_package(path)
-    return LoadedModel(runner=open_runner(pkg, device, threads), version=pkg.version_id, thresholds=pkg.thresholds)
+    return LoadedModel(runner=open_runner(pkg, device, threads, spin), version=pkg.version_id,
+                       thresholds=pkg.thresholds)
 
 
 class RegistryWatcher:

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import load_config
 from training.data import TrainTransform, class_weights
-from training.losses import total_loss
-from training.trainer import train
+from training.losses import map_loss, total_loss
+from training.trainer import Dist, WarmupCosine, _fit_schedule_to_budget, train
 from vialinspect.cli import main
 from vision.model import VialNet
 from vision.preprocess import InputSpec
@@ -169,3 +169,30 @@ def test_class_weights_balance_classes_and_honour_sample_weight():
     assert w.sum() == pytest.approx(1.0)
     assert w[:4].sum() == pytest.approx(0.5) and w[4:].sum() == pytest.approx(0.5)  # good vs particle: equal
     assert w[3] == pytest.approx(3 * w[0])  # the reviewed hard negative is drawn three times as often
+
+
+def test_balanced_map_loss_gives_a_lone_defect_cell_the_weight_of_the_background():
+    maps = torch.zeros(1, 3, 40, 40, requires_grad=True)
+    target = torch.zeros(1, 3, 40, 40)
+    target[0, 0, 5, 5] = 1.0  # one particle cell among 1,600
+    loss = map_loss(maps, target, pos_weight=10.0, balanced=True)
+    ln2 = torch.log(torch.tensor(2.0))
+    # At logit 0 every cell's BCE is ln 2: particle (neg + pos), crack and fill level (neg only), averaged.
+    assert loss.item() == pytest.approx(float(4 * ln2 / 3), rel=1e-5)
+    loss.backward()
+    g = maps.grad[0, 0]
+    assert float(-g[5, 5]) == pytest.approx(float(g.sum() - g[5, 5]), rel=1e-4)  # pull up = push down, in all
+    plain = torch.zeros(1, 3, 40, 40, requires_grad=True)
+    map_loss(plain, target, pos_weight=10.0, balanced=False).backward()
+    assert float(-plain.grad[0, 0, 5, 5]) < float(-g[5, 5]) / 50  # averaged over all cells it nearly vanishes
+
+
+def test_learning_rate_schedule_ends_with_the_time_budget():
+    sched = WarmupCosine(1000)
+    assert sched(0) == pytest.approx(1 / 100) and sched(99) == pytest.approx(1.0)
+    # 100 steps in 10 of 30 minutes: about 300 steps fit the budget, not the 1,000 the epochs would take.
+    _fit_schedule_to_budget(sched, done=100, minutes=10.0, budget=30.0, d=Dist())
+    assert sched.total == 300
+    assert sched(300) == pytest.approx(0.02) and sched(200) > 0.02
+    _fit_schedule_to_budget(sched, done=200, minutes=10.0, budget=30.0, d=Dist())  # never lengthened
+    assert sched.total == 300

@@ -30,6 +30,8 @@ class TrainConfig:
     amp: bool = True  # mixed precision, used on CUDA only
     max_minutes: float | None = None  # stop after this much training time (the best checkpoint is kept)
     map_pos_weight: float = 10.0  # weight of a defect cell against a background cell in the map loss
+    map_balanced: bool = False  # instead: each class's defect cells and background cells averaged apart
+    anneal_to_budget: bool = False  # under max_minutes, end the cosine decay with the budget, not the epochs
     p_full: float = 0.5  # share of drawn containers used whole; the rest become crops (needs masks)
     crop: int = 256  # crop side in pixels (a multiple of 32)
     crop_batch: int = 8

@@ -190,7 +190,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False)
     steps = len(train_sampler)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(cfg.epochs * steps, 1)))
+    schedule = WarmupCosine(max(cfg.epochs * steps, 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     if resumed:
@@ -232,7 +233,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             _bn_momentum(net, 0.1 if bool(b["full"].min() > 0) else 0.0)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 outputs = model(b["x"])
-            loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight)
+            loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
+                                     cfg.map_balanced)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -276,6 +278,9 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if cfg.max_minutes and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes:
             stopped = f"time budget of {cfg.max_minutes} min reached"
             break
+        if cfg.max_minutes and cfg.anneal_to_budget:
+            _fit_schedule_to_budget(schedule, sched.last_epoch, (time.perf_counter() - t_start) / 60,
+                                    cfg.max_minutes, d)
     log(stopped)
     summary: dict = {"stopped": stopped, "epochs_run": len(history), "best_val_loss": best,
                      "minutes": (time.perf_counter() - t_start) / 60, "rank": d.rank,
@@ -293,17 +298,32 @@ def _bn_momentum(net: torch.nn.Module, momentum: float) -> None:
             m.momentum = momentum
 
 
-def warmup_cosine(total: int, warmup_frac: float = 0.1):
-    """Learning-rate factor: linear warm-up, then cosine decay to 2% at ``total`` steps."""
-    warm = max(1, int(total * warmup_frac))
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up, then cosine decay to 2% at ``total`` steps.
 
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total - warm))
+    ``total`` may shrink during training (see ``_fit_schedule_to_budget``); the warm-up keeps its length."""
+
+    def __init__(self, total: int, warmup_frac: float = 0.1):
+        self.total = total
+        self.warm = max(1, int(total * warmup_frac))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warm:
+            return (step + 1) / self.warm
+        t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
 
-    return f
+
+def _fit_schedule_to_budget(schedule: WarmupCosine, done: int, minutes: float, budget: float, d: Dist) -> None:
+    """Under a time budget, end the cosine decay when the budget ends rather than after ``epochs``: a run
+    stopped by the clock half-way through its schedule would keep a high learning rate and lose the
+    annealing, which is where much of the accuracy comes from. Estimated from the pace so far (validation
+    included) at each epoch's end; under DDP rank 0's estimate is used by every rank, so they stay in step."""
+    pace = done / max(minutes, 1e-6)
+    estimate = torch.tensor([float(done + pace * max(budget - minutes, 0.0))])
+    if d.world > 1:
+        dist.broadcast(estimate, src=0)
+    schedule.total = max(schedule.warm + 1, min(schedule.total, int(estimate.item())))
 
 
 def weights_digest(net: torch.nn.Module) -> str:
@@ -323,7 +343,7 @@ def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfi
     for batch in loader:
         b = _to(batch, device, channels_last)
         outputs = net(b["x"])
-        loss, _ = total_loss(outputs, b, cfg.loss_weights, cfg.map_pos_weight)
+        loss, _ = total_loss(outputs, b, cfg.loss_weights, cfg.map_pos_weight, cfg.map_balanced)
         losses.append(float(loss) * len(b["x"]))
         probs.append(torch.sigmoid(outputs[0]).cpu().numpy())
         labels.append(b["labels"].cpu().numpy())

@@ -58,11 +58,11 @@ class OnnxModel:
     """Runs ``model.onnx``: preprocessing (the shared function), batching, outputs to ``Scores``."""
 
     def __init__(self, onnx_path: str, spec: InputSpec, has_fill: bool = True, device: str = "auto",
-                 threads: int | None = None, _ort=None):
+                 threads: int | None = None, spin: bool = True, _ort=None):
         import onnxruntime as ort
 
         self._ort = _ort or ort
-        self.path, self.spec, self.has_fill, self.threads = onnx_path, spec, has_fill, threads
+        self.path, self.spec, self.has_fill, self.threads, self.spin = onnx_path, spec, has_fill, threads, spin
         available = list(self._ort.get_available_providers())
         plan = provider_plan(device, available)
         self.status = RuntimeStatus(provider=CPU, requested=device, available=available)
@@ -88,6 +88,10 @@ class OnnxModel:
         so.intra_op_num_threads = self.threads or max(1, (os.cpu_count() or 2))
         so.inter_op_num_threads = 1
         so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not self.spin:
+            # Idle intra-op threads spin for a while before sleeping: the fastest choice for a lone model run,
+            # but on a small machine they burn the cores the station's acquisition and recording threads need.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The CPU memory arena stays on: without it a batch of 8 full frames took 320 ms instead of 225 ms on 2
         # cores, for ~390 MB less memory; the station needs the speed more (measured with benchmarks/station.py).
         return self._ort.InferenceSession(self.path, so, providers=providers)
