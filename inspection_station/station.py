@@ -50,7 +50,9 @@ class StationOptions:
     registry_poll_s: float = 2.0
 
 
-def load_model(path: Path, device: str = "auto", threads: int | None = None, spin: bool = True) -> LoadedModel:
+def load_model(path: Path, device: str = "auto", threads: int | None = None, spin: bool = False) -> LoadedModel:
+    """The station's model. ONNX Runtime's idle threads sleep rather than spin (``spin``): on a small machine
+    the spinning took cores from acquisition and recording (benchmarks/station.py --spin on|off)."""
     pkg = load_package(path)
     return LoadedModel(runner=open_runner(pkg, device, threads, spin), version=pkg.version_id,
                        thresholds=pkg.thresholds)

@@ -150,6 +150,22 @@ def test_gpu_provider_failure_falls_back_to_cpu(package, fail_at):
     assert len(scores) == 1 and m.status.provider == CPU and m.status.fallback
 
 
+def test_station_sessions_let_idle_threads_sleep_and_score_the_same(package):
+    from inspection_station.station import load_model
+
+    pkg = load_package(package)
+    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
+    spinning = OnnxModel(str(pkg.onnx_path), spec, device="cpu")
+    station = load_model(package, device="cpu").runner
+    entry = "session.intra_op.allow_spinning"
+    assert station.session.get_session_options().get_session_config_entry(entry) == "0"
+    with pytest.raises(RuntimeError):  # not set: ONNX Runtime's default, spinning
+        spinning.session.get_session_options().get_session_config_entry(entry)
+    frames = [[np.random.default_rng(k).integers(0, 255, (64, 32), dtype=np.uint8) for k in range(2)]]
+    a, b = spinning.predict(frames)[0], station.predict(frames)[0]
+    assert a.probs == b.probs
+
+
 def test_provider_plan_orders_gpu_first_and_always_ends_on_cpu():
     avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]
     assert provider_plan("auto", avail) == avail
