@@ -51,8 +51,9 @@ class StationOptions:
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None, spin: bool = False) -> LoadedModel:
-    """The station's model. ONNX Runtime's idle threads sleep rather than spin (``spin``): on a small machine
-    the spinning took cores from acquisition and recording (benchmarks/station.py --spin on|off)."""
+    """The station's model. ONNX Runtime's idle threads sleep rather than spin (``spin``): spinning threads
+    compete for a small machine's cores with acquisition and recording. Measured with benchmarks/station.py
+    --spin on|off: the same capacity within run-to-run noise, and one p99 of 309 ms while spinning."""
     pkg = load_package(path)
     return LoadedModel(runner=open_runner(pkg, device, threads, spin), version=pkg.version_id,
                        thresholds=pkg.thresholds)

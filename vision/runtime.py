@@ -90,7 +90,7 @@ class OnnxModel:
         so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not self.spin:
             # Idle intra-op threads spin for a while before sleeping: the fastest choice for a lone model run,
-            # but on a small machine they burn the cores the station's acquisition and recording threads need.
+            # but on a small machine they compete with the station's acquisition and recording threads.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The CPU memory arena stays on: without it a batch of 8 full frames took 320 ms instead of 225 ms on 2
         # cores, for ~390 MB less memory; the station needs the speed more (measured with benchmarks/station.py).
