@@ -53,7 +53,8 @@ class StationOptions:
 def load_model(path: Path, device: str = "auto", threads: int | None = None, spin: bool = False) -> LoadedModel:
     """The station's model. ONNX Runtime's idle threads sleep rather than spin (``spin``): spinning threads
     compete for a small machine's cores with acquisition and recording. Measured with benchmarks/station.py
-    --spin on|off: the same capacity within run-to-run noise, and one p99 of 309 ms while spinning."""
+    --spin on|off: the same capacity within run-to-run noise; p99 latency lower while sleeping, most of all
+    when acquisition itself needs CPU (the simulator as camera: 96-186 ms against 246-294 ms)."""
     pkg = load_package(path)
     return LoadedModel(runner=open_runner(pkg, device, threads, spin), version=pkg.version_id,
                        thresholds=pkg.thresholds)
