@@ -138,7 +138,8 @@ def main() -> int:
     # Raw runtime throughput: preprocessing + ONNX Runtime, batch 8, at its fastest (spinning threads),
     # whatever the station's own setting: the station is measured against the best the runtime can do.
     raw = load_model(Path(a.model), device="auto", spin=True).runner
-    raw.warm_up(*preprocess(units[0], raw.spec).x.shape[1:], batch=8)
+    input_hw = preprocess(units[0], raw.spec).x.shape[1:]
+    raw.warm_up(*input_hw, batch=8)
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < 10.0:
         for j in range(0, len(units), 8):
@@ -149,7 +150,7 @@ def main() -> int:
     print(f"raw runtime: {raw_per_min:.0f} units/min", flush=True)
     del batch, raw  # ~7 MB of float input per unit and a second session: the raw measurement's, not the station's
     gc.collect()
-    model.runner.warm_up(*preprocess(units[0], model.runner.spec).x.shape[1:], batch=8)
+    model.runner.warm_up(*input_hw, batch=8)
 
     with tempfile.TemporaryDirectory(prefix="vi-bench-station-") as tmp:
         fast = run_station(model, recipe, units, a.max_rate, a.max_units, Path(tmp) / "fast")
@@ -178,8 +179,7 @@ def main() -> int:
     growth = (np.mean(last) / np.mean(first) - 1.0) if first and last else None
     result = {
         "model": model.version, "provider": model.runner.status.provider, "spin": a.spin, "format": a.format,
-        "frames": k,
-        "frame_size": [w, h], "cores": os.cpu_count(),
+        "frames": k, "frame_size": [w, h], "cores": os.cpu_count(),
         "raw_runtime_per_min": round(raw_per_min, 1),
         "station_sustained_per_min": None if sustained is None else round(sustained, 1),
         "station_fraction_of_raw": None if sustained is None else round(sustained / raw_per_min, 3),

@@ -39,7 +39,7 @@ import numpy as np
 
 from datasets.imageio import write_png
 
-from .types import Container, Decision
+from .types import Container, Decision, not_inspected
 
 try:  # POSIX: the kernel drops the lock when the holder dies, even by SIGKILL
     import fcntl
@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - Windows: no single-writer guard
     fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
-OVERLOAD_REASONS = frozenset({"not_inspected:queue_full", "not_inspected:deadline_missed"})
+OVERLOAD_REASONS = frozenset({not_inspected("queue_full"), not_inspected("deadline_missed")})
 DB_NAME = "records.sqlite"
 FRAMES_DIR, MAPS_DIR = "frames", "maps"
 LOCK_NAME = ".writer.lock"
