@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from vision.model import InferenceModel, VialNet, adapt_first_layer, soft_rows
+from vision.model import MOTION_GAIN, InferenceModel, VialNet, adapt_first_layer, soft_rows
 from vision.preprocess import InputSpec, preprocess
 
 
@@ -13,6 +14,27 @@ def test_vialnet_output_shapes(frames, h, w):
     net = VialNet(frames, widths=(8, 8, 8, 8, 8)).eval()
     cls, maps, rows = net(torch.zeros(2, frames, h, w))
     assert cls.shape == (2, 3) and maps.shape == (2, 3, h // 8, w // 8) and rows.shape == (2, 2, h // 4)
+
+
+@pytest.mark.parametrize("frames", [1, 4])
+def test_input_stage_runs_as_one_convolution_with_the_same_function_and_gradients(frames):
+    torch.manual_seed(0)
+    net = VialNet(frames=frames).double().eval()  # double: the comparison is of the algebra, not of rounding
+    x = torch.randn(2, frames, 64, 96, dtype=torch.float64)
+
+    def explicit(x):  # the documented stage written out: motion channels, 2x2 unshuffle, 3x3 conv
+        if frames > 1:
+            mean = x.mean(1, keepdim=True)
+            x = torch.cat([mean, (x - mean) * MOTION_GAIN], 1)
+        return F.conv2d(F.pixel_unshuffle(x, 2), net.stem[0].weight, padding=1)
+
+    composed = F.conv2d(x, net.input_kernel(), stride=2, padding=2)
+    assert torch.allclose(composed, explicit(x), atol=1e-10)
+    composed.square().sum().backward()
+    g1 = net.stem[0].weight.grad.clone()
+    net.zero_grad()
+    explicit(x).square().sum().backward()
+    assert torch.allclose(g1, net.stem[0].weight.grad, rtol=1e-10, atol=1e-8)
 
 
 def test_soft_rows_recovers_a_peaked_row():
