@@ -99,6 +99,24 @@ def test_threshold_only_reversioning_keeps_the_onnx_bytes(package, tmp_path):
         with_thresholds(pkg, {"crack": 1.5}, tmp_path / "v3", reason="x")
 
 
+def test_a_package_re_exports_with_its_own_weights_thresholds_and_record(package, coarse_data, tmp_path, capsys):
+    old = load_package(package)
+    out = tmp_path / "re"
+    assert main(["export", "--checkpoint", str(package), "--out", str(out)]) == 2  # no data to check parity on
+    assert "--parity-data" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(package), "--out", str(out), "--parity-data", str(coarse_data),
+                 "--parity-count", "2"]) == 0
+    new = load_package(out)
+    assert new.metadata["parent_version"] == old.version_id and new.thresholds == old.thresholds
+    for key in ("training", "evaluation", "heads", "architecture", "classes"):
+        assert new.metadata[key] == old.metadata[key]
+    assert new.metadata["export"]["parity"]["decisions_identical"] is True
+    x = [[np.random.default_rng(1).integers(0, 255, (96, 64), dtype=np.uint8) for _ in range(2)]]
+    a = load_model(package, device="cpu").predictor.predict(x)[0]
+    b = load_model(out, device="cpu").predictor.predict(x)[0]
+    assert all(abs(a.probs[c] - b.probs[c]) < 1e-5 for c in a.probs)
+
+
 def test_cuda_request_without_a_gpu_falls_back_to_cpu_with_status(package):
     pkg = load_package(package)
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])

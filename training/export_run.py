@@ -6,11 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from datasets.imageio import read_gray
 from datasets.reader import open_dataset
 from datasets.records import fit_frames
 from export.exporter import export_package
-from export.package import ModelPackage
+from export.package import ModelPackage, PackageError, load_package
 from vision.preprocess import Prepared, preprocess
 
 from .checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
@@ -30,6 +32,51 @@ def held_out(data_dir: Path, spec, count: int) -> tuple[list[Prepared], list]:
     prepared = [preprocess([read_gray(ds.root / f) for f in r.frames], spec) for r in chosen]
     specs = [(r.fill_spec.target_mm, r.fill_spec.tolerance_mm) if r.fill_spec else None for r in chosen]
     return prepared, specs
+
+
+def export_model(source: str | Path, out: str | Path, parity_data: str | Path | None = None, **kw: Any) -> ModelPackage:
+    """`vialinspect export`: ``source`` is a checkpoint file, or a model package directory to re-export."""
+    if Path(source).is_dir():
+        return reexport_package(source, out, parity_data, **kw)
+    return export_checkpoint(source, out, parity_data, **kw)
+
+
+# What a re-export keeps from the package it starts from: everything that describes the weights and how they
+# were made; the export section, the commit and the creation time are the new export's own.
+_KEPT_SECTIONS = ("classes", "heads", "architecture", "training", "evaluation", "fill_spec_fields")
+
+
+def reexport_package(package: str | Path, out: str | Path, parity_data: str | Path | None = None,
+                     parity_count: int = 8, opset: int | None = None, fp16: bool = False, overwrite: bool = False,
+                     step: Callable[[str], None] = print) -> ModelPackage:
+    """A package's own PyTorch weights through this version's exporter (another opset, fp16, or a better graph
+    of the same function), with the same parity gate; the thresholds and training record carry over and the
+    new package names the old one as its parent. A package does not say where its data lives, so the parity
+    containers come from ``parity_data``."""
+    try:
+        pkg = load_package(package)
+    except PackageError as e:
+        raise CheckpointError(str(e)) from None
+    if pkg.weights_path is None:
+        raise CheckpointError(f"{package}: this package carries no PyTorch weights (weights.pt) to export from")
+    if not parity_data or not Path(parity_data).is_dir():
+        raise CheckpointError(f"re-exporting a package needs --parity-data DIR (held-out containers in the "
+                              f"format the model reads); got {parity_data!r}")
+    weights = torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
+    m = pkg.metadata
+    ck = {"model": weights["model"], "state_dict": weights["state_dict"], "thresholds": pkg.thresholds,
+          "classes": m["classes"], "input_spec": m["input"]["spec"],
+          "dataset": {"hash": m.get("training", {}).get("data_hash")},
+          "git_commit": m.get("training", {}).get("git_commit")}
+    net, spec = build_model(ck)
+    step(f"loading {parity_count} held-out container(s) from {parity_data} for the parity check")
+    prepared, fill_specs = held_out(Path(parity_data), spec, parity_count)
+    kept = {k: m[k] for k in _KEPT_SECTIONS if k in m}
+    extra = {**kept, "parent_version": pkg.version_id,
+             "change_reason": f"re-exported from {pkg.version_id} (same weights and thresholds)"}
+    kw: dict[str, Any] = {} if opset is None else {"opset": opset}
+    return export_package(net, spec, ck, Path(out), prepared, fill_specs, fp16=fp16, git_commit=git_commit(),
+                          overwrite=overwrite, step=step, extra_metadata=extra, **kw)
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_data: str | Path | None = None,

@@ -184,10 +184,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     from export.onnx_export import ExportError
     from export.package import PackageError
     from training.checkpoint import CheckpointError
-    from training.export_run import export_checkpoint
+    from training.export_run import export_model
 
     try:
-        export_checkpoint(a.checkpoint, a.out, parity_data=a.parity_data, parity_count=a.parity_count, opset=a.opset,
+        export_model(a.checkpoint, a.out, parity_data=a.parity_data, parity_count=a.parity_count, opset=a.opset,
                           fp16=a.fp16, overwrite=a.overwrite)
     except (CheckpointError, DatasetError, ExportError, PackageError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -557,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export RUN/best.pt to MODEL_DIR (model.onnx, model.json, SHA256SUMS). The "
                                    "ONNX model is checked, then compared with PyTorch on held-out containers "
                                    "(max |Δp| <= 1e-4, identical decisions); on any failure nothing is written.")
-    x.add_argument("--checkpoint", required=True, help="checkpoint with calibrated thresholds (RUN/best.pt)")
+    x.add_argument("--checkpoint", required=True,
+                   help="checkpoint with calibrated thresholds (RUN/best.pt), or a model package directory to "
+                        "re-export with its own weights and thresholds (needs --parity-data)")
     x.add_argument("--out", required=True, help="package directory to create")
     x.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
     x.add_argument("--fp16", action="store_true", help="half-precision weights and arithmetic (for GPUs)")
