@@ -155,7 +155,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vi-bench-station-") as tmp:
         fast = run_station(model, recipe, units, a.max_rate, a.max_units, Path(tmp) / "fast")
         print(f"station, overloaded at {a.max_rate:.0f}/min offered: {fast['inspected_per_min']:.0f} units/min "
-              f"inspected, {fast['not_inspected']} turned away", flush=True)
+              f"inspected, {fast['not_inspected']} not inspected", flush=True)
         # Capacity: the highest offered rate the station inspects completely (no unit turned away or late),
         # found by stepping down from the raw runtime rate. Overload is a different question: there the
         # turned-away units cost recording work of their own.
@@ -165,7 +165,8 @@ def main() -> int:
             run = run_station(model, recipe, units, rate, max(int(rate * a.sweep_seconds / 60), 50),
                               Path(tmp) / f"sweep{frac}")
             sweep.append({"offered_per_min": round(rate, 1), "achieved_per_min": round(run["sustained_per_min"], 1),
-                          "not_inspected": run["not_inspected"]})
+                          "not_inspected": run["not_inspected"],
+                          "causes": {r: n for r, n in run["reasons"].items() if r.startswith("not_inspected")}})
             print(f"  offered {rate:6.0f}/min: achieved {run['sustained_per_min']:6.0f}/min, "
                   f"not inspected {run['not_inspected']}", flush=True)
             if run["not_inspected"] == 0:
@@ -187,6 +188,7 @@ def main() -> int:
         "overload_offered_per_min": a.max_rate,
         "overload_inspected_per_min": round(fast["inspected_per_min"], 1),
         "overload_not_inspected": fast["not_inspected"],
+        "overload_causes": {r: n for r, n in fast["reasons"].items() if r.startswith("not_inspected")},
         "line_rate_per_min": a.rate, "line_run_minutes": a.minutes,
         "line_run_achieved_per_min": round(line_run["sustained_per_min"], 1),
         "latency_p50_ms": line_run["latency_p50_ms"], "latency_p99_ms": line_run["latency_p99_ms"],

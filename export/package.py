@@ -158,6 +158,17 @@ def load_package(path: str | Path) -> ModelPackage:
     return ModelPackage(p, meta)
 
 
+def package_weights(path: str | Path) -> tuple[ModelPackage, dict[str, Any]]:
+    """A verified package and its PyTorch weights (``{"model": architecture, "state_dict": ...}``), for
+    fine-tuning or re-exporting; ``PackageError`` when it cannot be trusted or carries no weights."""
+    import torch
+
+    pkg = load_package(path)
+    if pkg.weights_path is None:
+        raise PackageError(f"{path}: this package carries no PyTorch weights ({WEIGHTS_NAME})")
+    return pkg, torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
+
+
 def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = None, spin: bool = True):
     """ONNX Runtime for a verified package, with the package's own input spec (a ``vision.runtime.OnnxModel``).
 

@@ -1,8 +1,10 @@
 """The inline pipeline: acquisition -> assembly -> batched inference -> decision -> record -> line output.
 
-Three threads joined by bounded queues (no shared mutable state besides the stats object):
+Three threads joined by bounded queues (shared besides the stats object: two floats the inference thread
+writes and acquisition reads, its running time per unit and when its running batch should end):
 - acquisition reads the source, assembles containers and hands them to inference; when the inference
-  queue is full the unit is rejected at once (``not_inspected:queue_full``) instead of waiting;
+  queue is full, or the unit could not be decided by its deadline behind the running batch and the queued
+  units, it is rejected at once (``not_inspected:queue_full``) instead of waiting;
 - inference takes whatever is waiting (up to the recipe's ``batch_max``: the batch grows with the load),
   decides, and passes decisions on; a unit past its deadline is rejected, never accepted late;
 - recording writes each decision to the store and only then sends it to the line, so a result is final
@@ -15,6 +17,7 @@ ran and passed it; every other path ends in a reject with a ``not_inspected:<cau
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -101,6 +104,7 @@ class Pipeline:
         self.on_alarm = on_alarm
         self._acquired = 0
         self._unit_s = 0.0  # running mean of inference time per unit, for admission under overload
+        self._busy_until = 0.0  # when the running batch is expected to be decided (monotonic seconds)
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
 
@@ -157,9 +161,11 @@ class Pipeline:
                 c.format = self.recipe.format
             if c.truth is None:
                 c.truth = self.source.truth(c.id)
-            # Admission: a unit that would wait past its deadline behind the units already queued is turned
-            # away now. Queued FIFO, it would only go stale and make every unit behind it late as well.
-            age, wait = time.monotonic() - c.trigger_time, (self.infer_q.qsize() + 1) * self._unit_s
+            # Admission: a unit that would be decided past its deadline is turned away now. Queued FIFO, it
+            # would only go stale and make every unit behind it late as well; inspected and then late, it
+            # would have taken a place that a unit still in time could use.
+            now = time.monotonic()
+            age, wait = now - c.trigger_time, self._expected_wait(now)
             if not c.problems and self._unit_s and age <= self.deadline_s < age + wait:
                 self.record_q.put((self._reject(c, [not_inspected("queue_full")], None), c, None))
                 continue
@@ -168,6 +174,13 @@ class Pipeline:
             except queue.Full:
                 self.record_q.put((self._reject(c, [not_inspected("queue_full")], None), c, None))
         self.stats.set(queue_depth=self.infer_q.qsize())
+
+    def _expected_wait(self, now: float) -> float:
+        """Time until a unit queued now is decided: what is left of the running batch, then the queued units
+        and itself in whole batches, since a unit is decided when its batch is (an upper bound, by design)."""
+        b = max(1, int(self.recipe.batch_max))
+        ahead = self.infer_q.qsize() + 1
+        return max(0.0, self._busy_until - now) + math.ceil(ahead / b) * b * self._unit_s
 
     def _acquire(self) -> None:
         try:
@@ -215,6 +228,7 @@ class Pipeline:
                 if batch is None:
                     return
                 t0 = time.monotonic()
+                self._busy_until = t0 + len(batch) * self._unit_s
                 decided = self.decide(batch)
                 per_unit = (time.monotonic() - t0) / len(batch)
                 self._unit_s = per_unit if not self._unit_s else 0.8 * self._unit_s + 0.2 * per_unit

@@ -45,14 +45,14 @@ class ListSource(Source):
 class FakeRunner:
     """Stands in for the ONNX model: scores from a function of the frames; can fail or be slow."""
 
-    def __init__(self, particle=0.1, fail=False, sleep=0.0):
+    def __init__(self, particle=0.1, fail=False, sleep=0.0, sleep_per_unit=0.0):
         self.spec = InputSpec(frames=K, pixel_um=40.0)
-        self.particle, self.fail, self.sleep = particle, fail, sleep
+        self.particle, self.fail, self.sleep, self.sleep_per_unit = particle, fail, sleep, sleep_per_unit
 
     def predict_prepared(self, batch):
         if self.fail:
             raise RuntimeError("simulated inference failure")
-        time.sleep(self.sleep)
+        time.sleep(self.sleep + self.sleep_per_unit * len(batch))
         return [Scores(probs={"particle": self.particle, "crack": 0.0, "fill_level": 0.0}, fill_height_mm=13.7)
                 for _ in batch]
 
@@ -175,6 +175,19 @@ def test_overload_turns_units_away_at_the_door_and_keeps_inspecting(tmp_path):
     assert all(rows[d.container_id]["kept"] is None for d in turned_away)  # no frames written for them
 
 
+def test_overload_admits_only_units_whose_batch_can_still_be_decided_in_time(tmp_path):
+    # Batches of up to 4 at 60 ms a unit; units arrive every 10 ms (six times what the model can do). A unit
+    # is decided when its whole batch is, behind the batch already running: admitted by queue position alone,
+    # many would be inspected and then be late. Those admitted are decided in time (a worst-case estimate).
+    script = [(0.01 if k == 0 else 0.0, f"u{i:02d}", k, _px(), None) for i in range(60) for k in range(K)]
+    _, sent, _ = _run(script, tmp_path, runner=FakeRunner(sleep_per_unit=0.06),
+                      recipe=_recipe(deadline_ms=500, batch_max=4))
+    late = [d for d in sent if "not_inspected:deadline_missed" in d.reasons]
+    inspected = [d for d in sent if d.accept]
+    assert len(sent) == 60 and len(inspected) >= 8
+    assert len(late) <= 1, [d.timings_ms for d in late]
+
+
 def test_a_defect_score_over_threshold_rejects(tmp_path):
     _, sent, rows = _run(_unit("p"), tmp_path, runner=FakeRunner(particle=0.9))
     assert sent[0].reasons == ["particle"] and not rows["p"]["accept"]
@@ -287,3 +300,28 @@ def test_station_cli_summary_metrics_and_sigterm(station_recipe, tmp_path):
         assert s.count() == summary["containers"] > 0
     sent = [json.loads(x) for x in Path(store / "line.jsonl").read_text().splitlines()]
     assert sum(1 for x in sent if x["type"] == "decision") == summary["containers"]
+
+
+def test_live_scores_on_sim_are_the_offline_evaluation_of_the_same_units(station_recipe, tmp_path):
+    """The station on sim:// and `evaluate` on the same units written by `generate` score and decide every unit
+    alike, so live accuracy on the simulator is the offline evaluation's (benchmarks/live_accuracy.py at size)."""
+    from inspection_station.recipe import load_recipe
+    from training.evaluate import evaluate_model
+    from vialinspect.cli import main
+    from vision.scores import class_scores, rejected_classes
+
+    n, store, data = 10, tmp_path / "store", tmp_path / "data"
+    r = subprocess.run(_station_cmd(station_recipe, store, n), env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["generate", "--out", str(data), "--containers", str(n), "--frames", "2", "--formats", "vial-2R",
+                 "--defect-rate", "0.5", "--pixel-um", "120", "--seed", "7", "--workers", "1"]) == 0
+    _, recs, scores = evaluate_model(station_recipe.parent / "model", data, None, split="all")
+    spec = load_recipe(station_recipe).fill_spec
+    with RecordStore(store, readonly=True) as s:
+        rows = {row["container_id"]: row for row in s.iter_decisions()}
+    assert set(rows) == {rec.id for rec in recs} and len(rows) == n
+    for rec, sc in zip(recs, scores, strict=True):
+        row, cs = rows[rec.id], class_scores(sc, spec)
+        assert row["truth"]["classes"] == list(rec.classes)
+        assert max(abs(cs[c] - row["scores"][c]) for c in cs) < 1e-5
+        assert sorted(rejected_classes(cs, row["thresholds"])) == sorted(row["reasons"])

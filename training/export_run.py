@@ -6,13 +6,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from datasets.imageio import read_gray
 from datasets.reader import open_dataset
 from datasets.records import fit_frames
 from export.exporter import export_package
-from export.package import ModelPackage, PackageError, load_package
+from export.package import ModelPackage, PackageError, package_weights
 from vision.preprocess import Prepared, preprocess
 
 from .checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
@@ -54,15 +52,13 @@ def reexport_package(package: str | Path, out: str | Path, parity_data: str | Pa
     new package names the old one as its parent. A package does not say where its data lives, so the parity
     containers come from ``parity_data``."""
     try:
-        pkg = load_package(package)
+        pkg, weights = package_weights(package)
     except PackageError as e:
-        raise CheckpointError(str(e)) from None
-    if pkg.weights_path is None:
-        raise CheckpointError(f"{package}: this package carries no PyTorch weights (weights.pt) to export from")
+        raise CheckpointError(f"{e} (--checkpoint takes a checkpoint file such as RUN/best.pt, or a model "
+                              f"package directory)") from None
     if not parity_data or not Path(parity_data).is_dir():
         raise CheckpointError(f"re-exporting a package needs --parity-data DIR (held-out containers in the "
                               f"format the model reads); got {parity_data!r}")
-    weights = torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
     m = pkg.metadata
     ck = {"model": weights["model"], "state_dict": weights["state_dict"], "thresholds": pkg.thresholds,
           "classes": m["classes"], "input_spec": m["input"]["spec"],

@@ -125,15 +125,12 @@ def _init_weights(net: VialNet, init: str, frames: int, log) -> None:
 
 
 def _package_state(path: str) -> dict:
-    from export.package import PackageError, load_package
+    from export.package import PackageError, package_weights
 
     try:
-        pkg = load_package(path)
+        return package_weights(path)[1]
     except PackageError as e:
         raise TrainingError(str(e)) from None
-    if pkg.weights_path is None:
-        raise TrainingError(f"{path}: this package carries no PyTorch weights (weights.pt) to fine-tune from")
-    return torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
 
 
 def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str | None = None, resume: bool = False,
