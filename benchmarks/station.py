@@ -165,6 +165,7 @@ def main() -> int:
             run = run_station(model, recipe, units, rate, max(int(rate * a.sweep_seconds / 60), 50),
                               Path(tmp) / f"sweep{frac}")
             sweep.append({"offered_per_min": round(rate, 1), "achieved_per_min": round(run["sustained_per_min"], 1),
+                          "inspected_per_min": round(run["inspected_per_min"], 1),
                           "not_inspected": run["not_inspected"],
                           "causes": {r: n for r, n in run["reasons"].items() if r.startswith("not_inspected")}})
             print(f"  offered {rate:6.0f}/min: achieved {run['sustained_per_min']:6.0f}/min, "

@@ -188,7 +188,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     try:
         export_model(a.checkpoint, a.out, parity_data=a.parity_data, parity_count=a.parity_count, opset=a.opset,
-                          fp16=a.fp16, overwrite=a.overwrite)
+                     fp16=a.fp16, overwrite=a.overwrite)
     except (CheckpointError, DatasetError, ExportError, PackageError, ValueError) as e:
         raise UserError(str(e)) from None
     return 0
