@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,7 @@ def main() -> int:
     pixel_um = model.spec.pixel_um or 40.0
     store, data = work / "store", work / "data"
     for d in (store, data):
-        if d.exists():
-            subprocess.run(["rm", "-rf", str(d)], check=True)
+        shutil.rmtree(d, ignore_errors=True)
     cli = [sys.executable, "-m", "vialinspect.cli"]
     uri = f"sim://?rate={a.rate}&seed={a.seed}&pixel_um={pixel_um}"
     print(f"1/3 station on {uri} ({recipe.format}, {a.units} units) ...", flush=True)

@@ -79,6 +79,10 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def not_inspected_causes(run: dict) -> dict[str, int]:
+    return {r: n for r, n in run["reasons"].items() if r.startswith("not_inspected:")}
+
+
 def run_station(model, recipe: Recipe, units, rate: float, total: int, store_dir: Path, samples: list | None = None):
     stats = StationStats()
     store = RecordStore(store_dir, sample_accepted=recipe.sample_accepted, min_free_mb=50)
@@ -167,7 +171,7 @@ def main() -> int:
             sweep.append({"offered_per_min": round(rate, 1), "achieved_per_min": round(run["sustained_per_min"], 1),
                           "inspected_per_min": round(run["inspected_per_min"], 1),
                           "not_inspected": run["not_inspected"],
-                          "causes": {r: n for r, n in run["reasons"].items() if r.startswith("not_inspected")}})
+                          "causes": not_inspected_causes(run)})
             print(f"  offered {rate:6.0f}/min: achieved {run['sustained_per_min']:6.0f}/min, "
                   f"not inspected {run['not_inspected']}", flush=True)
             if run["not_inspected"] == 0:
@@ -189,7 +193,7 @@ def main() -> int:
         "overload_offered_per_min": a.max_rate,
         "overload_inspected_per_min": round(fast["inspected_per_min"], 1),
         "overload_not_inspected": fast["not_inspected"],
-        "overload_causes": {r: n for r, n in fast["reasons"].items() if r.startswith("not_inspected")},
+        "overload_causes": not_inspected_causes(fast),
         "line_rate_per_min": a.rate, "line_run_minutes": a.minutes,
         "line_run_achieved_per_min": round(line_run["sustained_per_min"], 1),
         "latency_p50_ms": line_run["latency_p50_ms"], "latency_p99_ms": line_run["latency_p99_ms"],
