@@ -196,3 +196,44 @@ def test_learning_rate_schedule_ends_with_the_time_budget():
     assert sched(300) == pytest.approx(0.02) and sched(200) > 0.02
     _fit_schedule_to_budget(sched, done=200, minutes=10.0, budget=30.0, d=Dist())  # never lengthened
     assert sched.total == 300
+
+
+def test_crops_centre_on_the_defect_though_nuisance_objects_outnumber_it():
+    """One small particle among ten bubbles: half the crops must show the particle (drawn from one list of
+    eleven objects, it would be centred in ~5% of crops and reached by chance in few more)."""
+    import numpy as np
+
+    from datasets.records import ContainerRecord, Defect, NuisanceObject
+    from training.data import _crop_window
+
+    h, w, size = 1600, 1600, 256
+    particle = (1200, 300, 1204, 304)
+    bubbles = [NuisanceObject(tag="bubbles", bbox=(100 + 120 * i, 1300, 110 + 120 * i, 1310)) for i in range(10)]
+    rec = ContainerRecord(id="c", frames=["f.png"], classes=["particle"],
+                          defects=[Defect(cls="particle", bbox=particle)], nuisance_objects=bubbles)
+    rng = np.random.default_rng(0)
+    shows_particle = 0
+    for _ in range(400):
+        top, left = _crop_window(rec, h, w, size, rng)
+        x0, y0, x1, y1 = particle
+        shows_particle += left <= x0 and x1 <= left + size and top <= y0 and y1 <= top + size
+    assert shows_particle / 400 >= 0.4
+    good = ContainerRecord(id="g", frames=["f.png"], nuisance_objects=bubbles)
+    near_bubble = 0
+    for _ in range(400):
+        top, left = _crop_window(good, h, w, size, rng)
+        near_bubble += top <= 1300 and 1310 <= top + size
+    assert near_bubble / 400 >= 0.4  # a good unit's crops still show its nuisance objects half the time
+
+
+def test_best_checkpoint_follows_detection_not_the_loss():
+    from training.trainer import monitored
+
+    # Epoch b detects better (mean AUROC of the probability-decided classes) although its loss is higher.
+    a = {"val_loss": 1.9, "score": 0.71}
+    b = {"val_loss": 2.0, "score": 0.81}
+    assert monitored(b, "auroc") > monitored(a, "auroc")
+    assert monitored(a, "loss") > monitored(b, "loss")
+    assert monitored({"val_loss": 2.0, "score": None}, "auroc") == -2.0  # no class with both outcomes
+    with pytest.raises(ValueError, match="monitor"):
+        load_config(None, {"monitor": "accuracy"})

@@ -15,7 +15,11 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 5e-4
     weight_decay: float = 1e-4
-    patience: int = 6  # epochs without a better validation loss before stopping early
+    patience: int = 6  # epochs without a better validation result (see monitor) before stopping early
+    # What "better on validation" means for best.pt and early stopping: "auroc", the mean AUROC of the classes
+    # the network's probabilities decide (particle, crack; fill level too where no fill height is measured),
+    # or "loss", the validation loss (dominated by the maps and fill rows, it can fall while detection does not).
+    monitor: str = "auroc"
     frames: int | None = None  # frames per container; default: the dataset's
     device: str = "auto"  # auto | cpu | cuda
     workers: int = 1  # data-loading processes
@@ -62,6 +66,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1")
         if not 0 < self.frr < 1:
             raise ValueError(f"frr must be within (0, 1), got {self.frr}")
+        if self.monitor not in ("auroc", "loss"):
+            raise ValueError(f"monitor must be auroc or loss, got {self.monitor!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.crop < 32 or self.crop % 32:

@@ -2,10 +2,10 @@
 
 Two kinds of training item:
 - a whole container image, which trains every head (the fill-level rows need the whole container);
-- a crop (default 256 x 256 px at native resolution), half of them centred on a defect or a nuisance
-  object. Crops cost ~8x less than whole images and put small particles, cracks, bubbles and glass marks in
-  front of the network far more often; the network is fully convolutional, so it runs on whole images at
-  inference. Crops need pixel masks for their labels, so data without masks (ImageFolder) uses whole
+- a crop (default 256 x 256 px at native resolution), half of them centred on a defect and a quarter on a
+  nuisance object. Crops cost ~8x less than whole images and put small particles, cracks, bubbles and glass
+  marks in front of the network far more often; the network is fully convolutional, so it runs on whole
+  images at inference. Crops need pixel masks for their labels, so data without masks (ImageFolder) uses whole
   images only.
 Containers of different formats have different image sizes: a batch holds items of one size (a bucket).
 """
@@ -50,9 +50,20 @@ def _block_max(m: np.ndarray, k: int) -> np.ndarray:
 
 
 def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
-    """Top-left corner of a crop: half the time around an annotated object, else anywhere."""
-    boxes = [d.bbox for d in rec.defects if d.bbox] + [o.bbox for o in rec.nuisance_objects if o.bbox]
-    if boxes and rng.uniform() < 0.5:
+    """Top-left corner of a crop: half the time around a defect, a quarter around a nuisance object (bubble,
+    glass mark, ...), else anywhere. Defects get their own share because nuisance objects outnumber them
+    many times (a container can hold ten meniscus bubbles and one particle): drawn from one common list,
+    a particle would be centred in only a few percent of crops, and it is what the map must learn."""
+    defects = [d.bbox for d in rec.defects if d.bbox]
+    nuisances = [o.bbox for o in rec.nuisance_objects if o.bbox]
+    u = rng.uniform()
+    if defects and u < 0.5:
+        boxes = defects
+    elif nuisances and u < (0.75 if defects else 0.5):
+        boxes = nuisances
+    else:
+        boxes = []
+    if boxes:
         x0, y0, x1, y1 = boxes[int(rng.integers(len(boxes)))]
         cx = (x0 + x1) / 2 + rng.uniform(-0.35, 0.35) * size
         cy = (y0 + y1) / 2 + rng.uniform(-0.35, 0.35) * size

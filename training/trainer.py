@@ -162,7 +162,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         + (f", {d.world} processes" if d.world > 1 else ""))
     data_hash = dataset_hash(ds) if d.main else ""
 
-    start_epoch, best, history, bad_epochs = 0, math.inf, [], 0
+    start_epoch, best, history, bad_epochs = 0, -math.inf, [], 0
     last_path, best_path = out / "last.pt", out / "best.pt"
     resumed = None
     if resume:
@@ -194,7 +194,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     if resumed:
         opt.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
-        start_epoch, best, history = resumed["epoch"] + 1, resumed["best_val_loss"], resumed["history"]
+        start_epoch, history = resumed["epoch"] + 1, resumed["history"]
+        best = resumed.get("best_value", -resumed.get("best_val_loss", math.inf))
         bad_epochs = resumed.get("bad_epochs", 0)
         log(f"resumed from {last_path} at epoch {start_epoch + 1}")
 
@@ -250,13 +251,14 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
                     f"{n / (t_note - t_epoch):.2f} batches/s")
         if bar:
             bar.close()
-        val = _validate(net, val_loader, device, channels_last, cfg, spec)
+        val = _validate(net, val_loader, device, channels_last, cfg, spec, has_fill)
         entry = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), **val,
                  "minutes": (time.perf_counter() - t_start) / 60}
         history.append(entry)
-        improved = val["val_loss"] < best
+        value = monitored(val, cfg.monitor)
+        improved = value > best
         if improved:
-            best, bad_epochs = val["val_loss"], 0
+            best, bad_epochs = value, 0
         else:
             bad_epochs += 1
         if d.main:
@@ -264,13 +266,13 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             mae = f" fill MAE {val['fill_mae_mm']:.3f} mm" if val["fill_mae_mm"] is not None else ""
             log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, val loss {val['val_loss']:.4f}"
                 f" AUROC {aur}{mae}{'  (best)' if improved else ''}")
-            state = {"state_dict": net.state_dict(), "epoch": epoch, "best_val_loss": best, "history": history,
+            state = {"state_dict": net.state_dict(), "epoch": epoch, "best_value": best, "history": history,
                      "bad_epochs": bad_epochs, **meta}
             save_checkpoint(last_path, {**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
             if improved:
                 save_checkpoint(best_path, state)
         if bad_epochs >= cfg.patience:
-            stopped = f"early stop: no better validation loss for {cfg.patience} epochs"
+            stopped = f"early stop: no better validation {cfg.monitor} for {cfg.patience} epochs"
             break
         if cfg.max_minutes and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes:
             stopped = f"time budget of {cfg.max_minutes} min reached"
@@ -279,7 +281,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             _fit_schedule_to_budget(schedule, sched.last_epoch, (time.perf_counter() - t_start) / 60,
                                     cfg.max_minutes, d)
     log(stopped)
-    summary: dict = {"stopped": stopped, "epochs_run": len(history), "best_val_loss": best,
+    summary: dict = {"stopped": stopped, "epochs_run": len(history), "monitor": cfg.monitor, "best_value": best,
                      "minutes": (time.perf_counter() - t_start) / 60, "rank": d.rank,
                      "weights_sha256": weights_digest(net)}
     if d.main:
@@ -332,8 +334,17 @@ def weights_digest(net: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def monitored(val: dict, monitor: str) -> float:
+    """The validation figure to maximise: the mean AUROC of the classes the probabilities decide, or minus
+    the loss (also where no such class has both outcomes in the validation split)."""
+    if monitor == "auroc" and val.get("score") is not None:
+        return float(val["score"])
+    return -float(val["val_loss"])
+
+
 @torch.no_grad()
-def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfig, spec: InputSpec) -> dict:
+def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfig, spec: InputSpec,
+              has_fill: bool = True) -> dict:
     net.eval()
     losses, probs, labels, errs = [], [], [], []
     mm = (spec.pixel_um or 40.0) / 1000.0
@@ -352,9 +363,13 @@ def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfi
             errs.append((pred - true).abs().cpu().numpy())
     p, y = np.concatenate(probs), np.concatenate(labels)
     classes = ["particle", "crack", "fill_level"]
+    aurocs = {c: auroc(y[:, k] > 0.5, p[:, k]) for k, c in enumerate(classes)}
+    # Where the fill height is measured, the spec decides fill level, not the probability.
+    decided = [aurocs[c] for c in classes if aurocs[c] is not None and not (c == "fill_level" and has_fill)]
     return {
         "val_loss": sum(losses) / max(len(y), 1),
-        "auroc": {c: auroc(y[:, k] > 0.5, p[:, k]) for k, c in enumerate(classes)},
+        "auroc": aurocs,
+        "score": float(np.mean(decided)) if decided else None,
         "fill_mae_mm": float(np.concatenate(errs).mean()) if errs else None,
     }
 
