@@ -160,3 +160,28 @@ def test_a_registry_model_that_does_not_fit_the_recipe_is_refused(line, tmp_path
                           max_containers=1, line="none", quiet=True, registry=line / "reg")
     with pytest.raises(RecipeError, match="takes 2 frame"):
         run_station(opts, print_fn=lambda *a, **k: None)
+
+
+def test_a_share_of_reviewed_defects_is_held_out_of_training_for_holding_detection(coarse_data, tmp_path):
+    from datasets.reader import open_dataset
+    from training.retrain import RetrainConfig, RetrainError, build_training_set
+
+    base = open_dataset(coarse_data)
+    reviewed = open_dataset(coarse_data)  # stands in for a review export: defects and good units
+    confirmed = [r for r in reviewed.records if r.classes]
+    cfg = RetrainConfig(recipe=RECIPE, base_sample=10, holdout_reviewed=0.5)
+    rows, info = build_training_set(base, reviewed, tmp_path / "set", cfg, frames=2)
+    held = [r for r in rows if r.extra.get("held_out")]
+    assert info["reviewed_held_out"] == len(held) and 0 < len(held) < len(confirmed)
+    assert all(r.split == "test" and r.classes for r in held)  # never trained on, never in the FRR budget
+    assert all(r.split == "train" for r in rows if r.extra.get("source") == "review" and not r.extra.get("held_out"))
+    written = open_dataset(tmp_path / "set")
+    assert {r.id for r in written.split("test")} == {r.id for r in held}
+    again, _ = build_training_set(base, reviewed, tmp_path / "set2", cfg, frames=2)
+    assert [r.id for r in again if r.extra.get("held_out")] == [r.id for r in held]  # deterministic by id
+    none, info0 = build_training_set(base, reviewed, tmp_path / "set3",
+                                     RetrainConfig(recipe=RECIPE, base_sample=10, holdout_reviewed=0.0), frames=2)
+    assert info0["reviewed_held_out"] == 0
+    with pytest.raises(RetrainError, match="holdout_reviewed"):
+        build_training_set(base, reviewed, tmp_path / "set4", RetrainConfig(recipe=RECIPE, holdout_reviewed=1.0),
+                           frames=2)

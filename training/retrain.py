@@ -2,15 +2,17 @@
 
 1. The training set: a deterministic sample of the base data's train and validation splits, plus every
    reviewed unit (confirmed defects with their reviewed class, false rejects as good units: hard negatives,
-   drawn ``reviewed_weight`` times as often as a base unit of their class), all in the training split; the
-   thresholds are calibrated on the base validation split. Images are hard-linked (copied across file
-   systems) into a dataset of its own, so what was trained on is kept and hashed.
+   drawn ``reviewed_weight`` times as often as a base unit of their class) in the training split, except a
+   share of the confirmed defects (``holdout_reviewed``) kept out for step 3; the thresholds are calibrated
+   on the base validation split. Images are hard-linked (copied across file systems) into a dataset of its
+   own, so what was trained on is kept and hashed.
 2. The leak check: no frame of the qualification set may be in the training set, compared by the hash of
    the decoded pixels (so a re-encoded or renamed copy is caught too).
 3. Fine-tune from the champion's weights (or train from scratch), calibrate on the validation split to the
    false-reject budget, then (``hold_detection``) lower a class's threshold where needed so the challenger
-   finds at least the validation defects the champion finds; export with the parity check, register the
-   challenger with its model card.
+   finds at least the defects the champion finds among the validation split and the held-out reviewed
+   defects (the line's own defects: base validation data alone may not be like them); export with the
+   parity check, register the challenger with its model card.
 4. Evaluate challenger and champion on the same frozen qualification set, write both reports, the
    side-by-side comparison and the gate's verdict, and record the gate in the registry.
 
@@ -64,6 +66,9 @@ class RetrainConfig:
     reviewed_weight: float = 3.0  # how much more often a reviewed unit is drawn than a base unit of its class
     from_scratch: bool = False
     hold_detection: bool = True  # thresholds that keep the champion's detection on the validation split
+    # Share of the reviewed confirmed defects kept out of training (deterministic by id): with the validation
+    # split they are what ``hold_detection`` holds, so detection is held on the line's own defects too.
+    holdout_reviewed: float = 0.25
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=2e-4))
     gate: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
@@ -134,6 +139,8 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
     Reviewed units come from the line's camera, whose pixel scale is the champion's (``pixel_um``): it is
     filled in where the review export does not state one, so the set keeps one known scale.
     """
+    if not 0.0 <= cfg.holdout_reviewed < 1.0:
+        raise RetrainError(f"holdout_reviewed must be within [0, 1), got {cfg.holdout_reviewed}")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -144,8 +151,17 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
         base_recs = [base_recs[i] for i in keep]
     rev_recs, dropped = fit_frames(reviewed.records, frames)
     rows = [_moved(r, base.root, "base", out) for r in base_recs]
+    held = 0
     for r in rev_recs:
-        # Reviewed units all train. They are the units the champion rejected, not a sample of the line, so
+        if r.classes and _held_out(r.id, cfg.holdout_reviewed):
+            # Not trained on and not in the false-reject budget: only detection is held on it (the "test"
+            # split of this dataset, which training never reads).
+            rows.append(_moved(r, reviewed.root, "reviewed", out, split="test",
+                               extra={**r.extra, "source": "review", "held_out": True},
+                               pixel_um=r.pixel_um if r.pixel_um is not None else pixel_um))
+            held += 1
+            continue
+        # The other reviewed units train. They are the units the champion rejected, not a sample of the line, so
         # calibrating the false-reject budget on them would set thresholds for the hardest few percent of
         # units instead of the line's population (the base validation split); the qualification set measures
         # what the challenger then does on them.
@@ -159,15 +175,21 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
         w.write(r)
     w.close()
     info = {"base_containers": len(base_recs), "reviewed_containers": len(rev_recs),
-            "reviewed_confirmed": sum(1 for r in rev_recs if r.classes),
+            "reviewed_confirmed": sum(1 for r in rev_recs if r.classes), "reviewed_held_out": held,
             "reviewed_false_rejects": sum(1 for r in rev_recs if not r.classes),
             "reviewed_skipped_frame_count": dropped}
     return rows, info
 
 
+def _held_out(container_id: str, share: float) -> bool:
+    u = int.from_bytes(hashlib.sha256(f"holdout:{container_id}".encode()).digest()[:8], "big") / 2**64
+    return u < share
+
+
 def _hold_detection(work: Path, val_recs: list[ContainerRecord], reg: Registry, champion: str,
                     log: Callable[[str], None]) -> None:
-    """Re-threshold the challenger's best checkpoint so it detects what the champion detects on validation."""
+    """Re-threshold the challenger's best checkpoint so it detects what the champion detects on ``val_recs``
+    (the validation split and the held-out reviewed defects)."""
     best = work / "run" / "best.pt"
     ck = load_checkpoint(best)
     net, spec = build_model(ck)
@@ -223,7 +245,8 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
         train_cfg = dataclasses.replace(train_cfg, widths=tuple(widths), frames=frames)
     summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)
     if cfg.hold_detection:
-        _hold_detection(work, [r for r in train_recs if r.split == "val"], reg, champion, log)
+        _hold_detection(work, [r for r in train_recs if r.split == "val" or r.extra.get("held_out")], reg,
+                        champion, log)
     pkg = export_checkpoint(work / "run" / "best.pt", work / "challenger", parity_data=work / "data",
                             overwrite=True, step=log, extra_metadata={
                                 "parent_version": None if cfg.from_scratch else champion,

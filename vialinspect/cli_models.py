@@ -61,6 +61,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
         cfg_train = load_config(a.config, overrides, defaults={"epochs": 6, "lr": 2e-4})
         cfg = RetrainConfig(recipe=recipe, base_sample=a.base_sample or None, reviewed_weight=a.reviewed_weight,
                             from_scratch=a.from_scratch, hold_detection=a.operating_point == "hold-detection",
+                            holdout_reviewed=a.holdout_reviewed,
                             train=cfg_train,
                             gate=GateConfig(alpha=a.alpha, pod_tolerance=a.pod_tolerance,
                                             frr_tolerance=a.frr_tolerance),
@@ -237,6 +238,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--reviewed-weight", type=float, default=3.0,
                    help="how much more often a reviewed unit is drawn than a base unit of its class (default 3)")
     r.add_argument("--from-scratch", action="store_true", help="train a new network instead of fine-tuning")
+    r.add_argument("--holdout-reviewed", type=float, default=0.25,
+                   help="share of the reviewed confirmed defects kept out of training; with the validation split "
+                        "they are what --operating-point hold-detection holds (default 0.25)")
     r.add_argument("--operating-point", choices=["hold-detection", "frr-budget"], default="hold-detection",
                    help="challenger thresholds: hold-detection (default) keeps at least the champion's detection "
                         "per class on the validation split, within the false-reject budget where the model allows; "
