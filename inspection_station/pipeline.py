@@ -105,6 +105,7 @@ class Pipeline:
         self._acquired = 0
         self._unit_s = 0.0  # running mean of inference time per unit, for admission under overload
         self._busy_until = 0.0  # when the running batch is expected to be decided (monotonic seconds)
+        self._running = False  # a batch is being decided now
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
 
@@ -177,9 +178,15 @@ class Pipeline:
 
     def _expected_wait(self, now: float) -> float:
         """Time until a unit queued now is decided: what is left of the running batch, then the queued units
-        and itself in whole batches, since a unit is decided when its batch is (an upper bound, by design)."""
+        and itself in whole batches, since a unit is decided when its batch is and later units may join its
+        batch (an upper bound, by design). With nothing running and nothing queued, the inference thread takes
+        the unit at once, alone: then its wait is one unit's time. Without that case a single slow batch (a
+        first run, a hiccup) could make the bound exceed the deadline for good: every unit would be turned
+        away, no batch would run, and the estimate would never be refreshed."""
         b = max(1, int(self.recipe.batch_max))
         ahead = self.infer_q.qsize() + 1
+        if ahead == 1 and not self._running:
+            return self._unit_s
         return max(0.0, self._busy_until - now) + math.ceil(ahead / b) * b * self._unit_s
 
     def _acquire(self) -> None:
@@ -229,7 +236,11 @@ class Pipeline:
                     return
                 t0 = time.monotonic()
                 self._busy_until = t0 + len(batch) * self._unit_s
-                decided = self.decide(batch)
+                self._running = True
+                try:
+                    decided = self.decide(batch)
+                finally:
+                    self._running = False
                 per_unit = (time.monotonic() - t0) / len(batch)
                 self._unit_s = per_unit if not self._unit_s else 0.8 * self._unit_s + 0.2 * per_unit
                 for d, c, maps in decided:

@@ -188,6 +188,31 @@ def test_overload_admits_only_units_whose_batch_can_still_be_decided_in_time(tmp
     assert len(late) <= 1, [d.timings_ms for d in late]
 
 
+class SlowFirstRunner(FakeRunner):
+    """A first batch that takes 300 ms (a first run, a hiccup), then 5 ms a unit."""
+
+    def __init__(self):
+        super().__init__(sleep_per_unit=0.005)
+        self.calls = 0
+
+    def predict_prepared(self, batch):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.3)
+        return super().predict_prepared(batch)
+
+
+def test_one_slow_batch_does_not_lock_the_station_out(tmp_path):
+    # Units every 50 ms, batches of up to 8, 500 ms deadline. After the slow first batch the worst-case
+    # wait (8 units at the measured time per unit) exceeds the deadline; a unit arriving at an idle
+    # pipeline is still inspected at once, and the estimate recovers.
+    script = [(0.05 if k == 0 else 0.0, f"u{i:02d}", k, _px(), None) for i in range(20) for k in range(K)]
+    _, sent, _ = _run(script, tmp_path, runner=SlowFirstRunner(), recipe=_recipe(deadline_ms=500, batch_max=8))
+    turned_away = [d.container_id for d in sent if "not_inspected:queue_full" in d.reasons]
+    assert len(sent) == 20 and turned_away == []
+    assert all(d.accept for d in sent)
+
+
 def test_a_defect_score_over_threshold_rejects(tmp_path):
     _, sent, rows = _run(_unit("p"), tmp_path, runner=FakeRunner(particle=0.9))
     assert sent[0].reasons == ["particle"] and not rows["p"]["accept"]
