@@ -180,9 +180,9 @@ class Pipeline:
         """Time until a unit queued now is decided: what is left of the running batch, then the queued units
         and itself in whole batches, since a unit is decided when its batch is and later units may join its
         batch (an upper bound, by design). With nothing running and nothing queued, the inference thread takes
-        the unit at once, alone: then its wait is one unit's time. Without that case a single slow batch (a
-        first run, a hiccup) could make the bound exceed the deadline for good: every unit would be turned
-        away, no batch would run, and the estimate would never be refreshed."""
+        the unit at once, alone: then its wait is one unit's time. Without that case the bound could exceed
+        what is left of the deadline even at an idle station (after one slow batch, or for units already old
+        when assembled), and for good: every unit turned away, no batch run, the estimate never refreshed."""
         b = max(1, int(self.recipe.batch_max))
         ahead = self.infer_q.qsize() + 1
         if ahead == 1 and not self._running:

@@ -65,7 +65,7 @@ class RetrainConfig:
     base_sample: int | None = 800  # base containers (train + val) to mix with the reviewed ones; None = all
     reviewed_weight: float = 3.0  # how much more often a reviewed unit is drawn than a base unit of its class
     from_scratch: bool = False
-    hold_detection: bool = True  # thresholds that keep the champion's detection on the validation split
+    hold_detection: bool = True  # thresholds that keep the champion's detection (validation + held-out reviewed)
     # Share of the reviewed confirmed defects kept out of training (deterministic by id): with the validation
     # split they are what ``hold_detection`` holds, so detection is held on the line's own defects too.
     holdout_reviewed: float = 0.25
