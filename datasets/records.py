@@ -100,9 +100,14 @@ def fit_frames(records: list[ContainerRecord], k: int) -> tuple[list[ContainerRe
     return out, len(records) - len(out)
 
 
+def key_fraction(key: str) -> float:
+    """A number in [0, 1) fixed by ``key``: stable across runs, machines and worker counts."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
 def split_for(key: str, fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS) -> str:
     """Deterministic split from a container's id: stable across runs, machines and worker counts."""
-    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    u = key_fraction(key)
     if u < fractions[0]:
         return "train"
     if u < fractions[0] + fractions[1]:

@@ -37,7 +37,7 @@ import numpy as np
 from datasets.imageio import read_gray
 from datasets.manifest import Dataset, ManifestWriter
 from datasets.reader import open_dataset
-from datasets.records import ContainerRecord, fit_frames
+from datasets.records import ContainerRecord, fit_frames, key_fraction
 from export.registry import Registry, RegistryError
 
 from .calibrate import hold_detection
@@ -153,20 +153,18 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
     rows = [_moved(r, base.root, "base", out) for r in base_recs]
     held = 0
     for r in rev_recs:
-        if r.classes and _held_out(r.id, cfg.holdout_reviewed):
+        if r.classes and key_fraction(f"holdout:{r.id}") < cfg.holdout_reviewed:
             # Not trained on and not in the false-reject budget: only detection is held on it (the "test"
             # split of this dataset, which training never reads).
-            rows.append(_moved(r, reviewed.root, "reviewed", out, split="test",
-                               extra={**r.extra, "source": "review", "held_out": True},
-                               pixel_um=r.pixel_um if r.pixel_um is not None else pixel_um))
+            split, extra = "test", {**r.extra, "source": "review", "held_out": True}
             held += 1
-            continue
-        # The other reviewed units train. They are the units the champion rejected, not a sample of the line, so
-        # calibrating the false-reject budget on them would set thresholds for the hardest few percent of
-        # units instead of the line's population (the base validation split); the qualification set measures
-        # what the challenger then does on them.
-        extra = {**r.extra, "sample_weight": cfg.reviewed_weight, "source": "review"}
-        rows.append(_moved(r, reviewed.root, "reviewed", out, split="train", extra=extra,
+        else:
+            # The other reviewed units train. They are the units the champion rejected, not a sample of the
+            # line, so calibrating the false-reject budget on them would set thresholds for the hardest few
+            # percent of units instead of the line's population (the base validation split); the
+            # qualification set measures what the challenger then does on them.
+            split, extra = "train", {**r.extra, "sample_weight": cfg.reviewed_weight, "source": "review"}
+        rows.append(_moved(r, reviewed.root, "reviewed", out, split=split, extra=extra,
                            pixel_um=r.pixel_um if r.pixel_um is not None else pixel_um))
     header = {"created_by": "vialinspect retrain", "frames_per_container": frames, "containers": len(rows),
               "classes": ["particle", "crack", "fill_level"]}
@@ -179,11 +177,6 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
             "reviewed_false_rejects": sum(1 for r in rev_recs if not r.classes),
             "reviewed_skipped_frame_count": dropped}
     return rows, info
-
-
-def _held_out(container_id: str, share: float) -> bool:
-    u = int.from_bytes(hashlib.sha256(f"holdout:{container_id}".encode()).digest()[:8], "big") / 2**64
-    return u < share
 
 
 def _hold_detection(work: Path, val_recs: list[ContainerRecord], reg: Registry, champion: str,
