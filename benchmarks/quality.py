@@ -100,7 +100,7 @@ def run_baseline(data: Path, out: Path, frr: float) -> dict:
 
 def train_and_eval(data: Path, out: Path, frames: int, minutes: float, epochs: int) -> tuple[dict, dict]:
     t0 = time.perf_counter()
-    cfg = TrainConfig(frames=frames, epochs=epochs, max_minutes=minutes, workers=1)
+    cfg = TrainConfig(frames=frames, epochs=epochs, max_minutes=minutes)
     summary = train(data, out / "run", cfg)
     wall = (time.perf_counter() - t0) / 60
     report, _, _ = evaluate_model(out / "run" / "best.pt", data, out, split="test")

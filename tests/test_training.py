@@ -237,3 +237,116 @@ def test_best_checkpoint_follows_detection_not_the_loss():
     assert monitored({"val_loss": 2.0, "score": None}, "auroc") == -2.0  # no class with both outcomes
     with pytest.raises(ValueError, match="monitor"):
         load_config(None, {"monitor": "accuracy"})
+
+
+def test_decoded_image_cache_returns_the_same_images_within_its_budget(coarse_data):
+    from datasets.reader import open_dataset
+    from datasets.torch_dataset import ContainerDataset
+
+    ds = open_dataset(coarse_data)
+    recs = ds.records[:3]
+    plain = ContainerDataset(ds.root, recs)
+    one = sum(f.nbytes for f in plain[0].frames) + (0 if recs[0].mask is None else plain[0].frames[0].nbytes)
+    cached = ContainerDataset(ds.root, recs, cache_bytes=one)  # room for the first container only
+    for _ in range(2):
+        for i in range(3):
+            a, b = plain[i], cached[i]
+            assert all((x == y).all() for x, y in zip(a.frames, b.frames, strict=True))
+            assert (a.masks == b.masks).all()
+    assert list(cached._cache) == [0] and cached._cached <= one
+    # Cached arrays cannot be written into: an augmentation that tried would fail, not corrupt the cache.
+    with pytest.raises(ValueError):
+        cached[0].frames[0][0, 0] = 1
+    assert not ContainerDataset(ds.root, recs)._cache
+
+
+def test_mixed_precision_choice_per_device(monkeypatch):
+    from training import trainer
+
+    assert trainer.autocast_dtype(torch.device("cpu"), False) is None
+    assert trainer.autocast_dtype(torch.device("cuda"), True) == torch.float16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert trainer.autocast_dtype(torch.device("cpu"), True) is None  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert trainer.autocast_dtype(torch.device("cpu"), True) == torch.bfloat16
+
+
+def test_bfloat16_training_steps_learn_like_float32(coarse_data):
+    """The CPU's bfloat16 steps (where the CPU has them) must still learn: same batch, same start, the loss
+    falls under both precisions and ends close."""
+    import numpy as np
+
+    from datasets.reader import open_dataset
+    from datasets.torch_dataset import ContainerDataset
+
+    ds = open_dataset(coarse_data)
+    spec = InputSpec(frames=2, pixel_um=120.0)
+    recs = [r for r in ds.records if r.format == "vial-2R"][:4]
+    data = ContainerDataset(ds.root, recs, TrainTransform(spec))
+    items = [data[i] for i in range(len(recs))]
+    batch = {k: torch.as_tensor(np.stack([it[k] for it in items])) for k in items[0]}
+    ends = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        net = VialNet(2, SMALL)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(25):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                out = net(batch["x"])
+            loss, _ = total_loss([o.float() for o in out], batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        assert losses[-1] < 0.5 * losses[0], dtype
+        ends[dtype] = losses[-1]
+    assert abs(ends[torch.bfloat16] - ends[torch.float32]) < 0.25 * ends[torch.float32]
+
+
+def test_augmentation_moves_frames_masks_and_rows_together_and_never_flips_vertically():
+    import numpy as np
+
+    from datasets.torch_dataset import Sample
+    from training.augment import Augmenter
+
+    h, w, k = 96, 64, 3
+    frames, masks = [], np.zeros((3, h, w), np.uint8)
+    for i in range(k):
+        f = np.full((h, w), 200, np.uint8)
+        f[60 + 2 * i:64 + 2 * i, 30:34] = 20  # a particle sinking two rows per frame
+        frames.append(f)
+        masks[0, 60 + 2 * i:64 + 2 * i, 30:34] = 1
+    rows = np.array([20.0, 90.0], np.float32)
+    s = Sample(frames=frames, masks=masks, labels=np.array([1, 0, 0], np.float32), has_mask=True,
+               fill_height_mm=2.8, rows=rows, index=0)
+    aug = Augmenter(k, seed=3)
+    noise_differs = False
+    for _ in range(60):
+        out = aug(s)
+        stack = np.stack(out.frames)
+        assert stack.dtype == np.float32 and stack.min() >= 0.0 and stack.max() <= 1.0
+        # The particle stays where its mask is, in every frame, and keeps sinking: no vertical flip.
+        dark = [np.argwhere(f < 0.5) for f in out.frames]
+        centres = [d[:, 0].mean() for d in dark]
+        assert centres[0] < centres[-1]
+        on_mask = np.argwhere(out.masks[0] > 0)
+        assert abs(on_mask[:, 0].mean() - np.mean(centres)) < 2.0
+        assert abs(on_mask[:, 1].mean() - np.mean([d[:, 1].mean() for d in dark])) < 2.0
+        # Shifts of at most 8 px and a 1-degree tilt: the fill rows move with the image, never mirror.
+        assert np.all(np.abs(out.rows - rows) <= 10.0)
+        # Sensor noise is each frame's own: far from the particle, frames differ when noise was drawn.
+        bg = stack[:, :20, :]
+        noise_differs |= bool(np.abs(bg[0] - bg[1]).max() > 1e-3)
+    assert noise_differs
+
+
+def test_block_max_matches_the_definition():
+    import numpy as np
+
+    from training.data import _block_max
+
+    rng = np.random.default_rng(0)
+    m = (rng.uniform(size=(3, 64, 40)) > 0.97).astype(np.uint8)
+    want = m.reshape(3, 8, 8, 5, 8).max(axis=(2, 4))
+    assert (_block_max(m, 8) == want).all()

@@ -22,7 +22,12 @@ class TrainConfig:
     monitor: str = "auroc"
     frames: int | None = None  # frames per container; default: the dataset's
     device: str = "auto"  # auto | cpu | cuda
-    workers: int = 1  # data-loading processes
+    # Data-loading processes. Default: none on the CPU, where the training step already uses every core (a
+    # loader process beside it made a 2-core step ~40% slower); up to 4 on CUDA.
+    workers: int | None = None
+    # Decoded training images kept in memory for the next epochs (split between the workers); capped at a
+    # quarter of the machine's memory. 0 turns it off.
+    cache_gb: float = 4.0
     threads: int | None = None  # torch intra-op threads on the CPU (default: all cores)
     seed: int = 0
     frr: float = 0.01  # false-reject budget for calibrating thresholds on the validation split
@@ -31,7 +36,9 @@ class TrainConfig:
     samples_per_epoch: int | None = None  # default: the size of the training split
     balance: bool = True  # class-balanced sampling
     augment: bool = True
-    amp: bool = True  # mixed precision, used on CUDA only
+    # Mixed precision: float16 on CUDA; bfloat16 on CPUs that compute it natively (AVX512-BF16 or AMX; 1.5x
+    # faster steps on this project's 2-core machine), else off. Validation, calibration and export stay fp32.
+    amp: bool = True
     max_minutes: float | None = None  # stop after this much training time (the best checkpoint is kept)
     map_pos_weight: float = 10.0  # weight of a defect cell against a background cell in the map loss
     map_balanced: bool = False  # instead: each class's defect cells and background cells averaged apart
@@ -76,6 +83,10 @@ class TrainConfig:
             raise ValueError(f"crop must be a multiple of 32, got {self.crop}")
         if not 0 <= self.p_full <= 1:
             raise ValueError(f"p_full must be within 0..1, got {self.p_full}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.cache_gb < 0:
+            raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
         if self.frames is not None and self.frames < 1:
             raise ValueError("frames must be >= 1")
 

@@ -89,7 +89,7 @@ def _splits(ds: Dataset, frames: int, log) -> tuple[list[ContainerRecord], list[
     return train, val
 
 
-def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment: bool):
+def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment: bool, workers: int = 0):
     shapes = [input_shape(image_size(root, r), spec) for r in records]
     croppable = [r.mask is not None or (r.is_good and "axis_px" in r.extra) for r in records]
     croppable = [c and min(s) >= cfg.crop for c, s in zip(croppable, shapes, strict=True)]
@@ -100,10 +100,51 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
                                 p_full=cfg.p_full if train else 1.0, crop=cfg.crop, crop_batch=cfg.crop_batch,
                                 crops_per_full=cfg.crops_per_full)
     aug = Augmenter(spec.frames) if (train and augment) else None
-    items = TrainingItems(ContainerDataset(root, records), TrainTransform(spec, aug), cfg.crop, cfg.crops_per_full)
-    loader = DataLoader(items, batch_sampler=sampler, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+    # Only the training split is drawn again every epoch; validation reads each container once per epoch.
+    cache = _cache_bytes(cfg.cache_gb, workers) if train else 0
+    items = TrainingItems(ContainerDataset(root, records, cache_bytes=cache), TrainTransform(spec, aug), cfg.crop,
+                          cfg.crops_per_full)
+    loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                         collate_fn=collate, pin_memory=False)
     return loader, sampler
+
+
+def _cache_bytes(cache_gb: float, workers: int) -> int:
+    total = cache_gb * 2**30
+    try:
+        total = min(total, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4)
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): take the setting as given
+        pass
+    return int(total) // max(workers, 1)
+
+
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """Data-loading processes: on the CPU the training step's threads already take every core, and a loader
+    process beside them slowed a 2-core step by ~40% (threads waiting at each parallel region for the core
+    the loader held); loading in between steps is faster there. On CUDA the CPU is free to load ahead."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if device.type == "cpu":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The mixed-precision type for training steps on ``device``, or None for fp32.
+
+    On the CPU, bfloat16 only where oneDNN computes it natively: elsewhere it is emulated and slower than fp32.
+    """
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return torch.bfloat16
+        except (AttributeError, RuntimeError):  # an older or stripped build: stay in fp32
+            pass
+    return None
 
 
 def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
@@ -183,14 +224,18 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         net = net.to(memory_format=torch.channels_last)
     model = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
 
-    train_loader, train_sampler = _loader(ds.root, train_recs, spec, cfg, True, d, cfg.augment)
-    val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False)
+    workers = loader_workers(cfg, device)
+    train_loader, train_sampler = _loader(ds.root, train_recs, spec, cfg, True, d, cfg.augment, workers)
+    val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False, workers)
     steps = len(train_sampler)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = WarmupCosine(max(cfg.epochs * steps, 1))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(device, cfg.amp)
+    # Loss scaling is for float16's narrow range; bfloat16 has float32's.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    log(f"training steps in {str(amp_dtype or torch.float32).removeprefix('torch.')}"
+        + (" (mixed precision; validation in float32)" if amp_dtype else ""))
     if resumed:
         opt.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
@@ -229,7 +274,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             # inference follow whole-container batches only: crops (mostly liquid, centred on objects) have
             # other statistics, and inference always sees whole containers.
             _bn_momentum(net, 0.1 if bool(b["full"].min() > 0) else 0.0)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
                 outputs = model(b["x"])
             loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
                                      cfg.map_balanced)
@@ -251,9 +297,11 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
                     f"{n / (t_note - t_epoch):.2f} batches/s")
         if bar:
             bar.close()
+        t_val = time.perf_counter()
         val = _validate(net, val_loader, device, channels_last, cfg, spec, has_fill)
         entry = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), **val,
-                 "minutes": (time.perf_counter() - t_start) / 60}
+                 "minutes": (time.perf_counter() - t_start) / 60, "train_minutes": (t_val - t_epoch) / 60,
+                 "val_minutes": (time.perf_counter() - t_val) / 60}
         history.append(entry)
         value = monitored(val, cfg.monitor)
         improved = value > best
@@ -265,7 +313,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             aur = " ".join(f"{c[:4]}={val['auroc'][c]:.3f}" for c in val["auroc"] if val["auroc"][c] is not None)
             mae = f" fill MAE {val['fill_mae_mm']:.3f} mm" if val["fill_mae_mm"] is not None else ""
             log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, val loss {val['val_loss']:.4f}"
-                f" AUROC {aur}{mae}{'  (best)' if improved else ''}")
+                f" AUROC {aur}{mae}; {entry['train_minutes']:.1f} + {entry['val_minutes']:.1f} min"
+                f"{'  (best)' if improved else ''}")
             state = {"state_dict": net.state_dict(), "epoch": epoch, "best_value": best, "history": history,
                      "bad_epochs": bad_epochs, **meta}
             save_checkpoint(last_path, {**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})

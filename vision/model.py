@@ -101,11 +101,15 @@ class VialNet(nn.Module):
         # Particles and cracks are local: their logit is the map's peak, so a false peak anywhere is what the
         # image-level loss pushes down. Fill level is global: it also gets a pooled-feature term.
         class_logits = maps.amax((2, 3)) + self.global_head(g) * self.global_mask
-        # Row profile: mean and max over columns.
-        r2 = torch.cat([f2.mean(3), f2.amax(3)], 1)
-        r4 = torch.cat([f4.mean(3), f4.amax(3)], 1)
-        r4 = F.interpolate(r4.unsqueeze(-1), size=(r2.shape[-1], 1), mode="nearest").squeeze(-1)
-        row_logits = self.row_head(torch.cat([r2, r4], 1))
+        # Row profile: mean and max over columns. The fill height wants sub-pixel rows, more than bfloat16's
+        # 8-bit mantissa gives: under mixed-precision training this small 1-D head stays in its weights' type.
+        dt = self.row_head[0].weight.dtype
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            f2, f4 = f2.to(dt), f4.to(dt)
+            r2 = torch.cat([f2.mean(3), f2.amax(3)], 1)
+            r4 = torch.cat([f4.mean(3), f4.amax(3)], 1)
+            r4 = F.interpolate(r4.unsqueeze(-1), size=(r2.shape[-1], 1), mode="nearest").squeeze(-1)
+            row_logits = self.row_head(torch.cat([r2, r4], 1))
         return class_logits, maps, row_logits
 
 
