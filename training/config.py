@@ -25,8 +25,8 @@ class TrainConfig:
     # Data-loading processes. Default: none on the CPU, where the training step already uses every core (a
     # loader process beside it made a 2-core step ~40% slower); up to 4 on CUDA.
     workers: int | None = None
-    # Decoded training images kept in memory for the next epochs (split between the workers); capped at a
-    # quarter of the machine's memory. 0 turns it off.
+    # Decoded training and validation images kept in memory for the next epochs (shared by the splits' sizes
+    # and split between the workers); capped at a quarter of the machine's memory. 0 turns it off.
     cache_gb: float = 4.0
     threads: int | None = None  # torch intra-op threads on the CPU (default: all cores)
     seed: int = 0

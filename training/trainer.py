@@ -89,7 +89,8 @@ def _splits(ds: Dataset, frames: int, log) -> tuple[list[ContainerRecord], list[
     return train, val
 
 
-def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment: bool, workers: int = 0):
+def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment: bool, workers: int = 0,
+            cache_share: float = 0.0):
     shapes = [input_shape(image_size(root, r), spec) for r in records]
     croppable = [r.mask is not None or (r.is_good and "axis_px" in r.extra) for r in records]
     croppable = [c and min(s) >= cfg.crop for c, s in zip(croppable, shapes, strict=True)]
@@ -100,8 +101,7 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
                                 p_full=cfg.p_full if train else 1.0, crop=cfg.crop, crop_batch=cfg.crop_batch,
                                 crops_per_full=cfg.crops_per_full)
     aug = Augmenter(spec.frames) if (train and augment) else None
-    # Only the training split is drawn again every epoch; validation reads each container once per epoch.
-    cache = _cache_bytes(cfg.cache_gb, workers) if train else 0
+    cache = int(_cache_bytes(cfg.cache_gb, workers) * cache_share)
     items = TrainingItems(ContainerDataset(root, records, cache_bytes=cache), TrainTransform(spec, aug), cfg.crop,
                           cfg.crops_per_full)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
@@ -225,8 +225,11 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     model = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
 
     workers = loader_workers(cfg, device)
-    train_loader, train_sampler = _loader(ds.root, train_recs, spec, cfg, True, d, cfg.augment, workers)
-    val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False, workers)
+    # Both splits are read again every epoch; the cache is shared between them by size.
+    val_share = len(val_recs) / (len(train_recs) + len(val_recs))
+    train_loader, train_sampler = _loader(ds.root, train_recs, spec, cfg, True, d, cfg.augment, workers,
+                                          1.0 - val_share)
+    val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False, workers, val_share)
     steps = len(train_sampler)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = WarmupCosine(max(cfg.epochs * steps, 1))
