@@ -80,6 +80,8 @@ def headline(report: dict) -> dict:
         "fill_mae_mm": report["fill_height_mae_mm"],
         "frr": report["false_reject_rate"],
         "bubble_frr": {k: v for k, v in good_bubbles.items() if "bubble" in k},
+        "pod_150um_plus_by_kind": {k["kind"]: {"n": k["n"], "pod": k["pod"]}
+                                   for k in report.get("pod_by_particle_kind", []) if k["min_um"] == 150},
     }
 
 
@@ -165,6 +167,8 @@ def main() -> int:
     for c in cols:
         print(f"{c}: n(>=150um)={summary[c]['n_150um_plus']} n(100-150um)={summary[c]['n_100_150um']} "
               f"n(cracks>=2mm)={summary[c]['n_cracks_2mm_plus']} bubble FRR={summary[c]['bubble_frr']}")
+        print(f"{c}: PoD >= 150 um by kind: " + ", ".join(
+            f"{k} {v['pod']:.2f} (n={v['n']})" for k, v in summary[c]["pod_150um_plus_by_kind"].items()))
     if "false_reject_reduction_vs_baseline" in summary:
         print(f"false rejects vs baseline: {summary['false_reject_reduction_vs_baseline']}")
     print(f"summary: {out / 'summary.json'}")

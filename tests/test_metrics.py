@@ -151,8 +151,8 @@ def test_evaluate_hand_set():
     recs, scores = hand_set()
     rep = evaluate(recs, scores, THR, "model-abc")
     assert set(rep) == {"n_containers", "false_reject_rate", "classes", "pod_by_particle_size",
-                        "crack_recall_by_length", "fill_height_mae_mm", "nuisance_false_reject_rate", "thresholds",
-                        "model", "confusion", "worst"}
+                        "pod_by_particle_kind", "crack_recall_by_length", "fill_height_mae_mm",
+                        "nuisance_false_reject_rate", "thresholds", "model", "confusion", "worst"}
     assert rep["n_containers"] == 10
     assert rep["model"] == "model-abc"
     assert rep["thresholds"] == THR
@@ -304,3 +304,20 @@ def test_compare_reports():
     assert "+100.0 pp" in row
     frr = next(line for line in md.splitlines() if line.startswith("| false-reject rate"))
     assert "50.0 %" in frr and "100.0 %" in frr and "+50.0 pp" in frr
+
+
+def test_pod_by_particle_kind_counts_particles_from_the_size_limit_on():
+    def part(size, kind):
+        return Defect(cls="particle", size_um=size, kind=kind)
+
+    recs = [_rec("a", ["particle"], [part(150.0, "fibre")]), _rec("b", ["particle"], [part(400.0, "fibre")]),
+            _rec("c", ["particle"], [part(200.0, "metal"), part(120.0, "fibre")]),
+            _rec("d", ["particle"], [part(300.0, None)]), _rec("e")]
+    scores = [_sc(p=0.1), _sc(p=0.9), _sc(p=0.9), _sc(p=0.9), _sc()]
+    kinds = evaluate(recs, scores, THR, "m")["pod_by_particle_kind"]
+    # The 120 µm fibre is below the limit and the kind-less particle has no kind: both left out.
+    assert [(k["kind"], k["min_um"], k["n"], k["pod"]) for k in kinds] == [("fibre", 150, 2, 0.5),
+                                                                          ("metal", 150, 1, 1.0)]
+    lo, hi = wilson_interval(1, 2)
+    assert kinds[0]["ci95"] == [round(lo, 4), round(hi, 4)]
+    assert evaluate(recs, scores, THR, "m", kind_min_um=100.0)["pod_by_particle_kind"][0]["n"] == 3

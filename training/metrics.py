@@ -191,7 +191,7 @@ def _num(x: float | None) -> float | int | None:
 
 def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: dict[str, float], model_id: str,
              pod_bins_um: Sequence[float] = DEFAULT_POD_BINS_UM,
-             crack_bins_mm: Sequence[float] = DEFAULT_CRACK_BINS_MM) -> dict[str, Any]:
+             crack_bins_mm: Sequence[float] = DEFAULT_CRACK_BINS_MM, kind_min_um: float = 150.0) -> dict[str, Any]:
     """Evaluate per-container model scores against their records.
 
     Returns a JSON-serialisable dict; a metric the labels cannot support (no positives, image-level labels
@@ -243,6 +243,20 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
                              "pod": _round(k / m) if m else None,
                              "ci95": [_round(ci[0]), _round(ci[1])] if ci else None})
 
+    # The same by material: a size alone hides that a 150 µm fibre (under a pixel thick) and a 150 µm metal
+    # sphere are different tasks. Particles of at least ``kind_min_um`` only, so kinds compare where all
+    # are meant to be found.
+    by_kind: dict[str, list[bool]] = {}
+    for rec, rej in zip(records, all_rejected, strict=True):
+        for d in rec.defects:
+            if d.cls == "particle" and d.kind and d.size_um is not None and d.size_um >= kind_min_um:
+                by_kind.setdefault(d.kind, []).append("particle" in rej)
+    pod_kinds = []
+    for kind, hits in sorted(by_kind.items()):
+        ci = wilson_interval(sum(hits), len(hits))
+        pod_kinds.append({"kind": kind, "min_um": _num(kind_min_um), "n": len(hits),
+                          "pod": _round(sum(hits) / len(hits)), "ci95": [_round(ci[0]), _round(ci[1])]})
+
     cracks = [(float(d.length_mm), "crack" in rej)
               for rec, rej in zip(records, all_rejected, strict=True)
               for d in rec.defects if d.cls == "crack" and d.length_mm is not None]
@@ -284,6 +298,7 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
         "false_reject_rate": _round(frr),
         "classes": classes_out,
         "pod_by_particle_size": pod_bins,
+        "pod_by_particle_kind": pod_kinds,
         "crack_recall_by_length": crack_bins,
         "fill_height_mae_mm": fill_mae,
         "nuisance_false_reject_rate": nuisance,

@@ -81,6 +81,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         out += ["No particle sizes in the labels (image-level labels only)."]
 
+    kinds = report.get("pod_by_particle_kind") or []
+    if kinds:
+        out += ["", f"## Probability of detection by particle kind (particles of {kinds[0]['min_um']} µm and more)",
+                ""]
+        out += _table(["kind", "particles", "PoD", "95 % CI (Wilson)"],
+                      [[k["kind"], str(k["n"]), _pct(k["pod"]), _ci(k["ci95"])] for k in kinds])
+
     out += ["", "## Crack recall by length", ""]
     cracks = report["crack_recall_by_length"]
     if cracks:
