@@ -48,7 +48,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     from training.config import load_config
     from training.evaluate import EvaluationError
     from training.gate import GateConfig
-    from training.retrain import RetrainConfig, RetrainError, retrain
+    from training.retrain import RETRAIN_DISTILL, RetrainConfig, RetrainError, retrain
     from training.trainer import TrainingError
 
     recipe = _recipe_name(a.recipe)
@@ -57,14 +57,14 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     actor = os_actor()
     try:
         overrides = {"epochs": a.epochs, "lr": a.lr, "frr": a.frr, "device": a.device, "max_minutes": a.max_minutes,
-                     "seed": a.seed}
-        cfg_train = load_config(a.config, overrides, defaults={"epochs": 6, "lr": 2e-4})
+                     "seed": a.seed, "distill": a.distill}
+        cfg_train = load_config(a.config, overrides, defaults={"epochs": 6, "lr": 2e-4, "distill": RETRAIN_DISTILL})
         cfg = RetrainConfig(recipe=recipe, base_sample=a.base_sample or None, reviewed_weight=a.reviewed_weight,
                             from_scratch=a.from_scratch, hold_detection=a.operating_point == "hold-detection",
                             holdout_reviewed=a.holdout_reviewed,
                             train=cfg_train,
                             gate=GateConfig(alpha=a.alpha, pod_tolerance=a.pod_tolerance,
-                                            frr_tolerance=a.frr_tolerance),
+                                            frr_tolerance=a.frr_tolerance, localized=a.detection == "localized"),
                             seed=a.seed or 0)
         print(f"1/3 exporting reviewed units from {a.store} to {work / 'reviewed'}")
         exp = export_reviewed(a.store, work / "reviewed", actor=actor, overwrite=True)
@@ -238,6 +238,10 @@ def add_parsers(sub) -> None:
     r.add_argument("--reviewed-weight", type=float, default=3.0,
                    help="how much more often a reviewed unit is drawn than a base unit of its class (default 3)")
     r.add_argument("--from-scratch", action="store_true", help="train a new network instead of fine-tuning")
+    r.add_argument("--distill", type=float, default=None,
+                   help="weight of a loss that keeps the challenger's class maps close to the champion's on the base "
+                        "units (not on the reviewed ones), so fine-tuning changes what the reviews ask for and "
+                        "little else (default 1; 0 = off; unused with --from-scratch)")
     r.add_argument("--holdout-reviewed", type=float, default=0.25,
                    help="share of the reviewed confirmed defects kept out of training; with the validation split "
                         "they are what --operating-point hold-detection holds (default 0.25)")
@@ -253,6 +257,10 @@ def add_parsers(sub) -> None:
                    help="gate: allowed absolute drop of a detection rate before it counts as worse (default 0.05)")
     r.add_argument("--frr-tolerance", type=float, default=0.0,
                    help="gate: allowed absolute rise of the false-reject rate (default 0)")
+    r.add_argument("--detection", choices=["localized", "unit"], default="localized",
+                   help="gate: a particle or crack counts as detected when its unit is rejected for the class with "
+                        "the class map's evidence at the defect (localized, default), or whenever its unit is "
+                        "rejected for the class (unit)")
     r.set_defaults(func=cmd_retrain)
 
     g = sub.add_parser("registry", help="model registry: list, show, add, promote, rollback, history, verify",

@@ -47,3 +47,20 @@ def class_scores(scores: Scores, fill_spec: tuple[float, float] | None = None) -
 def rejected_classes(scores: dict[str, float], thresholds: dict[str, float]) -> list[str]:
     """Classes whose score reaches its threshold (positive release: a missing threshold rejects)."""
     return [c for c in CLASSES if scores.get(c, 1.0) >= thresholds.get(c, 0.0)]
+
+
+def evidence_at(scores: Scores, cls: str, bbox: tuple[float, float, float, float] | list[float],
+                margin_cells: int = 1) -> float | None:
+    """The class map's highest value over the map cells that cover ``bbox`` (x0, y0, x1, y1 in image pixels),
+    widened by ``margin_cells``; None without a map. For particle and crack the class probability is the map's
+    peak, so ``evidence_at(...) >= threshold`` says the unit is rejected for that class *at that place*."""
+    if scores.maps is None or cls not in CLASSES or np.ndim(scores.maps) != 3:
+        return None
+    m = np.asarray(scores.maps[CLASSES.index(cls)])
+    st = max(int(scores.map_stride), 1)
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    r0, r1 = max(int(y0 // st) - margin_cells, 0), min(int(y1 // st) + margin_cells, m.shape[0] - 1)
+    c0, c1 = max(int(x0 // st) - margin_cells, 0), min(int(x1 // st) + margin_cells, m.shape[1] - 1)
+    if r0 > r1 or c0 > c1:
+        return None
+    return float(m[r0:r1 + 1, c0:c1 + 1].max())
