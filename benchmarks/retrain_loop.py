@@ -42,7 +42,7 @@ from inspection_station.review import ReviewService, export_reviewed  # noqa: E4
 from inspection_station.station import StationOptions, run_station  # noqa: E402
 from inspection_station.store import RecordStore  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.retrain import RetrainConfig, retrain  # noqa: E402
+from training.retrain import RETRAIN_DISTILL, RetrainConfig, retrain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN, ADMIN_PW = "qa_lead", "qa-lead-password-1"
@@ -143,6 +143,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--reviewed-weight", type=float, default=3.0,
                     help="how much more often a reviewed unit is drawn than a base unit of its class")
+    ap.add_argument("--distill", type=float, default=RETRAIN_DISTILL,
+                    help=f"weight of keeping the champion's class maps on base units (default {RETRAIN_DISTILL:g})")
     ap.add_argument("--max-minutes", type=float, default=None, help="training time budget")
     ap.add_argument("--model", default=str(ROOT / "models/default"), help="base model package")
     ap.add_argument("--work", default=str(ROOT / "bench_out/retrain_loop"))
@@ -187,7 +189,7 @@ def main() -> int:
 
     exp = export_reviewed(work / "store", work / "retrain" / "reviewed", actor="benchmark", overwrite=True)
     cfg = RetrainConfig(recipe=recipe_name, base_sample=a.base_sample, reviewed_weight=a.reviewed_weight,
-                        train=TrainConfig(epochs=a.epochs, lr=2e-4, max_minutes=a.max_minutes))
+                        train=TrainConfig(epochs=a.epochs, lr=2e-4, max_minutes=a.max_minutes, distill=a.distill))
     res = retrain(exp.out_dir, base, reg, qual, work / "retrain", cfg, "benchmark", progress=False)
     step("retrain + gate")
     champ_rep = json.loads((res.reports / "champion" / "report.json").read_text())
@@ -216,6 +218,10 @@ def main() -> int:
     for b0, b1 in zip(champ_rep["pod_by_particle_size"], chal_rep["pod_by_particle_size"], strict=False):
         label = f"qualification: particle PoD {b0['min_um']}-{b0['max_um']} µm (n={b0['n']})"
         rows.append((label, b0["pod"], b1["pod"]))
+    # What the gate decides on: detections with the map's evidence at the defect (see training/gate.py).
+    for ch in res.gate["checks"]:
+        if ch["kind"] == "detection" and not ch["name"].startswith("fill_level"):
+            rows.append((f"gate: {ch['name']} (n={ch['n']})", ch["champion"], ch["challenger"]))
     rows.append(("line: FRR on good units with " + a.nuisance, live_before["nuisance_frr"],
                  live_after["nuisance_frr"] if live_after else None))
     rows.append(("line: FRR on other good units", live_before["other_frr"],

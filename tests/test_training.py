@@ -350,3 +350,94 @@ def test_block_max_matches_the_definition():
     m = (rng.uniform(size=(3, 64, 40)) > 0.97).astype(np.uint8)
     want = m.reshape(3, 8, 8, 5, 8).max(axis=(2, 4))
     assert (_block_max(m, 8) == want).all()
+
+
+def test_distill_loss_is_zero_for_its_teacher_and_reads_only_the_kept_items():
+    from training.losses import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 3, 8, 8, generator=g) * 3
+    keep = torch.tensor([True, False])
+    assert abs(float(distill_loss(teacher, teacher, torch.tensor([True, True])))) < 1e-6
+    student = teacher + torch.randn(2, 3, 8, 8, generator=g)
+    base = float(distill_loss(student, teacher, keep))
+    assert base > 0.01
+    other = student.clone()
+    other[1] += 5.0  # the item not kept may be anything
+    assert float(distill_loss(other, teacher, keep)) == pytest.approx(base)
+    s = student.clone().requires_grad_(True)
+    none = distill_loss(s, teacher, torch.tensor([False, False]))
+    none.backward()
+    assert float(none.detach()) == 0.0 and float(s.grad.abs().sum()) == 0.0
+    # The cell the teacher sees something in weighs more than a background cell moved as far.
+    t = torch.full((1, 1, 4, 4), -4.0)
+    t[0, 0, 1, 1] = 4.0
+    lost = t.clone()
+    lost[0, 0, 1, 1] = 0.0
+    noisy = t.clone()
+    noisy[0, 0, 2, 2] = 0.0
+    one = torch.tensor([True])
+    assert float(distill_loss(lost, t, one)) > 2 * float(distill_loss(noisy, t, one))
+
+
+def _marked_copy(src, dst, distill: bool):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    lines = (dst / "manifest.jsonl").read_text().splitlines()
+    rows = [lines[0]] + [json.dumps({**json.loads(x), "distill": distill}) for x in lines[1:]]
+    (dst / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    return dst
+
+
+def test_distillation_keeps_a_fine_tuned_model_near_its_teacher_on_marked_units_only(coarse_data, tiny_run,
+                                                                                       tmp_path):
+    from datasets.imageio import read_gray
+    from datasets.reader import open_dataset
+    from training.checkpoint import build_model
+    from vision.preprocess import preprocess
+
+    init = str(tiny_run / "best.pt")
+    teacher, spec = build_model(load_checkpoint(init))
+    ds = open_dataset(coarse_data)
+    xs = [torch.from_numpy(preprocess([read_gray(ds.root / f) for f in r.frames], spec).x)[None]
+          for r in ds.records if r.format == "vial-2R"][:6]
+
+    def tuned(data, distill: float, name: str):
+        logs: list[str] = []
+        train(data, tmp_path / name, small_config(epochs=1, distill=distill, augment=False), init=init,
+              progress=False, log=logs.append)
+        net, _ = build_model(load_checkpoint(tmp_path / name / "last.pt"))
+        return net, logs
+
+    def gap(net) -> float:  # mean |difference| of the map probabilities from the teacher's, on whole containers
+        with torch.no_grad():
+            return sum(float((torch.sigmoid(net(x)[1]) - torch.sigmoid(teacher(x)[1])).abs().mean())
+                       for x in xs) / len(xs)
+
+    free, _ = tuned(coarse_data, 0.0, "free")
+    held, logs = tuned(coarse_data, 20.0, "held")
+    assert any("distilling the class maps" in m for m in logs)
+    assert gap(held) < 0.8 * gap(free)  # measured: about 0.56x
+    # Rows that say "distill": false are not distilled: all of them marked, training is plain fine-tuning.
+    unmarked, logs = tuned(_marked_copy(coarse_data, tmp_path / "marked", False), 20.0, "unmarked")
+    assert any(" on 0 of " in m for m in logs)
+    for a, b in zip(free.state_dict().values(), unmarked.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_distill_without_a_teacher_is_a_clear_error(coarse_data, tmp_path):
+    from training.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="--init"):
+        train(coarse_data, tmp_path / "run", small_config(epochs=1, distill=1.0), progress=False, log=lambda *a: None)
+
+
+def test_training_with_augmentation_is_reproducible(coarse_data, tmp_path):
+    # Every item's augmentation follows from the sampler's seed, whatever process draws it and in whatever order.
+    states = []
+    for name in ("a", "b"):
+        train(coarse_data, tmp_path / name, small_config(epochs=1), progress=False, log=lambda *a: None)
+        states.append(load_checkpoint(tmp_path / name / "last.pt")["state_dict"])
+    assert all(torch.equal(x, y) for x, y in zip(states[0].values(), states[1].values(), strict=True))

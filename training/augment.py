@@ -40,12 +40,12 @@ _NOISE_BANK: np.ndarray | None = None
 
 def _noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Standard-normal noise of ``shape``: a slice at a random place of a per-process bank of 4M values
-    (drawing fresh normals took 2.5 ms a crop, more than the rest of its augmentation)."""
+    (drawing fresh normals took 2.5 ms a crop, more than the rest of its augmentation). The bank is the same
+    in every process and draws nothing from ``rng``, so an augmentation depends on its seed alone."""
     global _NOISE_BANK
     n = int(np.prod(shape))
     if _NOISE_BANK is None or _NOISE_BANK.size < 2 * n:
-        _NOISE_BANK = np.random.default_rng(int(rng.integers(2**31))).standard_normal(max(1 << 22, 2 * n),
-                                                                                      dtype=np.float32)
+        _NOISE_BANK = np.random.default_rng(20261201).standard_normal(max(1 << 22, 2 * n), dtype=np.float32)
     o = int(rng.integers(0, _NOISE_BANK.size - n))
     return _NOISE_BANK[o:o + n].reshape(shape)
 
@@ -106,13 +106,18 @@ class Augmenter:
         self._rng: np.random.Generator | None = None
         self.seed = seed
 
-    def __call__(self, s: Sample) -> Sample:
+    def __call__(self, s: Sample, seed: int | None = None) -> Sample:
+        """Augment ``s``; with ``seed`` the result depends on (``s``, ``seed``) alone, so training draws the
+        same augmentations whichever process loads an item and in whatever order."""
         if self._t is None:
             self._t = build(self.frames, self.strength)
             # Without a seed each process (data-loading worker) draws its own entropy.
             self._rng = np.random.default_rng(self.seed)
             if self.seed is not None:
                 self._t.set_random_seed(self.seed)
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+            self._t.set_random_seed(int(self._rng.integers(2**31)))
         dtype = s.frames[0].dtype
         levels = np.iinfo(dtype).max + 1 if dtype in (np.uint8, np.uint16) else 256
         lut = exposure_lut(self._rng, levels, self.strength)

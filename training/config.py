@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -43,6 +44,10 @@ class TrainConfig:
     map_pos_weight: float = 10.0  # weight of a defect cell against a background cell in the map loss
     map_balanced: bool = False  # instead: each class's defect cells and background cells averaged apart
     anneal_to_budget: bool = False  # under max_minutes, end the cosine decay with the budget, not the epochs
+    # Fine-tuning only: weight of a loss that keeps the class maps close to those of the --init model (the
+    # teacher) on the training containers that do not say ``"distill": false``, so that what new data does
+    # not speak to is not forgotten ("learning without forgetting"). 0 = off.
+    distill: float = 0.0
     # Share of drawn containers used whole; the rest become crops (needs masks). Crops carry most of what the
     # particle and crack maps learn at a fraction of the cost; the fill rows learn from few whole images.
     p_full: float = 0.2
@@ -85,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"p_full must be within 0..1, got {self.p_full}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if not (self.distill >= 0 and math.isfinite(self.distill)):
+            raise ValueError(f"distill must be a finite weight >= 0, got {self.distill}")
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
         if self.frames is not None and self.frames < 1:

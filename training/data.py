@@ -85,9 +85,9 @@ class TrainTransform:
     def __init__(self, spec: InputSpec, augment=None):
         self.spec, self.augment = spec, augment
 
-    def __call__(self, s: Sample, full: bool = True) -> dict:
+    def __call__(self, s: Sample, full: bool = True, seed: int | None = None) -> dict:
         if self.augment is not None:
-            s = self.augment(s)
+            s = self.augment(s, seed=seed)
         prep = preprocess(s.frames, self.spec)
         _, hp, wp = prep.x.shape
         masks = s.masks
@@ -129,7 +129,7 @@ class TrainingItems(TorchDataset):
         i, mode, seed = key
         s = self.base[i]
         if mode == FULL:
-            return {k: np.asarray(v)[None] for k, v in self.transform(s, full=True).items()}
+            return {k: np.asarray(v)[None] for k, v in self.transform(s, full=True, seed=seed).items()}
         h, w = s.frames[0].shape
         rng = np.random.default_rng(seed)
         items = []
@@ -139,7 +139,7 @@ class TrainingItems(TorchDataset):
             c = Sample(frames=[f[win] for f in s.frames], masks=s.masks[(slice(None), *win)], labels=s.labels,
                        has_mask=s.has_mask, fill_height_mm=float("nan"),
                        rows=np.array([np.nan, np.nan], np.float32), index=s.index)
-            items.append(self.transform(c, full=False))
+            items.append(self.transform(c, full=False, seed=int(rng.integers(2**31))))
         return {k: np.stack([np.asarray(it[k]) for it in items]) for k in items[0]}
 
 
@@ -205,7 +205,9 @@ class MixedBatchSampler:
             if self.shuffle and self.croppable[i] and rng.uniform() >= self.p_full:
                 crops.append((i, CROP, int(rng.integers(2**31))))
             else:
-                buckets.setdefault(self.shapes[i], []).append((i, FULL, 0))
+                # The seed makes the item's augmentation reproducible (see TrainingItems).
+                seed = int(rng.integers(2**31)) if self.shuffle else 0
+                buckets.setdefault(self.shapes[i], []).append((i, FULL, seed))
         batches = [b[j:j + self.batch_size] for _, b in sorted(buckets.items())
                    for j in range(0, len(b), self.batch_size)]
         per = max(1, self.crop_batch // self.crops_per_full)  # crop items per batch; each holds several crops

@@ -59,6 +59,11 @@ class LeakError(RetrainError):
     """Qualification data found in the training set."""
 
 
+# Fine-tuning keeps the champion's class maps on the base units (the reviewed units teach what changes), so
+# the challenger differs from the champion where the reviews say it should and little elsewhere.
+RETRAIN_DISTILL = 1.0
+
+
 @dataclass
 class RetrainConfig:
     recipe: str
@@ -69,7 +74,7 @@ class RetrainConfig:
     # Share of the reviewed confirmed defects kept out of training (deterministic by id): with the validation
     # split they are what ``hold_detection`` holds, so detection is held on the line's own defects too.
     holdout_reviewed: float = 0.25
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=2e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=2e-4, distill=RETRAIN_DISTILL))
     gate: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
 
@@ -163,7 +168,9 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
             # line, so calibrating the false-reject budget on them would set thresholds for the hardest few
             # percent of units instead of the line's population (the base validation split); the
             # qualification set measures what the challenger then does on them.
-            split, extra = "train", {**r.extra, "sample_weight": cfg.reviewed_weight, "source": "review"}
+            # Not distilled: on these the champion's maps are what is being corrected.
+            split, extra = "train", {**r.extra, "sample_weight": cfg.reviewed_weight, "source": "review",
+                                     "distill": False}
         rows.append(_moved(r, reviewed.root, "reviewed", out, split=split, extra=extra,
                            pixel_um=r.pixel_um if r.pixel_um is not None else pixel_um))
     header = {"created_by": "vialinspect retrain", "frames_per_container": frames, "containers": len(rows),
@@ -236,6 +243,8 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
     widths = champ_pkg.metadata.get("architecture", {}).get("widths")
     if init and widths:  # fine-tuning keeps the champion's network, whatever the settings say
         train_cfg = dataclasses.replace(train_cfg, widths=tuple(widths), frames=frames)
+    if not init and train_cfg.distill:  # a network trained from scratch has no teacher
+        train_cfg = dataclasses.replace(train_cfg, distill=0.0)
     summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)
     if cfg.hold_detection:
         _hold_detection(work, [r for r in train_recs if r.split == "val" or r.extra.get("held_out")], reg,

@@ -35,7 +35,7 @@ from .data import (
     image_size,
     input_shape,
 )
-from .losses import total_loss
+from .losses import distill_loss, total_loss
 from .metrics import auroc
 from .predict import TorchPredictor, predict_records
 
@@ -165,6 +165,20 @@ def _init_weights(net: VialNet, init: str, frames: int, log) -> None:
     log(f"initialised from {init}")
 
 
+def _teacher(init: str, frames: int, device: torch.device, channels_last: bool) -> VialNet:
+    """The --init model, frozen, as the teacher for ``distill`` (its own widths; its stem fitted to ``frames``)."""
+    ck = load_checkpoint(init) if not Path(init).is_dir() else _package_state(init)
+    widths = ck.get("model", {}).get("widths")
+    if not widths:
+        raise TrainingError(f"--init {init}: its architecture is not recorded, so it cannot be the teacher for "
+                            "distill; set distill to 0")
+    net = VialNet(frames, tuple(widths))
+    net.load_state_dict(adapt_first_layer(ck["state_dict"], frames))
+    net.eval().requires_grad_(False)
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
 def _package_state(path: str) -> dict:
     from export.package import PackageError, package_weights
 
@@ -223,6 +237,16 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
+    teacher, distill_ok = None, None
+    if cfg.distill > 0:
+        source = init or (resumed or {}).get("init")
+        if not source:
+            raise TrainingError("distill needs a model to learn from: give --init (the teacher)")
+        teacher = _teacher(source, frames, device, channels_last)
+        ok = [r.extra.get("distill", True) is not False for r in train_recs]
+        distill_ok = torch.tensor(ok, dtype=torch.bool, device=device)
+        log(f"distilling the class maps of {source} (weight {cfg.distill:g}) on {sum(ok)} of {len(ok)} training "
+            "containers")
 
     workers = loader_workers(cfg, device)
     # Both splits are read again every epoch; the cache is shared between them by size.
@@ -256,11 +280,13 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
                     "n_train": len(train_recs), "n_val": len(val_recs)},
         "git_commit": git_commit(),
         "heads": {"fill": has_fill, "maps": has_mask},
+        "init": init or (resumed or {}).get("init"),
     }
     t_start = time.perf_counter()
     stopped = "epochs done"
     for epoch in range(start_epoch, cfg.epochs):
         train_sampler.set_epoch(epoch)
+        steps = len(train_sampler)  # the share of crops, and so the number of batches, varies by epoch
         model.train()
         it = train_loader
         bar = None
@@ -282,6 +308,14 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
                 outputs = model(b["x"])
             loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
                                      cfg.map_balanced)
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                                     enabled=amp_dtype is not None):
+                    teacher_maps = teacher(b["x"])[1]
+                l_d = distill_loss(outputs[1].float(), teacher_maps.float(), distill_ok[b["index"].long()],
+                                   cfg.map_pos_weight)
+                loss = loss + cfg.distill * l_d
+                parts["distill"] = float(l_d.detach())
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -291,8 +325,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             n += 1
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{run_loss / n:.3f}", cls=f"{parts['cls']:.3f}", map=f"{parts['map']:.3f}",
-                                row=f"{parts['row']:.3f}")
+                bar.set_postfix({"loss": f"{run_loss / n:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}})
             elif d.main and time.perf_counter() - t_note > 60:
                 # Without a progress bar (logs, CI), still say how far the epoch is, once a minute.
                 t_note = time.perf_counter()

@@ -139,7 +139,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from training.trainer import TrainingError, train
 
     overrides = {"epochs": a.epochs, "frames": a.frames, "device": a.device, "frr": a.frr, "batch_size": a.batch_size,
-                 "lr": a.lr, "workers": a.workers, "max_minutes": a.max_minutes, "seed": a.seed}
+                 "lr": a.lr, "workers": a.workers, "max_minutes": a.max_minutes, "seed": a.seed, "distill": a.distill}
     try:
         cfg = load_config(a.config, overrides)
         summary = train(a.data, a.out, cfg, init=a.init, resume=a.resume,
@@ -540,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "than beside them; up to 4 on CUDA)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes of training")
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    t.add_argument("--distill", type=float, default=None,
+                   help="with --init: weight of a loss that keeps the class maps close to the --init model's on "
+                        "every training container whose manifest row does not say \"distill\": false (learning "
+                        "without forgetting; default 0 = off)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset: PoD, false rejects, plots",
