@@ -71,3 +71,27 @@ def test_hold_detection_lowers_a_threshold_only_where_detection_would_drop():
     stronger = sc([0.99, 0.98, 0.97, 0.96] + [0.1] * 4)
     out, _ = hold_detection(recs, champ, th, stronger, th)
     assert out["particle"] == 0.5  # already detects more: the budget threshold stays
+
+
+def test_hold_detection_counts_only_detections_at_the_defect():
+    """The champion rejects four particle units, but its map peaks at the particle in only one of them (a
+    false alarm elsewhere in the others): held per unit, the challenger would need a threshold low enough to
+    reject all four; held at the defect, one."""
+    from datasets.records import Defect
+
+    box = [17.0, 41.0, 20.0, 44.0]  # map cell (row 5, column 2) at 8 px a cell
+    recs = [ContainerRecord(id=f"p{i}", frames=[], classes=["particle"],
+                            defects=[Defect(cls="particle", size_um=200.0, bbox=box)]) for i in range(4)]
+
+    def sc(prob, at):
+        maps = np.zeros((3, 10, 10), np.float32)
+        maps[0][at] = prob
+        return Scores(probs={"particle": prob, "crack": 0.0, "fill_level": 0.0}, maps=maps, map_stride=8)
+
+    champ = [sc(0.9, (5, 2))] + [sc(0.9, (0, 9))] * 3  # one at the particle, three elsewhere
+    chal = [sc(0.8, (5, 2))] + [sc(0.3, (5, 2))] * 3  # finds the particle where it is, more weakly
+    th = {"particle": 0.5, "crack": 0.5, "fill_level": 0.5}
+    out, info = hold_detection(recs, champ, th, chal, th)
+    assert info["particle"]["champion_recall"] == 0.25 and out["particle"] == 0.5
+    out, info = hold_detection(recs, champ, th, chal, th, localized=False)
+    assert info["particle"]["champion_recall"] == 1.0 and out["particle"] <= 0.3

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from datasets.records import ContainerRecord
-from vision.scores import CLASSES, Scores, class_scores, rejected_classes
+from vision.scores import CLASSES, LOCALIZED, Scores, class_scores, evidence_at, rejected_classes
 
 SPEC_EDGE = 0.5
 PARITY_MARGIN = 1e-4  # equals the export's parity tolerance on probabilities
@@ -68,14 +68,31 @@ def threshold_for_recall(positive_scores: np.ndarray, recall: float) -> float | 
     return float(max(s[k - 1] - PARITY_MARGIN, 1e-6))
 
 
+def detection_score(s: Scores, r: ContainerRecord, c: str, localized: bool = True) -> float:
+    """The score that decides whether ``r``'s defect of class ``c`` is detected: the class score, or with
+    ``localized`` (particle, crack; where the record has defect boxes and the model maps) the class map's
+    highest evidence at one of the class's defects, as the gate counts a detection (``training/gate.py``)."""
+    score = class_scores(s, _spec(r))[c]
+    if not localized or c not in LOCALIZED:
+        return score
+    ev = [evidence_at(s, c, d.bbox) for d in r.defects if d.cls == c and d.bbox]
+    if not ev or any(e is None for e in ev):
+        return score
+    return min(score, max(ev))
+
+
 def hold_detection(records: list[ContainerRecord], champion: list[Scores], champion_thresholds: dict[str, float],
-                   challenger: list[Scores], challenger_thresholds: dict[str, float]) -> tuple[dict, dict]:
+                   challenger: list[Scores], challenger_thresholds: dict[str, float],
+                   localized: bool = True) -> tuple[dict, dict]:
     """Challenger thresholds that detect, on these records, at least what the champion detects.
 
     Per learned class: the lower of the challenger's false-reject-budget threshold and the highest threshold
     at which it still finds as many of the class's defective units as the champion. Detection (PoD) is what
     qualification holds a model to; a model that separates defects better keeps its budget threshold (and
-    detects more), one that separates them worse pays in false rejects, not in PoD.
+    detects more), one that separates them worse pays in false rejects, not in PoD. A detection is counted
+    as the gate counts it (``localized``: with the map's evidence at the defect): counted per unit, a
+    champion's false alarms elsewhere in defective units would be credited as detections, and the challenger
+    would have to match them with a lower threshold, paid for in false rejects of good units.
     """
     out = dict(challenger_thresholds)
     info: dict = {}
@@ -85,8 +102,8 @@ def hold_detection(records: list[ContainerRecord], champion: list[Scores], champ
         pos = [i for i, r in enumerate(records) if c in r.classes]
         if not pos:
             continue
-        sa = np.array([class_scores(champion[i], _spec(records[i]))[c] for i in pos])
-        sb = np.array([class_scores(challenger[i], _spec(records[i]))[c] for i in pos])
+        sa = np.array([detection_score(champion[i], records[i], c, localized) for i in pos])
+        sb = np.array([detection_score(challenger[i], records[i], c, localized) for i in pos])
         target = float(np.mean(sa >= champion_thresholds.get(c, 0.0)))
         t = threshold_for_recall(sb, target) if target > 0 else None
         if t is not None and t < out[c]:

@@ -25,11 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from datasets.records import ContainerRecord, Defect
-from vision.scores import CLASSES, Scores, class_scores, evidence_at, rejected_classes
+from vision.scores import CLASSES, LOCALIZED, Scores, class_scores, evidence_at, rejected_classes
 
 from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM
-
-LOCALIZED = ("particle", "crack")  # classes whose probability is their map's peak
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
 
 
 def _hold_detection(work: Path, val_recs: list[ContainerRecord], reg: Registry, champion: str,
-                    log: Callable[[str], None]) -> None:
+                    log: Callable[[str], None], localized: bool = True) -> None:
     """Re-threshold the challenger's best checkpoint so it detects what the champion detects on ``val_recs``
     (the validation split and the held-out reviewed defects)."""
     best = work / "run" / "best.pt"
@@ -197,11 +197,12 @@ def _hold_detection(work: Path, val_recs: list[ContainerRecord], reg: Registry, 
                            val_recs)
     champ = load_package_model(reg.package_dir(champion))
     theirs = predict_records(champ.predictor, work / "data", val_recs)
-    th, info = hold_detection(val_recs, theirs, champ.thresholds, ours, ck["thresholds"])
+    th, info = hold_detection(val_recs, theirs, champ.thresholds, ours, ck["thresholds"], localized)
     ck["thresholds"] = th
     ck["calibration"] = {**ck.get("calibration", {}), "hold_detection": info}
     save_checkpoint(best, {k: v for k, v in ck.items() if k not in ("format", "version", "saved_utc")})
-    log("thresholds holding the champion's validation detection: " + ", ".join(
+    where = " (at the defect)" if localized else ""
+    log(f"thresholds holding the champion's validation detection{where}: " + ", ".join(
         f"{c}={v['threshold']:.4f} (recall {v['champion_recall']:.2f} -> {v['challenger_recall']:.2f} on {v['n']})"
         for c, v in info.items()))
 
@@ -248,7 +249,7 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
     summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)
     if cfg.hold_detection:
         _hold_detection(work, [r for r in train_recs if r.split == "val" or r.extra.get("held_out")], reg,
-                        champion, log)
+                        champion, log, localized=cfg.gate.localized)
     pkg = export_checkpoint(work / "run" / "best.pt", work / "challenger", parity_data=work / "data",
                             overwrite=True, step=log, extra_metadata={
                                 "parent_version": None if cfg.from_scratch else champion,

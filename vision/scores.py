@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 CLASSES: tuple[str, ...] = ("particle", "crack", "fill_level")
+LOCALIZED: tuple[str, ...] = ("particle", "crack")  # classes whose probability is their map's peak
 FILL_SCALE_MM = 0.05  # steepness of the fill-level score around the spec edge
 
 
