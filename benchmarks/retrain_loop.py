@@ -222,6 +222,9 @@ def main() -> int:
     for ch in res.gate["checks"]:
         if ch["kind"] == "detection" and not ch["name"].startswith("fill_level"):
             rows.append((f"gate: {ch['name']} (n={ch['n']})", ch["champion"], ch["challenger"]))
+    for ch in res.gate.get("strata", []):  # shown by the gate, not gated
+        rows.append((f"qualification: {ch['name'].replace('false-reject rate', 'FRR')} (n={ch['n']})",
+                     ch["champion"], ch["challenger"]))
     rows.append(("line: FRR on good units with " + a.nuisance, live_before["nuisance_frr"],
                  live_after["nuisance_frr"] if live_after else None))
     rows.append(("line: FRR on other good units", live_before["other_frr"],

@@ -18,7 +18,7 @@ from inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline
 from inspection_station.promotion import PromotionError, promote, rollback
 from inspection_station.stats import StationStats
 from inspection_station.store import RecordStore
-from training.gate import GateConfig, binomial_tail, compare
+from training.gate import GateConfig, binomial_tail, compare, render_markdown
 from vialinspect.cli import main
 from vision.scores import Scores
 
@@ -252,6 +252,25 @@ def test_localized_gate_credits_only_detections_at_the_defect():
     # and a challenger that finds fewer at their place is still refused
     fewer = [_mapped(0.9, (5, 2)) for _ in range(6)] + [_mapped(0.1, None) for _ in range(54)]
     assert not compare(recs, champ, fewer, TH, TH).passed
+
+
+def test_gate_shows_false_rejects_by_nuisance_without_gating_them():
+    """Fewer false rejects on oil units and more on ordinary ones: the whole population decides the gate,
+    the strata show where the change came from."""
+    oil = [ContainerRecord(id=f"o{i}", frames=[], nuisances=["silicone_oil"]) for i in range(40)]
+    plain = [ContainerRecord(id=f"n{i}", frames=[]) for i in range(40)]
+    champ = _scores([0.9] * 20 + [0.1] * 20 + [0.1] * 40)  # 20 oil units rejected, no plain one
+    chal = _scores([0.1] * 40 + [0.9] * 4 + [0.1] * 36)  # no oil unit rejected, 4 plain ones
+    res = compare(oil + plain, champ, chal, TH, TH)
+    assert res.passed
+    by = {c.name.split(": ")[-1]: c for c in res.strata}
+    assert set(by) == {"no nuisance", "with silicone_oil", "without silicone_oil"}
+    assert (by["no nuisance"].champion, by["no nuisance"].challenger, by["no nuisance"].passed) == (0.0, 0.1, False)
+    assert by["without silicone_oil"].n == 40 and not by["without silicone_oil"].passed
+    assert by["with silicone_oil"].passed and by["with silicone_oil"].better == 20
+    md = render_markdown(res, "a", "b")
+    assert "shown, not gated" in md and "| false-reject rate, good units: no nuisance | 40 | 0.0% | 10.0%" in md
+    assert "strata" in res.to_json()
 
 
 # ---------------------------------------------------------------- hot swap under load

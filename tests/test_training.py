@@ -441,3 +441,15 @@ def test_training_with_augmentation_is_reproducible(coarse_data, tmp_path):
         train(coarse_data, tmp_path / name, small_config(epochs=1), progress=False, log=lambda *a: None)
         states.append(load_checkpoint(tmp_path / name / "last.pt")["state_dict"])
     assert all(torch.equal(x, y) for x, y in zip(states[0].values(), states[1].values(), strict=True))
+
+
+def test_validation_every_other_epoch_still_validates_the_last(coarse_data, tmp_path):
+    logs: list[str] = []
+    summary = train(coarse_data, tmp_path / "run", small_config(epochs=3, val_every=2), progress=False,
+                    log=logs.append)
+    hist = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    assert summary["epochs_run"] == 3 and ["auroc" in h for h in hist] == [False, True, True]
+    assert any("validated every 2 epochs" in m for m in logs)
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] in (1, 2)
+    with pytest.raises(ValueError, match="val_every"):
+        small_config(val_every=0)

@@ -55,7 +55,7 @@ class TrainConfig:
     crop_batch: int = 8
     crops_per_full: int = 4
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # class, map, fill rows
-    val_every: int = 1
+    val_every: int = 1  # validate every N epochs (and always after the last): validation is ~15% of an epoch
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"distill must be a finite weight >= 0, got {self.distill}")
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.frames is not None and self.frames < 1:
             raise ValueError("frames must be >= 1")
 

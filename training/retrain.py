@@ -8,11 +8,13 @@
    own, so what was trained on is kept and hashed.
 2. The leak check: no frame of the qualification set may be in the training set, compared by the hash of
    the decoded pixels (so a re-encoded or renamed copy is caught too).
-3. Fine-tune from the champion's weights (or train from scratch), calibrate on the validation split to the
-   false-reject budget, then (``hold_detection``) lower a class's threshold where needed so the challenger
-   finds at least the defects the champion finds among the validation split and the held-out reviewed
-   defects (the line's own defects: base validation data alone may not be like them); export with the
-   parity check, register the challenger with its model card.
+3. Fine-tune from the champion's weights, with the champion as teacher on the base units (``distill`` in
+   the training settings; the reviewed units are what the champion got wrong, so they are not distilled),
+   or train from scratch; calibrate on the validation split to the false-reject budget, then
+   (``hold_detection``) lower a class's threshold where needed so the challenger finds at least the
+   defects the champion finds among the validation split and the held-out reviewed defects (the line's own
+   defects: base validation data alone may not be like them), counted as the gate counts them; export with
+   the parity check, register the challenger with its model card.
 4. Evaluate challenger and champion on the same frozen qualification set, write both reports, the
    side-by-side comparison and the gate's verdict, and record the gate in the registry.
 

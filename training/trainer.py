@@ -334,23 +334,32 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if bar:
             bar.close()
         t_val = time.perf_counter()
-        val = _validate(net, val_loader, device, channels_last, cfg, spec, has_fill)
+        out_of_time = bool(cfg.max_minutes) and (t_val - t_start) / 60 >= cfg.max_minutes
+        # The last epoch (by count or by the time budget) is always validated, so best.pt has seen it.
+        validating = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs or out_of_time
+        val = _validate(net, val_loader, device, channels_last, cfg, spec, has_fill) if validating else {}
         entry = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), **val,
                  "minutes": (time.perf_counter() - t_start) / 60, "train_minutes": (t_val - t_epoch) / 60,
                  "val_minutes": (time.perf_counter() - t_val) / 60}
         history.append(entry)
-        value = monitored(val, cfg.monitor)
-        improved = value > best
-        if improved:
-            best, bad_epochs = value, 0
-        else:
-            bad_epochs += 1
-        if d.main:
+        improved = False
+        if validating:
+            value = monitored(val, cfg.monitor)
+            improved = value > best
+            if improved:
+                best, bad_epochs = value, 0
+            else:
+                bad_epochs += cfg.val_every  # patience stays counted in epochs
+        if d.main and validating:
             aur = " ".join(f"{c[:4]}={val['auroc'][c]:.3f}" for c in val["auroc"] if val["auroc"][c] is not None)
             mae = f" fill MAE {val['fill_mae_mm']:.3f} mm" if val["fill_mae_mm"] is not None else ""
             log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, val loss {val['val_loss']:.4f}"
                 f" AUROC {aur}{mae}; {entry['train_minutes']:.1f} + {entry['val_minutes']:.1f} min"
                 f"{'  (best)' if improved else ''}")
+        elif d.main:
+            log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}; {entry['train_minutes']:.1f} min "
+                f"(validated every {cfg.val_every} epochs)")
+        if d.main:
             state = {"state_dict": net.state_dict(), "epoch": epoch, "best_value": best, "history": history,
                      "bad_epochs": bad_epochs, **meta}
             save_checkpoint(last_path, {**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
@@ -359,7 +368,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if bad_epochs >= cfg.patience:
             stopped = f"early stop: no better validation {cfg.monitor} for {cfg.patience} epochs"
             break
-        if cfg.max_minutes and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes:
+        if out_of_time or (validating and cfg.max_minutes
+                           and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes):
             stopped = f"time budget of {cfg.max_minutes} min reached"
             break
         if cfg.max_minutes and cfg.anneal_to_budget:
