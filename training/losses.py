@@ -48,16 +48,13 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
     return (l_neg + (n_pos > 0).to(maps.dtype) * l_pos).mean()
 
 
-def distill_loss(maps: torch.Tensor, teacher_maps: torch.Tensor, keep: torch.Tensor,
-                 pos_weight: float = 10.0) -> torch.Tensor:
-    """BCE of the student's map logits towards the teacher's map probabilities, on the items ``keep`` marks.
+def distill_loss(maps: torch.Tensor, teacher_maps: torch.Tensor, pos_weight: float = 10.0) -> torch.Tensor:
+    """BCE of the student's map logits towards the teacher's map probabilities (the same items in both).
 
     A cell counts ``1 + pos_weight * p_teacher`` times: the few cells where the teacher sees something (a
     small particle it finds) are what fine-tuning is most likely to lose among thousands of background cells.
-    Zero (with a gradient path) when no item is kept."""
-    if not bool(keep.any()):
-        return maps.sum() * 0.0
-    s, t = maps[keep], teacher_maps[keep].detach()
+    """
+    s, t = maps, teacher_maps.detach()
     p = torch.sigmoid(t)
     w = 1.0 + pos_weight * p
     per_cell = F.binary_cross_entropy_with_logits(s, p, reduction="none")

@@ -309,13 +309,17 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
                                      cfg.map_balanced)
             if teacher is not None:
-                with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                                     enabled=amp_dtype is not None):
-                    teacher_maps = teacher(b["x"])[1]
-                l_d = distill_loss(outputs[1].float(), teacher_maps.float(), distill_ok[b["index"].long()],
-                                   cfg.map_pos_weight)
-                loss = loss + cfg.distill * l_d
-                parts["distill"] = float(l_d.detach())
+                keep = distill_ok[b["index"].long()]
+                if bool(keep.any()):
+                    # Only the kept items go through the teacher (eval mode: each item on its own), often
+                    # half the batch when reviewed units are drawn often.
+                    x_keep = b["x"] if bool(keep.all()) else b["x"][keep]
+                    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                                         enabled=amp_dtype is not None):
+                        teacher_maps = teacher(x_keep)[1]
+                    l_d = distill_loss(outputs[1][keep].float(), teacher_maps.float(), cfg.map_pos_weight)
+                    loss = loss + cfg.distill * l_d
+                    parts["distill"] = float(l_d.detach())
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
