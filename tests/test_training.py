@@ -107,7 +107,9 @@ def _free_port() -> int:
 def _ddp_worker(rank, world, port, data, out, results):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "LOCAL_RANK": str(rank), "VIALINSPECT_NO_PROGRESS": "1"})
-    s = train(data, out, small_config(epochs=1, device="cpu"), progress=False, log=lambda *a: None)
+    # A time budget (not reached) and validation every other epoch: decisions every rank must take alike.
+    cfg = small_config(epochs=2, device="cpu", max_minutes=60.0, anneal_to_budget=True, val_every=2)
+    s = train(data, out, cfg, progress=False, log=lambda *a: None)
     results[rank] = s["weights_sha256"]
     import torch.distributed as dist
 

@@ -338,7 +338,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if bar:
             bar.close()
         t_val = time.perf_counter()
-        out_of_time = bool(cfg.max_minutes) and (t_val - t_start) / 60 >= cfg.max_minutes
+        out_of_time = _rank0(bool(cfg.max_minutes) and (t_val - t_start) / 60 >= cfg.max_minutes, d, device)
         # The last epoch (by count or by the time budget) is always validated, so best.pt has seen it.
         validating = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs or out_of_time
         val = _validate(net, val_loader, device, channels_last, cfg, spec, has_fill) if validating else {}
@@ -373,12 +373,12 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             stopped = f"early stop: no better validation {cfg.monitor} for {cfg.patience} epochs"
             break
         if out_of_time or (validating and cfg.max_minutes
-                           and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes):
+                           and _rank0((time.perf_counter() - t_start) / 60 >= cfg.max_minutes, d, device)):
             stopped = f"time budget of {cfg.max_minutes} min reached"
             break
         if cfg.max_minutes and cfg.anneal_to_budget:
             _fit_schedule_to_budget(schedule, sched.last_epoch, (time.perf_counter() - t_start) / 60,
-                                    cfg.max_minutes, d)
+                                    cfg.max_minutes, d, device)
     log(stopped)
     summary: dict = {"stopped": stopped, "epochs_run": len(history), "monitor": cfg.monitor, "best_value": best,
                      "minutes": (time.perf_counter() - t_start) / 60, "rank": d.rank,
@@ -412,13 +412,24 @@ class WarmupCosine:
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _fit_schedule_to_budget(schedule: WarmupCosine, done: int, minutes: float, budget: float, d: Dist) -> None:
+def _rank0(flag: bool, d: Dist, device: torch.device | None = None) -> bool:
+    """Rank 0's answer on every rank: decisions taken by each rank's own clock could stop one rank while
+    another waits for it in the next gradient all-reduce."""
+    if d.world <= 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)  # NCCL broadcasts GPU tensors only
+    dist.broadcast(t, src=0)
+    return bool(t.item() > 0.5)
+
+
+def _fit_schedule_to_budget(schedule: WarmupCosine, done: int, minutes: float, budget: float, d: Dist,
+                            device: torch.device | None = None) -> None:
     """Under a time budget, end the cosine decay when the budget ends rather than after ``epochs``: a run
     stopped by the clock half-way through its schedule would keep a high learning rate and lose the
     annealing, which is where much of the accuracy comes from. Estimated from the pace so far (validation
     included) at each epoch's end; under DDP rank 0's estimate is used by every rank, so they stay in step."""
     pace = done / max(minutes, 1e-6)
-    estimate = torch.tensor([float(done + pace * max(budget - minutes, 0.0))])
+    estimate = torch.tensor([float(done + pace * max(budget - minutes, 0.0))], device=device)
     if d.world > 1:
         dist.broadcast(estimate, src=0)
     schedule.total = max(schedule.warm + 1, min(schedule.total, int(estimate.item())))
