@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from datasets.records import ContainerRecord
-from vision.scores import CLASSES, LOCALIZED, Scores, class_scores, evidence_at, rejected_classes
+from vision.scores import CLASSES, Scores, class_scores, rejected_classes, score_at
 
 SPEC_EDGE = 0.5
 PARITY_MARGIN = 1e-4  # equals the export's parity tolerance on probabilities
@@ -73,12 +73,7 @@ def detection_score(s: Scores, r: ContainerRecord, c: str, localized: bool = Tru
     ``localized`` (particle, crack; where the record has defect boxes and the model maps) the class map's
     highest evidence at one of the class's defects, as the gate counts a detection (``training/gate.py``)."""
     score = class_scores(s, _spec(r))[c]
-    if not localized or c not in LOCALIZED:
-        return score
-    ev = [evidence_at(s, c, d.bbox) for d in r.defects if d.cls == c and d.bbox]
-    if not ev or any(e is None for e in ev):
-        return score
-    return min(score, max(ev))
+    return max((score_at(s, c, score, d.bbox, localized) for d in r.defects if d.cls == c), default=score)
 
 
 def hold_detection(records: list[ContainerRecord], champion: list[Scores], champion_thresholds: dict[str, float],

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from datasets.records import ContainerRecord, Defect
-from vision.scores import CLASSES, LOCALIZED, Scores, class_scores, evidence_at, rejected_classes
+from vision.scores import CLASSES, Scores, class_scores, rejected_classes, score_at
 
 from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM
 
@@ -125,12 +125,10 @@ def compare(records: Sequence[ContainerRecord], champion: Sequence[Scores], chal
     checks: list[Check] = []
 
     def found(decisions, scores, thresholds, i: int, d: Defect) -> bool:
-        if d.cls not in decisions[i]:
-            return False
-        if not cfg.localized or d.cls not in LOCALIZED or not d.bbox:
-            return True
-        e = evidence_at(scores[i], d.cls, d.bbox)
-        return e is None or e >= thresholds.get(d.cls, 0.0) - 1e-6
+        # Rejected for the class (its score reached the threshold), and at the defect: the unit's score is
+        # at most 1, so score_at gives the map's evidence there (1e-6: the peak read back from the map).
+        return d.cls in decisions[i] and score_at(scores[i], d.cls, 1.0, d.bbox,
+                                                  cfg.localized) >= thresholds.get(d.cls, 0.0) - 1e-6
 
     def unit_found(decisions, scores, thresholds, i: int, c: str) -> bool:
         defects = [d for d in records[i].defects if d.cls == c]

@@ -155,8 +155,12 @@ def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
     return out
 
 
-def _init_weights(net: VialNet, init: str, frames: int, log) -> None:
-    ck = load_checkpoint(init) if not Path(init).is_dir() else _package_state(init)
+def _load_init(init: str) -> dict:
+    """The weights (and recorded architecture) of an --init model: a checkpoint or a package directory."""
+    return load_checkpoint(init) if not Path(init).is_dir() else _package_state(init)
+
+
+def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
     state = adapt_first_layer(ck["state_dict"], frames)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or missing:
@@ -165,9 +169,8 @@ def _init_weights(net: VialNet, init: str, frames: int, log) -> None:
     log(f"initialised from {init}")
 
 
-def _teacher(init: str, frames: int, device: torch.device, channels_last: bool) -> VialNet:
+def _teacher(init: str, ck: dict, frames: int, device: torch.device, channels_last: bool) -> VialNet:
     """The --init model, frozen, as the teacher for ``distill`` (its own widths; its stem fitted to ``frames``)."""
-    ck = load_checkpoint(init) if not Path(init).is_dir() else _package_state(init)
     widths = ck.get("model", {}).get("widths")
     if not widths:
         raise TrainingError(f"--init {init}: its architecture is not recorded, so it cannot be the teacher for "
@@ -228,8 +231,9 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
         cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
     net = VialNet(frames, cfg.widths)
-    if init and not resumed:
-        _init_weights(net, init, frames, log)
+    init_ck = _load_init(init) if init and not resumed else None
+    if init_ck is not None:
+        _init_weights(net, init, init_ck, frames, log)
     if resumed:
         net.load_state_dict(resumed["state_dict"])
     channels_last = device.type == "cpu"  # measured ~2x faster for this network on 2 CPU cores
@@ -242,7 +246,9 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         source = init or (resumed or {}).get("init")
         if not source:
             raise TrainingError("distill needs a model to learn from: give --init (the teacher)")
-        teacher = _teacher(source, frames, device, channels_last)
+        # The --init model read once serves both the start and the teacher (on resume, the recorded one).
+        teacher = _teacher(source, init_ck if init_ck is not None else _load_init(source), frames, device,
+                           channels_last)
         ok = [r.extra.get("distill", True) is not False for r in train_recs]
         distill_ok = torch.tensor(ok, dtype=torch.bool, device=device)
         log(f"distilling the class maps of {source} (weight {cfg.distill:g}) on {sum(ok)} of {len(ok)} training "

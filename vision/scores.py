@@ -65,3 +65,13 @@ def evidence_at(scores: Scores, cls: str, bbox: tuple[float, float, float, float
     if r0 > r1 or c0 > c1:
         return None
     return float(m[r0:r1 + 1, c0:c1 + 1].max())
+
+
+def score_at(scores: Scores, cls: str, score: float, bbox, localized: bool = True) -> float:
+    """``score`` (the unit's class score) as it counts for one defect at ``bbox``: with ``localized``, for a
+    class whose probability is its map's peak, no more than the map's evidence at the defect; as it is for
+    other classes, without a box or without a map. ``score_at(...) >= threshold``: detected at the defect."""
+    if not localized or cls not in LOCALIZED or not bbox:
+        return score
+    e = evidence_at(scores, cls, bbox)
+    return score if e is None else min(score, e)
