@@ -103,6 +103,12 @@ def run_station(model, recipe: Recipe, units, rate: float, total: int, store_dir
     store.close()
     line.close()
     s = stats.snapshot()
+    # Kept frames (flagged units, audit sample): how many the "auto" setting stored uncompressed under load.
+    h, w = units[0][0].shape
+    sizes = [p.stat().st_size for p in (store_dir / "frames").rglob("f*.png")]
+    s["kept_frames"] = len(sizes)
+    s["kept_uncompressed"] = sum(n > h * (w + 1) for n in sizes)
+    s["kept_mb"] = round(sum(sizes) / 2**20, 1)
     s["wall_s"] = wall
     s["sustained_per_min"] = 60.0 * s["containers"] / wall
     # Units actually inspected: a unit turned away (queue full) is decided fast but not inspected.
@@ -171,9 +177,11 @@ def main() -> int:
             sweep.append({"offered_per_min": round(rate, 1), "achieved_per_min": round(run["sustained_per_min"], 1),
                           "inspected_per_min": round(run["inspected_per_min"], 1),
                           "not_inspected": run["not_inspected"],
+                          "kept_frames": run["kept_frames"], "kept_uncompressed": run["kept_uncompressed"],
                           "causes": not_inspected_causes(run)})
             print(f"  offered {rate:6.0f}/min: achieved {run['sustained_per_min']:6.0f}/min, "
-                  f"not inspected {run['not_inspected']}", flush=True)
+                  f"not inspected {run['not_inspected']}, kept frames uncompressed {run['kept_uncompressed']} "
+                  f"of {run['kept_frames']}", flush=True)
             if run["not_inspected"] == 0:
                 sustained = run["sustained_per_min"]
                 break
@@ -198,6 +206,8 @@ def main() -> int:
         "line_run_achieved_per_min": round(line_run["sustained_per_min"], 1),
         "latency_p50_ms": line_run["latency_p50_ms"], "latency_p99_ms": line_run["latency_p99_ms"],
         "line_run_not_inspected": line_run["not_inspected"], "line_run_reasons": line_run["reasons"],
+        "line_run_kept_frames": line_run["kept_frames"], "line_run_kept_uncompressed": line_run["kept_uncompressed"],
+        "line_run_kept_mb": line_run["kept_mb"],
         "rss_mb_max": round(max(m for _, m in samples), 1) if samples else round(rss_mb(), 1),
         "replay_buffer_mb": round(replay_mb, 1),
         "station_rss_mb_max": round((max(m for _, m in samples) if samples else rss_mb()) - replay_mb, 1),

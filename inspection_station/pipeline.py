@@ -1,7 +1,8 @@
 """The inline pipeline: acquisition -> assembly -> batched inference -> decision -> record -> line output.
 
-Three threads joined by bounded queues (shared besides the stats object: two floats the inference thread
-writes and acquisition reads, its running time per unit and when its running batch should end):
+Three threads joined by bounded queues (shared besides the stats object: three floats only the inference
+thread writes: its running time per unit and when its running batch should end, which admission reads, and
+its busy fraction, which recording reads):
 - acquisition reads the source, assembles containers and hands them to inference; when the inference
   queue is full, or the unit could not be decided by its deadline behind the running batch and the queued
   units, it is rejected at once (``not_inspected:queue_full``) instead of waiting;
@@ -9,6 +10,11 @@ writes and acquisition reads, its running time per unit and when its running bat
   decides, and passes decisions on; a unit past its deadline is rejected, never accepted late;
 - recording writes each decision to the store and only then sends it to the line, so a result is final
   only once it is on disk. A full disk rejects the unit, raises an alarm and stops the station cleanly.
+  Kept frames are lossless PNG either way; with the recipe's ``frame_compression = "auto"`` they are
+  compressed only while the inference thread is busy less than ``COMPRESS_BELOW_LOAD`` of the time and no
+  batch's worth of units waits: on two cores, compressing a flagged unit's four frames costs about half a
+  unit's inference, which near capacity is the difference between inspecting every unit and turning some
+  away.
 
 Positive release: a unit is accepted only when all its frames arrived intact and in time and the model
 ran and passed it; every other path ends in a reject with a ``not_inspected:<cause>`` reason.
@@ -40,6 +46,18 @@ from .types import Container, Decision, not_inspected
 
 log = logging.getLogger("vialinspect.station")
 _STOP = object()
+COMPRESS_BELOW_LOAD = 0.7  # inference busy fraction below which "auto" compresses kept frames
+LOAD_TAU_S = 2.0  # time constant of the running busy fraction
+PREPARE_AHEAD = 2  # batches' worth of queued units that acquisition preprocesses ahead of inference
+
+
+def compress_frames(setting: str, load: float, backlog: bool = False) -> bool:
+    """Whether kept frames are compressed, for the recipe's ``frame_compression``, the running load and
+    whether a batch's worth of units is waiting now (which the running average learns only seconds later,
+    e.g. when a station starts into a full line)."""
+    if setting == "auto":
+        return load < COMPRESS_BELOW_LOAD and not backlog
+    return setting == "always"
 
 
 @dataclass
@@ -71,6 +89,11 @@ class ModelSlot:
     def version(self) -> str | None:
         with self._lock:
             return self._model.version if self._model else None
+
+    def upcoming(self) -> LoadedModel | None:
+        """The model the next batch will use (a pending swap included), without swapping."""
+        with self._lock:
+            return self._pending or self._model
 
     def current(self) -> LoadedModel | None:
         with self._lock:
@@ -106,6 +129,7 @@ class Pipeline:
         self._unit_s = 0.0  # running mean of inference time per unit, for admission under overload
         self._busy_until = 0.0  # when the running batch is expected to be decided (monotonic seconds)
         self._running = False  # a batch is being decided now
+        self.load = 0.0  # running fraction of time the inference thread is deciding (written by it only)
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
 
@@ -170,11 +194,27 @@ class Pipeline:
             if not c.problems and self._unit_s and age <= self.deadline_s < age + wait:
                 self.record_q.put((self._reject(c, [not_inspected("queue_full")], None), c, None))
                 continue
+            self._prepare(c)
             try:
                 self.infer_q.put_nowait(c)
             except queue.Full:
+                c.prepared = None
                 self.record_q.put((self._reject(c, [not_inspected("queue_full")], None), c, None))
         self.stats.set(queue_depth=self.infer_q.qsize())
+
+    def _prepare(self, c: Container) -> None:
+        """Preprocess an admitted unit here, while the inference thread runs the batch before it: on two cores
+        the model alone does not keep both busy (measured: 1.74 of 2 cores at capacity with preprocessing in
+        the inference thread). Only while few units wait, so prepared inputs (7 MB per vial unit) stay bounded;
+        a unit that cannot be prepared is left to the inference thread, which decides every unit's fate."""
+        model = self.model.upcoming()
+        if c.problems or model is None or self.infer_q.qsize() >= PREPARE_AHEAD * self.recipe.batch_max:
+            return
+        spec = model.runner.spec
+        try:
+            c.prepared = (spec, preprocess([f.pixels for f in c.frames], spec))
+        except ValueError:
+            c.prepared = None
 
     def _expected_wait(self, now: float) -> float:
         """Time until a unit queued now is decided: what is left of the running batch, then the queued units
@@ -231,6 +271,7 @@ class Pipeline:
     def _infer(self) -> None:
         try:
             while True:
+                t_wait = time.monotonic()
                 batch = self._batch()
                 if batch is None:
                     return
@@ -241,11 +282,15 @@ class Pipeline:
                     decided = self.decide(batch)
                 finally:
                     self._running = False
-                per_unit = (time.monotonic() - t0) / len(batch)
+                t1 = time.monotonic()
+                per_unit = (t1 - t0) / len(batch)
                 self._unit_s = per_unit if not self._unit_s else 0.8 * self._unit_s + 0.2 * per_unit
+                if t1 > t_wait:
+                    a = 1.0 - math.exp(-(t1 - t_wait) / LOAD_TAU_S)
+                    self.load += a * ((t1 - t0) / (t1 - t_wait) - self.load)
                 for d, c, maps in decided:
                     self.record_q.put((d, c, maps))
-                self.stats.set(queue_depth=self.infer_q.qsize(), batch_size=len(batch))
+                self.stats.set(queue_depth=self.infer_q.qsize(), batch_size=len(batch), inference_load=self.load)
         finally:
             self.record_q.put(_STOP)
 
@@ -254,6 +299,9 @@ class Pipeline:
         out: list[tuple[Decision, Container, np.ndarray | None]] = []
         ready: list[Container] = []
         now = time.monotonic()
+        ahead = {id(c): c.prepared for c in batch}
+        for c in batch:
+            c.prepared = None  # decided units go on to recording: not with 7 MB of model input each
         for c in batch:
             if c.problems:
                 out.append((self._reject(c, [not_inspected(p) for p in c.problems], model), c, None))
@@ -269,8 +317,12 @@ class Pipeline:
         thresholds = self.recipe.effective_thresholds(model.thresholds)
         groups: dict[tuple, list[tuple[Container, Any]]] = {}
         for c in ready:
+            prepared = ahead[id(c)]
             try:
-                prep = preprocess([f.pixels for f in c.frames], model.runner.spec)
+                if prepared is not None and prepared[0] == model.runner.spec:
+                    prep = prepared[1]
+                else:  # not prepared ahead, or a model with another input spec was swapped in meanwhile
+                    prep = preprocess([f.pixels for f in c.frames], model.runner.spec)
             except ValueError:
                 out.append((self._reject(c, [not_inspected("wrong_size")], model), c, None))
                 continue
@@ -315,7 +367,9 @@ class Pipeline:
             d, c, maps = item
             if not disk_full:
                 try:
-                    self.store.record(d, c, maps)
+                    backlog = self.infer_q.qsize() >= self.recipe.batch_max
+                    self.store.record(d, c, maps, compress=compress_frames(self.recipe.frame_compression,
+                                                                           self.load, backlog))
                 except DiskFullError as e:
                     disk_full = True
                     self._raise_alarm(f"record store nearly full ({e}); stopping")

@@ -36,10 +36,13 @@ DEFAULT_DEADLINE_MS = 500.0
 DEFAULT_BATCH_MAX = 8
 DEFAULT_SAMPLE_ACCEPTED = 0.01
 DEFAULT_MIN_FREE_MB = 200.0
+# How kept frames are written (always losslessly): "auto" compresses them while inspection leaves the CPU
+# room and stores them uncompressed when it does not; "always" and "never" fix the choice.
+FRAME_COMPRESSION = ("auto", "always", "never")
 
 _REQUIRED = ("name", "format", "model", "frames")
 _OPTIONAL = ("fill_target_mm", "fill_tolerance_mm", "thresholds", "deadline_ms", "frame_size", "batch_max",
-             "sample_accepted", "min_free_mb")
+             "sample_accepted", "min_free_mb", "frame_compression")
 KEYS: tuple[str, ...] = _REQUIRED + _OPTIONAL
 
 
@@ -68,6 +71,7 @@ class Recipe:
     batch_max: int = DEFAULT_BATCH_MAX
     sample_accepted: float = DEFAULT_SAMPLE_ACCEPTED  # fraction of accepted units whose frames are kept
     min_free_mb: float = DEFAULT_MIN_FREE_MB  # the record store's free-space guard
+    frame_compression: str = "auto"  # one of FRAME_COMPRESSION
     source: Path | None = None  # the file it was loaded from
     digest: str | None = None  # sha256 of that file (first 16 hex digits), so records can name the exact recipe
 
@@ -121,6 +125,9 @@ class Recipe:
         _need(_is_number(self.min_free_mb) and self.min_free_mb >= 0, "min_free_mb",
               f"must be a number >= 0 (MB), got {self.min_free_mb!r}")
         set_(self, "min_free_mb", float(self.min_free_mb))
+        _need(self.frame_compression in FRAME_COMPRESSION, "frame_compression",
+              f"must be one of {', '.join(repr(v) for v in FRAME_COMPRESSION)}, got {self.frame_compression!r}"
+              f"{_did_you_mean(str(self.frame_compression), FRAME_COMPRESSION)}")
 
     @property
     def fill_spec(self) -> tuple[float, float]:
@@ -145,6 +152,7 @@ class Recipe:
             "batch_max": self.batch_max,
             "sample_accepted": self.sample_accepted,
             "min_free_mb": self.min_free_mb,
+            "frame_compression": self.frame_compression,
             "source": str(self.source) if self.source else None,
             "digest": self.digest,
         }
@@ -248,6 +256,10 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
         _need(isinstance(data[k], str), k, f"must be a text, got {_kind(data[k])}")
         _need(data[k].strip() != "", k, "must not be empty")
         out[k] = data[k]
+    if "frame_compression" in data:
+        v = data["frame_compression"]
+        _need(isinstance(v, str), "frame_compression", f"must be a text, got {_kind(v)}")
+        out["frame_compression"] = v
     model = Path(out["model"]).expanduser()
     if not model.is_absolute() and base_dir is not None:
         model = (base_dir / model).resolve()

@@ -99,7 +99,8 @@ def status_line(s: dict[str, Any]) -> str:
     provider = s.get("provider", "-") + (" (FALLBACK)" if s.get("fallback") else "")
     return (f"{s['containers']:7d} units | {s['containers_per_min']:6.0f}/min | reject {100 * s['reject_rate']:5.1f}% "
             f"(part {100 * by['particle']:.1f} crack {100 * by['crack']:.1f} fill {100 * by['fill_level']:.1f} "
-            f"n/i {s['not_inspected']}) | p50 {p50} ms p99 {p99} ms | {provider} | queue {s.get('queue_depth', 0)}")
+            f"n/i {s['not_inspected']}) | p50 {p50} ms p99 {p99} ms | {provider} | queue {s.get('queue_depth', 0)} "
+            f"| busy {100 * s.get('inference_load', 0.0):.0f}%")
 
 
 def prometheus_text(s: dict[str, Any]) -> str:
@@ -122,6 +123,9 @@ def prometheus_text(s: dict[str, Any]) -> str:
         "# HELP vialinspect_queue_depth Containers waiting for inference.",
         "# TYPE vialinspect_queue_depth gauge",
         f"vialinspect_queue_depth {s.get('queue_depth', 0)}",
+        "# HELP vialinspect_inference_busy_ratio Running fraction of time the inference thread is deciding.",
+        "# TYPE vialinspect_inference_busy_ratio gauge",
+        f"vialinspect_inference_busy_ratio {s.get('inference_load', 0.0):.3f}",
         "# HELP vialinspect_inference_fallback 1 when a GPU was wanted and the CPU runs the model.",
         "# TYPE vialinspect_inference_fallback gauge",
         f"vialinspect_inference_fallback {int(bool(s.get('fallback')))}",

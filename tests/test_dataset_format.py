@@ -10,7 +10,7 @@ import pytest
 
 from datasets.generate import generate
 from datasets.imagefolder import read_imagefolder
-from datasets.imageio import ImageError, read_gray
+from datasets.imageio import ImageError, png_bytes, read_gray
 from datasets.manifest import MANIFEST_NAME, DatasetError, read_manifest, write_manifest
 from datasets.reader import decode_check, open_dataset, summarize
 from datasets.records import ContainerRecord, Defect, FillSpec, split_for
@@ -152,6 +152,34 @@ def test_truncated_and_empty_images_give_clear_errors(tmp_path):
         read_gray(tmp_path / "junk.png")
     with pytest.raises(ImageError, match="file not found"):
         read_gray(tmp_path / "nothing.png")
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_png_bytes_is_lossless_for_every_kind_the_store_keeps(tmp_path, compress):
+    rng = np.random.default_rng(3)
+    smooth = (np.add.outer(np.arange(40), np.arange(30)) * 3).astype(np.uint8)  # what the 'up' filter packs
+    cases = {
+        "gray8": rng.integers(0, 256, (37, 23), dtype=np.uint8),
+        "gray16": rng.integers(0, 65536, (9, 31), dtype=np.uint16),
+        "bgr8": rng.integers(0, 256, (12, 7, 3), dtype=np.uint8),
+        "bgra16": rng.integers(0, 65536, (5, 6, 4), dtype=np.uint16),
+        "one_channel": rng.integers(0, 256, (8, 8, 1), dtype=np.uint8),
+        "one_pixel": np.array([[7]], np.uint8),
+        "wide": rng.integers(0, 256, (2, 70_000), dtype=np.uint8),  # rows longer than a stored deflate block
+        "smooth": smooth,
+    }
+    for name, img in cases.items():
+        data = png_bytes(img, compress=compress)
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # OpenCV: BGR order kept
+        assert back is not None and np.array_equal(back, img.reshape(back.shape)), name
+        (tmp_path / f"{name}.png").write_bytes(data)
+        if img.ndim == 2:
+            assert np.array_equal(read_gray(tmp_path / f"{name}.png"), img), name
+    stored, packed = png_bytes(smooth, compress=False), png_bytes(smooth, compress=True)
+    assert len(stored) > smooth.size and len(packed) < len(stored) / 2
+    for bad in (np.zeros((4, 4), np.float32), np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4), np.uint8)):
+        with pytest.raises(ValueError):
+            png_bytes(bad, compress=compress)
 
 
 def test_decode_check_finds_a_truncated_frame(tiny_dataset, tmp_path):

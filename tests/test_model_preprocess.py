@@ -72,6 +72,17 @@ def test_preprocess_handles_bit_depths_colour_and_padding():
     assert preprocess([colour, colour], spec).x.shape == (2, 64, 96)
 
 
+def test_preprocess_8bit_table_path_is_the_general_path_bit_for_bit():
+    rng = np.random.default_rng(5)
+    spec = InputSpec(frames=3, pad_multiple=32, mean=0.45, std=0.3)
+    frames = [rng.integers(0, 256, (37, 50), dtype=np.uint8) for _ in range(3)]
+    fast = preprocess(frames, spec)  # 8-bit gray at native size: the lookup table
+    general = preprocess([f.astype(np.float32) * (1 / 255.0) for f in frames], spec)  # float input
+    assert fast.x.shape == general.x.shape == (3, 64, 64)
+    assert np.array_equal(fast.x, general.x)  # padding included
+    assert (fast.height, fast.width, fast.scale) == (general.height, general.width, general.scale)
+
+
 def test_preprocess_rejects_mismatched_input_and_repeats_a_single_frame():
     spec = InputSpec(frames=3)
     with pytest.raises(ValueError, match="takes 3 frame"):

@@ -34,7 +34,7 @@ def test_shipped_examples_load():
     assert vial.model == REPO / "models" / "default"  # relative to the recipe's folder
     assert vial.fill_spec == (13.69, 0.6) and vial.thresholds == {}  # the package's calibrated ones apply
     assert vial.frame_size == (450, 925) and vial.deadline_ms == 500.0 and vial.batch_max == 8
-    assert vial.sample_accepted == 0.01 and vial.min_free_mb == 200.0
+    assert vial.sample_accepted == 0.01 and vial.min_free_mb == 200.0 and vial.frame_compression == "auto"
     assert vial.source == (RECIPES / "vial-2R.toml").resolve() and len(vial.digest) == 16
 
     syr = load_recipe(RECIPES / "syringe-1mL.yaml")
@@ -48,6 +48,7 @@ def test_defaults_json_and_immutability(tmp_path):
     r = load_recipe(_write(tmp_path, BASE_TOML))
     assert r.deadline_ms == 500.0 and r.batch_max == 8 and r.sample_accepted == 0.01 and r.min_free_mb == 200.0
     assert r.frame_size is None and r.thresholds == {} and r.model == (tmp_path / "pkg").resolve()
+    assert r.frame_compression == "auto"
     d = json.loads(r.to_json())
     assert d["format"] == "vial-2R" and d["fill_target_mm"] == pytest.approx(FORMATS["vial-2R"].target_fill_mm, 1e-3)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -84,6 +85,8 @@ def test_defaults_json_and_immutability(tmp_path):
         ("[thresholds]\ncrack = 0\n", "thresholds.crack", "(0, 1]"),
         ('[thresholds]\ncrack = "high"\n', "thresholds.crack", "number"),
         ("[thresholds]\npartcle = 0.5\n", "thresholds.partcle", "did you mean 'particle'"),
+        ('frame_compression = "allways"\n', "frame_compression", "did you mean 'always'"),
+        ("frame_compression = true\n", "frame_compression", "text"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path, extra, key, words):

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline
+from inspection_station import pipeline as pipeline_mod
+from inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline, compress_frames
 from inspection_station.recipe import Recipe
 from inspection_station.sources import Source
 from inspection_station.stats import StationStats
@@ -221,6 +222,35 @@ def test_a_defect_score_over_threshold_rejects(tmp_path):
     _, sent, rows = _run(_unit("p"), tmp_path, runner=FakeRunner(particle=0.9))
     assert sent[0].reasons == ["particle"] and not rows["p"]["accept"]
     assert rows["p"]["kept"] == "flagged"
+
+
+def _kept_png_sizes(tmp_path):
+    return [p.stat().st_size for p in sorted((tmp_path / "store" / "frames").rglob("f*.png"))]
+
+
+def test_kept_frames_are_compressed_unless_inspection_needs_the_cpu(tmp_path, monkeypatch):
+    stored_size = SIZE[1] * (SIZE[0] + 1)  # one filter byte a row, the pixels as they are
+    for setting, want_compressed in (("always", True), ("never", False), ("auto", True)):  # auto: an idle line
+        d = tmp_path / setting
+        _run(_unit("p"), d, runner=FakeRunner(particle=0.9), recipe=_recipe(frame_compression=setting))
+        sizes = _kept_png_sizes(d)
+        assert len(sizes) == K
+        assert all((n < stored_size / 4) if want_compressed else (n > stored_size) for n in sizes), (setting, sizes)
+    # Saturated: units queue back to back behind a 30 ms/unit model, so the inference thread is always
+    # busy; with a short averaging time, "auto" soon stores the flagged units' frames uncompressed.
+    monkeypatch.setattr(pipeline_mod, "LOAD_TAU_S", 0.05)
+    script = [row for i in range(30) for row in _unit(f"u{i:02d}")]
+    pipe, sent, _ = _run(script, tmp_path / "busy", runner=FakeRunner(particle=0.9, sleep_per_unit=0.03),
+                         recipe=_recipe(frame_compression="auto", deadline_ms=60_000, batch_max=2))
+    sizes = _kept_png_sizes(tmp_path / "busy")
+    assert len(sizes) == 30 * K and pipe.load > 0.7
+    assert sum(n > stored_size for n in sizes) >= K * 20, sizes
+
+
+def test_compress_frames_setting():
+    assert compress_frames("always", 1.0) and not compress_frames("never", 0.0)
+    assert compress_frames("auto", 0.1) and not compress_frames("auto", 0.95)
+    assert not compress_frames("auto", 0.1, backlog=True) and compress_frames("always", 0.1, backlog=True)
 
 
 def test_disk_full_rejects_alarms_and_stops(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +64,7 @@ class OnnxModel:
 
         self._ort = _ort or ort
         self.path, self.spec, self.has_fill, self.threads, self.spin = onnx_path, spec, has_fill, threads, spin
+        self._local = threading.local()  # each calling thread's batch input buffer (see _batch_input)
         available = list(self._ort.get_available_providers())
         plan = provider_plan(device, available)
         self.status = RuntimeStatus(provider=CPU, requested=device, available=available)
@@ -122,8 +124,22 @@ class OnnxModel:
         shapes = {p.x.shape for p in batch}
         if len(shapes) != 1:
             raise ValueError(f"a batch needs inputs of one size, got {sorted(shapes)}")
-        probs, maps, heights = self._run(np.stack([p.x for p in batch]))
+        probs, maps, heights = self._run(self._batch_input(batch))
         return to_scores(probs, maps, heights, batch, self.has_fill)
+
+    def _batch_input(self, batch: list[Prepared]) -> np.ndarray:
+        """The batch as one array, in a buffer kept for the next batch. A vial batch of 8 is 57 MB: a fresh
+        array of that size is mapped anew by the allocator every time, and touching its pages for the first
+        time cost 30 ms a batch on 2 cores, as much as preprocessing all eight units."""
+        if len(batch) == 1:
+            return batch[0].x[None]
+        shape = (len(batch), *batch[0].x.shape)
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = self._local.buf = np.empty(shape, np.float32)
+        out = buf[: shape[0]]
+        np.stack([p.x for p in batch], out=out)
+        return out
 
     def predict(self, containers: list[list[np.ndarray]]) -> list[Scores]:
         return self.predict_prepared([preprocess(f, self.spec) for f in containers])
