@@ -213,7 +213,7 @@ class Pipeline:
         spec = model.runner.spec
         try:
             c.prepared = (spec, preprocess([f.pixels for f in c.frames], spec))
-        except ValueError:
+        except Exception:  # noqa: BLE001 - the inference thread preprocesses it again and decides its fate
             c.prepared = None
 
     def _expected_wait(self, now: float) -> float:
