@@ -5,7 +5,9 @@
 
 Input: K frames of the container format's native size (vial-2R: 4 x 925 x 450 px, padded to 928 x 480),
 preprocessing excluded (it is the same for both). Reports images/s (containers/s) and latency p50/p99 per
-batch, and the ratio ONNX Runtime / eager. Target: ONNX Runtime >= 2x eager at batch 1 on 2 CPU cores.
+batch, the ratio ONNX Runtime / eager, and what each achieves in GFLOP/s against the machine's ceiling
+(the best of a large float32 matrix product on the same cores). Target: ONNX Runtime >= 2x eager at batch 1
+on 2 CPU cores.
 Where a GPU provider is installed (onnxruntime-gpu), the CUDA provider is measured too, fp32 and fp16.
 """
 
@@ -45,6 +47,43 @@ def measure(fn, x, seconds: float) -> dict:
     return {"batch": b, "images_per_s": round(float(b * len(lat) / (lat_ms.sum() / 1000)), 1),
             "p50_ms": round(float(np.percentile(lat_ms, 50)), 2), "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
             "runs": len(lat)}
+
+
+def model_gflop(net: VialNet, frames: int, h: int, w: int) -> float:
+    """Multiply-adds of one container's forward pass, counted as 2 FLOP each: every convolution module, plus
+    the input stage, which runs as one functional convolution with a composed 6x6 kernel (no module)."""
+    flop = 0
+
+    def count(m, _inp, out):
+        nonlocal flop
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            flop += 2 * out.numel() * int(np.prod(m.weight.shape[1:]))
+        elif isinstance(m, torch.nn.Linear):
+            flop += 2 * out.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(count) for m in net.modules()]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, frames, h, w))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    k = net.input_kernel()
+    flop += 2 * k.shape[0] * int(np.prod(k.shape[1:])) * (h // 2) * (w // 2)
+    return flop / 1e9
+
+
+def sgemm_ceiling(seconds: float = 2.0) -> float:
+    """The best GFLOP/s of a large float32 matrix product on this machine's cores: what dense compute can
+    reach here at all, the ceiling for any convolution engine."""
+    a, b = torch.randn(3072, 3072), torch.randn(3072, 3072)
+    a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 3072**3 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def main() -> int:
@@ -87,18 +126,26 @@ def main() -> int:
         x = np.random.default_rng(0).standard_normal((batch, spec.frames, h, w)).astype(np.float32)
         for name, provider, fn in cases:
             rows.append({"engine": name, "provider": provider, **measure(fn, x, a.seconds)})
+    gflop = model_gflop(net, spec.frames, h, w)
+    ceiling = sgemm_ceiling()
+    for r in rows:
+        r["gflop_per_s"] = round(gflop * r["images_per_s"], 1)
     by = {(r["engine"], r["batch"]): r for r in rows}
     ratios = {f"batch{b}": round(by[("onnxruntime", b)]["images_per_s"] / by[("pytorch-eager", b)]["images_per_s"], 2)
               for b in (1, 8)}
     result = {"model": pkg.version_id, "format": a.format, "input": [spec.frames, h, w], "cores": os.cpu_count(),
               "rows": rows, "ort_over_eager": ratios, "target_batch1_ratio": 2.0,
+              "model_gflop_per_container": round(gflop, 3), "sgemm_ceiling_gflop_per_s": round(ceiling, 1),
               "meets_target": bool(ratios["batch1"] >= 2.0),
               "gpu": None if gpu.status.fallback else gpu.status.provider,
               "gpu_note": gpu.status.reason if gpu.status.fallback else None}
-    print(f"{'engine':18s} {'provider':22s} {'batch':>5s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    print(f"{'engine':18s} {'provider':22s} {'batch':>5s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'GFLOP/s':>8s}")
     for r in rows:
         print(f"{r['engine']:18s} {r['provider']:22s} {r['batch']:5d} {r['images_per_s']:8.1f} {r['p50_ms']:8.2f} "
-              f"{r['p99_ms']:8.2f}")
+              f"{r['p99_ms']:8.2f} {r['gflop_per_s']:8.1f}")
+    print(f"model: {gflop:.2f} GFLOP per container; this machine's float32 matrix-product ceiling: "
+          f"{ceiling:.0f} GFLOP/s (2x eager at batch 1 would need "
+          f"{2 * by[('pytorch-eager', 1)]['gflop_per_s']:.0f})")
     print(f"ONNX Runtime / eager: {ratios} (target >= 2.0 at batch 1)")
     if gpu.status.fallback:
         print(f"GPU: not measured ({gpu.status.reason})")
