@@ -82,7 +82,9 @@ def write_png(path: str | Path, img: np.ndarray) -> None:
     """Lossless PNG, tuned for noisy camera frames.
 
     Huffman-only deflate with the 'up' row filter encodes ~2.4x faster than zlib level 1 with adaptive
-    filters, for files ~4% larger (measured on 650x1175 simulator frames).
+    filters, for files ~4% larger (measured on 650x1175 simulator frames). Generated datasets keep this
+    encoder although ``png_bytes`` is faster: a dataset's hash is taken over its files' bytes, and another
+    encoder would change the hash of every dataset the same seed regenerates.
     """
     ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
     if not ok:

@@ -184,6 +184,21 @@ def test_station_sessions_let_idle_threads_sleep_and_score_the_same(package):
     assert a.probs == b.probs
 
 
+def test_batches_through_the_reused_input_buffer_score_each_unit_as_alone(package):
+    pkg = load_package(package)
+    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
+    m = OnnxModel(str(pkg.onnx_path), spec, device="cpu")
+    units = [[np.random.default_rng(10 * u + k).integers(0, 255, (64, 32), dtype=np.uint8) for k in range(2)]
+             for u in range(4)]
+    alone = [m.predict([u])[0] for u in units]
+    # A batch of 4, then a smaller one in the same buffer, then other units: no unit sees another's input.
+    for idx in ([0, 1, 2, 3], [2, 3], [0, 1, 2]):
+        for i, s in zip(idx, m.predict([units[i] for i in idx]), strict=True):
+            assert s.probs == pytest.approx(alone[i].probs, abs=1e-5)
+            assert s.fill_height_mm == pytest.approx(alone[i].fill_height_mm, abs=1e-4)
+    assert m._local.buf.shape[0] == 4  # one buffer, reused
+
+
 def test_provider_plan_orders_gpu_first_and_always_ends_on_cpu():
     avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", CPU]
     assert provider_plan("auto", avail) == avail
