@@ -49,7 +49,6 @@ log = logging.getLogger("vialinspect.station")
 _STOP = object()
 COMPRESS_BELOW_LOAD = 0.7  # inference busy fraction below which "auto" compresses kept frames
 LOAD_TAU_S = 2.0  # time constant of the running busy fraction
-PREPARE_AHEAD = 2  # batches' worth of queued units that acquisition preprocesses ahead of inference
 
 
 def _take_prepared(c: Container) -> tuple | None:
@@ -144,9 +143,9 @@ class Pipeline:
         self.load = 0.0  # running fraction of time the inference thread is deciding (written by it only)
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
-        # Inputs prepared ahead (at most PREPARE_AHEAD batches queued, one batch running, one being made) go
-        # into slots of one array, so a batch reaches the model without a copy (see vision.input_ring).
-        self.ring = InputRing((PREPARE_AHEAD + 1) * max(1, int(recipe.batch_max)) + 2)
+        # Admitted units are preprocessed into slots of one array, so a batch reaches the model without a copy
+        # (see vision.input_ring): a slot for each unit that can be queued, running or being prepared.
+        self.ring = InputRing(queue_size + max(1, int(recipe.batch_max)) + 2)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -219,11 +218,14 @@ class Pipeline:
 
     def _prepare(self, c: Container) -> None:
         """Preprocess an admitted unit here, while the inference thread runs the batch before it: on two cores
-        the model alone does not keep both busy (measured: 1.74 of 2 cores at capacity with preprocessing in
-        the inference thread). Only while few units wait, so prepared inputs (7 MB per vial unit) stay bounded;
-        a unit that cannot be prepared is left to the inference thread, which decides every unit's fate."""
+        the model alone does not keep both busy, and a unit preprocessed in the inference thread holds the
+        model up (measured: 1.74 of 2 cores at capacity with preprocessing in the inference thread; with units
+        only prepared here while fewer than two batches waited, the inference thread still spent 3% of its
+        time on the rest at saturation). Memory stays bounded by the queue: one ring slot (7 MB for a vial
+        unit) per queued unit. A unit that cannot be prepared is left to the inference thread, which decides
+        every unit's fate."""
         model = self.model.upcoming()
-        if c.problems or model is None or self.infer_q.qsize() >= PREPARE_AHEAD * self.recipe.batch_max:
+        if c.problems or model is None:
             return
         spec = model.runner.spec
         lease = None

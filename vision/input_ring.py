@@ -40,6 +40,7 @@ class InputRing:
         self._owner: list[Lease | None] = [None] * slots
         self._gen = 0  # bumped when the buffer is replaced: leases of the old one release nothing
         self._head = 0
+        self._held = 0
 
     def take(self, shape: tuple[int, ...]) -> Lease | None:
         """A slot for one unit's input of ``shape`` (float32), or None when every slot is held. A new shape
@@ -50,14 +51,20 @@ class InputRing:
                 self._buf = np.empty((self.slots, *shape), np.float32)
                 self._owner = [None] * self.slots
                 self._gen += 1
+                self._head = self._held = 0
+            # Next fit from the head: units are released in the order they were taken, so consecutive takes
+            # get consecutive slots. When nothing is held the head goes back to slot 0: at a steady line rate
+            # units are decided before the next arrives and only the first few slots are ever touched (memory
+            # is mapped on first write), so the ring is fully resident only once a long queue has formed.
+            if self._held == 0:
                 self._head = 0
-            # From the head on, so consecutive takes get consecutive slots while the ring is not full.
             for step in range(self.slots):
                 i = (self._head + step) % self.slots
                 if self._owner[i] is None:
                     lease = Lease(self, self._gen, i, self._buf[i])
                     self._owner[i] = lease
                     self._head = (i + 1) % self.slots
+                    self._held += 1
                     return lease
             return None
 
@@ -65,8 +72,9 @@ class InputRing:
         with self._lock:
             if lease._gen == self._gen and self._owner[lease.index] is lease:
                 self._owner[lease.index] = None
+                self._held -= 1
 
     @property
     def held(self) -> int:
         with self._lock:
-            return sum(o is not None for o in self._owner)
+            return self._held
