@@ -49,6 +49,7 @@ log = logging.getLogger("vialinspect.station")
 _STOP = object()
 COMPRESS_BELOW_LOAD = 0.7  # inference busy fraction below which "auto" compresses kept frames
 LOAD_TAU_S = 2.0  # time constant of the running busy fraction
+PREPARE_AHEAD = 2  # batches' worth of queued units that acquisition preprocesses ahead of inference
 
 
 def _take_prepared(c: Container) -> tuple | None:
@@ -143,9 +144,9 @@ class Pipeline:
         self.load = 0.0  # running fraction of time the inference thread is deciding (written by it only)
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
-        # Admitted units are preprocessed into slots of one array, so a batch reaches the model without a copy
-        # (see vision.input_ring): a slot for each unit that can be queued, running or being prepared.
-        self.ring = InputRing(queue_size + max(1, int(recipe.batch_max)) + 2)
+        # Units prepared ahead (at most PREPARE_AHEAD batches queued, one batch running, one being made) go
+        # into slots of one array, so a batch reaches the model without a copy (see vision.input_ring).
+        self.ring = InputRing((PREPARE_AHEAD + 1) * max(1, int(recipe.batch_max)) + 2)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -218,14 +219,14 @@ class Pipeline:
 
     def _prepare(self, c: Container) -> None:
         """Preprocess an admitted unit here, while the inference thread runs the batch before it: on two cores
-        the model alone does not keep both busy, and a unit preprocessed in the inference thread holds the
-        model up (measured: 1.74 of 2 cores at capacity with preprocessing in the inference thread; with units
-        only prepared here while fewer than two batches waited, the inference thread still spent 3% of its
-        time on the rest at saturation). Memory stays bounded by the queue: one ring slot (7 MB for a vial
-        unit) per queued unit. A unit that cannot be prepared is left to the inference thread, which decides
-        every unit's fate."""
+        the model alone does not keep both busy (measured: 1.74 of 2 cores at capacity with preprocessing in
+        the inference thread). Only while fewer than PREPARE_AHEAD batches wait: preparing every admitted unit
+        here gave the same saturated throughput but a lower loss-free capacity (70-75% of raw against 80-90%
+        in two interleaved A/B rounds of benchmarks/station.py; a few units were turned away at 75-90% load;
+        the cause is not established).
+        A unit that cannot be prepared is left to the inference thread, which decides every unit's fate."""
         model = self.model.upcoming()
-        if c.problems or model is None:
+        if c.problems or model is None or self.infer_q.qsize() >= PREPARE_AHEAD * self.recipe.batch_max:
             return
         spec = model.runner.spec
         lease = None
