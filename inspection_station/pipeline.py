@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from vision.input_ring import InputRing
-from vision.preprocess import input_shape, preprocess
+from vision.preprocess import preprocess
 from vision.scores import class_scores, rejected_classes
 
 from .assembly import Assembler
@@ -50,17 +49,6 @@ _STOP = object()
 COMPRESS_BELOW_LOAD = 0.7  # inference busy fraction below which "auto" compresses kept frames
 LOAD_TAU_S = 2.0  # time constant of the running busy fraction
 PREPARE_AHEAD = 2  # batches' worth of queued units that acquisition preprocesses ahead of inference
-
-
-def _take_prepared(c: Container) -> tuple | None:
-    prepared, c.prepared = c.prepared, None
-    return prepared
-
-
-def _release(prepared: tuple | None) -> None:
-    """Hand a prepared input's ring slot back, once the model has read it (or will not)."""
-    if prepared is not None and prepared[2] is not None:
-        prepared[2].release()
 
 
 def compress_frames(setting: str, load: float, backlog: bool = False) -> bool:
@@ -144,9 +132,6 @@ class Pipeline:
         self.load = 0.0  # running fraction of time the inference thread is deciding (written by it only)
         self._threads: list[threading.Thread] = []
         self.errors: list[str] = []
-        # Units prepared ahead (at most PREPARE_AHEAD batches queued, one batch running, one being made) go
-        # into slots of one array, so a batch reaches the model without a copy (see vision.input_ring).
-        self.ring = InputRing((PREPARE_AHEAD + 1) * max(1, int(recipe.batch_max)) + 2)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -213,30 +198,22 @@ class Pipeline:
             try:
                 self.infer_q.put_nowait(c)
             except queue.Full:
-                _release(_take_prepared(c))
+                c.prepared = None
                 self.record_q.put((self._reject(c, [not_inspected("queue_full")], None), c, None))
         self.stats.set(queue_depth=self.infer_q.qsize())
 
     def _prepare(self, c: Container) -> None:
         """Preprocess an admitted unit here, while the inference thread runs the batch before it: on two cores
         the model alone does not keep both busy (measured: 1.74 of 2 cores at capacity with preprocessing in
-        the inference thread). Only while fewer than PREPARE_AHEAD batches wait: preparing every admitted unit
-        here gave the same saturated throughput but a lower loss-free capacity (70-75% of raw against 80-90%
-        in two interleaved A/B rounds of benchmarks/station.py; a few units were turned away at 75-90% load;
-        the cause is not established).
-        A unit that cannot be prepared is left to the inference thread, which decides every unit's fate."""
+        the inference thread). Only while few units wait, so prepared inputs (7 MB per vial unit) stay bounded;
+        a unit that cannot be prepared is left to the inference thread, which decides every unit's fate."""
         model = self.model.upcoming()
         if c.problems or model is None or self.infer_q.qsize() >= PREPARE_AHEAD * self.recipe.batch_max:
             return
         spec = model.runner.spec
-        lease = None
         try:
-            pixels = [f.pixels for f in c.frames]
-            lease = self.ring.take(input_shape(pixels[0].shape, spec))
-            c.prepared = (spec, preprocess(pixels, spec, out=lease.x if lease else None), lease)
+            c.prepared = (spec, preprocess([f.pixels for f in c.frames], spec))
         except Exception:  # noqa: BLE001 - the inference thread preprocesses it again and decides its fate
-            if lease is not None:
-                lease.release()
             c.prepared = None
 
     def _expected_wait(self, now: float) -> float:
@@ -319,19 +296,12 @@ class Pipeline:
 
     def decide(self, batch: list[Container]) -> list[tuple[Decision, Container, np.ndarray | None]]:
         model = self.model.current()
-        # Decided units go on to recording without their model input; ring slots go back once the model ran.
-        ahead = {id(c): _take_prepared(c) for c in batch}
-        try:
-            return self._decide(batch, model, ahead)
-        finally:
-            for prepared in ahead.values():
-                _release(prepared)
-
-    def _decide(self, batch: list[Container], model: LoadedModel | None,
-                ahead: dict[int, tuple | None]) -> list[tuple[Decision, Container, np.ndarray | None]]:
         out: list[tuple[Decision, Container, np.ndarray | None]] = []
         ready: list[Container] = []
         now = time.monotonic()
+        ahead = {id(c): c.prepared for c in batch}
+        for c in batch:
+            c.prepared = None  # decided units go on to recording: not with 7 MB of model input each
         for c in batch:
             if c.problems:
                 out.append((self._reject(c, [not_inspected(p) for p in c.problems], model), c, None))

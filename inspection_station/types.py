@@ -54,9 +54,9 @@ class Container:
     truth: dict[str, Any] | None = None  # simulated: {"classes": [...], "fill_height_mm": ...}
     format: str | None = None
     problems: list[str] = field(default_factory=list)  # not-inspected causes found while assembling
-    # (input spec, preprocessed input, ring slot lease or None) made on admission, so preprocessing overlaps
-    # the running batch; used when the deciding model's spec is the same, dropped once the unit is decided.
-    prepared: tuple[Any, Any, Any] | None = None
+    # (input spec, preprocessed input) made on admission, so preprocessing overlaps the running batch; used
+    # when the deciding model's spec is the same, dropped once the unit is decided.
+    prepared: tuple[Any, Any] | None = None
 
 
 @dataclass

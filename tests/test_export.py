@@ -10,9 +10,8 @@ import pytest
 from export.package import PackageError, load_package, with_thresholds
 from training.evaluate import evaluate_model, load_model
 from vialinspect.cli import main
-from vision.input_ring import InputRing
-from vision.preprocess import InputSpec, input_shape, preprocess
-from vision.runtime import CPU, OnnxModel, model_runs, provider_plan
+from vision.preprocess import InputSpec
+from vision.runtime import CPU, OnnxModel, provider_plan
 
 
 @pytest.fixture(scope="module")
@@ -198,28 +197,6 @@ def test_batches_through_the_reused_input_buffer_score_each_unit_as_alone(packag
             assert s.probs == pytest.approx(alone[i].probs, abs=1e-5)
             assert s.fill_height_mm == pytest.approx(alone[i].fill_height_mm, abs=1e-4)
     assert m._local.buf.shape[0] == 4  # one buffer, reused
-
-
-def test_batches_read_from_an_input_ring_score_each_unit_as_alone(package):
-    # Units preprocessed into ring slots reach the model as views of the ring, split where the ring wraps and
-    # where a unit has its own memory: each still scores as it does alone, in the batch's order.
-    pkg = load_package(package)
-    spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
-    m = OnnxModel(str(pkg.onnx_path), spec, device="cpu")
-    units = [[np.random.default_rng(10 * u + k).integers(0, 255, (64, 32), dtype=np.uint8) for k in range(2)]
-             for u in range(5)]
-    alone = [m.predict([u])[0] for u in units]
-    shape = input_shape(units[0][0].shape, spec)
-    ring = InputRing(4)
-    first = [ring.take(shape) for _ in range(4)]  # slots 0-3
-    first[0].release()
-    first[1].release()
-    leases = first[2:] + [ring.take(shape), ring.take(shape)]  # slots 2, 3, then 0, 1: wrapped
-    batch = [preprocess(units[i], spec, out=lease.x) for i, lease in enumerate(leases)] + [preprocess(units[4], spec)]
-    assert model_runs([p.x for p in batch]) == [[0, 1], [2, 3], [4]]
-    for i, s in enumerate(m.predict_prepared(batch)):
-        assert s.probs == pytest.approx(alone[i].probs, abs=1e-5)
-        assert s.fill_height_mm == pytest.approx(alone[i].fill_height_mm, abs=1e-4)
 
 
 def test_provider_plan_orders_gpu_first_and_always_ends_on_cpu():

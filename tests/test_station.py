@@ -20,7 +20,6 @@ from inspection_station.stats import StationStats
 from inspection_station.store import RecordStore
 from inspection_station.types import NOT_INSPECTED_CAUSES
 from vision.preprocess import InputSpec
-from vision.runtime import adjacent_view
 from vision.scores import Scores
 
 K = 2
@@ -217,37 +216,6 @@ def test_one_slow_batch_does_not_lock_the_station_out(tmp_path):
     late = [d for d in sent if d.container_id >= "u10"]
     assert len(late) == 10 and all(d.accept for d in late)
     assert all(d.accept for d in sent if d.container_id not in turned_away)
-
-
-class IdentityRunner(FakeRunner):
-    """Reports each unit's own grey level as its fill height, and whether batches came as views of one array."""
-
-    def __init__(self):
-        super().__init__(sleep_per_unit=0.01)
-        self.views = 0
-
-    def predict_prepared(self, batch):
-        xs = [p.x for p in batch]
-        self.views += adjacent_view(xs) is not None
-        levels = [float(np.round((x[0, 0, 0] * self.spec.std + self.spec.mean) * 255)) for x in xs]
-        time.sleep(self.sleep_per_unit * len(batch))
-        return [Scores(probs={"particle": 0.1, "crack": 0.0, "fill_level": 0.0}, fill_height_mm=v) for v in levels]
-
-
-def test_units_prepared_into_the_input_ring_are_each_judged_on_their_own_pixels(tmp_path):
-    # Sixty units with a grey level each arrive every 8 ms; behind a 10 ms/unit model they queue, are prepared
-    # ahead into ring slots, and reach the model in batches read from the ring. Each decision must carry its
-    # own unit's level, and every slot must be handed back at the end.
-    levels = {f"u{i:02d}": 20 + 3 * i for i in range(60)}
-    script = [(0.008 if k == 0 else 0.0, cid, k, np.full((SIZE[1], SIZE[0]), v, np.uint8), None)
-              for cid, v in levels.items()
-              for k in range(K)]
-    runner = IdentityRunner()
-    pipe, sent, _ = _run(script, tmp_path, runner=runner, queue_size=64,
-                         recipe=_recipe(deadline_ms=60_000, batch_max=4))
-    assert len(sent) == 60 and not any(d.not_inspected for d in sent)
-    assert {d.container_id: d.fill_height_mm for d in sent} == levels
-    assert runner.views >= 3 and pipe.ring.held == 0
 
 
 def test_a_defect_score_over_threshold_rejects(tmp_path):

@@ -124,75 +124,22 @@ class OnnxModel:
         shapes = {p.x.shape for p in batch}
         if len(shapes) != 1:
             raise ValueError(f"a batch needs inputs of one size, got {sorted(shapes)}")
-        scores: list[Scores | None] = [None] * len(batch)
-        for idx in model_runs([p.x for p in batch]):
-            part = [batch[i] for i in idx]
-            probs, maps, heights = self._run(self._batch_input(part))
-            for i, s in zip(idx, to_scores(probs, maps, heights, part, self.has_fill), strict=True):
-                scores[i] = s
-        return scores  # type: ignore[return-value]
+        probs, maps, heights = self._run(self._batch_input(batch))
+        return to_scores(probs, maps, heights, batch, self.has_fill)
 
     def _batch_input(self, batch: list[Prepared]) -> np.ndarray:
-        """The batch as one array: a view when the inputs lie side by side in one array (an ``InputRing``),
-        else copied into a buffer kept for the next batch. A vial batch of 8 is 57 MB: a fresh array of that
-        size is mapped anew by the allocator every time, and touching its pages for the first time cost 30 ms
-        a batch on 2 cores, as much as preprocessing all eight units."""
-        xs = [p.x for p in batch]
-        if len(xs) == 1:
-            return xs[0][None]
-        view = adjacent_view(xs)
-        if view is not None:
-            return view
-        shape = (len(xs), *xs[0].shape)
+        """The batch as one array, in a buffer kept for the next batch. A vial batch of 8 is 57 MB: a fresh
+        array of that size is mapped anew by the allocator every time, and touching its pages for the first
+        time cost 30 ms a batch on 2 cores, as much as preprocessing all eight units."""
+        if len(batch) == 1:
+            return batch[0].x[None]
+        shape = (len(batch), *batch[0].x.shape)
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
             buf = self._local.buf = np.empty(shape, np.float32)
         out = buf[: shape[0]]
-        np.stack(xs, out=out)
+        np.stack([p.x for p in batch], out=out)
         return out
 
     def predict(self, containers: list[list[np.ndarray]]) -> list[Scores]:
         return self.predict_prepared([preprocess(f, self.spec) for f in containers])
-
-
-def _follows(a: np.ndarray, b: np.ndarray) -> bool:
-    """``b`` is the sub-array right after ``a`` in the first axis of the array both are views of."""
-    base = a.base
-    return (isinstance(base, np.ndarray) and b.base is base and base.ndim == a.ndim + 1
-            and base.shape[1:] == a.shape == b.shape and base.dtype == a.dtype == b.dtype
-            and base.flags.c_contiguous and a.flags.c_contiguous and b.flags.c_contiguous
-            and b.ctypes.data == a.ctypes.data + a.nbytes)
-
-
-def adjacent_view(xs: list[np.ndarray]) -> np.ndarray | None:
-    """``np.stack(xs)`` without copying, as a view of the array they are consecutive slices of, or None."""
-    if len(xs) < 2 or not all(_follows(a, b) for a, b in zip(xs, xs[1:], strict=False)):
-        return None
-    base = xs[0].base
-    offset = xs[0].ctypes.data - base.ctypes.data
-    if offset % xs[0].nbytes:
-        return None
-    i = offset // xs[0].nbytes
-    return base[i:i + len(xs)]
-
-
-def model_runs(xs: list[np.ndarray]) -> list[list[int]]:
-    """The batch split into model runs that need no input copy: each stretch of inputs that lie side by side
-    in one array (an ``InputRing``'s slots, e.g. split where the ring wraps) is one run; the rest go together
-    into one copied run. Per unit a CPU run costs the same at batch 1 and 8 (``benchmarks/runtime.py``), so
-    splitting costs nothing there. Inputs that share no array at all stay one batch, as before."""
-    runs: list[list[int]] = []
-    loose: list[int] = []
-    i = 0
-    while i < len(xs):
-        j = i + 1
-        while j < len(xs) and _follows(xs[j - 1], xs[j]):
-            j += 1
-        if j - i > 1:
-            runs.append(list(range(i, j)))
-        else:
-            loose.append(i)
-        i = j
-    if loose:
-        runs.append(loose)
-    return runs
