@@ -218,6 +218,32 @@ def test_one_slow_batch_does_not_lock_the_station_out(tmp_path):
     assert all(d.accept for d in sent if d.container_id not in turned_away)
 
 
+class IdentityRunner(FakeRunner):
+    """Reports each unit's own grey level (read from the model input) as its fill height."""
+
+    def __init__(self):
+        super().__init__(sleep_per_unit=0.01)
+
+    def predict_prepared(self, batch):
+        levels = [float(np.round((p.x[0, 0, 0] * self.spec.std + self.spec.mean) * 255)) for p in batch]
+        time.sleep(self.sleep_per_unit * len(batch))
+        return [Scores(probs={"particle": 0.1, "crack": 0.0, "fill_level": 0.0}, fill_height_mm=v) for v in levels]
+
+
+def test_units_prepared_ahead_are_each_judged_on_their_own_pixels(tmp_path):
+    # Sixty units with a grey level each arrive every 8 ms; behind a 10 ms/unit model they queue, some are
+    # preprocessed ahead in the acquisition thread and some by the inference thread, in batches of up to 4.
+    # Each decision must carry its own unit's level.
+    levels = {f"u{i:02d}": 20 + 3 * i for i in range(60)}
+    script = [(0.008 if k == 0 else 0.0, cid, k, np.full((SIZE[1], SIZE[0]), v, np.uint8), None)
+              for cid, v in levels.items() for k in range(K)]
+    _, sent, _ = _run(script, tmp_path, runner=IdentityRunner(), queue_size=64,
+                      recipe=_recipe(deadline_ms=60_000, batch_max=4))
+    assert len(sent) == 60 and not any(d.not_inspected for d in sent)
+    assert {d.container_id: d.fill_height_mm for d in sent} == levels
+    assert max(d.timings_ms["queue"] for d in sent) > 20  # a queue formed: batches, units prepared ahead
+
+
 def test_a_defect_score_over_threshold_rejects(tmp_path):
     _, sent, rows = _run(_unit("p"), tmp_path, runner=FakeRunner(particle=0.9))
     assert sent[0].reasons == ["particle"] and not rows["p"]["accept"]
