@@ -1,9 +1,12 @@
 """Station benchmark: the whole inline pipeline on frames rendered beforehand.
 
     .venv/bin/python benchmarks/station.py [--model models/default] [--rate 1200] [--minutes 2]
-                                           [--containers 120] [--format vial-2R] [--json bench_out/station.json]
+                                           [--containers 120] [--format vial-2R] [--defect-rate 0.5]
+                                           [--json bench_out/station.json]
 
 1. Render ``--containers`` simulated units (K frames each) into memory, so the simulator's cost is not counted.
+   By default half of them have a defect, so over half of the units are flagged and their four frames kept:
+   a stress case for recording (a line rejects a few percent); ``--defect-rate`` sets the mix.
 2. Raw runtime throughput: preprocessing + ONNX Runtime on those frames, batch 8, nothing else.
 3. The station (acquisition thread, assembly, adaptive batching, decisions, SQLite record store with
    flagged frames saved as PNG, log line output) fed by a replaying source: first overloaded (``--max-rate``
@@ -124,6 +127,9 @@ def main() -> int:
     p.add_argument("--model", default="models/default", help="model package (default models/default)")
     p.add_argument("--format", default="vial-2R", help="container format to render (default vial-2R)")
     p.add_argument("--containers", type=int, default=120, help="distinct units rendered beforehand (default 120)")
+    p.add_argument("--defect-rate", type=float, default=0.5,
+                   help="share of rendered units with a defect (default 0.5, the simulator's: a stress mix where "
+                        "over half the units are flagged and their frames kept; lines reject a few percent)")
     p.add_argument("--rate", type=float, default=1200.0, help="line rate for the latency run, units/min (default 1200)")
     p.add_argument("--minutes", type=float, default=2.0, help="length of the line-rate run (default 2; target 30)")
     p.add_argument("--max-units", type=int, default=600, help="units in the as-fast-as-possible run (default 600)")
@@ -140,8 +146,12 @@ def main() -> int:
 
     model = load_model(Path(a.model), device="auto", spin=a.spin == "on")
     k = model.runner.spec.frames
-    cfg = SimConfig(formats=(a.format,), frames=k, camera=SimConfig().camera)
-    print(f"rendering {a.containers} {a.format} units (K={k}) beforehand ...", flush=True)
+    try:
+        cfg = SimConfig(formats=(a.format,), frames=k, camera=SimConfig().camera, defect_rate=a.defect_rate)
+    except ValueError as e:
+        p.error(str(e))
+    print(f"rendering {a.containers} {a.format} units (K={k}, defect rate {a.defect_rate:g}) beforehand ...",
+          flush=True)
     units = [make_container(cfg, i, 12345)[1] for i in range(a.containers)]
     # The replay buffer is the benchmark's camera, not the station: its size is taken off the resident memory.
     replay_mb = sum(f.nbytes for u in units for f in u) / 2**20
@@ -219,6 +229,7 @@ def main() -> int:
     growth = (np.mean(last) / np.mean(first) - 1.0) if first and last else None
     result = {
         "model": model.version, "provider": model.runner.status.provider, "spin": a.spin, "format": a.format,
+        "defect_rate": a.defect_rate,
         "frames": k, "frame_size": [w, h], "cores": os.cpu_count(),
         "raw_runtime_per_min": round(raw_per_min, 1),
         "loss_free_capacity_per_min": None if sustained is None else round(sustained, 1),
