@@ -99,7 +99,7 @@ def main() -> int:
     m = spec.pad_multiple
     h, w = -(-fr.height // m) * m, -(-fr.width // m) * m
     weights = torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
-    net = VialNet(frames=spec.frames, widths=tuple(weights["model"]["widths"]))
+    net = VialNet.from_arch(weights["model"])
     net.load_state_dict(weights["state_dict"])
     eager = InferenceModel(net.eval(), (spec.pixel_um or 40.0) / 1000).eval()
     torch.set_num_threads(os.cpu_count() or 1)

@@ -218,4 +218,8 @@ def test_fine_tune_from_a_package_with_another_frame_count(package, coarse_data,
     assert s["epochs_run"] == 1
     from training.checkpoint import load_checkpoint
 
-    assert load_checkpoint(tmp_path / "ft" / "best.pt")["input_spec"]["frames"] == 1
+    ck = load_checkpoint(tmp_path / "ft" / "best.pt")
+    assert ck["input_spec"]["frames"] == 1
+    # the package's network, less what one frame cannot use (the motion branch), and the settings say so
+    assert ck["model"]["widths"] == load_package(package).metadata["architecture"]["widths"]
+    assert ck["model"]["motion"] is False and ck["config"]["motion_branch"] is False

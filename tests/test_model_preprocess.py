@@ -5,13 +5,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vision.model import MOTION_GAIN, InferenceModel, VialNet, adapt_first_layer, soft_rows
+from vision.model import (
+    MOTION_GAIN,
+    MOTION_SWIRL_CELLS,
+    InferenceModel,
+    MotionBranch,
+    VialNet,
+    adapt_first_layer,
+    soft_rows,
+)
 from vision.preprocess import InputSpec, preprocess
 
 
 @pytest.mark.parametrize("frames,h,w", [(4, 128, 96), (1, 160, 64), (2, 96, 224)])
-def test_vialnet_output_shapes(frames, h, w):
-    net = VialNet(frames, widths=(8, 8, 8, 8, 8)).eval()
+@pytest.mark.parametrize("motion", [False, True])
+def test_vialnet_output_shapes(frames, h, w, motion):
+    net = VialNet(frames, widths=(8, 8, 8, 8, 8), motion=motion).eval()
+    assert (net.motion is not None) == (motion and frames > 1)
     cls, maps, rows = net(torch.zeros(2, frames, h, w))
     assert cls.shape == (2, 3) and maps.shape == (2, 3, h // 8, w // 8) and rows.shape == (2, 2, h // 4)
 
@@ -97,3 +107,68 @@ def test_preprocess_reduces_large_images_and_reports_the_scale():
     spec = InputSpec(frames=1, max_side=256)
     p = preprocess([np.zeros((1024, 512), np.uint8)], spec)
     assert p.scale == 0.25 and (p.height, p.width) == (256, 128) and p.x.shape == (1, 256, 128)
+
+
+def _motion_reference(x: torch.Tensor) -> torch.Tensor:
+    """MotionBranch.pooled written with the textbook operations."""
+    p = F.avg_pool2d(x * 0.25 + 0.5, 2)  # grey levels at half resolution
+    mean = p.mean(1, keepdim=True)
+    gain = p.mean((2, 3), keepdim=True) / mean.mean((2, 3), keepdim=True)
+    d = 4.0 * (p - gain * mean)
+    r = F.max_pool2d(torch.cat([F.relu(-d), F.relu(d)], 1), (2, 4))
+    k = MOTION_SWIRL_CELLS
+    return F.max_pool2d(r, (1, 2 * k + 1), stride=1, padding=(0, k))
+
+
+def test_motion_branch_input_is_the_documented_pooling():
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 64, 96) * 0.3
+    box = torch.full((4, 1, 2, 2), 0.25)
+    got = MotionBranch.pooled(x, box)
+    assert got.shape == (2, 8, 16, 12)
+    assert torch.allclose(got, _motion_reference(x), atol=1e-5)
+    # training's channels-last tensors take another operation for the 2x2 mean: the same values
+    cl = MotionBranch.pooled(x.contiguous(memory_format=torch.channels_last), box)
+    assert torch.allclose(cl, got, atol=1e-5)
+
+
+def test_motion_branch_ignores_exposure_and_marks_where_an_object_moves():
+    rng = np.random.default_rng(2)
+    scene = torch.from_numpy(rng.uniform(0.5, 0.9, (1, 1, 64, 128)).astype(np.float32)).repeat(1, 4, 1, 1)
+    gains = torch.tensor([0.95, 1.0, 1.05, 1.02]).view(1, 4, 1, 1)
+    box = torch.full((4, 1, 2, 2), 0.25)
+    still = MotionBranch.pooled((scene * gains - 0.5) / 0.25, box)
+    assert still.abs().max() < 1e-4  # exposure changes alone are not motion
+    moving = scene * gains
+    for k, row in enumerate((12, 20, 28, 36)):  # a dark 3x3 object sinking 8 px a frame, at column 60
+        moving[0, k, row:row + 3, 60:63] *= 0.3
+    r = MotionBranch.pooled((moving - 0.5) / 0.25, box)[0]
+    for k, row in enumerate((12, 20, 28, 36)):
+        dark = r[k]  # darker than the mean: where the object is in frame k
+        peak_row = int(dark.amax(1).argmax())
+        assert peak_row in (row // 4, (row + 2) // 4)
+        cols = torch.nonzero(dark[peak_row] > 0.5 * dark.max()).flatten()
+        assert cols.min() <= 60 // 8 <= cols.max() and cols.max() - cols.min() <= 2 * MOTION_SWIRL_CELLS + 1
+        assert r[4 + k, peak_row].max() < 0.2 * dark.max()  # and not brighter there
+
+
+def test_architecture_records_rebuild_the_network_and_old_records_have_no_motion_branch():
+    net = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True)
+    again = VialNet.from_arch(net.arch())
+    again.load_state_dict(net.state_dict())  # strict: the same parameters
+    assert again.arch() == net.arch() == {"arch": "VialNet", "frames": 4, "widths": [8] * 5, "motion": True}
+    assert VialNet.from_arch({"arch": "VialNet", "frames": 4, "widths": [8] * 5}).motion is None
+
+
+@pytest.mark.parametrize("frames_to", [1, 2, 5])
+def test_a_motion_model_adapts_to_another_frame_count(frames_to):
+    torch.manual_seed(3)
+    four = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True).eval()
+    other = VialNet.from_arch(four.arch(), frames_to).eval()
+    other.load_state_dict(adapt_first_layer(four.state_dict(), frames_to))  # strict
+    assert (other.motion is None) == (frames_to == 1)
+    if frames_to > 1:  # the frames both have keep their motion weights; new ones start at zero
+        w4 = four.motion.vertical[0].weight.reshape(-1, 2, 4, 9, 3)
+        w = other.motion.vertical[0].weight.reshape(-1, 2, frames_to, 9, 3)
+        n = min(4, frames_to)
+        assert torch.equal(w[:, :, :n], w4[:, :, :n]) and not w[:, :, n:].any()

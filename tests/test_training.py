@@ -58,6 +58,21 @@ def test_train_writes_self_describing_checkpoints_and_resumes(coarse_data, tmp_p
     assert summary["epochs_run"] == 3 and load_checkpoint(run / "last.pt")["epoch"] == 2
 
 
+def test_the_motion_branch_setting_trains_resumes_and_exports_with_parity(coarse_data, tmp_path):
+    from export.package import load_package
+
+    run = tmp_path / "run"
+    train(coarse_data, run, small_config(epochs=1, motion_branch=True), progress=False, log=lambda *a: None)
+    assert load_checkpoint(run / "best.pt")["model"]["motion"] is True
+    # resuming rebuilds the recorded network, whatever the setting now says
+    train(coarse_data, run, small_config(epochs=2, motion_branch=False), resume=True, progress=False,
+          log=lambda *a: None)
+    assert load_checkpoint(run / "last.pt")["model"]["motion"] is True
+    assert main(["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "pkg"),
+                 "--parity-data", str(coarse_data), "--parity-count", "4"]) == 0  # parity or nothing is written
+    assert load_package(tmp_path / "pkg").metadata["architecture"]["motion"] is True
+
+
 def test_evaluate_cli_on_a_checkpoint(coarse_data, tiny_run, tmp_path, capsys):
     run = tiny_run
     assert main(["evaluate", "--model", str(run / "best.pt"), "--data", str(coarse_data), "--out",
@@ -412,11 +427,13 @@ def test_distillation_keeps_a_fine_tuned_model_near_its_teacher_on_marked_units_
                        for x in xs) / len(xs)
 
     free, _ = tuned(coarse_data, 0.0, "free")
-    held, logs = tuned(coarse_data, 20.0, "held")
+    held, logs = tuned(coarse_data, 100.0, "held")
     assert any("distilling the class maps" in m for m in logs)
-    assert gap(held) < 0.8 * gap(free)  # measured: about 0.56x
+    # measured: 0.46x with the motion branch, 0.44x without (at weight 20: 0.96x and 0.39x; the tiny model
+    # with the branch drifts half as far when fine-tuned freely, so it takes a stronger pull to show)
+    assert gap(held) < 0.8 * gap(free)
     # Rows that say "distill": false are not distilled: all of them marked, training is plain fine-tuning.
-    unmarked, logs = tuned(_marked_copy(coarse_data, tmp_path / "marked", False), 20.0, "unmarked")
+    unmarked, logs = tuned(_marked_copy(coarse_data, tmp_path / "marked", False), 100.0, "unmarked")
     assert any(" on 0 of " in m for m in logs)
     for a, b in zip(free.state_dict().values(), unmarked.state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -56,7 +56,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def build_model(ck: dict[str, Any]) -> tuple[VialNet, InputSpec]:
     m = ck["model"]
-    net = VialNet(frames=int(m["frames"]), widths=tuple(m["widths"]))
+    net = VialNet.from_arch(m)
     try:
         net.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

@@ -33,6 +33,9 @@ class TrainConfig:
     seed: int = 0
     frr: float = 0.01  # false-reject budget for calibrating thresholds on the validation split
     widths: tuple[int, ...] = (16, 24, 32, 48, 64)
+    # The network's motion branch (vision.model.MotionBranch: which way objects move between frames, over the
+    # swirl's reach); K >= 2 only. Fine-tuning (--init) keeps the initial model's network either way.
+    motion_branch: bool = True
     max_side: int = 1792
     samples_per_epoch: int | None = None  # default: the size of the training split
     balance: bool = True  # class-balanced sampling

@@ -243,9 +243,8 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
 
     init = None if cfg.from_scratch else str(reg.package_dir(champion))
     train_cfg = cfg.train
-    widths = champ_pkg.metadata.get("architecture", {}).get("widths")
-    if init and widths:  # fine-tuning keeps the champion's network, whatever the settings say
-        train_cfg = dataclasses.replace(train_cfg, widths=tuple(widths), frames=frames)
+    if init:  # fine-tuning keeps the champion's frame count (and network: the trainer takes it from the package)
+        train_cfg = dataclasses.replace(train_cfg, frames=frames)
     if not init and train_cfg.distill:  # a network trained from scratch has no teacher
         train_cfg = dataclasses.replace(train_cfg, distill=0.0)
     summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)

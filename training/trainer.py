@@ -7,7 +7,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -171,11 +171,10 @@ def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
 
 def _teacher(init: str, ck: dict, frames: int, device: torch.device, channels_last: bool) -> VialNet:
     """The --init model, frozen, as the teacher for ``distill`` (its own widths; its stem fitted to ``frames``)."""
-    widths = ck.get("model", {}).get("widths")
-    if not widths:
+    if not ck.get("model", {}).get("widths"):
         raise TrainingError(f"--init {init}: its architecture is not recorded, so it cannot be the teacher for "
                             "distill; set distill to 0")
-    net = VialNet(frames, tuple(widths))
+    net = VialNet.from_arch(ck["model"], frames)
     net.load_state_dict(adapt_first_layer(ck["state_dict"], frames))
     net.eval().requires_grad_(False)
     net = net.to(device)
@@ -230,8 +229,17 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if resumed.get("dataset", {}).get("hash") not in (None, data_hash) and d.main:
             raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
         cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
-    net = VialNet(frames, cfg.widths)
     init_ck = _load_init(init) if init and not resumed else None
+    if resumed:
+        net = VialNet.from_arch(resumed["model"], frames)
+    elif init_ck is not None and init_ck.get("model", {}).get("widths"):
+        # Fine-tuning keeps the initial model's network, whatever the settings say; the recorded settings
+        # then say what was trained.
+        net = VialNet.from_arch(init_ck["model"], frames)
+        a = net.arch()
+        cfg = replace(cfg, widths=tuple(a["widths"]), motion_branch=a["motion"])
+    else:
+        net = VialNet(frames, cfg.widths, motion=cfg.motion_branch)
     if init_ck is not None:
         _init_weights(net, init, init_ck, frames, log)
     if resumed:
@@ -278,7 +286,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         log(f"resumed from {last_path} at epoch {start_epoch + 1}")
 
     meta = {
-        "model": {"arch": "VialNet", "frames": frames, "widths": list(cfg.widths)},
+        "model": net.arch(),
         "input_spec": spec.to_json(),
         "classes": ["particle", "crack", "fill_level"],
         "config": cfg.to_json(),
