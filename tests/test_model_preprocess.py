@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from vision.model import (
+    CONTRAST_CLIP,
+    CONTRAST_FLOOR,
     MOTION_GAIN,
     MOTION_SWIRL_CELLS,
+    ContrastBranch,
     InferenceModel,
     MotionBranch,
     VialNet,
@@ -18,10 +21,10 @@ from vision.preprocess import InputSpec, preprocess
 
 
 @pytest.mark.parametrize("frames,h,w", [(4, 128, 96), (1, 160, 64), (2, 96, 224)])
-@pytest.mark.parametrize("motion", [False, True])
-def test_vialnet_output_shapes(frames, h, w, motion):
-    net = VialNet(frames, widths=(8, 8, 8, 8, 8), motion=motion).eval()
-    assert (net.motion is not None) == (motion and frames > 1)
+@pytest.mark.parametrize("motion,contrast", [(False, False), (True, False), (True, True)])
+def test_vialnet_output_shapes(frames, h, w, motion, contrast):
+    net = VialNet(frames, widths=(8, 8, 8, 8, 8), motion=motion, contrast=contrast).eval()
+    assert (net.motion is not None) == (motion and frames > 1) and (net.contrast is not None) == contrast
     cls, maps, rows = net(torch.zeros(2, frames, h, w))
     assert cls.shape == (2, 3) and maps.shape == (2, 3, h // 8, w // 8) and rows.shape == (2, 2, h // 4)
 
@@ -120,7 +123,7 @@ def _motion_reference(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(r, (1, 2 * k + 1), stride=1, padding=(0, k))
 
 
-def test_motion_branch_input_is_the_documented_pooling():
+def test_motion_branch_input_is_the_documented_pooling(monkeypatch):
     torch.manual_seed(1)
     x = torch.randn(2, 4, 64, 96) * 0.3
     box = torch.full((4, 1, 2, 2), 0.25)
@@ -130,6 +133,9 @@ def test_motion_branch_input_is_the_documented_pooling():
     # training's channels-last tensors take another operation for the 2x2 mean: the same values
     cl = MotionBranch.pooled(x.contiguous(memory_format=torch.channels_last), box)
     assert torch.allclose(cl, got, atol=1e-5)
+    # and so does the exported graph, which takes the cell maximum as one pooling
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert torch.equal(MotionBranch.pooled(x, box), got)
 
 
 def test_motion_branch_ignores_exposure_and_marks_where_an_object_moves():
@@ -152,21 +158,45 @@ def test_motion_branch_ignores_exposure_and_marks_where_an_object_moves():
         assert r[4 + k, peak_row].max() < 0.2 * dark.max()  # and not brighter there
 
 
-def test_architecture_records_rebuild_the_network_and_old_records_have_no_motion_branch():
-    net = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True)
+def test_architecture_records_rebuild_the_network_and_old_records_have_no_branches():
+    net = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True, contrast=True)
     again = VialNet.from_arch(net.arch())
     again.load_state_dict(net.state_dict())  # strict: the same parameters
-    assert again.arch() == net.arch() == {"arch": "VialNet", "frames": 4, "widths": [8] * 5, "motion": True}
-    assert VialNet.from_arch({"arch": "VialNet", "frames": 4, "widths": [8] * 5}).motion is None
+    assert again.arch() == net.arch() == {"arch": "VialNet", "frames": 4, "widths": [8] * 5, "motion": True,
+                                          "contrast": True}
+    old = VialNet.from_arch({"arch": "VialNet", "frames": 4, "widths": [8] * 5})
+    assert old.motion is None and old.contrast is None
+
+
+def test_contrast_branch_sees_a_mark_alike_on_dark_and_bright_glass_whatever_the_exposure():
+    def contrast(grey):
+        return ContrastBranch.contrast((torch.from_numpy(grey)[None].repeat(1, 4, 1, 1) - 0.5) / 0.25)[0, 0]
+
+    grey = np.full((64, 128), 0.85, np.float32)
+    grey[:, 64:] = 0.1  # a dark band, as behind a vial's shoulder
+    grey[30:32, 20:40] *= 0.4  # the same mark (60% of the light taken) on the bright and the dark side
+    grey[30:32, 84:104] *= 0.4
+    c = contrast(grey)
+    bright, dark = c[15, 10:20], c[15, 42:52]  # the mark's row at half resolution
+    assert bright.min() < -0.4 and dark.min() < -0.4
+    # alike up to the floor that keeps black from amplifying noise: 0.1 / (0.1 + CONTRAST_FLOOR) here
+    assert float(dark.min()) == pytest.approx(float(bright.min()) * 0.1 / (0.1 + CONTRAST_FLOOR), rel=0.05)
+    assert c[5:10, 5:25].abs().max() < 0.05 and c[5:10, 45:60].abs().max() < 0.05  # plain glass: nothing
+    assert torch.allclose(contrast(grey * 0.8), c, atol=0.02)  # a darker exposure: the same contrast
+    black = np.zeros((64, 128), np.float32)
+    black[30:32, 20:40] = 0.004  # one grey level of noise in the stopper's black is not a mark
+    assert contrast(black).abs().max() <= CONTRAST_CLIP and contrast(black).abs().max() < 0.5
 
 
 @pytest.mark.parametrize("frames_to", [1, 2, 5])
 def test_a_motion_model_adapts_to_another_frame_count(frames_to):
     torch.manual_seed(3)
-    four = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True).eval()
+    four = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True, contrast=True).eval()
     other = VialNet.from_arch(four.arch(), frames_to).eval()
     other.load_state_dict(adapt_first_layer(four.state_dict(), frames_to))  # strict
     assert (other.motion is None) == (frames_to == 1)
+    # the contrast branch sees the mean frame, whatever the frame count: its weights carry over unchanged
+    assert torch.equal(other.contrast.convs[0][0].weight, four.contrast.convs[0][0].weight)
     if frames_to > 1:  # the frames both have keep their motion weights; new ones start at zero
         w4 = four.motion.vertical[0].weight.reshape(-1, 2, 4, 9, 3)
         w = other.motion.vertical[0].weight.reshape(-1, 2, frames_to, 9, 3)

@@ -36,6 +36,9 @@ class TrainConfig:
     # The network's motion branch (vision.model.MotionBranch: which way objects move between frames, over the
     # swirl's reach); K >= 2 only. Fine-tuning (--init) keeps the initial model's network either way.
     motion_branch: bool = True
+    # The network's contrast branch (vision.model.ContrastBranch: the mean frame against its local background,
+    # so a crack in a dark band looks as it does on the bright body).
+    contrast_branch: bool = True
     max_side: int = 1792
     samples_per_epoch: int | None = None  # default: the size of the training split
     balance: bool = True  # class-balanced sampling

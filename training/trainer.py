@@ -237,9 +237,9 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         # then say what was trained.
         net = VialNet.from_arch(init_ck["model"], frames)
         a = net.arch()
-        cfg = replace(cfg, widths=tuple(a["widths"]), motion_branch=a["motion"])
+        cfg = replace(cfg, widths=tuple(a["widths"]), motion_branch=a["motion"], contrast_branch=a["contrast"])
     else:
-        net = VialNet(frames, cfg.widths, motion=cfg.motion_branch)
+        net = VialNet(frames, cfg.widths, motion=cfg.motion_branch, contrast=cfg.contrast_branch)
     if init_ck is not None:
         _init_weights(net, init, init_ck, frames, log)
     if resumed:
