@@ -115,7 +115,7 @@ class MotionBranch(nn.Module):
 
 class ContrastBranch(nn.Module):
     """What is on the glass, whatever the light behind it: the mean frame's contrast against its local
-    background, (grey - background) / background.
+    background, (grey - background) / (background + CONTRAST_FLOOR).
 
     Glass marks and cracks are static, so they live in the mean frame; but they darken the light by a fraction,
     and a crack across the dark band of a shoulder or neck changes the grey level a tenth as much as the same
@@ -182,8 +182,8 @@ class VialNet(nn.Module):
 
     @classmethod
     def from_arch(cls, arch: dict, frames: int | None = None) -> VialNet:
-        """The network an ``arch()`` record describes (older records have no motion branch), optionally for
-        another frame count."""
+        """The network an ``arch()`` record describes (older records have no motion or contrast branch),
+        optionally for another frame count."""
         return cls(frames=int(frames or arch["frames"]), widths=tuple(arch["widths"]),
                    motion=bool(arch.get("motion", False)), contrast=bool(arch.get("contrast", False)))
 
