@@ -64,10 +64,12 @@ def test_the_motion_branch_setting_trains_resumes_and_exports_with_parity(coarse
     run = tmp_path / "run"
     train(coarse_data, run, small_config(epochs=1, motion_branch=True), progress=False, log=lambda *a: None)
     assert load_checkpoint(run / "best.pt")["model"]["motion"] is True
-    # resuming rebuilds the recorded network, whatever the setting now says
-    train(coarse_data, run, small_config(epochs=2, motion_branch=False), resume=True, progress=False,
-          log=lambda *a: None)
+    assert load_checkpoint(run / "best.pt")["model"]["contrast"] is True  # the default, also exported below
+    # resuming rebuilds the recorded network, whatever the settings now say
+    train(coarse_data, run, small_config(epochs=2, motion_branch=False, contrast_branch=False), resume=True,
+          progress=False, log=lambda *a: None)
     assert load_checkpoint(run / "last.pt")["model"]["motion"] is True
+    assert load_checkpoint(run / "last.pt")["model"]["contrast"] is True
     assert main(["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "pkg"),
                  "--parity-data", str(coarse_data), "--parity-count", "4"]) == 0  # parity or nothing is written
     assert load_package(tmp_path / "pkg").metadata["architecture"]["motion"] is True
