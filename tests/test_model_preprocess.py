@@ -15,6 +15,7 @@ from vision.model import (
     MotionBranch,
     VialNet,
     adapt_first_layer,
+    half_frames,
     soft_rows,
 )
 from vision.preprocess import InputSpec, preprocess
@@ -113,7 +114,7 @@ def test_preprocess_reduces_large_images_and_reports_the_scale():
 
 
 def _motion_reference(x: torch.Tensor) -> torch.Tensor:
-    """MotionBranch.pooled written with the textbook operations."""
+    """half_frames and MotionBranch.pooled written with the textbook operations."""
     p = F.avg_pool2d(x * 0.25 + 0.5, 2)  # grey levels at half resolution
     mean = p.mean(1, keepdim=True)
     gain = p.mean((2, 3), keepdim=True) / mean.mean((2, 3), keepdim=True)
@@ -127,15 +128,15 @@ def test_motion_branch_input_is_the_documented_pooling(monkeypatch):
     torch.manual_seed(1)
     x = torch.randn(2, 4, 64, 96) * 0.3
     box = torch.full((4, 1, 2, 2), 0.25)
-    got = MotionBranch.pooled(x, box)
+    got = MotionBranch.pooled(*half_frames(x, box))
     assert got.shape == (2, 8, 16, 12)
     assert torch.allclose(got, _motion_reference(x), atol=1e-5)
     # training's channels-last tensors take another operation for the 2x2 mean: the same values
-    cl = MotionBranch.pooled(x.contiguous(memory_format=torch.channels_last), box)
+    cl = MotionBranch.pooled(*half_frames(x.contiguous(memory_format=torch.channels_last), box))
     assert torch.allclose(cl, got, atol=1e-5)
     # and so does the exported graph, which takes the cell maximum as one pooling
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    assert torch.equal(MotionBranch.pooled(x, box), got)
+    assert torch.equal(MotionBranch.pooled(*half_frames(x, box)), got)
 
 
 def test_motion_branch_ignores_exposure_and_marks_where_an_object_moves():
@@ -143,12 +144,12 @@ def test_motion_branch_ignores_exposure_and_marks_where_an_object_moves():
     scene = torch.from_numpy(rng.uniform(0.5, 0.9, (1, 1, 64, 128)).astype(np.float32)).repeat(1, 4, 1, 1)
     gains = torch.tensor([0.95, 1.0, 1.05, 1.02]).view(1, 4, 1, 1)
     box = torch.full((4, 1, 2, 2), 0.25)
-    still = MotionBranch.pooled((scene * gains - 0.5) / 0.25, box)
+    still = MotionBranch.pooled(*half_frames((scene * gains - 0.5) / 0.25, box))
     assert still.abs().max() < 1e-4  # exposure changes alone are not motion
     moving = scene * gains
     for k, row in enumerate((12, 20, 28, 36)):  # a dark 3x3 object sinking 8 px a frame, at column 60
         moving[0, k, row:row + 3, 60:63] *= 0.3
-    r = MotionBranch.pooled((moving - 0.5) / 0.25, box)[0]
+    r = MotionBranch.pooled(*half_frames((moving - 0.5) / 0.25, box))[0]
     for k, row in enumerate((12, 20, 28, 36)):
         dark = r[k]  # darker than the mean: where the object is in frame k
         peak_row = int(dark.amax(1).argmax())
@@ -170,7 +171,8 @@ def test_architecture_records_rebuild_the_network_and_old_records_have_no_branch
 
 def test_contrast_branch_sees_a_mark_alike_on_dark_and_bright_glass_whatever_the_exposure():
     def contrast(grey):
-        return ContrastBranch.contrast((torch.from_numpy(grey)[None].repeat(1, 4, 1, 1) - 0.5) / 0.25)[0, 0]
+        x = (torch.from_numpy(grey)[None].repeat(1, 4, 1, 1) - 0.5) / 0.25
+        return ContrastBranch.contrast(half_frames(x, torch.full((4, 1, 2, 2), 0.25))[1])[0, 0]
 
     grey = np.full((64, 128), 0.85, np.float32)
     grey[:, 64:] = 0.1  # a dark band, as behind a vial's shoulder

@@ -48,6 +48,24 @@ def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequenti
     )
 
 
+def half_frames(x: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, H/2, W/2) frames and (B, 1, H/2, W/2) mean frame at half resolution, as the branches take them;
+    ``x`` is (B, K, H, W), ``box`` (K, 1, 2, 2) of 0.25.
+
+    A 2x2 mean keeps a particle's contrast against the noise (both halve for a one-pixel line) and makes the
+    branches four times cheaper; both branches share it, computed once. It is computed by the operation each
+    engine runs fastest: on channels-last tensors (training on the CPU) a grouped convolution is ~8x faster than
+    avg_pool2d; on NCHW tensors (evaluation, and the exported graph, where ONNX Runtime's AveragePool adds 0.2 ms
+    to a batch-1 vial-2R run against 2.6 ms for the convolution's layout changes) avg_pool2d is ~5x faster than
+    the convolution. A test checks they agree. The mean over frames runs after the pooling, on a quarter of the
+    pixels."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        h = F.conv2d(x, box, stride=2, groups=x.shape[1])
+    else:
+        h = F.avg_pool2d(x, 2)
+    return h, h.mean(1, keepdim=True)
+
+
 class MotionBranch(nn.Module):
     """Which way things move between frames, over distances the stem cannot see.
 
@@ -68,31 +86,20 @@ class MotionBranch(nn.Module):
         self.down = nn.Sequential(  # to the map's 1/8 rows, reaching +-16 px further
             nn.Conv2d(width, width, (5, 3), stride=(2, 1), padding=(4, 1), dilation=(2, 1), bias=False),
             nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        self.register_buffer("box", torch.full((frames, 1, 2, 2), 0.25), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Nothing to learn before the convolutions; float32 because the differences are a few grey levels.
-        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            r = self.pooled(x.float(), self.box)
-        return self.down(self.vertical(r.to(x.dtype)))
+    def forward(self, half: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``half``, ``mean``: float32 from ``half_frames``; ``dtype``: the trunk's (under mixed precision)."""
+        with torch.no_grad(), torch.autocast(device_type=half.device.type, enabled=False):
+            r = self.pooled(half, mean)
+        return self.down(self.vertical(r.to(dtype)))
 
     @staticmethod
-    def pooled(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    def pooled(x: torch.Tensor, x_mean: torch.Tensor) -> torch.Tensor:
         """(B, 2K, H/4, W/8): per frame, how much darker and how much brighter than the mean frame each cell
-        gets, spread across the swirl's reach. ``x`` is (grey - 0.5) / 0.25, padded to multiples of 32 px."""
-        # Half resolution first: a 2x2 mean keeps a particle's contrast against the noise (both halve for a
-        # one-pixel line) and makes the rest four times cheaper. It is computed by the operation each engine
-        # runs fastest: on channels-last tensors (training on the CPU) a grouped convolution is ~8x faster
-        # than avg_pool2d; on NCHW tensors (evaluation, and the exported graph, where ONNX Runtime's
-        # AveragePool adds 0.2 ms to a batch-1 vial-2R run against 2.6 ms for the convolution's layout
-        # changes) avg_pool2d is ~5x faster than the convolution. A test checks they agree.
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            x = F.conv2d(x, box, stride=2, groups=x.shape[1])
-        else:
-            x = F.avg_pool2d(x, 2)
+        gets, spread across the swirl's reach. ``x`` and ``x_mean`` are the half-resolution frames and their
+        mean (``half_frames``) of (grey - 0.5) / 0.25, padded to multiples of 32 px."""
         # Exposure scales grey levels, so frame k's gain against the mean frame is the ratio of their mean
         # grey levels, and 4 (grey_k - gain_k grey_mean) = x_k - gain_k x_mean + 2 (1 - gain_k).
-        x_mean = x.mean(1, keepdim=True)
         grey = x.mean((2, 3), keepdim=True) * 0.25 + 0.5
         gain = grey / grey.mean(1, keepdim=True).clamp_min(1e-3)
         d = torch.addcmul(2.0 * (1.0 - gain), x_mean, gain, value=-1.0) + x
@@ -126,16 +133,17 @@ class ContrastBranch(nn.Module):
         super().__init__()
         self.convs = nn.Sequential(_cbr(1, width, 2), _cbr(width, width))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-            c = self.contrast(x.float())
-        return self.convs(c.to(x.dtype))
+    def forward(self, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``mean``: the float32 half-resolution mean frame from ``half_frames``; ``dtype``: the trunk's."""
+        with torch.no_grad(), torch.autocast(device_type=mean.device.type, enabled=False):
+            c = self.contrast(mean)
+        return self.convs(c.to(dtype))
 
     @staticmethod
-    def contrast(x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H/2, W/2) relative contrast of the mean frame at half resolution against a 14-px
-        neighbourhood; ``x`` is (grey - 0.5) / 0.25."""
-        g = F.avg_pool2d(x.mean(1, keepdim=True), 2) * 0.25 + 0.5
+    def contrast(mean: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H/2, W/2) relative contrast of the half-resolution mean frame (``half_frames``, of
+        (grey - 0.5) / 0.25) against a 14-px neighbourhood."""
+        g = mean * 0.25 + 0.5
         bg = F.avg_pool2d(g, 7, stride=1, padding=3, count_include_pad=False)
         return ((g - bg) / (bg.clamp_min(0.0) + CONTRAST_FLOOR)).clamp(-CONTRAST_CLIP, CONTRAST_CLIP)
 
@@ -152,6 +160,7 @@ class VialNet(nn.Module):
         mw = MOTION_WIDTH if self.motion is not None else 0
         self.contrast = ContrastBranch() if contrast else None
         cw = CONTRAST_WIDTH if self.contrast is not None else 0
+        self.register_buffer("box", torch.full((frames, 1, 2, 2), 0.25), persistent=False)  # see half_frames
         self.stem = _cbr(4 * self.in_channels(frames), w[0])  # 1/2
         self.s2 = nn.Sequential(_cbr(w[0], w[1], 2), _cbr(w[1], w[1]))  # 1/4
         self.s3 = nn.Sequential(_cbr(w[1] + cw, w[2], 2), _cbr(w[2], w[2]))  # 1/8
@@ -212,13 +221,17 @@ class VialNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         f1 = self.stem[2](self.stem[1](F.conv2d(x, self.input_kernel(), stride=2, padding=2)))
         f2 = self.s2(f1)
-        f3 = self.s3(f2 if self.contrast is None else torch.cat([f2, self.contrast(x)], 1))
+        if self.motion is not None or self.contrast is not None:
+            # Nothing to learn before the branches' convolutions; float32 because motion is a few grey levels.
+            with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+                half, mean = half_frames(x.float(), self.box)
+        f3 = self.s3(f2 if self.contrast is None else torch.cat([f2, self.contrast(mean, x.dtype)], 1))
         f4 = self.s4(f3)
         f5 = self.s5(f4)
         size3 = f3.shape[-2:]
         parts = [f3, F.interpolate(f4, size=size3, mode="nearest"), F.interpolate(f5, size=size3, mode="nearest")]
         if self.motion is not None:
-            parts.append(self.motion(x))
+            parts.append(self.motion(half, mean, x.dtype))
         ctx = torch.cat(parts, 1)
         maps = self.map_head(ctx)
         g = torch.cat([f5.mean((2, 3)), f5.amax((2, 3))], 1)
