@@ -45,6 +45,7 @@ def package_metadata(spec: InputSpec, ck: dict[str, Any], precision: str, opset:
             "config": ck.get("config", {}),
         },
         "evaluation": {"validation": {"false_reject_rate": cal.get("val_false_reject_rate"),
+                                      "expected_false_reject_rate": cal.get("expected_false_reject_rate"),
                                       "frr_budget": cal.get("frr_budget"), "n_good": cal.get("n_good"),
                                       "fill_level_by_spec": cal.get("fill_level_by_spec")},
                        "history_last": (ck.get("history") or [{}])[-1]},

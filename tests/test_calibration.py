@@ -4,16 +4,36 @@ import numpy as np
 import pytest
 
 from datasets.records import ContainerRecord, FillSpec
-from training.calibrate import calibrate, hold_detection, threshold_for_budget, threshold_for_recall
+from training.calibrate import (
+    calibrate,
+    hold_detection,
+    rejects_allowed,
+    threshold_for_budget,
+    threshold_for_recall,
+)
 from vision.scores import Scores, class_scores, fill_probability, rejected_classes
 
 
-def test_threshold_for_budget_is_exact():
+def test_threshold_for_budget_counts_the_next_unit():
     good = np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.05, 0.4, 0.5, 0.6, 0.7])
-    t = threshold_for_budget(good, 0.2)  # may reject 2 of 10: those at 0.9 and 0.8
-    assert (good >= t).sum() == 2 and t > 0.7
-    t0 = threshold_for_budget(good, 0.01)  # may reject none
-    assert (good >= t0).sum() == 0
+    # 20% of new units: rejecting k of 10, a new unit scores above the threshold with chance (k + 1) / 11,
+    # so k = 1 (2/11 = 18%), not the 2 that 20% of these ten would allow
+    t = threshold_for_budget(good, 0.2)
+    assert (good >= t).sum() == 1 and 0.8 < t < 0.9
+    t0 = threshold_for_budget(good, 0.01)  # too few units to promise 1%: above all of them
+    assert (good >= t0).sum() == 0 and t0 > 0.9
+    assert rejects_allowed(199, 0.01) == 1 and rejects_allowed(198, 0.01) == 0 and rejects_allowed(98, 0.01) == -1
+
+
+def test_threshold_for_budget_meets_the_budget_on_new_units():
+    """Averaged over many validation draws, the share of *new* good units rejected stays within the budget
+    (uniform scores: a threshold t rejects 1 - t of them); the k / n rule it replaced overshot by about 1/n."""
+    rng = np.random.default_rng(0)
+    budget, n = 0.01, 221
+    true_frr = [1 - threshold_for_budget(rng.uniform(size=n), budget) for _ in range(3000)]
+    assert 0.7 * budget < np.mean(true_frr) <= budget
+    k_over_n = [1 - (np.sort(rng.uniform(size=n))[::-1][int(budget * n)]) for _ in range(3000)]
+    assert np.mean(k_over_n) > 1.2 * budget  # what the old rule gave: ~1.35%
 
 
 def test_calibration_meets_the_budget_and_keeps_fill_at_the_spec_edge():
@@ -31,11 +51,20 @@ def test_calibration_meets_the_budget_and_keeps_fill_at_the_spec_edge():
     th = cal["thresholds"]
     assert th["fill_level"] == 0.5 and cal["fill_level_by_spec"]
     assert cal["val_false_reject_rate"] <= 0.02
+    assert cal["expected_false_reject_rate"] <= 0.02 and "warning" not in cal
     good_rejected = sum(1 for r, s in zip(recs, scores, strict=True)
                         if r.is_good and rejected_classes(class_scores(s, (13.7, 0.6)), th))
     assert good_rejected / 300 <= 0.02
     # The fill-level classifier's own 0.9 was ignored in favour of the measured height against the spec.
     assert class_scores(scores[0], (13.7, 0.6))["fill_level"] < 0.5
+
+
+def test_calibration_warns_when_the_validation_split_is_too_small_for_the_budget():
+    recs = [ContainerRecord(id=str(i), frames=["x"], classes=[]) for i in range(50)]
+    scores = [Scores(probs={"particle": i / 100, "crack": 0.1, "fill_level": 0.2}) for i in range(50)]
+    cal = calibrate(recs, scores, frr=0.01)
+    assert "at least 299" in cal["warning"]  # three learned classes (no fill spec) at 1/3 % each
+    assert cal["thresholds"]["particle"] > 0.49 and cal["val_false_reject_rate"] == 0
 
 
 def test_fill_probability_is_one_half_at_the_spec_edge():

@@ -510,4 +510,6 @@ def finalize(best_path: Path, root: Path, val_recs: list[ContainerRecord], cfg: 
     save_checkpoint(best_path, {k: v for k, v in ck.items() if k not in ("format", "version", "saved_utc")})
     log("thresholds (FRR budget {:.1%} on {} good val units): {}".format(
         cfg.frr, cal["n_good"], ", ".join(f"{k}={v:.4f}" for k, v in cal["thresholds"].items())))
+    if cal.get("warning"):
+        log("warning: " + cal["warning"])
     return cal
