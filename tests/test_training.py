@@ -243,6 +243,16 @@ def test_crops_centre_on_the_defect_though_nuisance_objects_outnumber_it():
         top, left = _crop_window(good, h, w, size, rng)
         near_bubble += top <= 1300 and 1310 <= top + size
     assert near_bubble / 400 >= 0.4  # a good unit's crops still show its nuisance objects half the time
+    # and each kind of nuisance alike: the lone droplet is shown as often as the ten bubbles together
+    droplet = (1300, 200, 1310, 212)
+    marked = ContainerRecord(id="d", frames=["f.png"],
+                             nuisance_objects=[*bubbles, NuisanceObject(tag="droplet", bbox=droplet)])
+    shows_droplet = 0
+    for _ in range(400):
+        top, left = _crop_window(marked, h, w, size, rng)
+        x0, y0, x1, y1 = droplet
+        shows_droplet += left <= x0 and x1 <= left + size and top <= y0 and y1 <= top + size
+    assert shows_droplet / 400 >= 0.2  # drawn from one list of eleven objects: ~5%
 
 
 def test_best_checkpoint_follows_detection_not_the_loss():

@@ -56,16 +56,22 @@ def _block_max(m: np.ndarray, k: int) -> np.ndarray:
 
 def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
     """Top-left corner of a crop: half the time around a defect, a quarter around a nuisance object (bubble,
-    glass mark, ...), else anywhere. Defects get their own share because nuisance objects outnumber them
-    many times (a container can hold ten meniscus bubbles and one particle): drawn from one common list,
-    a particle would be centred in only a few percent of crops, and it is what the map must learn."""
+    glass mark, ...; each kind the unit holds equally often), else anywhere. Defects get their own share
+    because nuisance objects outnumber them many times (a container can hold ten meniscus bubbles and one
+    particle): drawn from one common list, a particle would be centred in only a few percent of crops, and it
+    is what the map must learn."""
     defects = [d.bbox for d in rec.defects if d.bbox]
-    nuisances = [o.bbox for o in rec.nuisance_objects if o.bbox]
+    by_tag: dict[str, list] = {}
+    for o in rec.nuisance_objects:
+        if o.bbox:
+            by_tag.setdefault(o.tag, []).append(o.bbox)
     u = rng.uniform()
     if defects and u < 0.5:
         boxes = defects
-    elif nuisances and u < (0.75 if defects else 0.5):
-        boxes = nuisances
+    elif by_tag and u < (0.75 if defects else 0.5):
+        # A kind first, then one of its objects: ten meniscus bubbles must not crowd out the one droplet or
+        # scratch, the glass marks that the false rejects come from.
+        boxes = by_tag[sorted(by_tag)[int(rng.integers(len(by_tag)))]]
     else:
         boxes = []
     if boxes:
