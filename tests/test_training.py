@@ -268,6 +268,25 @@ def test_best_checkpoint_follows_detection_not_the_loss():
         load_config(None, {"monitor": "accuracy"})
 
 
+def test_best_checkpoint_counts_the_fill_decision_where_heights_are_measured():
+    from datasets.records import ContainerRecord, FillSpec
+    from training.trainer import decision_score, fill_spec_auroc
+
+    recs = [ContainerRecord(id=str(i), frames=[], classes=["fill_level"] if i < 3 else [],
+                            fill_spec=FillSpec(20.0, 0.6)) for i in range(10)]
+    true = [21.0, 19.0, 20.9] + [20.0 + 0.05 * i for i in range(7)]
+    assert fill_spec_auroc(recs, list(enumerate(true))) == 1.0
+    # a height finder gone astray on two good units (a stopper bubble taken for the surface)
+    astray = true[:3] + [23.0, 17.5] + true[5:]
+    assert fill_spec_auroc(recs, list(enumerate(astray))) < 0.9
+    aurocs = {"particle": 0.99, "crack": 0.98, "fill_level": 0.6}  # the unused fill probability's own AUROC
+    good = decision_score(aurocs, fill_spec_auroc(recs, list(enumerate(true))), True)
+    bad = decision_score({**aurocs, "crack": 0.99}, fill_spec_auroc(recs, list(enumerate(astray))), True)
+    assert good > bad  # better cracks do not make up for broken fill decisions
+    assert decision_score(aurocs, None, False) == pytest.approx((0.99 + 0.98 + 0.6) / 3)  # no heights: probability
+    assert decision_score(aurocs, None, True) == pytest.approx((0.99 + 0.98) / 2)
+
+
 def test_decoded_image_cache_returns_the_same_images_within_its_budget(coarse_data):
     from datasets.reader import open_dataset
     from datasets.torch_dataset import ContainerDataset
