@@ -101,6 +101,8 @@ def main() -> int:
                         "machine's slow spells fall on every engine alike (default 3)")
     p.add_argument("--json", default="bench_out/runtime.json", help="where to write the JSON result")
     a = p.parse_args()
+    if a.seconds <= 0 or a.rounds < 1:
+        p.error("--seconds must be > 0 and --rounds >= 1")
     pkg = load_package(a.model)
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
     fr = framing_for(get_format(a.format), spec.pixel_um or 40.0)
@@ -130,8 +132,6 @@ def main() -> int:
         f16.write_bytes(export_onnx(net, spec, {}, fp16=True))
         gpu16 = OnnxModel(str(f16), spec, device="cuda")
         cases.append(("onnxruntime-fp16", gpu16.status.provider, gpu16._run))
-    if a.seconds <= 0 or a.rounds < 1:
-        p.error("--seconds must be > 0 and --rounds >= 1")
     round_ratios: dict[str, list[float]] = {}
     for batch in (1, 8):
         x = np.random.default_rng(0).standard_normal((batch, spec.frames, h, w)).astype(np.float32)

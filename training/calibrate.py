@@ -74,8 +74,8 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
         "expected_false_reject_rate": expected if learned and good else None,
         "fill_level_by_spec": spec_fill,
     }
-    need = math.ceil(len(learned) / frr - 1 - 1e-9) if learned else 0
-    if learned and len(good) < need:
+    if learned and rejects_allowed(len(good), frr / len(learned)) < 0:
+        need = math.ceil(len(learned) / frr - 1 - 1e-9)  # the fewest for which rejects_allowed is 0
         out["warning"] = (f"{len(good)} good validation units cannot promise a {frr:.2%} false-reject budget "
                           f"over {len(learned)} learned class(es); that takes at least {need}: the thresholds "
                           f"sit above every good unit's score")
