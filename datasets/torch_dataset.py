@@ -27,6 +27,10 @@ class Sample:
     fill_height_mm: float  # nan when unknown
     rows: np.ndarray  # (2,) float32 image rows of the liquid surface and the container's lowest point; nan unknown
     index: int
+    # (H, W) uint8: 1 inside the boxes of the record's nuisance objects (bubbles, droplets, glass marks), the
+    # things a good unit may hold; training weighs the defect maps' background there more (hard negatives).
+    # None where the record lists none with a box.
+    nuisance: np.ndarray | None = None
 
 
 def class_masks(record: ContainerRecord, mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
@@ -36,6 +40,23 @@ def class_masks(record: ContainerRecord, mask: np.ndarray | None, shape: tuple[i
     for d in record.defects:
         if d.mask_value:
             out[DEFECT_CLASSES.index(d.cls)] |= (mask == d.mask_value)
+    return out
+
+
+def nuisance_mask(record: ContainerRecord, shape: tuple[int, int]) -> np.ndarray | None:
+    """(H, W) uint8, 1 inside every nuisance object's box (clipped to the image); None if there is none.
+
+    A moving object (a rising bubble) paints its box in each frame rather than the union of them, which
+    would cover the liquid it has passed through."""
+    boxes = []
+    for o in record.nuisance_objects:
+        per_frame = [b for b in (o.frame_bboxes or []) if b]
+        boxes += per_frame or ([o.bbox] if o.bbox else [])
+    if not boxes:
+        return None
+    out = np.zeros(shape, np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        out[max(int(y0), 0):max(int(y1), 0), max(int(x0), 0):max(int(x1), 0)] = 1
     return out
 
 
@@ -98,5 +119,5 @@ class ContainerDataset(Dataset):
         labels = np.array([c in r.classes for c in DEFECT_CLASSES], np.float32)
         s = Sample(frames=frames, masks=class_masks(r, mask, shape), labels=labels, has_mask=has_mask,
                    fill_height_mm=float(r.fill_height_mm) if r.fill_height_mm is not None else float("nan"),
-                   rows=target_rows(r), index=i)
+                   rows=target_rows(r), index=i, nuisance=nuisance_mask(r, shape))
         return self.transform(s) if self.transform else s

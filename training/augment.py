@@ -21,6 +21,7 @@ def build(frames: int, strength: float = 1.0) -> A.Compose:
     """The geometric part: the same flip, shift and tilt for every frame, mask and fill-level row."""
     extra = {f"image{k}": "image" for k in range(1, frames)}
     extra.update({f"mask{c}": "mask" for c in range(3)})
+    extra["nuisance"] = "mask"
     s = strength
     return A.Compose(
         [
@@ -125,6 +126,8 @@ class Augmenter:
         h, w = imgs[0].shape
         data = {"image": imgs[0], **{f"image{k}": imgs[k] for k in range(1, len(imgs))},
                 **{f"mask{c}": s.masks[c] for c in range(3)}}
+        if s.nuisance is not None:
+            data["nuisance"] = s.nuisance
         rows = s.rows
         known = bool(np.isfinite(rows).all())
         # Keypoints carry the fill-level rows through the same geometric change as the pixels.
@@ -139,4 +142,5 @@ class Augmenter:
             kp = np.asarray(out["keypoints"], np.float32)
             new_rows = kp[:, 1].astype(np.float32)
         return Sample(frames=frames, masks=masks, labels=s.labels, has_mask=s.has_mask,
-                      fill_height_mm=s.fill_height_mm, rows=new_rows, index=s.index)
+                      fill_height_mm=s.fill_height_mm, rows=new_rows, index=s.index,
+                      nuisance=out["nuisance"] if s.nuisance is not None else None)

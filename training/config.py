@@ -49,6 +49,9 @@ class TrainConfig:
     max_minutes: float | None = None  # stop after this much training time (the best checkpoint is kept)
     map_pos_weight: float = 10.0  # weight of a defect cell against a background cell in the map loss
     map_balanced: bool = False  # instead: each class's defect cells and background cells averaged apart
+    # Weight of a background cell inside a nuisance object's box (bubble, droplet, glass mark): the hard
+    # negatives a good unit must pass with. 1 = an ordinary background cell.
+    map_nuisance_weight: float = 10.0
     anneal_to_budget: bool = False  # under max_minutes, end the cosine decay with the budget, not the epochs
     # Fine-tuning only: weight of a loss that keeps the class maps close to those of the --init model (the
     # teacher) on the training containers that do not say ``"distill": false``, so that what new data does
@@ -98,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if not (self.distill >= 0 and math.isfinite(self.distill)):
             raise ValueError(f"distill must be a finite weight >= 0, got {self.distill}")
+        if not (self.map_nuisance_weight > 0 and math.isfinite(self.map_nuisance_weight)):
+            raise ValueError(f"map_nuisance_weight must be a finite weight > 0, got {self.map_nuisance_weight}")
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
         if self.val_every < 1:

@@ -105,10 +105,19 @@ class TrainTransform:
         rows = s.rows * prep.scale
         has_fill = full and bool(np.isfinite(rows).all()) and 0 <= rows.min() and rows.max() < hp
         target = _block_max(padded, MAP_STRIDE)
+        nuisance = np.zeros((1, *target.shape[1:]), np.float32)
+        if s.nuisance is not None:
+            n = s.nuisance
+            if prep.scale != 1.0:
+                n = cv2.resize(n, (prep.width, prep.height), interpolation=cv2.INTER_NEAREST)
+            full_n = np.zeros((1, hp, wp), np.uint8)
+            full_n[0, :n.shape[0], :n.shape[1]] = n[:hp, :wp]
+            nuisance = _block_max(full_n, MAP_STRIDE).astype(np.float32)
         labels = s.labels if full else target.reshape(len(DEFECT_CLASSES), -1).max(1).astype(np.float32)
         return {
             "x": prep.x,
             "map_target": target.astype(np.float32),
+            "map_nuisance": nuisance,
             "labels": labels,
             "has_mask": np.float32(s.has_mask),
             "rows": np.nan_to_num(rows, nan=0.0).astype(np.float32),
@@ -144,7 +153,8 @@ class TrainingItems(TorchDataset):
             win = (slice(top, top + self.crop), slice(left, left + self.crop))
             c = Sample(frames=[f[win] for f in s.frames], masks=s.masks[(slice(None), *win)], labels=s.labels,
                        has_mask=s.has_mask, fill_height_mm=float("nan"),
-                       rows=np.array([np.nan, np.nan], np.float32), index=s.index)
+                       rows=np.array([np.nan, np.nan], np.float32), index=s.index,
+                       nuisance=None if s.nuisance is None else s.nuisance[win])
             items.append(self.transform(c, full=False, seed=int(rng.integers(2**31))))
         return {k: np.stack([np.asarray(it[k]) for it in items]) for k in items[0]}
 

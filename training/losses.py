@@ -29,20 +29,31 @@ def row_loss(row_logits: torch.Tensor, rows_px: torch.Tensor, has_fill: torch.Te
     return ce + 0.5 * (l1 + dist)
 
 
-def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanced: bool = False) -> torch.Tensor:
+def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanced: bool = False,
+             nuisance: torch.Tensor | None = None, nuisance_weight: float = 1.0) -> torch.Tensor:
     """Per-cell BCE; defect cells weigh ``pos_weight`` times a background cell, since they are rare.
 
+    ``nuisance`` (B, 1, h, w), 1 in the cells of nuisance objects (bubbles, droplets, glass marks): there a
+    class's background cells weigh ``nuisance_weight`` times. They are the hard negatives: a droplet is a few
+    cells among thousands, and as ordinary background it taught the crack map too little to tell a ring on
+    the glass from a crack (droplets drew crack scores up to 0.97 on good units).
+
     ``balanced`` (``pos_weight`` then unused): per class, the mean over defect cells and the
-    mean over background cells count alike. A 3-pixel particle is a handful of cells among ~8,000 in a
-    whole container; averaged over all cells, even 10-fold weighted, its gradient all but vanishes."""
-    if not balanced:
-        pw = torch.tensor(pos_weight, device=maps.device, dtype=maps.dtype)
-        return F.binary_cross_entropy_with_logits(maps, target, pos_weight=pw)
-    per_cell = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
+    (weighted) mean over background cells count alike. A 3-pixel particle is a handful of cells among ~8,000
+    in a whole container; averaged over all cells, even 10-fold weighted, its gradient all but vanishes."""
     pos = (target > 0.5).to(maps.dtype)
     neg = 1.0 - pos
+    w_neg = neg
+    if nuisance is not None and nuisance_weight != 1.0:
+        w_neg = neg * (1.0 + (nuisance_weight - 1.0) * nuisance.to(maps.dtype))
+    if not balanced:
+        pw = torch.tensor(pos_weight, device=maps.device, dtype=maps.dtype)
+        # pos_weight scales the defect term; the cell weight is 1 on defect cells, so it does not add to it.
+        return F.binary_cross_entropy_with_logits(maps, target, weight=None if w_neg is neg else w_neg + pos,
+                                                  pos_weight=pw)
+    per_cell = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
     dims = (0, 2, 3)
-    l_neg = (per_cell * neg).sum(dims) / neg.sum(dims).clamp(min=1.0)
+    l_neg = (per_cell * w_neg).sum(dims) / w_neg.sum(dims).clamp(min=1.0)
     n_pos = pos.sum(dims)
     l_pos = (per_cell * pos).sum(dims) / n_pos.clamp(min=1.0)
     return (l_neg + (n_pos > 0).to(maps.dtype) * l_pos).mean()
@@ -63,13 +74,16 @@ def distill_loss(maps: torch.Tensor, teacher_maps: torch.Tensor, pos_weight: flo
     return ((per_cell - floor) * w).sum() / w.sum()
 
 
-def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 10.0, balanced: bool = False):
+def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 10.0, balanced: bool = False,
+               nuisance_weight: float = 1.0):
     class_logits, maps, row_logits = outputs
     labels = batch["labels"]
     l_cls = F.binary_cross_entropy_with_logits(class_logits, labels)
     has_mask = batch["has_mask"] > 0
     if has_mask.any():
-        l_map = map_loss(maps[has_mask], batch["map_target"][has_mask], pos_weight, balanced)
+        nuisance = batch.get("map_nuisance")
+        l_map = map_loss(maps[has_mask], batch["map_target"][has_mask], pos_weight, balanced,
+                         None if nuisance is None else nuisance[has_mask], nuisance_weight)
     else:
         l_map = maps.sum() * 0.0
     l_row = row_loss(row_logits, batch["rows"], batch["has_fill"])

@@ -322,7 +322,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
                                 enabled=amp_dtype is not None):
                 outputs = model(b["x"])
             loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
-                                     cfg.map_balanced)
+                                     cfg.map_balanced, cfg.map_nuisance_weight)
             if teacher is not None:
                 keep = distill_ok[b["index"].long()]
                 if bool(keep.any()):
@@ -480,7 +480,8 @@ def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfi
     for batch in loader:
         b = _to(batch, device, channels_last)
         outputs = net(b["x"])
-        loss, _ = total_loss(outputs, b, cfg.loss_weights, cfg.map_pos_weight, cfg.map_balanced)
+        loss, _ = total_loss(outputs, b, cfg.loss_weights, cfg.map_pos_weight, cfg.map_balanced,
+                             cfg.map_nuisance_weight)
         losses.append(float(loss) * len(b["x"]))
         probs.append(torch.sigmoid(outputs[0]).cpu().numpy())
         labels.append(b["labels"].cpu().numpy())
