@@ -31,16 +31,30 @@ class Sample:
     # things a good unit may hold; training weighs the defect maps' background there more (hard negatives).
     # None where the record lists none with a box.
     nuisance: np.ndarray | None = None
+    # (3, H, W) uint8: pixels of defects that training leaves out of its losses (ContainerDataset's
+    # ``crack_min_mm``), neither defect nor background; None where there are none.
+    ignore: np.ndarray | None = None
 
 
-def class_masks(record: ContainerRecord, mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+def class_masks(record: ContainerRecord, mask: np.ndarray | None, shape: tuple[int, int],
+                crack_min_mm: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(3, H, W) 0/1 masks per class, and the same for the cracks of known length under ``crack_min_mm``,
+    which training leaves out (None if there are none)."""
     out = np.zeros((len(DEFECT_CLASSES), *shape), np.uint8)
+    ignore = None
     if mask is None:
-        return out
+        return out, ignore
     for d in record.defects:
-        if d.mask_value:
-            out[DEFECT_CLASSES.index(d.cls)] |= (mask == d.mask_value)
-    return out
+        if not d.mask_value:
+            continue
+        c = DEFECT_CLASSES.index(d.cls)
+        if d.cls == "crack" and d.length_mm is not None and d.length_mm < crack_min_mm:
+            if ignore is None:
+                ignore = np.zeros_like(out)
+            ignore[c] |= mask == d.mask_value
+        else:
+            out[c] |= mask == d.mask_value
+    return out, ignore
 
 
 def nuisance_mask(record: ContainerRecord, shape: tuple[int, int]) -> np.ndarray | None:
@@ -81,7 +95,9 @@ class ContainerDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, records: list[ContainerRecord],
-                 transform: Callable[[Sample], Sample] | None = None, cache_bytes: int = 0):
+                 transform: Callable[[Sample], Sample] | None = None, cache_bytes: int = 0,
+                 crack_min_mm: float = 0.0):
+        self.crack_min_mm = crack_min_mm
         self.root = Path(root)
         self.records = records
         self.transform = transform
@@ -117,7 +133,8 @@ class ContainerDataset(Dataset):
         # and an image size is still exact ground truth (no defect pixels) only when it is a good unit.
         has_mask = r.mask is not None or (r.is_good and "axis_px" in r.extra)
         labels = np.array([c in r.classes for c in DEFECT_CLASSES], np.float32)
-        s = Sample(frames=frames, masks=class_masks(r, mask, shape), labels=labels, has_mask=has_mask,
+        masks, ignore = class_masks(r, mask, shape, self.crack_min_mm)
+        s = Sample(frames=frames, masks=masks, labels=labels, has_mask=has_mask,
                    fill_height_mm=float(r.fill_height_mm) if r.fill_height_mm is not None else float("nan"),
-                   rows=target_rows(r), index=i, nuisance=nuisance_mask(r, shape))
+                   rows=target_rows(r), index=i, nuisance=nuisance_mask(r, shape), ignore=ignore)
         return self.transform(s) if self.transform else s

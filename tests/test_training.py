@@ -206,6 +206,120 @@ def test_balanced_map_loss_gives_a_lone_defect_cell_the_weight_of_the_background
     assert float(-plain.grad[0, 0, 5, 5]) < float(-g[5, 5]) / 50  # averaged over all cells it nearly vanishes
 
 
+def test_map_loss_weighs_background_inside_nuisance_objects_as_hard_negatives():
+    maps = torch.zeros(1, 3, 20, 20, requires_grad=True)
+    target = torch.zeros(1, 3, 20, 20)
+    target[0, 1, 2, 2] = 1.0  # a crack cell, inside the droplet's box too
+    nuisance = torch.zeros(1, 1, 20, 20)
+    nuisance[0, 0, 1:4, 1:4] = 1.0  # a droplet's 3 x 3 cells
+    map_loss(maps, target, 10.0, nuisance=nuisance, nuisance_weight=5.0).backward()
+    g = maps.grad[0]
+    plain = torch.zeros(1, 3, 20, 20, requires_grad=True)
+    map_loss(plain, target, 10.0).backward()
+    p = plain.grad[0]
+    # Background inside the box: 5x an ordinary background cell, in every class's map.
+    for c in range(3):
+        assert float(g[c, 1, 1]) == pytest.approx(5 * float(g[c, 10, 10]), rel=1e-5)
+    assert float(g[0, 2, 2]) == pytest.approx(5 * float(g[0, 10, 10]), rel=1e-5)
+    # A defect cell inside it is not a negative: its pull is the plain loss's.
+    assert float(g[1, 2, 2]) == pytest.approx(float(p[1, 2, 2]), rel=1e-5) and float(g[1, 2, 2]) < 0
+    assert torch.allclose(g[:, 10:, 10:], p[:, 10:, 10:])  # outside, nothing changes
+    # Weight 1, or no nuisance map, is the plain loss; the balanced form weighs the same cells.
+    one = map_loss(maps.detach(), target, 10.0, nuisance=nuisance, nuisance_weight=1.0)
+    assert float(one) == pytest.approx(float(map_loss(maps.detach(), target, 10.0)))
+    b = torch.zeros(1, 3, 20, 20, requires_grad=True)
+    map_loss(b, target, 10.0, balanced=True, nuisance=nuisance, nuisance_weight=5.0).backward()
+    assert float(b.grad[0, 2, 1, 1]) == pytest.approx(
+        5 * float(b.grad[0, 2, 10, 10]), rel=1e-5)
+
+
+def test_nuisance_and_left_out_cells_follow_the_crop_and_the_augmentation():
+    """The hard-negative cells are where the nuisance object is after cropping, flipping and shifting: a mask
+    painted on the same pixels as a crack's ends up in the same map cells as the crack."""
+    import numpy as np
+
+    from datasets.records import ContainerRecord, NuisanceObject
+    from datasets.torch_dataset import Sample, nuisance_mask
+    from training.augment import Augmenter
+
+    rec = ContainerRecord(id="g", frames=["f.png"], nuisance_objects=[
+        NuisanceObject(tag="bubbles", bbox=(10, 10, 30, 60), frame_bboxes=[(10, 10, 30, 20), (10, 50, 30, 60)]),
+        NuisanceObject(tag="droplet", bbox=(40, 70, 52, 82)),
+        NuisanceObject(tag="meniscus_bubbles")])  # no box: nothing to paint
+    m = nuisance_mask(rec, (96, 64))
+    assert m[15, 20] == 1 and m[55, 20] == 1 and m[75, 45] == 1
+    assert m[35, 20] == 0  # between a moving bubble's frames: liquid, not bubble
+    assert nuisance_mask(ContainerRecord(id="x", frames=["f.png"]), (96, 64)) is None
+
+    h, w = 128, 96
+    frames = [np.full((h, w), 180, np.uint8) for _ in range(2)]
+    masks = np.zeros((3, h, w), np.uint8)
+    masks[1, 40:48, 20:60] = 1  # a crack, off-centre so that a flip moves it
+    s = Sample(frames=frames, masks=masks, labels=np.array([0, 1, 0], np.float32), has_mask=True,
+               fill_height_mm=float("nan"), rows=np.array([np.nan, np.nan], np.float32), index=0,
+               nuisance=masks[1].copy(), ignore=masks[[1, 0, 0]].copy())
+    t = TrainTransform(InputSpec(frames=2, pixel_um=40.0), Augmenter(2))
+    for seed in range(12):
+        out = t(s, full=False, seed=seed)
+        assert out["map_nuisance"].shape == (1, *out["map_target"].shape[1:])
+        assert out["map_nuisance"].sum() > 0
+        assert (out["map_nuisance"][0] == out["map_target"][1]).all()
+        # left-out defect cells move alike (they are dropped where a kept defect's cells are)
+        assert (out["map_ignore"][0] == out["map_target"][1]).all() and out["map_ignore"][1:].sum() == 0
+    plain = t(Sample(**{**s.__dict__, "nuisance": None}), full=False, seed=0)
+    assert plain["map_nuisance"].sum() == 0
+
+
+def test_short_cracks_are_left_out_of_the_losses_not_taught_as_background():
+    """Cracks under ``crack_min_mm`` are neither defect nor background: no map loss on their cells, and no
+    image-level crack loss where they are the only crack in view. A longer crack in view still counts."""
+    import numpy as np
+
+    from datasets.records import ContainerRecord, Defect
+    from datasets.torch_dataset import Sample, class_masks
+
+    h, w = 128, 96
+    mask = np.zeros((h, w), np.uint8)
+    mask[20:24, 10:30] = 1  # a 0.8 mm crack
+    mask[90:94, 10:80] = 2  # a 2.8 mm crack
+    rec = ContainerRecord(id="c", frames=["f.png"], classes=["crack"], defects=[
+        Defect(cls="crack", mask_value=1, length_mm=0.8), Defect(cls="crack", mask_value=2, length_mm=2.8)])
+    kept, ignore = class_masks(rec, mask, (h, w), crack_min_mm=1.0)
+    assert kept[1, 92, 50] == 1 and kept[1, 22, 20] == 0 and ignore[1, 22, 20] == 1 and ignore[0].sum() == 0
+    assert class_masks(rec, mask, (h, w))[1] is None  # off by default: both are cracks
+    assert class_masks(rec, mask, (h, w))[0][1, 22, 20] == 1
+    unknown = ContainerRecord(id="u", frames=["f.png"], classes=["crack"],
+                              defects=[Defect(cls="crack", mask_value=1)])
+    assert class_masks(unknown, mask, (h, w), crack_min_mm=1.0)[0][1, 22, 20] == 1  # no length: kept
+
+    t = TrainTransform(InputSpec(frames=2, pixel_um=40.0))
+    frames = [np.full((h, w), 180, np.uint8)] * 2
+
+    def item(top: int) -> dict:
+        win = (slice(top, top + 64), slice(0, 96))
+        s = Sample(frames=[f[win] for f in frames], masks=kept[(slice(None), *win)],
+                   labels=np.array([0, 1, 0], np.float32), has_mask=True, fill_height_mm=float("nan"),
+                   rows=np.array([np.nan, np.nan], np.float32), index=0, ignore=ignore[(slice(None), *win)])
+        return t(s, full=False)
+
+    short_only, long_too = item(0), item(64)
+    assert short_only["map_ignore"][1].sum() > 0 and short_only["map_target"][1].sum() == 0
+    assert list(short_only["label_weight"]) == [1, 0, 1]  # no crack loss: not a crack, not a good unit
+    assert long_too["labels"][1] == 1 and list(long_too["label_weight"]) == [1, 1, 1]
+
+    maps = torch.zeros(1, 3, 8, 12, requires_grad=True)
+    batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in short_only.items()
+             if k in ("map_target", "map_nuisance", "map_ignore", "label_weight", "labels", "has_mask")}
+    logits = maps.amax((2, 3))
+    rows = torch.zeros(1, 2, 16)
+    loss, _ = total_loss((logits, maps, rows), {**batch, "rows": torch.zeros(1, 2), "has_fill": torch.zeros(1)})
+    loss.backward()
+    g = maps.grad[0, 1]
+    cells = torch.as_tensor(short_only["map_ignore"][1]) > 0
+    assert float(g[cells].abs().max()) == 0.0  # the short crack's cells: untouched
+    assert float(g[~cells].abs().min()) > 0.0  # the background around it: still pushed down
+
+
 def test_learning_rate_schedule_ends_with_the_time_budget():
     sched = WarmupCosine(1000)
     assert sched(0) == pytest.approx(1 / 100) and sched(99) == pytest.approx(1.0)

@@ -22,6 +22,7 @@ def build(frames: int, strength: float = 1.0) -> A.Compose:
     extra = {f"image{k}": "image" for k in range(1, frames)}
     extra.update({f"mask{c}": "mask" for c in range(3)})
     extra["nuisance"] = "mask"
+    extra.update({f"ignore{c}": "mask" for c in range(3)})
     s = strength
     return A.Compose(
         [
@@ -128,6 +129,8 @@ class Augmenter:
                 **{f"mask{c}": s.masks[c] for c in range(3)}}
         if s.nuisance is not None:
             data["nuisance"] = s.nuisance
+        if s.ignore is not None:
+            data.update({f"ignore{c}": s.ignore[c] for c in range(3)})
         rows = s.rows
         known = bool(np.isfinite(rows).all())
         # Keypoints carry the fill-level rows through the same geometric change as the pixels.
@@ -143,4 +146,5 @@ class Augmenter:
             new_rows = kp[:, 1].astype(np.float32)
         return Sample(frames=frames, masks=masks, labels=s.labels, has_mask=s.has_mask,
                       fill_height_mm=s.fill_height_mm, rows=new_rows, index=s.index,
-                      nuisance=out["nuisance"] if s.nuisance is not None else None)
+                      nuisance=out["nuisance"] if s.nuisance is not None else None,
+                      ignore=None if s.ignore is None else np.stack([out[f"ignore{c}"] for c in range(3)]))

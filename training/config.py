@@ -51,7 +51,11 @@ class TrainConfig:
     map_balanced: bool = False  # instead: each class's defect cells and background cells averaged apart
     # Weight of a background cell inside a nuisance object's box (bubble, droplet, glass mark): the hard
     # negatives a good unit must pass with. 1 = an ordinary background cell.
-    map_nuisance_weight: float = 10.0
+    map_nuisance_weight: float = 1.0
+    # Cracks shorter than this (mm, where the data gives lengths) are left out of the losses: neither defect
+    # nor background. A crack of 0.5-1 mm is a short dark static mark, as a droplet on the glass is; taught
+    # as cracks, they taught the network that droplets are cracks. Validation and evaluation still count them.
+    crack_min_mm: float = 1.0
     anneal_to_budget: bool = False  # under max_minutes, end the cosine decay with the budget, not the epochs
     # Fine-tuning only: weight of a loss that keeps the class maps close to those of the --init model (the
     # teacher) on the training containers that do not say ``"distill": false``, so that what new data does
@@ -103,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"distill must be a finite weight >= 0, got {self.distill}")
         if not (self.map_nuisance_weight > 0 and math.isfinite(self.map_nuisance_weight)):
             raise ValueError(f"map_nuisance_weight must be a finite weight > 0, got {self.map_nuisance_weight}")
+        if not (self.crack_min_mm >= 0 and math.isfinite(self.crack_min_mm)):
+            raise ValueError(f"crack_min_mm must be a finite length >= 0, got {self.crack_min_mm}")
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
         if self.val_every < 1:

@@ -96,28 +96,28 @@ class TrainTransform:
             s = self.augment(s, seed=seed)
         prep = preprocess(s.frames, self.spec)
         _, hp, wp = prep.x.shape
-        masks = s.masks
-        if prep.scale != 1.0:
-            masks = np.stack([cv2.resize(m, (prep.width, prep.height), interpolation=cv2.INTER_NEAREST)
-                              for m in masks])
-        padded = np.zeros((len(DEFECT_CLASSES), hp, wp), np.uint8)
-        padded[:, :masks.shape[1], :masks.shape[2]] = masks[:, :hp, :wp]
         rows = s.rows * prep.scale
         has_fill = full and bool(np.isfinite(rows).all()) and 0 <= rows.min() and rows.max() < hp
-        target = _block_max(padded, MAP_STRIDE)
+        target = self._cells(s.masks, prep, hp, wp)
         nuisance = np.zeros((1, *target.shape[1:]), np.float32)
         if s.nuisance is not None:
-            n = s.nuisance
-            if prep.scale != 1.0:
-                n = cv2.resize(n, (prep.width, prep.height), interpolation=cv2.INTER_NEAREST)
-            full_n = np.zeros((1, hp, wp), np.uint8)
-            full_n[0, :n.shape[0], :n.shape[1]] = n[:hp, :wp]
-            nuisance = _block_max(full_n, MAP_STRIDE).astype(np.float32)
+            nuisance = self._cells(s.nuisance[None], prep, hp, wp).astype(np.float32)
         labels = s.labels if full else target.reshape(len(DEFECT_CLASSES), -1).max(1).astype(np.float32)
+        # Left-out defects (short cracks) are neither defect nor background: their cells carry no map loss,
+        # and a class whose only defects in view are left out carries no image-level loss either.
+        ignore = np.zeros_like(target, np.float32)
+        label_weight = np.ones(len(DEFECT_CLASSES), np.float32)
+        if s.ignore is not None:
+            ignore = (self._cells(s.ignore, prep, hp, wp) & (target == 0)).astype(np.float32)
+            has_ignored = ignore.reshape(len(DEFECT_CLASSES), -1).max(1) > 0
+            has_target = target.reshape(len(DEFECT_CLASSES), -1).max(1) > 0
+            label_weight[has_ignored & ~has_target] = 0.0
         return {
             "x": prep.x,
             "map_target": target.astype(np.float32),
             "map_nuisance": nuisance,
+            "map_ignore": ignore,
+            "label_weight": label_weight,
             "labels": labels,
             "has_mask": np.float32(s.has_mask),
             "rows": np.nan_to_num(rows, nan=0.0).astype(np.float32),
@@ -125,6 +125,15 @@ class TrainTransform:
             "full": np.float32(full),
             "index": s.index,
         }
+
+    @staticmethod
+    def _cells(m: np.ndarray, prep, hp: int, wp: int) -> np.ndarray:
+        """(C, H, W) 0/1 pixel masks -> (C, H/8, W/8) map cells, as the defect masks become the map target."""
+        if prep.scale != 1.0:
+            m = np.stack([cv2.resize(c, (prep.width, prep.height), interpolation=cv2.INTER_NEAREST) for c in m])
+        padded = np.zeros((len(m), hp, wp), np.uint8)
+        padded[:, :m.shape[1], :m.shape[2]] = m[:, :hp, :wp]
+        return _block_max(padded, MAP_STRIDE)
 
 
 class TrainingItems(TorchDataset):
@@ -154,7 +163,8 @@ class TrainingItems(TorchDataset):
             c = Sample(frames=[f[win] for f in s.frames], masks=s.masks[(slice(None), *win)], labels=s.labels,
                        has_mask=s.has_mask, fill_height_mm=float("nan"),
                        rows=np.array([np.nan, np.nan], np.float32), index=s.index,
-                       nuisance=None if s.nuisance is None else s.nuisance[win])
+                       nuisance=None if s.nuisance is None else s.nuisance[win],
+                       ignore=None if s.ignore is None else s.ignore[(slice(None), *win)])
             items.append(self.transform(c, full=False, seed=int(rng.integers(2**31))))
         return {k: np.stack([np.asarray(it[k]) for it in items]) for k in items[0]}
 

@@ -30,13 +30,17 @@ def row_loss(row_logits: torch.Tensor, rows_px: torch.Tensor, has_fill: torch.Te
 
 
 def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanced: bool = False,
-             nuisance: torch.Tensor | None = None, nuisance_weight: float = 1.0) -> torch.Tensor:
+             nuisance: torch.Tensor | None = None, nuisance_weight: float = 1.0,
+             ignore: torch.Tensor | None = None) -> torch.Tensor:
     """Per-cell BCE; defect cells weigh ``pos_weight`` times a background cell, since they are rare.
 
     ``nuisance`` (B, 1, h, w), 1 in the cells of nuisance objects (bubbles, droplets, glass marks): there a
     class's background cells weigh ``nuisance_weight`` times. They are the hard negatives: a droplet is a few
     cells among thousands, and as ordinary background it taught the crack map too little to tell a ring on
     the glass from a crack (droplets drew crack scores up to 0.97 on good units).
+
+    ``ignore`` (B, 3, h, w), 1 in the background cells of defects training leaves out (short cracks): they
+    weigh nothing.
 
     ``balanced`` (``pos_weight`` then unused): per class, the mean over defect cells and the
     (weighted) mean over background cells count alike. A 3-pixel particle is a handful of cells among ~8,000
@@ -45,7 +49,9 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
     neg = 1.0 - pos
     w_neg = neg
     if nuisance is not None and nuisance_weight != 1.0:
-        w_neg = neg * (1.0 + (nuisance_weight - 1.0) * nuisance.to(maps.dtype))
+        w_neg = w_neg * (1.0 + (nuisance_weight - 1.0) * nuisance.to(maps.dtype))
+    if ignore is not None:
+        w_neg = w_neg * (1.0 - ignore.to(maps.dtype))
     if not balanced:
         pw = torch.tensor(pos_weight, device=maps.device, dtype=maps.dtype)
         # pos_weight scales the defect term; the cell weight is 1 on defect cells, so it does not add to it.
@@ -78,12 +84,13 @@ def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float 
                nuisance_weight: float = 1.0):
     class_logits, maps, row_logits = outputs
     labels = batch["labels"]
-    l_cls = F.binary_cross_entropy_with_logits(class_logits, labels)
+    l_cls = F.binary_cross_entropy_with_logits(class_logits, labels, weight=batch.get("label_weight"))
     has_mask = batch["has_mask"] > 0
     if has_mask.any():
-        nuisance = batch.get("map_nuisance")
+        nuisance, ignore = batch.get("map_nuisance"), batch.get("map_ignore")
         l_map = map_loss(maps[has_mask], batch["map_target"][has_mask], pos_weight, balanced,
-                         None if nuisance is None else nuisance[has_mask], nuisance_weight)
+                         None if nuisance is None else nuisance[has_mask], nuisance_weight,
+                         None if ignore is None or not bool(ignore.any()) else ignore[has_mask])
     else:
         l_map = maps.sum() * 0.0
     l_row = row_loss(row_logits, batch["rows"], batch["has_fill"])
