@@ -183,8 +183,9 @@ def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = N
 
 
 def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, reason: str,
-                    overwrite: bool = False) -> ModelPackage:
-    """A new package version with other thresholds and the very same ``model.onnx`` bytes."""
+                    overwrite: bool = False, calibration: dict | None = None) -> ModelPackage:
+    """A new package version with other thresholds and the very same ``model.onnx`` bytes; ``calibration``
+    (how the thresholds were chosen, when data chose them) is recorded as the package's ``calibration``."""
     unknown = set(thresholds) - set(pkg.metadata["classes"])
     if unknown:
         raise PackageError(f"unknown class(es) {sorted(unknown)}; the model's classes: {pkg.metadata['classes']}")
@@ -196,5 +197,7 @@ def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, 
     meta["thresholds"] = {**pkg.thresholds, **{c: float(t) for c, t in thresholds.items()}}
     meta["parent_version"] = pkg.version_id
     meta["change_reason"] = reason
+    if calibration is not None:
+        meta["calibration"] = calibration
     weights = pkg.weights_path.read_bytes() if pkg.weights_path else None
     return write_package(out, pkg.onnx_path.read_bytes(), meta, overwrite=overwrite, weights=weights)

@@ -99,6 +99,48 @@ def test_threshold_only_reversioning_keeps_the_onnx_bytes(package, tmp_path):
         with_thresholds(pkg, {"crack": 1.5}, tmp_path / "v3", reason="x")
 
 
+def test_calibrating_a_package_on_a_lot_sets_the_training_rule_thresholds(package, coarse_data, tmp_path, capsys):
+    from training.calibrate import calibrate
+
+    out = tmp_path / "calibrated"
+    assert main(["package", "calibrate", str(package), "--data", str(coarse_data), "--out", str(out), "--frr", "0.2",
+                 "--reason", "calibration lot"]) == 0
+    assert "good units" in capsys.readouterr().out
+    pkg, new = load_package(package), load_package(out)
+    _, recs, scores = evaluate_model(load_model(package, device="cpu"), coarse_data, None, split="all")
+    want = calibrate(recs, scores, 0.2)
+    assert new.thresholds == pytest.approx(want["thresholds"])
+    assert (out / "model.onnx").read_bytes() == (package / "model.onnx").read_bytes()
+    assert new.metadata["parent_version"] == pkg.version_id and new.metadata["change_reason"] == "calibration lot"
+    rec = new.metadata["calibration"]
+    assert rec["n_good"] == sum(r.is_good for r in recs) == want["n_good"] and rec["frr_budget"] == 0.2
+    assert rec["data"]["n_containers"] == len(recs) and len(rec["data"]["hash"]) == 64
+    assert rec["previous_thresholds"] == pkg.thresholds
+    # The package itself can be replaced (written aside, then renamed into place).
+    copy = tmp_path / "copy"
+    shutil.copytree(package, copy)
+    assert main(["package", "calibrate", str(copy), "--data", str(coarse_data), "--out", str(copy), "--frr", "0.2",
+                 "--reason", "x"]) == 2  # exists: needs --overwrite
+    assert main(["package", "calibrate", str(copy), "--data", str(coarse_data), "--out", str(copy), "--frr", "0.2",
+                 "--reason", "x", "--overwrite"]) == 0
+    assert load_package(copy).thresholds == new.thresholds
+    # Mistakes are told, not raised: no such data, a budget out of range, a lot without good units.
+    assert main(["package", "calibrate", str(package), "--data", str(tmp_path / "nothing"), "--out",
+                 str(tmp_path / "a"), "--reason", "x"]) == 2
+    assert main(["package", "calibrate", str(package), "--data", str(coarse_data), "--out", str(tmp_path / "b"),
+                 "--frr", "1.5", "--reason", "x"]) == 2
+    bad = tmp_path / "defects_only"
+    shutil.copytree(coarse_data, bad)
+    rows = [json.loads(x) for x in (bad / "manifest.jsonl").read_text().splitlines() if x.strip()]
+    keep = [r for r in rows if "id" not in r or r.get("classes")]
+    (bad / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    capsys.readouterr()
+    assert main(["package", "calibrate", str(package), "--data", str(bad), "--out", str(tmp_path / "c"),
+                 "--reason", "x"]) == 2
+    assert "no good units" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
 def test_a_package_re_exports_with_its_own_weights_thresholds_and_record(package, coarse_data, tmp_path, capsys):
     old = load_package(package)
     out = tmp_path / "re"

@@ -235,6 +235,35 @@ def cmd_package_thresholds(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package_calibrate(a: argparse.Namespace) -> int:
+    from datasets.manifest import DatasetError
+    from export.package import PackageError
+    from training.evaluate import EvaluationError
+    from training.recalibrate import recalibrate_package
+
+    def bar(total):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="score", unit="container", dynamic_ncols=True,
+                    disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
+
+    try:
+        pkg, rec = recalibrate_package(a.path, a.data, a.out, a.reason, frr=a.frr, split=a.split, device=a.device,
+                                       progress=bar, overwrite=a.overwrite)
+    except (DatasetError, EvaluationError, PackageError, ValueError) as e:
+        raise UserError(str(e)) from None
+    old, new = rec["previous_thresholds"], pkg.thresholds
+    print(f"{rec['n_good']} good units of {rec['data']['n_containers']}; budget {rec['frr_budget']:.2%}, "
+          f"expected false-reject rate on new units {rec['expected_false_reject_rate']:.2%}")
+    for c in sorted(new):
+        print(f"  {c:11s} {old.get(c, float('nan')):.4f} -> {new[c]:.4f}")
+    if rec.get("warning"):
+        print(f"warning: {rec['warning']}")
+    print(f"wrote {pkg.path}: version {pkg.version_id} (parent {pkg.metadata['parent_version']}), "
+          f"model.onnx unchanged ({pkg.metadata['onnx_sha256'][:16]}…)")
+    return 0
+
+
 # ---------------------------------------------------------------- station
 
 def cmd_station(a: argparse.Namespace) -> int:
@@ -593,6 +622,24 @@ def build_parser() -> argparse.ArgumentParser:
     kt.add_argument("--fill-level", type=float, default=None, help="new fill-level threshold")
     kt.add_argument("--reason", required=True, help="why the thresholds change (recorded in the package)")
     kt.set_defaults(func=cmd_package_thresholds)
+    kc = ksub.add_parser("calibrate", help="new package version with thresholds chosen on a lot of units",
+                         description="Score a dataset (e.g. a lot of good units imaged on the line) with the package, "
+                                     "choose each class's threshold so that a new good unit is rejected with "
+                                     "probability at most --frr (the training's rule, on many more units than a "
+                                     "validation split holds) and write a new package version; model.onnx stays "
+                                     "byte-identical and the calibration data's hash is recorded.")
+    kc.add_argument("path", help="package directory")
+    kc.add_argument("--data", required=True, help="dataset to calibrate on (manifest or ImageFolder layout)")
+    kc.add_argument("--out", required=True, help="new package directory")
+    kc.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
+                    help="which of the dataset's containers (default all)")
+    kc.add_argument("--frr", type=float, default=0.01, help="false-reject budget (default 0.01)")
+    kc.add_argument("--reason", required=True, help="why the thresholds change (recorded in the package)")
+    kc.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="cpu",
+                    help="execution provider for scoring (default cpu)")
+    kc.add_argument("--overwrite", action="store_true",
+                    help="replace an existing package directory (it may be PATH itself)")
+    kc.set_defaults(func=cmd_package_calibrate)
     k.set_defaults(func=lambda a: (k.print_help(), 2)[1])
 
     st = sub.add_parser("station", help="run the inspection station on a frame source",
