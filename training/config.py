@@ -53,9 +53,10 @@ class TrainConfig:
     # negatives a good unit must pass with. 1 = an ordinary background cell.
     map_nuisance_weight: float = 1.0
     # Cracks shorter than this (mm, where the data gives lengths) are left out of the losses: neither defect
-    # nor background. A crack of 0.5-1 mm is a short dark static mark, as a droplet on the glass is; taught
-    # as cracks, they taught the network that droplets are cracks. Validation and evaluation still count them.
-    crack_min_mm: float = 1.0
+    # nor background. A crack of 0.5-1 mm is a short dark static mark, as a droplet on the glass is; taught as
+    # cracks, they may teach the network that droplets are cracks. Validation and evaluation still count them.
+    # 0 = off (the default model's recipe); 1.0 was measured once, with other widths (README).
+    crack_min_mm: float = 0.0
     anneal_to_budget: bool = False  # under max_minutes, end the cosine decay with the budget, not the epochs
     # Fine-tuning only: weight of a loss that keeps the class maps close to those of the --init model (the
     # teacher) on the training containers that do not say ``"distill": false``, so that what new data does
