@@ -28,8 +28,8 @@ class Sample:
     rows: np.ndarray  # (2,) float32 image rows of the liquid surface and the container's lowest point; nan unknown
     index: int
     # (H, W) uint8: 1 inside the boxes of the record's nuisance objects (bubbles, droplets, glass marks), the
-    # things a good unit may hold; training weighs the defect maps' background there more (hard negatives).
-    # None where the record lists none with a box.
+    # things a good unit may hold, for training to weigh the defect maps' background there (hard negatives).
+    # None where the record lists none with a box, or ContainerDataset was not asked for them.
     nuisance: np.ndarray | None = None
     # (3, H, W) uint8: pixels of defects that training leaves out of its losses (ContainerDataset's
     # ``crack_min_mm``), neither defect nor background; None where there are none.
@@ -96,8 +96,8 @@ class ContainerDataset(Dataset):
 
     def __init__(self, root: str | Path, records: list[ContainerRecord],
                  transform: Callable[[Sample], Sample] | None = None, cache_bytes: int = 0,
-                 crack_min_mm: float = 0.0):
-        self.crack_min_mm = crack_min_mm
+                 crack_min_mm: float = 0.0, nuisance_masks: bool = False):
+        self.crack_min_mm, self.nuisance_masks = crack_min_mm, nuisance_masks
         self.root = Path(root)
         self.records = records
         self.transform = transform
@@ -136,5 +136,6 @@ class ContainerDataset(Dataset):
         masks, ignore = class_masks(r, mask, shape, self.crack_min_mm)
         s = Sample(frames=frames, masks=masks, labels=labels, has_mask=has_mask,
                    fill_height_mm=float(r.fill_height_mm) if r.fill_height_mm is not None else float("nan"),
-                   rows=target_rows(r), index=i, nuisance=nuisance_mask(r, shape), ignore=ignore)
+                   rows=target_rows(r), index=i, ignore=ignore,
+                   nuisance=nuisance_mask(r, shape) if self.nuisance_masks else None)
         return self.transform(s) if self.transform else s

@@ -270,6 +270,18 @@ def test_nuisance_and_left_out_cells_follow_the_crop_and_the_augmentation():
     assert plain["map_nuisance"].sum() == 0
 
 
+def test_nuisance_masks_are_built_only_when_training_weighs_them(coarse_data):
+    from datasets.reader import open_dataset
+    from datasets.torch_dataset import ContainerDataset
+
+    ds = open_dataset(coarse_data)
+    i = next(k for k, r in enumerate(ds.records) if any(o.bbox for o in r.nuisance_objects))
+    assert ContainerDataset(ds.root, ds.records)[i].nuisance is None  # off: no mask made, none warped
+    m = ContainerDataset(ds.root, ds.records, nuisance_masks=True)[i].nuisance
+    x0, y0, x1, y1 = next(o.bbox for o in ds.records[i].nuisance_objects if o.bbox)
+    assert m is not None and m[y0:y1, x0:x1].any()
+
+
 def test_short_cracks_are_left_out_of_the_losses_not_taught_as_background():
     """Cracks under ``crack_min_mm`` are neither defect nor background: no map loss on their cells, and no
     image-level crack loss where they are the only crack in view. A longer crack in view still counts."""

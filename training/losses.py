@@ -35,9 +35,9 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
     """Per-cell BCE; defect cells weigh ``pos_weight`` times a background cell, since they are rare.
 
     ``nuisance`` (B, 1, h, w), 1 in the cells of nuisance objects (bubbles, droplets, glass marks): there a
-    class's background cells weigh ``nuisance_weight`` times. They are the hard negatives: a droplet is a few
-    cells among thousands, and as ordinary background it taught the crack map too little to tell a ring on
-    the glass from a crack (droplets drew crack scores up to 0.97 on good units).
+    class's background cells weigh ``nuisance_weight`` times, as hard negatives. The idea: a droplet is a few
+    cells among thousands, too few as ordinary background to teach the crack map a ring on the glass from a
+    crack (droplets drew crack scores up to 0.97 on good units). Measured at 10, it did not help (README).
 
     ``ignore`` (B, 3, h, w), 1 in the background cells of defects training leaves out (short cracks): they
     weigh nothing.

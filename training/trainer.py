@@ -103,8 +103,9 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
                                 crops_per_full=cfg.crops_per_full)
     aug = Augmenter(spec.frames) if (train and augment) else None
     cache = int(_cache_bytes(cfg.cache_gb, workers) * cache_share)
-    items = TrainingItems(ContainerDataset(root, records, cache_bytes=cache, crack_min_mm=cfg.crack_min_mm),
-                          TrainTransform(spec, aug), cfg.crop, cfg.crops_per_full)
+    base = ContainerDataset(root, records, cache_bytes=cache, crack_min_mm=cfg.crack_min_mm,
+                            nuisance_masks=cfg.map_nuisance_weight != 1.0)
+    items = TrainingItems(base, TrainTransform(spec, aug), cfg.crop, cfg.crops_per_full)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                         collate_fn=collate, pin_memory=False)
     return loader, sampler
