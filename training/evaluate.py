@@ -9,7 +9,7 @@ from pathlib import Path
 from datasets.manifest import Dataset
 from datasets.reader import open_dataset
 from datasets.records import ContainerRecord, fit_frames
-from export.package import load_package, open_runner, sha256_file
+from export.package import ModelPackage, load_package, open_runner, sha256_file
 from vision.preprocess import InputSpec
 from vision.scores import Scores
 
@@ -34,7 +34,11 @@ class LoadedModel:
 
 def load_package_model(path: str | Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
     """A verified model package run by ONNX Runtime (GPU if available, else CPU)."""
-    pkg = load_package(path)
+    return package_model(load_package(path), device, threads)
+
+
+def package_model(pkg: ModelPackage, device: str = "auto", threads: int | None = None) -> LoadedModel:
+    """An already loaded (verified) package, run by ONNX Runtime."""
     runner = open_runner(pkg, device, threads)
     return LoadedModel(runner, runner.spec, pkg.thresholds, model_id=pkg.version_id, source=str(pkg.path))
 

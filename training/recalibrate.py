@@ -16,7 +16,7 @@ from export.package import ModelPackage, load_package, with_thresholds
 
 from .calibrate import calibrate
 from .checkpoint import dataset_hash
-from .evaluate import EvaluationError, evaluate_model, load_model
+from .evaluate import EvaluationError, evaluate_model, package_model
 
 
 def recalibrate_package(model_dir: str | Path, data_dir: str | Path, out: str | Path, reason: str,
@@ -28,7 +28,8 @@ def recalibrate_package(model_dir: str | Path, data_dir: str | Path, out: str | 
     if not 0 < frr < 1:
         raise ValueError(f"the false-reject budget must be within (0, 1), got {frr}")
     pkg = load_package(model_dir)
-    _, recs, scores = evaluate_model(load_model(model_dir, device=device), data_dir, None, split=split,
+    # The package verified once, and the very one scored is the one re-versioned.
+    _, recs, scores = evaluate_model(package_model(pkg, device=device), data_dir, None, split=split,
                                      progress=progress)
     cal = calibrate(recs, scores, frr)
     if not cal["n_good"]:
