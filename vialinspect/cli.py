@@ -151,20 +151,26 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _container_bar(desc: str):
+    """A progress-bar factory (total -> bar) over containers, as evaluate_model's ``progress`` takes it."""
+
+    def bar(total):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="container", dynamic_ncols=True,
+                    disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
+
+    return bar
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from datasets.manifest import DatasetError
     from export.package import PackageError
     from training.evaluate import EvaluationError, evaluate_model, load_model
 
-    def bar(total):
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="evaluate", unit="container", dynamic_ncols=True,
-                    disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
-
     try:
         report, _, _ = evaluate_model(load_model(a.model, device=a.device), a.data, a.out, split=a.split,
-                                      batch_size=a.batch_size, progress=bar)
+                                      batch_size=a.batch_size, progress=_container_bar("evaluate"))
     except (DatasetError, EvaluationError, PackageError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"{report['n_containers']} containers; false-reject rate "
@@ -241,15 +247,9 @@ def cmd_package_calibrate(a: argparse.Namespace) -> int:
     from training.evaluate import EvaluationError
     from training.recalibrate import recalibrate_package
 
-    def bar(total):
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc="score", unit="container", dynamic_ncols=True,
-                    disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
-
     try:
         pkg, rec = recalibrate_package(a.path, a.data, a.out, a.reason, frr=a.frr, split=a.split, device=a.device,
-                                       progress=bar, overwrite=a.overwrite)
+                                       progress=_container_bar("score"), overwrite=a.overwrite)
     except (DatasetError, EvaluationError, PackageError, ValueError) as e:
         raise UserError(str(e)) from None
     old, new = rec["previous_thresholds"], pkg.thresholds
