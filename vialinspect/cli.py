@@ -52,7 +52,7 @@ def _progress(desc: str):
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from datasets.generate import generate
-    from datasets.sim.config import CameraConfig, SimConfig, parse_nuisance_rates
+    from datasets.sim.config import CameraConfig, SimConfig, parse_class_weights, parse_nuisance_rates
     from datasets.sim.formats import FORMATS
 
     formats = tuple(f.strip() for f in a.formats.split(",") if f.strip())
@@ -63,10 +63,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
         nuisance = parse_nuisance_rates(a.nuisance or [])
     except ValueError as e:
         raise UserError(f"--nuisance: {e}") from None
+    try:
+        mix = parse_class_weights(a.defect_mix or [])
+    except ValueError as e:
+        raise UserError(f"--defect-mix: {e}") from None
     cfg = SimConfig(formats=formats, frames=a.frames, defect_rate=a.defect_rate,
                     camera=CameraConfig(pixel_um=a.pixel_um))
     if nuisance:
         cfg = cfg.with_nuisance_rates(nuisance)
+    if mix:
+        cfg = cfg.with_class_weights(mix)
     try:
         cfg.validate()
         stats = generate(Path(a.out), a.containers, cfg, seed=a.seed, workers=a.workers, overwrite=a.overwrite,
@@ -516,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated container formats (default: vial-2R,vial-10R,syringe-1mL)")
     g.add_argument("--defect-rate", type=_fraction, default=0.5,
                    help="fraction of containers with at least one defect (default 0.5)")
+    g.add_argument("--defect-mix", action="append", metavar="CLASS=WEIGHT", default=None,
+                   help="relative weight of a defect class among defective containers (default particle=0.5, "
+                        "crack=0.25, fill_level=0.25; classes not given keep theirs), e.g. crack=0.45 for a "
+                        "crack-rich training lot; repeatable")
     g.add_argument("--pixel-um", type=float, default=40.0, help="camera pixel scale in µm/px (default 40)")
     g.add_argument("--nuisance", action="append", metavar="TAG=RATE", default=None,
                    help="set the chance per container (0..1) of a nuisance, e.g. silicone_oil=0.5 (droplets shed "

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, replace
 from ..records import DEFECT_CLASSES
 from .formats import FORMATS
 
-__all__ = ["DEFECT_CLASSES", "NUISANCE_TAGS", "CameraConfig", "SimConfig", "parse_nuisance_rates"]
+__all__ = ["DEFECT_CLASSES", "NUISANCE_TAGS", "CameraConfig", "SimConfig", "parse_class_weights",
+           "parse_nuisance_rates"]
 PARTICLE_KINDS: tuple[str, ...] = ("glass", "metal", "rubber", "fibre")
 CRACK_LOCATIONS: tuple[str, ...] = ("neck", "shoulder", "body", "heel")
 NUISANCE_TAGS: tuple[str, ...] = (
@@ -80,6 +81,10 @@ class SimConfig:
             raise ValueError(f"defect rate must be within 0..1, got {self.defect_rate}")
         if not 5.0 <= self.camera.pixel_um <= 200.0:
             raise ValueError(f"pixel scale must be 5..200 µm/px, got {self.camera.pixel_um}")
+        if len(self.class_weights) != len(DEFECT_CLASSES) or min(self.class_weights) < 0 \
+                or not sum(self.class_weights) > 0:
+            raise ValueError(f"class weights must be {len(DEFECT_CLASSES)} numbers >= 0 with a positive sum "
+                             f"({', '.join(DEFECT_CLASSES)}), got {self.class_weights}")
         unknown = {t for t, _ in self.nuisance_rates} - set(NUISANCE_TAGS)
         if unknown:
             raise ValueError(f"unknown nuisance tags: {sorted(unknown)}; known: {', '.join(NUISANCE_TAGS)}")
@@ -94,21 +99,51 @@ class SimConfig:
         return replace(self, nuisance_rates=tuple(rates.items()))
 
 
+    def with_class_weights(self, overrides: dict[str, float]) -> SimConfig:
+        """A copy with some defect classes' relative weights set (the others keep theirs)."""
+        w = dict(zip(DEFECT_CLASSES, self.class_weights, strict=True))
+        w.update(overrides)
+        return replace(self, class_weights=tuple(float(w[c]) for c in DEFECT_CLASSES))
+
+
+def _split_item(item: str, sep: str, form: tuple[str, str]) -> tuple[str, str]:
+    tag, s, value = str(item).partition(sep)
+    tag = tag.strip()
+    if not s or not tag:
+        raise ValueError(f"expected {form[0]}{sep}{form[1]}, got {item!r}")
+    return tag, value.strip()
+
+
+def parse_class_weights(items: list[str] | tuple[str, ...], sep: str = "=") -> dict[str, float]:
+    """Parse ``CLASS<sep>WEIGHT`` items (e.g. ``crack=0.45``): relative weights of the defect classes among
+    defective containers; ValueError with a clear message."""
+    out: dict[str, float] = {}
+    for item in items:
+        cls, value = _split_item(item, sep, ("CLASS", "WEIGHT"))
+        if cls not in DEFECT_CLASSES:
+            raise ValueError(f"unknown defect class {cls!r}; known: {', '.join(DEFECT_CLASSES)}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"weight of {cls} must be a number >= 0, got {value!r}") from None
+        if not 0.0 <= w < float("inf"):  # also refuses nan
+            raise ValueError(f"weight of {cls} must be a number >= 0, got {value}")
+        out[cls] = w
+    return out
+
+
 def parse_nuisance_rates(items: list[str] | tuple[str, ...], sep: str = "=") -> dict[str, float]:
     """Parse ``TAG<sep>RATE`` items (e.g. ``lot_code=0.5``) into {tag: rate}; ValueError with a clear message."""
     out: dict[str, float] = {}
     for item in items:
-        tag, s, value = str(item).partition(sep)
-        tag = tag.strip()
-        if not s or not tag:
-            raise ValueError(f"expected TAG{sep}RATE, got {item!r}")
+        tag, value = _split_item(item, sep, ("TAG", "RATE"))
         if tag not in NUISANCE_TAGS:
             raise ValueError(f"unknown nuisance {tag!r}; known: {', '.join(NUISANCE_TAGS)}")
         try:
             rate = float(value)
         except ValueError:
-            raise ValueError(f"nuisance rate of {tag} must be a number within 0..1, got {value.strip()!r}") from None
+            raise ValueError(f"nuisance rate of {tag} must be a number within 0..1, got {value!r}") from None
         if not 0.0 <= rate <= 1.0:  # also refuses nan
-            raise ValueError(f"nuisance rate of {tag} must be within 0..1, got {value.strip()}")
+            raise ValueError(f"nuisance rate of {tag} must be within 0..1, got {value}")
         out[tag] = rate
     return out
