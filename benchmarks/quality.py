@@ -1,23 +1,28 @@
-"""Quality benchmark: train on default simulated data, evaluate on its test split, compare the designs.
+"""Quality benchmark: train as `make model` does, evaluate on default simulated data, compare the designs.
 
     .venv/bin/python benchmarks/quality.py [--containers 3000] [--minutes 30] [--out bench_out/quality]
-                                           [--skip-k1] [--skip-baseline] [--data DIR] [--fresh 1600]
+                                           [--skip-k1] [--skip-baseline] [--data DIR] [--train-data DIR]
+                                           [--k4-model MODEL] [--calib 1600] [--fresh 1600]
 
 Steps (each prints what it does; everything lands in --out):
-1. generate default simulated data (K=4, all formats, 50% defective) unless --data is given;
-2. train the K=4 model with a training-time budget (--minutes; target: targets met within 30 min on 2 cores),
-   recording wall time and peak memory;
-3. evaluate it on the test split -> k4/report.*, and on all of a fresh, independently simulated lot
-   (--fresh containers, seed --seed + 1; with --data, give the data's seed as --seed) -> k4_fresh/;
-4. train and evaluate a K=1 model on the same data and budget -> k1/ (multi- vs single-frame evidence);
+1. simulate the lots that are not given, before any model loads: the test lot (default simulated data,
+   seed --seed, unless --data), and, where a model is trained, the training lot of `make model`'s recipe
+   (TRAIN_LOT below, unless --train-data) and a calibration lot (--calib containers, seed --calib-seed);
+2. train the K=4 model on the training lot with a training-time budget (--minutes; target: targets met
+   within 30 min on 2 cores), recording wall time and peak memory, and set its thresholds on the calibration
+   lot as `make model` does (or give a trained model with --k4-model);
+3. evaluate it on the test lot's test split -> k4/report.*, and on all of a fresh, independently simulated
+   lot (--fresh containers, seed --seed + 1; with --data, give the data's seed as --seed) -> k4_fresh/;
+4. train, calibrate and evaluate a K=1 model the same way -> k1/ (multi- vs single-frame evidence);
 5. run the classical baseline (frame differencing + blob analysis, edge-based meniscus finder), calibrated
-   on the validation split to the same false-reject budget -> baseline/;
+   on the test lot's validation split to the same false-reject budget -> baseline/;
 6. print a table against the targets and write summary.json and comparison markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -33,10 +38,18 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from datasets.generate import generate  # noqa: E402
 from datasets.reader import open_dataset  # noqa: E402
 from datasets.sim.config import SimConfig  # noqa: E402
+from training.calibrate import calibrate  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.evaluate import evaluate_model, load_model  # noqa: E402
+from training.evaluate import LoadedModel, evaluate_model, load_model  # noqa: E402
 from training.report import compare_reports, write_report  # noqa: E402
 from training.trainer import train  # noqa: E402
+
+# `make model`'s recipe (Makefile): the lot the default model trains on, an independent one its thresholds are
+# set on. The training lot has droplets on 40% of the containers instead of 10% (the good units' droplets
+# set the crack threshold); the test lot stays default data, with another seed, so no test container shares
+# its draws with a training one.
+TRAIN_LOT = {"seed": 200, "nuisance": {"droplet": 0.4}, "defect_mix": {}}
+CALIB_SEED = 10
 
 TARGETS = {
     "pod_150um_plus": 0.95,
@@ -101,14 +114,37 @@ def run_baseline(data: Path, out: Path, frr: float) -> dict:
     return report
 
 
-def train_and_eval(data: Path, out: Path, frames: int, minutes: float, epochs: int) -> tuple[dict, dict]:
+def train_model(train_data: Path, out: Path, frames: int, minutes: float, epochs: int,
+                calib: Path | None, frr: float) -> tuple[LoadedModel, dict]:
+    """Train on ``train_data``; with ``calib``, re-set the thresholds on all of that lot (``make model``'s
+    ``package calibrate``), else keep those training chose on its validation split."""
     t0 = time.perf_counter()
-    cfg = TrainConfig(frames=frames, epochs=epochs, max_minutes=minutes)
-    summary = train(data, out / "run", cfg)
+    cfg = TrainConfig(frames=frames, epochs=epochs, max_minutes=minutes, frr=frr)
+    summary = train(train_data, out / "run", cfg)
     wall = (time.perf_counter() - t0) / 60
-    report, _, _ = evaluate_model(out / "run" / "best.pt", data, out, split="test")
-    return report, {"train_minutes": round(summary["minutes"], 2), "wall_minutes": round(wall, 2),
-                    "epochs": summary["epochs_run"], "stopped": summary["stopped"]}
+    model = load_model(out / "run" / "best.pt")
+    info = {"train_minutes": round(summary["minutes"], 2), "wall_minutes": round(wall, 2),
+            "epochs": summary["epochs_run"], "stopped": summary["stopped"], "thresholds_from": "validation split"}
+    if calib is not None:
+        _, recs, scores = evaluate_model(model, calib, None, split="all")
+        cal = calibrate(recs, scores, frr)
+        model = dataclasses.replace(model, thresholds=cal["thresholds"])
+        info["thresholds_from"] = f"calibration lot {calib} ({cal['n_good']} good units)"
+    info["thresholds"] = dict(model.thresholds)
+    return model, info
+
+
+def simulate(out: Path, n: int, seed: int, what: str, nuisance: dict | None = None,
+             defect_mix: dict | None = None) -> Path:
+    cfg = SimConfig(frames=4)
+    if nuisance:
+        cfg = cfg.with_nuisance_rates(nuisance)
+    if defect_mix:
+        cfg = cfg.with_class_weights(defect_mix)
+    extra = "".join(f", {k}={v}" for k, v in {**(nuisance or {}), **(defect_mix or {})}.items())
+    print(f"== {what}: {n} containers (seed {seed}{extra}) into {out}", flush=True)
+    generate(out, n, cfg, seed=seed, overwrite=True)
+    return out
 
 
 def main() -> int:
@@ -117,8 +153,17 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=30.0, help="training-time budget per model (default 30)")
     p.add_argument("--epochs", type=int, default=30, help="maximum epochs per model (default 30)")
     p.add_argument("--out", default="bench_out/quality", help="output directory")
-    p.add_argument("--data", default=None, help="use this dataset instead of generating one")
-    p.add_argument("--seed", type=int, default=100, help="simulation seed (default 100)")
+    p.add_argument("--data", default=None,
+                   help="the test lot: its test split scores the models (default: simulate default data)")
+    p.add_argument("--seed", type=int, default=100, help="simulation seed of the test lot (default 100)")
+    p.add_argument("--train-data", default=None,
+                   help="the lot the models train on (default: simulate make model's training lot, "
+                        f"seed {TRAIN_LOT['seed']}, nuisance rates {TRAIN_LOT['nuisance']}; give --data's "
+                        "directory to train and test on the splits of one lot)")
+    p.add_argument("--calib", type=int, default=1600,
+                   help="containers of a calibration lot (seed --calib-seed) on which trained models' thresholds "
+                        "are set, as make model does (0: keep the validation split's; default 1600)")
+    p.add_argument("--calib-seed", type=int, default=CALIB_SEED, help=f"its seed (default {CALIB_SEED})")
     p.add_argument("--skip-k1", action="store_true", help="skip the single-frame comparison model")
     p.add_argument("--skip-baseline", action="store_true", help="skip the classical baseline")
     p.add_argument("--frr", type=float, default=0.01, help="false-reject budget for calibration (default 0.01)")
@@ -129,40 +174,48 @@ def main() -> int:
                         "model is also evaluated whole: the test split's ~200 good units and ~16 long cracks pin "
                         "the false-reject rate and crack recall down poorly (0 skips it; default 1600)")
     a = p.parse_args()
-    if a.fresh < 0:
-        p.error("--fresh must be >= 0")
+    if a.fresh < 0 or a.calib < 0:
+        p.error("--fresh and --calib must be >= 0")
+    for given in (a.data, a.train_data, a.k4_model):
+        if given and not Path(given).exists():
+            p.error(f"{given} does not exist")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(a.data) if a.data else out / "data"
-    if not a.data:
-        print(f"== generating {a.containers} containers into {data}", flush=True)
-        generate(data, a.containers, SimConfig(frames=4), seed=a.seed, overwrite=True)
-    fresh = out / "fresh_data"
-    if a.fresh:
-        # Before any model is loaded: the simulator's worker processes are forked, and a fork taken after
-        # PyTorch or ONNX Runtime have started their thread pools hangs.
-        print(f"== a fresh lot: {a.fresh} containers (seed {a.seed + 1}) into {fresh}", flush=True)
-        generate(fresh, a.fresh, SimConfig(frames=4), seed=a.seed + 1, overwrite=True)
-    summary: dict = {"containers": len(open_dataset(data).records), "targets": TARGETS}
+    # Every lot is simulated before any model is loaded: the simulator's worker processes are forked, and a
+    # fork taken after PyTorch or ONNX Runtime have started their thread pools hangs.
+    data = Path(a.data) if a.data else simulate(out / "data", a.containers, a.seed, "the test lot")
+    trains = not a.k4_model or not a.skip_k1
+    train_data = calib = None
+    if trains:
+        train_data = Path(a.train_data) if a.train_data else simulate(
+            out / "train_data", a.containers, TRAIN_LOT["seed"], "the training lot", TRAIN_LOT["nuisance"],
+            TRAIN_LOT["defect_mix"])
+        if a.calib:
+            calib = simulate(out / "calib_data", a.calib, a.calib_seed, "the calibration lot")
+    fresh = simulate(out / "fresh_data", a.fresh, a.seed + 1, "a fresh lot") if a.fresh else None
+    summary: dict = {"containers": len(open_dataset(data).records), "test_lot": str(data),
+                     "train_lot": str(train_data) if train_data else None, "targets": TARGETS}
     if a.k4_model:
         print(f"== evaluating the given K=4 model {a.k4_model}", flush=True)
         model4 = load_model(a.k4_model)
         rep4, _, _ = evaluate_model(model4, data, out / "k4", split="test")
-        info4 = {"train_minutes": None, "wall_minutes": None, "epochs": None, "stopped": f"given: {a.k4_model}"}
+        info4 = {"train_minutes": None, "wall_minutes": None, "epochs": None, "stopped": f"given: {a.k4_model}",
+                 "thresholds_from": "the model", "thresholds": dict(model4.thresholds)}
     else:
         print("== training the K=4 model", flush=True)
-        rep4, info4 = train_and_eval(data, out / "k4", 4, a.minutes, a.epochs)
-        model4 = load_model(out / "k4" / "run" / "best.pt")
+        model4, info4 = train_model(train_data, out / "k4", 4, a.minutes, a.epochs, calib, a.frr)
+        rep4, _, _ = evaluate_model(model4, data, out / "k4", split="test")
     summary["k4"] = {**headline(rep4), **info4,
                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     reports = {"k4": rep4}
-    if a.fresh:
+    if fresh:
         print("== the K=4 model on all of the fresh lot", flush=True)
         repf, _, _ = evaluate_model(model4, fresh, out / "k4_fresh", split="all")
         summary["k4_fresh"] = {**headline(repf), "containers": a.fresh, "seed": a.seed + 1}
     if not a.skip_k1:
         print("== training the K=1 model on the same data", flush=True)
-        rep1, info1 = train_and_eval(data, out / "k1", 1, a.minutes, a.epochs)
+        model1, info1 = train_model(train_data, out / "k1", 1, a.minutes, a.epochs, calib, a.frr)
+        rep1, _, _ = evaluate_model(model1, data, out / "k1", split="test")
         summary["k1"] = {**headline(rep1), **info1}
         reports["k1"] = rep1
         (out / "k4_vs_k1.md").write_text(compare_reports(rep1, rep4, "K=1 (single frame)", "K=4 (multi-frame)"))

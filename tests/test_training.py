@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import load_config
+from training.config import TrainConfig, load_config
 from training.data import TrainTransform, class_weights
 from training.losses import map_loss, total_loss
 from training.trainer import Dist, WarmupCosine, _fit_schedule_to_budget, train
@@ -188,6 +188,14 @@ def test_class_weights_balance_classes_and_honour_sample_weight():
     assert w.sum() == pytest.approx(1.0)
     assert w[:4].sum() == pytest.approx(0.5) and w[4:].sum() == pytest.approx(0.5)  # good vs particle: equal
     assert w[3] == pytest.approx(3 * w[0])  # the reviewed hard negative is drawn three times as often
+    recs += [ContainerRecord(id=f"c{i}", frames=[], classes=["crack"]) for i in range(5)]
+    w = class_weights(recs, {"crack": 2.0, "fill_level": 0.5})  # no fill-level units here: no effect
+    assert w[:4].sum() == pytest.approx(0.25) and w[4:6].sum() == pytest.approx(0.25)
+    assert w[6:].sum() == pytest.approx(0.5) and w[6] == pytest.approx(0.1)  # cracks twice as often
+    with pytest.raises(ValueError, match="nothing to draw"):
+        class_weights(recs, {"good": 0, "particle": 0, "crack": 0})
+    with pytest.raises(ValueError, match="class_draw"):
+        TrainConfig.from_dict({"class_draw": {"cracks": 2}})
 
 
 def test_balanced_map_loss_gives_a_lone_defect_cell_the_weight_of_the_background():

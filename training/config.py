@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class TrainConfig:
     max_side: int = 1792
     samples_per_epoch: int | None = None  # default: the size of the training split
     balance: bool = True  # class-balanced sampling
+    # With balance: relative draw shares per class ("good", "particle", "crack", "fill_level"; 1 where not
+    # given), e.g. {"crack": 2, "fill_level": 0.5} for cracks, which the network learns last.
+    class_draw: dict[str, float] = field(default_factory=dict)
     augment: bool = True
     # Mixed precision: float16 on CUDA; bfloat16 on CPUs that compute it natively (AVX512-BF16 or AMX; 1.5x
     # faster steps on this project's 2-core machine), else off. Validation, calibration and export stay fp32.
@@ -112,6 +115,12 @@ class TrainConfig:
             raise ValueError(f"crack_min_mm must be a finite length >= 0, got {self.crack_min_mm}")
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
+        known = ("good", "particle", "crack", "fill_level")
+        if not isinstance(self.class_draw, dict) or set(self.class_draw) - set(known) or not all(
+                isinstance(v, int | float) and 0 <= v < math.inf for v in self.class_draw.values()) or (
+                self.class_draw and not any(self.class_draw.get(k, 1.0) > 0 for k in known)):
+            raise ValueError(f"class_draw must map some of {', '.join(known)} to finite shares >= 0, not all 0; "
+                             f"got {self.class_draw!r}")
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.frames is not None and self.frames < 1:

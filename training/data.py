@@ -175,8 +175,9 @@ def collate(items: list[dict]):
     return {k: torch.from_numpy(np.concatenate([it[k] for it in items])) for k in items[0]}
 
 
-def class_weights(records: list[ContainerRecord]) -> np.ndarray:
-    """Sampling weight per record so good units and each defect class are drawn about equally often.
+def class_weights(records: list[ContainerRecord], shares: dict[str, float] | None = None) -> np.ndarray:
+    """Sampling weight per record so good units and each defect class are drawn about equally often, or in
+    the proportions ``shares`` gives (relative; keys ``good`` and the defect classes, 1 where not given).
 
     A record's ``sample_weight`` (a manifest field, default 1) multiplies its weight within its class:
     retraining uses it to draw reviewed hard negatives more often than the many ordinary good units.
@@ -186,7 +187,10 @@ def class_weights(records: list[ContainerRecord]) -> np.ndarray:
     totals: dict[str, float] = {}
     for k, ow in zip(keys, own, strict=True):
         totals[k] = totals.get(k, 0.0) + ow
-    w = np.array([ow / totals[k] for k, ow in zip(keys, own, strict=True)])
+    share = shares or {}
+    w = np.array([share.get(k, 1.0) * ow / totals[k] for k, ow in zip(keys, own, strict=True)])
+    if not w.sum() > 0:
+        raise ValueError(f"class_draw leaves nothing to draw: the data's classes are {sorted(totals)}")
     return w / w.sum()
 
 

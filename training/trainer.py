@@ -95,7 +95,7 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
     shapes = [input_shape(image_size(root, r), spec) for r in records]
     croppable = [r.mask is not None or (r.is_good and "axis_px" in r.extra) for r in records]
     croppable = [c and min(s) >= cfg.crop for c, s in zip(croppable, shapes, strict=True)]
-    weights = class_weights(records) if (train and cfg.balance) else None
+    weights = class_weights(records, cfg.class_draw) if (train and cfg.balance) else None
     samples = cfg.samples_per_epoch or len(records)
     sampler = MixedBatchSampler(shapes, croppable, cfg.batch_size, samples, weights, seed=cfg.seed,
                                 rank=d.rank if train else 0, world=d.world if train else 1, shuffle=train,
