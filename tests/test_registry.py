@@ -275,22 +275,39 @@ def test_gate_shows_false_rejects_by_nuisance_without_gating_them():
 
 # ---------------------------------------------------------------- hot swap under load
 
+class _GatedSource(ListSource):
+    """Holds back the frames from row ``at`` on until ``gate`` is set: the units after it are read only once the
+    test has requested the swap, so the swap lands mid-run however slowly a loaded machine runs the threads."""
+
+    def __init__(self, script, at: int):
+        super().__init__(script)
+        self.at, self.rows_read, self.gate = at, 0, threading.Event()
+
+    def _read(self, timeout):
+        if self.rows_read == self.at:
+            assert self.gate.wait(30), "the swap was never requested"
+        self.rows_read += 1
+        return super()._read(timeout)
+
+
 def test_hot_swap_under_load_loses_and_duplicates_nothing(tmp_path):
     n = 60
     script = [row for i in range(n) for row in _unit(f"u{i:03d}")]
+    source = _GatedSource(script, at=len(script) * 2 // 3)
     store = RecordStore(tmp_path / "store", min_free_mb=0.0)
     line = RecordingLine()
     sent = line.sent
     slot = ModelSlot(LoadedModel(FakeRunner(sleep=0.005), "v1", TH))
     # A deadline far beyond the run's length: on a loaded machine admission control would otherwise turn late
     # units away (without a model version), which is right for the line but not what this test is about.
-    pipe = Pipeline(ListSource(script), _recipe(deadline_ms=60_000), slot, store, line, StationStats(),
+    pipe = Pipeline(source, _recipe(deadline_ms=60_000), slot, store, line, StationStats(),
                     queue_size=64, window_s=0.3, read_timeout_s=0.05)
 
     def swapper():
         while len(sent) < n // 3:
             time.sleep(0.002)
         slot.request_swap(LoadedModel(FakeRunner(particle=0.2, sleep=0.005), "v2", TH))
+        source.gate.set()
 
     t = threading.Thread(target=swapper)
     t.start()
