@@ -114,36 +114,31 @@ def _split_item(item: str, sep: str, form: tuple[str, str]) -> tuple[str, str]:
     return tag, value.strip()
 
 
+def _parse_pairs(items: list[str] | tuple[str, ...], sep: str, form: tuple[str, str], known: tuple[str, ...],
+                 kind: str, what: str, allowed: str, ok) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        key, value = _split_item(item, sep, form)
+        if key not in known:
+            raise ValueError(f"unknown {kind} {key!r}; known: {', '.join(known)}")
+        try:
+            x = float(value)
+        except ValueError:
+            x = float("nan")
+        if not ok(x):  # nan (not a number) fails every check
+            raise ValueError(f"{what} of {key} must be a number {allowed}, got {value!r}")
+        out[key] = x
+    return out
+
+
 def parse_class_weights(items: list[str] | tuple[str, ...], sep: str = "=") -> dict[str, float]:
     """Parse ``CLASS<sep>WEIGHT`` items (e.g. ``crack=0.45``): relative weights of the defect classes among
     defective containers; ValueError with a clear message."""
-    out: dict[str, float] = {}
-    for item in items:
-        cls, value = _split_item(item, sep, ("CLASS", "WEIGHT"))
-        if cls not in DEFECT_CLASSES:
-            raise ValueError(f"unknown defect class {cls!r}; known: {', '.join(DEFECT_CLASSES)}")
-        try:
-            w = float(value)
-        except ValueError:
-            raise ValueError(f"weight of {cls} must be a number >= 0, got {value!r}") from None
-        if not 0.0 <= w < float("inf"):  # also refuses nan
-            raise ValueError(f"weight of {cls} must be a number >= 0, got {value}")
-        out[cls] = w
-    return out
+    return _parse_pairs(items, sep, ("CLASS", "WEIGHT"), DEFECT_CLASSES, "defect class", "weight", ">= 0",
+                        lambda w: 0.0 <= w < float("inf"))
 
 
 def parse_nuisance_rates(items: list[str] | tuple[str, ...], sep: str = "=") -> dict[str, float]:
     """Parse ``TAG<sep>RATE`` items (e.g. ``lot_code=0.5``) into {tag: rate}; ValueError with a clear message."""
-    out: dict[str, float] = {}
-    for item in items:
-        tag, value = _split_item(item, sep, ("TAG", "RATE"))
-        if tag not in NUISANCE_TAGS:
-            raise ValueError(f"unknown nuisance {tag!r}; known: {', '.join(NUISANCE_TAGS)}")
-        try:
-            rate = float(value)
-        except ValueError:
-            raise ValueError(f"nuisance rate of {tag} must be a number within 0..1, got {value!r}") from None
-        if not 0.0 <= rate <= 1.0:  # also refuses nan
-            raise ValueError(f"nuisance rate of {tag} must be within 0..1, got {value}")
-        out[tag] = rate
-    return out
+    return _parse_pairs(items, sep, ("TAG", "RATE"), NUISANCE_TAGS, "nuisance", "nuisance rate", "within 0..1",
+                        lambda r: 0.0 <= r <= 1.0)
