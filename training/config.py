@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from datasets.records import DEFECT_CLASSES
+
 
 @dataclass
 class TrainConfig:
@@ -117,10 +119,11 @@ class TrainConfig:
             raise ValueError(f"crack_min_mm must be a finite length >= 0, got {self.crack_min_mm}")
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
-        known = ("good", "particle", "crack", "fill_level")
-        if not isinstance(self.class_draw, dict) or set(self.class_draw) - set(known) or not all(
-                isinstance(v, int | float) and 0 <= v < math.inf for v in self.class_draw.values()) or (
-                self.class_draw and not any(self.class_draw.get(k, 1.0) > 0 for k in known)):
+        known = ("good", *DEFECT_CLASSES)  # the keys class_weights draws by
+        draw = self.class_draw
+        shares_ok = isinstance(draw, dict) and not set(draw) - set(known) and all(
+            isinstance(v, int | float) and 0 <= v < math.inf for v in draw.values())
+        if not shares_ok or (draw and not any(draw.get(k, 1.0) > 0 for k in known)):
             raise ValueError(f"class_draw must map some of {', '.join(known)} to finite shares >= 0, not all 0; "
                              f"got {self.class_draw!r}")
         if self.val_every < 1:
