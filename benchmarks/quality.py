@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/quality.py [--containers 3000] [--minutes 30] [--out bench_out/quality]
                                            [--skip-k1] [--skip-baseline] [--data DIR] [--train-data DIR]
-                                           [--k4-model MODEL] [--calib 3200] [--fresh 1600]
+                                           [--k4-model MODEL] [--calib 3200 | --calib-data DIR] [--fresh 1600]
 
 Steps (each prints what it does; everything lands in --out):
 1. simulate the lots that are not given, before any model loads: the test lot (default simulated data,
@@ -13,9 +13,11 @@ Steps (each prints what it does; everything lands in --out):
    lot as `make model` does (or give a trained model with --k4-model);
 3. evaluate it on the test lot's test split -> k4/report.*, and on all of a fresh, independently simulated
    lot (--fresh containers, seed --seed + 1; with --data, give the data's seed as --seed) -> k4_fresh/;
-4. train, calibrate and evaluate a K=1 model the same way -> k1/ (multi- vs single-frame evidence);
+4. train, calibrate and evaluate a K=1 model the same way -> k1/ and k1_fresh/ (multi- vs single-frame
+   evidence);
 5. run the classical baseline (frame differencing + blob analysis, edge-based meniscus finder), calibrated
-   on the test lot's validation split to the same false-reject budget -> baseline/;
+   on the test lot's validation split to the same false-reject budget, on the test split -> baseline/ and
+   on the fresh lot, and compare the two at equal detection both ways (``matched_detection``);
 6. print a table against the targets and write summary.json and comparison markdown.
 """
 
@@ -38,9 +40,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from datasets.generate import generate  # noqa: E402
 from datasets.reader import open_dataset  # noqa: E402
 from datasets.sim.config import SimConfig  # noqa: E402
-from training.calibrate import calibrate  # noqa: E402
+from training.calibrate import calibrate, thresholds_to_match  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.evaluate import LoadedModel, evaluate_model, load_model  # noqa: E402
+from training.metrics import evaluate  # noqa: E402
 from training.report import compare_reports, write_report  # noqa: E402
 from training.trainer import train  # noqa: E402
 
@@ -50,6 +53,7 @@ from training.trainer import train  # noqa: E402
 # its draws with a training one.
 TRAIN_LOT = {"seed": 200, "nuisance": {"droplet": 0.4}, "defect_mix": {}}
 CALIB_SEED = 10
+BASELINE_ID = "classical-baseline"
 
 TARGETS = {
     "pod_150um_plus": 0.95,
@@ -99,19 +103,90 @@ def headline(report: dict) -> dict:
     }
 
 
-def run_baseline(data: Path, out: Path, frr: float) -> dict:
+def run_baseline(data: Path, out: Path, frr: float, fresh: Path | None) -> dict[str, tuple]:
+    """The classical baseline, calibrated on the test lot's validation split to the same false-reject budget,
+    on the test split (-> ``out``) and on all of the fresh lot; (report, records, scores) by lot."""
     from training.baseline import ClassicalInspector, score_dataset
-    from training.calibrate import calibrate
-    from training.metrics import evaluate
 
     ds = open_dataset(data)
     insp = ClassicalInspector()
-    val, test = ds.split("val"), ds.split("test")
-    cal = calibrate(val, score_dataset(val, ds.root, insp), frr)
-    scores = score_dataset(test, ds.root, insp)
-    report = evaluate(test, scores, cal["thresholds"], "classical-baseline")
-    write_report(report, out, test, scores, ds.root, cal["thresholds"])
-    return report
+    val = ds.split("val")
+    thresholds = calibrate(val, score_dataset(val, ds.root, insp), frr)["thresholds"]
+    lots = {"test": (ds, ds.split("test"))}
+    if fresh is not None:
+        fds = open_dataset(fresh)
+        lots["fresh"] = (fds, fds.records)
+    done = {}
+    for name, (d, recs) in lots.items():
+        scores = score_dataset(recs, d.root, insp)
+        report = evaluate(recs, scores, thresholds, BASELINE_ID)
+        if name == "test":
+            write_report(report, out, recs, scores, d.root, thresholds)
+        done[name] = (report, recs, scores)
+    return done
+
+
+def _recalls(report: dict) -> dict[str, float]:
+    return {c: v["recall"] for c, v in report["classes"].items() if v["recall"] is not None}
+
+
+def _not_lower(a: dict, b: dict, crack_bins: bool = True) -> bool:
+    """Whether report ``a`` detects at least what ``b`` does in every class, every particle-size bin and (with
+    ``crack_bins``) every crack-length bin (per unit, as the reports count)."""
+    pairs = [(x["pod"], y["pod"]) for x, y in zip(a["pod_by_particle_size"], b["pod_by_particle_size"], strict=True)]
+    if crack_bins:
+        pairs += [(x["recall"], y["recall"])
+                  for x, y in zip(a["crack_recall_by_length"], b["crack_recall_by_length"], strict=True)]
+    pairs += [(a["classes"][c]["recall"], b["classes"][c]["recall"]) for c in a["classes"]]
+    return all(x >= y - 1e-9 for x, y in pairs if x is not None and y is not None)
+
+
+def matched_detection(records: list, cnn_scores: list, cnn_thresholds: dict, base_scores: list,
+                      base_thresholds: dict, cnn_id: str) -> tuple[dict, dict[str, str]]:
+    """False rejects of the CNN and the baseline at equal or better detection, both ways, on the same units:
+    the CNN with its thresholds raised as far as it still detects what the baseline detects at its own (per
+    class, particle-size bin and crack-length bin: ``thresholds_to_match``), and the baseline with its
+    thresholds lowered until it detects what the CNN detects at its own. Each pair is two points of the
+    models' ROC curves at one detection level, so neither calibration decides the comparison (at their own
+    thresholds the CNN detects far more, and its false rejects buy that). ``..._detects_at_least_as_much``
+    checks the matching. Returns the figures and the two comparisons in markdown."""
+    cnn = evaluate(records, cnn_scores, cnn_thresholds, cnn_id)
+    base = evaluate(records, base_scores, base_thresholds, BASELINE_ID)
+    cnn_m = evaluate(records, cnn_scores, thresholds_to_match(records, cnn_scores, base, cnn_thresholds), cnn_id)
+    # PoD in the targets' sense: every particle-size bin, and each class as a whole (cracks not by length)
+    cnn_p = evaluate(records, cnn_scores, thresholds_to_match(records, cnn_scores, base, cnn_thresholds,
+                                                              binned_classes=("particle",)), cnn_id)
+    base_m = evaluate(records, base_scores, thresholds_to_match(records, base_scores, cnn, base_thresholds),
+                      BASELINE_ID)
+    n_good = sum(r.is_good for r in records)
+
+    def point(rep: dict) -> dict:
+        return {"frr": rep["false_reject_rate"], "false_rejects": round((rep["false_reject_rate"] or 0) * n_good),
+                "recall": _recalls(rep), "thresholds": rep["thresholds"]}
+
+    def reduction(fewer: dict, more: dict) -> float | None:
+        a, b = fewer["false_reject_rate"], more["false_reject_rate"]
+        return round(1 - a / b, 4) if b else None
+
+    out = {
+        "n_good": n_good,
+        "at_baseline_detection": {"baseline": point(base), "cnn": point(cnn_m),
+                                  "cnn_detects_at_least_as_much": _not_lower(cnn_m, base),
+                                  "false_reject_reduction": reduction(cnn_m, base)},
+        "at_baseline_pod": {"baseline": point(base), "cnn": point(cnn_p),
+                            "cnn_detects_at_least_as_much": _not_lower(cnn_p, base, crack_bins=False),
+                            "false_reject_reduction": reduction(cnn_p, base)},
+        "at_cnn_detection": {"cnn": point(cnn), "baseline": point(base_m),
+                             "baseline_detects_at_least_as_much": _not_lower(base_m, cnn),
+                             "false_reject_reduction": reduction(cnn, base_m)},
+    }
+    md = {"at_baseline_detection": compare_reports(base, cnn_m, "classical baseline (own thresholds)",
+                                                   "CNN K=4 (thresholds matched to the baseline's detection)"),
+          "at_baseline_pod": compare_reports(base, cnn_p, "classical baseline (own thresholds)",
+                                             "CNN K=4 (thresholds matched to the baseline's PoD and class recalls)"),
+          "at_cnn_detection": compare_reports(base_m, cnn, "classical baseline (thresholds matched to the CNN's "
+                                              "detection)", "CNN K=4 (own thresholds)")}
+    return out, md
 
 
 def train_model(train_data: Path, out: Path, frames: int, minutes: float, epochs: int,
@@ -165,6 +240,9 @@ def main() -> int:
                    help="containers of a calibration lot (seed --calib-seed) on which trained models' thresholds "
                         "are set, as make model does (0: keep the validation split's; default 3200)")
     p.add_argument("--calib-seed", type=int, default=CALIB_SEED, help=f"its seed (default {CALIB_SEED})")
+    p.add_argument("--calib-data", default=None,
+                   help="a calibration lot already made (e.g. make model's build/calib_data) instead of simulating "
+                        "--calib containers")
     p.add_argument("--skip-k1", action="store_true", help="skip the single-frame comparison model")
     p.add_argument("--skip-baseline", action="store_true", help="skip the classical baseline")
     p.add_argument("--frr", type=float, default=0.01, help="false-reject budget for calibration (default 0.01)")
@@ -177,7 +255,7 @@ def main() -> int:
     a = p.parse_args()
     if a.fresh < 0 or a.calib < 0:
         p.error("--fresh and --calib must be >= 0")
-    for given in (a.data, a.train_data, a.k4_model):
+    for given in (a.data, a.train_data, a.k4_model, a.calib_data):
         if given and not Path(given).exists():
             p.error(f"{given} does not exist")
     out = Path(a.out)
@@ -191,7 +269,9 @@ def main() -> int:
         train_data = Path(a.train_data) if a.train_data else simulate(
             out / "train_data", a.containers, TRAIN_LOT["seed"], "the training lot", TRAIN_LOT["nuisance"],
             TRAIN_LOT["defect_mix"])
-        if a.calib:
+        if a.calib_data:
+            calib = Path(a.calib_data)
+        elif a.calib:
             calib = simulate(out / "calib_data", a.calib, a.calib_seed, "the calibration lot")
     fresh = simulate(out / "fresh_data", a.fresh, a.seed + 1, "a fresh lot") if a.fresh else None
     summary: dict = {"containers": len(open_dataset(data).records), "test_lot": str(data),
@@ -199,37 +279,51 @@ def main() -> int:
     if a.k4_model:
         print(f"== evaluating the given K=4 model {a.k4_model}", flush=True)
         model4 = load_model(a.k4_model)
-        rep4, _, _ = evaluate_model(model4, data, out / "k4", split="test")
+        rep4, recs4, scores4 = evaluate_model(model4, data, out / "k4", split="test")
         info4 = {"train_minutes": None, "wall_minutes": None, "epochs": None, "stopped": f"given: {a.k4_model}",
                  "thresholds_from": "the model", "thresholds": dict(model4.thresholds)}
     else:
         print("== training the K=4 model", flush=True)
         model4, info4 = train_model(train_data, out / "k4", 4, a.minutes, a.epochs, calib, a.frr)
-        rep4, _, _ = evaluate_model(model4, data, out / "k4", split="test")
+        rep4, recs4, scores4 = evaluate_model(model4, data, out / "k4", split="test")
     summary["k4"] = {**headline(rep4), **info4,
                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-    reports = {"k4": rep4}
+    on_lots = {"test": (recs4, scores4)}
     if fresh:
         print("== the K=4 model on all of the fresh lot", flush=True)
-        repf, _, _ = evaluate_model(model4, fresh, out / "k4_fresh", split="all")
+        repf, recsf, scoresf = evaluate_model(model4, fresh, out / "k4_fresh", split="all")
+        on_lots["fresh"] = (recsf, scoresf)
         summary["k4_fresh"] = {**headline(repf), "containers": a.fresh, "seed": a.seed + 1}
     if not a.skip_k1:
         print("== training the K=1 model on the same data", flush=True)
         model1, info1 = train_model(train_data, out / "k1", 1, a.minutes, a.epochs, calib, a.frr)
         rep1, _, _ = evaluate_model(model1, data, out / "k1", split="test")
         summary["k1"] = {**headline(rep1), **info1}
-        reports["k1"] = rep1
+        if fresh:
+            print("== the K=1 model on all of the fresh lot", flush=True)
+            rep1f, _, _ = evaluate_model(model1, fresh, out / "k1_fresh", split="all")
+            summary["k1_fresh"] = {**headline(rep1f), "containers": a.fresh, "seed": a.seed + 1}
+            (out / "k4_vs_k1_fresh.md").write_text(compare_reports(rep1f, repf, "K=1 (single frame)",
+                                                                   "K=4 (multi-frame)"))
         (out / "k4_vs_k1.md").write_text(compare_reports(rep1, rep4, "K=1 (single frame)", "K=4 (multi-frame)"))
     if not a.skip_baseline:
         print("== classical baseline", flush=True)
-        repb = run_baseline(data, out / "baseline", a.frr)
+        base = run_baseline(data, out / "baseline", a.frr, fresh)
+        repb = base["test"][0]
         summary["baseline"] = headline(repb)
-        reports["baseline"] = repb
         (out / "cnn_vs_baseline.md").write_text(compare_reports(repb, rep4, "classical baseline", "CNN K=4"))
-        fr_cnn, fr_base = rep4["false_reject_rate"], repb["false_reject_rate"]
-        summary["false_reject_reduction_vs_baseline"] = (1 - fr_cnn / fr_base) if fr_base else None
+        summary["vs_baseline"] = {}
+        for lot, (recs, scores) in on_lots.items():
+            _, brecs, bscores = base[lot]
+            if [r.id for r in brecs] != [r.id for r in recs]:
+                raise RuntimeError(f"the baseline and the CNN scored different containers of the {lot} lot")
+            figures, md = matched_detection(recs, scores, dict(model4.thresholds), bscores,
+                                            base[lot][0]["thresholds"], model4.model_id)
+            summary["vs_baseline"][lot] = figures
+            for name, text in md.items():
+                (out / f"cnn_vs_baseline_{lot}_{name}.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    cols = [c for c in ("k4", "k4_fresh", "k1", "baseline") if c in summary]
+    cols = [c for c in ("k4", "k4_fresh", "k1", "k1_fresh", "baseline") if c in summary]
     print(f"\n{'metric':24s} {'target':>8s} " + " ".join(f"{c:>10s}" for c in cols))
     for key, target in TARGETS.items():
         vals = []
@@ -242,8 +336,14 @@ def main() -> int:
               f"n(cracks>=2mm)={summary[c]['n_cracks_2mm_plus']} bubble FRR={summary[c]['bubble_frr']}")
         print(f"{c}: PoD >= 150 um by kind: " + ", ".join(
             f"{k} {v['pod']:.2f} (n={v['n']})" for k, v in summary[c]["pod_150um_plus_by_kind"].items()))
-    if "false_reject_reduction_vs_baseline" in summary:
-        print(f"false rejects vs baseline: {summary['false_reject_reduction_vs_baseline']}")
+    for lot, m in summary.get("vs_baseline", {}).items():
+        for how, who in (("at_baseline_detection", "cnn"), ("at_baseline_pod", "cnn"),
+                         ("at_cnn_detection", "baseline")):
+            x = m[how]
+            print(f"false rejects vs baseline, {lot} lot ({m['n_good']} good), {how.replace('_', ' ')}: "
+                  f"CNN {x['cnn']['false_rejects']}, baseline {x['baseline']['false_rejects']} "
+                  f"(reduction {x['false_reject_reduction']}; the {who} matched detects at least as much in "
+                  f"every bin: {x[f'{who}_detects_at_least_as_much']})")
     print(f"summary: {out / 'summary.json'}")
     return 0
 

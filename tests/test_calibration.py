@@ -3,14 +3,16 @@
 import numpy as np
 import pytest
 
-from datasets.records import ContainerRecord, FillSpec
+from datasets.records import ContainerRecord, Defect, FillSpec
 from training.calibrate import (
     calibrate,
     hold_detection,
     rejects_allowed,
     threshold_for_budget,
     threshold_for_recall,
+    thresholds_to_match,
 )
+from training.metrics import evaluate
 from vision.scores import Scores, class_scores, fill_probability, rejected_classes
 
 
@@ -100,6 +102,46 @@ def test_hold_detection_lowers_a_threshold_only_where_detection_would_drop():
     stronger = sc([0.99, 0.98, 0.97, 0.96] + [0.1] * 4)
     out, _ = hold_detection(recs, champ, th, stronger, th)
     assert out["particle"] == 0.5  # already detects more: the budget threshold stays
+
+
+def test_thresholds_to_match_meet_the_reference_in_every_bin_and_no_more():
+    sizes = [60, 70, 120, 160, 600, 800]  # particle units, one particle each
+    recs = [ContainerRecord(id=f"p{i}", frames=[], classes=["particle"],
+                            defects=[Defect("particle", size_um=float(u))]) for i, u in enumerate(sizes)]
+    recs += [ContainerRecord(id=f"c{i}", frames=[], classes=["crack"], defects=[Defect("crack", length_mm=m)])
+             for i, m in enumerate([0.5, 3.0])]
+    recs += [ContainerRecord(id=f"g{i}", frames=[], classes=[]) for i in range(4)]
+
+    def sc(particle, crack):
+        return [Scores(probs={"particle": p, "crack": c, "fill_level": 0.0})
+                for p, c in zip(particle, crack, strict=True)]
+
+    th = {"particle": 0.5, "crack": 0.5, "fill_level": 0.5}
+    # The reference finds the 70 µm particle and the two large ones (50-100: 1/2, 500-1000: 2/2), no crack.
+    ref_scores = sc([0.1, 0.9, 0.1, 0.1, 0.9, 0.9] + [0.1, 0.1] + [0.1] * 4, [0.1] * 12)
+    ref = evaluate(recs, ref_scores, th, "reference")
+    # This model ranks the small particles above one of the large ones: to find both large ones it must also
+    # find everything above 0.3, where the class recall alone (3 of 6) would allow 0.7.
+    mine = sc([0.8, 0.7, 0.65, 0.6, 0.9, 0.3] + [0.2, 0.95] + [0.62, 0.35, 0.1, 0.1], [0.1] * 6 + [0.2, 0.95]
+              + [0.4, 0.1, 0.1, 0.1])
+    out = thresholds_to_match(recs, mine, ref, th)
+    assert 0.2 < out["particle"] <= 0.3  # the 800 µm particle at 0.3 decides
+    assert out["crack"] > 1.0  # the reference finds no crack: no unit is rejected for crack
+    assert out["fill_level"] == 0.5  # no fill-level unit here: the threshold stays
+    matched = evaluate(recs, mine, out, "mine")
+    pods = [(a["pod"], b["pod"]) for a, b in zip(matched["pod_by_particle_size"], ref["pod_by_particle_size"],
+                                                  strict=True) if b["n"]]
+    assert len(pods) == 4 and all(a >= b for a, b in pods)
+    assert matched["false_reject_rate"] == 0.5  # the good units at 0.62 and 0.35
+    # a threshold any higher loses the 800 µm particle
+    higher = evaluate(recs, mine, {**out, "particle": 0.31}, "mine")
+    assert [b["pod"] for b in higher["pod_by_particle_size"] if b["min_um"] == 500] == [0.5]
+    # the class recall alone (half the particles, whichever) allows the third highest
+    assert 0.69 < thresholds_to_match(recs, mine, ref, th, binned_classes=())["particle"] <= 0.7
+    fill = [ContainerRecord(id="f", frames=[], classes=["fill_level"], fill_spec=FillSpec(13.7, 0.6))]
+    spec_scores = [Scores(probs={"particle": 0.0, "crack": 0.0, "fill_level": 0.2}, fill_height_mm=12.0)]
+    ref_fill = evaluate(fill, spec_scores, th, "reference")
+    assert thresholds_to_match(fill, spec_scores, ref_fill, th)["fill_level"] == 0.5  # the spec decides
 
 
 def test_hold_detection_counts_only_detections_at_the_defect():

@@ -14,6 +14,8 @@ import numpy as np
 from datasets.records import ContainerRecord
 from vision.scores import CLASSES, Scores, class_scores, rejected_classes, score_at
 
+from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM, binned
+
 SPEC_EDGE = 0.5
 PARITY_MARGIN = 1e-4  # equals the export's parity tolerance on probabilities
 
@@ -94,6 +96,50 @@ def threshold_for_recall(positive_scores: np.ndarray, recall: float) -> float | 
         return None
     k = max(1, math.ceil(recall * len(s) - 1e-9))
     return float(max(s[k - 1] - PARITY_MARGIN, 1e-6))
+
+
+def thresholds_to_match(records: list[ContainerRecord], scores: list[Scores], reference: dict,
+                        thresholds: dict[str, float],
+                        binned_classes: tuple[str, ...] = ("particle", "crack")) -> dict[str, float]:
+    """``thresholds`` with each learned class moved to the highest threshold at which these units are detected
+    at least as ``reference`` (an ``evaluate`` report on the same records) says another model detects them:
+    the class's recall, and, for the classes in ``binned_classes``, the PoD of every particle-size bin and
+    the recall of every crack-length bin, counted per unit as the report counts them. A point of this model's
+    ROC curve at the other's detection, to compare false rejects at equal or better PoD. A higher threshold
+    detects less in every bin at once, so the lowest of the thresholds that meet each bin meets them all.
+    Fill level stays at the spec edge where the spec decides it, a class without units keeps its threshold,
+    and a class the reference detects none of gets one above every score."""
+    cs = [class_scores(s, _spec(r)) for r, s in zip(records, scores, strict=True)]
+    out = dict(thresholds)
+    for c in CLASSES:
+        if c == "fill_level" and thresholds.get(c) == SPEC_EDGE:
+            continue  # decided by the spec, not by a learned threshold
+        units = [x[c] for x, r in zip(cs, records, strict=True) if c in r.classes]
+        if not units:
+            continue
+        groups = [(units, reference["classes"][c]["recall"])]
+        binning = _BINNING.get(c) if c in binned_classes else None
+        if binning:
+            attr, key, unit, rate = binning
+            edges = DEFAULT_POD_BINS_UM if c == "particle" else DEFAULT_CRACK_BINS_MM
+            values = [(float(getattr(d, attr)), x[c]) for x, r in zip(cs, records, strict=True)
+                      for d in r.defects if d.cls == c and getattr(d, attr) is not None]
+            want = {(_edge(b[f"min_{unit}"]), _edge(b[f"max_{unit}"])): b[rate] for b in reference[key]}
+            for lo, hi, bin_scores in binned(values, edges):
+                groups.append((bin_scores, want.get((_edge(lo), _edge(hi)))))
+        found = [threshold_for_recall(np.array(v), t) for v, t in groups if v and t]
+        out[c] = min(found) if found else 1.0 + PARITY_MARGIN
+    return out
+
+
+# What the report bins each class's detection by: the defect's attribute, the report's key, the unit of its
+# bin edges, and the rate each bin holds.
+_BINNING = {"particle": ("size_um", "pod_by_particle_size", "um", "pod"),
+            "crack": ("length_mm", "crack_recall_by_length", "mm", "recall")}
+
+
+def _edge(x: float | None) -> float | None:
+    return None if x is None else float(x)
 
 
 def detection_score(s: Scores, r: ContainerRecord, c: str, localized: bool = True) -> float:

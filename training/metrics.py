@@ -155,7 +155,7 @@ def worst_item_class(item: dict[str, Any]) -> str | None:
 _Bin = tuple[float | None, float | None, list[bool]]  # low edge (None: underflow), high edge (None: overflow), hits
 
 
-def _binned(values: list[tuple[float, bool]], edges: Sequence[float]) -> list[_Bin]:
+def binned(values: list[tuple[float, bool]], edges: Sequence[float]) -> list[_Bin]:
     """Group (value, hit) pairs into [edge_i, edge_i+1) bins, the last bin closed.
 
     Values outside the edges get an extra under- or overflow bin (only when there are any), so every
@@ -236,7 +236,7 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
                  for d in rec.defects if d.cls == "particle" and d.size_um is not None]
     pod_bins: list[dict[str, Any]] = []
     if particles:
-        for lo, hi, hits in _binned(particles, pod_bins_um):
+        for lo, hi, hits in binned(particles, pod_bins_um):
             k, m = sum(hits), len(hits)
             ci = wilson_interval(k, m) if m else None
             pod_bins.append({"min_um": _num(lo), "max_um": _num(hi), "n": m,
@@ -262,7 +262,7 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
               for d in rec.defects if d.cls == "crack" and d.length_mm is not None]
     crack_bins: list[dict[str, Any]] = []
     if cracks:
-        for lo, hi, hits in _binned(cracks, crack_bins_mm):
+        for lo, hi, hits in binned(cracks, crack_bins_mm):
             crack_bins.append({"min_mm": _num(lo), "max_mm": _num(hi), "n": len(hits),
                                "recall": _round(sum(hits) / len(hits)) if hits else None})
 
