@@ -11,7 +11,7 @@ from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig, load_config
 from training.data import TrainTransform, class_weights
 from training.losses import map_loss, total_loss
-from training.trainer import Dist, WarmupCosine, _fit_schedule_to_budget, train
+from training.trainer import Dist, WarmupCosine, _fit_schedule_to_budget, no_time_for_another_epoch, train
 from vialinspect.cli import main
 from vision.model import VialNet
 from vision.preprocess import InputSpec
@@ -635,3 +635,24 @@ def test_validation_every_other_epoch_still_validates_the_last(coarse_data, tmp_
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] in (1, 2)
     with pytest.raises(ValueError, match="val_every"):
         small_config(val_every=0)
+
+
+def test_time_budget_ends_the_run_before_it_would_pass_the_budget():
+    # The default run's pace: epochs of ~2.6 minutes, validations of ~0.45, every other epoch.
+    epochs = [2.9, 2.3, 2.7, 2.3, 2.3, 2.4, 2.6, 2.5, 2.9]
+    vals = [0.8, 0.5, 0.4, 0.5]
+    # After epoch 9 (25.9 min, no validation due): epoch 10 and its validation end at ~29 min: go on.
+    assert not no_time_for_another_epoch(25.9, epochs, vals, False, 30.0)
+    # After epoch 10 (28.4 min, validation due): the 11th would end at ~32 min, which the old rule let happen.
+    assert no_time_for_another_epoch(28.4, epochs + [2.7], vals, True, 30.0)
+    # Without a validation yet, one is taken as 20% of an epoch: 1 + 0.2 + 1 + 0.2 = 2.4.
+    assert not no_time_for_another_epoch(1.0, [1.0], [], True, 2.41)
+    assert no_time_for_another_epoch(1.0, [1.0], [], True, 2.39)
+    assert no_time_for_another_epoch(31.0, [1.0], [0.1], False, 30.0)  # already past it
+
+
+def test_a_tiny_time_budget_still_trains_and_validates_one_epoch(coarse_data, tmp_path):
+    s = train(coarse_data, tmp_path / "run", small_config(epochs=3, max_minutes=1e-4), progress=False,
+              log=lambda *a: None)
+    assert s["epochs_run"] == 1 and s["stopped"].startswith("time budget")
+    assert (tmp_path / "run" / "best.pt").is_file()

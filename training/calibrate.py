@@ -120,8 +120,7 @@ def thresholds_to_match(records: list[ContainerRecord], scores: list[Scores], re
         groups = [(units, reference["classes"][c]["recall"])]
         binning = _BINNING.get(c) if c in binned_classes else None
         if binning:
-            attr, key, unit, rate = binning
-            edges = DEFAULT_POD_BINS_UM if c == "particle" else DEFAULT_CRACK_BINS_MM
+            attr, key, unit, rate, edges = binning
             values = [(float(getattr(d, attr)), x[c]) for x, r in zip(cs, records, strict=True)
                       for d in r.defects if d.cls == c and getattr(d, attr) is not None]
             want = {(_edge(b[f"min_{unit}"]), _edge(b[f"max_{unit}"])): b[rate] for b in reference[key]}
@@ -133,9 +132,9 @@ def thresholds_to_match(records: list[ContainerRecord], scores: list[Scores], re
 
 
 # What the report bins each class's detection by: the defect's attribute, the report's key, the unit of its
-# bin edges, and the rate each bin holds.
-_BINNING = {"particle": ("size_um", "pod_by_particle_size", "um", "pod"),
-            "crack": ("length_mm", "crack_recall_by_length", "mm", "recall")}
+# bin edges, the rate each bin holds, and the edges.
+_BINNING = {"particle": ("size_um", "pod_by_particle_size", "um", "pod", DEFAULT_POD_BINS_UM),
+            "crack": ("length_mm", "crack_recall_by_length", "mm", "recall", DEFAULT_CRACK_BINS_MM)}
 
 
 def _edge(x: float | None) -> float | None:

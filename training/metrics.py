@@ -152,11 +152,12 @@ def worst_item_class(item: dict[str, Any]) -> str | None:
     return missed[0] if missed else None
 
 
-_Bin = tuple[float | None, float | None, list[bool]]  # low edge (None: underflow), high edge (None: overflow), hits
+_Bin = tuple[float | None, float | None, list[Any]]  # low edge (None: underflow), high edge (None: overflow), items
 
 
-def binned(values: list[tuple[float, bool]], edges: Sequence[float]) -> list[_Bin]:
-    """Group (value, hit) pairs into [edge_i, edge_i+1) bins, the last bin closed.
+def binned(values: list[tuple[float, Any]], edges: Sequence[float]) -> list[_Bin]:
+    """Group (value, item) pairs, such as (size, detected) or (size, score), into [edge_i, edge_i+1) bins, the
+    last bin closed.
 
     Values outside the edges get an extra under- or overflow bin (only when there are any), so every
     defect is counted somewhere without being reported in a size range it does not belong to.

@@ -354,9 +354,13 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if bar:
             bar.close()
         t_val = time.perf_counter()
-        out_of_time = _rank0(bool(cfg.max_minutes) and (t_val - t_start) / 60 >= cfg.max_minutes, d, device)
+        due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        out_of_time = _rank0(bool(cfg.max_minutes) and no_time_for_another_epoch(
+            (t_val - t_start) / 60, [h["train_minutes"] for h in history if "train_minutes" in h]
+            + [(t_val - t_epoch) / 60], [h["val_minutes"] for h in history if "val_loss" in h and "val_minutes" in h],
+            due, cfg.max_minutes), d, device)
         # The last epoch (by count or by the time budget) is always validated, so best.pt has seen it.
-        validating = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs or out_of_time
+        validating = due or out_of_time
         val = _validate(net, val_loader, device, channels_last, cfg, spec, has_fill, val_recs) if validating else {}
         entry = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), **val,
                  "minutes": (time.perf_counter() - t_start) / 60, "train_minutes": (t_val - t_epoch) / 60,
@@ -406,6 +410,17 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     if d.world > 1:
         dist.barrier()
     return summary
+
+
+def no_time_for_another_epoch(elapsed: float, train_minutes: list[float], val_minutes: list[float], due: bool,
+                              budget: float) -> bool:
+    """Whether a run under a time budget (minutes) must end with the epoch just trained: at the pace so far,
+    this epoch's validation (where ``due``), one more epoch and its validation (a last epoch is always
+    validated) would end past the budget. Stopping only once the budget had passed overshot it by up to an
+    epoch (31.8 minutes for a 30-minute budget). Without a validation yet, one is taken as 20% of an epoch."""
+    epoch = sum(train_minutes) / max(len(train_minutes), 1)
+    val = sum(val_minutes) / len(val_minutes) if val_minutes else 0.2 * epoch
+    return elapsed + (val if due else 0.0) + epoch + val > budget
 
 
 def _bn_momentum(net: torch.nn.Module, momentum: float) -> None:

@@ -577,7 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=None,
                    help="data-loading processes (default: 0 on the CPU, where loading between steps is faster "
                         "than beside them; up to 4 on CUDA)")
-    t.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes of training")
+    t.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget of the run in minutes, validation included: it ends after the last epoch "
+                        "that, at the pace so far, leaves time for no other (at least one)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     t.add_argument("--distill", type=float, default=None,
                    help="with --init: weight of a loss that keeps the class maps close to the --init model's on "
