@@ -17,7 +17,7 @@ Steps (each prints what it does; everything lands in --out):
    evidence);
 5. run the classical baseline (frame differencing + blob analysis, edge-based meniscus finder), calibrated
    on the test lot's validation split to the same false-reject budget, on the test split -> baseline/ and
-   on the fresh lot, and compare the two at equal detection both ways (``matched_detection``);
+   on the fresh lot, and compare the two at equal detection (``matched_detection``);
 6. print a table against the targets and write summary.json and comparison markdown.
 """
 
@@ -143,13 +143,15 @@ def _not_lower(a: dict, b: dict, crack_bins: bool = True) -> bool:
 
 def matched_detection(records: list, cnn_scores: list, cnn_thresholds: dict, base_scores: list,
                       base_thresholds: dict, cnn_id: str) -> tuple[dict, dict[str, str]]:
-    """False rejects of the CNN and the baseline at equal or better detection, both ways, on the same units:
-    the CNN with its thresholds raised as far as it still detects what the baseline detects at its own (per
-    class, particle-size bin and crack-length bin: ``thresholds_to_match``), and the baseline with its
-    thresholds lowered until it detects what the CNN detects at its own. Each pair is two points of the
-    models' ROC curves at one detection level, so neither calibration decides the comparison (at their own
-    thresholds the CNN detects far more, and its false rejects buy that). ``..._detects_at_least_as_much``
-    checks the matching. Returns the figures and the two comparisons in markdown."""
+    """False rejects of the CNN and the baseline at equal or better detection, on the same units, three ways:
+    the CNN with its thresholds raised as far as it still detects what the baseline detects at its own, per
+    class, particle-size bin and crack-length bin (``at_baseline_detection``; ``thresholds_to_match``) or per
+    class and particle-size bin (``at_baseline_pod``: PoD as the targets mean it), and the baseline with its
+    thresholds lowered until it detects what the CNN detects at its own (``at_cnn_detection``). Each pair is
+    two points of the models' ROC curves at one detection level, so neither calibration decides the
+    comparison (at their own thresholds the CNN detects far more, and its false rejects buy that).
+    ``..._detects_at_least_as_much`` checks the matching (a model may not reach the other's detection at
+    any threshold). Returns the figures and each comparison in markdown."""
     cnn = evaluate(records, cnn_scores, cnn_thresholds, cnn_id)
     base = evaluate(records, base_scores, base_thresholds, BASELINE_ID)
     cnn_m = evaluate(records, cnn_scores, thresholds_to_match(records, cnn_scores, base, cnn_thresholds), cnn_id)
