@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # Reproduces the committed default model package (models/default): simulate a training lot (droplets on the glass
 # of 40% of the containers instead of 10%: good units' droplets set the crack threshold), train (30-minute budget
-# on 2 CPU cores; cracks drawn twice as often, the training default), export with parity checks, then set the
+# on 2 CPU cores; cracks drawn three times as often, the training default), export with parity checks, then set the
 # thresholds on an independent calibration lot of 3,200 default containers (~1,600 good units; the validation
 # split's ~240 leave each threshold to one unit's score). benchmarks/quality.py tests on default data with
 # another seed (100). Training under a time budget depends on the machine's speed.

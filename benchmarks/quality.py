@@ -141,8 +141,8 @@ def _not_lower(a: dict, b: dict, crack_bins: bool = True) -> bool:
     return all(x >= y - 1e-9 for x, y in pairs if x is not None and y is not None)
 
 
-def matched_detection(records: list, cnn_scores: list, cnn_thresholds: dict, base_scores: list,
-                      base_thresholds: dict, cnn_id: str) -> tuple[dict, dict[str, str]]:
+def matched_detection(records: list, cnn_scores: list, cnn: dict, base_scores: list,
+                      base: dict) -> tuple[dict, dict[str, str]]:
     """False rejects of the CNN and the baseline at equal or better detection, on the same units, three ways:
     the CNN with its thresholds raised as far as it still detects what the baseline detects at its own, per
     class, particle-size bin and crack-length bin (``at_baseline_detection``; ``thresholds_to_match``) or per
@@ -151,9 +151,9 @@ def matched_detection(records: list, cnn_scores: list, cnn_thresholds: dict, bas
     two points of the models' ROC curves at one detection level, so neither calibration decides the
     comparison (at their own thresholds the CNN detects far more, and its false rejects buy that).
     ``..._detects_at_least_as_much`` checks the matching (a model may not reach the other's detection at
-    any threshold). Returns the figures and each comparison in markdown."""
-    cnn = evaluate(records, cnn_scores, cnn_thresholds, cnn_id)
-    base = evaluate(records, base_scores, base_thresholds, BASELINE_ID)
+    any threshold). ``cnn`` and ``base`` are the two models' reports on ``records`` at their own thresholds.
+    Returns the figures and each comparison in markdown."""
+    cnn_id, cnn_thresholds, base_thresholds = cnn["model"], cnn["thresholds"], base["thresholds"]
     cnn_m = evaluate(records, cnn_scores, thresholds_to_match(records, cnn_scores, base, cnn_thresholds), cnn_id)
     # PoD in the targets' sense: every particle-size bin, and each class as a whole (cracks not by length)
     cnn_p = evaluate(records, cnn_scores, thresholds_to_match(records, cnn_scores, base, cnn_thresholds,
@@ -290,11 +290,11 @@ def main() -> int:
         rep4, recs4, scores4 = evaluate_model(model4, data, out / "k4", split="test")
     summary["k4"] = {**headline(rep4), **info4,
                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
-    on_lots = {"test": (recs4, scores4)}
+    on_lots = {"test": (rep4, recs4, scores4)}
     if fresh:
         print("== the K=4 model on all of the fresh lot", flush=True)
         repf, recsf, scoresf = evaluate_model(model4, fresh, out / "k4_fresh", split="all")
-        on_lots["fresh"] = (recsf, scoresf)
+        on_lots["fresh"] = (repf, recsf, scoresf)
         summary["k4_fresh"] = {**headline(repf), "containers": a.fresh, "seed": a.seed + 1}
     if not a.skip_k1:
         print("== training the K=1 model on the same data", flush=True)
@@ -315,12 +315,11 @@ def main() -> int:
         summary["baseline"] = headline(repb)
         (out / "cnn_vs_baseline.md").write_text(compare_reports(repb, rep4, "classical baseline", "CNN K=4"))
         summary["vs_baseline"] = {}
-        for lot, (recs, scores) in on_lots.items():
-            _, brecs, bscores = base[lot]
+        for lot, (rep, recs, scores) in on_lots.items():
+            brep, brecs, bscores = base[lot]
             if [r.id for r in brecs] != [r.id for r in recs]:
                 raise RuntimeError(f"the baseline and the CNN scored different containers of the {lot} lot")
-            figures, md = matched_detection(recs, scores, dict(model4.thresholds), bscores,
-                                            base[lot][0]["thresholds"], model4.model_id)
+            figures, md = matched_detection(recs, scores, rep, bscores, brep)
             summary["vs_baseline"][lot] = figures
             for name, text in md.items():
                 (out / f"cnn_vs_baseline_{lot}_{name}.md").write_text(text)

@@ -355,10 +355,13 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             bar.close()
         t_val = time.perf_counter()
         due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-        out_of_time = _rank0(bool(cfg.max_minutes) and no_time_for_another_epoch(
-            (t_val - t_start) / 60, [h["train_minutes"] for h in history if "train_minutes" in h]
-            + [(t_val - t_epoch) / 60], [h["val_minutes"] for h in history if "val_loss" in h and "val_minutes" in h],
-            due, cfg.max_minutes), d, device)
+        out_of_time = False
+        if cfg.max_minutes:
+            # The pace so far (entries of older checkpoints may lack the timings)
+            train_min = [h["train_minutes"] for h in history if "train_minutes" in h] + [(t_val - t_epoch) / 60]
+            val_min = [h["val_minutes"] for h in history if "val_loss" in h and "val_minutes" in h]
+            out_of_time = no_time_for_another_epoch((t_val - t_start) / 60, train_min, val_min, due, cfg.max_minutes)
+        out_of_time = _rank0(out_of_time, d, device)
         # The last epoch (by count or by the time budget) is always validated, so best.pt has seen it.
         validating = due or out_of_time
         val = _validate(net, val_loader, device, channels_last, cfg, spec, has_fill, val_recs) if validating else {}
