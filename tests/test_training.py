@@ -638,16 +638,19 @@ def test_validation_every_other_epoch_still_validates_the_last(coarse_data, tmp_
 
 
 def test_time_budget_ends_the_run_before_it_would_pass_the_budget():
-    # The default run's pace: epochs of ~2.6 minutes, validations of ~0.45, every other epoch.
-    epochs = [2.9, 2.3, 2.7, 2.3, 2.3, 2.4, 2.6, 2.5, 2.9]
-    vals = [0.8, 0.5, 0.4, 0.5]
-    # After epoch 9 (25.9 min, no validation due): epoch 10 and its validation end at ~29 min: go on.
-    assert not no_time_for_another_epoch(25.9, epochs, vals, False, 30.0)
-    # After epoch 10 (28.4 min, validation due): the 11th would end at ~32 min, which the old rule let happen.
-    assert no_time_for_another_epoch(28.4, epochs + [2.7], vals, True, 30.0)
-    # Without a validation yet, one is taken as 20% of an epoch: 1 + 0.2 + 1 + 0.2 = 2.4.
-    assert not no_time_for_another_epoch(1.0, [1.0], [], True, 2.41)
-    assert no_time_for_another_epoch(1.0, [1.0], [], True, 2.39)
+    # The pace of a 30-minute run of the default recipe (2026-12-02): it planned on the mean epoch after epoch
+    # 10 (26.1 min: 26.1 + 0.46 + 2.47 + 0.46 + 0.46 = 29.97), then epoch 11 ran slow and the run ended at
+    # 30.4 minutes. Planned on the slowest (2.80 and 0.68): 26.1 + 0.68 + 2.80 + 0.68 + 0.68 = 30.9, so stop.
+    epochs = [2.66, 2.52, 2.80, 2.56, 2.43, 2.34, 2.26, 2.07, 2.23, 2.31]
+    vals = [0.68, 0.45, 0.36, 0.35]
+    assert no_time_for_another_epoch(26.1, epochs, vals, True, 30.0)
+    # After epoch 9 (23.8 min, no validation due): 23.8 + 2.80 + 0.68 + 0.68 = 27.96, so go on.
+    assert not no_time_for_another_epoch(23.8, epochs[:9], vals[:4], False, 30.0)
+    # The same at 25.9 min would end at 30.06.
+    assert no_time_for_another_epoch(25.9, epochs[:9], vals[:4], False, 30.0)
+    # Without a validation yet, one is taken as 20% of an epoch: 1 + 0.2 + 1 + 0.2 + 0.2 = 2.6.
+    assert not no_time_for_another_epoch(1.0, [1.0], [], True, 2.61)
+    assert no_time_for_another_epoch(1.0, [1.0], [], True, 2.59)
     assert no_time_for_another_epoch(31.0, [1.0], [0.1], False, 30.0)  # already past it
 
 

@@ -54,8 +54,8 @@ class TrainConfig:
     # Mixed precision: float16 on CUDA; bfloat16 on CPUs that compute it natively (AVX512-BF16 or AMX; 1.5x
     # faster steps on this project's 2-core machine), else off. Validation, calibration and export stay fp32.
     amp: bool = True
-    # Time budget of the run, validation included: it ends after the last epoch that, at the pace so far,
-    # leaves time for no other (at least one epoch; the best checkpoint is kept).
+    # Time budget of the whole run, from reading the data to the calibrated best checkpoint: it ends after the
+    # last epoch that, at the slowest pace so far, leaves time for no other (at least one; the best is kept).
     max_minutes: float | None = None
     map_pos_weight: float = 10.0  # weight of a defect cell against a background cell in the map loss
     map_balanced: bool = False  # instead: each class's defect cells and background cells averaged apart

@@ -152,7 +152,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                         progress=os.environ.get("VIALINSPECT_NO_PROGRESS") != "1")
     except (ValueError, DatasetError, CheckpointError, TrainingError) as e:
         raise UserError(str(e)) from None
-    print(f"{summary['stopped']}; {summary['epochs_run']} epoch(s) in {summary['minutes']:.1f} min; "
+    print(f"{summary['stopped']}; {summary['epochs_run']} epoch(s); {summary['minutes']:.1f} min in all "
+          "(data check, training, validation, calibration); "
           f"best model: {Path(a.out) / 'best.pt'}")
     return 0
 
@@ -578,8 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-loading processes (default: 0 on the CPU, where loading between steps is faster "
                         "than beside them; up to 4 on CUDA)")
     t.add_argument("--max-minutes", type=float, default=None,
-                   help="time budget of the run in minutes, validation included: it ends after the last epoch "
-                        "that, at the pace so far, leaves time for no other (at least one)")
+                   help="time budget of the whole run in minutes, from reading the data to the calibrated "
+                        "best.pt: it ends after the last epoch that, at the slowest pace so far, leaves time for no "
+                        "other (at least one)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     t.add_argument("--distill", type=float, default=None,
                    help="with --init: weight of a loss that keeps the class maps close to the --init model's on "

@@ -231,7 +231,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--work", default=None, help="working directory (default retrain_work/<UTC time>)")
     r.add_argument("--epochs", type=_positive_int, default=None, help="fine-tuning epochs (default 6)")
     r.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4 for fine-tuning)")
-    r.add_argument("--max-minutes", type=float, default=None, help="training time budget in minutes")
+    r.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget of the fine-tuning run in minutes, as train's --max-minutes "
+                        "(the gate's evaluation comes after it)")
     r.add_argument("--frr", type=float, default=None, help="false-reject budget for calibration (default 0.01)")
     r.add_argument("--base-sample", type=int, default=800,
                    help="base containers mixed with the reviewed ones (default 800; 0 = all)")
