@@ -123,9 +123,10 @@ def thresholds_to_match(records: list[ContainerRecord], scores: list[Scores], re
             attr, key, unit, rate, edges = binning
             values = [(float(getattr(d, attr)), x[c]) for x, r in zip(cs, records, strict=True)
                       for d in r.defects if d.cls == c and getattr(d, attr) is not None]
-            want = {(_edge(b[f"min_{unit}"]), _edge(b[f"max_{unit}"])): b[rate] for b in reference[key]}
+            # Edges as the report writes them (100) and as binned gives them (100.0) are equal dict keys.
+            want = {(b[f"min_{unit}"], b[f"max_{unit}"]): b[rate] for b in reference[key]}
             for lo, hi, bin_scores in binned(values, edges):
-                groups.append((bin_scores, want.get((_edge(lo), _edge(hi)))))
+                groups.append((bin_scores, want.get((lo, hi))))
         found = [threshold_for_recall(np.array(v), t) for v, t in groups if v and t]
         out[c] = min(found) if found else 1.0 + PARITY_MARGIN
     return out
@@ -135,10 +136,6 @@ def thresholds_to_match(records: list[ContainerRecord], scores: list[Scores], re
 # bin edges, the rate each bin holds, and the edges.
 _BINNING = {"particle": ("size_um", "pod_by_particle_size", "um", "pod", DEFAULT_POD_BINS_UM),
             "crack": ("length_mm", "crack_recall_by_length", "mm", "recall", DEFAULT_CRACK_BINS_MM)}
-
-
-def _edge(x: float | None) -> float | None:
-    return None if x is None else float(x)
 
 
 def detection_score(s: Scores, r: ContainerRecord, c: str, localized: bool = True) -> float:
