@@ -18,10 +18,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vialinspect import set_offline_env  # noqa: E402
 
-from datasets.generate import generate  # noqa: E402
-from datasets.reader import open_dataset  # noqa: E402
-from datasets.sim.config import SimConfig  # noqa: E402
+set_offline_env()  # before any library that could phone home is imported
+
+from vialinspect.datasets.generate import generate  # noqa: E402
+from vialinspect.datasets.reader import open_dataset  # noqa: E402
+from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
 
 
 def main() -> int:

@@ -25,12 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from vialinspect import set_offline_env  # noqa: E402
+
+set_offline_env()  # before any library that could phone home is imported
 os.environ.setdefault("VIALINSPECT_NO_PROGRESS", "1")
 
-from inspection_station.recipe import load_recipe  # noqa: E402
-from inspection_station.store import RecordStore  # noqa: E402
-from training.evaluate import evaluate_model, load_model  # noqa: E402
-from vision.scores import CLASSES, class_scores, rejected_classes  # noqa: E402
+from vialinspect.inspection_station.recipe import load_recipe  # noqa: E402
+from vialinspect.inspection_station.store import RecordStore  # noqa: E402
+from vialinspect.training.evaluate import evaluate_model, load_model  # noqa: E402
+from vialinspect.vision.scores import CLASSES, class_scores, rejected_classes  # noqa: E402
 
 
 def rates(decisions: dict[str, set[str]], truth: dict[str, list[str]]) -> dict:

@@ -32,20 +32,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vialinspect import set_offline_env  # noqa: E402
+
+set_offline_env()  # before any library that could phone home is imported
 
 import os  # noqa: E402
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from datasets.generate import generate  # noqa: E402
-from datasets.reader import open_dataset  # noqa: E402
-from datasets.sim.config import SimConfig  # noqa: E402
-from training.calibrate import calibrate, thresholds_to_match  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.evaluate import LoadedModel, evaluate_model, load_model  # noqa: E402
-from training.metrics import evaluate  # noqa: E402
-from training.report import compare_reports, write_report  # noqa: E402
-from training.trainer import train  # noqa: E402
+from vialinspect.datasets.generate import generate  # noqa: E402
+from vialinspect.datasets.reader import open_dataset  # noqa: E402
+from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
+from vialinspect.training.calibrate import calibrate, thresholds_to_match  # noqa: E402
+from vialinspect.training.config import TrainConfig  # noqa: E402
+from vialinspect.training.evaluate import LoadedModel, evaluate_model, load_model  # noqa: E402
+from vialinspect.training.metrics import evaluate  # noqa: E402
+from vialinspect.training.report import compare_reports, write_report  # noqa: E402
+from vialinspect.training.trainer import train  # noqa: E402
 
 # `make model`'s recipe (Makefile): the lot the default model trains on, an independent one its thresholds are
 # set on. The training lot has droplets on 40% of the containers instead of 10% (the good units' droplets
@@ -106,7 +109,7 @@ def headline(report: dict) -> dict:
 def run_baseline(data: Path, out: Path, frr: float, fresh: Path | None) -> dict[str, tuple]:
     """The classical baseline, calibrated on the test lot's validation split to the same false-reject budget,
     on the test split (-> ``out``) and on all of the fresh lot; (report, records, scores) by lot."""
-    from training.baseline import ClassicalInspector, score_dataset
+    from vialinspect.training.baseline import ClassicalInspector, score_dataset
 
     ds = open_dataset(data)
     insp = ClassicalInspector()

@@ -27,22 +27,25 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vialinspect import set_offline_env  # noqa: E402
+
+set_offline_env()  # before any library that could phone home is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("VIALINSPECT_NO_PROGRESS", "1")
 
-from datasets.generate import generate  # noqa: E402
-from datasets.reader import open_dataset  # noqa: E402
-from datasets.sim.config import SimConfig  # noqa: E402
-from datasets.sim.scene import sample_scene  # noqa: E402
-from export.registry import Registry  # noqa: E402
-from inspection_station import users  # noqa: E402
-from inspection_station.audit import ReviewDB  # noqa: E402
-from inspection_station.promotion import promote  # noqa: E402
-from inspection_station.review import ReviewService, export_reviewed  # noqa: E402
-from inspection_station.station import StationOptions, run_station  # noqa: E402
-from inspection_station.store import RecordStore  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.retrain import RETRAIN_DISTILL, RetrainConfig, retrain  # noqa: E402
+from vialinspect.datasets.generate import generate  # noqa: E402
+from vialinspect.datasets.reader import open_dataset  # noqa: E402
+from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
+from vialinspect.datasets.sim.scene import sample_scene  # noqa: E402
+from vialinspect.export.registry import Registry  # noqa: E402
+from vialinspect.inspection_station import users  # noqa: E402
+from vialinspect.inspection_station.audit import ReviewDB  # noqa: E402
+from vialinspect.inspection_station.promotion import promote  # noqa: E402
+from vialinspect.inspection_station.review import ReviewService, export_reviewed  # noqa: E402
+from vialinspect.inspection_station.station import StationOptions, run_station  # noqa: E402
+from vialinspect.inspection_station.store import RecordStore  # noqa: E402
+from vialinspect.training.config import TrainConfig  # noqa: E402
+from vialinspect.training.retrain import RETRAIN_DISTILL, RetrainConfig, retrain  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN, ADMIN_PW = "qa_lead", "qa-lead-password-1"
@@ -153,7 +156,7 @@ def main() -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     recipe = Path(a.recipe) if a.recipe else next((ROOT / "inspection_station/recipes").glob(f"{a.format}.*"))
-    from inspection_station.recipe import load_recipe
+    from vialinspect.inspection_station.recipe import load_recipe
 
     recipe_name = load_recipe(recipe).name
     t0 = time.perf_counter()

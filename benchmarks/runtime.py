@@ -22,16 +22,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vialinspect import set_offline_env  # noqa: E402
+
+set_offline_env()  # before any library that could phone home is imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from datasets.sim.formats import get_format  # noqa: E402
-from datasets.sim.render import framing_for  # noqa: E402
-from export.package import load_package  # noqa: E402
-from vision.model import InferenceModel, VialNet  # noqa: E402
-from vision.preprocess import InputSpec  # noqa: E402
-from vision.runtime import OnnxModel  # noqa: E402
+from vialinspect.datasets.sim.formats import get_format  # noqa: E402
+from vialinspect.datasets.sim.render import framing_for  # noqa: E402
+from vialinspect.export.package import load_package  # noqa: E402
+from vialinspect.vision.model import InferenceModel, VialNet  # noqa: E402
+from vialinspect.vision.preprocess import InputSpec  # noqa: E402
+from vialinspect.vision.runtime import OnnxModel  # noqa: E402
 
 
 def latencies(fn, x, seconds: float) -> list[float]:
@@ -125,7 +127,7 @@ def main() -> int:
     if not gpu.status.fallback:
         import tempfile
 
-        from export.onnx_export import export_onnx
+        from vialinspect.export.onnx_export import export_onnx
 
         cases.append(("onnxruntime-fp32", gpu.status.provider, gpu._run))
         f16 = Path(tempfile.mkdtemp()) / "model_fp16.onnx"

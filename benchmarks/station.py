@@ -36,20 +36,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vialinspect import set_offline_env  # noqa: E402
+
+set_offline_env()  # before any library that could phone home is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
-
-from datasets.generate import container_id, make_container  # noqa: E402
-from datasets.sim.config import SimConfig  # noqa: E402
-from inspection_station.line import LogLineOutput  # noqa: E402
-from inspection_station.pipeline import ModelSlot, Pipeline  # noqa: E402
-from inspection_station.recipe import Recipe  # noqa: E402
-from inspection_station.sources import Source  # noqa: E402
-from inspection_station.station import load_model  # noqa: E402
-from inspection_station.stats import StationStats  # noqa: E402
-from inspection_station.store import RecordStore  # noqa: E402
-from vision.preprocess import preprocess  # noqa: E402
+from vialinspect.datasets.generate import container_id, make_container  # noqa: E402
+from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
+from vialinspect.inspection_station.line import LogLineOutput  # noqa: E402
+from vialinspect.inspection_station.pipeline import ModelSlot, Pipeline  # noqa: E402
+from vialinspect.inspection_station.recipe import Recipe  # noqa: E402
+from vialinspect.inspection_station.sources import Source  # noqa: E402
+from vialinspect.inspection_station.station import load_model  # noqa: E402
+from vialinspect.inspection_station.stats import StationStats  # noqa: E402
+from vialinspect.inspection_station.store import RecordStore  # noqa: E402
+from vialinspect.vision.preprocess import preprocess  # noqa: E402
 
 
 class ReplaySource(Source):

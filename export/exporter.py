@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from vision.model import VialNet
-from vision.preprocess import InputSpec, Prepared
+from vialinspect.vision.model import VialNet
+from vialinspect.vision.preprocess import InputSpec, Prepared
 
 from .onnx_export import DEFAULT_OPSET, ExportError, export_onnx, parity
 from .package import ModelPackage, write_package

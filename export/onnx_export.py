@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from vision.model import InferenceModel, VialNet
-from vision.postprocess import to_scores
-from vision.preprocess import InputSpec, Prepared
-from vision.runtime import INPUT_NAME, OUTPUT_NAMES
-from vision.scores import class_scores, rejected_classes
+from vialinspect.vision.model import InferenceModel, VialNet
+from vialinspect.vision.postprocess import to_scores
+from vialinspect.vision.preprocess import InputSpec, Prepared
+from vialinspect.vision.runtime import INPUT_NAME, OUTPUT_NAMES
+from vialinspect.vision.scores import class_scores, rejected_classes
 
 PARITY_ATOL = 1e-4
 PARITY_ATOL_FP16 = 2e-2  # half precision keeps ~3 decimal digits; decisions must still agree

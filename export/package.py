@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .builtin import resolve_model_ref
+
 PACKAGE_FORMAT = "vialinspect-model-package"
 FORMAT_VERSION = 1
 ONNX_NAME, META_NAME, SUMS_NAME = "model.onnx", "model.json", "SHA256SUMS"
@@ -113,8 +115,14 @@ def write_package(out: Path, onnx_bytes: bytes, metadata: dict[str, Any], overwr
 
 
 def load_package(path: str | Path) -> ModelPackage:
-    """Verify checksums, format and version id; return the package or raise ``PackageError``."""
-    p = Path(path)
+    """Verify checksums, format and version id; return the package or raise ``PackageError``.
+
+    ``path`` is a package directory or ``builtin:NAME`` (a package shipped with vialinspect).
+    """
+    try:
+        p = resolve_model_ref(path)
+    except (LookupError, FileNotFoundError) as e:
+        raise PackageError(str(e)) from None
     if not p.is_dir():
         raise PackageError(f"{p}: not a model package directory")
     sums_file = p / SUMS_NAME
@@ -170,12 +178,12 @@ def package_weights(path: str | Path) -> tuple[ModelPackage, dict[str, Any]]:
 
 
 def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = None, spin: bool = True):
-    """ONNX Runtime for a verified package, with the package's own input spec (a ``vision.runtime.OnnxModel``).
+    """ONNX Runtime for a verified package, with its own input spec (a ``vialinspect.vision.runtime.OnnxModel``).
 
     The fill height is reported only when the package says its fill head was trained.
     """
-    from vision.preprocess import InputSpec
-    from vision.runtime import OnnxModel
+    from vialinspect.vision.preprocess import InputSpec
+    from vialinspect.vision.runtime import OnnxModel
 
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
     return OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),

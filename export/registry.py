@@ -15,7 +15,7 @@ Status is derived from the history, never stored twice: ``registered`` → ``can
 or ``rejected`` (failed it) → ``current`` for a recipe once promoted.
 
 The registry does not check passwords: promotion and rollback take a ``Signature`` made by the caller after
-it verified the signer (``inspection_station.promotion`` does this with the review app's users and audit
+it verified the signer (``vialinspect.inspection_station.promotion`` does this with the review app's users and audit
 trail), and record it with the event.
 """
 

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from vision.preprocess import preprocess
-from vision.scores import class_scores, rejected_classes
+from vialinspect.vision.preprocess import preprocess
+from vialinspect.vision.scores import class_scores, rejected_classes
 
 from .assembly import Assembler
 from .line import LineOutput

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.registry import Event, Registry, RegistryError, Signature
+from vialinspect.export.registry import Event, Registry, RegistryError, Signature
 
 from . import audit, users
 from .audit import ReviewDB

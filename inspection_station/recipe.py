@@ -9,7 +9,7 @@ Example (TOML)::
 
     name = "vial-2R-demo"
     format = "vial-2R"
-    model = "../../models/default"   # relative to the recipe file's folder
+    model = "builtin:default"        # a shipped model package, or a folder relative to the recipe file
     frames = 4
 
     [thresholds]                     # optional; overrides the model package's calibrated thresholds
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from datasets.sim.formats import FORMATS
-from vision.scores import CLASSES
+from vialinspect.datasets.sim.formats import FORMATS
+from vialinspect.export.builtin import resolve_model_ref, resolve_recipe_ref
+from vialinspect.vision.scores import CLASSES
 
 DEFAULT_DEADLINE_MS = 500.0
 DEFAULT_BATCH_MAX = 8
@@ -131,7 +131,7 @@ class Recipe:
 
     @property
     def fill_spec(self) -> tuple[float, float]:
-        """(target, tolerance) in mm, as ``vision.scores.class_scores`` takes it."""
+        """(target, tolerance) in mm, as ``vialinspect.vision.scores.class_scores`` takes it."""
         return (float(self.fill_target_mm), float(self.fill_tolerance_mm))  # type: ignore[arg-type]
 
     def effective_thresholds(self, package_thresholds: dict[str, float]) -> dict[str, float]:
@@ -175,10 +175,11 @@ class Recipe:
 def load_recipe(path: str | Path, check_model: bool = False) -> Recipe:
     """Read and check a recipe file (``.toml``, ``.yaml`` or ``.yml``); raise ``RecipeError`` on any mistake.
 
-    ``model`` is taken relative to the recipe file's folder. With ``check_model`` the package is also
+    ``path`` is a file or the name of a shipped recipe (``vial-2R``). ``model`` is ``builtin:NAME`` (a
+    shipped package) or a folder, taken relative to the recipe file's folder. With ``check_model`` the package is also
     verified (checksums, format) now rather than when the station loads it.
     """
-    path = Path(path).resolve()  # errors and records name the file unambiguously
+    path = resolve_recipe_ref(path).resolve()  # a file, or a shipped recipe by name; errors name the file
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -208,7 +209,7 @@ def load_recipe(path: str | Path, check_model: bool = False) -> Recipe:
     digest = hashlib.sha256(raw).hexdigest()[:16]
     recipe = Recipe.from_dict(data, base_dir=path.parent, source=path, digest=digest)
     if check_model:
-        from export.package import PackageError, load_package
+        from vialinspect.export.package import PackageError, load_package
 
         try:
             load_package(recipe.model)
@@ -260,10 +261,10 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
         v = data["frame_compression"]
         _need(isinstance(v, str), "frame_compression", f"must be a text, got {_kind(v)}")
         out["frame_compression"] = v
-    model = Path(out["model"]).expanduser()
-    if not model.is_absolute() and base_dir is not None:
-        model = (base_dir / model).resolve()
-    out["model"] = model
+    try:
+        out["model"] = resolve_model_ref(out["model"], base_dir)
+    except (LookupError, FileNotFoundError) as e:
+        raise RecipeError(str(e), "model") from None
     for k in ("frames", "batch_max"):
         if k in data:
             _need(_is_int(data[k]), k, f"must be a whole number, got {_kind(data[k])}")

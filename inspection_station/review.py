@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from datasets.imageio import ImageError, read_gray, to_uint8, write_png
-from datasets.manifest import MANIFEST_NAME, ManifestWriter
-from datasets.records import DEFECT_CLASSES, ContainerRecord, FillSpec, split_for
+from vialinspect.datasets.imageio import ImageError, read_gray, to_uint8, write_png
+from vialinspect.datasets.manifest import MANIFEST_NAME, ManifestWriter
+from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord, FillSpec, split_for
 
 from . import audit, users
 from .audit import ReviewDB
@@ -299,7 +298,7 @@ def overlay_maps(frame: np.ndarray, maps: np.ndarray, classes: Sequence[str]) ->
 def _fill_spec_for_format(fmt: str | None) -> tuple[float, float] | None:
     if not fmt:
         return None
-    from datasets.sim.formats import FORMATS
+    from vialinspect.datasets.sim.formats import FORMATS
 
     f = FORMATS.get(fmt)
     return None if f is None else (round(float(f.target_fill_mm), 4), float(f.fill_tolerance_mm))

@@ -6,7 +6,7 @@ and the front end's static assets, drops sessions of users who have been disable
 logouts, and refuses routes this app never needs (uploads, the URL proxy, run history). No folder is
 served: frames reach the browser only as images the handlers load through validated container ids.
 
-All logic lives in :mod:`inspection_station.review`; the handlers here only translate between widgets and
+All logic lives in :mod:`vialinspect.inspection_station.review`; the handlers here only translate between widgets and
 those functions.
 """
 
@@ -30,8 +30,7 @@ for _k, _v in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1")):
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
-
-from datasets.records import DEFECT_CLASSES  # noqa: E402
+from vialinspect.datasets.records import DEFECT_CLASSES  # noqa: E402
 
 from . import audit, users  # noqa: E402
 from .review import (  # noqa: E402

@@ -37,8 +37,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
-
-from datasets.imageio import IMAGE_SUFFIXES, ImageError, read_gray
+from vialinspect.datasets.imageio import IMAGE_SUFFIXES, ImageError, read_gray
 
 from .types import Frame
 
@@ -233,7 +232,7 @@ class SimSource(Source):
 
     def __init__(self, uri: str, frames_per_container: int, opts: _Opts) -> None:
         super().__init__(uri, frames_per_container)
-        from datasets.sim.config import CameraConfig, SimConfig, parse_nuisance_rates
+        from vialinspect.datasets.sim.config import CameraConfig, SimConfig, parse_nuisance_rates
 
         frames = opts.get("frames", int, frames_per_container)
         if frames != frames_per_container:
@@ -287,7 +286,7 @@ class SimSource(Source):
         return self.end is not None and self._ci >= self.end
 
     def _render_loop(self) -> None:
-        from datasets.generate import make_container
+        from vialinspect.datasets.generate import make_container
 
         i = self.start
         while not self._stop.is_set() and (self.end is None or i < self.end):
@@ -356,7 +355,7 @@ class SimSource(Source):
             self._ci, self._k = self._ci + 1, 0
 
     def _read(self, timeout: float) -> Frame:
-        from datasets.generate import container_id
+        from vialinspect.datasets.generate import container_id
 
         deadline = time.monotonic() + timeout
         if not self._pacer.wait(deadline):

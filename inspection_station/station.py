@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.package import load_package, open_runner
-from export.registry import RegistryError
-from vision.preprocess import InputSpec
+from vialinspect.export.package import load_package, open_runner
+from vialinspect.export.registry import RegistryError
+from vialinspect.vision.preprocess import InputSpec
 
 from .line import LogLineOutput, OpcUaLineOutput
 from .pipeline import LoadedModel, ModelSlot, Pipeline
@@ -168,7 +168,7 @@ def _source_uri(uri: str, recipe: Recipe, start: int) -> str:
 def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     registry = None
     if opts.registry is not None:
-        from export.registry import Registry
+        from vialinspect.export.registry import Registry
 
         recipe = load_recipe(opts.recipe, check_model=False)
         registry = Registry(opts.registry)

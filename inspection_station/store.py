@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from datasets.imageio import png_bytes
+from vialinspect.datasets.imageio import png_bytes
 
 from .types import Container, Decision, not_inspected
 

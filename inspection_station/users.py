@@ -1,6 +1,6 @@
 """Users of the review app: salted scrypt password hashes, roles, disable (never delete).
 
-Users live in ``STORE/review.sqlite`` (see :mod:`inspection_station.audit`); every change is audited in the
+Users live in ``STORE/review.sqlite`` (see :mod:`vialinspect.inspection_station.audit`); every change is audited in the
 same transaction as the change itself. A user name is never reused: a disabled user cannot be added again,
 so a name in the audit trail always means the same person (21 CFR 11.100(a), 11.300(a)).
 """

@@ -6,9 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VIALINSPECT_NO_PROGRESS", "1")
 
 import pytest  # noqa: E402
-
-from datasets.generate import generate  # noqa: E402
-from datasets.sim.config import CameraConfig, SimConfig  # noqa: E402
+from vialinspect.datasets.generate import generate  # noqa: E402
+from vialinspect.datasets.sim.config import CameraConfig, SimConfig  # noqa: E402
 
 SMALL_WIDTHS = (8, 8, 12, 16, 16)
 
@@ -30,7 +29,7 @@ def coarse_data(tmp_path_factory):
 
 
 def small_config(**kw):
-    from training.config import TrainConfig
+    from vialinspect.training.config import TrainConfig
 
     base = dict(epochs=2, batch_size=4, workers=0, widths=SMALL_WIDTHS, lr=3e-3, threads=1, crop=64, crop_batch=4)
     base.update(kw)
@@ -40,7 +39,7 @@ def small_config(**kw):
 @pytest.fixture(scope="session")
 def tiny_run(coarse_data, tmp_path_factory):
     """A tiny model trained for one epoch on ``coarse_data``: its best.pt has calibrated thresholds."""
-    from training.trainer import train
+    from vialinspect.training.trainer import train
 
     run = tmp_path_factory.mktemp("tiny_run")
     train(coarse_data, run, small_config(epochs=1), progress=False, log=lambda *a: None)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from inspection_station.assembly import Assembler
-from inspection_station.types import Frame
+from vialinspect.inspection_station.assembly import Assembler
+from vialinspect.inspection_station.types import Frame
 
 
 def px(h: int = 6, w: int = 4, dtype: type = np.uint8) -> np.ndarray:

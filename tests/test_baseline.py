@@ -5,15 +5,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
-from datasets.generate import generate
-from datasets.reader import open_dataset
-from datasets.sim.config import SimConfig
-from datasets.sim.motion import Track, settling_velocity_mm_s
-from datasets.sim.render import render
-from datasets.sim.scene import FreeObject, GlassMark, Scene, sample_scene
-from training.baseline import BaselineParams, ClassicalInspector, score_dataset
-from vision.scores import class_scores
+from vialinspect.datasets.generate import generate
+from vialinspect.datasets.reader import open_dataset
+from vialinspect.datasets.sim.config import SimConfig
+from vialinspect.datasets.sim.motion import Track, settling_velocity_mm_s
+from vialinspect.datasets.sim.render import render
+from vialinspect.datasets.sim.scene import FreeObject, GlassMark, Scene, sample_scene
+from vialinspect.training.baseline import BaselineParams, ClassicalInspector, score_dataset
+from vialinspect.vision.scores import class_scores
 
 PIXEL_UM = 40.0
 

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from datasets.records import ContainerRecord, Defect, FillSpec
-from training.calibrate import (
+from vialinspect.datasets.records import ContainerRecord, Defect, FillSpec
+from vialinspect.training.calibrate import (
     calibrate,
     hold_detection,
     rejects_allowed,
@@ -12,8 +11,8 @@ from training.calibrate import (
     threshold_for_recall,
     thresholds_to_match,
 )
-from training.metrics import evaluate
-from vision.scores import Scores, class_scores, fill_probability, rejected_classes
+from vialinspect.training.metrics import evaluate
+from vialinspect.vision.scores import Scores, class_scores, fill_probability, rejected_classes
 
 
 def test_threshold_for_budget_counts_the_next_unit():
@@ -148,7 +147,7 @@ def test_hold_detection_counts_only_detections_at_the_defect():
     """The champion rejects four particle units, but its map peaks at the particle in only one of them (a
     false alarm elsewhere in the others): held per unit, the challenger would need a threshold low enough to
     reject all four; held at the defect, one."""
-    from datasets.records import Defect
+    from vialinspect.datasets.records import Defect
 
     box = [17.0, 41.0, 20.0, 44.0]  # map cell (row 5, column 2) at 8 px a cell
     recs = [ContainerRecord(id=f"p{i}", frames=[], classes=["particle"],

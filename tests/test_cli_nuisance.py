@@ -13,7 +13,7 @@ def test_cli_nuisance_option(tmp_path, capsys):
     out = tmp_path / "ds"
     assert main(["generate", "--out", str(out), "--containers", "2", "--frames", "1", "--formats", "vial-2R",
                  "--pixel-um", "120", "--workers", "1", "--nuisance", "lot_code=1", "--nuisance", "dust=0"]) == 0
-    from datasets.reader import open_dataset
+    from vialinspect.datasets.reader import open_dataset
 
     recs = list(open_dataset(out).records)
     assert all("lot_code" in r.nuisances and "dust" not in r.nuisances for r in recs)
@@ -37,7 +37,7 @@ def test_cli_defect_mix_option(tmp_path, capsys):
     assert main(["generate", "--out", str(out), "--containers", "6", "--frames", "1", "--formats", "vial-2R",
                  "--pixel-um", "120", "--workers", "1", "--defect-rate", "1", "--defect-mix", "particle=0",
                  "--defect-mix", "fill_level=0"]) == 0
-    from datasets.reader import open_dataset
+    from vialinspect.datasets.reader import open_dataset
 
     ds = open_dataset(out)
     assert all(r.classes == ["crack"] for r in ds.records)

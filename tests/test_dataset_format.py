@@ -7,14 +7,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from datasets.generate import generate
-from datasets.imagefolder import read_imagefolder
-from datasets.imageio import ImageError, png_bytes, read_gray
-from datasets.manifest import MANIFEST_NAME, DatasetError, read_manifest, write_manifest
-from datasets.reader import decode_check, open_dataset, summarize
-from datasets.records import ContainerRecord, Defect, FillSpec, split_for
-from datasets.sim.config import SimConfig
+from vialinspect.datasets.generate import generate
+from vialinspect.datasets.imagefolder import read_imagefolder
+from vialinspect.datasets.imageio import ImageError, png_bytes, read_gray
+from vialinspect.datasets.manifest import MANIFEST_NAME, DatasetError, read_manifest, write_manifest
+from vialinspect.datasets.reader import decode_check, open_dataset, summarize
+from vialinspect.datasets.records import ContainerRecord, Defect, FillSpec, split_for
+from vialinspect.datasets.sim.config import SimConfig
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from vialinspect.export.package import PackageError, load_package, with_thresholds
+from vialinspect.training.evaluate import evaluate_model, load_model
+from vialinspect.vision.preprocess import InputSpec
+from vialinspect.vision.runtime import CPU, OnnxModel, provider_plan
 
-from export.package import PackageError, load_package, with_thresholds
-from training.evaluate import evaluate_model, load_model
 from vialinspect.cli import main
-from vision.preprocess import InputSpec
-from vision.runtime import CPU, OnnxModel, provider_plan
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_threshold_only_reversioning_keeps_the_onnx_bytes(package, tmp_path):
 
 
 def test_calibrating_a_package_on_a_lot_sets_the_training_rule_thresholds(package, coarse_data, tmp_path, capsys):
-    from training.calibrate import calibrate
+    from vialinspect.training.calibrate import calibrate
 
     out = tmp_path / "calibrated"
     assert main(["package", "calibrate", str(package), "--data", str(coarse_data), "--out", str(out), "--frr", "0.2",
@@ -211,7 +211,7 @@ def test_gpu_provider_failure_falls_back_to_cpu(package, fail_at):
 
 
 def test_station_sessions_let_idle_threads_sleep_and_score_the_same(package):
-    from inspection_station.station import load_model
+    from vialinspect.inspection_station.station import load_model
 
     pkg = load_package(package)
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
@@ -250,7 +250,7 @@ def test_provider_plan_orders_gpu_first_and_always_ends_on_cpu():
 
 
 def test_fine_tune_from_a_package_with_another_frame_count(package, coarse_data, tmp_path):
-    from training.trainer import train
+    from vialinspect.training.trainer import train
 
     from .conftest import small_config
 
@@ -258,7 +258,7 @@ def test_fine_tune_from_a_package_with_another_frame_count(package, coarse_data,
     s = train(coarse_data, tmp_path / "ft", small_config(epochs=1, frames=1), init=str(package), progress=False,
               log=lambda *a: None)
     assert s["epochs_run"] == 1
-    from training.checkpoint import load_checkpoint
+    from vialinspect.training.checkpoint import load_checkpoint
 
     ck = load_checkpoint(tmp_path / "ft" / "best.pt")
     assert ck["input_spec"]["frames"] == 1

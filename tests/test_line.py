@@ -7,13 +7,12 @@ import json
 import time
 
 import pytest
-
-from inspection_station.line import LineOutput, LogLineOutput, free_port
-from inspection_station.types import Decision
+from vialinspect.inspection_station.line import LineOutput, LogLineOutput, free_port
+from vialinspect.inspection_station.types import Decision
 
 pytest.importorskip("asyncua", reason="asyncua is needed for the OPC UA line output")
 
-from inspection_station.line import OpcUaLineOutput, serve_test_controller  # noqa: E402
+from vialinspect.inspection_station.line import OpcUaLineOutput, serve_test_controller  # noqa: E402
 
 
 def decision(i: int, accept: bool = True, reasons: list[str] | None = None) -> Decision:

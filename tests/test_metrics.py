@@ -7,11 +7,10 @@ import json
 import cv2
 import numpy as np
 import pytest
-
-from datasets.records import ContainerRecord, Defect, FillSpec
-from training.metrics import auroc, evaluate, precision, recall, roc_curve, wilson_interval
-from training.report import compare_reports, write_report
-from vision.scores import Scores
+from vialinspect.datasets.records import ContainerRecord, Defect, FillSpec
+from vialinspect.training.metrics import auroc, evaluate, precision, recall, roc_curve, wilson_interval
+from vialinspect.training.report import compare_reports, write_report
+from vialinspect.vision.scores import Scores
 
 # ---------------------------------------------------------------------------------------------------------
 # Generic metrics

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from vision.model import (
+from vialinspect.vision.model import (
     CONTRAST_CLIP,
     CONTRAST_FLOOR,
     MOTION_GAIN,
@@ -18,7 +17,7 @@ from vision.model import (
     half_frames,
     soft_rows,
 )
-from vision.preprocess import InputSpec, preprocess
+from vialinspect.vision.preprocess import InputSpec, preprocess
 
 
 @pytest.mark.parametrize("frames,h,w", [(4, 128, 96), (1, 160, 64), (2, 96, 224)])

@@ -3,9 +3,9 @@
 import importlib.util
 from pathlib import Path
 
-from datasets.records import ContainerRecord, Defect
-from training.metrics import evaluate
-from vision.scores import Scores
+from vialinspect.datasets.records import ContainerRecord, Defect
+from vialinspect.training.metrics import evaluate
+from vialinspect.vision.scores import Scores
 
 
 def _quality():

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from datasets.sim.formats import FORMATS
-from inspection_station.recipe import Recipe, RecipeError, load_recipe
+from vialinspect.datasets.sim.formats import FORMATS
+from vialinspect.inspection_station.recipe import Recipe, RecipeError, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "inspection_station" / "recipes"
 REPO = RECIPES.parents[1]

@@ -9,18 +9,18 @@ import time
 
 import numpy as np
 import pytest
+from vialinspect.datasets.records import ContainerRecord, Defect
+from vialinspect.export.registry import Registry, RegistryError, Signature
+from vialinspect.inspection_station import audit, users
+from vialinspect.inspection_station.audit import ReviewDB
+from vialinspect.inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline
+from vialinspect.inspection_station.promotion import PromotionError, promote, rollback
+from vialinspect.inspection_station.stats import StationStats
+from vialinspect.inspection_station.store import RecordStore
+from vialinspect.training.gate import GateConfig, binomial_tail, compare, render_markdown
+from vialinspect.vision.scores import Scores
 
-from datasets.records import ContainerRecord, Defect
-from export.registry import Registry, RegistryError, Signature
-from inspection_station import audit, users
-from inspection_station.audit import ReviewDB
-from inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline
-from inspection_station.promotion import PromotionError, promote, rollback
-from inspection_station.stats import StationStats
-from inspection_station.store import RecordStore
-from training.gate import GateConfig, binomial_tail, compare, render_markdown
 from vialinspect.cli import main
-from vision.scores import Scores
 
 from .test_station import FakeRunner, ListSource, RecordingLine, _recipe, _unit
 
@@ -31,7 +31,7 @@ TH = {"particle": 0.5, "crack": 0.5, "fill_level": 0.5}
 @pytest.fixture(scope="module")
 def packages(tiny_run, coarse_data, tmp_path_factory):
     """Two package versions of the tiny model (same ONNX, other thresholds)."""
-    from export.package import load_package, with_thresholds
+    from vialinspect.export.package import load_package, with_thresholds
 
     d = tmp_path_factory.mktemp("reg_pkgs")
     assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(d / "a"),
@@ -219,7 +219,7 @@ def _mapped(particle_prob: float, at: tuple[int, int] | None) -> Scores:
 
 
 def test_evidence_at_reads_the_map_cells_under_the_box():
-    from vision.scores import evidence_at
+    from vialinspect.vision.scores import evidence_at
 
     sc = _mapped(0.9, (5, 2))  # cell row 5, column 2: pixels x 16-23, y 40-47
     assert evidence_at(sc, "particle", (17, 41, 20, 44)) == pytest.approx(0.9)
@@ -329,9 +329,8 @@ def test_hot_swap_under_load_loses_and_duplicates_nothing(tmp_path):
 
 def test_leak_check_catches_a_renamed_and_reencoded_copy(coarse_data, tmp_path):
     import cv2
-
-    from datasets.reader import open_dataset
-    from training.retrain import LeakError, check_no_leak
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.training.retrain import LeakError, check_no_leak
 
     ds = open_dataset(coarse_data)
     qual = ds.records[:3]

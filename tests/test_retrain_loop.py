@@ -9,16 +9,16 @@ import threading
 import time
 
 import pytest
+from vialinspect.datasets.generate import generate
+from vialinspect.datasets.sim.config import CameraConfig, SimConfig
+from vialinspect.export.registry import Registry
+from vialinspect.inspection_station import audit, users
+from vialinspect.inspection_station.audit import ReviewDB
+from vialinspect.inspection_station.promotion import promote
+from vialinspect.inspection_station.review import ReviewService
+from vialinspect.inspection_station.station import StationOptions, run_station
+from vialinspect.inspection_station.store import RecordStore
 
-from datasets.generate import generate
-from datasets.sim.config import CameraConfig, SimConfig
-from export.registry import Registry
-from inspection_station import audit, users
-from inspection_station.audit import ReviewDB
-from inspection_station.promotion import promote
-from inspection_station.review import ReviewService
-from inspection_station.station import StationOptions, run_station
-from inspection_station.store import RecordStore
 from vialinspect.cli import main
 
 ADMIN_PW = "admin-password-333"
@@ -110,7 +110,7 @@ def test_running_station_takes_up_a_promotion_between_containers(line, monkeypat
     d = line
     reg = Registry(d / "reg")
     old = reg.current(RECIPE)
-    from export.package import load_package, with_thresholds
+    from vialinspect.export.package import load_package, with_thresholds
 
     newer = with_thresholds(load_package(reg.package_dir(old)), {"crack": 0.99}, d / "pkg_b", reason="test")
     vb = reg.add(newer.path, "os:test", "threshold change")
@@ -151,7 +151,7 @@ def test_running_station_takes_up_a_promotion_between_containers(line, monkeypat
 
 
 def test_a_registry_model_that_does_not_fit_the_recipe_is_refused(line, tmp_path):
-    from inspection_station.recipe import RecipeError
+    from vialinspect.inspection_station.recipe import RecipeError
 
     text = (line / "recipe.toml").read_text().replace("frames = 2", "frames = 3").replace('model = "model"',
                                                                                         f'model = "{line}/model"')
@@ -163,8 +163,8 @@ def test_a_registry_model_that_does_not_fit_the_recipe_is_refused(line, tmp_path
 
 
 def test_a_share_of_reviewed_defects_is_held_out_of_training_for_holding_detection(coarse_data, tmp_path):
-    from datasets.reader import open_dataset
-    from training.retrain import RetrainConfig, RetrainError, build_training_set
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.training.retrain import RetrainConfig, RetrainError, build_training_set
 
     base = open_dataset(coarse_data)
     reviewed = open_dataset(coarse_data)  # stands in for a review export: defects and good units

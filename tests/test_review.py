@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from inspection_station import audit, users
-from inspection_station.audit import ReviewDB
-from inspection_station.review import (
+from vialinspect.inspection_station import audit, users
+from vialinspect.inspection_station.audit import ReviewDB
+from vialinspect.inspection_station.review import (
     QueueFilter,
     ReviewError,
     ReviewService,
@@ -20,8 +19,8 @@ from inspection_station.review import (
     overlay_maps,
     sign_review,
 )
-from inspection_station.store import RecordStore
-from inspection_station.types import Container, Decision, Frame
+from vialinspect.inspection_station.store import RecordStore
+from vialinspect.inspection_station.types import Container, Decision, Frame
 
 PW = {"alice": "alice-password-1", "bob": "bob-password-22", "root": "admin-password-333"}
 T0 = 1_780_000_000.0  # 2026-05-28T20:26:40Z
@@ -413,7 +412,8 @@ def test_trends_reject_rates_and_false_reject_estimate(svc):
 # ---------------------------------------------------------------- export for retraining
 
 def test_review_export_is_a_valid_dataset_with_the_reviewed_labels(svc, tmp_path, capsys):
-    from datasets.reader import decode_check, open_dataset
+    from vialinspect.datasets.reader import decode_check, open_dataset
+
     from vialinspect.cli import main
 
     svc.sign_review("alice", PW["alice"], "u000", "confirmed_defect", "crack", "model said particle; it is a crack")

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from vialinspect.inspection_station import audit, users
 
-from inspection_station import audit, users
 from tests.test_review import PW, make_store
 
 # Gradio's own event metrics use a pandas option that pandas 3 deprecates; nothing of this app.
@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from inspection_station.review_app import serve
+    from vialinspect.inspection_station.review_app import serve
 
     store = make_store(tmp_path_factory.mktemp("review_app") / "store")
     demo, url = serve(store, host="127.0.0.1", port=_free_port(), block=False, quiet=True)
@@ -105,7 +105,7 @@ def test_every_endpoint_refuses_an_anonymous_call(app):
 
 
 def test_logins_logouts_and_disabled_users(app, monkeypatch):
-    from inspection_station.review_app import AuthGuard
+    from vialinspect.inspection_station.review_app import AuthGuard
 
     monkeypatch.setattr(AuthGuard, "ACTIVE_CACHE_S", 0.0)
     n = len(audit.entries(app.db))
@@ -180,7 +180,7 @@ def test_logged_in_client_validation_signatures_and_files(app):
 
 
 def test_idle_sessions_end_and_are_audited(app):
-    from inspection_station.review_app import serve
+    from vialinspect.inspection_station.review_app import serve
 
     demo, url = serve(app.store, port=_free_port(), block=False, quiet=True, idle_timeout_s=0.5)
     try:

@@ -4,11 +4,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
-from datasets.sim.config import SimConfig, parse_nuisance_rates
-from datasets.sim.render import render
-from datasets.sim.scene import sample_scene
-from inspection_station.sources import SourceError, open_source
+from vialinspect.datasets.sim.config import SimConfig, parse_nuisance_rates
+from vialinspect.datasets.sim.render import render
+from vialinspect.datasets.sim.scene import sample_scene
+from vialinspect.inspection_station.sources import SourceError, open_source
 
 VIALS = SimConfig(formats=("vial-2R", "vial-10R"), frames=3, defect_rate=0.0)
 

@@ -4,13 +4,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
-from datasets.sim import sprites
-from datasets.sim.config import CameraConfig, SimConfig
-from datasets.sim.formats import FORMATS, get_format
-from datasets.sim.motion import settling_velocity_mm_s
-from datasets.sim.render import object_position_mm, render, scene_time
-from datasets.sim.scene import sample_scene
+from vialinspect.datasets.sim import sprites
+from vialinspect.datasets.sim.config import CameraConfig, SimConfig
+from vialinspect.datasets.sim.formats import FORMATS, get_format
+from vialinspect.datasets.sim.motion import settling_velocity_mm_s
+from vialinspect.datasets.sim.render import object_position_mm, render, scene_time
+from vialinspect.datasets.sim.scene import sample_scene
 
 
 def _width_px(alpha: np.ndarray, level: float = 0.5) -> int:

@@ -3,12 +3,11 @@
 from dataclasses import replace
 
 import numpy as np
-
-from datasets.sim import sprites
-from datasets.sim.config import SimConfig, parse_nuisance_rates
-from datasets.sim.render import render
-from datasets.sim.scene import sample_scene
-from inspection_station.sources import open_source
+from vialinspect.datasets.sim import sprites
+from vialinspect.datasets.sim.config import SimConfig, parse_nuisance_rates
+from vialinspect.datasets.sim.render import render
+from vialinspect.datasets.sim.scene import sample_scene
+from vialinspect.inspection_station.sources import open_source
 
 SYRINGES = SimConfig(formats=("syringe-1mL",), frames=3, defect_rate=0.0)
 

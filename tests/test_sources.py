@@ -9,12 +9,11 @@ import time
 import cv2
 import numpy as np
 import pytest
-
-import datasets.generate as gen
-from datasets.imageio import write_png
-from datasets.sim.config import CameraConfig, SimConfig
-from inspection_station.assembly import Assembler
-from inspection_station.sources import SourceError, SourceExhausted, open_source
+import vialinspect.datasets.generate as gen
+from vialinspect.datasets.imageio import write_png
+from vialinspect.datasets.sim.config import CameraConfig, SimConfig
+from vialinspect.inspection_station.assembly import Assembler
+from vialinspect.inspection_station.sources import SourceError, SourceExhausted, open_source
 
 # 120 µm/px renders a container in ~10 ms, so the simulator tests stay cheap on a busy machine.
 SIM = "sim://?rate=0&seed=3&formats=vial-2R&pixel_um=120"

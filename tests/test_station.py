@@ -12,16 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from inspection_station import pipeline as pipeline_mod
-from inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline, compress_frames
-from inspection_station.recipe import Recipe
-from inspection_station.sources import Source
-from inspection_station.stats import StationStats
-from inspection_station.store import RecordStore
-from inspection_station.types import NOT_INSPECTED_CAUSES
-from vision.preprocess import InputSpec
-from vision.scores import Scores
+from vialinspect.inspection_station import pipeline as pipeline_mod
+from vialinspect.inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline, compress_frames
+from vialinspect.inspection_station.recipe import Recipe
+from vialinspect.inspection_station.sources import Source
+from vialinspect.inspection_station.stats import StationStats
+from vialinspect.inspection_station.store import RecordStore
+from vialinspect.inspection_station.types import NOT_INSPECTED_CAUSES
+from vialinspect.vision.preprocess import InputSpec
+from vialinspect.vision.scores import Scores
 
 K = 2
 SIZE = (32, 64)  # width, height
@@ -401,10 +400,11 @@ def test_station_cli_summary_metrics_and_sigterm(station_recipe, tmp_path):
 def test_live_scores_on_sim_are_the_offline_evaluation_of_the_same_units(station_recipe, tmp_path):
     """The station on sim:// and `evaluate` on the same units written by `generate` score and decide every unit
     alike, so live accuracy on the simulator is the offline evaluation's (benchmarks/live_accuracy.py at size)."""
-    from inspection_station.recipe import load_recipe
-    from training.evaluate import evaluate_model
+    from vialinspect.inspection_station.recipe import load_recipe
+    from vialinspect.training.evaluate import evaluate_model
+    from vialinspect.vision.scores import class_scores, rejected_classes
+
     from vialinspect.cli import main
-    from vision.scores import class_scores, rejected_classes
 
     n, store, data = 10, tmp_path / "store", tmp_path / "data"
     r = subprocess.run(_station_cmd(station_recipe, store, n), env=_env(), capture_output=True, text=True, timeout=300)

@@ -16,11 +16,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from datasets.imageio import read_gray
-from inspection_station import store as store_mod
-from inspection_station.store import DiskFullError, RecordStore, StoreError, audit_sampled
-from inspection_station.types import Container, Decision, Frame
+from vialinspect.datasets.imageio import read_gray
+from vialinspect.inspection_station import store as store_mod
+from vialinspect.inspection_station.store import DiskFullError, RecordStore, StoreError, audit_sampled
+from vialinspect.inspection_station.types import Container, Decision, Frame
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,23 +6,23 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from vialinspect.training.checkpoint import CheckpointError, load_checkpoint
+from vialinspect.training.config import TrainConfig, load_config
+from vialinspect.training.data import TrainTransform, class_weights
+from vialinspect.training.losses import map_loss, total_loss
+from vialinspect.training.trainer import Dist, WarmupCosine, _fit_schedule_to_budget, no_time_for_another_epoch, train
+from vialinspect.vision.model import VialNet
+from vialinspect.vision.preprocess import InputSpec
 
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import TrainConfig, load_config
-from training.data import TrainTransform, class_weights
-from training.losses import map_loss, total_loss
-from training.trainer import Dist, WarmupCosine, _fit_schedule_to_budget, no_time_for_another_epoch, train
 from vialinspect.cli import main
-from vision.model import VialNet
-from vision.preprocess import InputSpec
 
 from .conftest import SMALL_WIDTHS as SMALL
 from .conftest import small_config
 
 
 def test_loss_falls_on_a_fixed_batch(coarse_data):
-    from datasets.reader import open_dataset
-    from datasets.torch_dataset import ContainerDataset
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.datasets.torch_dataset import ContainerDataset
 
     torch.manual_seed(0)
     ds = open_dataset(coarse_data)
@@ -59,7 +59,7 @@ def test_train_writes_self_describing_checkpoints_and_resumes(coarse_data, tmp_p
 
 
 def test_the_motion_branch_setting_trains_resumes_and_exports_with_parity(coarse_data, tmp_path):
-    from export.package import load_package
+    from vialinspect.export.package import load_package
 
     run = tmp_path / "run"
     train(coarse_data, run, small_config(epochs=1, motion_branch=True), progress=False, log=lambda *a: None)
@@ -154,9 +154,8 @@ def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(c
     import json
 
     import cv2
-
-    from datasets.imageio import read_gray
-    from datasets.reader import open_dataset
+    from vialinspect.datasets.imageio import read_gray
+    from vialinspect.datasets.reader import open_dataset
 
     ds = open_dataset(coarse_data)
     root = tmp_path / "real"
@@ -179,7 +178,7 @@ def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(c
 
 
 def test_class_weights_balance_classes_and_honour_sample_weight():
-    from datasets.records import ContainerRecord
+    from vialinspect.datasets.records import ContainerRecord
 
     recs = [ContainerRecord(id=f"g{i}", frames=[]) for i in range(3)]
     recs += [ContainerRecord(id="hard", frames=[], extra={"sample_weight": 3.0})]
@@ -245,10 +244,9 @@ def test_nuisance_and_left_out_cells_follow_the_crop_and_the_augmentation():
     """The hard-negative cells are where the nuisance object is after cropping, flipping and shifting: a mask
     painted on the same pixels as a crack's ends up in the same map cells as the crack."""
     import numpy as np
-
-    from datasets.records import ContainerRecord, NuisanceObject
-    from datasets.torch_dataset import Sample, nuisance_mask
-    from training.augment import Augmenter
+    from vialinspect.datasets.records import ContainerRecord, NuisanceObject
+    from vialinspect.datasets.torch_dataset import Sample, nuisance_mask
+    from vialinspect.training.augment import Augmenter
 
     rec = ContainerRecord(id="g", frames=["f.png"], nuisance_objects=[
         NuisanceObject(tag="bubbles", bbox=(10, 10, 30, 60), frame_bboxes=[(10, 10, 30, 20), (10, 50, 30, 60)]),
@@ -279,8 +277,8 @@ def test_nuisance_and_left_out_cells_follow_the_crop_and_the_augmentation():
 
 
 def test_nuisance_masks_are_built_only_when_training_weighs_them(coarse_data):
-    from datasets.reader import open_dataset
-    from datasets.torch_dataset import ContainerDataset
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.datasets.torch_dataset import ContainerDataset
 
     ds = open_dataset(coarse_data)
     i = next(k for k, r in enumerate(ds.records) if any(o.bbox for o in r.nuisance_objects))
@@ -294,9 +292,8 @@ def test_short_cracks_are_left_out_of_the_losses_not_taught_as_background():
     """Cracks under ``crack_min_mm`` are neither defect nor background: no map loss on their cells, and no
     image-level crack loss where they are the only crack in view. A longer crack in view still counts."""
     import numpy as np
-
-    from datasets.records import ContainerRecord, Defect
-    from datasets.torch_dataset import Sample, class_masks
+    from vialinspect.datasets.records import ContainerRecord, Defect
+    from vialinspect.datasets.torch_dataset import Sample, class_masks
 
     h, w = 128, 96
     mask = np.zeros((h, w), np.uint8)
@@ -355,9 +352,8 @@ def test_crops_centre_on_the_defect_though_nuisance_objects_outnumber_it():
     """One small particle among ten bubbles: half the crops must show the particle (drawn from one list of
     eleven objects, it would be centred in ~5% of crops and reached by chance in few more)."""
     import numpy as np
-
-    from datasets.records import ContainerRecord, Defect, NuisanceObject
-    from training.data import _crop_window
+    from vialinspect.datasets.records import ContainerRecord, Defect, NuisanceObject
+    from vialinspect.training.data import _crop_window
 
     h, w, size = 1600, 1600, 256
     particle = (1200, 300, 1204, 304)
@@ -390,7 +386,7 @@ def test_crops_centre_on_the_defect_though_nuisance_objects_outnumber_it():
 
 
 def test_best_checkpoint_follows_detection_not_the_loss():
-    from training.trainer import monitored
+    from vialinspect.training.trainer import monitored
 
     # Epoch b detects better (mean AUROC of the probability-decided classes) although its loss is higher.
     a = {"val_loss": 1.9, "score": 0.71}
@@ -403,8 +399,8 @@ def test_best_checkpoint_follows_detection_not_the_loss():
 
 
 def test_best_checkpoint_counts_the_fill_decision_where_heights_are_measured():
-    from datasets.records import ContainerRecord, FillSpec
-    from training.trainer import decision_score, fill_spec_auroc
+    from vialinspect.datasets.records import ContainerRecord, FillSpec
+    from vialinspect.training.trainer import decision_score, fill_spec_auroc
 
     recs = [ContainerRecord(id=str(i), frames=[], classes=["fill_level"] if i < 3 else [],
                             fill_spec=FillSpec(20.0, 0.6)) for i in range(10)]
@@ -422,8 +418,8 @@ def test_best_checkpoint_counts_the_fill_decision_where_heights_are_measured():
 
 
 def test_decoded_image_cache_returns_the_same_images_within_its_budget(coarse_data):
-    from datasets.reader import open_dataset
-    from datasets.torch_dataset import ContainerDataset
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.datasets.torch_dataset import ContainerDataset
 
     ds = open_dataset(coarse_data)
     recs = ds.records[:3]
@@ -443,7 +439,7 @@ def test_decoded_image_cache_returns_the_same_images_within_its_budget(coarse_da
 
 
 def test_mixed_precision_choice_per_device(monkeypatch):
-    from training import trainer
+    from vialinspect.training import trainer
 
     assert trainer.autocast_dtype(torch.device("cpu"), False) is None
     assert trainer.autocast_dtype(torch.device("cuda"), True) == torch.float16
@@ -457,9 +453,8 @@ def test_bfloat16_training_steps_learn_like_float32(coarse_data):
     """The CPU's bfloat16 steps (where the CPU has them) must still learn: same batch, same start, the loss
     falls under both precisions and ends close."""
     import numpy as np
-
-    from datasets.reader import open_dataset
-    from datasets.torch_dataset import ContainerDataset
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.datasets.torch_dataset import ContainerDataset
 
     ds = open_dataset(coarse_data)
     spec = InputSpec(frames=2, pixel_um=120.0)
@@ -488,9 +483,8 @@ def test_bfloat16_training_steps_learn_like_float32(coarse_data):
 
 def test_augmentation_moves_frames_masks_and_rows_together_and_never_flips_vertically():
     import numpy as np
-
-    from datasets.torch_dataset import Sample
-    from training.augment import Augmenter
+    from vialinspect.datasets.torch_dataset import Sample
+    from vialinspect.training.augment import Augmenter
 
     h, w, k = 96, 64, 3
     frames, masks = [], np.zeros((3, h, w), np.uint8)
@@ -525,8 +519,7 @@ def test_augmentation_moves_frames_masks_and_rows_together_and_never_flips_verti
 
 def test_block_max_matches_the_definition():
     import numpy as np
-
-    from training.data import _block_max
+    from vialinspect.training.data import _block_max
 
     rng = np.random.default_rng(0)
     m = (rng.uniform(size=(3, 64, 40)) > 0.97).astype(np.uint8)
@@ -535,7 +528,7 @@ def test_block_max_matches_the_definition():
 
 
 def test_distill_loss_is_zero_for_its_teacher_and_weighs_what_the_teacher_sees():
-    from training.losses import distill_loss
+    from vialinspect.training.losses import distill_loss
 
     g = torch.Generator().manual_seed(0)
     teacher = torch.randn(2, 3, 8, 8, generator=g) * 3
@@ -568,10 +561,10 @@ def _marked_copy(src, dst, distill: bool):
 
 def test_distillation_keeps_a_fine_tuned_model_near_its_teacher_on_marked_units_only(coarse_data,
                                                                                        tmp_path):
-    from datasets.imageio import read_gray
-    from datasets.reader import open_dataset
-    from training.checkpoint import build_model
-    from vision.preprocess import preprocess
+    from vialinspect.datasets.imageio import read_gray
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.training.checkpoint import build_model
+    from vialinspect.vision.preprocess import preprocess
 
     # The teacher has no contrast branch: with it, the tiny model fine-tuned freely for an epoch drifts
     # only ~8e-4 from its teacher, below what distillation measurably pulls back (1.2x at weight 100,
@@ -610,7 +603,7 @@ def test_distillation_keeps_a_fine_tuned_model_near_its_teacher_on_marked_units_
 
 
 def test_distill_without_a_teacher_is_a_clear_error(coarse_data, tmp_path):
-    from training.trainer import TrainingError
+    from vialinspect.training.trainer import TrainingError
 
     with pytest.raises(TrainingError, match="--init"):
         train(coarse_data, tmp_path / "run", small_config(epochs=1, distill=1.0), progress=False, log=lambda *a: None)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
-
-from datasets.torch_dataset import Sample
+from vialinspect.datasets.torch_dataset import Sample
 
 
 def build(frames: int, strength: float = 1.0) -> A.Compose:

@@ -25,7 +25,7 @@ What a classical back-light AVI station does, with OpenCV and numpy only and no 
   the format implies (``fill_offset_mm``).
 
 Format constants (bottom glass thickness, inner/outer radius, cap height, target fill) come from the format's
-recipe (``datasets.sim.formats``) when the format is known, as a real station is set up per format; without
+recipe (``vialinspect.datasets.sim.formats``) when the format is known, as a real station is set up per format; without
 it the kind is told from the image and generic constants are used. Nothing is fitted to labels.
 """
 
@@ -39,11 +39,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from datasets.imageio import read_gray
-from datasets.records import ContainerRecord
-from datasets.sim.formats import FORMATS, ContainerFormat
-from vision.scores import CLASSES, Scores, fill_probability
+from vialinspect.datasets.imageio import read_gray
+from vialinspect.datasets.records import ContainerRecord
+from vialinspect.datasets.sim.formats import FORMATS, ContainerFormat
+from vialinspect.vision.scores import CLASSES, Scores, fill_probability
 
 __all__ = ["BaselineParams", "ClassicalInspector", "score_dataset"]
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from datasets.records import ContainerRecord
-from vision.scores import CLASSES, Scores, class_scores, rejected_classes, score_at
+from vialinspect.datasets.records import ContainerRecord
+from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes, score_at
 
 from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM, binned
 

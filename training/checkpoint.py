@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from datasets.manifest import MANIFEST_NAME, Dataset
-from export.package import sha256_file
-from vision.model import VialNet
-from vision.preprocess import InputSpec
+from vialinspect.datasets.manifest import MANIFEST_NAME, Dataset
+from vialinspect.export.package import sha256_file
+from vialinspect.vision.model import VialNet
+from vialinspect.vision.preprocess import InputSpec
 
 FORMAT = "vialinspect-checkpoint"
 VERSION = 1

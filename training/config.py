@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from datasets.records import DEFECT_CLASSES
+from vialinspect.datasets.records import DEFECT_CLASSES
 
 
 @dataclass

@@ -18,11 +18,10 @@ import cv2
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
-
-from datasets.records import DEFECT_CLASSES, ContainerRecord
-from datasets.torch_dataset import ContainerDataset, Sample
-from vision.postprocess import MAP_STRIDE
-from vision.preprocess import InputSpec, preprocess
+from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord
+from vialinspect.datasets.torch_dataset import ContainerDataset, Sample
+from vialinspect.vision.postprocess import MAP_STRIDE
+from vialinspect.vision.preprocess import InputSpec, preprocess
 
 FULL, CROP = 0, 1
 

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.manifest import Dataset
-from datasets.reader import open_dataset
-from datasets.records import ContainerRecord, fit_frames
-from export.package import ModelPackage, load_package, open_runner, sha256_file
-from vision.preprocess import InputSpec
-from vision.scores import Scores
+from vialinspect.datasets.manifest import Dataset
+from vialinspect.datasets.reader import open_dataset
+from vialinspect.datasets.records import ContainerRecord, fit_frames
+from vialinspect.export.builtin import is_builtin
+from vialinspect.export.package import ModelPackage, load_package, open_runner, sha256_file
+from vialinspect.vision.preprocess import InputSpec
+from vialinspect.vision.scores import Scores
 
 from .checkpoint import CheckpointError, build_model, load_checkpoint
 from .metrics import evaluate
@@ -44,7 +45,9 @@ def package_model(pkg: ModelPackage, device: str = "auto", threads: int | None =
 
 
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
-    """A model package (directory) or a checkpoint (``.pt``)."""
+    """A model package (directory or ``builtin:NAME``) or a checkpoint (``.pt``)."""
+    if is_builtin(path):
+        return load_package_model(path, device=device)
     p = Path(path)
     if p.is_dir():
         return load_package_model(p, device=device)

@@ -6,12 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datasets.imageio import read_gray
-from datasets.reader import open_dataset
-from datasets.records import fit_frames
-from export.exporter import export_package
-from export.package import ModelPackage, PackageError, package_weights
-from vision.preprocess import Prepared, preprocess
+from vialinspect.datasets.imageio import read_gray
+from vialinspect.datasets.reader import open_dataset
+from vialinspect.datasets.records import fit_frames
+from vialinspect.export.exporter import export_package
+from vialinspect.export.package import ModelPackage, PackageError, package_weights
+from vialinspect.vision.preprocess import Prepared, preprocess
 
 from .checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
 

@@ -24,8 +24,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from datasets.records import ContainerRecord, Defect
-from vision.scores import CLASSES, Scores, class_scores, rejected_classes, score_at
+from vialinspect.datasets.records import ContainerRecord, Defect
+from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes, score_at
 
 from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from vision.model import ROW_STRIDE, soft_rows
+from vialinspect.vision.model import ROW_STRIDE, soft_rows
 
 
 def row_loss(row_logits: torch.Tensor, rows_px: torch.Tensor, has_fill: torch.Tensor) -> torch.Tensor:

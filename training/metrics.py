@@ -1,6 +1,6 @@
 """Evaluation metrics and the evaluation report of a model on a labelled set of containers.
 
-Everything here is plain numpy. Decisions come from ``vision.scores`` (``class_scores`` then
+Everything here is plain numpy. Decisions come from ``vialinspect.vision.scores`` (``class_scores`` then
 ``rejected_classes``), the same rule the station uses, so an evaluation measures what the line would do.
 """
 
@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from datasets.records import ContainerRecord
-from vision.scores import CLASSES, Scores, class_scores, rejected_classes
+from vialinspect.datasets.records import ContainerRecord
+from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
 GOOD = "good"
 CONFUSION_LABELS: tuple[str, ...] = (GOOD, *CLASSES)

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from datasets.imageio import read_gray
-from datasets.records import ContainerRecord
-from vision.model import InferenceModel, VialNet
-from vision.postprocess import to_scores
-from vision.preprocess import InputSpec, Prepared, preprocess
-from vision.scores import Scores
+from vialinspect.datasets.imageio import read_gray
+from vialinspect.datasets.records import ContainerRecord
+from vialinspect.vision.model import InferenceModel, VialNet
+from vialinspect.vision.postprocess import to_scores
+from vialinspect.vision.preprocess import InputSpec, Prepared, preprocess
+from vialinspect.vision.scores import Scores
 
 from .data import image_size, input_shape
 

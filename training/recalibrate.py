@@ -3,7 +3,7 @@
 Training calibrates on its validation split, which is often small: a 1% budget over two classes leaves every
 good unit below the thresholds until there are 399 of them, so each threshold is the score of one unit and
 the false-reject rate it gives new units varies several-fold between splits. A lot of good units imaged on the
-line (or simulated) sets them with the same rule (``training.calibrate``) on many more units.
+line (or simulated) sets them with the same rule (``vialinspect.training.calibrate``) on many more units.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from datasets.reader import open_dataset
-from export.package import ModelPackage, load_package, with_thresholds
+from vialinspect.datasets.reader import open_dataset
+from vialinspect.export.package import ModelPackage, load_package, with_thresholds
 
 from .calibrate import calibrate
 from .checkpoint import dataset_hash

@@ -1,4 +1,4 @@
-"""Writing an evaluation report (from ``training.metrics.evaluate``) as JSON, markdown and plots.
+"""Writing an evaluation report (from ``vialinspect.training.metrics.evaluate``) as JSON, markdown and plots.
 
 matplotlib is imported inside ``write_report`` only, so importing this module (e.g. for ``compare_reports``
 in a command line) stays cheap and never picks a GUI backend.
@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from datasets.imageio import ImageError, read_gray, to_uint8
-from datasets.records import ContainerRecord
-from vision.scores import CLASSES, Scores, class_scores
+from vialinspect.datasets.imageio import ImageError, read_gray, to_uint8
+from vialinspect.datasets.records import ContainerRecord
+from vialinspect.vision.scores import CLASSES, Scores, class_scores
 
 from .metrics import roc_curve, worst_item_class
 

@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from datasets.imageio import read_gray
-from datasets.manifest import Dataset, ManifestWriter
-from datasets.reader import open_dataset
-from datasets.records import ContainerRecord, fit_frames, key_fraction
-from export.registry import Registry, RegistryError
+from vialinspect.datasets.imageio import read_gray
+from vialinspect.datasets.manifest import Dataset, ManifestWriter
+from vialinspect.datasets.reader import open_dataset
+from vialinspect.datasets.records import ContainerRecord, fit_frames, key_fraction
+from vialinspect.export.registry import Registry, RegistryError
 
 from .calibrate import hold_detection
 from .checkpoint import build_model, dataset_hash, load_checkpoint, save_checkpoint

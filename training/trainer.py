@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-
-from datasets.manifest import Dataset
-from datasets.reader import open_dataset
-from datasets.records import ContainerRecord, fit_frames, split_for
-from datasets.torch_dataset import ContainerDataset
-from vision.model import VialNet, adapt_first_layer, soft_rows
-from vision.preprocess import InputSpec
-from vision.scores import fill_probability
+from vialinspect.datasets.manifest import Dataset
+from vialinspect.datasets.reader import open_dataset
+from vialinspect.datasets.records import ContainerRecord, fit_frames, split_for
+from vialinspect.datasets.torch_dataset import ContainerDataset
+from vialinspect.export.builtin import is_builtin
+from vialinspect.vision.model import VialNet, adapt_first_layer, soft_rows
+from vialinspect.vision.preprocess import InputSpec
+from vialinspect.vision.scores import fill_probability
 
 from .augment import Augmenter
 from .calibrate import calibrate
@@ -159,7 +159,7 @@ def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
 
 def _load_init(init: str) -> dict:
     """The weights (and recorded architecture) of an --init model: a checkpoint or a package directory."""
-    return load_checkpoint(init) if not Path(init).is_dir() else _package_state(init)
+    return _package_state(init) if is_builtin(init) or Path(init).is_dir() else load_checkpoint(init)
 
 
 def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
@@ -184,7 +184,7 @@ def _teacher(init: str, ck: dict, frames: int, device: torch.device, channels_la
 
 
 def _package_state(path: str) -> dict:
-    from export.package import PackageError, package_weights
+    from vialinspect.export.package import PackageError, package_weights
 
     try:
         return package_weights(path)[1]

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, set_offline_env
 
 
 class UserError(Exception):
@@ -51,9 +51,9 @@ def _progress(desc: str):
 # ---------------------------------------------------------------- generate
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from datasets.generate import generate
-    from datasets.sim.config import CameraConfig, SimConfig, parse_class_weights, parse_nuisance_rates
-    from datasets.sim.formats import FORMATS
+    from vialinspect.datasets.generate import generate
+    from vialinspect.datasets.sim.config import CameraConfig, SimConfig, parse_class_weights, parse_nuisance_rates
+    from vialinspect.datasets.sim.formats import FORMATS
 
     formats = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
@@ -87,8 +87,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- dataset check / preview
 
 def _open(path: str, check_files: bool = True):
-    from datasets.manifest import DatasetError
-    from datasets.reader import open_dataset
+    from vialinspect.datasets.manifest import DatasetError
+    from vialinspect.datasets.reader import open_dataset
 
     try:
         return open_dataset(path, check_files=check_files)
@@ -97,7 +97,7 @@ def _open(path: str, check_files: bool = True):
 
 
 def cmd_dataset_check(a: argparse.Namespace) -> int:
-    from datasets.reader import decode_check, summarize
+    from vialinspect.datasets.reader import decode_check, summarize
 
     ds = _open(a.path)
     problems = list(ds.problems)
@@ -125,7 +125,7 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
 
 
 def cmd_dataset_preview(a: argparse.Namespace) -> int:
-    from datasets.preview import contact_sheet
+    from vialinspect.datasets.preview import contact_sheet
 
     ds = _open(a.path)
     try:
@@ -139,10 +139,10 @@ def cmd_dataset_preview(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- train / evaluate
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from datasets.manifest import DatasetError
-    from training.checkpoint import CheckpointError
-    from training.config import load_config
-    from training.trainer import TrainingError, train
+    from vialinspect.datasets.manifest import DatasetError
+    from vialinspect.training.checkpoint import CheckpointError
+    from vialinspect.training.config import load_config
+    from vialinspect.training.trainer import TrainingError, train
 
     overrides = {"epochs": a.epochs, "frames": a.frames, "device": a.device, "frr": a.frr, "batch_size": a.batch_size,
                  "lr": a.lr, "workers": a.workers, "max_minutes": a.max_minutes, "seed": a.seed, "distill": a.distill}
@@ -171,9 +171,9 @@ def _container_bar(desc: str):
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from datasets.manifest import DatasetError
-    from export.package import PackageError
-    from training.evaluate import EvaluationError, evaluate_model, load_model
+    from vialinspect.datasets.manifest import DatasetError
+    from vialinspect.export.package import PackageError
+    from vialinspect.training.evaluate import EvaluationError, evaluate_model, load_model
 
     try:
         report, _, _ = evaluate_model(load_model(a.model, device=a.device), a.data, a.out, split=a.split,
@@ -193,11 +193,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- export / package
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from datasets.manifest import DatasetError
-    from export.onnx_export import ExportError
-    from export.package import PackageError
-    from training.checkpoint import CheckpointError
-    from training.export_run import export_model
+    from vialinspect.datasets.manifest import DatasetError
+    from vialinspect.export.onnx_export import ExportError
+    from vialinspect.export.package import PackageError
+    from vialinspect.training.checkpoint import CheckpointError
+    from vialinspect.training.export_run import export_model
 
     try:
         export_model(a.checkpoint, a.out, parity_data=a.parity_data, parity_count=a.parity_count, opset=a.opset,
@@ -208,7 +208,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_package_show(a: argparse.Namespace) -> int:
-    from export.package import PackageError, load_package
+    from vialinspect.export.package import PackageError, load_package
 
     try:
         pkg = load_package(a.path)
@@ -233,7 +233,7 @@ def cmd_package_show(a: argparse.Namespace) -> int:
 
 
 def cmd_package_thresholds(a: argparse.Namespace) -> int:
-    from export.package import PackageError, load_package, with_thresholds
+    from vialinspect.export.package import PackageError, load_package, with_thresholds
 
     new = {c: v for c, v in (("particle", a.particle), ("crack", a.crack), ("fill_level", a.fill_level))
            if v is not None}
@@ -249,10 +249,10 @@ def cmd_package_thresholds(a: argparse.Namespace) -> int:
 
 
 def cmd_package_calibrate(a: argparse.Namespace) -> int:
-    from datasets.manifest import DatasetError
-    from export.package import PackageError
-    from training.evaluate import EvaluationError
-    from training.recalibrate import recalibrate_package
+    from vialinspect.datasets.manifest import DatasetError
+    from vialinspect.export.package import PackageError
+    from vialinspect.training.evaluate import EvaluationError
+    from vialinspect.training.recalibrate import recalibrate_package
 
     try:
         pkg, rec = recalibrate_package(a.path, a.data, a.out, a.reason, frr=a.frr, split=a.split, device=a.device,
@@ -276,12 +276,12 @@ def cmd_package_calibrate(a: argparse.Namespace) -> int:
 def cmd_station(a: argparse.Namespace) -> int:
     import logging
 
-    from export.package import PackageError
-    from export.registry import RegistryError
-    from inspection_station.recipe import RecipeError
-    from inspection_station.sources import SourceError
-    from inspection_station.station import StationOptions, run_station, summary_text
-    from inspection_station.store import StoreError
+    from vialinspect.export.package import PackageError
+    from vialinspect.export.registry import RegistryError
+    from vialinspect.inspection_station.recipe import RecipeError
+    from vialinspect.inspection_station.sources import SourceError
+    from vialinspect.inspection_station.station import StationOptions, run_station, summary_text
+    from vialinspect.inspection_station.store import StoreError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opts = StationOptions(recipe=Path(a.recipe), source=a.source, store=Path(a.store),
@@ -301,7 +301,7 @@ def cmd_station(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- review / users / audit (QA side of the store)
 
 def _review_db(store: str, create: bool = True):
-    from inspection_station.audit import ReviewDB, ReviewDBError
+    from vialinspect.inspection_station.audit import ReviewDB, ReviewDBError
 
     try:
         return ReviewDB(store, create=create)
@@ -324,11 +324,11 @@ def _read_password(a: argparse.Namespace, confirm: bool) -> str:
 def cmd_review_serve(a: argparse.Namespace) -> int:
     import ipaddress
 
-    from inspection_station.audit import ReviewDBError
-    from inspection_station.review import ReviewError
-    from inspection_station.review_app import serve
-    from inspection_station.store import StoreError
-    from inspection_station.users import list_users
+    from vialinspect.inspection_station.audit import ReviewDBError
+    from vialinspect.inspection_station.review import ReviewError
+    from vialinspect.inspection_station.review_app import serve
+    from vialinspect.inspection_station.store import StoreError
+    from vialinspect.inspection_station.users import list_users
 
     if not any(u.active for u in list_users(_review_db(a.store))):
         raise UserError(f"{a.store}: no active user can log in; add one first: vialinspect users add NAME --store "
@@ -348,9 +348,9 @@ def cmd_review_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_review_export(a: argparse.Namespace) -> int:
-    from inspection_station.audit import ReviewDBError
-    from inspection_station.review import ReviewError, export_reviewed, os_actor
-    from inspection_station.store import StoreError
+    from vialinspect.inspection_station.audit import ReviewDBError
+    from vialinspect.inspection_station.review import ReviewError, export_reviewed, os_actor
+    from vialinspect.inspection_station.store import StoreError
 
     try:
         r = export_reviewed(a.store, a.out, actor=os_actor(), overwrite=a.overwrite)
@@ -364,9 +364,9 @@ def cmd_review_export(a: argparse.Namespace) -> int:
 
 
 def cmd_users_add(a: argparse.Namespace) -> int:
-    from inspection_station.review import os_actor
-    from inspection_station.users import UserError as BadUser
-    from inspection_station.users import add_user
+    from vialinspect.inspection_station.review import os_actor
+    from vialinspect.inspection_station.users import UserError as BadUser
+    from vialinspect.inspection_station.users import add_user
 
     db = _review_db(a.store)
     try:
@@ -378,9 +378,9 @@ def cmd_users_add(a: argparse.Namespace) -> int:
 
 
 def cmd_users_disable(a: argparse.Namespace) -> int:
-    from inspection_station.review import os_actor
-    from inspection_station.users import UserError as BadUser
-    from inspection_station.users import disable_user
+    from vialinspect.inspection_station.review import os_actor
+    from vialinspect.inspection_station.users import UserError as BadUser
+    from vialinspect.inspection_station.users import disable_user
 
     db = _review_db(a.store, create=False)
     try:
@@ -394,7 +394,7 @@ def cmd_users_disable(a: argparse.Namespace) -> int:
 def cmd_users_list(a: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from inspection_station.users import list_users
+    from vialinspect.inspection_station.users import list_users
 
     rows = list_users(_review_db(a.store, create=False))
     if a.json:
@@ -409,7 +409,7 @@ def cmd_users_list(a: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(a: argparse.Namespace) -> int:
-    from inspection_station.audit import verify
+    from vialinspect.inspection_station.audit import verify
 
     r = verify(_review_db(a.store, create=False))
     if a.json:
@@ -422,8 +422,8 @@ def cmd_audit_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(a: argparse.Namespace) -> int:
-    from inspection_station.audit import export_csv
-    from inspection_station.review import os_actor
+    from vialinspect.inspection_station.audit import export_csv
+    from vialinspect.inspection_station.review import os_actor
 
     try:
         n = export_csv(_review_db(a.store, create=False), a.out, os_actor())
@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vialinspect {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    from datasets.sim.config import NUISANCE_TAGS
+    from vialinspect.datasets.sim.config import NUISANCE_TAGS
 
     g = sub.add_parser("generate", help="render a simulated dataset of vials and syringes",
                        description="Render back-lit inspection frames of vials and syringes with exact ground truth "
@@ -567,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory for checkpoints")
     t.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs (default 30)")
     t.add_argument("--frames", type=_positive_int, default=None, help="frames per container (default: the data's)")
-    t.add_argument("--init", default=None, help="start from this model's weights (fine-tuning) instead of scratch")
+    t.add_argument("--init", default=None,
+                   help="start from this model's weights (fine-tuning) instead of scratch: a checkpoint, a package "
+                        "directory or builtin:default")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to train (default auto)")
     t.add_argument("--config", default=None, help="settings file (.yaml, .toml or .json); flags override it")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
@@ -592,7 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset: PoD, false rejects, plots",
                        description="Score a dataset with a model and write report.json, report.md and PNG plots "
                                    "(PoD by particle size, ROC, confusion, worst false rejects and misses).")
-    e.add_argument("--model", required=True, help="model: a package directory or a checkpoint (RUN/best.pt)")
+    e.add_argument("--model", required=True,
+                   help="model: a package directory, builtin:default (the shipped package) or a checkpoint "
+                        "(RUN/best.pt)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
                    help="execution provider for a package (default auto: GPU if installed, else CPU)")
     e.add_argument("--data", required=True, help="dataset directory")
@@ -660,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the inline station: acquire frames from SOURCE, assemble containers, "
                                     "decide with the recipe's model (positive release: any doubt rejects), record "
                                     "every decision, then tell the line. Ctrl-C or SIGTERM drains and stops cleanly.")
-    st.add_argument("--recipe", required=True, help="product recipe (.toml or .yaml)")
+    st.add_argument("--recipe", required=True,
+                    help="product recipe: a .toml or .yaml file, or a shipped recipe by name (vial-2R, syringe-1mL)")
     st.add_argument("--source", required=True,
                     help="frame source: sim://?rate=1200 | folder:PATH | video file | camera:N | rtsp://... | "
                          "basler://[serial]")
@@ -688,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_offline_env()
     parser = build_parser()
     a = parser.parse_args(argv)
     if not getattr(a, "func", None):

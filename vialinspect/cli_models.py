@@ -12,7 +12,7 @@ from .cli import UserError, _positive_int, _read_password
 
 
 def _registry(path: str, create: bool = False):
-    from export.registry import Registry, RegistryError
+    from vialinspect.export.registry import Registry, RegistryError
 
     try:
         return Registry(path, create=create)
@@ -24,7 +24,7 @@ def _recipe_name(value: str) -> str:
     """A recipe file's name, or the value itself when it is a name."""
     p = Path(value)
     if p.suffix.lower() in (".toml", ".yaml", ".yml") or p.is_file():
-        from inspection_station.recipe import RecipeError, load_recipe
+        from vialinspect.inspection_station.recipe import RecipeError, load_recipe
 
         try:
             return load_recipe(p).name
@@ -36,20 +36,20 @@ def _recipe_name(value: str) -> str:
 # ---------------------------------------------------------------- retrain
 
 def cmd_retrain(a: argparse.Namespace) -> int:
-    from datasets.manifest import DatasetError
-    from export.onnx_export import ExportError
-    from export.package import PackageError
-    from export.registry import RegistryError
-    from inspection_station import audit
-    from inspection_station.audit import ReviewDB, ReviewDBError
-    from inspection_station.review import ReviewError, export_reviewed, os_actor
-    from inspection_station.store import StoreError
-    from training.checkpoint import CheckpointError
-    from training.config import load_config
-    from training.evaluate import EvaluationError
-    from training.gate import GateConfig
-    from training.retrain import RETRAIN_DISTILL, RetrainConfig, RetrainError, retrain
-    from training.trainer import TrainingError
+    from vialinspect.datasets.manifest import DatasetError
+    from vialinspect.export.onnx_export import ExportError
+    from vialinspect.export.package import PackageError
+    from vialinspect.export.registry import RegistryError
+    from vialinspect.inspection_station import audit
+    from vialinspect.inspection_station.audit import ReviewDB, ReviewDBError
+    from vialinspect.inspection_station.review import ReviewError, export_reviewed, os_actor
+    from vialinspect.inspection_station.store import StoreError
+    from vialinspect.training.checkpoint import CheckpointError
+    from vialinspect.training.config import load_config
+    from vialinspect.training.evaluate import EvaluationError
+    from vialinspect.training.gate import GateConfig
+    from vialinspect.training.retrain import RETRAIN_DISTILL, RetrainConfig, RetrainError, retrain
+    from vialinspect.training.trainer import TrainingError
 
     recipe = _recipe_name(a.recipe)
     reg = _registry(a.registry)
@@ -95,8 +95,8 @@ def cmd_retrain(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- registry
 
 def cmd_registry_add(a: argparse.Namespace) -> int:
-    from export.registry import RegistryError
-    from inspection_station.review import os_actor
+    from vialinspect.export.registry import RegistryError
+    from vialinspect.inspection_station.review import os_actor
 
     reg = _registry(a.registry, create=True)
     try:
@@ -127,7 +127,7 @@ def cmd_registry_list(a: argparse.Namespace) -> int:
 
 
 def cmd_registry_show(a: argparse.Namespace) -> int:
-    from export.registry import RegistryError
+    from vialinspect.export.registry import RegistryError
 
     reg = _registry(a.registry)
     try:
@@ -189,10 +189,10 @@ def cmd_registry_verify(a: argparse.Namespace) -> int:
 
 
 def _signed_change(a: argparse.Namespace, rollback: bool) -> int:
-    from export.registry import RegistryError
-    from inspection_station.audit import ReviewDBError
-    from inspection_station.promotion import PromotionError, promote
-    from inspection_station.promotion import rollback as do_rollback
+    from vialinspect.export.registry import RegistryError
+    from vialinspect.inspection_station.audit import ReviewDBError
+    from vialinspect.inspection_station.promotion import PromotionError, promote
+    from vialinspect.inspection_station.promotion import rollback as do_rollback
 
     reg = _registry(a.registry)
     recipe = _recipe_name(a.recipe)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from .cli import main as cli
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
-RECIPE = Path(__file__).resolve().parents[1] / "inspection_station" / "recipes" / "vial-2R.toml"
+# Shipped with the package, so the demo runs from an installed wheel as from a checkout.
+MODEL = "builtin:default"
+RECIPE = "vial-2R"
 
 
 def run(out: Path, containers: int = 120, station_units: int = 300, review: bool = True, port: int = 7860) -> int:
@@ -50,9 +51,9 @@ DEMO_USER, DEMO_PASSWORD = "qa.demo", "demo-password-1"
 
 def serve_review(store: Path, port: int) -> int:
     """The review app on the demo store, with a demo reviewer (demo only: never a fixed password on a line)."""
-    from inspection_station.audit import ReviewDB
-    from inspection_station.review_app import serve
-    from inspection_station.users import add_user, get_user
+    from vialinspect.inspection_station.audit import ReviewDB
+    from vialinspect.inspection_station.review_app import serve
+    from vialinspect.inspection_station.users import add_user, get_user
 
     db = ReviewDB(store)
     if get_user(db, DEMO_USER) is None:
