@@ -28,6 +28,7 @@ set_offline_env()  # before any library that could phone home is imported
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
 from vialinspect.datasets.sim.formats import get_format  # noqa: E402
 from vialinspect.datasets.sim.render import framing_for  # noqa: E402
 from vialinspect.export.package import load_package  # noqa: E402

@@ -42,6 +42,7 @@ set_offline_env()  # before any library that could phone home is imported
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
+
 from vialinspect.datasets.generate import container_id, make_container  # noqa: E402
 from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
 from vialinspect.inspection_station.line import LogLineOutput  # noqa: E402

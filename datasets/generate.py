@@ -71,6 +71,21 @@ def make_container(cfg: SimConfig, index: int, seed: int) -> tuple[ContainerReco
 _WORKER: dict = {}
 
 
+def _fresh_opencv_pool() -> None:
+    """Rebuild OpenCV's thread pool in this thread before forking workers.
+
+    A pool started by a thread that has since ended (a station's or a simulated camera's thread) is inherited by
+    a fork()ed child in a state that deadlocks its first cv2.setNumThreads. Setting the thread count twice here
+    makes the pool this thread's, which forks cleanly. (fork rather than forkserver or spawn: those re-import
+    the caller's main module, which breaks scripts without a ``__main__`` guard.)
+    """
+    import cv2
+
+    n = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    cv2.setNumThreads(n)
+
+
 def _init_worker(cfg: SimConfig, seed: int, root: str) -> None:
     # One thread per process: the processes already fill the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -127,6 +142,7 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
             _init_worker(cfg, seed, str(out))
             results = map(_work, range(n))
         else:
+            _fresh_opencv_pool()
             pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, seed, str(out)))
             results = pool.imap(_work, range(n), chunksize=4)
         it = progress(results, total=n) if progress else results

@@ -151,3 +151,146 @@ def png_bytes(img: np.ndarray, *, compress: bool = True) -> bytes:
         data = _stored_zlib(rows.tobytes())
     header = struct.pack(">IIBBBBB", w, h, 8 * a.dtype.itemsize, _PNG_COLOUR_TYPE[channels], 0, 0, 0)
     return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bounded reading: a file's pixel count is checked on its header before anything is decoded.
+
+MAX_IMAGE_PIXELS = 1 << 26  # ~67 Mpx: what ``read_gray_bounded`` callers use when no recipe frame size bounds it
+_BYTES_PER_PIXEL_MAX = 8  # 16-bit RGBA: no supported file holds more per pixel (plus ``_FILE_SLACK``)
+_FILE_SLACK = 1 << 20  # headers, metadata, an embedded thumbnail
+# JPEG start-of-frame markers (not DHT 0xC4, JPG 0xC8, DAC 0xCC, which share the range)
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                return None
+            h, w = struct.unpack_from(">HH", data, i + 5)
+            return w, h
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 16:
+        return None
+    (version,) = struct.unpack_from(order + "H", data, 2)
+    if version == 42:  # classic TIFF: 2-byte entry count, 12-byte entries
+        (ifd,) = struct.unpack_from(order + "I", data, 4)
+        count_fmt, entry, head, value_at = "H", 12, 2, 8
+    elif version == 43:  # BigTIFF: 8-byte entry count, 20-byte entries
+        (ifd,) = struct.unpack_from(order + "Q", data, 8)
+        count_fmt, entry, head, value_at = "Q", 20, 8, 12
+    else:
+        return None
+    if ifd + head > len(data):
+        return None
+    (n,) = struct.unpack_from(order + count_fmt, data, ifd)
+    found: dict[int, int] = {}
+    for k in range(min(n, 4096)):
+        at = ifd + head + k * entry
+        if at + entry > len(data):
+            return None
+        tag, typ = struct.unpack_from(order + "HH", data, at)
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT, LONG or (BigTIFF) LONG8
+            fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)
+            if fmt is None:
+                return None
+            (found[tag],) = struct.unpack_from(order + fmt, data, at + value_at)
+    if 256 in found and 257 in found:
+        return found[256], found[257]
+    return None
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image file's header (PNG, JPEG, BMP, TIFF/BigTIFF), without decoding it; None when
+    the header is not one of those or cannot be read."""
+    try:
+        if data.startswith(_PNG_SIGNATURE):
+            if len(data) < 24 or data[12:16] != b"IHDR":
+                return None
+            w, h = struct.unpack_from(">II", data, 16)
+            return w, h
+        if data.startswith(b"\xff\xd8"):
+            return _jpeg_size(data)
+        if data.startswith(b"BM") and len(data) >= 26:
+            (dib,) = struct.unpack_from("<I", data, 14)
+            if dib == 12:  # OS/2 BITMAPCOREHEADER
+                w, h = struct.unpack_from("<HH", data, 18)
+                return w, h
+            w, h = struct.unpack_from("<ii", data, 18)
+            return abs(w), abs(h)  # a negative height is a top-down bitmap
+        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+            return _tiff_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def read_gray_bounded(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """``read_gray`` for files of unknown origin: the file's size and its header's width x height are checked
+    against ``max_pixels`` before it is decoded, so a huge or hostile image costs neither the memory nor the time
+    to decode it. Anything that cannot be read within the bounds (too large, a header that is not PNG/JPEG/BMP/
+    TIFF, truncated, undecodable, a decoder failure) raises ``ImageError``; nothing else escapes."""
+    path = Path(path)
+    max_bytes = max_pixels * _BYTES_PER_PIXEL_MAX + _FILE_SLACK
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ImageError(f"{path}: file larger than {max_bytes} bytes, more than an image of {max_pixels} pixels")
+        with path.open("rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise ImageError(f"{path}: empty file")
+    if len(data) > max_bytes:
+        raise ImageError(f"{path}: file larger than {max_bytes} bytes, more than an image of {max_pixels} pixels")
+    size = image_size(data)
+    if size is None:
+        raise ImageError(f"{path}: not a readable image (no PNG, JPEG, BMP or TIFF header with a size)")
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{path}: image header gives no size ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(f"{path}: image of {w}x{h} pixels is larger than the {max_pixels} pixels allowed")
+    why = _looks_truncated(data)
+    if why:
+        raise ImageError(f"{path}: {why}")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except (cv2.error, MemoryError, ValueError) as e:
+        raise ImageError(f"{path}: cannot decode ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    if img is None or img.size == 0:
+        raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if img.shape[0] * img.shape[1] > max_pixels:  # a header that lied about its size
+        raise ImageError(f"{path}: decoded image of {img.shape[1]}x{img.shape[0]} pixels is larger than allowed")
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.shape[2] == 3 else img[:, :, 0]
+    if img.dtype not in (np.uint8, np.uint16):
+        if img.dtype in (np.float32, np.float64):
+            img = np.clip(img, 0, 1) * 65535
+        img = img.astype(np.uint16)
+    return img

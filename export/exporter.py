@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from vialinspect.vision.model import VialNet
 from vialinspect.vision.preprocess import InputSpec, Prepared
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from vialinspect.vision.model import InferenceModel, VialNet
 from vialinspect.vision.postprocess import to_scores
 from vialinspect.vision.preprocess import InputSpec, Prepared

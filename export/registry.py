@@ -57,6 +57,9 @@ class Signature:
     meaning: str
     signed_at_utc: str
     audit_seq: int | None = None  # the entry in the review database's audit trail that holds it
+    # The identity of the user database the signer was checked in. A registry's changes are all signed in one
+    # (the first signed change binds it), so a self-made database with a self-made admin cannot sign.
+    review_db: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Event:
     signature: dict[str, Any] | None = None
     prev_hash: str = GENESIS
     hash: str = ""
+    sig: dict[str, Any] | None = None  # Ed25519 signature over ``hash`` (export.signing), when the writer had a key
 
 
 def _now() -> str:
@@ -96,6 +100,59 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _chain_problems(events: list[Event]) -> list[str]:
+    """Breaks in the history's sequence numbers and hash chain."""
+    problems: list[str] = []
+    prev = GENESIS
+    for i, e in enumerate(events, 1):
+        body = {k: v for k, v in asdict(e).items() if k not in ("hash", "prev_hash", "sig")}
+        if e.seq != i:
+            problems.append(f"event {i}: sequence number {e.seq} (events missing or reordered)")
+        if e.prev_hash != prev or e.hash != _event_hash(prev, body):
+            problems.append(f"event {e.seq}: hash chain broken (edited or removed history)")
+        prev = e.hash
+    return problems
+
+
+def _signing_problems(events: list[Event]) -> list[str]:
+    """Signed changes that were not signed in the registry's one user database, or that reuse another change's
+    audit entry (a hand-appended event copying a real one)."""
+    problems: list[str] = []
+    bound: str | None = None
+    seen: dict[tuple[str | None, int], int] = {}
+    for e in events:
+        if e.action not in (PROMOTE, ROLLBACK) or not e.signature:
+            continue
+        db = e.signature.get("review_db")
+        if bound is None and db:
+            bound = db
+        elif bound is not None and db != bound:
+            problems.append(f"event {e.seq}: signed in user database {db!r}, but this registry's changes are signed "
+                            f"in {bound!r}")
+        seq = e.signature.get("audit_seq")
+        if seq is not None:
+            if (db, seq) in seen:
+                problems.append(f"event {e.seq}: reuses audit entry {seq} of event {seen[(db, seq)]} (a copied "
+                                "signature)")
+            seen[(db, seq)] = e.seq
+    return problems
+
+
+def check_onnx_graph(path: Path) -> None:
+    """Raise ``RegistryError`` unless ``path`` loads with ``onnx.load`` and passes ``onnx.checker.check_model``.
+
+    onnx is imported here, not at module level: the station verifies packages without it."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load(str(path)))
+    except Exception as e:  # noqa: BLE001 - onnx raises protobuf, checker and OS errors alike: all refuse
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise RegistryError(f"{path}: not a valid ONNX model ({type(e).__name__}: {detail}); refusing to register "
+                            "it") from None
+
+
 def check_recipe_name(recipe: str) -> str:
     if not isinstance(recipe, str) or not _RECIPE.match(recipe):
         raise RegistryError(f"recipe name {recipe!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -103,8 +160,15 @@ def check_recipe_name(recipe: str) -> str:
 
 
 class Registry:
-    def __init__(self, root: str | Path, create: bool = False) -> None:
+    """A registry directory. ``signing_key`` (``export.signing.SigningKey``) signs every event this object
+    appends and every package it adds; ``trusted_keys`` (key id -> public key) make ``verify`` and ``approved``
+    demand a trusted signature on the events and packages they rely on."""
+
+    def __init__(self, root: str | Path, create: bool = False, *, signing_key: Any = None,
+                 trusted_keys: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
+        self.signing_key = signing_key
+        self.trusted_keys = trusted_keys or {}
         marker = self.root / "registry.json"
         if not marker.is_file():
             if not create:
@@ -152,29 +216,106 @@ class Registry:
 
     def verify(self) -> list[str]:
         """Problems with the history chain and the packages; empty when all is intact."""
-        problems: list[str] = []
-        prev = GENESIS
         try:
             events = self.history()
         except RegistryError as e:
             return [str(e)]
-        for i, e in enumerate(events, 1):
-            body = {k: v for k, v in asdict(e).items() if k not in ("hash", "prev_hash")}
-            if e.seq != i:
-                problems.append(f"event {i}: sequence number {e.seq} (events missing or reordered)")
-            if e.prev_hash != prev or e.hash != _event_hash(prev, body):
-                problems.append(f"event {e.seq}: hash chain broken (edited or removed history)")
-            prev = e.hash
+        problems = _chain_problems(events) + _signing_problems(events)
+        if self.trusted_keys:
+            for e in events:
+                try:
+                    self._check_event_signature(e)
+                except RegistryError as err:
+                    problems.append(str(err))
         for v in self.versions():
             try:
                 self.package(v)
+                if self.trusted_keys:
+                    self._check_package_signature(v)
             except RegistryError as err:
                 problems.append(str(err))
-        for recipe, cur in self.pointers().items():
-            promoted = [e for e in events if e.recipe == recipe and e.action in (PROMOTE, ROLLBACK)]
-            if not promoted or promoted[-1].version != cur:
-                problems.append(f"current/{recipe}.json names {cur}, but the history's last change for it does not")
+        for p in sorted((self.root / "current").glob("*.json")):
+            try:
+                self.approved(p.stem)  # the very check a station makes before it runs the recipe's model
+            except RegistryError as err:
+                if str(err) not in problems:
+                    problems.append(str(err))
         return problems
+
+    def approved(self, recipe: str) -> ModelPackage:
+        """The recipe's current model, verified, if the registry's own record approves it for the line.
+
+        The station runs only this (at start and when a promotion arrives). Approved means all of: the pointer
+        names one of the registry's own packages (not a path), the package verifies, the history chain is
+        intact, the history's last change for the recipe is a signed promotion or rollback of that very version,
+        and a promotion that replaced a model follows a passed gate of this version against the model it
+        replaced (a rollback returns to a version that was promoted for the recipe before). Anything else
+        raises ``RegistryError`` saying which rule failed: a hand-edited pointer or history is never run.
+        """
+        check_recipe_name(recipe)
+        pointer = self.root / "current" / f"{recipe}.json"
+        try:
+            version = json.loads(pointer.read_text()).get("version")
+        except FileNotFoundError:
+            raise RegistryError(f"the registry {self.root} has no current model for recipe {recipe!r}; promote "
+                                "one first (`vialinspect registry promote`)") from None
+        except (OSError, ValueError, AttributeError):
+            raise RegistryError(f"{pointer}: damaged current pointer") from None
+        if not isinstance(version, str) or version not in self.versions():
+            raise RegistryError(f"{pointer} names {version!r}, which is not a package of this registry")
+        events = self.history()
+        broken = _chain_problems(events)
+        if broken:
+            raise RegistryError(f"{self.root}: history is not intact ({broken[0]}); run `vialinspect registry "
+                                "verify`")
+        changes = [e for e in events if e.recipe == recipe and e.action in (PROMOTE, ROLLBACK)]
+        if not changes or changes[-1].version != version:
+            raise RegistryError(f"{pointer} names {version}, but the history's last change for {recipe} does not")
+        last = changes[-1]
+        if not last.signature or not last.signature.get("user") or last.signature.get("user") != last.actor:
+            raise RegistryError(f"the {last.action} of {version} for {recipe} (event {last.seq}) is not signed")
+        signing = _signing_problems(events)
+        if signing:
+            raise RegistryError(signing[0])
+        if self.trusted_keys:
+            relied_on = [last] + [e for e in events if e.seq < last.seq and e.action == GATE and e.version == version]
+            for e in relied_on[:2]:  # the change, and the gate a promotion rests on
+                self._check_event_signature(e)
+            self._check_package_signature(version)
+        before = changes[-2].version if len(changes) > 1 else None
+        if last.action == PROMOTE:
+            if last.details.get("previous") != before:
+                raise RegistryError(f"event {last.seq} says it replaced {last.details.get('previous')}, but the "
+                                    f"history's model before it was {before}")
+            if before is not None:
+                gates = [e for e in events if e.seq < last.seq and e.action == GATE and e.version == version]
+                if not gates or not gates[-1].details.get("passed") or gates[-1].details.get("champion") != before:
+                    raise RegistryError(f"{version} was promoted for {recipe} (event {last.seq}) without a passed "
+                                        f"gate against {before}")
+        elif not any(e.action == PROMOTE and e.version == version for e in changes[:-1]):
+            raise RegistryError(f"event {last.seq} rolls {recipe} back to {version}, which was never promoted for it")
+        return self.package(version)
+
+    def _check_event_signature(self, e: Event) -> None:
+        from .signing import SigningError, verify
+
+        try:
+            verify(self.trusted_keys, e.sig, e.hash.encode(), f"registry event {e.seq} ({e.action} {e.version})")
+        except SigningError as err:
+            raise RegistryError(str(err)) from None
+
+    def _check_package_signature(self, version: str) -> None:
+        from .signing import SigningError, verify_package
+
+        try:
+            verify_package(self.package_dir(version), self.trusted_keys)
+        except SigningError as err:
+            raise RegistryError(f"registry package {version}: {err}") from None
+
+    def review_db(self) -> str | None:
+        """The user database this registry's changes are signed in (bound by the first signed change), or None."""
+        return next((e.signature["review_db"] for e in self.history()
+                     if e.signature and e.signature.get("review_db")), None)
 
     def _append(self, action: str, version: str, actor: str, reason: str, recipe: str | None = None,
                 details: dict[str, Any] | None = None, signature: Signature | None = None) -> Event:
@@ -184,6 +325,10 @@ class Registry:
                 "actor": actor, "reason": reason, "details": details or {},
                 "signature": asdict(signature) if signature else None}
         ev = Event(**body, prev_hash=prev, hash=_event_hash(prev, body))
+        if self.signing_key is not None:
+            from .signing import sign
+
+            ev = Event(**{**asdict(ev), "sig": sign(self.signing_key, ev.hash.encode())})
         with open(self.root / "history.jsonl", "a") as fh:
             fh.write(json.dumps(asdict(ev), sort_keys=True) + "\n")
             fh.flush()
@@ -218,7 +363,10 @@ class Registry:
         return hits[0]
 
     def add(self, package_dir: str | Path, actor: str, reason: str, card: dict[str, Any] | None = None) -> str:
-        """Copy a verified package into the registry with its model card; returns its version id."""
+        """Copy a verified package into the registry with its model card; returns its version id.
+
+        Beyond what every load verifies (checksums, version id, metadata, thresholds), the graph itself must
+        pass onnx's loader and checker: a package is checked once in full before the line can ever run it."""
         try:
             pkg = load_package(package_dir)
         except PackageError as e:
@@ -233,7 +381,18 @@ class Registry:
                 for f in pkg.path.iterdir():
                     if f.is_file():
                         shutil.copy2(f, tmp / f.name)
-                load_package(tmp)  # the copy is what will run: verify it, not the source
+                try:  # the copy is what will run: verify it, not the source
+                    copied = load_package(tmp)
+                except PackageError as e:
+                    raise RegistryError(f"the copy of {pkg.path} in the registry does not verify: {e}") from None
+                if copied.version_id != v:
+                    raise RegistryError(f"{pkg.path} changed while it was being added (version {v} became "
+                                        f"{copied.version_id}); add it again")
+                check_onnx_graph(copied.onnx_path)
+                if self.signing_key is not None:
+                    from .signing import sign_package
+
+                    sign_package(tmp, self.signing_key)
                 os.replace(tmp, dest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

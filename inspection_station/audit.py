@@ -12,6 +12,34 @@ chain, and :func:`verify` names the first bad entry. The users and reviews table
 their audit entries too. What the chain cannot prove on its own is that nobody rewrote the *whole* chain
 from some point on: :func:`verify` prints the head hash, which can be recorded elsewhere (a batch record,
 a log) to anchor it.
+
+What :func:`verify` covers, column by column:
+
+- reviews: every column. A review's audit entry records all of them (:func:`review_audit_value`: verdict,
+  classes, comment, signer, printed name, signed time in both forms, meaning, supersedes, and the station's
+  model version, recipe, reasons and decision time); the container id and ``audit_seq`` are checked against
+  the entry itself.
+- users: every column, the password hash included. Each user change (added, disabled, unlocked) records the
+  readable fields and ``row_sha256``, a digest of the whole row (:func:`user_row_digest`), so the password
+  hash itself never appears in the trail; verify recomputes each user's digest and compares it with the
+  *latest* entry about that user. Replacing someone's password hash in the file is therefore reported.
+- the file itself: ``PRAGMA integrity_check`` (the full check: ``quick_check`` does not compare indexes with
+  their tables) runs first; damage -- a broken page, an index out of step with its table, invalid JSON or a
+  wrong type in a column, a file that cannot be opened -- gives ``ok=False, damaged=True`` (or, for a bad
+  value in a row, the entry it belongs to) with one line, never an exception. (Bytes SQLite never reads, such
+  as free pages, can change unnoticed; they hold no data.)
+
+Databases written before this coverage existed: their review entries hold only the review's own fields and
+their user entries no row digest. Such an entry still checks what it recorded (verdict, classes, role, full
+name, ...), but the columns it never recorded cannot be checked, so verify lists those rows in
+``VerifyResult.not_covered`` ("not covered"): neither intact nor tampered, and ``ok`` stays true when nothing
+else is wrong. A user row is covered again as soon as a new entry about it is written (disable, unlock);
+a review row stays as it was signed. The old and the new format cannot be confused: entries are in the hash
+chain, so nobody can rewrite a new entry into the old format without breaking the chain.
+
+The CSV export (:func:`export_csv`) guards against formula injection (OWASP): a text cell that starts with
+``= + - @``, TAB or CR -- or with ``'`` itself, so that the rule can be undone -- gets one ``'`` in front.
+To compare an exported cell with the chain, drop one leading ``'`` from every cell that has one.
 """
 
 from __future__ import annotations
@@ -24,7 +52,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,11 +64,16 @@ GENESIS_HASH = "0" * 64
 # Actions written to the trail. Kept in one place so that the app, the CLI and verify() agree.
 LOGIN, LOGIN_FAILED, LOGOUT = "login", "login_failed", "logout"
 REVIEW, REVIEW_CHANGED, SIGNATURE_FAILED = "review", "review_changed", "signature_failed"
-USER_ADDED, USER_DISABLED = "user_added", "user_disabled"
+USER_ADDED, USER_DISABLED, USER_UNLOCKED = "user_added", "user_disabled", "user_unlocked"
+USER_CHANGES: tuple[str, ...] = (USER_ADDED, USER_DISABLED, USER_UNLOCKED)  # entries that carry a user's row digest
 EXPORT, AUDIT_EXPORT = "export", "audit_export"
 MODEL_RETRAINED, MODEL_PROMOTED, MODEL_ROLLED_BACK = "model_retrained", "model_promoted", "model_rolled_back"
+# Login attempts the review app's rate limiter refused without checking a password, summarised per window
+# (vialinspect.inspection_station.login_limit): evidence kept, one row per window rather than one per attempt.
+LOGIN_REFUSED = "login_refused"
 ACTIONS: tuple[str, ...] = (LOGIN, LOGIN_FAILED, LOGOUT, REVIEW, REVIEW_CHANGED, SIGNATURE_FAILED, USER_ADDED,
-                            USER_DISABLED, EXPORT, AUDIT_EXPORT, MODEL_RETRAINED, MODEL_PROMOTED, MODEL_ROLLED_BACK)
+                            USER_DISABLED, USER_UNLOCKED, EXPORT, AUDIT_EXPORT, MODEL_RETRAINED, MODEL_PROMOTED,
+                            MODEL_ROLLED_BACK, LOGIN_REFUSED)
 
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
@@ -117,6 +150,8 @@ BEGIN SELECT RAISE(ABORT, 'reviews are append-only; a change is a new review'); 
 
 AUDIT_COLUMNS = ("seq", "at_utc", "user", "action", "container_id", "old_value", "new_value", "reason",
                  "prev_hash", "hash")
+USER_COLUMNS = ("username", "full_name", "role", "password_hash", "created_at_utc", "created_by", "disabled_at_utc",
+                "disabled_by")
 
 
 class ReviewDBError(Exception):
@@ -300,10 +335,27 @@ def history(db: ReviewDB, container_id: str) -> list[AuditEntry]:
     return entries(db, container_id=container_id)
 
 
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value made safe for a spreadsheet (OWASP CSV injection): text starting with ``= + - @``, TAB or CR
+    gets a leading ``'`` so that no spreadsheet runs it as a formula; text already starting with ``'`` gets
+    one too, so that :func:`csv_uncell` restores every cell exactly. Numbers and None pass unchanged."""
+    if isinstance(value, str) and value.startswith((*CSV_FORMULA_START, "'")):
+        return "'" + value
+    return value
+
+
+def csv_uncell(text: str) -> str:
+    """The stored text of an exported cell (undoes :func:`csv_cell`)."""
+    return text[1:] if text.startswith("'") else text
+
+
 def export_csv(db: ReviewDB, out: str | Path, user: str) -> int:
     """Write the whole trail to ``out`` as CSV (one row per entry, every column, hashes included so the
-    copy can be checked against the chain). The export is audited once written, with the head hash the file
-    ends with. Returns the row count."""
+    copy can be checked against the chain; text cells escaped with :func:`csv_cell`). The export is audited
+    once written, with the head hash the file ends with. Returns the row count."""
     out = Path(out)
     rows = entries(db)
     tmp = out.with_name(out.name + ".partial")
@@ -311,7 +363,7 @@ def export_csv(db: ReviewDB, out: str | Path, user: str) -> int:
         w = csv.writer(fh)
         w.writerow(AUDIT_COLUMNS)
         for e in rows:
-            w.writerow([getattr(e, k) for k in AUDIT_COLUMNS])
+            w.writerow([csv_cell(getattr(e, k)) for k in AUDIT_COLUMNS])
     tmp.replace(out)
     record(db, user, AUDIT_EXPORT, new_value={"file": str(out.resolve()), "entries": len(rows),
                                               "head_hash": rows[-1].hash if rows else GENESIS_HASH})
@@ -327,21 +379,70 @@ class VerifyResult:
     head_hash: str
     first_bad_seq: int | None = None  # the first entry (or, for a cross-check, the entry) that is wrong
     problem: str | None = None
+    damaged: bool = False  # the file itself is damaged or unreadable (``problem`` says how); no entry to name
+    not_covered: list[str] = field(default_factory=list)  # rows whose audit entry predates full coverage
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def verify(db: ReviewDB) -> VerifyResult:
-    """Walk the chain from the first entry; report the first edited, missing or out-of-order one.
+# What verify() reads from a damaged file can fail in many ways; each one is reported, never raised.
+_DAMAGE: tuple[type[BaseException], ...] = (ReviewDBError, sqlite3.Error, ValueError, TypeError, KeyError,
+                                            AttributeError, IndexError, OverflowError)
 
-    Then cross-check the tables that the trail describes: each review must match the entry that recorded it,
-    and each user must have been added (and, if disabled, disabled) by an entry.
+
+def _one_line(e: BaseException | str) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _damaged(problem: str) -> VerifyResult:
+    return VerifyResult(False, 0, "", None, problem, damaged=True)
+
+
+def verify(db: ReviewDB) -> VerifyResult:
+    """Check the file, then walk the chain from the first entry; report the first edited, missing or
+    out-of-order one.
+
+    Then cross-check the tables that the trail describes: each review must match the entry that recorded it
+    (every column), and each user must have been added (and, if disabled, disabled) by an entry, and match
+    the row digest of the latest entry about them. Rows whose entry predates that coverage are listed in
+    ``not_covered`` (see the module docstring). A damaged or unreadable database gives ``ok=False`` and
+    ``damaged=True`` with a one-line ``problem``; nothing raises.
     """
+    try:
+        return _verify(db)
+    except _DAMAGE as e:
+        where = str(e) if isinstance(e, ReviewDBError) else f"{db.path}: {type(e).__name__}: {e}"
+        return _damaged(f"the review database is damaged or unreadable: {_one_line(where)}")
+
+
+def verify_store(store_dir: str | Path) -> VerifyResult:
+    """:func:`verify` of ``STORE/review.sqlite``, where a file that cannot even be opened is reported as
+    damaged too. A missing store or database raises ``ReviewDBError`` (a wrong path, not damage)."""
+    store = Path(store_dir)
+    if not store.is_dir():
+        raise ReviewDBError(f"{store}: no such store directory")
+    if not (store / REVIEW_DB_NAME).is_file():
+        raise ReviewDBError(f"{store}: no review database here ({REVIEW_DB_NAME} missing)")
+    try:
+        db = ReviewDB(store, create=False)
+    except _DAMAGE as e:
+        return _damaged(f"the review database cannot be opened: {_one_line(e)}")
+    return verify(db)
+
+
+def _verify(db: ReviewDB) -> VerifyResult:
     prev, expected, n = GENESIS_HASH, 1, 0
     with db.connect() as conn:
         conn.execute("BEGIN")  # one snapshot for the whole walk, even while others append
         try:
+            # The full check: quick_check does not compare the indexes with their tables.
+            found = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(10)")]
+            if found != ["ok"]:
+                more = f" (and {len(found) - 2} more)" if len(found) > 2 else ""
+                return _damaged(f"{db.path}: the database file is damaged: integrity check says "
+                                f"{'; '.join(_one_line(f) for f in found[:2])}{more}")
             for row in conn.execute("SELECT * FROM audit ORDER BY seq"):
                 n += 1
                 seq = int(row["seq"])
@@ -363,58 +464,129 @@ def verify(db: ReviewDB) -> VerifyResult:
             if used is not None and int(used[0]) >= expected:
                 return VerifyResult(False, n, prev, expected,
                                     f"entries {expected}..{int(used[0])} were deleted from the end of the trail")
-            problem = _cross_check(conn)
+            problem, not_covered = _cross_check(conn)
         finally:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
     if problem is not None:
-        return VerifyResult(False, n, prev, problem[0], problem[1])
-    return VerifyResult(True, n, prev)
+        return VerifyResult(False, n, prev, problem[0], problem[1], not_covered=not_covered)
+    return VerifyResult(True, n, prev, not_covered=not_covered)
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+# The fields a review's entry held before every column was covered (see the module docstring).
+_REVIEW_LEGACY_KEYS = ("review_id", "verdict", "classes", "comment", "reviewer", "printed_name", "signed_at_utc",
+                       "meaning", "supersedes")
 
 
 def review_audit_value(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
-    """What a review's audit entry records as its new value; verify() compares the reviews table with it."""
+    """What a review's audit entry records as its new value; verify() compares the reviews table with it.
+
+    Every column of the row except ``container_id`` and ``audit_seq``, which verify() checks against the
+    entry itself: the signature and what the reviewer saw (the station's model version, recipe, reasons and
+    decision time). ``classes`` and ``station_reasons`` are JSON text in the row and lists here.
+    """
     return {
         "review_id": row["review_id"], "verdict": row["verdict"], "classes": json.loads(row["classes"]),
         "comment": row["comment"], "reviewer": row["reviewer"], "printed_name": row["printed_name"],
         "signed_at_utc": row["signed_at_utc"], "meaning": row["meaning"], "supersedes": row["supersedes"],
+        "signed_at": _num(row["signed_at"]), "model_version": row["model_version"], "recipe": row["recipe"],
+        "station_reasons": json.loads(row["station_reasons"]), "decided_at": _num(row["decided_at"]),
     }
 
 
-def _cross_check(conn: sqlite3.Connection) -> tuple[int | None, str] | None:
+def user_row_digest(row: sqlite3.Row | dict[str, Any]) -> str:
+    """sha256 of every column of a users row (the password hash included), as canonical JSON."""
+    return hashlib.sha256((to_text([row[c] for c in USER_COLUMNS]) or "").encode("utf-8")).hexdigest()
+
+
+def user_audit_value(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+    """What a user change (added, disabled, unlocked) records as its new value: the readable columns and
+    ``row_sha256`` (:func:`user_row_digest`), which covers the password hash without putting it in the trail."""
+    return {
+        "username": row["username"], "full_name": row["full_name"], "role": row["role"],
+        "active": row["disabled_at_utc"] is None, "created_at_utc": row["created_at_utc"],
+        "created_by": row["created_by"], "disabled_at_utc": row["disabled_at_utc"],
+        "disabled_by": row["disabled_by"], "row_sha256": user_row_digest(row),
+    }
+
+
+def _json_dict(text: Any) -> dict[str, Any] | None:
+    try:
+        v = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return v if isinstance(v, dict) else None
+
+
+CrossCheck = tuple[tuple[int | None, str] | None, list[str]]
+
+
+def _cross_check(conn: sqlite3.Connection) -> CrossCheck:
+    """(the first problem as (entry, text), or None; the rows not covered)."""
+    not_covered: list[str] = []
     for r in conn.execute("SELECT * FROM reviews ORDER BY review_id"):
+        rid, cid = r["review_id"], r["container_id"]
         a = conn.execute("SELECT * FROM audit WHERE seq = ?", (r["audit_seq"],)).fetchone()
         expected_action = REVIEW_CHANGED if r["supersedes"] is not None else REVIEW
-        if a is None or a["action"] != expected_action or a["container_id"] != r["container_id"]:
-            return (r["audit_seq"], f"review {r['review_id']} of {r['container_id']!r} has no matching audit entry")
-        if a["new_value"] != to_text(review_audit_value(r)):
-            return (a["seq"], f"review {r['review_id']} of {r['container_id']!r} differs from what audit entry "
-                              f"{a['seq']} recorded (the reviews table was altered)")
+        if a is None or a["action"] != expected_action or a["container_id"] != cid:
+            return (r["audit_seq"], f"review {rid} of {cid!r} has no matching audit entry"), not_covered
+        try:
+            want = review_audit_value(r)
+        except (ValueError, TypeError) as e:
+            return (a["seq"], f"review {rid} of {cid!r} cannot be read ({_one_line(e)}): the reviews table was "
+                              "altered or damaged"), not_covered
+        if a["new_value"] == to_text(want):
+            continue
+        if a["new_value"] == to_text({k: want[k] for k in _REVIEW_LEGACY_KEYS}):
+            not_covered.append(f"review {rid} of {cid!r}: audit entry {a['seq']} predates full coverage (model "
+                               "version, recipe, station reasons and times not checked)")
+            continue
+        return (a["seq"], f"review {rid} of {cid!r} differs from what audit entry {a['seq']} recorded (the reviews "
+                          "table was altered)"), not_covered
     n_reviews = conn.execute("SELECT COUNT(*) FROM reviews").fetchone()[0]
     n_review_entries = conn.execute("SELECT COUNT(*) FROM audit WHERE action IN (?, ?)",
                                     (REVIEW, REVIEW_CHANGED)).fetchone()[0]
     if n_reviews != n_review_entries:
         return (None, f"the trail records {n_review_entries} review(s) but the reviews table holds {n_reviews} "
-                      "(a review was deleted)")
+                      "(a review was deleted)"), not_covered
     added: dict[str, dict[str, Any]] = {}
+    latest: dict[str, dict[str, Any]] = {}  # the latest user change about each user
     disabled: set[str] = set()
-    for a in conn.execute("SELECT seq, action, new_value FROM audit WHERE action IN (?, ?) ORDER BY seq",
-                          (USER_ADDED, USER_DISABLED)):
-        v = json.loads(a["new_value"] or "{}")
+    marks = ",".join("?" * len(USER_CHANGES))
+    for a in conn.execute(f"SELECT seq, action, new_value FROM audit WHERE action IN ({marks}) ORDER BY seq",
+                          USER_CHANGES):
+        v = _json_dict(a["new_value"])
+        if v is None or not isinstance(v.get("username"), str):
+            return (a["seq"], f"audit entry {a['seq']} ({a['action']}) does not name a user"), not_covered
+        v = {**v, "_seq": a["seq"]}
         if a["action"] == USER_ADDED:
-            added[v.get("username")] = {**v, "_seq": a["seq"]}
-        else:
-            disabled.add(v.get("username"))
+            added[v["username"]] = v
+        elif a["action"] == USER_DISABLED:
+            disabled.add(v["username"])
+        latest[v["username"]] = v
     users = {r["username"]: r for r in conn.execute("SELECT * FROM users")}
     for name, u in users.items():
         if name not in added:
-            return (None, f"user {name!r} exists but no audit entry added it")
+            return (None, f"user {name!r} exists but no audit entry added it"), not_covered
         a = added[name]
         if a.get("role") != u["role"] or a.get("full_name") != u["full_name"]:
-            return (a["_seq"], f"user {name!r} differs from what audit entry {a['_seq']} recorded")
+            return (a["_seq"], f"user {name!r} differs from what audit entry {a['_seq']} recorded"), not_covered
         if (u["disabled_at_utc"] is not None) != (name in disabled):
             return (a["_seq"], f"user {name!r} is {'disabled' if u['disabled_at_utc'] else 'active'} but the trail "
-                               f"says {'disabled' if name in disabled else 'active'}")
+                               f"says {'disabled' if name in disabled else 'active'}"), not_covered
+        last = latest[name]
+        if "row_sha256" not in last:
+            not_covered.append(f"user {name!r}: its latest audit entry {last['_seq']} predates full coverage "
+                               "(password hash and created/disabled by/at not checked)")
+        elif last["row_sha256"] != user_row_digest(u):
+            return (last["_seq"], f"user {name!r} differs from what audit entry {last['_seq']} recorded (the users "
+                                  "table was altered: password hash, name, role or dates)"), not_covered
     for name in added:
         if name not in users:
-            return (added[name]["_seq"], f"user {name!r} was added (entry {added[name]['_seq']}) but is gone")
-    return None
+            return (added[name]["_seq"], f"user {name!r} was added (entry {added[name]['_seq']}) but is gone"), \
+                not_covered
+    return None, not_covered

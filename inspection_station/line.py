@@ -9,18 +9,34 @@ Implementations:
 - ``LogLineOutput``: JSON lines to a file or stream, for benches and dry runs;
 - ``OpcUaLineOutput``: OPC UA client (asyncua) that writes into an ``Inspection`` object on the controller;
 - ``serve_test_controller``: a small OPC UA server on loopback with the same variables, for tests and demos.
+
+Security: without settings ``OpcUaLineOutput`` connects anonymously with no security policy. With a
+``LineSecurity`` (the recipe's ``line_security`` table) it connects only with that policy (Basic256Sha256) and
+mode (Sign or SignAndEncrypt), its own certificate and private key, the controller's certificate (pinned: no
+other is trusted, none is fetched from the controller) and a user whose password is read from an environment
+variable at each connect (never from the recipe or the command line, never logged). A connection that cannot be
+made that way (a certificate refused, the wrong password, a controller that does not offer the policy) is never
+replaced by a less secure one: it is logged with the reason and retried as for an unreachable controller, and
+the decisions not delivered meanwhile are rejected by the gate's default. ``ControllerSecurity`` gives the
+stand-in controller the same policy, its own certificate, the client certificates it trusts and a user check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
+import functools
+import hmac
 import json
 import logging
+import os
 import queue
+import re
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
@@ -131,6 +147,199 @@ DECISION_VARIABLES = ("ContainerId", "Accept", "Reasons", "ModelVersion", "Seque
 HEARTBEAT_VARIABLES = ("HeartbeatTime", "StationState", "StationInfo")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# OPC UA security
+
+SECURITY_POLICIES: tuple[str, ...] = ("Basic256Sha256",)
+SECURITY_MODES: tuple[str, ...] = ("Sign", "SignAndEncrypt")
+DEFAULT_PASSWORD_ENV = "VIALINSPECT_OPCUA_PASSWORD"
+MAX_USER_CHARS = 256
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class LineSecurityError(ValueError):
+    """A security setting that cannot be used; ``field`` names it (``mode``, ``certificate``, ``password_env``...)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(f"{field}: {problem}")
+
+
+def _one_of(value: Any, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Credentials:
+    """What a secure connection is made with, read from the files (DER bytes)."""
+
+    certificate: bytes
+    private_key: bytes = dataclasses.field(repr=False)
+    application_uri: str
+    peer_certificates: tuple[bytes, ...] = ()  # the server's certificate, or the clients a controller trusts
+
+
+def _read(path: Path, field: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise LineSecurityError(field, f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+
+
+def _load_certificate(path: Path, field: str) -> Any:
+    """An X.509 certificate (PEM or DER) that is valid now."""
+    from cryptography import x509
+
+    data = _read(path, field)
+    try:
+        cert = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----BEGIN")
+                else x509.load_der_x509_certificate(data))
+    except ValueError:
+        raise LineSecurityError(field, f"{path} is not an X.509 certificate (PEM or DER)") from None
+    now = datetime.now(UTC)
+    if cert.not_valid_after_utc < now:
+        raise LineSecurityError(field, f"the certificate {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    if cert.not_valid_before_utc > now:
+        raise LineSecurityError(field, f"the certificate {path} is not valid before "
+                                       f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    return cert
+
+
+def _der(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return cert.public_bytes(Encoding.DER)
+
+
+def _load_own(cert_path: Path, key_path: Path, cert_field: str, key_field: str) -> tuple[bytes, bytes, str]:
+    """(certificate DER, private key DER, application URI) of a certificate and its RSA private key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    cert = _load_certificate(cert_path, cert_field)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if not uris:
+        raise LineSecurityError(cert_field, f"{cert_path} has no URI in its SubjectAlternativeName: OPC UA needs the "
+                                            "application URI there")
+    data = _read(key_path, key_field)
+    try:
+        key = (serialization.load_pem_private_key(data, password=None) if data.lstrip().startswith(b"-----BEGIN")
+               else serialization.load_der_private_key(data, password=None))
+    except TypeError:  # encrypted: there is no place for its passphrase
+        raise LineSecurityError(key_field, f"{key_path} is encrypted; use an unencrypted key file that only the "
+                                           "station's account can read") from None
+    except Exception:  # noqa: BLE001 - any parse failure: not a key (and never its content in a message)
+        raise LineSecurityError(key_field, f"{key_path} is not a private key (PEM or DER)") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise LineSecurityError(key_field, f"{key_path} is not an RSA key (the security policy needs RSA)")
+    if key.public_key().public_numbers() != getattr(cert.public_key(), "public_numbers", lambda: None)():
+        raise LineSecurityError(key_field, f"{key_path} is not the private key of {cert_path}")
+    key_der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return _der(cert), key_der, str(uris[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class LineSecurity:
+    """How ``OpcUaLineOutput`` secures its connection (the recipe's ``line_security`` table).
+
+    ``policy`` (Basic256Sha256) in ``mode`` Sign or SignAndEncrypt; the station's ``certificate`` (PEM or DER; the
+    URI in its SubjectAlternativeName is the station's application URI) and its RSA ``private_key`` (unencrypted,
+    PEM or DER); the controller's ``server_certificate``, the only one trusted (pinned); the ``user`` whose
+    password is read from the environment variable ``password_env`` at each connect. No password is kept here.
+    """
+
+    certificate: Path
+    private_key: Path
+    server_certificate: Path
+    user: str
+    policy: str = "Basic256Sha256"
+    mode: str = "SignAndEncrypt"
+    password_env: str = DEFAULT_PASSWORD_ENV
+
+    def __post_init__(self) -> None:
+        for k in ("certificate", "private_key", "server_certificate"):
+            v = getattr(self, k)
+            if not isinstance(v, (str, Path)) or str(v).strip() == "":
+                raise LineSecurityError(k, f"must be a file name, got {v!r}")
+            object.__setattr__(self, k, Path(v))
+        if self.policy not in SECURITY_POLICIES:
+            raise LineSecurityError("policy", _one_of(self.policy, SECURITY_POLICIES))
+        if self.mode not in SECURITY_MODES:
+            raise LineSecurityError("mode", _one_of(self.mode, SECURITY_MODES)
+                                    + "; for an unsecured connection leave the security settings out")
+        u = self.user
+        if not (isinstance(u, str) and u.strip() and len(u) <= MAX_USER_CHARS and u.isprintable()):
+            raise LineSecurityError("user", f"must be a non-empty text of printable characters, at most "
+                                            f"{MAX_USER_CHARS}, got {u!r}")
+        if not (isinstance(self.password_env, str) and _ENV_NAME.fullmatch(self.password_env)):
+            raise LineSecurityError("password_env", "must be the name of an environment variable (letters, digits "
+                                                    f"and _, not starting with a digit), got {self.password_env!r}")
+
+    def password(self) -> str:
+        """The user's password, from the environment variable ``password_env`` (read now, never stored)."""
+        pw = os.environ.get(self.password_env)
+        if not pw:
+            raise LineSecurityError("password_env", f"the environment variable {self.password_env} (the password "
+                                                    f"of user {self.user!r}) is not set or empty")
+        return pw
+
+    def credentials(self) -> _Credentials:
+        cert, key, uri = _load_own(self.certificate, self.private_key, "certificate", "private_key")
+        server = _der(_load_certificate(self.server_certificate, "server_certificate"))
+        return _Credentials(cert, key, uri, (server,))
+
+    def check(self) -> None:
+        """Read the files and the password now; ``LineSecurityError`` names the setting that cannot be used."""
+        self.credentials()
+        self.password()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "mode": self.mode, "certificate": str(self.certificate),
+                "private_key": str(self.private_key), "server_certificate": str(self.server_certificate),
+                "user": self.user, "password_env": self.password_env}
+
+
+class _RedactUserToken(logging.Filter):
+    """asyncua logs each request at debug level; an ActivateSessionRequest carries the password (in clear text
+    inside a SignAndEncrypt channel), so it is logged without its content."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(type(a).__name__ == "ActivateSessionRequest" for a in record.args):
+            record.args = tuple("ActivateSessionRequest(<redacted>)" if type(a).__name__ == "ActivateSessionRequest"
+                                else a for a in record.args)
+        return True
+
+
+@functools.cache
+def _secure_client_class() -> type:
+    from asyncua import Client, ua
+    from asyncua.crypto import security_policies
+
+    logging.getLogger("asyncua.client.ua_client.UASocketProtocol").addFilter(_RedactUserToken())
+
+    class SecureClient(Client):
+        async def activate_session(self, username: str | None = None, password: str | None = None,
+                                   certificate: Any = None) -> Any:
+            # On a Sign-only channel the password must travel encrypted in its token; a controller that asks for
+            # it in clear text does not get it.
+            if password and self.security_policy.Mode != ua.MessageSecurityMode.SignAndEncrypt:
+                uri = self.server_policy(ua.UserTokenType.UserName).SecurityPolicyUri
+                if uri in (None, "", security_policies.SecurityPolicyNone.URI):
+                    raise ua.UaError("the controller asks for the password unencrypted on a Sign-only channel; "
+                                     "not sent")
+            return await super().activate_session(username, password, certificate)
+
+    return SecureClient
+
+
 class OpcUaLineOutput:
     """Writes decisions and heartbeats to the line controller's OPC UA server.
 
@@ -138,12 +347,19 @@ class OpcUaLineOutput:
     bounded queue, so the station never waits on the network. The controller is reconnected with backoff.
     A decision older than ``max_age_s`` when it could be written is dropped: its unit has passed the gate by then
     and was rejected by the gate's default, and a stale accept must never reach a later unit's slot.
+
+    With ``security`` the connection is made only with those settings (see the module docstring); a failure to
+    connect securely is logged with its reason (``last_error``) and retried, never replaced by an insecure one.
     """
 
     def __init__(self, endpoint: str, namespace: str = DEFAULT_NAMESPACE, *, queue_size: int = 256,
                  max_age_s: float = 2.0, request_timeout: float = 1.0, backoff: float = 0.5,
-                 max_backoff: float = 10.0) -> None:
+                 max_backoff: float = 10.0, security: LineSecurity | None = None) -> None:
+        if security is not None and not isinstance(security, LineSecurity):
+            raise TypeError(f"security must be a LineSecurity, got {type(security).__name__}")
         self.endpoint = endpoint
+        self.security = security
+        self.last_error: str | None = None  # why the last connect failed
         self.namespace = namespace
         self.max_age_s = max_age_s
         self.request_timeout = request_timeout
@@ -228,7 +444,10 @@ class OpcUaLineOutput:
     async def _connect(self) -> tuple[Any, dict[str, Any], int, int]:
         from asyncua import Client
 
-        client = Client(self.endpoint, timeout=self.request_timeout)
+        if self.security is None:
+            client = Client(self.endpoint, timeout=self.request_timeout)
+        else:
+            client = await self._secure_client()
         # A short session lets the controller free the session of a station that died without closing it.
         client.session_timeout = 60_000
         try:
@@ -242,6 +461,28 @@ class OpcUaLineOutput:
             await self._disconnect(client)
             raise
         return client, nodes, int(counter or 0), int(beat or 0)
+
+    async def _secure_client(self) -> Any:
+        """A client that can only connect with the security settings; raises if they cannot be applied."""
+        from asyncua import ua
+        from asyncua.crypto import security_policies, uacrypto
+
+        sec = self.security
+        assert sec is not None
+        creds = sec.credentials()  # read at each connect: a renewed certificate is taken up without a restart
+        password = sec.password()
+        client = _secure_client_class()(self.endpoint, timeout=self.request_timeout)
+        client.application_uri = creds.application_uri  # must match the certificate's URI
+        client.name = client.description = "vialinspect inspection station"
+        await client.set_security(
+            getattr(security_policies, f"SecurityPolicy{sec.policy}"),
+            uacrypto.CertProperties(creds.certificate, "der"),
+            uacrypto.CertProperties(creds.private_key, "der"),
+            server_certificate=uacrypto.CertProperties(creds.peer_certificates[0], "der"),
+            mode=getattr(ua.MessageSecurityMode, sec.mode))
+        client.set_user(sec.user)
+        client.set_password(password)
+        return client
 
     @staticmethod
     async def _disconnect(client: Any) -> None:
@@ -289,14 +530,27 @@ class OpcUaLineOutput:
                     client, nodes, counter, beat = await self._connect()
                 except Exception as e:
                     self.stats["connect_failures"] += 1
-                    if self.stats["connect_failures"] in (1, 10) or self.stats["connect_failures"] % 100 == 0:
-                        log.error("line controller %s unreachable (%s); retrying", self.endpoint, e or type(e).__name__)
+                    n, last = self.stats["connect_failures"], self.last_error
+                    self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                    if self.security is None:
+                        if n in (1, 10) or n % 100 == 0:
+                            log.error("line controller %s unreachable (%s); retrying", self.endpoint,
+                                      e or type(e).__name__)
+                    elif n in (1, 10) or n % 100 == 0 or self.last_error != last:
+                        # A controller drops a secure channel it cannot accept without an answer.
+                        hint = (" (no answer: the controller is unreachable, does not offer this policy and mode, "
+                                "or is not the holder of server_certificate)" if isinstance(e, TimeoutError) else "")
+                        log.error("no secure connection to line controller %s (%s %s): %s%s; retrying, never "
+                                  "without security (decisions not delivered are rejected by the gate's default)",
+                                  self.endpoint, self.security.policy, self.security.mode, self.last_error, hint)
                     next_try, delay = time.monotonic() + delay, min(self._backoff_max, delay * 2)
                     continue
                 self.stats["connects"] += 1
                 self.connected = True
                 delay = self._backoff0
-                log.info("connected to line controller %s", self.endpoint)
+                log.info("connected to line controller %s%s", self.endpoint,
+                         f" ({self.security.policy} {self.security.mode}, user {self.security.user})"
+                         if self.security else "")
                 continue
             # Decisions first: they are time-critical, a heartbeat can wait one write. Taking the work and
             # marking busy under the lock keeps flush() from seeing an idle moment in between.
@@ -366,13 +620,75 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class SimulatedLineController:
-    """An OPC UA server with the ``Inspection`` object, running its own loop in a thread."""
+@dataclasses.dataclass(frozen=True)
+class ControllerSecurity:
+    """Security of the stand-in controller: ``policy`` in ``modes``, its own ``certificate`` and ``private_key``
+    (its application URI is the certificate's), the client certificates it trusts (``trusted_certificates``,
+    pinned) and its ``users`` (name -> password). Anonymous access is refused unless ``also_insecure``, which
+    also offers the unsecured endpoint (to show that a secured station never falls back to it)."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", namespace: str = DEFAULT_NAMESPACE) -> None:
+    certificate: Path
+    private_key: Path
+    trusted_certificates: tuple[Path, ...]
+    users: Mapping[str, str] = dataclasses.field(repr=False)
+    policy: str = "Basic256Sha256"
+    modes: tuple[str, ...] = SECURITY_MODES
+    also_insecure: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "certificate", Path(self.certificate))
+        object.__setattr__(self, "private_key", Path(self.private_key))
+        object.__setattr__(self, "trusted_certificates", tuple(Path(p) for p in self.trusted_certificates))
+        object.__setattr__(self, "modes", tuple(self.modes))
+        if self.policy not in SECURITY_POLICIES:
+            raise LineSecurityError("policy", _one_of(self.policy, SECURITY_POLICIES))
+        for m in self.modes or ("",):
+            if m not in SECURITY_MODES:
+                raise LineSecurityError("modes", _one_of(m, SECURITY_MODES))
+
+    def credentials(self) -> _Credentials:
+        cert, key, uri = _load_own(self.certificate, self.private_key, "certificate", "private_key")
+        trusted = tuple(_der(_load_certificate(p, "trusted_certificates")) for p in self.trusted_certificates)
+        return _Credentials(cert, key, uri, trusted)
+
+
+class _ControllerUsers:
+    """The stand-in controller's user check (asyncua user manager); refusals are recorded, never a password."""
+
+    def __init__(self, users: Mapping[str, str], anonymous: bool, refusals: list[str]) -> None:
+        self._users = {str(u): str(p).encode() for u, p in users.items()}
+        self._anonymous, self._refusals = anonymous, refusals
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> Any:
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        if username is None:
+            if self._anonymous:
+                return User(role=UserRole.User)
+            self._refusals.append("anonymous user refused")
+            return None
+        expected = self._users.get(username)
+        given = (password or "").encode()
+        if expected is not None and hmac.compare_digest(given, expected):
+            return User(role=UserRole.User, name=username)
+        self._refusals.append(f"user {username!r} refused (unknown user or wrong password)")
+        return None
+
+
+class SimulatedLineController:
+    """An OPC UA server with the ``Inspection`` object, running its own loop in a thread.
+
+    With ``security`` (a ``ControllerSecurity``) it offers only that policy and authenticates users; the
+    reasons it refused clients are in ``refusals``."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", namespace: str = DEFAULT_NAMESPACE,
+                 security: ControllerSecurity | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.namespace = namespace
+        self.security = security
+        self.refusals: list[str] = []
         self.endpoint = f"opc.tcp://{host}:{self.port}/vialinspect/"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="opcua-controller", daemon=True)
@@ -391,11 +707,17 @@ class SimulatedLineController:
     async def _start(self) -> None:
         from asyncua import Server, ua
 
-        server = Server()
+        sec = self.security
+        creds = sec.credentials() if sec is not None else None
+        server = (Server() if sec is None else
+                  Server(user_manager=_ControllerUsers(sec.users, sec.also_insecure, self.refusals)))
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("vialinspect simulated line controller")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if sec is None or creds is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            await self._secure(server, sec, creds)
         idx = await server.register_namespace(self.namespace)
         obj = await server.nodes.objects.add_object(idx, "Inspection")
         for name, (vtype, initial) in _variables().items():
@@ -404,6 +726,37 @@ class SimulatedLineController:
             self._nodes[name] = node
         await server.start()
         self._server = server
+
+    async def _secure(self, server: Any, sec: ControllerSecurity, creds: _Credentials) -> None:
+        from asyncua import ua
+        from asyncua.common.utils import ServiceError
+        from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+        await server.load_certificate(creds.certificate, format="der")
+        await server.load_private_key(creds.private_key, format="der")
+        await server.set_application_uri(creds.application_uri)
+        policies = [getattr(ua.SecurityPolicyType, f"{sec.policy}_{m}") for m in sec.modes]
+        tokens: list[type] = [ua.UserNameIdentityToken]
+        if sec.also_insecure:
+            policies.insert(0, ua.SecurityPolicyType.NoSecurity)
+            tokens.append(ua.AnonymousIdentityToken)
+        server.set_security_policy(policies)
+        server.set_identity_tokens(tokens)
+        basic = CertificateValidator(CertificateValidatorOptions.BASIC_VALIDATION
+                                     | CertificateValidatorOptions.PEER_CLIENT)
+        trusted = set(creds.peer_certificates)
+
+        async def validate(cert: Any, app: Any) -> None:
+            try:
+                await basic.validate(cert, app)
+            except ServiceError as e:
+                self.refusals.append(f"client certificate refused ({ua.StatusCode(e.code).name})")
+                raise
+            if _der(cert) not in trusted:
+                self.refusals.append(f"client certificate not trusted ({cert.subject.rfc4514_string()})")
+                raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+
+        server.set_certificate_validator(validate)
 
     def read(self, name: str) -> Any:
         return self._call(self._nodes[name].read_value())
@@ -437,7 +790,10 @@ class SimulatedLineController:
         self.stop()
 
 
-def serve_test_controller(port: int = 0, host: str = "127.0.0.1",
-                          namespace: str = DEFAULT_NAMESPACE) -> SimulatedLineController:
-    """Start a stand-in line controller on ``host:port`` (0: a free port); ``.endpoint``, ``.values()``, ``.stop()``."""
-    return SimulatedLineController(port, host, namespace)
+def serve_test_controller(port: int = 0, host: str = "127.0.0.1", namespace: str = DEFAULT_NAMESPACE, *,
+                          security: ControllerSecurity | None = None) -> SimulatedLineController:
+    """Start a stand-in line controller on ``host:port`` (0: a free port); ``.endpoint``, ``.values()``, ``.stop()``.
+
+    ``security``: offer only that policy, with the controller's own certificate, and check client certificates
+    and users (``.refusals`` lists why clients were refused)."""
+    return SimulatedLineController(port, host, namespace, security)

@@ -22,6 +22,7 @@ ran and passed it; every other path ends in a reject with a ``not_inspected:<cau
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from vialinspect.vision.preprocess import preprocess
 from vialinspect.vision.scores import class_scores, rejected_classes
 
@@ -117,7 +119,8 @@ class Pipeline:
         self.deadline_s = recipe.deadline_ms / 1000.0
         window = window_s if window_s is not None else self.deadline_s * 0.6
         self.assembler = Assembler(recipe.frames, window, tuple(recipe.frame_size) if recipe.frame_size else None,
-                                   start_sequence=start_sequence)
+                                   start_sequence=start_sequence, frame_order=source.frame_order,
+                                   frame_period_s=source.frame_period_s)
         self.read_timeout_s = read_timeout_s
         self.infer_q: queue.Queue = queue.Queue(maxsize=queue_size)
         self.record_q: queue.Queue = queue.Queue(maxsize=queue_size * 4)
@@ -160,11 +163,11 @@ class Pipeline:
             except Exception as e:  # noqa: BLE001 - a dead thread must stop the station, visibly
                 log.exception("station thread %s failed", threading.current_thread().name)
                 self.errors.append(f"{threading.current_thread().name}: {type(e).__name__}: {e}")
-                self._raise_alarm(f"internal error in {threading.current_thread().name}: {e}")
+                self.raise_alarm(f"internal error in {threading.current_thread().name}: {e}")
                 self.stop_event.set()
         return run
 
-    def _raise_alarm(self, text: str) -> None:
+    def raise_alarm(self, text: str) -> None:
         self.alarm = text
         self.stats.set(alarm=text)
         log.error("ALARM: %s", text)
@@ -313,7 +316,14 @@ class Pipeline:
         if not ready:
             return out
         assert model is not None
-        thresholds = self.recipe.effective_thresholds(model.thresholds)
+        from vialinspect.vision.scores import finite_or_none, finite_scores, output_problem
+
+        try:
+            thresholds = self.recipe.effective_thresholds(model.thresholds)
+        except Exception as e:  # noqa: BLE001 - a model without a usable threshold per class decides nothing
+            log.error("model %s cannot decide units: %s", model.version, e)
+            out.extend((self._reject(c, [not_inspected("no_model")], model), c, None) for c in ready)
+            return out
         groups: dict[tuple, list[tuple[Container, Any]]] = {}
         for c in ready:
             prepared = ahead[id(c)]
@@ -339,17 +349,30 @@ class Pipeline:
                 continue
             t1 = time.monotonic()
             for (c, _), s in zip(items, scores, strict=True):
-                cs = class_scores(s, self.recipe.fill_spec)
-                reasons = rejected_classes(cs, thresholds)
+                # Positive release: an output that is not a finite probability in [0, 1] per class (or a fill
+                # height that is not finite) is no inspection; NaN compares False and would accept the unit.
+                try:
+                    problem = output_problem(s)
+                    cs = class_scores(s, self.recipe.fill_spec) if problem is None else {}
+                except Exception as e:  # noqa: BLE001 - an output that cannot be scored rejects, never accepts
+                    problem, cs = f"{type(e).__name__}: {e}", {}
+                if problem is None:
+                    reasons = rejected_classes(cs, thresholds)
+                    fill, maps = s.fill_height_mm, s.maps
+                else:
+                    log.error("unit %s: invalid model output (%s); rejected as not inspected", c.id, problem)
+                    reasons = [not_inspected("invalid_output")]
+                    cs = finite_scores(getattr(s, "probs", None))  # what is usable of it, for the record
+                    fill, maps = finite_or_none(getattr(s, "fill_height_mm", None)), None
                 total = time.monotonic() - c.trigger_time
                 if total > self.deadline_s:
                     reasons.append(not_inspected("deadline_missed"))
                 d = Decision(container_id=c.id, sequence=c.sequence, accept=not reasons, reasons=reasons,
                              recipe=self.recipe.name, model_version=model.version, scores=cs, thresholds=thresholds,
-                             fill_height_mm=s.fill_height_mm, decided_at=time.time(), provider=provider,
+                             fill_height_mm=fill, decided_at=time.time(), provider=provider,
                              truth=c.truth, timings_ms={"queue": (t0 - c.trigger_time) * 1000.0,
                                                         "inference": (t1 - t0) * 1000.0, "total": total * 1000.0})
-                out.append((d, c, s.maps if reasons else None))
+                out.append((d, c, maps if reasons else None))
         status = getattr(model.runner, "status", None)
         if status is not None:
             self.stats.set(provider=status.provider, fallback=status.fallback, model_version=model.version)
@@ -367,15 +390,23 @@ class Pipeline:
             if not disk_full:
                 try:
                     backlog = self.infer_q.qsize() >= self.recipe.batch_max
-                    self.store.record(d, c, maps, compress=compress_frames(self.recipe.frame_compression,
-                                                                           self.load, backlog))
+                    compress = compress_frames(self.recipe.frame_compression, self.load, backlog)
+                    if not self.store.record(d, c, maps, compress=compress):
+                        # The id was decided here before (a replayed trigger or folder, a reset counter): this
+                        # is not the unit on record, so it is not released. It is recorded under its own key,
+                        # and the line is told exactly what the store holds.
+                        d = dataclasses.replace(d, accept=False, record_key=self.store.duplicate_key(d.container_id),
+                                                reasons=sorted(set(d.reasons) | {not_inspected("duplicate_id")}))
+                        log.warning("container id %s was decided before; rejected as %s", d.container_id, d.key)
+                        if not self.store.record(d, c, maps, compress=compress):
+                            raise RuntimeError(f"record key {d.key} taken")  # cannot happen: one writer
                 except DiskFullError as e:
                     disk_full = True
-                    self._raise_alarm(f"record store nearly full ({e}); stopping")
+                    self.raise_alarm(f"record store nearly full ({e}); stopping")
                     self.stop_event.set()
                 except Exception as e:  # noqa: BLE001 - an unrecordable unit is not released
                     disk_full = True
-                    self._raise_alarm(f"record store failed ({type(e).__name__}: {e}); stopping")
+                    self.raise_alarm(f"record store failed ({type(e).__name__}: {e}); stopping")
                     self.stop_event.set()
             if disk_full:
                 # It cannot be recorded, so it cannot be released: reject on the line, count it.

@@ -5,10 +5,17 @@ each signing is a fresh check). Only an ``admin`` may change the model that deci
 lands in the record store's audit trail: a refused password as ``signature_failed``, a change as
 ``model_promoted`` or ``model_rolled_back`` whose entry number is stored with the registry's own event, so
 either record leads to the other.
+
+A registry's changes are all signed in one user database: the first signed change records that database's
+identity (a random id kept in its ``meta`` table) with the signature, and a change signed in any other database
+(another ``--store`` with a self-made admin) is refused here and reported by ``registry verify``. The id is a
+tamper-evidence measure against mistakes and casual misuse, not a secret: someone who can edit both databases
+can copy it.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +43,8 @@ def _signer(db: ReviewDB, user: str, password: str, what: str, version: str | No
     try:
         signer = users.verify_password(db, user, password)
     except users.AuthError as e:
-        audit.record(db, (user or "(empty)")[:128], audit.SIGNATURE_FAILED, new_value={"change": what,
-                                                                                     "version": version},
-                     reason=str(e))
+        audit.record(db, users.audit_name(db, user), audit.SIGNATURE_FAILED,
+                     new_value={"change": what, "version": version}, reason=str(e))
         raise PromotionError(f"signature refused: {e}") from None
     if signer.role != "admin":
         audit.record(db, signer.username, audit.SIGNATURE_FAILED, new_value={"change": what, "version": version},
@@ -47,11 +53,26 @@ def _signer(db: ReviewDB, user: str, password: str, what: str, version: str | No
     return signer
 
 
+def review_db_id(db: ReviewDB) -> str:
+    """This user database's identity, made once (random) and kept in its ``meta`` table."""
+    with db.transaction() as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'db_id'").fetchone()
+        if row is not None:
+            return str(row[0])
+        value = uuid.uuid4().hex
+        conn.execute("INSERT INTO meta (key, value) VALUES ('db_id', ?)", (value,))
+        return value
+
+
 def _signed_change(store_dir: str | Path, registry: Registry, action: str, recipe: str, current: str | None,
                    target: str, meaning: str, user: str, password: str, reason: str,
                    apply: Callable[[Signature], Event]) -> ModelChange:
     """Verify the signer, write the audit entry, then make the registry change that names it."""
     db = ReviewDB(store_dir, create=False)
+    db_id, bound = review_db_id(db), registry.review_db()
+    if bound is not None and db_id != bound:
+        raise PromotionError(f"{registry.root}'s model changes are signed in user database {bound}; {store_dir} "
+                             f"holds another one ({db_id}): sign with the production store's users")
     signer = _signer(db, user, password, action, target)
     what = audit.MODEL_PROMOTED if action == "promote" else audit.MODEL_ROLLED_BACK
     seq = audit.record(db, signer.username, what, old_value={"recipe": recipe, "version": current},
@@ -59,7 +80,7 @@ def _signed_change(store_dir: str | Path, registry: Registry, action: str, recip
                                   "meaning": meaning, "printed_name": signer.full_name},
                        reason=reason.strip())
     try:
-        ev = apply(Signature(signer.username, signer.full_name, meaning, audit.utc_now()[1], seq))
+        ev = apply(Signature(signer.username, signer.full_name, meaning, audit.utc_now()[1], seq, db_id))
     except RegistryError as e:  # changed under our feet (another change in between): say so in the trail
         audit.record(db, signer.username, what, new_value={"recipe": recipe, "version": target, "completed": False},
                      reason=f"not completed: {e}")

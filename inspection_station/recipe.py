@@ -14,6 +14,41 @@ Example (TOML)::
 
     [thresholds]                     # optional; overrides the model package's calibrated thresholds
     particle = 0.4
+
+Bounds (every number must also be finite; NaN and inf are refused everywhere, and every key is text):
+
+- ``frames``: 1..64 per container;
+- ``frame_size``: [width, height], each side 16..16384 px and width x height at most 64 Mpx (67,108,864 px;
+  a 16-bit 8192 x 8192 frame, 128 MiB); a frame bound larger than that is a typo, and the station sizes
+  buffers by it;
+- ``batch_max``: 1..256 containers per inference batch;
+- ``deadline_ms``: more than 0, at most 600,000 (10 minutes) per container;
+- ``min_free_mb``: 0..16,777,216 MB (16 TiB);
+- ``sample_accepted``: a fraction in [0, 1];
+- ``fill_target_mm``: more than 0 and below the top of the container (1000 mm for a custom format);
+  ``fill_tolerance_mm``: more than 0 and below the fill target;
+- ``thresholds.<class>``: within the open interval (0, 1), as a model package's own thresholds: at 1 a
+  probability below 1 never reaches the threshold, so (nearly) every unit would be accepted. The package's
+  thresholds with these overrides on top (``Recipe.effective_thresholds``) must give every class one.
+
+OPC UA security towards the line controller (optional; without it an ``opc.tcp://`` line connects anonymously
+with no security policy)::
+
+    [line_security]
+    policy = "Basic256Sha256"              # the only policy offered (default)
+    mode = "SignAndEncrypt"                # or "Sign" (default: SignAndEncrypt)
+    certificate = "pki/station.der"        # the station's certificate (PEM or DER); its SubjectAlternativeName
+                                           # URI is the station's OPC UA application URI
+    private_key = "pki/station-key.pem"    # its RSA private key, unencrypted (PEM or DER)
+    server_certificate = "pki/plc.der"     # the controller's certificate: the only one trusted
+    user = "station-1"
+    password_env = "VIALINSPECT_OPCUA_PASSWORD"   # the variable holding user's password (this is the default)
+
+``certificate``, ``private_key``, ``server_certificate`` (file names, relative to the recipe file's folder) and
+``user`` (printable text, at most 256 characters) are required; ``password_env`` must be an environment variable
+name (letters, digits and _). The password itself never goes into the recipe or on the command line: a
+``password`` key is refused. The station reads the files and the variable when it starts (a mistake stops it,
+naming the key) and at each connect; a connection that cannot be made secure is retried, never made insecure.
 """
 
 from __future__ import annotations
@@ -28,22 +63,38 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from vialinspect.datasets.sim.formats import FORMATS
 from vialinspect.export.builtin import resolve_model_ref, resolve_recipe_ref
-from vialinspect.vision.scores import CLASSES
+from vialinspect.vision.scores import CLASSES, threshold_problem
+
+from .line import LineSecurity, LineSecurityError
 
 DEFAULT_DEADLINE_MS = 500.0
 DEFAULT_BATCH_MAX = 8
 DEFAULT_SAMPLE_ACCEPTED = 0.01
 DEFAULT_MIN_FREE_MB = 200.0
+# Bounds of the recipe's numbers (see the module docstring).
+MAX_FRAMES = 64
+FRAME_SIDE_RANGE = (16, 16384)  # px, each side of frame_size
+MAX_FRAME_PIXELS = 64 * 1024 * 1024  # width x height
+MAX_BATCH = 256
+MAX_DEADLINE_MS = 600_000.0
+MAX_MIN_FREE_MB = 16.0 * 1024 * 1024  # 16 TiB
+MAX_FILL_MM = 1000.0  # a custom format's fill target (a known format's is bounded by its height)
 # How kept frames are written (always losslessly): "auto" compresses them while inspection leaves the CPU
 # room and stores them uncompressed when it does not; "always" and "never" fix the choice.
 FRAME_COMPRESSION = ("auto", "always", "never")
 
 _REQUIRED = ("name", "format", "model", "frames")
 _OPTIONAL = ("fill_target_mm", "fill_tolerance_mm", "thresholds", "deadline_ms", "frame_size", "batch_max",
-             "sample_accepted", "min_free_mb", "frame_compression")
+             "sample_accepted", "min_free_mb", "frame_compression", "trusted_keys", "line_security")
 KEYS: tuple[str, ...] = _REQUIRED + _OPTIONAL
+# The line_security table (see the module docstring).
+LINE_SECURITY_KEYS: tuple[str, ...] = ("policy", "mode", "certificate", "private_key", "server_certificate", "user",
+                                       "password_env")
+_LINE_SECURITY_REQUIRED = ("certificate", "private_key", "server_certificate", "user")
+_LINE_SECURITY_FILES = ("certificate", "private_key", "server_certificate")
 
 
 class RecipeError(Exception):
@@ -72,6 +123,11 @@ class Recipe:
     sample_accepted: float = DEFAULT_SAMPLE_ACCEPTED  # fraction of accepted units whose frames are kept
     min_free_mb: float = DEFAULT_MIN_FREE_MB  # the record store's free-space guard
     frame_compression: str = "auto"  # one of FRAME_COMPRESSION
+    # Ed25519 public keys (PEM files, relative to the recipe's folder): when given, the station runs only a
+    # package signed by one of them (and, from a registry, only signed changes); see vialinspect.export.signing.
+    trusted_keys: tuple[Path, ...] = ()
+    # OPC UA security towards the line controller (the line_security table); None: anonymous, no security.
+    line_security: LineSecurity | None = None
     source: Path | None = None  # the file it was loaded from
     digest: str | None = None  # sha256 of that file (first 16 hex digits), so records can name the exact recipe
 
@@ -81,8 +137,8 @@ class Recipe:
         _need(isinstance(self.name, str) and self.name.strip() != "", "name", "must be a non-empty text")
         _need(isinstance(self.format, str) and self.format != "", "format", "must be a non-empty text")
         set_(self, "model", Path(self.model))
-        _need(_is_int(self.frames) and self.frames >= 1, "frames",
-              f"must be a whole number >= 1, got {self.frames!r}")
+        _need(_is_int(self.frames) and 1 <= self.frames <= MAX_FRAMES, "frames",
+              f"must be a whole number >= 1 and <= {MAX_FRAMES}, got {self.frames!r}")
         fmt = FORMATS.get(self.format)
         if fmt is None and (self.fill_target_mm is None or self.fill_tolerance_mm is None):
             missing = [k for k in ("fill_target_mm", "fill_tolerance_mm") if getattr(self, k) is None]
@@ -95,7 +151,8 @@ class Recipe:
             set_(self, "fill_tolerance_mm", float(fmt.fill_tolerance_mm))
         for k in ("fill_target_mm", "fill_tolerance_mm"):
             v = getattr(self, k)
-            _need(_is_number(v) and v > 0, k, f"must be a number > 0 (mm), got {v!r}")
+            _need(_is_number(v) and 0 < v <= MAX_FILL_MM, k,
+                  f"must be a finite number > 0 and <= {MAX_FILL_MM:g} (mm), got {v!r}")
             set_(self, k, float(v))
         if fmt is not None:
             _need(self.fill_target_mm < fmt.height_mm, "fill_target_mm",
@@ -104,30 +161,45 @@ class Recipe:
               f"{self.fill_tolerance_mm:g} mm is not smaller than the fill target {self.fill_target_mm:g} mm")
         _need(isinstance(self.thresholds, dict), "thresholds", "must be a table of class = threshold")
         for c, v in self.thresholds.items():
+            if not isinstance(c, str):
+                raise RecipeError(f"class names must be text, got {_kind(c)}", "thresholds")
             if c not in CLASSES:
                 raise RecipeError(f"unknown class{_did_you_mean(str(c), CLASSES)}; known: {', '.join(CLASSES)}",
                                   f"thresholds.{c}")
-            _need(_is_number(v) and 0.0 < v <= 1.0, f"thresholds.{c}", f"must be a number in (0, 1], got {v!r}")
+            problem = threshold_problem(v)
+            _need(problem is None, f"thresholds.{c}", str(problem))
         set_(self, "thresholds", {c: float(v) for c, v in self.thresholds.items()})
-        _need(_is_number(self.deadline_ms) and self.deadline_ms > 0, "deadline_ms",
-              f"must be a number > 0 (milliseconds), got {self.deadline_ms!r}")
+        _need(_is_number(self.deadline_ms) and 0 < self.deadline_ms <= MAX_DEADLINE_MS, "deadline_ms",
+              f"must be a number > 0 and <= {MAX_DEADLINE_MS:,.0f} (milliseconds), got {self.deadline_ms!r}")
         set_(self, "deadline_ms", float(self.deadline_ms))
         if self.frame_size is not None:
             fs = self.frame_size
+            lo, hi = FRAME_SIDE_RANGE
             ok = isinstance(fs, (list, tuple)) and len(fs) == 2 and all(_is_int(v) and v > 0 for v in fs)
             _need(ok, "frame_size", f"must be [width, height] in pixels, two whole numbers > 0, got {fs!r}")
+            _need(all(lo <= v <= hi for v in fs), "frame_size",
+                  f"each side must be {lo}..{hi} px, got {list(fs)!r}")
+            _need(fs[0] * fs[1] <= MAX_FRAME_PIXELS, "frame_size",
+                  f"{fs[0]} x {fs[1]} px is more than {MAX_FRAME_PIXELS:,} px ({MAX_FRAME_PIXELS >> 20} Mpx)")
             set_(self, "frame_size", (int(fs[0]), int(fs[1])))
-        _need(_is_int(self.batch_max) and self.batch_max >= 1, "batch_max",
-              f"must be a whole number >= 1, got {self.batch_max!r}")
+        _need(_is_int(self.batch_max) and 1 <= self.batch_max <= MAX_BATCH, "batch_max",
+              f"must be a whole number >= 1 and <= {MAX_BATCH}, got {self.batch_max!r}")
         _need(_is_number(self.sample_accepted) and 0.0 <= self.sample_accepted <= 1.0, "sample_accepted",
               f"must be a fraction in [0, 1], got {self.sample_accepted!r}")
         set_(self, "sample_accepted", float(self.sample_accepted))
-        _need(_is_number(self.min_free_mb) and self.min_free_mb >= 0, "min_free_mb",
-              f"must be a number >= 0 (MB), got {self.min_free_mb!r}")
+        _need(_is_number(self.min_free_mb) and 0 <= self.min_free_mb <= MAX_MIN_FREE_MB, "min_free_mb",
+              f"must be a number >= 0 and <= {MAX_MIN_FREE_MB:,.0f} (MB), got {self.min_free_mb!r}")
         set_(self, "min_free_mb", float(self.min_free_mb))
         _need(self.frame_compression in FRAME_COMPRESSION, "frame_compression",
               f"must be one of {', '.join(repr(v) for v in FRAME_COMPRESSION)}, got {self.frame_compression!r}"
               f"{_did_you_mean(str(self.frame_compression), FRAME_COMPRESSION)}")
+        _need(isinstance(self.trusted_keys, (list, tuple)) and len(self.trusted_keys) <= 64, "trusted_keys",
+              "must be a list of public key files")
+        set_(self, "trusted_keys", tuple(Path(k) for k in self.trusted_keys))
+        if isinstance(self.line_security, dict):  # a recipe built in code may give the table
+            set_(self, "line_security", _line_security(self.line_security, None))
+        _need(self.line_security is None or isinstance(self.line_security, LineSecurity), "line_security",
+              f"must be a table of OPC UA security settings, got {_kind(self.line_security)}")
 
     @property
     def fill_spec(self) -> tuple[float, float]:
@@ -135,8 +207,23 @@ class Recipe:
         return (float(self.fill_target_mm), float(self.fill_tolerance_mm))  # type: ignore[arg-type]
 
     def effective_thresholds(self, package_thresholds: dict[str, float]) -> dict[str, float]:
-        """The model package's calibrated thresholds with this recipe's overrides on top."""
-        return {**{c: float(v) for c, v in package_thresholds.items()}, **self.thresholds}
+        """The model package's calibrated thresholds with this recipe's overrides on top.
+
+        Raises ``RecipeError`` (key ``thresholds.<class>``) unless the result gives every class a finite
+        threshold within (0, 1): a class the package leaves out and the recipe does not set, or a package
+        threshold that is NaN, not a number or out of range, would otherwise decide units wrongly."""
+        if not isinstance(package_thresholds, dict):
+            raise RecipeError(f"the model package's thresholds are not a table ({type(package_thresholds).__name__})",
+                              "thresholds", self.source)
+        merged = {**package_thresholds, **self.thresholds}
+        for c in CLASSES:
+            if c not in merged:
+                raise RecipeError("no threshold: the model package has none for this class and the recipe sets "
+                                  "none", f"thresholds.{c}", self.source)
+            problem = threshold_problem(merged[c])
+            if problem:
+                raise RecipeError(f"the model package's threshold {problem}", f"thresholds.{c}", self.source)
+        return {c: float(merged[c]) for c in CLASSES}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -153,6 +240,9 @@ class Recipe:
             "sample_accepted": self.sample_accepted,
             "min_free_mb": self.min_free_mb,
             "frame_compression": self.frame_compression,
+            "trusted_keys": [str(k) for k in self.trusted_keys],
+            # Settings only: the password is never part of a recipe.
+            "line_security": self.line_security.to_dict() if self.line_security is not None else None,
             "source": str(self.source) if self.source else None,
             "digest": self.digest,
         }
@@ -228,7 +318,10 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
+        key = loader.construct_object(key_node, deep=True)  # deep: a list key is shown with its items
+        if not isinstance(key, str):  # a list, table, number, true/false or null as a key: no recipe key is one
+            raise yaml.constructor.ConstructorError(
+                None, None, f"keys must be text, got {_kind(key)}", key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -245,6 +338,8 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError(f"the recipe must be a table of key = value, got {_kind(data)}")
     for k in data:
+        if not isinstance(k, str):
+            raise RecipeError(f"keys must be text, got {_kind(k)}")
         if k not in KEYS:
             raise RecipeError(f"unknown key{_did_you_mean(str(k), KEYS)}; known keys: {', '.join(KEYS)}", str(k))
     for k in _REQUIRED:
@@ -261,6 +356,14 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
         v = data["frame_compression"]
         _need(isinstance(v, str), "frame_compression", f"must be a text, got {_kind(v)}")
         out["frame_compression"] = v
+    if "trusted_keys" in data:
+        keys = data["trusted_keys"]
+        _need(isinstance(keys, list) and all(isinstance(k, str) and k.strip() for k in keys), "trusted_keys",
+              f"must be a list of public key file names, got {_kind(keys)}")
+        out["trusted_keys"] = tuple((base_dir / Path(k).expanduser()).resolve() if base_dir is not None
+                                    else Path(k).expanduser() for k in keys)
+    if "line_security" in data:
+        out["line_security"] = _line_security(data["line_security"], base_dir)
     try:
         out["model"] = resolve_model_ref(out["model"], base_dir)
     except (LookupError, FileNotFoundError) as e:
@@ -271,13 +374,16 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
             out[k] = data[k]
     for k in ("fill_target_mm", "fill_tolerance_mm", "deadline_ms", "sample_accepted", "min_free_mb"):
         if k in data:
-            _need(_is_number(data[k]), k, f"must be a number, got {_kind(data[k])}{_quoted_number_hint(data[k])}")
+            _need(_is_number(data[k]), k,
+                  f"must be a number (finite), got {_kind(data[k])}{_quoted_number_hint(data[k])}")
             out[k] = data[k]
     if "thresholds" in data:
         th = data["thresholds"]
         _need(isinstance(th, dict), "thresholds", f"must be a table of class = threshold, got {_kind(th)}")
         for c, v in th.items():
-            _need(_is_number(v), f"thresholds.{c}", f"must be a number, got {_kind(v)}{_quoted_number_hint(v)}")
+            _need(isinstance(c, str), "thresholds", f"class names must be text, got {_kind(c)}")
+            _need(_is_number(v), f"thresholds.{c}",
+                  f"must be a number (finite), got {_kind(v)}{_quoted_number_hint(v)}")
         out["thresholds"] = {str(c): v for c, v in th.items()}
     if "frame_size" in data:
         fs = data["frame_size"]
@@ -285,6 +391,33 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
               f"must be [width, height], two whole numbers, got {fs!r}")
         out["frame_size"] = tuple(fs)
     return out
+
+
+def _line_security(table: Any, base_dir: Path | None) -> LineSecurity:
+    """The ``line_security`` table; file names are taken relative to ``base_dir`` (the recipe's folder)."""
+    _need(isinstance(table, dict), "line_security", f"must be a table of setting = value, got {_kind(table)}")
+    for k in table:
+        _need(isinstance(k, str), "line_security", f"keys must be text, got {_kind(k)}")
+        if "password" in k.lower() and k != "password_env":
+            raise RecipeError("a password must never be in the recipe: put it in the environment variable named by "
+                              "password_env (default VIALINSPECT_OPCUA_PASSWORD)", f"line_security.{k}")
+        if k not in LINE_SECURITY_KEYS:
+            raise RecipeError(f"unknown key{_did_you_mean(k, LINE_SECURITY_KEYS)}; known keys: "
+                              f"{', '.join(LINE_SECURITY_KEYS)}", f"line_security.{k}")
+    table = {k: v for k, v in table.items() if v is not None}  # YAML null: not given
+    for k in _LINE_SECURITY_REQUIRED:
+        if k not in table:
+            raise RecipeError("missing (required in line_security)", f"line_security.{k}")
+    for k, v in table.items():
+        _need(isinstance(v, str), f"line_security.{k}", f"must be a text, got {_kind(v)}")
+        _need(v.strip() != "", f"line_security.{k}", "must not be empty")
+    for k in _LINE_SECURITY_FILES:
+        path = Path(table[k]).expanduser()
+        table[k] = (base_dir / path).resolve() if base_dir is not None else path
+    try:
+        return LineSecurity(**table)
+    except LineSecurityError as e:
+        raise RecipeError(e.problem, f"line_security.{e.field}") from None
 
 
 def _need(ok: bool, key: str, problem: str) -> None:
@@ -297,19 +430,25 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _kind(v: Any) -> str:
+    r = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."  # a huge number or list stays one short line
     if isinstance(v, bool):
-        return f"true/false ({v!r})"
+        return f"true/false ({r})"
     if isinstance(v, str):
-        return f"text {v!r}"
+        return f"text {r}"
     if isinstance(v, dict):
         return "a table"
     if isinstance(v, list):
-        return f"a list {v!r}"
-    return f"{type(v).__name__} {v!r}"
+        return f"a list {r}"
+    return f"{type(v).__name__} {r}"
 
 
 def _quoted_number_hint(v: Any) -> str:

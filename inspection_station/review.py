@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from vialinspect.datasets.imageio import ImageError, read_gray, to_uint8, write_png
 from vialinspect.datasets.manifest import MANIFEST_NAME, ManifestWriter
 from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord, FillSpec, split_for
@@ -51,7 +52,7 @@ class ReviewError(Exception):
 
 
 class SignatureError(ReviewError):
-    """The signature was refused (wrong password, disabled or unknown user); it was audited as failed."""
+    """The signature was refused (wrong password, locked, disabled or unknown user); it was audited as failed."""
 
 
 def meaning_of(verdict: str, classes: Sequence[str] = ()) -> str:
@@ -249,6 +250,27 @@ def _classes(reviewed_class: str | Sequence[str] | None) -> list[str]:
         if c not in out:
             out.append(c)
     return [c for c in DEFECT_CLASSES if c in out]
+
+
+def review_id_of(v: Any, what: str = "supersedes") -> int | None:
+    """A review id given from outside (a web form's text, a JSON number) as an int; None for nothing given.
+
+    Whole numbers only: ``3``, ``"3"`` and ``3.0`` are review 3; ``"abc"``, ``2.5``, ``True`` or ``-1`` raise
+    ``ReviewError``.
+    """
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    n: int | None = None
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, float) and v.is_integer():
+        n = int(v)
+    elif isinstance(v, str) and v.strip().isascii() and v.strip().isdigit():
+        n = int(v.strip())
+    if n is None or n < 1:
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "..."
+        raise ReviewError(f"{what} must be a review id (a whole number from 1), not {shown}")
+    return n
 
 
 def _review(row: sqlite3.Row, superseded_by: int | None = None) -> Review:
@@ -524,9 +546,11 @@ class ReviewService:
         """Sign a review of a rejected unit; the password is checked for this signature.
 
         A first review needs ``supersedes=None``; changing the current review needs its id as ``supersedes``
-        and a comment giving the reason. Writes the review and exactly one audit entry in one transaction; a
-        refused password writes one ``signature_failed`` entry and raises ``SignatureError``.
+        (an int, or its text as a web form sends it) and a comment giving the reason. Writes the review and
+        exactly one audit entry in one transaction; a refused password (wrong, locked or disabled account)
+        writes one ``signature_failed`` entry and raises ``SignatureError``.
         """
+        supersedes = review_id_of(supersedes)
         if verdict not in VERDICTS:
             raise ReviewError(f"unknown verdict {verdict!r} (known: {', '.join(VERDICTS)})")
         classes = _classes(reviewed_class) if verdict == "confirmed_defect" else []
@@ -543,7 +567,7 @@ class ReviewService:
         try:
             signer = users.verify_password(self.db, user, password)
         except users.AuthError as e:
-            audit.record(self.db, (user or "(empty)")[:128], audit.SIGNATURE_FAILED, container_id,
+            audit.record(self.db, users.audit_name(self.db, user), audit.SIGNATURE_FAILED, container_id,
                          new_value={"verdict": verdict, "classes": classes}, reason=str(e))
             raise SignatureError(f"signature refused: {e}") from None
         meaning = meaning_of(verdict, classes)
@@ -568,7 +592,11 @@ class ReviewService:
             review_id = max(int(used[0]) if used else 0, int(top or 0)) + 1
             row = {"review_id": review_id, "verdict": verdict, "classes": json.dumps(classes), "comment": comment,
                    "reviewer": signer.username, "printed_name": signer.full_name, "signed_at_utc": now,
-                   "meaning": meaning, "supersedes": supersedes}
+                   "signed_at": t, "meaning": meaning, "supersedes": supersedes,
+                   "model_version": rec["model_version"], "recipe": rec["recipe"],
+                   "station_reasons": json.dumps(rec["reasons"]),
+                   "decided_at": None if rec["decided_at"] is None else float(rec["decided_at"])}
+            # The entry records every column of the row (verify() checks them all against it).
             seq = audit.append(conn, signer.username, audit.REVIEW_CHANGED if cur is not None else audit.REVIEW,
                                container_id, old_value=None if cur is None else audit.review_audit_value(cur),
                                new_value=audit.review_audit_value(row), reason=comment or None, at_utc=now)
@@ -576,9 +604,9 @@ class ReviewService:
                 "INSERT INTO reviews (review_id, container_id, verdict, classes, comment, reviewer, printed_name, "
                 "signed_at_utc, signed_at, meaning, supersedes, model_version, recipe, station_reasons, decided_at, "
                 "audit_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (review_id, container_id, verdict, row["classes"], comment, signer.username, signer.full_name, now, t,
-                 meaning, supersedes, rec["model_version"], rec["recipe"], json.dumps(rec["reasons"]),
-                 rec["decided_at"], seq))
+                (review_id, container_id, verdict, row["classes"], comment, signer.username, signer.full_name, now,
+                 row["signed_at"], meaning, supersedes, row["model_version"], row["recipe"], row["station_reasons"],
+                 row["decided_at"], seq))
             out = conn.execute("SELECT * FROM reviews WHERE review_id = ?", (review_id,)).fetchone()
         return _review(out)
 

@@ -6,15 +6,33 @@ and the front end's static assets, drops sessions of users who have been disable
 logouts, and refuses routes this app never needs (uploads, the URL proxy, run history). No folder is
 served: frames reach the browser only as images the handlers load through validated container ids.
 
+Logins are checked off the event loop (a small pool of worker threads, so a flood of scrypt checks cannot stall
+other sessions' pages) behind a rate limit per client address and per account
+(:mod:`vialinspect.inspection_station.login_limit`); refused attempts are audited in aggregate, one row per
+client per window, not one row each.
+
+Everything the app hands to Gradio (frames, audit CSV exports) lives in one private (0700) temporary folder per
+app instance, files 0600, removed when the app closes or the process exits; Gradio's shared temp folder is not
+used.
+
 All logic lives in :mod:`vialinspect.inspection_station.review`; the handlers here only translate between widgets and
 those functions.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextvars
+import dataclasses
+import hashlib
 import html
+import io
 import json
+import logging
+import math
 import os
+import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -28,11 +46,17 @@ from typing import Any
 for _k, _v in (("GRADIO_ANALYTICS_ENABLED", "False"), ("HF_HUB_OFFLINE", "1")):
     os.environ.setdefault(_k, _v)
 
+import anyio  # noqa: E402
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from fastapi import HTTPException  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from vialinspect.datasets.records import DEFECT_CLASSES  # noqa: E402
 
 from . import audit, users  # noqa: E402
+from .login_limit import ACCOUNT, Attempt, LoginLimiter, RefusalReport, too_many_message  # noqa: E402
 from .review import (  # noqa: E402
     NOT_INSPECTED,
     QueueFilter,
@@ -48,6 +72,16 @@ ANY = "(any)"
 QUEUE_HEADERS = ["container", "decided (UTC)", "reasons", "score", "model", "recipe", "status"]
 AUDIT_HEADERS = ["seq", "time (UTC)", "user", "action", "container", "old value", "new value", "reason"]
 IDLE_TIMEOUT_S = 30 * 60.0
+TEMP_PREFIX = "vialinspect-review-"  # the app's private temporary folder: tempfile.gettempdir()/TEMP_PREFIX*
+EXPORT_KEEP_S = 15 * 60.0  # an audit export stays downloadable this long (others' exports must not vanish)
+LOGIN_WORKERS = 2  # password checks (scrypt, 16 MiB each) running at once, off the event loop
+LOGIN_MAX_WAITING = 32  # logins queued for a worker beyond which a new one is refused at once
+
+log = logging.getLogger(__name__)
+
+# The client address of the request being handled, as Gradio's request gives it (the ASGI scope's client): set by
+# the guard, read by the login check, which Gradio calls with the user name and password only.
+_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("vialinspect_review_client", default=None)
 
 # Keyboard shortcuts: c / f / e press the decision buttons unless the focus is in a text field (so a comment
 # or a password can contain those letters); Escape leaves a text field so that the keys work again.
@@ -112,7 +146,56 @@ class _App:
     def __init__(self, svc: ReviewService) -> None:
         self.svc = svc
         self.db = svc.db
-        self.export_dir = Path(tempfile.mkdtemp(prefix="vialinspect-audit-"))
+        # One private folder per app instance for everything handed to Gradio; see _private().
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)).resolve()
+        os.chmod(self.temp_dir, 0o700)
+        self._dir_lock = threading.Lock()
+        atexit.register(self.close)
+
+    # ---- the private temporary folder -------------------------------------------------------------------
+
+    def _private(self, sub: str | None = None) -> Path:
+        """The private folder (or a subfolder of it), created 0700 if missing (after a close and relaunch)."""
+        with self._dir_lock:
+            for d in (self.temp_dir, *([self.temp_dir / sub] if sub else [])):
+                if not d.is_dir():
+                    d.mkdir(mode=0o700)
+                    os.chmod(d, 0o700)
+        return self.temp_dir / sub if sub else self.temp_dir
+
+    def _write_private(self, folder: Path, name: str, data: bytes) -> Path:
+        """Write ``data`` as ``folder/name`` with mode 0600 (atomically: a temporary name, then a rename)."""
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")  # mkstemp creates the file 0600
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, 0o600)
+            out = folder / name
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return out
+
+    def _frame_file(self, img: np.ndarray) -> str:
+        """A frame as a PNG file (0600) in the private folder; the same picture reuses its file."""
+        arr = np.ascontiguousarray(img if img.dtype == np.uint8 else np.clip(img, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        data = buf.getvalue()
+        folder = self._private("frames")
+        name = hashlib.sha256(data).hexdigest()[:40] + ".png"
+        out = folder / name
+        try:
+            os.utime(out)  # shown before: Gradio's delete_cache ages files by ctime, so a frame shown again is kept
+            return str(out)
+        except FileNotFoundError:
+            return str(self._write_private(folder, name, data))
+
+    def close(self) -> None:
+        """Remove the private folder (at the app's close, and at exit at the latest)."""
+        atexit.unregister(self.close)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     # ---- queue ------------------------------------------------------------------------------------------
 
@@ -152,7 +235,8 @@ class _App:
             d = self.svc.detail(cid)
         except ReviewError as e:
             raise _err(str(e)) from None
-        return (cid, _title(d), _gallery(d, show_map), _scores(d), _fill_html(d), _reviews_md(d),
+        gallery = [(self._frame_file(img), cap) for img, cap in _gallery(d, show_map)]
+        return (cid, _title(d), gallery, _scores(d), _fill_html(d), _reviews_md(d),
                 gr.update(value=[c for c in DEFECT_CLASSES if c in d.reasons]))
 
     def load_unit(self, cid: str, show_map: bool, request: gr.Request) -> tuple:
@@ -247,7 +331,7 @@ class _App:
         user = _user(request)
         try:
             rv = self.svc.sign_review(user, password or "", container_id, verdict, reviewed_class or [],
-                                      comment or "", supersedes=None if supersedes is None else int(supersedes))
+                                      comment or "", supersedes=supersedes)  # validated there
         except ReviewError as e:
             raise _err(str(e)) from None
         return review_to_dict(rv)
@@ -285,16 +369,37 @@ class _App:
     def verify(self, request: gr.Request) -> str:
         _user(request)
         r = audit.verify(self.db)
-        if r.ok:
-            return f"Audit trail intact: {r.entries} entries, head hash `{r.head_hash}`."
-        return f"**Audit trail check FAILED** at entry {r.first_bad_seq}: {html.escape(r.problem or '')}"
+        if r.damaged:
+            return f"**Review database DAMAGED**: {html.escape(r.problem or '')}"
+        if not r.ok:
+            return f"**Audit trail check FAILED** at entry {r.first_bad_seq}: {html.escape(r.problem or '')}"
+        covered = (f" {len(r.not_covered)} rows were recorded before full coverage and are not covered: "
+                   f"{html.escape(', '.join(r.not_covered[:10]))}") if r.not_covered else ""
+        return f"Audit trail intact: {r.entries} entries, head hash `{r.head_hash}`.{covered}"
 
     def export_audit(self, request: gr.Request) -> str:
         user = _user(request)
-        for old in self.export_dir.glob("audit-*.csv"):  # Gradio has its own copy of earlier exports
-            old.unlink(missing_ok=True)
-        out = self.export_dir / f"audit-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.csv"
-        audit.export_csv(self.db, out, user)
+        folder = self._private("exports")
+        now = time.time()
+        for old in folder.glob("audit-*.csv"):  # served from here (no copy): keep others' recent exports
+            try:
+                if now - old.stat().st_mtime > EXPORT_KEEP_S:
+                    old.unlink(missing_ok=True)
+            except OSError:
+                pass
+        out = folder / f"audit-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}-{os.urandom(4).hex()}.csv"
+        # The export is written by audit.export_csv; create its files 0600 first so that no byte of it is ever
+        # readable by others (the folder is private anyway), and make sure of the mode once it is written.
+        for f in (out.with_name(out.name + ".partial"), out):
+            os.close(os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        try:
+            audit.export_csv(self.db, out, user)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        finally:
+            out.with_name(out.name + ".partial").unlink(missing_ok=True)
+        os.chmod(out, 0o600)
         return str(out)
 
     def trends(self, bucket: str, model: str, request: gr.Request) -> tuple:
@@ -431,7 +536,8 @@ def build_app(store_dir: str | Path, service: ReviewService | None = None) -> gr
     app = _App(svc)
     vis = "undocumented"  # callable by a logged-in client, but not described to anyone (not even the login page)
 
-    # delete_cache: the images and CSV copies Gradio serves do not linger on disk for more than two hours.
+    # delete_cache: the images and CSV files Gradio serves do not linger on disk for more than two hours (and the
+    # whole private folder goes when the app closes).
     with gr.Blocks(title="vialinspect QA review", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
         with gr.Row():
             who = gr.Markdown(elem_id="signed-in-as")
@@ -549,8 +655,54 @@ def build_app(store_dir: str | Path, service: ReviewService | None = None) -> gr
         # For scripts (gradio_client, logged in): a unit's detail as JSON, and signing without the widgets.
         gr.api(app.api_unit, api_name="unit", api_visibility=vis)
         gr.api(app.api_sign, api_name="sign_review", api_visibility=vis)
+    _use_private_dir(demo, app)
     demo.review_service = svc  # type: ignore[attr-defined]
     return demo
+
+
+def _use_private_dir(demo: gr.Blocks, app: _App) -> None:
+    """Make Gradio keep and serve this app's files in the app's private folder, and remove it at close.
+
+    Gradio (6.x) names its temp folder from GRADIO_TEMP_DIR when a component is built (``Block.GRADIO_CACHE``,
+    where its postprocessing writes and which it does not copy out of) and when the server app is created at
+    launch (``App.uploaded_file_dir``, the one folder of created files it serves). Both are set here for this
+    Blocks only; the environment is left alone (another app in the process keeps its own folder).
+    """
+    where = str(app.temp_dir)
+    for block in (demo, *demo.blocks.values()):
+        block.GRADIO_CACHE = where
+    orig_launch, orig_close = demo.launch, demo.close
+    closers: list[Any] = [app.close]
+
+    def launch(*args: Any, prevent_thread_lock: bool = False, **kwargs: Any) -> Any:
+        app._private()
+        out = orig_launch(*args, prevent_thread_lock=True, **kwargs)
+        server_app = getattr(demo, "server_app", None)
+        if server_app is not None:
+            server_app.uploaded_file_dir = where
+        if not prevent_thread_lock:
+            demo.block_thread()
+        return out
+
+    def close(verbose: bool = True) -> None:
+        try:
+            orig_close(verbose)
+        finally:
+            run_closers(demo)
+
+    demo.launch = launch  # type: ignore[method-assign]
+    demo.close = close  # type: ignore[method-assign]
+    demo.review_closers = closers  # type: ignore[attr-defined]
+    demo.review_temp_dir = app.temp_dir  # type: ignore[attr-defined]
+
+
+def run_closers(demo: gr.Blocks) -> None:
+    """What the app does when it closes: flush the login limiter's aggregates, remove the private folder."""
+    for fn in reversed(getattr(demo, "review_closers", [])):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - one failing step must not keep the others from running
+            log.exception("review app: closing step %r failed", fn)
 
 
 # ---------------------------------------------------------------- the guard
@@ -588,6 +740,8 @@ class AuthGuard:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        client = scope.get("client")
+        _CLIENT.set(str(client[0]) if client else None)  # for the login check (LoginGate)
         path = scope.get("path", "/")
         root = scope.get("root_path", "") or ""
         if root and path.startswith(root):
@@ -663,24 +817,135 @@ async def _deny(send: Any, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# ---------------------------------------------------------------- the login check
+
+class LoginGate:
+    """Gradio's ``auth=`` callable: rate-limited, off the event loop, refused attempts audited in aggregate.
+
+    Gradio awaits ``check`` on its event loop. A client or account over the limit is refused at once (HTTP 429,
+    "too many attempts, try again in N s", no password check, no audit row: the refusal is counted into the
+    limiter's aggregate instead). Otherwise the check (``users.login``: scrypt, the lockout query and the fsync'd
+    audit row) runs in one of ``workers`` threads of its own, so that a flood of logins neither blocks the loop
+    nor takes the thread pool that serves other requests; more than ``max_waiting`` logins queued for those
+    threads are refused at once too. Aggregates are written (one audit row each) when their window has ended --
+    by a background thread, within ``flush_every_s`` --, at the next successful login, and at close or exit.
+    """
+
+    def __init__(self, db: audit.ReviewDB, limiter: LoginLimiter | None = None, workers: int = LOGIN_WORKERS,
+                 max_waiting: int = LOGIN_MAX_WAITING, flush_every_s: float = 5.0) -> None:
+        self.db = db
+        self.limiter = limiter or LoginLimiter()
+        self.workers = int(workers)
+        self.max_waiting = int(max_waiting)
+        self.flush_every_s = float(flush_every_s)
+        self._threads: anyio.CapacityLimiter | None = None
+        self._waiting = 0  # logins admitted and not finished (changed on the event loop only)
+        self._unwritten: list[RefusalReport] = []  # aggregates whose audit row could not be written yet
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        atexit.register(self.close)
+
+    async def check(self, username: str, password: str) -> bool:
+        client = _CLIENT.get() or "unknown"
+        name = (username or "").strip()[:128] or "(empty)"  # as users.login names the attempt
+        att = self.limiter.attempt(client, name)
+        if not att.admitted:
+            self._start_flusher()
+            raise _too_many(att.retry_after_s)
+        if self._waiting >= self.max_waiting:
+            self.limiter.success(att)  # not a failure: never checked
+            self.limiter.refuse(client, name)
+            self._start_flusher()
+            raise _too_many(1.0)
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(self.workers)
+        self._waiting += 1
+        try:
+            return await anyio.to_thread.run_sync(self._login, att, password, limiter=self._threads)
+        finally:
+            self._waiting -= 1
+
+    def _login(self, att: Attempt, password: str) -> bool:
+        """In a worker thread: the password check and its audit row; then the aggregates, after a success."""
+        try:
+            users.login(self.db, att.account, password)
+        except users.AuthError:
+            return False  # stays counted as a failure in the limiter
+        self.limiter.success(att)
+        self.flush(force=True)
+        return True
+
+    def _named(self, rep: RefusalReport) -> RefusalReport:
+        """The report with each typed account name as the audit trail may show it (``users.audit_name``: a name
+        that is no user's, perhaps a password typed into the wrong field, appears only as a keyed hash)."""
+        name = {a: users.audit_name(self.db, a) for a in rep.accounts}
+        if rep.scope == ACCOUNT:
+            name.setdefault(rep.key, users.audit_name(self.db, rep.key))
+        accounts: dict[str, int] = {}
+        for a, n in rep.accounts.items():
+            accounts[name[a]] = accounts.get(name[a], 0) + n
+        return dataclasses.replace(rep, accounts=accounts, key=name.get(rep.key, rep.key))
+
+    def flush(self, force: bool = False) -> int:
+        """Write the aggregates whose window has ended (all with ``force``); returns the rows written."""
+        with self._flush_lock:
+            reports = [*self._unwritten, *self.limiter.due_reports(force=force)]
+            self._unwritten = []
+            written = 0
+            for i, rep in enumerate(reports):
+                try:
+                    rep = self._named(rep)
+                    audit.record(self.db, rep.user, audit.LOGIN_REFUSED, new_value=rep.value(), reason=rep.text())
+                except Exception:  # noqa: BLE001 - keep the evidence: retried at the next flush
+                    log.exception("review app: could not audit %d refused login(s); will retry", rep.count)
+                    self._unwritten = reports[i:]
+                    break
+                written += 1
+            return written
+
+    def _start_flusher(self) -> None:
+        if self._flusher is not None or self._closed:
+            return
+        self._flusher = threading.Thread(target=self._flush_loop, name="vialinspect-login-flush", daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_every_s):
+            self.flush()
+
+    def close(self) -> None:
+        """Stop the background flush and write every pending aggregate (the app's close, or exit)."""
+        atexit.unregister(self.close)
+        self._closed = True
+        self._stop.set()
+        if self._flusher is not None and self._flusher is not threading.current_thread():
+            self._flusher.join(timeout=10)
+        self.flush(force=True)
+
+
+def _too_many(retry_after_s: float) -> HTTPException:
+    wait = max(1, math.ceil(retry_after_s))
+    return HTTPException(status_code=429, detail=too_many_message(wait), headers={"Retry-After": str(wait)})
+
+
 # ---------------------------------------------------------------- serving
 
 def launch_options(store_dir: str | Path, db: audit.ReviewDB | None = None,
-                   idle_timeout_s: float = IDLE_TIMEOUT_S) -> dict[str, Any]:
-    """Keyword arguments for ``Blocks.launch`` that make the app safe to serve: login, guard, no files."""
+                   idle_timeout_s: float = IDLE_TIMEOUT_S, login_gate: LoginGate | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``Blocks.launch`` that make the app safe to serve: login, guard, no files.
+
+    The login check is ``login_gate.check`` (a new :class:`LoginGate` on ``db`` unless given); close the gate
+    when the app closes (:func:`serve` does) so that its pending aggregates are audited.
+    """
     from starlette.middleware import Middleware
 
     db = db or audit.ReviewDB(store_dir)
-
-    def check_login(username: str, password: str) -> bool:
-        try:
-            users.login(db, username, password)
-        except users.AuthError:
-            return False
-        return True
+    gate = login_gate or LoginGate(db)
 
     return {
-        "auth": check_login,
+        "auth": gate.check,
         "auth_message": "vialinspect QA review. Sign in with your own account; every login is recorded.",
         "app_kwargs": {"middleware": [Middleware(AuthGuard, db=db, idle_timeout_s=idle_timeout_s)]},
         "allowed_paths": [],  # nothing on disk is served; frames go through validated container ids only
@@ -697,21 +962,45 @@ def launch_options(store_dir: str | Path, db: audit.ReviewDB | None = None,
 
 
 def serve(store_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
-          quiet: bool = False, idle_timeout_s: float = IDLE_TIMEOUT_S) -> tuple[gr.Blocks, str]:
-    """Build and launch the app; returns (blocks, local URL). ``block=False`` returns at once (tests)."""
+          quiet: bool = False, idle_timeout_s: float = IDLE_TIMEOUT_S,
+          login_limiter: LoginLimiter | None = None) -> tuple[gr.Blocks, str]:
+    """Build and launch the app; returns (blocks, local URL). ``block=False`` returns at once (tests).
+
+    ``demo.close()`` also audits the refused logins still pending and removes the app's private temp folder.
+    """
+    if block:
+        _exit_on_sigterm()  # before the server answers: a stop during startup cleans up too
     svc = ReviewService(store_dir)
+    demo = None
     try:
         demo = build_app(store_dir, svc)
-        opts = launch_options(store_dir, svc.db, idle_timeout_s)
+        gate = LoginGate(svc.db, login_limiter)
+        demo.review_closers.append(gate.close)  # type: ignore[attr-defined]
+        demo.login_gate = gate  # type: ignore[attr-defined]
+        opts = launch_options(store_dir, svc.db, idle_timeout_s, login_gate=gate)
         demo.queue(default_concurrency_limit=4)
         _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=quiet,
                                 share=False, inbrowser=False, **opts)
     except BaseException:
+        if demo is not None:
+            run_closers(demo)
         svc.close()
         raise
     if block:
         try:
             demo.block_thread()
         finally:
+            run_closers(demo)
             svc.close()
     return demo, url
+
+
+def _exit_on_sigterm() -> None:
+    """A service stop (systemctl, docker) sends SIGTERM, which by default ends Python without running ``finally``
+    or atexit: make it a normal exit, so that pending audit rows are written and the private folder removed."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)

@@ -7,7 +7,8 @@
   the imaging simulator as a camera at a line rate (containers per minute, ``rate=0``: as fast as it renders),
   with ground truth per container (``truth(container_id)``); ``nuisance`` sets the chance per container of
   nuisances (e.g. ``lot_code``, an inkjet lot code on vials that is off by default);
-- ``folder:PATH`` image files replayed in name order, K consecutive files per container (``loop=1``);
+- ``folder:PATH`` image files replayed in name order, K consecutive files per container (``loop=1``); a file
+  that cannot be read within the recipe's frame size (``max_pixels``) is a ``bad_image`` frame, never an error;
 - ``file:PATH`` or a plain path with a video suffix, ``camera:N``, ``rtsp://...`` through OpenCV;
 - ``basler://[serial or index]?...`` Basler GigE/USB3 cameras through pypylon (optional dependency).
 
@@ -16,9 +17,21 @@ arguments, which win. Unknown options are an error, so that a typo does not sile
 
 Contract of ``Source.read(timeout)``: it never raises for a camera problem. It returns a Frame with pixels, or
 one with ``pixels=None`` and ``error`` set to a NOT_INSPECTED_CAUSES entry (``camera_timeout``,
-``camera_disconnected``, ``corrupt_frame``, ``missing_frame`` after an overrun). The caller's timeout is a
-watchdog: choose it longer than the frame interval, since a time-out is a fault, not a pause. Reading a
-finite source past its end raises ``SourceExhausted``; check ``exhausted`` first.
+``camera_disconnected``, ``corrupt_frame``, ``bad_image``). The caller's timeout is a watchdog: choose it longer
+than the frame interval, since a time-out is a fault, not a pause. Reading a finite source past its end raises
+``SourceExhausted``; check ``exhausted`` first.
+
+Frame identity (``Source.frame_order``, which the assembly groups by; see ``assembly``'s docstring):
+
+- simulator, folder and video file: every frame names its container and slot, and they are read synchronously,
+  so nothing is lost unseen; their ``seq`` numbers deliveries only (``frame_order = "arrival"``);
+- live OpenCV capture (``camera:N``, ``rtsp://``) and Basler: frames name no container, and frames can be lost
+  (a consumer that falls behind, a camera that drops); ``seq`` counts the frames *taken* (``"counter"``): the
+  Basler camera's block id (or, without one, pylon's image number plus skipped images), or for OpenCV, which has
+  no camera counter, the capture thread's count of frames captured, taken before its drop-oldest buffer. A lost
+  frame therefore leaves a gap in ``seq``; failures that stand for no particular frame carry ``NO_SEQ``. After a
+  reconnect the count goes on at the next multiple of K, so the new stream starts a unit. OpenCV's own losses
+  inside the driver or the network stream happen before any counter this code can see and stay invisible.
 """
 
 from __future__ import annotations
@@ -30,15 +43,17 @@ import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
-from vialinspect.datasets.imageio import IMAGE_SUFFIXES, ImageError, read_gray
 
+from vialinspect.datasets.imageio import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageError, read_gray_bounded
+
+from .assembly import NO_SEQ
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -56,6 +71,13 @@ class SourceExhausted(EOFError):
 
 class Source(ABC):
     """A camera-like stream of Frames. Subclasses implement ``_read``; the base numbers the frames."""
+
+    # What places a frame that names no container (see the module docstring and assembly): "counter" when
+    # ``Frame.seq`` counts the frames taken, so that a lost frame leaves a gap; "timestamp" when frames come
+    # ``frame_period_s`` apart by their timestamps; "arrival" when ``seq`` only numbers deliveries, which is sound
+    # only for a source that cannot lose a frame unseen (or whose frames name their container).
+    frame_order: str = "arrival"
+    frame_period_s: float | None = None
 
     def __init__(self, name: str, frames_per_container: int) -> None:
         if frames_per_container < 1:
@@ -91,10 +113,13 @@ class Source(ABC):
         self.stats[key] = self.stats.get(key, 0) + n
 
     def _frame(self, pixels: np.ndarray | None, *, error: str | None = None, container_id: str | None = None,
-               index: int | None = None, timestamp: float | None = None) -> Frame:
-        f = Frame(pixels=pixels, timestamp=time.monotonic() if timestamp is None else timestamp, seq=self._seq,
+               index: int | None = None, timestamp: float | None = None, seq: int | None = None) -> Frame:
+        """A Frame numbered by delivery, or with ``seq`` when the source counts its frames itself."""
+        if seq is None:
+            seq = self._seq
+            self._seq += 1
+        f = Frame(pixels=pixels, timestamp=time.monotonic() if timestamp is None else timestamp, seq=seq,
                   source=self.name, container_id=container_id, index_in_container=index, error=error)
-        self._seq += 1
         if error:
             self._count(error)
         return f
@@ -405,13 +430,26 @@ def _group_ids(groups: list[list[str]]) -> list[str]:
 
 
 class FolderSource(Source):
-    """Image files in name order; each K consecutive files are one container."""
+    """Image files in name order; each K consecutive files are one container.
 
-    def __init__(self, uri: str, frames_per_container: int, path: str, opts: _Opts) -> None:
+    A file is read only within bounds: at most ``max_pixels`` pixels (by default 4x the recipe's frame size, or
+    MAX_IMAGE_PIXELS without one), checked on the image header before anything is decoded. A file that is too
+    large, truncated, not an image or unreadable is a ``bad_image`` frame of its container, never an exception.
+    """
+
+    FRAME_SIZE_FACTOR = 4  # pixels a file may have, in recipe frames
+
+    def __init__(self, uri: str, frames_per_container: int, path: str, opts: _Opts,
+                 frame_size: tuple[int, int] | None = None) -> None:
         super().__init__(uri, frames_per_container)
         self.loop = opts.get("loop", _as_bool, False)
         pacer = _Pacer(opts.get("rate", float, 0.0), frames_per_container)
+        default_max = (self.FRAME_SIZE_FACTOR * int(frame_size[0]) * int(frame_size[1]) if frame_size
+                       else MAX_IMAGE_PIXELS)
+        self.max_pixels = opts.get("max_pixels", int, default_max)
         opts.check()
+        if self.max_pixels < 1:
+            raise SourceError(f"{uri}: max_pixels must be >= 1, got {self.max_pixels}")
         root = Path(path).expanduser()
         if not root.is_dir():
             raise SourceError(f"{uri}: {root} is not a folder")
@@ -451,10 +489,13 @@ class FolderSource(Source):
         # Replays must not repeat ids: the assembler would take the second pass as late frames.
         cid = self._ids[g] if self._pass == 0 else f"{self._ids[g]}~{self._pass}"
         try:
-            px = read_gray(self.files[i])
+            px = read_gray_bounded(self.files[i], self.max_pixels)
         except ImageError as e:
             log.warning("%s: %s", self.name, e)
-            px, err = None, "corrupt_frame"
+            px, err = None, "bad_image"
+        except Exception as e:  # noqa: BLE001 - no file may stop the line; it rejects its own unit
+            log.warning("%s: %s: cannot read: %s: %s", self.name, self.files[i], type(e).__name__, e)
+            px, err = None, "bad_image"
         else:
             err = None
         f = self._frame(px, error=err, container_id=cid, index=i % k)
@@ -505,6 +546,9 @@ class VideoFileSource(Source):
             self._cap.release()
             self._cap = self._cv2.VideoCapture(str(self.path))
             ok, img = self._cap.read()
+            # The replay starts a container: a short last one must not be filled up with the next pass's frames.
+            k = self.frames_per_container
+            self._n = -(-self._n // k) * k
         if not ok or img is None:
             return None
         return _to_gray(img)
@@ -531,15 +575,64 @@ class VideoFileSource(Source):
         super().close()
 
 
+class _DropOldest:
+    """The bounded buffer between a capture thread and ``read``: items ``(kind, payload, time, seq)``.
+
+    When it holds ``max_frames`` frames the oldest *frame* is dropped; the capture counter has already counted it,
+    so the reader sees the loss as a gap in ``seq``. Notices (``kind == "error"``, e.g. a lost camera) are never
+    dropped, since one marks a break in the stream; a notice equal to the one queued just before is kept once.
+    """
+
+    def __init__(self, max_frames: int) -> None:
+        self.max_frames = max(1, int(max_frames))
+        self._items: deque[tuple] = deque()
+        self._frames = 0
+        self._cond = threading.Condition()
+
+    def put(self, item: tuple) -> bool:
+        """Queue ``item``; True when a frame was dropped to make room."""
+        dropped = False
+        with self._cond:
+            if item[0] == "frame":
+                if self._frames >= self.max_frames:
+                    for i, old in enumerate(self._items):
+                        if old[0] == "frame":
+                            del self._items[i]
+                            break
+                    self._frames -= 1
+                    dropped = True
+                self._frames += 1
+            elif self._items and self._items[-1][:2] == item[:2]:
+                return False
+            self._items.append(item)
+            self._cond.notify()
+        return dropped
+
+    def get(self, timeout: float) -> tuple | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+                return None
+            item = self._items.popleft()
+            if item[0] == "frame":
+                self._frames -= 1
+            return item
+
+
 class LiveCaptureSource(Source):
     """A live OpenCV stream (``camera:N``, ``rtsp://``). A reader thread keeps the driver drained, notices a lost
     device and reconnects with backoff, so the station keeps running through a camera outage.
+
+    OpenCV gives no camera frame counter, so ``Frame.seq`` is the reader thread's count of frames captured, taken
+    before the buffer that drops the oldest frame when the consumer falls behind: a dropped frame leaves a gap
+    (``frame_order = "counter"``). After a reconnect the count goes on at the next multiple of K. Time-outs and
+    a lost camera carry ``NO_SEQ``.
 
     ``capture_factory`` (an option) builds the capture object (``read() -> (ok, img)``, ``isOpened()``,
     ``release()``); it exists for tests and for unusual backends.
     """
 
     QUEUE_FRAMES = 64
+    frame_order = "counter"
 
     def __init__(self, uri: str, frames_per_container: int, target: int | str, opts: _Opts) -> None:
         super().__init__(uri, frames_per_container)
@@ -548,9 +641,9 @@ class LiveCaptureSource(Source):
         open_timeout = opts.get("open_timeout", float, 10.0)
         opts.check()
         self._factory: Callable[[], Any] = factory or (lambda: self._cv_open(target, open_timeout))
-        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_FRAMES)
+        self._buffer = _DropOldest(self.QUEUE_FRAMES)
+        self._captured = 0  # frames taken from the driver (the next frame's seq); only the reader thread writes it
         self._stop = threading.Event()
-        self._overrun = False
         self.connected = False
         # The first connection is made here, so that a wrong camera number or URL fails the start loudly.
         cap = self._try_open()
@@ -584,17 +677,9 @@ class LiveCaptureSource(Source):
         return None
 
     def _put(self, item: tuple) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            # The consumer is behind: drop the oldest frame and say so, because grouping by sequence is now off.
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._overrun = True
+        if self._buffer.put(item):
+            # The consumer is behind: the oldest frame went; the gap in seq makes exactly its unit missing_frame.
             self._count("overruns")
-            self._queue.put_nowait(item)
 
     def _run(self, cap: Any) -> None:
         while not self._stop.is_set():
@@ -609,6 +694,9 @@ class LiveCaptureSource(Source):
                     self._backoff.failed(time.monotonic())
                     continue
                 self._backoff.reset()
+                # A new stream: what the camera took meanwhile was never counted, so it starts a unit.
+                k = self.frames_per_container
+                self._captured = -(-self._captured // k) * k
                 self.connected = True
                 self._count("reconnects")
                 log.info("%s: reconnected", self.name)
@@ -628,23 +716,23 @@ class LiveCaptureSource(Source):
                 self.connected = False
                 self._count("disconnects")
                 self._backoff.failed(t)
-                self._put(("error", "camera_disconnected", t))
+                self._put(("error", "camera_disconnected", t, NO_SEQ))
                 continue
-            self._put(("frame", _to_gray(np.asarray(img)), t))
+            n = self._captured
+            self._captured += 1
+            self._put(("frame", _to_gray(np.asarray(img)), t, n))
         if cap is not None:
             cap.release()
 
     def _read(self, timeout: float) -> Frame:
-        if self._overrun:
-            self._overrun = False
-            return self._frame(None, error="missing_frame")
-        try:
-            kind, payload, t = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return self._frame(None, error="camera_timeout" if self.connected else "camera_disconnected")
+        item = self._buffer.get(timeout)
+        if item is None:
+            return self._frame(None, error="camera_timeout" if self.connected else "camera_disconnected",
+                               seq=NO_SEQ)
+        kind, payload, t, n = item
         if kind == "error":
-            return self._frame(None, error=payload, timestamp=t)
-        return self._frame(payload, error="corrupt_frame" if payload.size == 0 else None, timestamp=t)
+            return self._frame(None, error=payload, timestamp=t, seq=n)
+        return self._frame(payload, error="corrupt_frame" if payload.size == 0 else None, timestamp=t, seq=n)
 
     def close(self) -> None:
         self._stop.set()
@@ -665,13 +753,44 @@ def _import_pylon() -> Any:
     return pylon
 
 
+_BLOCK_ID_INVALID = 2**64 - 1  # pylon: "a block ID of value UINT64_MAX is invalid and must not be used"
+_GIGE_BLOCK_MAX = 65535  # GigE block ids without the extended id mode run 1..65535, then wrap to 1 (0 is skipped)
+_WRAP_SLACK = 4096
+
+
+def _block_delta(prev: int, cur: int) -> int:
+    """Frames from block id ``prev`` to ``cur``, across a wrap of the 16-bit GigE counter."""
+    d = cur - prev
+    if d < 0 and _GIGE_BLOCK_MAX - _WRAP_SLACK < prev <= _GIGE_BLOCK_MAX and cur < _WRAP_SLACK:
+        d += _GIGE_BLOCK_MAX
+    return d
+
+
+def _result_int(res: Any, getter: str) -> int | None:
+    try:
+        v = getattr(res, getter)()
+    except Exception:  # noqa: BLE001 - a grab result (or a camera) without this counter
+        return None
+    return int(v) if isinstance(v, (int, np.integer)) else None
+
+
 class BaslerSource(Source):
     """A Basler camera through pypylon, free-running or externally triggered as configured on the camera.
 
     Options: ``exposure_us``, ``gain``, ``pixel_format`` (Mono8, Mono12, ...), ``fps`` (frame-rate limit),
     ``buffers`` (driver buffers), ``image_folder`` (camera emulator only: replay these images),
     ``backoff``/``max_backoff`` (reconnect delays, seconds).
+
+    ``Frame.seq`` comes from the camera (``frame_order = "counter"``): the grab result's block id, which also
+    counts the frames lost on the way (a camera out of buffers, a lost transfer), across the 16-bit GigE wrap.
+    Where the camera gives no block id (0 after the first frame, or UINT64_MAX), pylon's image number plus the
+    images it reports skipped. The first frame of a grab session gets the next multiple of K after the frames
+    counted so far (0 at the start), so a reconnected camera starts a unit; a failed grab keeps its number and
+    rejects its own unit. Counting starts at the first frame each session delivers: a session whose very first
+    frame is lost before the host sees it is aligned one frame late (no counter can tell).
     """
+
+    frame_order = "counter"
 
     def __init__(self, uri: str, frames_per_container: int, device: str, opts: _Opts) -> None:
         super().__init__(uri, frames_per_container)
@@ -688,6 +807,9 @@ class BaslerSource(Source):
         self._backoff = _Backoff(opts.get("backoff", float, 0.5), opts.get("max_backoff", float, 10.0))
         opts.check()
         self._cam: Any = None
+        self._next_seq = 0  # one past the highest seq given so far
+        self._last: tuple[int | None, int | None, int] | None = None  # this session: (block id, host count, seq)
+        self._skipped = 0  # images pylon reported skipped in this session
         self._connect()  # fail the start loudly when the camera is not there
 
     def _find(self) -> Any:
@@ -746,7 +868,31 @@ class BaslerSource(Source):
             self._drop_camera()
             raise
 
+    def _seq_of(self, res: Any) -> int:
+        """The frame number of a grab result; see the class docstring."""
+        block = _result_int(res, "GetBlockID")
+        if block is not None and (block >= _BLOCK_ID_INVALID or block < 0 or (block == 0 and self._last is not None)):
+            block = None  # invalid, or 0 again: the camera does not count blocks
+        image = _result_int(res, "GetImageNumber")
+        self._skipped += max(0, _result_int(res, "GetNumberOfSkippedImages") or 0)
+        host = None if image is None else image + self._skipped
+        if self._last is None:  # the session's first frame starts a unit
+            k = self.frames_per_container
+            seq = -(-self._next_seq // k) * k
+        else:
+            pblock, phost, pseq = self._last
+            if block is not None and pblock is not None:
+                seq = pseq + _block_delta(pblock, block)
+            elif host is not None and phost is not None:
+                seq = pseq + host - phost
+            else:
+                seq = pseq  # nothing counts this frame: the assembly sees a repeat and trusts no unit with it
+        self._last = (block, host, seq)
+        self._next_seq = max(self._next_seq, seq + 1)
+        return seq
+
     def _drop_camera(self) -> None:
+        self._last, self._skipped = None, 0  # the next grab session counts anew
         cam, self._cam = self._cam, None
         if cam is None:
             return
@@ -764,14 +910,14 @@ class BaslerSource(Source):
             now = time.monotonic()
             if now < self._backoff.next_try:
                 time.sleep(min(timeout, self._backoff.next_try - now))
-                return self._frame(None, error="camera_disconnected")
+                return self._frame(None, error="camera_disconnected", seq=NO_SEQ)
             try:
                 self._connect()
             except Exception as e:
                 log.warning("%s: reconnect failed: %s", self.name, e)
                 self._count("reconnect_failures")
                 self._backoff.failed(time.monotonic())
-                return self._frame(None, error="camera_disconnected")
+                return self._frame(None, error="camera_disconnected", seq=NO_SEQ)
             self._backoff.reset()
             self._count("reconnects")
             log.info("%s: reconnected", self.name)
@@ -782,22 +928,23 @@ class BaslerSource(Source):
         if res is None or not res.IsValid():
             if self._cam.IsCameraDeviceRemoved():
                 return self._lost(None)
-            return self._frame(None, error="camera_timeout")
+            return self._frame(None, error="camera_timeout", seq=NO_SEQ)
         try:
+            seq = self._seq_of(res)
             if not res.GrabSucceeded():
                 log.warning("%s: grab failed: %s", self.name, res.GetErrorDescription())
-                return self._frame(None, error="corrupt_frame")
+                return self._frame(None, error="corrupt_frame", seq=seq)
             px = _to_gray(np.array(res.GetArray(), copy=True))
         finally:
             res.Release()
-        return self._frame(px, error="corrupt_frame" if px.size == 0 else None)
+        return self._frame(px, error="corrupt_frame" if px.size == 0 else None, seq=seq)
 
     def _lost(self, e: Exception | None) -> Frame:
         log.warning("%s: camera lost (%s); reconnecting with backoff", self.name, e or "device removed")
         self._drop_camera()
         self._count("disconnects")
         self._backoff.failed(time.monotonic())
-        return self._frame(None, error="camera_disconnected")
+        return self._frame(None, error="camera_disconnected", seq=NO_SEQ)
 
     def close(self) -> None:
         self._drop_camera()
@@ -807,8 +954,12 @@ class BaslerSource(Source):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def open_source(uri: str, frames_per_container: int, **opts: Any) -> Source:
-    """Open the frame source named by ``uri`` (see the module docstring); keyword options override the query."""
+def open_source(uri: str, frames_per_container: int, *, frame_size: tuple[int, int] | None = None,
+                **opts: Any) -> Source:
+    """Open the frame source named by ``uri`` (see the module docstring); keyword options override the query.
+
+    ``frame_size`` is the recipe's (width, height): sources that decode files read none much larger than that.
+    """
     uri = uri.strip()
     if uri.startswith("sim://"):
         parts = urlsplit(uri)
@@ -818,7 +969,7 @@ def open_source(uri: str, frames_per_container: int, **opts: Any) -> Source:
         return SimSource(uri, frames_per_container, o)
     if uri.startswith("folder:"):
         path, q = _split_query(uri[len("folder:"):])
-        return FolderSource(uri, frames_per_container, path, _Opts(uri, {**q, **opts}))
+        return FolderSource(uri, frames_per_container, path, _Opts(uri, {**q, **opts}), frame_size=frame_size)
     if uri.startswith("camera:"):
         dev, q = _split_query(uri[len("camera:"):])
         if not dev.isdigit():

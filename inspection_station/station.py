@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from vialinspect.export.package import load_package, open_runner
-from vialinspect.export.registry import RegistryError
 from vialinspect.vision.preprocess import InputSpec
 
 from .line import LogLineOutput, OpcUaLineOutput
@@ -48,6 +47,7 @@ class StationOptions:
     quiet: bool = False
     registry: Path | None = None  # run the registry's current model for the recipe, and follow promotions
     registry_poll_s: float = 2.0
+    trusted_keys: tuple[Path, ...] = ()  # public keys (PEM) whose signature a package needs, besides the recipe's
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None, spin: bool = False) -> LoadedModel:
@@ -66,8 +66,9 @@ class RegistryWatcher:
     warmed up here, off the inspection path; one that fails to load leaves the running model in place."""
 
     def __init__(self, registry, recipe: Recipe, slot: ModelSlot, device: str, threads: int | None, poll_s: float,
-                 current: str, print_fn=print):
+                 current: str, print_fn=print, on_alarm=None):
         self.registry, self.recipe, self.slot = registry, recipe, slot
+        self.on_alarm = on_alarm  # the station's alarm (status line, metrics, line heartbeat)
         self.device, self.threads, self.poll_s, self.print_fn = device, threads, poll_s, print_fn
         self.loaded = current
         self.failed: str | None = None
@@ -84,22 +85,36 @@ class RegistryWatcher:
         if version is None or version in (self.loaded, self.failed):
             return
         try:
-            model = load_model(self.registry.package_dir(version), self.device, self.threads)
+            approved = self.registry.approved(self.recipe.name)
+        except Exception as e:  # noqa: BLE001 - an unapproved pointer keeps the running model, loudly
+            self.failed = version
+            self.alarm(f"registry names model {version!r} for {self.recipe.name}, but it is not approved ({e}); "
+                       f"still running {self.loaded}")
+            return
+        if approved.version_id != version:  # the pointer moved again between the two reads: look next time
+            return
+        try:
+            model = load_model(approved.path, self.device, self.threads)
             if self.recipe.frame_size:
                 model.runner.warm_up(*_padded(self.recipe.frame_size, model.runner.spec))
         except Exception as e:  # noqa: BLE001 - any failure keeps the running model; it is reported, not fatal
             self.failed = version
-            log.error("registry: promoted model %s not taken up: %s", version, e)
-            self.print_fn(f"\nwarning: promoted model {version} could not be loaded ({e}); still running {self.loaded}")
+            self.alarm(f"promoted model {version} could not be loaded ({e}); still running {self.loaded}")
             return
         misfit = _misfit(model, self.recipe)
         if misfit:
             self.failed = version
-            self.print_fn(f"\nwarning: {misfit}; still running {self.loaded}")
+            self.alarm(f"{misfit}; still running {self.loaded}")
             return
         self.slot.request_swap(model)
         self.loaded, self.failed = version, None
         self.print_fn(f"\nregistry: model {version} promoted for {self.recipe.name}; taken up between containers")
+
+    def alarm(self, text: str) -> None:
+        log.error("registry: %s", text)
+        self.print_fn(f"\nALARM: {text}")
+        if self.on_alarm is not None:
+            self.on_alarm(text)
 
     def close(self) -> None:
         self.stop_event.set()
@@ -114,9 +129,21 @@ def _misfit(model: LoadedModel, recipe: Recipe) -> str | None:
     return None
 
 
-def open_line(spec: str, store_dir: Path):
+def open_line(spec: str, store_dir: Path, recipe: Recipe | None = None):
+    """The line output named by ``spec``; an ``opc.tcp://`` line is secured by the recipe's ``line_security``."""
     if spec.startswith("opc.tcp://"):
-        return OpcUaLineOutput(spec)
+        security = recipe.line_security if recipe is not None else None
+        if security is None:
+            return OpcUaLineOutput(spec)
+        from .line import LineSecurityError
+
+        try:
+            # Files and password are read now: a mistake stops the start, naming the key, rather than leaving
+            # the line to retry a connection that cannot work. Later failures are retried, never made insecure.
+            security.check()
+        except LineSecurityError as e:
+            raise RecipeError(e.problem, f"line_security.{e.field}", recipe.source if recipe else None) from None
+        return OpcUaLineOutput(spec, security=security)
     if spec == "none":
         return LogLineOutput(open("/dev/null", "w"))  # noqa: SIM115 - closed by the output
     if spec.startswith("log:"):
@@ -165,29 +192,56 @@ def _source_uri(uri: str, recipe: Recipe, start: int) -> str:
     return uri
 
 
+def trusted_keys_for(opts: StationOptions, recipe: Recipe) -> dict[str, Any]:
+    """The public keys this station trusts: the recipe's ``trusted_keys`` and ``--trusted-key`` files."""
+    paths = [*recipe.trusted_keys, *opts.trusted_keys]
+    if not paths:
+        return {}
+    from vialinspect.export.signing import SigningError, load_trusted_keys
+
+    try:
+        return load_trusted_keys(paths)
+    except SigningError as e:
+        raise RecipeError(str(e), "trusted_keys", recipe.source) from None
+
+
 def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     registry = None
+    recipe = load_recipe(opts.recipe, check_model=opts.registry is None)
+    trusted = trusted_keys_for(opts, recipe)
     if opts.registry is not None:
         from vialinspect.export.registry import Registry
 
-        recipe = load_recipe(opts.recipe, check_model=False)
-        registry = Registry(opts.registry)
-        current = registry.current(recipe.name)
-        if current is None:
-            raise RegistryError(f"the registry {opts.registry} has no current model for recipe {recipe.name!r}; "
-                                "promote one first (`vialinspect registry promote`)")
-        model = load_model(registry.package_dir(current), opts.device, opts.threads)
+        registry = Registry(opts.registry, trusted_keys=trusted)
+        # Only a model the registry's own signed history approves for this recipe (and, with trusted keys,
+        # signed by one of them); refuse to start otherwise.
+        model = load_model(registry.approved(recipe.name).path, opts.device, opts.threads)
     else:
-        recipe = load_recipe(opts.recipe, check_model=True)
+        if trusted:
+            from vialinspect.export.signing import SigningError, verify_package
+
+            try:
+                verify_package(recipe.model, trusted)
+            except SigningError as e:
+                raise RecipeError(f"the recipe's model is not trusted here: {e}", "model", recipe.source) from None
         model = load_model(Path(recipe.model), opts.device, opts.threads)
+    if not trusted:
+        log.warning("no trusted keys configured: model packages are verified by checksum, not by signature")
     misfit = _misfit(model, recipe)
     if misfit:
         raise RecipeError(misfit, "frames", opts.recipe)
     store = RecordStore(opts.store, sample_accepted=recipe.sample_accepted, min_free_mb=recipe.min_free_mb)
-    last = store.last_sequence()
-    start = 0 if last is None else last + 1
-    source = open_source(_source_uri(opts.source, recipe, start), recipe.frames)
-    line = open_line(opts.line, Path(opts.store))
+    source = None
+    try:  # a source or line that cannot be opened leaves nothing open behind it
+        last = store.last_sequence()
+        start = 0 if last is None else last + 1
+        source = open_source(_source_uri(opts.source, recipe, start), recipe.frames, frame_size=recipe.frame_size)
+        line = open_line(opts.line, Path(opts.store), recipe)
+    except BaseException:
+        if source is not None:
+            source.close()
+        store.close()
+        raise
     stats = StationStats()
     stats.set(provider=model.runner.status.provider, fallback=model.runner.status.fallback,
               model_version=model.version)
@@ -201,7 +255,7 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     pipe = Pipeline(source, recipe, slot, store, line, stats, start_sequence=start,
                     max_containers=opts.max_containers)
     watcher = RegistryWatcher(registry, recipe, slot, opts.device, opts.threads, opts.registry_poll_s,
-                              model.version, print_fn) if registry is not None else None
+                              model.version, print_fn, on_alarm=pipe.raise_alarm) if registry is not None else None
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -225,7 +279,10 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
             if opts.duration_s is not None and time.monotonic() - t0 >= opts.duration_s:
                 pipe.request_stop()
             heartbeat = {"state": "alarm" if pipe.alarm else ("stopping" if pipe.stop_event.is_set() else "running"),
-                         "fallback": model.runner.status.fallback}
+                         "fallback": model.runner.status.fallback,
+                         # The record store's chain head, anchored outside the store: a later rewrite of the
+                         # records cannot also rewrite what the line controller logged.
+                         "records_head": store.head}
             if time.monotonic() - last_print >= opts.status_every_s:
                 last_print = time.monotonic()
                 line.heartbeat(heartbeat)
@@ -244,7 +301,8 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
         if metrics:
             metrics.close()
     snap = stats.snapshot()
-    snap.update(alarm=pipe.alarm, errors=pipe.errors, resumed_at=start, store=str(opts.store), recipe=recipe.name,
+    snap.update(alarm=pipe.alarm, errors=pipe.errors, resumed_at=start, records_head=store.head,
+                store=str(opts.store), recipe=recipe.name,
                 model_version=slot.version, models_used=slot.history, provider=model.runner.status.provider,
                 fallback=model.runner.status.fallback, wall_s=time.monotonic() - t0)
     if tty and not opts.quiet:

@@ -7,15 +7,21 @@ Layout of a store directory::
     STORE/maps/<name>.npz           the model's localisation maps of those units (when given)
     STORE/.writer.lock              held (flock) by the one process that records into the store
 
-``<name>`` is the container id when that is a plain file name, else ``_`` + a hash of the id; the row keeps
+``<name>`` is the record key when that is a plain file name, else ``_`` + a hash of the key; the row keeps
 it in ``frames_dir``.
 
+Record keys: a row's ``container_id`` is unique. A unit whose id was already decided here (a replayed trigger, a
+camera that restarted its counter, a folder replayed twice) is rejected as ``not_inspected:duplicate_id`` by the
+pipeline and recorded under ``<id>~dup<n>``, with the id it came with in ``unit_id``; the first record stands.
+
 Crash safety (a crash or ``kill -9`` at any moment loses nothing decided and records nothing twice):
-frames go to a temporary folder, are fsynced and renamed into place (maps likewise), and only then is the
-row inserted in one transaction. The row is the commit point: a container whose row exists is complete,
-and files without a row are debris of an interrupted ``record`` that the next writer removes on open.
-Rows are append-only (triggers refuse UPDATE and DELETE): review verdicts are kept elsewhere, so an
-earlier entry is never obscured (21 CFR 11.10(e)).
+frames go to a temporary folder ``frames/.tmp-<name>`` and are fsynced (maps likewise), then the row is
+inserted in one transaction, then the folder is renamed into place. The row is the commit point: a
+temporary folder whose row exists is rolled forward (renamed into place) by the next writer on open, and one
+without a row is debris of an interrupted ``record`` and removed. The store deletes nothing else: files in
+``frames/`` and ``maps/`` that it did not write are left alone (and logged). Rows are append-only (triggers
+refuse UPDATE and DELETE): review verdicts are kept elsewhere, so an earlier entry is never obscured
+(21 CFR 11.10(e)).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from vialinspect.datasets.imageio import png_bytes
 
 from .types import Container, Decision, not_inspected
@@ -45,7 +53,10 @@ try:  # POSIX: the kernel drops the lock when the holder dies, even by SIGKILL
 except ImportError:  # pragma: no cover - Windows: no single-writer guard
     fcntl = None  # type: ignore[assignment]
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: unit_id (the id a duplicate-id unit came with), the rows' hash chain
+GENESIS = "0" * 64
 OVERLOAD_REASONS = frozenset({not_inspected("queue_full"), not_inspected("deadline_missed")})
 DB_NAME = "records.sqlite"
 FRAMES_DIR, MAPS_DIR = "frames", "maps"
@@ -77,8 +88,12 @@ CREATE TABLE decisions (
     kept             TEXT,                -- why frames were kept: 'flagged', 'sample' or NULL (none kept)
     frames_dir       TEXT,                -- folder under frames/ when frames were kept
     frames           TEXT NOT NULL,       -- JSON list, one entry per frame: file name, or null (no pixels)
-    has_maps         INTEGER NOT NULL DEFAULT 0
+    has_maps         INTEGER NOT NULL DEFAULT 0,
+    unit_id          TEXT,                -- the id the unit came with, when container_id (the key) differs
+    prev_hash        TEXT,                -- the previous row's row_hash (GENESIS for the first)
+    row_hash         TEXT                 -- sha256 over prev_hash and this row's values (see row_hash())
 );
+CREATE INDEX decisions_unit_id ON decisions (unit_id) WHERE unit_id IS NOT NULL;
 CREATE INDEX decisions_sequence ON decisions (sequence);
 CREATE INDEX decisions_decided_at ON decisions (decided_at);
 CREATE INDEX decisions_frames_dir ON decisions (frames_dir) WHERE frames_dir IS NOT NULL;
@@ -88,11 +103,21 @@ CREATE TRIGGER decisions_no_delete BEFORE DELETE ON decisions
 BEGIN SELECT RAISE(ABORT, 'decision records are append-only'); END;
 """
 
+# Each step takes a store from schema N to N + 1, in one transaction, when its writer opens it.
+_MIGRATIONS = {
+    1: """ALTER TABLE decisions ADD COLUMN unit_id TEXT;
+ALTER TABLE decisions ADD COLUMN prev_hash TEXT;
+ALTER TABLE decisions ADD COLUMN row_hash TEXT;
+CREATE INDEX decisions_unit_id ON decisions (unit_id) WHERE unit_id IS NOT NULL;
+INSERT INTO schema_version (version) VALUES (2);""",
+}
+
 _COLUMNS = (
     "container_id", "sequence", "decided_at", "decided_at_utc", "recorded_at_utc", "recipe", "model_version",
     "accept", "reasons", "scores", "thresholds", "fill_height_mm", "timings_ms", "provider", "truth", "format",
-    "kept", "frames_dir", "frames", "has_maps",
+    "kept", "frames_dir", "frames", "has_maps", "unit_id",
 )
+_CHAINED = (*_COLUMNS, "prev_hash")  # what a row's hash covers: every value of the record and its predecessor
 _JSON_COLUMNS = ("reasons", "scores", "thresholds", "timings_ms", "truth", "frames")
 
 
@@ -102,6 +127,16 @@ class StoreError(Exception):
 
 class DiskFullError(StoreError):
     """Too little free space to keep a record; nothing of the unit was written."""
+
+
+def row_hash(values: dict[str, Any] | sqlite3.Row) -> str:
+    """The hash of one decision row: sha256 over its values (as stored) and the previous row's hash.
+
+    Rows form a chain in recording order, so a row edited, removed or inserted in the file (past the triggers
+    that refuse it through SQLite) breaks every hash after it; ``RecordStore.verify`` recomputes them.
+    """
+    body = json.dumps([values[c] for c in _CHAINED], separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def audit_sampled(container_id: str, fraction: float, seed: int = 0) -> bool:
@@ -222,7 +257,9 @@ class RecordStore:
         self._writer: sqlite3.Connection | None = None
         self._lock_fh = None
         self._closed = False
-        self.cleaned_up: list[str] = []  # what the opening writer removed (debris of an interrupted record)
+        self.cleaned_up: list[str] = []  # what the opening writer completed or removed after an interrupted record
+        self.schema = SCHEMA_VERSION
+        self.head = GENESIS  # the last row's hash (the writer's chain head; the line heartbeat carries it)
         if readonly:
             if not self._db.is_file():
                 raise StoreError(f"{self.path}: no record store here ({DB_NAME} missing)")
@@ -235,6 +272,9 @@ class RecordStore:
             self._take_writer_lock()
             self._writer = self._connect(readonly=False)
             self._init_schema(self._writer)
+            last = self._writer.execute("SELECT row_hash FROM decisions WHERE row_hash IS NOT NULL "
+                                        "ORDER BY rowid DESC LIMIT 1").fetchone()
+            self.head = last[0] if last else GENESIS
             self.cleaned_up = self._cleanup()
         except BaseException:
             self.close()
@@ -300,12 +340,12 @@ class RecordStore:
                 f"{self._db}: written by a newer vialinspect (store schema {version}, this version reads up to "
                 f"{SCHEMA_VERSION}); upgrade vialinspect to open it"
             )
-        if version < SCHEMA_VERSION:  # pragma: no cover - no older schema exists yet; migrations go here
-            raise StoreError(f"{self._db}: store schema {version} needs a migration to {SCHEMA_VERSION}")
+        self.schema = int(version)  # older ones are read as they are (missing columns read as None)
         return True
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         if self._check_schema(conn):
+            self._migrate(conn)
             return
         try:
             conn.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + "\nCOMMIT;")
@@ -314,39 +354,55 @@ class RecordStore:
                 conn.execute("ROLLBACK")
             raise StoreError(f"{self._db}: cannot create the schema ({e})") from None
 
-    def _cleanup(self) -> list[str]:
-        """Remove temporary files and kept-frame files without a row: debris of an interrupted ``record``.
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        while self.schema < SCHEMA_VERSION:
+            try:
+                conn.executescript("BEGIN IMMEDIATE;\n" + _MIGRATIONS[self.schema] + "\nCOMMIT;")
+            except sqlite3.Error as e:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise StoreError(f"{self._db}: cannot migrate the schema from {self.schema} ({e})") from None
+            log.warning("%s: record store schema migrated from %d to %d", self._db, self.schema, self.schema + 1)
+            self.schema += 1
 
-        Safe only for the writer (it holds the lock, so no ``record`` is in flight anywhere). Cost grows with
-        the number of kept units: one directory listing and one indexed query per 500 entries.
+    def _cleanup(self) -> list[str]:
+        """Finish or remove what an interrupted ``record`` left: only the store's own temporary files.
+
+        A temporary frames folder (or maps file) whose row exists was committed and is renamed into place; one
+        without a row is removed. Nothing else is touched: a file the store did not write is logged, never
+        deleted. Safe only for the writer (it holds the lock, so no ``record`` is in flight anywhere). Cost: one
+        directory listing per folder and one indexed query per 500 temporary entries.
+        Returns what it did, one ``"removed <path>"`` or ``"completed <path>"`` line each (also logged).
         """
-        removed: list[str] = []
+        done: list[str] = []
         assert self._writer is not None
         for folder, suffix in ((self._frames, ""), (self._maps, ".npz")):
-            candidates: dict[str, Path] = {}
+            temps: dict[str, Path] = {}
             for entry in os.scandir(folder):
-                p = Path(entry.path)
-                if entry.name.startswith(TMP_PREFIX):
-                    _remove(p)
-                    removed.append(f"{folder.name}/{entry.name}")
-                elif suffix == "" and entry.is_dir(follow_symlinks=False):
-                    candidates[entry.name] = p
-                elif suffix and entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
-                    candidates[entry.name[: -len(suffix)]] = p
-            names = list(candidates)
+                if entry.name.startswith(TMP_PREFIX) and entry.name.endswith(suffix):
+                    temps[entry.name[len(TMP_PREFIX): len(entry.name) - len(suffix)]] = Path(entry.path)
+                elif entry.name.startswith(TMP_PREFIX):
+                    temps[entry.name] = Path(entry.path)  # not a name the store writes there: no row matches
+            names = list(temps)
             for i in range(0, len(names), 500):
                 chunk = names[i : i + 500]
                 marks = ",".join("?" * len(chunk))
-                known = {r[0] for r in self._writer.execute(
+                committed = {r[0] for r in self._writer.execute(
                     f"SELECT frames_dir FROM decisions WHERE frames_dir IN ({marks})", chunk)}
                 for name in chunk:
-                    if name not in known:
-                        _remove(candidates[name])
-                        removed.append(f"{folder.name}/{candidates[name].name}")
-        if removed:
+                    tmp, final = temps[name], folder / f"{name}{suffix}"
+                    if name in committed and not final.exists():
+                        os.rename(tmp, final)
+                        done.append(f"completed {folder.name}/{final.name}")
+                    else:
+                        _remove(tmp)
+                        done.append(f"removed {folder.name}/{tmp.name}")
+        for line in done:
+            log.warning("%s: %s (left by an interrupted record)", self.path, line)
+        if done:
             _fsync_path(self._frames)
             _fsync_path(self._maps)
-        return removed
+        return done
 
     # ---- recording -----------------------------------------------------------------------------------------
 
@@ -378,19 +434,20 @@ class RecordStore:
             raise ValueError(f"decision is for {decision.container_id!r} but the container is {container.id!r}")
         with self._write_lock:
             conn = self._writer_conn()
-            cid = decision.container_id
+            cid = decision.key
             if conn.execute("SELECT 1 FROM decisions WHERE container_id = ?", (cid,)).fetchone():
-                return False  # re-delivered after a restart: the first record stands
+                return False  # this key is decided already: the first record stands (see duplicate_key)
             if not self.free_space_ok():
                 raise DiskFullError(
                     f"{self.path}: less than {self.min_free_mb:g} MB free; container {cid!r} was not recorded"
                 )
             kept = "flagged" if not decision.accept else ("sample" if self.is_sampled(cid) else None)
             if kept and not decision.accept and set(decision.reasons) <= OVERLOAD_REASONS:
-                # Turned away or timed out under load: no model looked at it, so there is nothing to review,
-                # and writing its frames would turn an overload into a recording backlog that stalls inspection.
-                kept = None
-            name = frames_dir_name(cid) if kept else None
+                # Turned away or timed out under load: QA still sees what the line rejected uninspected (and can
+                # send it to re-inspection), but the frames are stored uncompressed (an eighth of the CPU) so
+                # that an overload does not also become a recording backlog.
+                compress = False
+            name = self._free_name(frames_dir_name(cid)) if kept else None
             try:
                 files: list[str | None] = []
                 has_maps = False
@@ -408,7 +465,38 @@ class RecordStore:
                 if _is_disk_full(e):
                     raise DiskFullError(f"{self.path}: disk full while recording {cid!r}; nothing kept ({e})") from e
                 raise
+            if name is not None:
+                self._publish(name, has_maps)
             return True
+
+    def duplicate_key(self, unit_id: str) -> str:
+        """A free record key for another unit that came with ``unit_id``: ``<id>~dup<n>``."""
+        conn = self._writer_conn()
+        n = 1 + int(conn.execute("SELECT COUNT(*) FROM decisions WHERE unit_id = ?", (unit_id,)).fetchone()[0])
+        while conn.execute("SELECT 1 FROM decisions WHERE container_id = ?", (f"{unit_id}~dup{n}",)).fetchone():
+            n += 1
+        return f"{unit_id}~dup{n}"
+
+    def _free_name(self, name: str) -> str:
+        """``name``, or ``name-<n>`` when something not of this store's rows already has that name on disk."""
+        base, n = name, 1
+        while (self._frames / name).exists() or (self._maps / f"{name}.npz").exists():
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+    def _publish(self, name: str, has_maps: bool) -> None:
+        """Rename a committed unit's files into place. A failure here loses nothing: the row is committed and the
+        files stay readable in their temporary place until the next writer's open completes the rename."""
+        try:
+            os.rename(self._frames / f"{TMP_PREFIX}{name}", self._frames / name)
+            if has_maps:
+                os.replace(self._maps / f"{TMP_PREFIX}{name}.npz", self._maps / f"{name}.npz")
+            _fsync_path(self._frames)
+            if has_maps:
+                _fsync_path(self._maps)
+        except OSError as e:
+            log.error("%s: recorded %s but could not move its files into place (%s); the next open completes it",
+                      self.path, name, e)
 
     def _writer_conn(self) -> sqlite3.Connection:
         if self._closed or self._writer is None:
@@ -423,10 +511,6 @@ class RecordStore:
         for k, frame in enumerate(container.frames):
             files.append(None if frame.pixels is None else _write_frame(tmp, k, frame.pixels, compress))
         _fsync_path(tmp)
-        final = self._frames / name
-        _remove(final)  # debris of an earlier failed attempt at this unit (no row exists, checked)
-        os.rename(tmp, final)
-        _fsync_path(self._frames)
         return files
 
     def _write_maps(self, name: str, maps: np.ndarray) -> None:
@@ -436,12 +520,9 @@ class RecordStore:
             np.savez(fh, maps=np.asarray(maps))
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self._maps / f"{name}.npz")
-        _fsync_path(self._maps)
 
     def _discard(self, name: str) -> None:
-        for p in (self._frames / f"{TMP_PREFIX}{name}", self._frames / name,
-                  self._maps / f"{TMP_PREFIX}{name}.npz", self._maps / f"{name}.npz"):
+        for p in (self._frames / f"{TMP_PREFIX}{name}", self._maps / f"{TMP_PREFIX}{name}.npz"):
             try:
                 _remove(p)
             except OSError:
@@ -454,14 +535,18 @@ class RecordStore:
         decided_at = d.decided_at if d.decided_at and math.isfinite(d.decided_at) and d.decided_at > 0 else now
         fill = d.fill_height_mm if d.fill_height_mm is not None and math.isfinite(d.fill_height_mm) else None
         values = (
-            d.container_id, int(d.sequence), float(decided_at), _utc_iso(decided_at), _utc_iso(now), d.recipe,
+            d.key, int(d.sequence), float(decided_at), _utc_iso(decided_at), _utc_iso(now), d.recipe,
             d.model_version, int(bool(d.accept)), _to_json(list(d.reasons)), _to_json(d.scores),
             _to_json(d.thresholds), fill, _to_json(d.timings_ms), d.provider,
             None if d.truth is None else _to_json(d.truth), c.format, kept, name, _to_json(files), int(has_maps),
+            d.container_id if d.key != d.container_id else None,
         )
+        row = {**dict(zip(_COLUMNS, values, strict=True)), "prev_hash": self.head}
+        h = row_hash(row)
         # One INSERT in autocommit mode is one transaction; with synchronous=FULL it is durable on return.
-        conn.execute(f"INSERT INTO decisions ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})",
-                     values)
+        conn.execute(f"INSERT INTO decisions ({','.join(_CHAINED)}, row_hash) VALUES "
+                     f"({','.join('?' * (len(_CHAINED) + 1))})", (*values, self.head, h))
+        self.head = h
 
     # ---- queries (any thread) ------------------------------------------------------------------------------
 
@@ -524,13 +609,16 @@ class RecordStore:
         if rec is None or rec["frames_dir"] is None:
             return []
         folder = self._frames / rec["frames_dir"]
+        if not folder.exists():  # committed a moment ago, not yet renamed into place (see _publish)
+            folder = self._frames / f"{TMP_PREFIX}{rec['frames_dir']}"
         return [folder / f for f in rec["frames"] if f is not None]
 
     def maps_path(self, container_id: str) -> Path | None:
         rec = self.get(container_id)
         if rec is None or not rec["has_maps"]:
             return None
-        return self._maps / f"{rec['frames_dir']}.npz"
+        p = self._maps / f"{rec['frames_dir']}.npz"
+        return p if p.exists() else self._maps / f"{TMP_PREFIX}{rec['frames_dir']}.npz"
 
     def stats(self, since: float | datetime | str | None = None,
               until: float | datetime | str | None = None) -> dict[str, Any]:
@@ -557,6 +645,39 @@ class RecordStore:
             "not_inspected": int(not_inspected),
             "reasons": per_reason,
         }
+
+    # ---- verification --------------------------------------------------------------------------------------
+
+    def verify(self) -> dict[str, Any]:
+        """Check the file (``PRAGMA integrity_check``) and recompute the rows' hash chain.
+
+        Returns ``{"ok", "rows", "not_covered", "head", "problems"}``: ``not_covered`` counts rows recorded
+        before the chain existed (schema 1), which are reported, not judged. Never raises for a damaged store.
+        """
+        problems: list[str] = []
+        rows = uncovered = 0
+        prev = None
+        try:
+            conn = self._reader()
+            bad = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+            if bad != ["ok"]:
+                problems.append(f"{self._db}: SQLite integrity check failed: {'; '.join(bad[:3])}")
+            for r in conn.execute(f"SELECT rowid, {','.join(_CHAINED)}, row_hash FROM decisions ORDER BY rowid"):
+                rows += 1
+                if r["row_hash"] is None and prev is None:
+                    uncovered += 1
+                    continue
+                expect_prev = GENESIS if prev is None else prev
+                if r["prev_hash"] != expect_prev or r["row_hash"] != row_hash(r):
+                    problems.append(f"{self._db}: record {r['container_id']!r} (row {r['rowid']}): hash chain "
+                                    "broken (a record was edited, removed or inserted outside the store)")
+                    if len(problems) >= 20:
+                        break
+                prev = r["row_hash"]
+        except (sqlite3.Error, StoreError) as e:
+            problems.append(f"{self._db}: cannot be read completely ({e})")
+        return {"ok": not problems, "rows": rows, "not_covered": uncovered, "head": prev or GENESIS,
+                "problems": problems}
 
     # ---- closing -------------------------------------------------------------------------------------------
 
@@ -618,4 +739,5 @@ def _row_dict(row: sqlite3.Row) -> dict[str, Any]:
             d[k] = json.loads(d[k])
     d["accept"] = bool(d["accept"])
     d["has_maps"] = bool(d["has_maps"])
+    d["unit_id"] = d.get("unit_id") or d["container_id"]  # schema 1 rows have no unit_id
     return d

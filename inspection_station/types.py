@@ -21,6 +21,9 @@ NOT_INSPECTED_CAUSES: tuple[str, ...] = (
     "no_model",  # no model loaded
     "disk_full",  # the record store cannot keep the unit's record
     "shutdown",  # the station stopped before the unit was decided
+    "invalid_output",  # the model's output for the unit is not a finite number in range (NaN, inf, > 1)
+    "duplicate_id",  # the unit's id was already decided at this station (replayed trigger or id)
+    "bad_image",  # a frame file could not be read within the recipe's bounds (too large, undecodable)
 )
 
 
@@ -76,6 +79,13 @@ class Decision:
     timings_ms: dict[str, float] = field(default_factory=dict)  # acquire, queue, inference, total
     provider: str | None = None  # execution provider that ran the model
     truth: dict[str, Any] | None = None
+    # The record store's key when it differs from ``container_id``: a unit whose id was already decided at this
+    # station is recorded (and rejected) as ``<id>~dup<n>``; the line is told the unit's own id and this key.
+    record_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.record_key or self.container_id
 
     @property
     def not_inspected(self) -> bool:

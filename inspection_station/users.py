@@ -3,12 +3,32 @@
 Users live in ``STORE/review.sqlite`` (see :mod:`vialinspect.inspection_station.audit`); every change is audited in the
 same transaction as the change itself. A user name is never reused: a disabled user cannot be added again,
 so a name in the audit trail always means the same person (21 CFR 11.100(a), 11.300(a)).
+
+Every user change writes the row's readable columns and a digest of the whole row (password hash included,
+see :func:`audit.user_audit_value`), so that ``audit verify`` notices a password hash swapped in the file.
+
+Password checks and lockout (21 CFR 11.300(d)). Logins and e-signatures (:func:`verify_password`: reviews,
+model promotions) share one counter: ``LOCKOUT_FAILURES`` wrong passwords for a name within
+``LOCKOUT_WINDOW``, counted from the name's last successful login or admin unlock, lock it for logins *and*
+signatures. Callers audit every refusal (``login_failed``, ``signature_failed``) with the exception's text as
+the reason, which is what the counter reads; refusals *because* the account is locked are audited but do not
+count again. Decision on expiry: a lock ends by itself once fewer than ``LOCKOUT_FAILURES`` failures lie in
+the last ``LOCKOUT_WINDOW`` (15 min). A lock that never expired would let anyone who can reach the login page
+shut every reviewer out until an admin is found; the window keeps guessing to 5 tries per 15 minutes, and
+:func:`unlock_user` (``vialinspect users unlock``, audited) ends a lock at once.
+
+A failed attempt under a name that is not a user is recorded as ``unknown user (hmac-sha256 ...)``, never the
+typed text: people type their password into the user name field, and the trail is shown to every reviewer.
+The digest is keyed with a random per-database key (``meta``), so it cannot be checked against guesses
+offline, yet the same wrong name always gives the same label (and the same lockout: unknown and known names
+behave alike, which tells an attacker nothing about which names exist).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import sqlite3
@@ -20,8 +40,11 @@ from .audit import ReviewDB
 
 ROLES: tuple[str, ...] = ("reviewer", "admin")
 MIN_PASSWORD_LENGTH = 8
-LOCKOUT_FAILURES = 5  # failed logins within LOCKOUT_WINDOW (since the last success) lock the account ...
-LOCKOUT_WINDOW = timedelta(minutes=15)  # ... until the window has passed
+LOCKOUT_FAILURES = 5  # wrong passwords (logins and signatures) within LOCKOUT_WINDOW lock the account ...
+LOCKOUT_WINDOW = timedelta(minutes=15)  # ... until the window has passed, or an admin unlocks it
+WRONG_PASSWORD = "wrong user name or password"  # the refusal that counts toward the lockout (audited reason)
+LOCKED = "account locked after repeated wrong passwords; try again later or ask an admin to unlock it"
+_NAME_KEY = "unknown_user_key"  # meta key: the per-database key of unknown-user labels
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # scrypt: 16 MiB and ~50 ms per check: cheap for a login, expensive for guessing a stolen database.
 _N, _R, _P, _DKLEN = 2**14, 8, 1, 32
@@ -107,8 +130,8 @@ def add_user(db: ReviewDB, username: str, full_name: str, role: str, password: s
         _, now = audit.utc_now()
         conn.execute("INSERT INTO users (username, full_name, role, password_hash, created_at_utc, created_by) "
                      "VALUES (?, ?, ?, ?, ?, ?)", (username, full_name, role, pw_hash, now, actor))
-        audit.append(conn, actor, audit.USER_ADDED,
-                     new_value={"username": username, "full_name": full_name, "role": role}, at_utc=now)
+        row = conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+        audit.append(conn, actor, audit.USER_ADDED, new_value=audit.user_audit_value(row), at_utc=now)
     return User(username, full_name, role, now, actor)
 
 
@@ -122,9 +145,42 @@ def disable_user(db: ReviewDB, username: str, actor: str, reason: str | None = N
         _, now = audit.utc_now()
         conn.execute("UPDATE users SET disabled_at_utc = ?, disabled_by = ? WHERE username = ?",
                      (now, actor, username))
-        audit.append(conn, actor, audit.USER_DISABLED, old_value={"username": username, "active": True},
-                     new_value={"username": username, "active": False}, reason=reason, at_utc=now)
+        new = conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+        audit.append(conn, actor, audit.USER_DISABLED, old_value=audit.user_audit_value(row),
+                     new_value=audit.user_audit_value(new), reason=reason, at_utc=now)
+    return _user(new)
+
+
+def unlock_user(db: ReviewDB, username: str, actor: str, reason: str) -> User:
+    """End a lockout at once (audited as ``user_unlocked``, with the reason); the failures before it stop counting.
+
+    Who may: ``actor`` is either an operating-system account (``os:NAME``, what the CLI passes: as for
+    ``users add`` and ``users disable``, access to the store's files is the authority) or an active admin of
+    the review app. The password is not reset: an unlock is for a user who knows it.
+    """
+    reason = (reason or "").strip()
+    if not reason:
+        raise UserError("an unlock needs a reason (recorded in the audit trail)")
+    if not isinstance(actor, str) or not actor:
+        raise UserError("an unlock needs an actor")
+    if not actor.startswith("os:"):
+        who = get_user(db, actor)
+        if who is None or not who.active or who.role != "admin":
+            raise UserError(f"{actor!r} may not unlock users: only an admin may")
+    with db.transaction() as conn:
         row = conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+        if row is None:
+            raise UserError(f"no user {username!r}")
+        if row["disabled_at_utc"] is not None:
+            raise UserError(f"user {username!r} is disabled (since {row['disabled_at_utc']}); unlocking does not "
+                            "enable a user")
+        fails = _failures(conn, username)
+        if fails < LOCKOUT_FAILURES:
+            raise UserError(f"user {username!r} is not locked ({fails} wrong password(s) in the last "
+                            f"{LOCKOUT_WINDOW.total_seconds() / 60:g} min; {LOCKOUT_FAILURES} lock)")
+        audit.append(conn, actor, audit.USER_UNLOCKED,
+                     old_value={"username": username, "locked": True, "failures": fails},
+                     new_value=audit.user_audit_value(row), reason=reason)
     return _user(row)
 
 
@@ -146,40 +202,92 @@ def is_active(db: ReviewDB, username: str | None) -> bool:
 
 
 def verify_password(db: ReviewDB, username: str, password: str) -> User:
-    """The user, if the password is theirs and they are active; raises ``AuthError`` otherwise.
+    """The user, if the password is theirs, they are active and not locked; raises ``AuthError`` otherwise.
 
-    Audits nothing: callers record what the check was for (a login, a signature).
+    Used for logins and for every e-signature. Audits nothing itself: callers record what the check was for
+    (``login_failed``, ``signature_failed``) under :func:`audit_name` with ``str(error)`` as the reason, and
+    those records are what the lockout counts (module docstring).
     """
+    if _locked(db, audit_name(db, username)):
+        raise AuthError(LOCKED)
     with db.connect() as conn:
         row = conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
     ok = check_password(password or "", row["password_hash"] if row is not None else _DUMMY_HASH)
     if row is None or not ok:
-        raise AuthError("wrong user name or password")
+        raise AuthError(WRONG_PASSWORD)
     if row["disabled_at_utc"] is not None:
         raise AuthError(f"user {username!r} is disabled")
     return _user(row)
 
 
-def _locked(db: ReviewDB, username: str) -> bool:
-    since = (datetime.now(tz=UTC) - LOCKOUT_WINDOW).isoformat(timespec="milliseconds")
+def _name_key(db: ReviewDB) -> bytes:
     with db.connect() as conn:
-        last_ok = conn.execute("SELECT MAX(seq) FROM audit WHERE user = ? AND action = ?",
-                               (username, audit.LOGIN)).fetchone()[0] or 0
-        fails = conn.execute("SELECT COUNT(*) FROM audit WHERE user = ? AND action = ? AND seq > ? AND at_utc >= ?",
-                             (username, audit.LOGIN_FAILED, last_ok, since)).fetchone()[0]
-    return fails >= LOCKOUT_FAILURES
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (_NAME_KEY,)).fetchone()
+    if row is None:
+        with db.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (_NAME_KEY, secrets.token_hex(32)))
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (_NAME_KEY,)).fetchone()
+    return str(row[0]).encode("utf-8")
+
+
+def audit_name(db: ReviewDB, username: str | None) -> str:
+    """The name under which a failed login or signature for ``username`` is audited (and locked out).
+
+    A user's own name if the user exists (active or disabled); ``(empty)`` for nothing typed; otherwise
+    ``unknown user (hmac-sha256 <12 hex>)``, never the typed text, which may well be a password.
+    """
+    name = (username or "").strip()[:128] if isinstance(username, str) else ""
+    if not name:
+        return "(empty)"
+    if get_user(db, name) is not None:
+        return name
+    digest = hmac.new(_name_key(db), name.encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"unknown user (hmac-sha256 {digest[:12]})"
+
+
+def _failures(conn: sqlite3.Connection, name: str) -> int:
+    """Wrong passwords (logins and signatures) audited under ``name`` within the window, since its last
+    successful login or admin unlock."""
+    since = (datetime.now(tz=UTC) - LOCKOUT_WINDOW).isoformat(timespec="milliseconds")
+    last_ok = conn.execute("SELECT MAX(seq) FROM audit WHERE user = ? AND action = ?",
+                           (name, audit.LOGIN)).fetchone()[0] or 0
+    # An unlock names the user in its value (its ``user`` is the admin). Only the window's entries matter, so
+    # walk back from the newest entry until the window ends: an earlier unlock resets nothing that counts.
+    for seq, action, at_utc, value in conn.execute("SELECT seq, action, at_utc, new_value FROM audit WHERE seq > ? "
+                                                   "ORDER BY seq DESC", (last_ok,)):
+        if str(at_utc) < since:
+            break
+        if action != audit.USER_UNLOCKED:
+            continue
+        try:
+            unlocked = json.loads(value).get("username") == name
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if unlocked:
+            last_ok = seq
+            break
+    return conn.execute("SELECT COUNT(*) FROM audit WHERE user = ? AND action IN (?, ?) AND reason = ? AND seq > ? "
+                        "AND at_utc >= ?", (name, audit.LOGIN_FAILED, audit.SIGNATURE_FAILED, WRONG_PASSWORD,
+                                            last_ok, since)).fetchone()[0]
+
+
+def _locked(db: ReviewDB, name: str) -> bool:
+    with db.connect() as conn:
+        return _failures(conn, name) >= LOCKOUT_FAILURES
+
+
+def is_locked(db: ReviewDB, username: str) -> bool:
+    """Whether logins and signatures under ``username`` are refused for repeated wrong passwords."""
+    return _locked(db, audit_name(db, username))
 
 
 def login(db: ReviewDB, username: str, password: str) -> User:
     """Check a login and audit it (``login`` or ``login_failed`` with the reason); raises ``AuthError``."""
-    name = (username or "").strip()[:128] or "(empty)"
-    if _locked(db, name):
-        audit.record(db, name, audit.LOGIN_FAILED, reason="account locked after repeated failed logins")
-        raise AuthError("account locked after repeated failed logins; try again later")
+    name = (username or "").strip()[:128] if isinstance(username, str) else ""
     try:
         user = verify_password(db, name, password)
     except AuthError as e:
-        audit.record(db, name, audit.LOGIN_FAILED, reason=str(e))
+        audit.record(db, audit_name(db, name), audit.LOGIN_FAILED, reason=str(e))
         raise
     audit.record(db, user.username, audit.LOGIN)
     return user

@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VIALINSPECT_NO_PROGRESS", "1")
 
 import pytest  # noqa: E402
+
 from vialinspect.datasets.generate import generate  # noqa: E402
 from vialinspect.datasets.sim.config import CameraConfig, SimConfig  # noqa: E402
 

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from vialinspect.datasets.generate import generate
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.sim.config import SimConfig

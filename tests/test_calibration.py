@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from vialinspect.datasets.records import ContainerRecord, Defect, FillSpec
 from vialinspect.training.calibrate import (
     calibrate,

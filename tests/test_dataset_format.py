@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from vialinspect.datasets.generate import generate
 from vialinspect.datasets.imagefolder import read_imagefolder
 from vialinspect.datasets.imageio import ImageError, png_bytes, read_gray

@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from vialinspect.export.package import PackageError, load_package, with_thresholds
+
+from vialinspect.cli import main
+from vialinspect.export.package import PackageError, load_package, with_thresholds, write_package
 from vialinspect.training.evaluate import evaluate_model, load_model
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.runtime import CPU, OnnxModel, provider_plan
-
-from vialinspect.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +265,83 @@ def test_fine_tune_from_a_package_with_another_frame_count(package, coarse_data,
     # the package's network, less what one frame cannot use (the motion branch), and the settings say so
     assert ck["model"]["widths"] == load_package(package).metadata["architecture"]["widths"]
     assert ck["model"]["motion"] is False and ck["config"]["motion_branch"] is False
+
+
+# ---------------------------------------------------------------- malformed packages (review finding 14)
+
+def _spec_without(*keys, **over):
+    from .test_failsafe_outputs import good_meta
+
+    spec = {k: v for k, v in good_meta()["input"]["spec"].items() if k not in keys}
+    return {"frames": spec.get("frames", 2), "spec": {**spec, **over}}
+
+
+def _malformed(name):
+    """forge_package arguments for each way a package can be malformed, and words its refusal must hold."""
+    from .test_failsafe_outputs import good_meta, tiny_onnx
+
+    return {
+        "model_json_list": ({"raw_meta": b"[1, 2]"}, "must be a JSON object, got a list"),
+        "model_json_string": ({"raw_meta": b'"a package"'}, "must be a JSON object, got a text"),
+        "model_json_number": ({"raw_meta": b"3"}, "must be a JSON object"),
+        "model_json_not_utf8": ({"raw_meta": b'{"format": "\xff"}'}, "model.json is not UTF-8"),
+        "model_json_deep": ({"raw_meta": b"[" * 100000 + b"]" * 100000}, "model.json"),
+        "sums_not_utf8": ({"sums": b"\xff\xfe\x00 model.onnx\n"}, "SHA256SUMS is not UTF-8"),
+        "input_empty": ({"meta": good_meta(input={})}, "input.spec: missing"),
+        "input_not_a_table": ({"meta": good_meta(input="4 frames")}, "input: must be a table"),
+        "input_spec_empty": ({"meta": good_meta(input={"spec": {}})}, "input.spec: lacks frames, pixel_um"),
+        "input_spec_lacks_std": ({"meta": good_meta(input=_spec_without("std"))}, "input.spec: lacks std"),
+        "input_frames_zero": ({"meta": good_meta(input=_spec_without(frames=0))}, "input.spec.frames"),
+        "input_frames_text": ({"meta": good_meta(input=_spec_without(frames="2"))}, "input.spec.frames"),
+        "input_frames_huge": ({"meta": good_meta(input=_spec_without(frames=10**6))}, "input.spec.frames"),
+        "input_std_zero": ({"meta": good_meta(input=_spec_without(std=0.0))}, "input.spec.std"),
+        "input_mean_nan": ({"meta": good_meta(input=_spec_without(mean=float("nan")))}, "input.spec.mean"),
+        "input_frames_disagree": ({"meta": good_meta(input={**_spec_without(), "frames": 3})}, "input.frames"),
+        "classes_unknown": ({"meta": good_meta(classes=["particle", "crack", "scratch"])}, "unknown class"),
+        "classes_reordered": ({"meta": good_meta(classes=["crack", "particle", "fill_level"])}, "order"),
+        "classes_not_a_list": ({"meta": good_meta(classes="particle")}, "list of class names"),
+        "heads_not_a_table": ({"meta": good_meta(heads=["fill"])}, "heads: must be a table"),
+        "onnx_not_onnx": ({"onnx_bytes": b"not onnx"}, "model.onnx is not an ONNX model"),
+        "onnx_empty": ({"onnx_bytes": b""}, "model.onnx is not an ONNX model"),
+        "onnx_json": ({"onnx_bytes": b'{"graph": {}}'}, "model.onnx is not an ONNX model"),
+        "onnx_truncated": ({"onnx_bytes": tiny_onnx()[:-5]}, "model.onnx is truncated"),
+    }[name]
+
+
+MALFORMED = ["model_json_list", "model_json_string", "model_json_number", "model_json_not_utf8", "model_json_deep",
+             "sums_not_utf8", "input_empty", "input_not_a_table", "input_spec_empty", "input_spec_lacks_std",
+             "input_frames_zero", "input_frames_text", "input_frames_huge", "input_std_zero", "input_mean_nan",
+             "input_frames_disagree", "classes_unknown", "classes_reordered", "classes_not_a_list",
+             "heads_not_a_table", "onnx_not_onnx", "onnx_empty", "onnx_json", "onnx_truncated"]
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_load_package_refuses_malformed_metadata_sums_and_onnx_with_package_error(tmp_path, name, capsys):
+    from .test_failsafe_outputs import forge_package
+
+    kwargs, words = _malformed(name)
+    bad = forge_package(tmp_path / "bad", **kwargs)
+    with pytest.raises(PackageError) as e:
+        load_package(bad)
+    msg = str(e.value)
+    assert words in msg and str(bad) in msg and "\n" not in msg and len(msg) < 400, msg
+    assert main(["package", "show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and words in err
+
+
+def test_write_package_refuses_what_load_package_would_refuse(tmp_path):
+    from .test_failsafe_outputs import good_meta, tiny_onnx
+
+    with pytest.raises(PackageError, match="model.onnx is not an ONNX model"):
+        write_package(tmp_path / "a", b"not onnx", good_meta())
+    with pytest.raises(PackageError, match="input.spec: missing"):
+        write_package(tmp_path / "b", tiny_onnx(), good_meta(input={}))
+    with pytest.raises(PackageError, match="must be a JSON object"):
+        write_package(tmp_path / "c", tiny_onnx(), ["not", "a", "table"])  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())  # nothing written, not even a temporary folder
+
+
+def test_the_shipped_and_exported_packages_pass_the_metadata_and_onnx_checks(package):
+    assert load_package("builtin:default").metadata["classes"] == ["particle", "crack", "fill_level"]
+    assert load_package(package).metadata["input"]["spec"]["frames"] == 2

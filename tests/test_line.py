@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+
 from vialinspect.inspection_station.line import LineOutput, LogLineOutput, free_port
 from vialinspect.inspection_station.types import Decision
 
@@ -114,3 +115,16 @@ def test_opcua_reconnects_after_controller_restart():
     finally:
         out.close()
         ctl.stop()
+
+
+def test_opcua_without_security_settings_stays_anonymous_and_unsecured(controller):
+    # Security is opt-in (the recipe's line_security); without it nothing changes. See test_line_security.py.
+    assert controller.security is None and controller.refusals == []
+    out = OpcUaLineOutput(controller.endpoint, request_timeout=5.0)
+    try:
+        assert out.security is None
+        out.send(decision(9))
+        assert out.flush(15.0) and out.stats["sent"] == 1 and out.stats["connect_failures"] == 0
+        assert out.last_error is None and controller.values()["ContainerId"] == "c000009"
+    finally:
+        out.close()

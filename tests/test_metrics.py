@@ -7,6 +7,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+
 from vialinspect.datasets.records import ContainerRecord, Defect, FillSpec
 from vialinspect.training.metrics import auroc, evaluate, precision, recall, roc_curve, wilson_interval
 from vialinspect.training.report import compare_reports, write_report

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from vialinspect.vision.model import (
     CONTRAST_CLIP,
     CONTRAST_FLOOR,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from vialinspect.datasets.sim.formats import FORMATS
 from vialinspect.inspection_station.recipe import Recipe, RecipeError, load_recipe
 
@@ -54,8 +55,9 @@ def test_defaults_json_and_immutability(tmp_path):
         r.frames = 3
     assert r.effective_thresholds({"particle": 0.3, "crack": 0.4, "fill_level": 0.5}) == {
         "particle": 0.3, "crack": 0.4, "fill_level": 0.5}
-    r2 = Recipe("code", "vial-10R", Path("/m"), 2, thresholds={"crack": 0.7}, frame_size=[10, 20])
-    assert r2.effective_thresholds({"particle": 0.3, "crack": 0.4})["crack"] == 0.7 and r2.frame_size == (10, 20)
+    r2 = Recipe("code", "vial-10R", Path("/m"), 2, thresholds={"crack": 0.7}, frame_size=[16, 20])
+    assert r2.effective_thresholds({"particle": 0.3, "crack": 0.4, "fill_level": 0.5})["crack"] == 0.7
+    assert r2.frame_size == (16, 20)
     assert r2.fill_spec[1] == FORMATS["vial-10R"].fill_tolerance_mm
     custom = load_recipe(_write(tmp_path, BASE_TOML.replace("vial-2R", "ampoule-5") +
                                 "fill_target_mm = 20\nfill_tolerance_mm = 0.5\n"))
@@ -80,8 +82,8 @@ def test_defaults_json_and_immutability(tmp_path):
         ("fill_tolerance_mm = 0\n", "fill_tolerance_mm", "> 0"),
         ("fill_target_mm = 50\n", "fill_target_mm", "above the top"),
         ("thresholds = 0.5\n", "thresholds", "table"),
-        ("[thresholds]\nparticle = 1.5\n", "thresholds.particle", "(0, 1]"),
-        ("[thresholds]\ncrack = 0\n", "thresholds.crack", "(0, 1]"),
+        ("[thresholds]\nparticle = 1.5\n", "thresholds.particle", "(0, 1)"),
+        ("[thresholds]\ncrack = 0\n", "thresholds.crack", "(0, 1)"),
         ('[thresholds]\ncrack = "high"\n', "thresholds.crack", "number"),
         ("[thresholds]\npartcle = 0.5\n", "thresholds.partcle", "did you mean 'particle'"),
         ('frame_compression = "allways"\n', "frame_compression", "did you mean 'always'"),
@@ -151,3 +153,86 @@ def test_model_checked_only_on_request(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe(p, check_model=True)
     assert e.value.key == "model" and "model package unusable" in str(e.value)
+
+
+# ---------------------------------------------------------------- bounds and keys (review finding 13)
+
+
+@pytest.mark.parametrize("extra", [
+    "? [a, b]\n: 1\n",  # a list as a key: a TypeError before
+    "? {a: 1}\n: 1\n",  # a table as a key
+    "thresholds:\n  ? [particle]\n  : 0.5\n",  # the same inside a table
+    "1: 2\n",  # a number as a key
+    "yes: 2\n",  # YAML 1.1 reads it as true
+    "null: 2\n",
+])
+def test_yaml_list_as_key_and_other_non_text_keys_are_a_recipe_error(tmp_path, extra):
+    p = _write(tmp_path, "name: t\nformat: vial-2R\nmodel: pkg\nframes: 4\n" + extra, "r.yaml")
+    with pytest.raises(RecipeError, match="keys must be text") as e:
+        load_recipe(p)
+    assert "r.yaml" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_text_keys_in_recipe_data_are_a_recipe_error():
+    base = {"name": "t", "format": "vial-2R", "model": "pkg", "frames": 4}
+    with pytest.raises(RecipeError, match="keys must be text"):
+        Recipe.from_dict({**base, 1: 2}, source="x.yaml")
+    with pytest.raises(RecipeError, match="class names must be text") as e:
+        Recipe.from_dict({**base, "thresholds": {("particle",): 0.5}}, source="x.yaml")
+    assert e.value.key == "thresholds"
+    with pytest.raises(RecipeError, match="class names must be text"):
+        Recipe("t", "vial-2R", Path("/m"), 4, thresholds={7: 0.5})
+
+
+@pytest.mark.parametrize("size, words", [
+    ("[200000, 200000]", "16..16384 px"),  # 596 GiB of frame buffers, were it taken at its word
+    ("[16384, 16384]", "67,108,864 px"),  # each side allowed, the area not
+    ("[15, 1000]", "16..16384 px"),
+    ("[1000, 16385]", "16..16384 px"),
+    ("[0, 100]", "> 0"),
+])
+def test_huge_frame_size_is_refused_before_anything_is_allocated(tmp_path, size, words):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, BASE_TOML + f"frame_size = {size}\n"))
+    assert e.value.key == "frame_size" and words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("batch_max = 257\n", "batch_max"),
+    ("deadline_ms = 600001\n", "deadline_ms"),
+    ("deadline_ms = nan\n", "deadline_ms"),
+    ("deadline_ms = inf\n", "deadline_ms"),
+    ("min_free_mb = 1e12\n", "min_free_mb"),
+    ("min_free_mb = nan\n", "min_free_mb"),
+    ("min_free_mb = " + "9" * 400 + "\n", "min_free_mb"),  # an int beyond any float: no OverflowError
+    ("sample_accepted = nan\n", "sample_accepted"),
+    ("fill_target_mm = nan\n", "fill_target_mm"),
+    ("fill_target_mm = inf\n", "fill_target_mm"),
+    ("fill_tolerance_mm = nan\n", "fill_tolerance_mm"),
+    ("fill_tolerance_mm = -inf\n", "fill_tolerance_mm"),
+    ("[thresholds]\ncrack = nan\n", "thresholds.crack"),
+    ("[thresholds]\ncrack = 1.0\n", "thresholds.crack"),  # reached by no probability below 1
+])
+def test_every_recipe_number_is_bounded_and_finite(tmp_path, extra, key):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, BASE_TOML + extra))
+    msg = str(e.value)
+    assert e.value.key == key and "r.toml" in msg and len(msg) < 300, msg
+
+
+def test_custom_format_fill_target_is_bounded(tmp_path):
+    custom = BASE_TOML.replace("vial-2R", "ampoule-5")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, custom + "fill_target_mm = 5000\nfill_tolerance_mm = 0.5\n"))
+    assert e.value.key == "fill_target_mm" and "1000" in str(e.value)
+
+
+def test_recipe_bounds_are_inclusive_at_their_limits(tmp_path):
+    r = load_recipe(_write(tmp_path, BASE_TOML.replace("frames = 4", "frames = 64") +
+                           "batch_max = 256\ndeadline_ms = 600000\nframe_size = [16384, 4096]\n"
+                           "min_free_mb = 16777216\n"))
+    assert (r.frames, r.batch_max, r.deadline_ms, r.frame_size) == (64, 256, 600000.0, (16384, 4096))
+    assert load_recipe(_write(tmp_path, BASE_TOML + "frame_size = [16, 16]\n")).frame_size == (16, 16)
+    with pytest.raises(RecipeError) as e:  # one past the limit (frames replaces the base's line: TOML has no repeats)
+        load_recipe(_write(tmp_path, BASE_TOML.replace("frames = 4", "frames = 65")))
+    assert e.value.key == "frames" and "<= 64" in str(e.value)

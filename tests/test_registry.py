@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+
+from vialinspect.cli import main
 from vialinspect.datasets.records import ContainerRecord, Defect
 from vialinspect.export.registry import Registry, RegistryError, Signature
 from vialinspect.inspection_station import audit, users
@@ -19,8 +21,6 @@ from vialinspect.inspection_station.stats import StationStats
 from vialinspect.inspection_station.store import RecordStore
 from vialinspect.training.gate import GateConfig, binomial_tail, compare, render_markdown
 from vialinspect.vision.scores import Scores
-
-from vialinspect.cli import main
 
 from .test_station import FakeRunner, ListSource, RecordingLine, _recipe, _unit
 
@@ -329,6 +329,7 @@ def test_hot_swap_under_load_loses_and_duplicates_nothing(tmp_path):
 
 def test_leak_check_catches_a_renamed_and_reencoded_copy(coarse_data, tmp_path):
     import cv2
+
     from vialinspect.datasets.reader import open_dataset
     from vialinspect.training.retrain import LeakError, check_no_leak
 
@@ -345,3 +346,42 @@ def test_leak_check_catches_a_renamed_and_reencoded_copy(coarse_data, tmp_path):
     with pytest.raises(LeakError, match="1 qualification frame"):
         check_no_leak(ds.root, qual, copy_root, train + [leaked])
     assert np.array_equal(cv2.imread(str(copy_root / "renamed.bmp"), cv2.IMREAD_UNCHANGED), src)
+
+
+# ---------------------------------------------------------------- what registry add refuses (review finding 14)
+
+def test_registry_add_runs_the_onnx_checker_and_refuses_a_broken_graph(tmp_path, capsys):
+    from vialinspect.export.package import load_package
+
+    from .test_failsafe_outputs import forge_package, tiny_onnx
+
+    broken = forge_package(tmp_path / "broken", onnx_bytes=tiny_onnx(valid=False))
+    load_package(broken)  # well-formed on the outside: the station's cheap check cannot tell
+    reg = Registry(tmp_path / "reg", create=True)
+    with pytest.raises(RegistryError, match="not a valid ONNX model") as e:
+        reg.add(broken, "os:test", "x")
+    assert "\n" not in str(e.value) and "ValidationError" in str(e.value)
+    assert reg.versions() == [] and reg.history() == [] and not list((reg.root / "cards").iterdir())
+    assert not [p for p in (reg.root / "packages").iterdir()]  # no temporary copy left behind
+    assert main(["registry", "add", str(broken), "--registry", str(reg.root), "--reason", "x"]) == 2
+    assert "not a valid ONNX model" in capsys.readouterr().err
+    good = forge_package(tmp_path / "good")
+    assert reg.add(good, "os:test", "tiny") == load_package(good).version_id and reg.verify() == []
+
+
+@pytest.mark.parametrize("kind", ["not_onnx", "nan_threshold", "model_json_list", "input_empty", "sums_not_utf8"])
+def test_registry_add_refuses_what_load_package_refuses_with_registry_error(tmp_path, kind, capsys):
+    from .test_failsafe_outputs import TH, forge_package, good_meta
+
+    kwargs = {"not_onnx": {"onnx_bytes": b"not onnx"},
+              "nan_threshold": {"meta": good_meta(thresholds={**TH, "crack": float("nan")})},
+              "model_json_list": {"raw_meta": b"[]"},
+              "input_empty": {"meta": good_meta(input={})},
+              "sums_not_utf8": {"sums": b"\xff\xfe\n"}}[kind]
+    bad = forge_package(tmp_path / "bad", **kwargs)
+    reg = Registry(tmp_path / "reg", create=True)
+    with pytest.raises(RegistryError):
+        reg.add(bad, "os:test", "x")
+    assert reg.versions() == [] and reg.history() == []
+    assert main(["registry", "add", str(bad), "--registry", str(reg.root), "--reason", "x"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

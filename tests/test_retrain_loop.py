@@ -9,6 +9,8 @@ import threading
 import time
 
 import pytest
+
+from vialinspect.cli import main
 from vialinspect.datasets.generate import generate
 from vialinspect.datasets.sim.config import CameraConfig, SimConfig
 from vialinspect.export.registry import Registry
@@ -18,8 +20,6 @@ from vialinspect.inspection_station.promotion import promote
 from vialinspect.inspection_station.review import ReviewService
 from vialinspect.inspection_station.station import StationOptions, run_station
 from vialinspect.inspection_station.store import RecordStore
-
-from vialinspect.cli import main
 
 ADMIN_PW = "admin-password-333"
 REVIEWER_PW = "alice-password-1"

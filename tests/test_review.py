@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from vialinspect.inspection_station import audit, users
 from vialinspect.inspection_station.audit import ReviewDB
 from vialinspect.inspection_station.review import (
@@ -124,8 +125,10 @@ def test_login_wrong_password_and_disabled_user_are_refused_and_audited(svc):
     with pytest.raises(users.AuthError, match="disabled"):
         users.login(db, "bob", PW["bob"])
     actions = [(e.user, e.action) for e in audit.entries(db) if e.action.startswith("login")]
-    assert actions == [("alice", "login"), ("alice", "login_failed"), ("nobody", "login_failed"),
+    # An unknown name is recorded by its keyed digest, never as typed (it may be a password): finding 9.
+    assert actions == [("alice", "login"), ("alice", "login_failed"), (users.audit_name(db, "nobody"), "login_failed"),
                        ("bob", "login_failed")]
+    assert actions[2][0].startswith("unknown user (") and "nobody" not in actions[2][0]
     assert not users.get_user(db, "bob").active and users.get_user(db, "bob").disabled_by == "os:test"
     with pytest.raises(users.UserError, match="never reused"):
         users.add_user(db, "bob", "Another Bob", "reviewer", "another-password", actor="os:test")
@@ -412,9 +415,8 @@ def test_trends_reject_rates_and_false_reject_estimate(svc):
 # ---------------------------------------------------------------- export for retraining
 
 def test_review_export_is_a_valid_dataset_with_the_reviewed_labels(svc, tmp_path, capsys):
-    from vialinspect.datasets.reader import decode_check, open_dataset
-
     from vialinspect.cli import main
+    from vialinspect.datasets.reader import decode_check, open_dataset
 
     svc.sign_review("alice", PW["alice"], "u000", "confirmed_defect", "crack", "model said particle; it is a crack")
     svc.sign_review("alice", PW["alice"], "u001", "false_reject", None, "reflection")

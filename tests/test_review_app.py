@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from vialinspect.inspection_station import audit, users
 
 from tests.test_review import PW, make_store
+from vialinspect.inspection_station import audit, users
 
 # Gradio's own event metrics use a pandas option that pandas 3 deprecates; nothing of this app.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")

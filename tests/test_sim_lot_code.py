@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from vialinspect.datasets.sim.config import SimConfig, parse_nuisance_rates
 from vialinspect.datasets.sim.render import render
 from vialinspect.datasets.sim.scene import sample_scene

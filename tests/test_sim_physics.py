@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from vialinspect.datasets.sim import sprites
 from vialinspect.datasets.sim.config import CameraConfig, SimConfig
 from vialinspect.datasets.sim.formats import FORMATS, get_format

@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import numpy as np
+
 from vialinspect.datasets.sim import sprites
 from vialinspect.datasets.sim.config import SimConfig, parse_nuisance_rates
 from vialinspect.datasets.sim.render import render

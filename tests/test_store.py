@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.inspection_station import store as store_mod
 from vialinspect.inspection_station.store import DiskFullError, RecordStore, StoreError, audit_sampled
@@ -177,21 +179,52 @@ def test_disk_filling_up_mid_write_leaves_nothing(tmp_path, monkeypatch):
         assert st.count() == 0 and _store_files(root) == set()
 
 
-def test_reopen_cleans_debris_of_an_interrupted_record(tmp_path):
+def test_opening_a_store_deletes_only_its_own_debris_never_files_it_did_not_write(tmp_path, caplog):
     root = tmp_path / "S"
     with RecordStore(root) as st:
         c, d, maps = _unit(0)
         st.record(d, c, maps=maps)
-    (root / "frames" / "ghost").mkdir()
-    (root / "frames" / "ghost" / "f0.png").write_bytes(b"x")
-    (root / "frames" / ".tmp-ghost2").mkdir()
+    (root / "frames" / "holiday_photos").mkdir()
+    (root / "frames" / "holiday_photos" / "a.txt").write_bytes(b"x")
     (root / "maps" / "ghost.npz").write_bytes(b"x")
-    (root / "maps" / ".tmp-unit-00000.npz").write_bytes(b"x")
-    with RecordStore(root) as st:
-        assert sorted(st.cleaned_up) == ["frames/.tmp-ghost2", "frames/ghost", "maps/.tmp-unit-00000.npz",
-                                         "maps/ghost.npz"]
-        assert _store_files(root) == {"frames/unit-00000", "maps/unit-00000.npz"}
+    (root / "frames" / ".tmp-ghost2").mkdir()  # an interrupted record's folder: no row names it
+    (root / "maps" / ".tmp-unit-00000.npz").write_bytes(b"x")  # the unit's maps are in place already
+    with caplog.at_level("WARNING"), RecordStore(root) as st:
+        assert sorted(st.cleaned_up) == ["removed frames/.tmp-ghost2", "removed maps/.tmp-unit-00000.npz"]
+        assert _store_files(root) == {"frames/unit-00000", "maps/unit-00000.npz", "frames/holiday_photos",
+                                      "maps/ghost.npz"}
+        assert (root / "frames" / "holiday_photos" / "a.txt").read_bytes() == b"x"
         assert all(p.exists() for p in st.frame_paths("unit-00000"))
+    assert sum("removed" in r.getMessage() for r in caplog.records) == 2  # every deletion is logged
+
+
+def test_a_record_committed_before_its_files_were_moved_into_place_is_completed_on_open(tmp_path):
+    root = tmp_path / "S"
+    with RecordStore(root) as st:
+        c, d, maps = _unit(0)
+        st.record(d, c, maps=maps)
+    # As if killed between the row's commit and the rename: the files are still in their temporary place.
+    os.rename(root / "frames" / "unit-00000", root / "frames" / ".tmp-unit-00000")
+    os.rename(root / "maps" / "unit-00000.npz", root / "maps" / ".tmp-unit-00000.npz")
+    with RecordStore(root, readonly=True) as ro:  # readable meanwhile
+        assert all(p.exists() for p in ro.frame_paths("unit-00000")) and ro.maps_path("unit-00000").exists()
+    with RecordStore(root) as st:
+        assert sorted(st.cleaned_up) == ["completed frames/unit-00000", "completed maps/unit-00000.npz"]
+        assert _store_files(root) == {"frames/unit-00000", "maps/unit-00000.npz"}
+        for p, f in zip(st.frame_paths("unit-00000"), c.frames, strict=True):
+            assert np.array_equal(read_gray(p), f.pixels)
+
+
+def test_a_frames_folder_of_the_same_name_that_the_store_did_not_write_is_not_overwritten(tmp_path):
+    root = tmp_path / "S"
+    (root / "frames" / "unit-00000").mkdir(parents=True)
+    (root / "frames" / "unit-00000" / "mine.txt").write_bytes(b"keep")
+    with RecordStore(root) as st:
+        c, d, maps = _unit(0)
+        assert st.record(d, c, maps=maps)
+        assert st.get("unit-00000")["frames_dir"] == "unit-00000-1"
+        assert all(p.exists() for p in st.frame_paths("unit-00000"))
+    assert (root / "frames" / "unit-00000" / "mine.txt").read_bytes() == b"keep"
 
 
 def test_one_writer_many_readers_and_threads(tmp_path):
@@ -241,11 +274,58 @@ def test_records_are_append_only(tmp_path):
     con.close()
 
 
+def test_a_schema_1_store_is_read_as_it_is_and_migrated_by_its_writer(tmp_path):
+    root = tmp_path / "S"
+    with RecordStore(root) as st:
+        c, d, _ = _unit(0)
+        st.record(d, c)
+    con = sqlite3.connect(root / "records.sqlite")  # back to schema 1: no unit_id column
+    con.executescript("DROP INDEX decisions_unit_id; ALTER TABLE decisions DROP COLUMN unit_id;"
+                      "ALTER TABLE decisions DROP COLUMN prev_hash; ALTER TABLE decisions DROP COLUMN row_hash;"
+                      "UPDATE schema_version SET version = 1;")
+    con.close()
+    with RecordStore(root, readonly=True) as ro:
+        assert ro.schema == 1 and ro.get("unit-00000")["unit_id"] == "unit-00000"
+    with RecordStore(root) as st:
+        assert st.schema == 2
+        c, d, _ = _unit(0)
+        assert st.record(d, c) is False
+        key = st.duplicate_key("unit-00000")
+        assert key == "unit-00000~dup1"
+        assert st.record(dataclasses.replace(d, record_key=key, accept=False), c) is True
+        assert st.get(key)["unit_id"] == "unit-00000" and st.count() == 2
+        assert st.duplicate_key("unit-00000") == "unit-00000~dup2"
+        v = st.verify()
+        assert v["ok"] and v["rows"] == 2 and v["not_covered"] == 1 and v["head"] == st.head
+
+
+def test_records_carry_a_hash_chain_that_verify_recomputes(tmp_path):
+    root = tmp_path / "S"
+    with RecordStore(root) as st:
+        for i in range(4):
+            c, d, _ = _unit(i)
+            st.record(d, c)
+        v = st.verify()
+        assert v == {"ok": True, "rows": 4, "not_covered": 0, "head": st.head, "problems": []}
+    # Edited past the triggers (someone with the file drops them): the chain shows it.
+    con = sqlite3.connect(root / "records.sqlite")
+    con.executescript("DROP TRIGGER decisions_no_update; UPDATE decisions SET accept = 1 - accept WHERE sequence = 1;")
+    con.close()
+    with RecordStore(root, readonly=True) as ro:
+        v = ro.verify()
+        assert not v["ok"] and "hash chain broken" in v["problems"][0] and "unit-00001" in v["problems"][0]
+    # Reopened by a writer, it goes on chaining from the last row.
+    with RecordStore(root) as st:
+        c, d, _ = _unit(9)
+        st.record(d, c)
+        assert st.get("unit-00009")["prev_hash"] == st.get("unit-00003")["row_hash"]
+
+
 def test_newer_or_foreign_stores_are_refused(tmp_path):
     root = tmp_path / "S"
     RecordStore(root).close()
     con = sqlite3.connect(root / "records.sqlite")
-    con.execute("UPDATE schema_version SET version = 2")
+    con.execute(f"UPDATE schema_version SET version = {store_mod.SCHEMA_VERSION + 1}")
     con.commit()
     con.close()
     for kw in ({}, {"readonly": True}):
@@ -331,11 +411,12 @@ def test_kill_9_loses_nothing_and_repeats_nothing(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
     name = f"unit-{victim:05d}"
-    assert (root / "frames" / name).is_dir() and (root / "maps" / f"{name}.npz").is_file()  # files, no row
+    tmp_frames, tmp_maps = root / "frames" / f".tmp-{name}", root / "maps" / f".tmp-{name}.npz"
+    assert tmp_frames.is_dir() and tmp_maps.is_file()  # files, no row
 
     # 3. Restarted in this process: debris removed, re-delivery ignored, the rest recorded once.
     with RecordStore(root, sample_accepted=0.25) as st:
-        assert {"frames/" + name, f"maps/{name}.npz"} <= set(st.cleaned_up)
+        assert {f"removed frames/.tmp-{name}", f"removed maps/.tmp-{name}.npz"} <= set(st.cleaned_up)
         assert st.get(name) is None and st.last_sequence() == victim - 1
         c, d, maps = _unit(victim - 1)
         assert st.record(d, c, maps=maps) is False

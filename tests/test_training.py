@@ -6,6 +6,8 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from vialinspect.cli import main
 from vialinspect.training.checkpoint import CheckpointError, load_checkpoint
 from vialinspect.training.config import TrainConfig, load_config
 from vialinspect.training.data import TrainTransform, class_weights
@@ -13,8 +15,6 @@ from vialinspect.training.losses import map_loss, total_loss
 from vialinspect.training.trainer import Dist, WarmupCosine, _fit_schedule_to_budget, no_time_for_another_epoch, train
 from vialinspect.vision.model import VialNet
 from vialinspect.vision.preprocess import InputSpec
-
-from vialinspect.cli import main
 
 from .conftest import SMALL_WIDTHS as SMALL
 from .conftest import small_config
@@ -154,6 +154,7 @@ def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(c
     import json
 
     import cv2
+
     from vialinspect.datasets.imageio import read_gray
     from vialinspect.datasets.reader import open_dataset
 
@@ -244,6 +245,7 @@ def test_nuisance_and_left_out_cells_follow_the_crop_and_the_augmentation():
     """The hard-negative cells are where the nuisance object is after cropping, flipping and shifting: a mask
     painted on the same pixels as a crack's ends up in the same map cells as the crack."""
     import numpy as np
+
     from vialinspect.datasets.records import ContainerRecord, NuisanceObject
     from vialinspect.datasets.torch_dataset import Sample, nuisance_mask
     from vialinspect.training.augment import Augmenter
@@ -292,6 +294,7 @@ def test_short_cracks_are_left_out_of_the_losses_not_taught_as_background():
     """Cracks under ``crack_min_mm`` are neither defect nor background: no map loss on their cells, and no
     image-level crack loss where they are the only crack in view. A longer crack in view still counts."""
     import numpy as np
+
     from vialinspect.datasets.records import ContainerRecord, Defect
     from vialinspect.datasets.torch_dataset import Sample, class_masks
 
@@ -352,6 +355,7 @@ def test_crops_centre_on_the_defect_though_nuisance_objects_outnumber_it():
     """One small particle among ten bubbles: half the crops must show the particle (drawn from one list of
     eleven objects, it would be centred in ~5% of crops and reached by chance in few more)."""
     import numpy as np
+
     from vialinspect.datasets.records import ContainerRecord, Defect, NuisanceObject
     from vialinspect.training.data import _crop_window
 
@@ -453,6 +457,7 @@ def test_bfloat16_training_steps_learn_like_float32(coarse_data):
     """The CPU's bfloat16 steps (where the CPU has them) must still learn: same batch, same start, the loss
     falls under both precisions and ends close."""
     import numpy as np
+
     from vialinspect.datasets.reader import open_dataset
     from vialinspect.datasets.torch_dataset import ContainerDataset
 
@@ -483,6 +488,7 @@ def test_bfloat16_training_steps_learn_like_float32(coarse_data):
 
 def test_augmentation_moves_frames_masks_and_rows_together_and_never_flips_vertically():
     import numpy as np
+
     from vialinspect.datasets.torch_dataset import Sample
     from vialinspect.training.augment import Augmenter
 
@@ -519,6 +525,7 @@ def test_augmentation_moves_frames_masks_and_rows_together_and_never_flips_verti
 
 def test_block_max_matches_the_definition():
     import numpy as np
+
     from vialinspect.training.data import _block_max
 
     rng = np.random.default_rng(0)

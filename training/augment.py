@@ -13,6 +13,7 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
+
 from vialinspect.datasets.torch_dataset import Sample
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.records import ContainerRecord
 from vialinspect.datasets.sim.formats import FORMATS, ContainerFormat

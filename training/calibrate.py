@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from vialinspect.datasets.records import ContainerRecord
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes, score_at
 

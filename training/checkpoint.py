@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from vialinspect.datasets.manifest import MANIFEST_NAME, Dataset
 from vialinspect.export.package import sha256_file
 from vialinspect.vision.model import VialNet

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
+
 from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord
 from vialinspect.datasets.torch_dataset import ContainerDataset, Sample
 from vialinspect.vision.postprocess import MAP_STRIDE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from vialinspect.vision.model import ROW_STRIDE, soft_rows
 
 

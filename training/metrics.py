@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from vialinspect.datasets.records import ContainerRecord
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 

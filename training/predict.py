@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.records import ContainerRecord
 from vialinspect.vision.model import InferenceModel, VialNet

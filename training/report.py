@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from vialinspect.datasets.imageio import ImageError, read_gray, to_uint8
 from vialinspect.datasets.records import ContainerRecord
 from vialinspect.vision.scores import CLASSES, Scores, class_scores

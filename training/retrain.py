@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.manifest import Dataset, ManifestWriter
 from vialinspect.datasets.reader import open_dataset

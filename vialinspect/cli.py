@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__, set_offline_env
 
@@ -199,11 +200,19 @@ def cmd_export(a: argparse.Namespace) -> int:
     from vialinspect.training.checkpoint import CheckpointError
     from vialinspect.training.export_run import export_model
 
+    from .cli_models import _signing_key
+
+    key = _signing_key(a)  # a bad key is refused before minutes of export
     try:
         export_model(a.checkpoint, a.out, parity_data=a.parity_data, parity_count=a.parity_count, opset=a.opset,
                      fp16=a.fp16, overwrite=a.overwrite)
     except (CheckpointError, DatasetError, ExportError, PackageError, ValueError) as e:
         raise UserError(str(e)) from None
+    if key is not None:
+        from vialinspect.export.signing import sign_package
+
+        sign_package(a.out, key)
+        print(f"signed with key {key.key_id}")
     return 0
 
 
@@ -218,15 +227,30 @@ def cmd_package_show(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(m, indent=2, sort_keys=True))
         return 0
+
+    def field(*keys: str) -> Any:  # optional descriptive fields: a verified package need not carry them
+        v: Any = m
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        return "-" if v is None else v
+
+    from vialinspect.export.signing import SigningError, package_signature
+
+    try:
+        sig = package_signature(pkg.path)
+    except SigningError as e:
+        sig = {"key_id": f"damaged ({e})"}
     print(f"{pkg.path}: verified, version {pkg.version_id}")
     print(f"  classes      {', '.join(m['classes'])}")
-    inp = m["input"]
-    print(f"  input        {inp['frames']} frame(s), {inp['dtype']}, {inp['pixel_um']} µm/px, "
-          f"normalise (x - {inp['normalisation']['mean']}) / {inp['normalisation']['std']}")
+    print(f"  input        {field('input', 'frames')} frame(s), {field('input', 'dtype')}, "
+          f"{field('input', 'pixel_um')} µm/px, normalise (x - {field('input', 'normalisation', 'mean')}) / "
+          f"{field('input', 'normalisation', 'std')}")
     print(f"  thresholds   {', '.join(f'{k}={v:.4f}' for k, v in m['thresholds'].items())}")
-    print(f"  training     data {str(m['training'].get('data_hash'))[:16]}…, commit {m['training'].get('git_commit')}")
-    print(f"  export       {m['export']['precision']}, opset {m['export']['opset']}, parity "
-          f"max |Δp| {m['export']['parity']['max_abs_prob']:.1e}")
+    print(f"  training     data {str(field('training', 'data_hash'))[:16]}…, commit {field('training', 'git_commit')}")
+    parity = field("export", "parity", "max_abs_prob")
+    parity = f"{parity:.1e}" if isinstance(parity, float) else parity
+    print(f"  export       {field('export', 'precision')}, opset {field('export', 'opset')}, parity max |Δp| {parity}")
+    print(f"  signature    {sig.get('key_id') if sig else 'none (unsigned)'}")
     if m.get("parent_version"):
         print(f"  parent       {m['parent_version']} ({m.get('change_reason')})")
     return 0
@@ -287,7 +311,8 @@ def cmd_station(a: argparse.Namespace) -> int:
     opts = StationOptions(recipe=Path(a.recipe), source=a.source, store=Path(a.store),
                           max_containers=a.max_containers, duration_s=a.duration, line=a.line,
                           metrics_port=a.metrics_port, device=a.device, threads=a.threads, quiet=a.quiet,
-                          registry=Path(a.registry) if a.registry else None)
+                          registry=Path(a.registry) if a.registry else None,
+                          trusted_keys=tuple(Path(k) for k in a.trusted_key))
     try:
         summary = run_station(opts)
     except (RecipeError, PackageError, RegistryError, SourceError, StoreError, ValueError, OSError) as e:
@@ -296,6 +321,25 @@ def cmd_station(a: argparse.Namespace) -> int:
     if a.summary_json:
         Path(a.summary_json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return 1 if summary.get("alarm") else 0
+
+
+def cmd_records_verify(a: argparse.Namespace) -> int:
+    from vialinspect.inspection_station.store import RecordStore, StoreError
+
+    try:
+        with RecordStore(a.store, readonly=True) as st:
+            result = st.verify()
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    if a.json:
+        print(json.dumps(result, indent=2))
+    elif result["ok"]:
+        extra = f"; {result['not_covered']} older records not covered by the chain" if result["not_covered"] else ""
+        print(f"{a.store}: intact ({result['rows']} records, chain head {result['head'][:16]}…{extra})")
+    else:
+        for p in result["problems"]:
+            print(f"PROBLEM: {p}")
+    return 0 if result["ok"] else 1
 
 
 # ---------------------------------------------------------------- review / users / audit (QA side of the store)
@@ -364,6 +408,7 @@ def cmd_review_export(a: argparse.Namespace) -> int:
 
 
 def cmd_users_add(a: argparse.Namespace) -> int:
+    from vialinspect.inspection_station.audit import ReviewDBError
     from vialinspect.inspection_station.review import os_actor
     from vialinspect.inspection_station.users import UserError as BadUser
     from vialinspect.inspection_station.users import add_user
@@ -371,13 +416,14 @@ def cmd_users_add(a: argparse.Namespace) -> int:
     db = _review_db(a.store)
     try:
         u = add_user(db, a.username, a.full_name, a.role, _read_password(a, confirm=True), actor=os_actor())
-    except BadUser as e:
+    except (BadUser, ReviewDBError) as e:
         raise UserError(str(e)) from None
     print(f"added {u.role} {u.username} ({u.full_name})")
     return 0
 
 
 def cmd_users_disable(a: argparse.Namespace) -> int:
+    from vialinspect.inspection_station.audit import ReviewDBError
     from vialinspect.inspection_station.review import os_actor
     from vialinspect.inspection_station.users import UserError as BadUser
     from vialinspect.inspection_station.users import disable_user
@@ -385,18 +431,37 @@ def cmd_users_disable(a: argparse.Namespace) -> int:
     db = _review_db(a.store, create=False)
     try:
         u = disable_user(db, a.username, actor=os_actor(), reason=a.reason)
-    except BadUser as e:
+    except (BadUser, ReviewDBError) as e:
         raise UserError(str(e)) from None
     print(f"disabled {u.username} at {u.disabled_at_utc}")
+    return 0
+
+
+def cmd_users_unlock(a: argparse.Namespace) -> int:
+    from vialinspect.inspection_station.audit import ReviewDBError
+    from vialinspect.inspection_station.review import os_actor
+    from vialinspect.inspection_station.users import UserError as BadUser
+    from vialinspect.inspection_station.users import unlock_user
+
+    db = _review_db(a.store, create=False)
+    try:
+        u = unlock_user(db, a.username, actor=os_actor(), reason=a.reason)
+    except (BadUser, ReviewDBError) as e:
+        raise UserError(str(e)) from None
+    print(f"unlocked {u.username}: logins and signatures are accepted again")
     return 0
 
 
 def cmd_users_list(a: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from vialinspect.inspection_station.audit import ReviewDBError
     from vialinspect.inspection_station.users import list_users
 
-    rows = list_users(_review_db(a.store, create=False))
+    try:
+        rows = list_users(_review_db(a.store, create=False))
+    except ReviewDBError as e:
+        raise UserError(str(e)) from None
     if a.json:
         print(json.dumps([asdict(u) for u in rows], indent=2))
         return 0
@@ -409,26 +474,38 @@ def cmd_users_list(a: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(a: argparse.Namespace) -> int:
-    from vialinspect.inspection_station.audit import verify
+    from vialinspect.inspection_station.audit import ReviewDBError, verify_store
 
-    r = verify(_review_db(a.store, create=False))
+    try:
+        r = verify_store(a.store)  # a damaged file is a result (exit 1), a wrong --store an error (exit 2)
+    except ReviewDBError as e:
+        raise UserError(str(e)) from None
     if a.json:
         print(json.dumps(r.to_dict(), indent=2))
+    elif r.damaged:
+        print(f"review database DAMAGED: {r.problem}")
     elif r.ok:
         print(f"audit trail intact: {r.entries} entries; head hash {r.head_hash}")
     else:
         print(f"audit trail TAMPERED: entry {r.first_bad_seq}: {r.problem}")
+    if not a.json and r.not_covered:
+        print(f"{len(r.not_covered)} row(s) NOT COVERED: their audit entries predate full coverage, so these "
+              "columns cannot be checked:")
+        for line in r.not_covered:
+            print(f"  {line}")
     return 0 if r.ok else 1
 
 
 def cmd_audit_export(a: argparse.Namespace) -> int:
-    from vialinspect.inspection_station.audit import export_csv
+    from vialinspect.inspection_station.audit import ReviewDBError, export_csv
     from vialinspect.inspection_station.review import os_actor
 
     try:
         n = export_csv(_review_db(a.store, create=False), a.out, os_actor())
     except OSError as e:
         raise UserError(f"{a.out}: {e.strerror or e}") from None
+    except ReviewDBError as e:  # a damaged database: one line, and `audit verify` says more
+        raise UserError(str(e)) from None
     print(f"wrote {n} audit entries to {a.out}")
     return 0
 
@@ -456,7 +533,7 @@ def _add_review_parsers(sub) -> None:
     rx.add_argument("--overwrite", action="store_true", help="replace an earlier review export in --out")
     rx.set_defaults(func=cmd_review_export)
 
-    u = sub.add_parser("users", help="add, disable or list review-app users",
+    u = sub.add_parser("users", help="add, disable, unlock or list review-app users",
                        description="Users of the review app, kept in STORE/review.sqlite with salted scrypt "
                                    "password hashes. Users are disabled, never deleted; every change is audited "
                                    "(as the operating-system account that ran the command).")
@@ -476,6 +553,15 @@ def _add_review_parsers(sub) -> None:
     ud.add_argument("--store", required=True, help="record store directory")
     ud.add_argument("--reason", default=None, help="why (recorded in the audit trail)")
     ud.set_defaults(func=cmd_users_disable)
+    uu = usub.add_parser("unlock", help="end a lockout after repeated wrong passwords",
+                         description="Unlock a user locked out by repeated wrong passwords (logins or signatures): "
+                                     "logins and signatures are accepted again at once, without waiting for the "
+                                     "lockout window to pass. The password is not changed; the unlock is audited "
+                                     "with the reason (as the operating-system account that ran the command).")
+    uu.add_argument("username", help="login name")
+    uu.add_argument("--store", required=True, help="record store directory")
+    uu.add_argument("--reason", required=True, help="why (recorded in the audit trail), e.g. the ticket number")
+    uu.set_defaults(func=cmd_users_unlock)
     ul = usub.add_parser("list", help="list users", description="List users with role and state.")
     ul.add_argument("--store", required=True, help="record store directory")
     ul.add_argument("--json", action="store_true", help="print JSON")
@@ -485,9 +571,12 @@ def _add_review_parsers(sub) -> None:
     au = sub.add_parser("audit", help="verify or export the review audit trail",
                         description="The append-only, hash-chained audit trail of the review app.")
     ausub = au.add_subparsers(dest="audit_command", metavar="ACTION")
-    av = ausub.add_parser("verify", help="check the hash chain; exit 1 and name the entry if tampered",
-                          description="Walk the hash chain and cross-check reviews and users against it. Exit "
-                                      "status 0 when intact, 1 when an entry was edited, deleted or reordered.")
+    av = ausub.add_parser("verify", help="check the file and the hash chain; exit 1 if damaged or tampered",
+                          description="Check the database file (SQLite integrity check), walk the hash chain and "
+                                      "cross-check every column of the reviews and users tables (password hashes "
+                                      "through a digest) against it. Exit status 0 when intact, 1 when the file "
+                                      "is damaged or an entry or row was edited, deleted or reordered. Rows whose "
+                                      "audit entries predate full coverage are listed as not covered.")
     av.add_argument("--store", required=True, help="record store directory")
     av.add_argument("--json", action="store_true", help="print the result as JSON")
     av.set_defaults(func=cmd_audit_verify)
@@ -503,6 +592,8 @@ def _add_review_parsers(sub) -> None:
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_models import add_parsers, signing_arg
+
     p = argparse.ArgumentParser(
         prog="vialinspect",
         description="Automated visual inspection of injectable containers: simulate, train, export, inspect, review.",
@@ -620,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset with held-out containers for the parity check (default: the training data)")
     x.add_argument("--parity-count", type=_positive_int, default=8, help="containers for parity (default 8)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing package directory")
+    signing_arg(x, "the package")
     x.set_defaults(func=cmd_export)
 
     k = sub.add_parser("package", help="inspect model packages or re-version their thresholds",
@@ -684,10 +776,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--registry", default=None,
                     help="model registry: run its current model for the recipe's name (instead of the recipe's "
                          "model) and take up a promoted or rolled-back model between containers, without a restart")
+    st.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                    help="public key (PEM) of the release signers, besides the recipe's trusted_keys; repeatable. "
+                         "With any trusted key the station runs only a package signed by one of them (and, with "
+                         "--registry, only signed changes)")
     st.set_defaults(func=cmd_station)
-    _add_review_parsers(sub)
-    from .cli_models import add_parsers
 
+    rc = sub.add_parser("records", help="verify the station's record store",
+                        description="Check a record store's database file (SQLite integrity check) and recompute "
+                                    "the hash chain over its decision records. Exit 0 intact, 1 damaged or "
+                                    "tampered (each problem named), 2 not a store.")
+    rcs = rc.add_subparsers(dest="records_command", metavar="ACTION")
+    rv = rcs.add_parser("verify", help="check the file and the records' hash chain; exit 1 if tampered")
+    rv.add_argument("--store", required=True, help="record store directory")
+    rv.add_argument("--json", action="store_true", help="print the result as JSON")
+    rv.set_defaults(func=cmd_records_verify)
+    rc.set_defaults(func=lambda a: (rc.print_help(), 2)[1])
+    _add_review_parsers(sub)
     add_parsers(sub)
     return p
 

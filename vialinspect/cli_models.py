@@ -1,4 +1,4 @@
-"""``vialinspect retrain`` and ``vialinspect registry``: the governed model-change commands of the one CLI."""
+"""``vialinspect retrain``, ``registry`` and ``keys``: the governed model-change commands of the one CLI."""
 
 from __future__ import annotations
 
@@ -10,12 +10,39 @@ from pathlib import Path
 
 from .cli import UserError, _positive_int, _read_password
 
+SIGNING_KEY_ENV = "VIALINSPECT_SIGNING_KEY"
 
-def _registry(path: str, create: bool = False):
+
+def _signing_key(a: argparse.Namespace):
+    """The release signing key from ``--signing-key`` or $VIALINSPECT_SIGNING_KEY, or None."""
+    path = getattr(a, "signing_key", None) or os.environ.get(SIGNING_KEY_ENV)
+    if not path:
+        return None
+    from vialinspect.export.signing import SigningError, load_signing_key
+
+    try:
+        return load_signing_key(path)
+    except SigningError as e:
+        raise UserError(str(e)) from None
+
+
+def _trusted(paths) -> dict:
+    if not paths:
+        return {}
+    from vialinspect.export.signing import SigningError, load_trusted_keys
+
+    try:
+        return load_trusted_keys(paths)
+    except SigningError as e:
+        raise UserError(str(e)) from None
+
+
+def _registry(path: str, create: bool = False, a: argparse.Namespace | None = None):
     from vialinspect.export.registry import Registry, RegistryError
 
     try:
-        return Registry(path, create=create)
+        return Registry(path, create=create, signing_key=_signing_key(a) if a is not None else None,
+                        trusted_keys=_trusted(getattr(a, "trusted_key", None)))
     except RegistryError as e:
         raise UserError(str(e)) from None
 
@@ -52,7 +79,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     from vialinspect.training.trainer import TrainingError
 
     recipe = _recipe_name(a.recipe)
-    reg = _registry(a.registry)
+    reg = _registry(a.registry, a=a)
     work = Path(a.work or f"retrain_work/{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
     actor = os_actor()
     try:
@@ -98,7 +125,7 @@ def cmd_registry_add(a: argparse.Namespace) -> int:
     from vialinspect.export.registry import RegistryError
     from vialinspect.inspection_station.review import os_actor
 
-    reg = _registry(a.registry, create=True)
+    reg = _registry(a.registry, create=True, a=a)
     try:
         v = reg.add(a.package, os_actor(), a.reason)
     except RegistryError as e:
@@ -108,7 +135,7 @@ def cmd_registry_add(a: argparse.Namespace) -> int:
 
 
 def cmd_registry_list(a: argparse.Namespace) -> int:
-    reg = _registry(a.registry)
+    reg = _registry(a.registry, a=a)
     rows = []
     for v in reg.versions():
         c = reg.card(v)
@@ -129,7 +156,7 @@ def cmd_registry_list(a: argparse.Namespace) -> int:
 def cmd_registry_show(a: argparse.Namespace) -> int:
     from vialinspect.export.registry import RegistryError
 
-    reg = _registry(a.registry)
+    reg = _registry(a.registry, a=a)
     try:
         v = reg.resolve(a.version)
         reg.package(v)  # verified, or refused
@@ -164,7 +191,7 @@ def cmd_registry_show(a: argparse.Namespace) -> int:
 
 
 def cmd_registry_history(a: argparse.Namespace) -> int:
-    reg = _registry(a.registry)
+    reg = _registry(a.registry, a=a)
     events = reg.history(recipe=a.recipe)
     if a.json:
         from dataclasses import asdict
@@ -178,13 +205,15 @@ def cmd_registry_history(a: argparse.Namespace) -> int:
 
 
 def cmd_registry_verify(a: argparse.Namespace) -> int:
-    reg = _registry(a.registry)
+    reg = _registry(a.registry, a=a)
     problems = reg.verify()
     if problems:
         for p in problems:
             print(f"PROBLEM: {p}")
         return 1
-    print(f"{reg.root}: intact ({len(reg.history())} events, {len(reg.versions())} packages verified)")
+    signed = f"; every event and package signed by a trusted key ({', '.join(sorted(reg.trusted_keys))})" \
+        if reg.trusted_keys else "; signatures not checked (no --trusted-key)"
+    print(f"{reg.root}: intact ({len(reg.history())} events, {len(reg.versions())} packages verified{signed})")
     return 0
 
 
@@ -194,7 +223,7 @@ def _signed_change(a: argparse.Namespace, rollback: bool) -> int:
     from vialinspect.inspection_station.promotion import PromotionError, promote
     from vialinspect.inspection_station.promotion import rollback as do_rollback
 
-    reg = _registry(a.registry)
+    reg = _registry(a.registry, a=a)
     recipe = _recipe_name(a.recipe)
     try:
         if rollback:
@@ -214,7 +243,36 @@ def _signed_change(a: argparse.Namespace, rollback: bool) -> int:
     return 0
 
 
+def signing_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--signing-key", default=None, metavar="KEY",
+                   help=f"Ed25519 private key (from `vialinspect keys generate`) that signs {what}; default "
+                        f"${SIGNING_KEY_ENV}, else unsigned")
+
+
+def cmd_keys_generate(a: argparse.Namespace) -> int:
+    from vialinspect.export.signing import SigningError, generate_keypair
+
+    try:
+        priv, pub, kid = generate_keypair(a.out, a.name, overwrite=a.overwrite)
+    except (SigningError, OSError) as e:
+        raise UserError(str(e)) from None
+    print(f"key {kid}: private {priv} (keep it with the people who release models; mode 0600), public {pub} "
+          "(give it to every station: recipe trusted_keys or --trusted-key)")
+    return 0
+
+
 def add_parsers(sub) -> None:
+    k = sub.add_parser("keys", help="make an Ed25519 key pair for signing model packages and registry changes",
+                       description="Signing keys: packages and registry events signed with the private key are "
+                                   "accepted by stations that trust the public key.")
+    ks = k.add_subparsers(dest="keys_command", metavar="ACTION")
+    p = ks.add_parser("generate", help="write NAME.key (private, 0600) and NAME.pub (public)")
+    p.add_argument("--out", required=True, help="folder for the two files")
+    p.add_argument("--name", default="release", help="file name stem (default release)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing key files (old signatures then fail)")
+    p.set_defaults(func=cmd_keys_generate)
+    k.set_defaults(func=lambda a: (k.print_help(), 2)[1])
+
     r = sub.add_parser("retrain", help="retrain from reviewed rejects and gate the challenger against the champion",
                        description="Build a training set from base data plus the store's reviewed rejects (confirmed "
                                    "defects with their reviewed class, false rejects as hard negatives), fine-tune the "
@@ -252,6 +310,7 @@ def add_parsers(sub) -> None:
                         "per class on the validation split, within the false-reject budget where the model allows; "
                         "frr-budget calibrates to the budget alone")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="training device (default auto)")
+    signing_arg(r, "the challenger's package and its registry events")
     r.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     r.add_argument("--config", default=None, help="training settings file (YAML, TOML or JSON)")
     r.add_argument("--alpha", type=float, default=0.05, help="gate: significance of 'worse' (default 0.05)")
@@ -271,10 +330,12 @@ def add_parsers(sub) -> None:
                                    "users) and are written to the store's audit trail.")
     gs = g.add_subparsers(dest="registry_command", metavar="ACTION")
 
-    def common(p, recipe: bool = False) -> None:
+    def common(p, recipe: bool = False, signs: bool = False) -> None:
         p.add_argument("--registry", required=True, help="model registry directory")
         if recipe:
             p.add_argument("--recipe", required=True, help="recipe name or recipe file")
+        if signs:
+            signing_arg(p, "the registry events (and packages) this command writes")
 
     p = gs.add_parser("list", help="every version with status, gate result and where it is current")
     common(p)
@@ -287,7 +348,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_registry_show)
     p = gs.add_parser("add", help="register a model package (creates the registry if needed)")
     p.add_argument("package", help="model package directory")
-    common(p)
+    common(p, signs=True)
     p.add_argument("--reason", required=True, help="why it is registered (recorded in the history)")
     p.set_defaults(func=cmd_registry_add)
     for name, fn, helptext in (("promote", lambda a: _signed_change(a, False),
@@ -297,7 +358,7 @@ def add_parsers(sub) -> None:
         p = gs.add_parser(name, help=helptext)
         if name == "promote":
             p.add_argument("version", help="version id (or a unique prefix of at least 6 characters)")
-        common(p, recipe=True)
+        common(p, recipe=True, signs=True)
         p.add_argument("--store", required=True, help="record store whose users sign and whose audit trail records it")
         p.add_argument("--user", required=True, help="signing user (an admin of the review app)")
         p.add_argument("--reason", required=True, help="the signed reason")
@@ -311,5 +372,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_registry_history)
     p = gs.add_parser("verify", help="check the history chain, every package's checksums and the pointers")
     common(p)
+    p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                   help="public key (PEM) of the release signers; repeatable. Given, every event and package must "
+                        "carry a valid signature by one of them")
     p.set_defaults(func=cmd_registry_verify)
     g.set_defaults(func=lambda a: (g.print_help(), 2)[1])
