@@ -48,6 +48,7 @@ from vialinspect.datasets.generate import make_container  # noqa: E402
 from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
 from vialinspect.export.package import load_package, open_runner, with_thresholds  # noqa: E402
 from vialinspect.export.registry import Registry, Signature  # noqa: E402
+from vialinspect.inspection_station.line import MemoryLineOutput  # noqa: E402
 from vialinspect.inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline  # noqa: E402
 from vialinspect.inspection_station.recipe import Recipe  # noqa: E402
 from vialinspect.inspection_station.sources import Source, open_source  # noqa: E402
@@ -59,20 +60,6 @@ K = 4
 SIZE = (450, 925)  # the default camera's vial-2R frame (width, height)
 MUST_BE_ZERO = ("accepted_not_inspected", "lost", "line_store_disagreements", "unapproved_model_decisions",
                 "misassembled")
-
-
-class ListLine:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, d):
-        self.sent.append(d)
-
-    def heartbeat(self, state):
-        pass
-
-    def close(self):
-        pass
 
 
 class ScriptSource(Source):
@@ -131,7 +118,7 @@ def run_pipeline(source, runner, work: Path, rec: Recipe | None = None, disk=Non
     rec = rec or recipe()
     pkg = load_package("builtin:default")
     store = RecordStore(work / "store", min_free_mb=rec.min_free_mb, **({"disk_usage": disk} if disk else {}))
-    line = ListLine()
+    line = MemoryLineOutput()
     slot = ModelSlot(LoadedModel(runner, pkg.version_id, pkg.thresholds))
     pipe = Pipeline(source, rec, slot, store, line, StationStats(), queue_size=64, read_timeout_s=0.05)
     pipe.start()

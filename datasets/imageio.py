@@ -48,15 +48,7 @@ def read_gray(path: str | Path) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
-    if img.ndim == 3:
-        if img.shape[2] == 4:
-            img = img[:, :, :3]
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.shape[2] == 3 else img[:, :, 0]
-    if img.dtype not in (np.uint8, np.uint16):
-        if img.dtype in (np.float32, np.float64):
-            img = np.clip(img, 0, 1) * 65535
-        img = img.astype(np.uint16)
-    return img
+    return _gray(img)
 
 
 def to_unit_float(img: np.ndarray) -> np.ndarray:
@@ -285,6 +277,11 @@ def read_gray_bounded(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> n
         raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
     if img.shape[0] * img.shape[1] > max_pixels:  # a header that lied about its size
         raise ImageError(f"{path}: decoded image of {img.shape[1]}x{img.shape[0]} pixels is larger than allowed")
+    return _gray(img)
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    """A decoded image as one 8- or 16-bit channel (colour to grey, alpha dropped, float scaled to 16 bits)."""
     if img.ndim == 3:
         if img.shape[2] == 4:
             img = img[:, :, :3]

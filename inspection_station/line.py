@@ -83,6 +83,24 @@ def _state_text(state: dict[str, Any]) -> str:
     return str(state.get("state", "running"))
 
 
+class MemoryLineOutput:
+    """Keeps every decision it is sent in ``sent`` (heartbeats in ``heartbeats``): for tests and benchmarks that
+    check what the line was told."""
+
+    def __init__(self) -> None:
+        self.sent: list[Decision] = []
+        self.heartbeats: list[dict[str, Any]] = []
+
+    def send(self, decision: Decision) -> None:
+        self.sent.append(decision)
+
+    def heartbeat(self, state: dict[str, Any]) -> None:
+        self.heartbeats.append(state)
+
+    def close(self) -> None:
+        pass
+
+
 class LogLineOutput:
     """Writes each decision and heartbeat as one JSON line (``{"type": "decision", ...}``)."""
 

@@ -542,21 +542,8 @@ def test_basler_repeated_block_id_is_not_merged(monkeypatch):
 # The station wiring: the pipeline groups by what the source declares.
 
 
-class _Line:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, d):
-        self.sent.append(d)
-
-    def heartbeat(self, state):
-        pass
-
-    def close(self):
-        pass
-
-
 def _pipeline_run(src, tmp_path, frames: int, frame_size=None):
+    from vialinspect.inspection_station.line import MemoryLineOutput
     from vialinspect.inspection_station.pipeline import ModelSlot, Pipeline
     from vialinspect.inspection_station.recipe import Recipe
     from vialinspect.inspection_station.store import RecordStore
@@ -565,7 +552,7 @@ def _pipeline_run(src, tmp_path, frames: int, frame_size=None):
                                    frame_size=list(frame_size) if frame_size else None, batch_max=4,
                                    sample_accepted=0.0, min_free_mb=0.0))
     store = RecordStore(tmp_path / "store", min_free_mb=0.0)
-    line = _Line()
+    line = MemoryLineOutput()
     pipe = Pipeline(src, recipe, ModelSlot(None), store, line, window_s=30.0, read_timeout_s=0.05)
     pipe.start()
     assert pipe.join(timeout=30)

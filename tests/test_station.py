@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from vialinspect.inspection_station import pipeline as pipeline_mod
+from vialinspect.inspection_station.line import MemoryLineOutput
 from vialinspect.inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline, compress_frames
 from vialinspect.inspection_station.recipe import Recipe
 from vialinspect.inspection_station.sources import Source
@@ -59,20 +60,7 @@ class FakeRunner:
                 for _ in batch]
 
 
-class RecordingLine:
-    """A line output that keeps every decision it is sent."""
-
-    def __init__(self):
-        self.sent = []
-
-    def send(self, d):
-        self.sent.append(d)
-
-    def heartbeat(self, state):
-        pass
-
-    def close(self):
-        pass
+RecordingLine = MemoryLineOutput  # a line output that keeps every decision it is sent
 
 
 def _recipe(**kw):

@@ -422,32 +422,27 @@ def cmd_users_add(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_users_disable(a: argparse.Namespace) -> int:
+def _change_user(a: argparse.Namespace, change: str):
+    """Apply ``users.<change>`` (disable_user, unlock_user) to ``a.username`` as the OS user; the changed User."""
+    from vialinspect.inspection_station import users
     from vialinspect.inspection_station.audit import ReviewDBError
     from vialinspect.inspection_station.review import os_actor
-    from vialinspect.inspection_station.users import UserError as BadUser
-    from vialinspect.inspection_station.users import disable_user
 
     db = _review_db(a.store, create=False)
     try:
-        u = disable_user(db, a.username, actor=os_actor(), reason=a.reason)
-    except (BadUser, ReviewDBError) as e:
+        return getattr(users, change)(db, a.username, actor=os_actor(), reason=a.reason)
+    except (users.UserError, ReviewDBError) as e:
         raise UserError(str(e)) from None
+
+
+def cmd_users_disable(a: argparse.Namespace) -> int:
+    u = _change_user(a, "disable_user")
     print(f"disabled {u.username} at {u.disabled_at_utc}")
     return 0
 
 
 def cmd_users_unlock(a: argparse.Namespace) -> int:
-    from vialinspect.inspection_station.audit import ReviewDBError
-    from vialinspect.inspection_station.review import os_actor
-    from vialinspect.inspection_station.users import UserError as BadUser
-    from vialinspect.inspection_station.users import unlock_user
-
-    db = _review_db(a.store, create=False)
-    try:
-        u = unlock_user(db, a.username, actor=os_actor(), reason=a.reason)
-    except (BadUser, ReviewDBError) as e:
-        raise UserError(str(e)) from None
+    u = _change_user(a, "unlock_user")
     print(f"unlocked {u.username}: logins and signatures are accepted again")
     return 0
 
