@@ -69,6 +69,14 @@ class ModelPackage:
         p = self.path / WEIGHTS_NAME
         return p if self.metadata.get("weights_sha256") else None
 
+    @property
+    def domain(self):
+        """The out-of-domain guard (``vialinspect.vision.domain.DomainModel``) fitted for this model, or None."""
+        from vialinspect.vision.domain import DomainModel
+
+        d = self.metadata.get("domain")
+        return None if d is None else DomainModel.from_json(d)
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -225,6 +233,13 @@ def check_metadata(meta: Any, where: str | Path) -> None:
     if found_th:
         cls, problem = found_th
         bad("thresholds" if cls is None else f"thresholds.{cls}", problem)
+    if meta.get("domain") is not None:
+        from vialinspect.vision.domain import DomainModel
+
+        try:
+            DomainModel.from_json(meta["domain"])
+        except ValueError as e:
+            bad("domain", str(e))
     if not isinstance(meta.get("heads", {}), dict):
         bad("heads", f"must be a table (e.g. {{\"fill\": true}}), got {_json_kind(meta['heads'])}")
 
@@ -362,6 +377,19 @@ def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = N
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
     return OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),
                      device=device, threads=threads, spin=spin)
+
+
+def with_domain(pkg: ModelPackage, domain: dict[str, Any], out: Path, reason: str, overwrite: bool = False,
+                fit: dict | None = None) -> ModelPackage:
+    """A new package version with an out-of-domain guard (``DomainModel.to_json()``) and the very same
+    ``model.onnx`` bytes and thresholds; ``fit`` (the lot it was fitted on) is recorded with it."""
+    meta = {k: v for k, v in pkg.metadata.items() if k not in ("version_id", "created_utc", "onnx_sha256",
+                                                                  "format", "format_version", "weights_sha256")}
+    meta["domain"] = {**domain, "fit": fit or {}}
+    meta["parent_version"] = pkg.version_id
+    meta["change_reason"] = reason
+    weights = pkg.weights_path.read_bytes() if pkg.weights_path else None
+    return write_package(out, pkg.onnx_path.read_bytes(), meta, overwrite=overwrite, weights=weights)
 
 
 def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, reason: str,

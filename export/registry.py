@@ -60,6 +60,9 @@ class Signature:
     # The identity of the user database the signer was checked in. A registry's changes are all signed in one
     # (the first signed change binds it), so a self-made database with a self-made admin cannot sign.
     review_db: str | None = None
+    # The audit trail's chain hash at that entry: the trail's head, anchored in the (signed) registry history, so
+    # the trail cannot be rewritten up to that point without the two disagreeing.
+    audit_hash: str | None = None
 
 
 @dataclass(frozen=True)

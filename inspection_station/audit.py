@@ -285,6 +285,13 @@ def append(conn: sqlite3.Connection, user: str, action: str, container_id: str |
     return seq
 
 
+def entry_hash_of(db: ReviewDB, seq: int) -> str | None:
+    """The chain hash of entry ``seq`` (for anchoring the trail's head outside the database), or None."""
+    with db.connect() as conn:
+        row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (int(seq),)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def record(db: ReviewDB, user: str, action: str, container_id: str | None = None, old_value: Any = None,
            new_value: Any = None, reason: str | None = None) -> int:
     """Append one entry in its own transaction (for actions that change nothing else: logins, exports)."""

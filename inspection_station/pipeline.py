@@ -66,6 +66,7 @@ class LoadedModel:
     runner: Any  # vision.runtime.OnnxModel or anything with .spec and .predict_prepared
     version: str
     thresholds: dict[str, float]
+    domain: Any = None  # vision.domain.DomainModel: units unlike the model's training data are not decided
 
 
 class ModelSlot:
@@ -311,6 +312,9 @@ class Pipeline:
                 out.append((self._reject(c, [not_inspected("no_model")], None), c, None))
             elif now - c.trigger_time > self.deadline_s:
                 out.append((self._reject(c, [not_inspected("deadline_missed")], model), c, None))
+            elif model.domain is not None and model.domain.out_of_domain([f.pixels for f in c.frames])[0]:
+                # Unlike the units the model was made for: it is not asked (a model decides only its own kind).
+                out.append((self._reject(c, [not_inspected("out_of_domain")], model), c, None))
             else:
                 ready.append(c)
         if not ready:

@@ -80,7 +80,8 @@ def _signed_change(store_dir: str | Path, registry: Registry, action: str, recip
                                   "meaning": meaning, "printed_name": signer.full_name},
                        reason=reason.strip())
     try:
-        ev = apply(Signature(signer.username, signer.full_name, meaning, audit.utc_now()[1], seq, db_id))
+        ev = apply(Signature(signer.username, signer.full_name, meaning, audit.utc_now()[1], seq, db_id,
+                             audit.entry_hash_of(db, seq)))
     except RegistryError as e:  # changed under our feet (another change in between): say so in the trail
         audit.record(db, signer.username, what, new_value={"recipe": recipe, "version": target, "completed": False},
                      reason=f"not completed: {e}")

@@ -24,6 +24,7 @@ NOT_INSPECTED_CAUSES: tuple[str, ...] = (
     "invalid_output",  # the model's output for the unit is not a finite number in range (NaN, inf, > 1)
     "duplicate_id",  # the unit's id was already decided at this station (replayed trigger or id)
     "bad_image",  # a frame file could not be read within the recipe's bounds (too large, undecodable)
+    "out_of_domain",  # the unit's frames are unlike the units the model was made for (its package's domain guard)
 )
 
 

@@ -240,3 +240,17 @@ def test_a_hand_appended_promotion_reusing_an_audit_entry_fails_verify(tmp_path,
     reg2._set_current("vial-2R", vb2, ev)
     with pytest.raises(RegistryError, match="signed in user database"):
         reg2.approved("vial-2R")
+
+
+def test_a_signed_model_change_anchors_the_audit_trail_head_in_the_registry(tmp_path, packages):  # noqa: F811
+    from vialinspect.inspection_station import audit
+    from vialinspect.inspection_station.audit import ReviewDB
+    from vialinspect.inspection_station.promotion import promote
+
+    reg, va, _ = _registry(tmp_path, packages)
+    prod = _user_store(tmp_path / "prod")
+    change = promote(prod, reg, va, "vial-2R", "root", "admin-password-333", "first model")
+    sig = reg.history()[-1].signature
+    assert sig["audit_seq"] == change.audit_seq
+    assert sig["audit_hash"] == audit.entry_hash_of(ReviewDB(prod), change.audit_seq) == audit.verify(
+        ReviewDB(prod)).head_hash

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames
@@ -31,6 +33,7 @@ class LoadedModel:
     thresholds: dict[str, float]
     model_id: str
     source: str
+    domain: Any = None  # the package's out-of-domain guard (vision.domain.DomainModel), if it has one
 
 
 def load_package_model(path: str | Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
@@ -41,7 +44,8 @@ def load_package_model(path: str | Path, device: str = "auto", threads: int | No
 def package_model(pkg: ModelPackage, device: str = "auto", threads: int | None = None) -> LoadedModel:
     """An already loaded (verified) package, run by ONNX Runtime."""
     runner = open_runner(pkg, device, threads)
-    return LoadedModel(runner, runner.spec, pkg.thresholds, model_id=pkg.version_id, source=str(pkg.path))
+    return LoadedModel(runner, runner.spec, pkg.thresholds, model_id=pkg.version_id, source=str(pkg.path),
+                       domain=pkg.domain)
 
 
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
@@ -70,6 +74,18 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def out_of_domain_report(domain: Any, root: Path, records: list[ContainerRecord]) -> dict[str, Any]:
+    """Which units the package's guard would turn away on the station (``not_inspected:out_of_domain``): the
+    scores above are the model's all the same, so the report shows both what it would decide and what the
+    station would not let it decide."""
+    flagged = [r for r in records if domain.out_of_domain([read_gray(root / f) for f in r.frames])[0]]
+    good = [r for r in records if not r.classes]
+    flagged_good = [r for r in flagged if not r.classes]
+    return {"n": len(flagged), "fraction": len(flagged) / len(records) if records else 0.0,
+            "good_flagged": len(flagged_good), "good_fraction": len(flagged_good) / len(good) if good else None,
+            "ids": [r.id for r in flagged[:20]]}
+
+
 def select_records(ds: Dataset, split: str | None) -> list[ContainerRecord]:
     """Default: the test split of a manifest dataset; every image of an ImageFolder (``--split`` narrows it)."""
     if split in (None, "auto"):
@@ -95,6 +111,8 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     report["dataset"] = {"path": str(Path(data_dir).resolve()), "kind": ds.kind, "split": split or "default",
                          "skipped_frame_count": dropped, "bad_rows": len(ds.problems)}
     report["model_source"] = m.source
+    if m.domain is not None:
+        report["out_of_domain"] = out_of_domain_report(m.domain, ds.root, usable)
     if out_dir is not None:
         write_report(report, Path(out_dir), usable, scores, ds.root, th)
     return report, usable, scores

@@ -187,6 +187,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"  {c:11s} recall {v.get('recall')}  precision {v.get('precision')}  AUROC {v.get('auroc')}")
     if report.get("fill_height_mae_mm") is not None:
         print(f"  fill height MAE {report['fill_height_mae_mm']} mm")
+    ood = report.get("out_of_domain")
+    if ood is not None:
+        print(f"  out of domain: {ood['n']} of {report['n_containers']} units ({ood['fraction']:.1%}) would be "
+              "not_inspected:out_of_domain on the station (the figures above are the model's all the same)")
     print(f"report: {Path(a.out) / 'report.md'}")
     return 0
 
@@ -251,6 +255,10 @@ def cmd_package_show(a: argparse.Namespace) -> int:
     parity = f"{parity:.1e}" if isinstance(parity, float) else parity
     print(f"  export       {field('export', 'precision')}, opset {field('export', 'opset')}, parity max |Δp| {parity}")
     print(f"  signature    {sig.get('key_id') if sig else 'none (unsigned)'}")
+    dom = m.get("domain")
+    print(f"  domain guard {'none (every unit is decided)' if not dom else ''}" + (
+        f"{dom.get('n')} units, {len(dom.get('means', []))} group(s), threshold {dom.get('threshold', 0):.2f}"
+        if dom else ""))
     if m.get("parent_version"):
         print(f"  parent       {m['parent_version']} ({m.get('change_reason')})")
     return 0
@@ -292,6 +300,24 @@ def cmd_package_calibrate(a: argparse.Namespace) -> int:
         print(f"warning: {rec['warning']}")
     print(f"wrote {pkg.path}: version {pkg.version_id} (parent {pkg.metadata['parent_version']}), "
           f"model.onnx unchanged ({pkg.metadata['onnx_sha256'][:16]}…)")
+    return 0
+
+
+def cmd_package_fit_domain(a: argparse.Namespace) -> int:
+    from vialinspect.datasets.manifest import DatasetError
+    from vialinspect.export.package import PackageError
+    from vialinspect.training.domain_fit import fit_package_domain
+    from vialinspect.training.evaluate import EvaluationError
+
+    try:
+        pkg, fit = fit_package_domain(a.path, a.data, a.out, a.reason, split=a.split, margin=a.margin,
+                                      overwrite=a.overwrite, progress=_container_bar("describe"))
+    except (DatasetError, EvaluationError, PackageError, ValueError) as e:
+        raise UserError(str(e)) from None
+    print(f"domain of {fit['n']} units in {fit['groups']} group(s), frame sizes {fit['sizes'] or 'a range'}; "
+          f"threshold {fit['threshold']:.2f} (margin {fit['margin']:g} over the farthest unit)")
+    print(f"wrote {pkg.path}: version {pkg.version_id} (parent {pkg.metadata['parent_version']}); stations running "
+          "it mark units unlike these as not_inspected:out_of_domain")
     return 0
 
 
@@ -745,6 +771,24 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--overwrite", action="store_true",
                     help="replace an existing package directory (it may be PATH itself)")
     kc.set_defaults(func=cmd_package_calibrate)
+    kd = ksub.add_parser("fit-domain", help="new package version with an out-of-domain guard fitted on a lot",
+                         description="Describe every unit of one or more datasets the model is meant for (exposure, "
+                                     "sharpness, frame size, the container's silhouette) and write a new package "
+                                     "version whose stations (and evaluate) mark units unlike them as "
+                                     "not_inspected:out_of_domain instead of deciding them. model.onnx and the "
+                                     "thresholds stay byte-identical. Fit on what the line shows: good and "
+                                     "defective units, every format and every nuisance.")
+    kd.add_argument("path", help="package directory (or builtin:default)")
+    kd.add_argument("--data", required=True, action="append",
+                    help="dataset of in-domain units (manifest or ImageFolder); repeat for several lots")
+    kd.add_argument("--out", required=True, help="new package directory")
+    kd.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
+                    help="which of each dataset's containers (default all)")
+    kd.add_argument("--margin", type=float, default=1.5,
+                    help="threshold = margin x the largest distance among the lot's units (default 1.5)")
+    kd.add_argument("--reason", required=True, help="why (recorded in the package)")
+    kd.add_argument("--overwrite", action="store_true", help="replace an existing package directory")
+    kd.set_defaults(func=cmd_package_fit_domain)
     k.set_defaults(func=lambda a: (k.print_help(), 2)[1])
 
     st = sub.add_parser("station", help="run the inspection station on a frame source",
