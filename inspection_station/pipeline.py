@@ -35,7 +35,13 @@ from typing import Any
 import numpy as np
 
 from vialinspect.vision.preprocess import preprocess
-from vialinspect.vision.scores import class_scores, rejected_classes
+from vialinspect.vision.scores import (
+    class_scores,
+    finite_or_none,
+    finite_scores,
+    output_problem,
+    rejected_classes,
+)
 
 from .assembly import Assembler
 from .line import LineOutput
@@ -320,8 +326,6 @@ class Pipeline:
         if not ready:
             return out
         assert model is not None
-        from vialinspect.vision.scores import finite_or_none, finite_scores, output_problem
-
         try:
             thresholds = self.recipe.effective_thresholds(model.thresholds)
         except Exception as e:  # noqa: BLE001 - a model without a usable threshold per class decides nothing
