@@ -851,6 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vialinspect: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
