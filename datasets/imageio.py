@@ -42,13 +42,7 @@ def read_gray(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: cannot read ({e.strerror})") from None
     if not data:
         raise ImageError(f"{path}: empty file")
-    why = _looks_truncated(data)
-    if why:
-        raise ImageError(f"{path}: {why}")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
-    return _gray(img)
+    return _decode_gray(path, data)
 
 
 def to_unit_float(img: np.ndarray) -> np.ndarray:
@@ -266,18 +260,7 @@ def read_gray_bounded(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> n
         raise ImageError(f"{path}: image header gives no size ({w}x{h})")
     if w * h > max_pixels:
         raise ImageError(f"{path}: image of {w}x{h} pixels is larger than the {max_pixels} pixels allowed")
-    why = _looks_truncated(data)
-    if why:
-        raise ImageError(f"{path}: {why}")
-    try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except (cv2.error, MemoryError, ValueError) as e:
-        raise ImageError(f"{path}: cannot decode ({type(e).__name__}: {str(e).strip()[:200]})") from None
-    if img is None or img.size == 0:
-        raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
-    if img.shape[0] * img.shape[1] > max_pixels:  # a header that lied about its size
-        raise ImageError(f"{path}: decoded image of {img.shape[1]}x{img.shape[0]} pixels is larger than allowed")
-    return _gray(img)
+    return _decode_gray(path, data, max_pixels)
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -291,3 +274,20 @@ def _gray(img: np.ndarray) -> np.ndarray:
             img = np.clip(img, 0, 1) * 65535
         img = img.astype(np.uint16)
     return img
+
+
+def _decode_gray(path: Path, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """The image in ``data`` (read from ``path``) as one grey channel; ``ImageError`` for anything truncated,
+    undecodable or (with ``max_pixels``) larger than allowed once decoded."""
+    why = _looks_truncated(data)
+    if why:
+        raise ImageError(f"{path}: {why}")
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except (cv2.error, MemoryError, ValueError) as e:
+        raise ImageError(f"{path}: cannot decode ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    if img is None or img.size == 0:
+        raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if max_pixels is not None and img.shape[0] * img.shape[1] > max_pixels:  # a header that lied about its size
+        raise ImageError(f"{path}: decoded image of {img.shape[1]}x{img.shape[0]} pixels is larger than allowed")
+    return _gray(img)

@@ -78,6 +78,13 @@ def test_fit_domain_command_writes_a_package_that_evaluate_and_the_station_use(p
     assert main(["evaluate", "--model", str(out), "--data", str(lot), "--split", "all", "--out",
                  str(tmp_path / "rep")]) == 0
     assert "out of domain: 0 of 72 units" in capsys.readouterr().out
+    other = tmp_path / "other_camera"  # another pixel scale: every unit is turned away
+    generate(other, 4, SimConfig(frames=2, formats=("vial-2R",), camera=CameraConfig(pixel_um=100.0)), seed=36,
+             workers=1)
+    assert main(["evaluate", "--model", str(out), "--data", str(other), "--split", "all", "--out",
+                 str(tmp_path / "rep2")]) == 0
+    assert "out of domain: 4 of 4 units (100.0%)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "rep2" / "report.json").read_text())["out_of_domain"]["n"] == 4
     # A damaged guard makes the package unusable, never silently unguarded.
     meta = json.loads((out / "model.json").read_text())
     meta["domain"]["means"] = "nonsense"

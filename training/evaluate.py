@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames
@@ -74,11 +73,11 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def out_of_domain_report(domain: Any, root: Path, records: list[ContainerRecord]) -> dict[str, Any]:
-    """Which units the package's guard would turn away on the station (``not_inspected:out_of_domain``): the
-    scores above are the model's all the same, so the report shows both what it would decide and what the
-    station would not let it decide."""
-    flagged = [r for r in records if domain.out_of_domain([read_gray(root / f) for f in r.frames])[0]]
+def out_of_domain_report(records: list[ContainerRecord], flagged_index: set[int]) -> dict[str, Any]:
+    """Which units (by index into ``records``) the package's guard would turn away on the station
+    (``not_inspected:out_of_domain``): the scores are the model's all the same, so the report shows both what
+    it would decide and what the station would not let it decide."""
+    flagged = [r for i, r in enumerate(records) if i in flagged_index]
     good = [r for r in records if not r.classes]
     flagged_good = [r for r in flagged if not r.classes]
     return {"n": len(flagged), "fraction": len(flagged) / len(records) if records else 0.0,
@@ -105,14 +104,21 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     if not usable:
         raise EvaluationError(f"{data_dir}: no containers to evaluate in split {split or 'default'} "
                               f"(the model takes {m.spec.frames} frame(s) per container)")
-    scores = predict_records(m.predictor, ds.root, usable, batch_size=batch_size, progress=progress)
+    flagged: set[int] = set()
+
+    def guard(i: int, frames: list) -> None:
+        if m.domain.out_of_domain(frames)[0]:
+            flagged.add(i)
+
+    scores = predict_records(m.predictor, ds.root, usable, batch_size=batch_size, progress=progress,
+                             on_frames=guard if m.domain is not None else None)
     th = thresholds or m.thresholds
     report = evaluate(usable, scores, th, m.model_id)
     report["dataset"] = {"path": str(Path(data_dir).resolve()), "kind": ds.kind, "split": split or "default",
                          "skipped_frame_count": dropped, "bad_rows": len(ds.problems)}
     report["model_source"] = m.source
     if m.domain is not None:
-        report["out_of_domain"] = out_of_domain_report(m.domain, ds.root, usable)
+        report["out_of_domain"] = out_of_domain_report(usable, flagged)
     if out_dir is not None:
         write_report(report, Path(out_dir), usable, scores, ds.root, th)
     return report, usable, scores

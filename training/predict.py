@@ -34,8 +34,11 @@ class TorchPredictor:
 
 
 def predict_records(predictor, root: Path, records: list[ContainerRecord], batch_size: int = 4,
-                    progress: Callable | None = None) -> list[Scores]:
-    """Scores for every record, in the records' order; batches group containers of one input size."""
+                    progress: Callable | None = None,
+                    on_frames: Callable[[int, list], None] | None = None) -> list[Scores]:
+    """Scores for every record, in the records' order; batches group containers of one input size.
+    ``on_frames(i, frames)`` sees each record's frames as read (e.g. for the out-of-domain guard), so nothing
+    reads them twice."""
     root = Path(root)
     spec = predictor.spec
     groups: dict[tuple[int, int], list[int]] = {}
@@ -46,7 +49,12 @@ def predict_records(predictor, root: Path, records: list[ContainerRecord], batch
     for idx in groups.values():
         for j in range(0, len(idx), batch_size):
             chunk = idx[j:j + batch_size]
-            prepared = [preprocess([read_gray(root / f) for f in records[i].frames], spec) for i in chunk]
+            prepared = []
+            for i in chunk:
+                frames = [read_gray(root / f) for f in records[i].frames]
+                if on_frames is not None:
+                    on_frames(i, frames)
+                prepared.append(preprocess(frames, spec))
             for i, s in zip(chunk, predictor.predict_prepared(prepared), strict=True):
                 result[i] = s
             if bar:
