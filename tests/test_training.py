@@ -169,7 +169,9 @@ def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(c
                     log=lambda *a: None)
     assert summary["epochs_run"] == 1
     ck = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert ck["heads"] == {"fill": False, "maps": False} and ck["input_spec"]["frames"] == 1
+    # No masks in the data, but the implanted synthetic defects train the maps.
+    assert ck["heads"] == {"fill": False, "maps": True} and ck["input_spec"]["frames"] == 1
+    assert ck["config"]["implant"] == 0.5
     assert ck["input_spec"]["pixel_um"] is None
     assert main(["evaluate", "--model", str(tmp_path / "run" / "best.pt"), "--data", str(root), "--out",
                  str(tmp_path / "rep")]) == 0

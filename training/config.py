@@ -79,6 +79,10 @@ class TrainConfig:
     crop_batch: int = 8
     crops_per_full: int = 4
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # class, map, fill rows
+    # Data without masks (an ImageFolder, a plant's own images): the share of drawn good units that get a
+    # synthetic particle, fibre or crack with its exact mask (datasets/implant.py), so the maps learn where a
+    # defect is from the line's own background. 0 = off. Data with masks (the simulator's) never implants.
+    implant: float = 0.5
     # Validate every N epochs (and always after the last, also when the time budget ends the run): validation
     # is ~15% of an epoch on the CPU, and every other epoch gives a 30-minute run one more epoch.
     val_every: int = 2
@@ -131,6 +135,8 @@ class TrainConfig:
         if not shares_ok or (draw and not any(draw.get(k, 1.0) > 0 for k in known)):
             raise ValueError(f"class_draw must map some of {', '.join(known)} to finite shares >= 0, not all 0; "
                              f"got {self.class_draw!r}")
+        if not 0 <= self.implant <= 1:
+            raise ValueError(f"implant must be within 0..1, got {self.implant}")
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.frames is not None and self.frames < 1:

@@ -12,6 +12,7 @@ Containers of different formats have different image sizes: a batch holds items 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -19,10 +20,13 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
+from vialinspect.datasets.implant import ImplantConfig, implant
 from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord
 from vialinspect.datasets.torch_dataset import ContainerDataset, Sample
 from vialinspect.vision.postprocess import MAP_STRIDE
 from vialinspect.vision.preprocess import InputSpec, preprocess
+
+from .augment import to_unit
 
 FULL, CROP = 0, 1
 
@@ -54,13 +58,14 @@ def _block_max(m: np.ndarray, k: int) -> np.ndarray:
                      for c in m])
 
 
-def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
+def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random.Generator,
+                 implanted: tuple[int, int, int, int] | None = None) -> tuple[int, int]:
     """Top-left corner of a crop: half the time around a defect, a quarter around a nuisance object (bubble,
     glass mark, ...; each kind the unit holds equally often), else anywhere. Defects get their own share
     because nuisance objects outnumber them many times (a container can hold ten meniscus bubbles and one
     particle): drawn from one common list, a particle would be centred in only a few percent of crops, and it
-    is what the map must learn."""
-    defects = [d.bbox for d in rec.defects if d.bbox]
+    is what the map must learn. ``implanted``: the box of a synthetic defect drawn into the unit."""
+    defects = [d.bbox for d in rec.defects if d.bbox] + ([implanted] if implanted else [])
     by_tag: dict[str, list] = {}
     for o in rec.nuisance_objects:
         if o.bbox:
@@ -86,12 +91,40 @@ def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random
 
 
 class TrainTransform:
-    """Sample -> dict of arrays the loss needs; runs in the data-loading workers."""
+    """Sample -> dict of arrays the loss needs; runs in the data-loading workers.
 
-    def __init__(self, spec: InputSpec, augment=None):
+    ``implant`` > 0 (training on data without masks, such as an ImageFolder): that share of the good units
+    drawn gets a synthetic particle, fibre or crack (``datasets.implant``) with its exact mask, and every good
+    unit counts as known clean in every map cell. Without it, a good image teaches the maps only through their
+    peak cell."""
+
+    def __init__(self, spec: InputSpec, augment=None, implant: float = 0.0, implant_cfg: ImplantConfig | None = None):
         self.spec, self.augment = spec, augment
+        self.implant, self.implant_cfg = implant, implant_cfg or ImplantConfig()
+
+    def implanted(self, s: Sample, seed: int | None) -> Sample:
+        """``s`` with a synthetic defect where the settings draw one (a good unit of data without masks), else
+        as it is; a good unit of such data comes back marked as having (empty) masks."""
+        if not (self.implant > 0 and not s.has_mask and not s.labels.any()):
+            return s
+        rng = np.random.default_rng(None if seed is None else [seed, 1])
+        s = replace(s, has_mask=True)  # a good unit holds no defect in any cell
+        if rng.uniform() >= self.implant:
+            return s
+        cls = "crack" if rng.uniform() < self.implant_cfg.crack_share else "particle"
+        done = implant([to_unit(f, None) for f in s.frames], cls, rng, self.spec.pixel_um, self.implant_cfg)
+        if done is None:
+            return s
+        frames, mask = done
+        c = DEFECT_CLASSES.index(cls)
+        masks = np.zeros_like(s.masks)
+        masks[c] = mask
+        labels = np.zeros_like(s.labels)
+        labels[c] = 1.0
+        return replace(s, frames=frames, masks=masks, labels=labels)
 
     def __call__(self, s: Sample, full: bool = True, seed: int | None = None) -> dict:
+        s = self.implanted(s, seed)
         if self.augment is not None:
             s = self.augment(s, seed=seed)
         prep = preprocess(s.frames, self.spec)
@@ -156,9 +189,16 @@ class TrainingItems(TorchDataset):
             return {k: np.asarray(v)[None] for k, v in self.transform(s, full=True, seed=seed).items()}
         h, w = s.frames[0].shape
         rng = np.random.default_rng(seed)
+        # A good unit of data without masks gets its synthetic defect before cropping, so that half the crops
+        # are centred on it, as on a simulated defect.
+        s = self.transform.implanted(s, seed)
+        box = None
+        if s.masks.any():
+            ys, xs = np.nonzero(s.masks.max(0))
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         items = []
         for _ in range(self.crops):
-            top, left = _crop_window(self.base.records[i], h, w, self.crop, rng)
+            top, left = _crop_window(self.base.records[i], h, w, self.crop, rng, box)
             win = (slice(top, top + self.crop), slice(left, left + self.crop))
             c = Sample(frames=[f[win] for f in s.frames], masks=s.masks[(slice(None), *win)], labels=s.labels,
                        has_mask=s.has_mask, fill_height_mm=float("nan"),

@@ -92,9 +92,10 @@ def _splits(ds: Dataset, frames: int, log) -> tuple[list[ContainerRecord], list[
 
 
 def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment: bool, workers: int = 0,
-            cache_share: float = 0.0):
+            cache_share: float = 0.0, implant: float = 0.0):
     shapes = [input_shape(image_size(root, r), spec) for r in records]
-    croppable = [r.mask is not None or (r.is_good and "axis_px" in r.extra) for r in records]
+    # Crops need to know where the defects are: masks, or the synthetic defects implanting draws into good units.
+    croppable = [r.mask is not None or (r.is_good and ("axis_px" in r.extra or implant > 0)) for r in records]
     croppable = [c and min(s) >= cfg.crop for c, s in zip(croppable, shapes, strict=True)]
     weights = class_weights(records, cfg.class_draw) if (train and cfg.balance) else None
     samples = cfg.samples_per_epoch or len(records)
@@ -106,7 +107,7 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
     cache = int(_cache_bytes(cfg.cache_gb, workers) * cache_share)
     base = ContainerDataset(root, records, cache_bytes=cache, crack_min_mm=cfg.crack_min_mm,
                             nuisance_masks=cfg.map_nuisance_weight != 1.0)
-    items = TrainingItems(base, TrainTransform(spec, aug), cfg.crop, cfg.crops_per_full)
+    items = TrainingItems(base, TrainTransform(spec, aug, implant), cfg.crop, cfg.crops_per_full)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                         collate_fn=collate, pin_memory=False)
     return loader, sampler
@@ -197,6 +198,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
           log=print, progress: bool = True) -> dict:
     """Train VialNet on ``data_dir``; writes ``best.pt`` and ``last.pt`` into ``out_dir``; returns a summary."""
     cfg.validate()
+    if init is not None and str(init).lower() in ("none", "scratch"):
+        init = None
     # The time budget counts from here: reading and hashing the data and the final calibration are part of
     # the run a budget is given for.
     t_start = time.perf_counter()
@@ -271,8 +274,12 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     workers = loader_workers(cfg, device)
     # Both splits are read again every epoch; the cache is shared between them by size.
     val_share = len(val_recs) / (len(train_recs) + len(val_recs))
+    implant = 0.0 if has_mask else cfg.implant
+    if implant:
+        log(f"no masks in the data: {implant:.0%} of the good units drawn get a synthetic particle, fibre or crack "
+            "with its mask (setting implant)")
     train_loader, train_sampler = _loader(ds.root, train_recs, spec, cfg, True, d, cfg.augment, workers,
-                                          1.0 - val_share)
+                                          1.0 - val_share, implant)
     val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False, workers, val_share)
     steps = len(train_sampler)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -299,7 +306,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         "dataset": {"root": str(Path(data_dir).resolve()), "hash": data_hash, "kind": ds.kind,
                     "n_train": len(train_recs), "n_val": len(val_recs)},
         "git_commit": git_commit(),
-        "heads": {"fill": has_fill, "maps": has_mask},
+        "heads": {"fill": has_fill, "maps": has_mask or implant > 0},
         "init": init or (resumed or {}).get("init"),
     }
     stopped = "epochs done"

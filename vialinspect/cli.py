@@ -146,7 +146,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from vialinspect.training.trainer import TrainingError, train
 
     overrides = {"epochs": a.epochs, "frames": a.frames, "device": a.device, "frr": a.frr, "batch_size": a.batch_size,
-                 "lr": a.lr, "workers": a.workers, "max_minutes": a.max_minutes, "seed": a.seed, "distill": a.distill}
+                 "lr": a.lr, "workers": a.workers, "max_minutes": a.max_minutes, "seed": a.seed, "distill": a.distill,
+                 "implant": a.implant}
     try:
         cfg = load_config(a.config, overrides)
         summary = train(a.data, a.out, cfg, init=a.init, resume=a.resume,
@@ -680,8 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs (default 30)")
     t.add_argument("--frames", type=_positive_int, default=None, help="frames per container (default: the data's)")
     t.add_argument("--init", default=None,
-                   help="start from this model's weights (fine-tuning) instead of scratch: a checkpoint, a package "
-                        "directory or builtin:default")
+                   help="start from this model's weights (fine-tuning): a checkpoint, a package directory or "
+                        "builtin:default; none trains from random weights (default: none)")
+    t.add_argument("--implant", type=float, default=None,
+                   help="data without masks (an ImageFolder): share 0..1 of the good units drawn that get a "
+                        "synthetic particle, fibre or crack with its exact mask, so the maps learn where defects "
+                        "are on the line's own images (default 0.5; 0 = off; data with masks never implants)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to train (default auto)")
     t.add_argument("--config", default=None, help="settings file (.yaml, .toml or .json); flags override it")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")

@@ -1,0 +1,91 @@
+"""Synthetic defects drawn into a line's own images (datasets/implant.py) and their use in training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vialinspect.datasets.implant import ImplantConfig, implant
+from vialinspect.datasets.records import DEFECT_CLASSES
+from vialinspect.datasets.torch_dataset import Sample
+from vialinspect.training.data import TrainTransform
+from vialinspect.vision.preprocess import InputSpec
+
+
+def _backlit(h: int = 240, w: int = 120) -> np.ndarray:
+    """A bright field with a dark band at the top (a shoulder) and a dark border (outside the light)."""
+    img = np.full((h, w), 0.8, np.float32)
+    img[:40] = 0.05
+    img[:, :10] = 0.0
+    return img
+
+
+@pytest.mark.parametrize("cls", ["particle", "crack"])
+def test_implant_darkens_only_where_its_mask_is_and_leaves_the_input_alone(cls):
+    img = _backlit()
+    before = img.copy()
+    frames, mask = implant([img], cls, np.random.default_rng(3))
+    assert np.array_equal(img, before)  # the caller's frame is not changed
+    assert mask.dtype == np.uint8 and mask.shape == img.shape and mask.sum() > 0
+    diff = before - frames[0]
+    ys, xs = np.nonzero(mask)
+    assert diff[mask > 0].max() > 0.05  # visibly darker on the defect
+    # Nothing changes far from the defect (beyond its blur), and it lies where the light is.
+    far = np.ones_like(mask, bool)
+    far[max(ys.min() - 6, 0):ys.max() + 7, max(xs.min() - 6, 0):xs.max() + 7] = False
+    assert np.abs(diff[far]).max() == 0.0
+    assert before[mask > 0].mean() > 0.5
+
+
+def test_implant_needs_light_to_show_a_defect():
+    assert implant([np.zeros((200, 100), np.float32)], "particle", np.random.default_rng(0)) is None
+    with pytest.raises(ValueError, match="cannot implant"):
+        implant([_backlit()], "fill_level", np.random.default_rng(0))
+
+
+def test_implanted_particle_sinks_between_frames_and_crack_stays():
+    img = _backlit()
+    frames, mask = implant([img, img, img], "particle", np.random.default_rng(5))
+    rows = [np.nonzero(img - f)[0].mean() for f in frames]
+    assert rows[0] < rows[1] < rows[2]  # it moves down
+    frames, _ = implant([img, img], "crack", np.random.default_rng(5))
+    assert np.array_equal(frames[0], frames[1])
+
+
+def test_implant_sizes_follow_the_pixel_scale():
+    cfg = ImplantConfig(fibre_share=0.0, particle_um=(400.0, 400.01))
+    areas = {}
+    for um in (40.0, 80.0):
+        areas[um] = np.mean([implant([_backlit(400, 200)], "particle", np.random.default_rng(s), um, cfg)[1].sum()
+                             for s in range(6)])
+    assert areas[40.0] > 2.5 * areas[80.0]  # twice the pixels across: about four times the area
+
+
+def _sample(labels, has_mask=False) -> Sample:
+    img = (_backlit(256, 128) * 255).astype(np.uint8)
+    return Sample(frames=[img], masks=np.zeros((3, 256, 128), np.uint8), labels=np.array(labels, np.float32),
+                  has_mask=has_mask, fill_height_mm=float("nan"), rows=np.array([np.nan, np.nan], np.float32),
+                  index=0)
+
+
+def test_train_transform_implants_into_good_units_only_with_their_masks():
+    spec = InputSpec(frames=1, pixel_um=None)
+    t = TrainTransform(spec, None, implant=1.0)
+    seen = set()
+    for seed in range(12):
+        item = t(_sample([0, 0, 0]), seed=seed)
+        assert item["has_mask"] == 1.0
+        c = int(np.argmax(item["labels"]))
+        assert item["labels"].sum() == 1 and DEFECT_CLASSES[c] in ("particle", "crack")
+        assert item["map_target"][c].sum() > 0 and item["map_target"].sum() == item["map_target"][c].sum()
+        seen.add(DEFECT_CLASSES[c])
+    assert seen == {"particle", "crack"}
+    # The same seed draws the same defect (training is reproducible whichever process loads the item).
+    assert np.array_equal(t(_sample([0, 0, 0]), seed=4)["x"], t(_sample([0, 0, 0]), seed=4)["x"])
+    # A labelled defect image keeps its image-level label and no mask; data with masks is never touched.
+    real = t(_sample([1, 0, 0]), seed=1)
+    assert real["has_mask"] == 0.0 and real["map_target"].sum() == 0 and list(real["labels"]) == [1, 0, 0]
+    sim = t(_sample([0, 0, 0], has_mask=True), seed=1)
+    assert sim["labels"].sum() == 0 and sim["map_target"].sum() == 0
+    # Without implanting, a good unit of image-level data is what it was: no mask.
+    assert TrainTransform(spec, None, implant=0.0)(_sample([0, 0, 0]), seed=1)["has_mask"] == 0.0
