@@ -1,7 +1,7 @@
 """New-line benchmark: how well does the system learn a line it has never seen, from that line's own images?
 
     .venv/bin/python benchmarks/new_line.py [--worlds w65,w58] [--labels 0,50,200] [--good 600]
-        [--methods default,scratch,transfer,implant,transfer+implant] [--minutes 10] [--test 400]
+        [--methods default,train,scratch,transfer,implant] [--minutes 10] [--test 400]
         [--out bench_out/new_line] [--seed 0]
 
 A "world" (benchmarks/worlds.py) is a production line the shipped model never saw: the project's simulator
@@ -16,10 +16,12 @@ accepted units; they are labelled good by being accepted). Each method then trai
 command a user runs, within --minutes, and is scored on the world's test split (--test images):
 
 - default: the shipped model as it is (no training; the N = 0 row);
-- scratch: `train` from random weights, image-level labels only (implant 0);
-- transfer: `train --init builtin:default` (the simulator-trained model), implant 0;
-- implant: from scratch, with synthetic particles, fibres and cracks drawn into the good units (implant 0.5);
-- transfer+implant: both.
+- train: plain `vialinspect train --data IMAGEFOLDER`, as a user runs it without knowing any recipe (its "auto"
+  settings for image-level data: --init builtin:default, synthetic defects, balanced map loss with hard
+  negatives; training/config.py IMAGE_LEVEL);
+- scratch: `train --init none` (random weights), image-level labels only (implant 0);
+- transfer: `train --init builtin:default` (the simulator-trained model), image-level labels only (implant 0);
+- implant: `train --init none`, with the synthetic defects.
 
 Scores: per class, the share of that class's test units rejected (for any class) at a false-reject rate <= 2%
 of the test's good units (thresholds set on the test's good units: the best the scores allow, so that methods
@@ -48,12 +50,12 @@ set_offline_env()
 import numpy as np  # noqa: E402
 
 CLASSES = ("particle", "crack", "fill_level")
-METHODS = {  # name: (init, implant)
+METHODS = {  # name: (init, implant); "auto" / None: what plain `vialinspect train` does
     "default": (None, None),
+    "train": ("auto", None),
     "scratch": ("scratch", 0.0),
     "transfer": ("builtin:default", 0.0),
-    "implant": ("scratch", 0.5),
-    "transfer+implant": ("builtin:default", 0.5),
+    "implant": ("scratch", None),
 }
 FRR = 0.02
 
@@ -185,13 +187,11 @@ def train_run(data: Path, run: Path, init: str, implant: float, minutes: float, 
     """`vialinspect train` as a user runs it; wall time and the process's peak memory."""
     cfg = run / "settings.json"
     run.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(json.dumps({"implant": implant, **(settings or {})}))
+    cfg.write_text(json.dumps({**({} if implant is None else {"implant": implant}), **(settings or {})}))
     cmd = [sys.executable, "-m", "vialinspect", "train", "--data", str(data), "--out", str(run), "--config",
            str(cfg), "--max-minutes", str(minutes), "--seed", str(seed)]
-    if init != "scratch":
-        cmd += ["--init", init]
-    else:
-        cmd += ["--init", "none"]
+    if init != "auto":
+        cmd += ["--init", "none" if init == "scratch" else init]
     env = {**os.environ, "VIALINSPECT_NO_PROGRESS": "1"}
     t0 = time.perf_counter()
     with open(run / "train.log", "w") as log:
@@ -202,6 +202,13 @@ def train_run(data: Path, run: Path, init: str, implant: float, minutes: float, 
         tail = (run / "train.log").read_text()[-2000:]
         raise SystemExit(f"training failed ({run}):\n{tail}")
     return {"train_minutes": round(wall / 60, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def _world_matches(meta: dict, n_train: int, n_test: int, seed: int) -> bool:
+    """Whether a rendered world (its world.json) is the one this run asks for, so it can be reused."""
+    counts = meta.get("counts", {})
+    return (meta.get("seed") == seed and sum(counts.get("train", {}).values()) == n_train
+            and sum(counts.get("test", {}).values()) == n_test)
 
 
 def main() -> int:
@@ -246,8 +253,7 @@ def main() -> int:
     for w in names:
         d = out / "worlds" / w
         meta = d / "world.json"
-        want = {"n_train": pool, "n_test": a.test, "seed": a.seed}
-        if meta.is_file() and all(json.loads(meta.read_text()).get(k) == v for k, v in want.items()):
+        if meta.is_file() and _world_matches(json.loads(meta.read_text()), pool, a.test, a.seed):
             print(f"== world {w}: reusing {d}", flush=True)
         else:
             if d.exists():

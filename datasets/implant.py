@@ -39,6 +39,7 @@ class ImplantConfig:
     contrast: tuple[float, float] = (0.45, 1.0)  # multiplies the sprite's own opacity
     blur_px: tuple[float, float] = (0.4, 1.1)
     min_light: float = 0.4  # placement: local brightness at least this share of the image's bright level
+    per_unit: tuple[int, int] = (1, 3)  # defects drawn into one implanted unit (uniform, inclusive)
 
 
 def _loguniform(rng: np.random.Generator, lo: float, hi: float) -> float:

@@ -43,5 +43,6 @@ def tiny_run(coarse_data, tmp_path_factory):
     from vialinspect.training.trainer import train
 
     run = tmp_path_factory.mktemp("tiny_run")
-    train(coarse_data, run, small_config(epochs=1), progress=False, log=lambda *a: None)
+    # init "auto" (the CLI's default) trains data with masks from random weights (tests/test_training.py checks)
+    train(coarse_data, run, small_config(epochs=1), init="auto", progress=False, log=lambda *a: None)
     return run

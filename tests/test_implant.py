@@ -70,7 +70,7 @@ def _sample(labels, has_mask=False) -> Sample:
 
 def test_train_transform_implants_into_good_units_only_with_their_masks():
     spec = InputSpec(frames=1, pixel_um=None)
-    t = TrainTransform(spec, None, implant=1.0)
+    t = TrainTransform(spec, None, implant=1.0, implant_cfg=ImplantConfig(per_unit=(1, 1)))
     seen = set()
     for seed in range(12):
         item = t(_sample([0, 0, 0]), seed=seed)
@@ -80,6 +80,15 @@ def test_train_transform_implants_into_good_units_only_with_their_masks():
         assert item["map_target"][c].sum() > 0 and item["map_target"].sum() == item["map_target"][c].sum()
         seen.add(DEFECT_CLASSES[c])
     assert seen == {"particle", "crack"}
+    # Several defects in one unit: every class drawn is labelled, and labels are what the masks hold.
+    many = TrainTransform(spec, None, implant=1.0, implant_cfg=ImplantConfig(per_unit=(3, 3), crack_share=0.5))
+    both = 0
+    for seed in range(12):
+        item = many(_sample([0, 0, 0]), seed=seed)
+        held = item["map_target"].reshape(3, -1).max(1)
+        assert list(item["labels"]) == list(held) and held[2] == 0
+        both += int(held[0] > 0 and held[1] > 0)
+    assert both > 0
     # The same seed draws the same defect (training is reproducible whichever process loads the item).
     assert np.array_equal(t(_sample([0, 0, 0]), seed=4)["x"], t(_sample([0, 0, 0]), seed=4)["x"])
     # A labelled defect image keeps its image-level label and no mask; data with masks is never touched.
@@ -89,3 +98,23 @@ def test_train_transform_implants_into_good_units_only_with_their_masks():
     assert sim["labels"].sum() == 0 and sim["map_target"].sum() == 0
     # Without implanting, a good unit of image-level data is what it was: no mask.
     assert TrainTransform(spec, None, implant=0.0)(_sample([0, 0, 0]), seed=1)["has_mask"] == 0.0
+
+
+def test_image_level_defects_weigh_what_the_setting_says_and_others_count_fully():
+    spec = InputSpec(frames=1, pixel_um=None)
+    t = TrainTransform(spec, None, implant=0.0, image_label_weight=0.25)
+    assert list(t(_sample([1, 0, 0]), seed=1)["label_weight"]) == [0.25, 1.0, 1.0]
+    assert list(t(_sample([0, 1, 1]), seed=1)["label_weight"]) == [1.0, 0.25, 1.0]  # fill level is global
+    assert list(t(_sample([0, 0, 0]), seed=1)["label_weight"]) == [1.0, 1.0, 1.0]  # a good unit: all count
+    # A unit with masks is located where its defects are: its labels count fully.
+    assert list(t(_sample([1, 0, 0], has_mask=True), seed=1)["label_weight"]) == [1.0, 1.0, 1.0]
+
+
+def test_blob_boxes_give_one_box_per_defect():
+    from vialinspect.training.data import _blob_boxes
+
+    m = np.zeros((100, 60), np.uint8)
+    m[10:14, 5:9] = 1
+    m[70:80, 40:42] = 1
+    assert sorted(_blob_boxes(m)) == [(5, 10, 9, 14), (40, 70, 42, 80)]
+    assert _blob_boxes(np.zeros((8, 8), np.uint8)) == []

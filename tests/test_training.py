@@ -149,35 +149,81 @@ def test_ddp_on_two_gloo_processes_ends_with_identical_weights(coarse_data, tmp_
     assert (tmp_path / "ddp" / "best.pt").is_file()
 
 
-def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(coarse_data, tiny_run, tmp_path):
-    """Real-image layout: colour JPEGs of another size, no masks, no fill heights, fine-tuned from a model."""
-    import json
-
+def _as_imagefolder(data, root):
+    """``data``'s first frames as an ImageFolder of colour JPEGs of another size: no masks, no fill heights."""
     import cv2
 
     from vialinspect.datasets.imageio import read_gray
     from vialinspect.datasets.reader import open_dataset
 
-    ds = open_dataset(coarse_data)
-    root = tmp_path / "real"
-    for i, r in enumerate(ds.records):
+    for i, r in enumerate(open_dataset(data).records):
         cls = r.classes[0] if r.classes else "good"
         (root / cls).mkdir(parents=True, exist_ok=True)
-        img = cv2.resize(read_gray(coarse_data / r.frames[0]), None, fx=1.25, fy=1.25)
+        img = cv2.resize(read_gray(data / r.frames[0]), None, fx=1.25, fy=1.25)
         cv2.imwrite(str(root / cls / f"img{i:03d}.jpg"), cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
+    return root
+
+
+def test_init_auto_starts_image_level_data_from_the_simulator_model(coarse_data, tmp_path, monkeypatch):
+    import vialinspect.training.trainer as trainer
+
+    seen = []
+
+    def load(init):
+        seen.append(init)
+        raise trainer.TrainingError("stop before training")
+
+    monkeypatch.setattr(trainer, "_load_init", load)
+    root = _as_imagefolder(coarse_data, tmp_path / "real")
+    with pytest.raises(trainer.TrainingError, match="stop before training"):
+        train(root, tmp_path / "run", small_config(epochs=1), init="auto", progress=False, log=lambda *a: None)
+    assert seen == ["builtin:default"]
+
+
+def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(coarse_data, tiny_run, tmp_path):
+    """Real-image layout: colour JPEGs of another size, no masks, no fill heights, fine-tuned from a model."""
+    import json
+
+    from vialinspect.datasets.reader import open_dataset
+
+    ds = open_dataset(coarse_data)
+    root = _as_imagefolder(coarse_data, tmp_path / "real")
     summary = train(root, tmp_path / "run", small_config(epochs=1), init=str(tiny_run / "best.pt"), progress=False,
                     log=lambda *a: None)
     assert summary["epochs_run"] == 1
     ck = load_checkpoint(tmp_path / "run" / "best.pt")
+    # init "auto": the simulator's data (with masks) trained from random weights
+    assert load_checkpoint(tiny_run / "best.pt")["init"] is None
     # No masks in the data, but the implanted synthetic defects train the maps.
     assert ck["heads"] == {"fill": False, "maps": True} and ck["input_spec"]["frames"] == 1
-    assert ck["config"]["implant"] == 0.5
+    assert ck["config"]["implant"] == 0.8
+    # The "auto" settings were resolved for image-level data and recorded as such.
+    assert ck["config"]["map_balanced"] is True and ck["config"]["map_hard_negatives"] == 4
+    assert ck["config"]["class_draw"] == {"good": 4.0, "crack": 1.0, "fill_level": 0.5}
     assert ck["input_spec"]["pixel_um"] is None
     assert main(["evaluate", "--model", str(tmp_path / "run" / "best.pt"), "--data", str(root), "--out",
                  str(tmp_path / "rep")]) == 0
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["n_containers"] == len(ds.records)  # every image, no split folders
     assert rep["pod_by_particle_size"] == [] and rep["fill_height_mae_mm"] is None
+
+
+def test_auto_settings_resolve_by_the_kind_of_data_and_given_ones_stay():
+    from vialinspect.training.config import IMAGE_LEVEL, MASKED_DATA
+
+    cfg = TrainConfig()
+    masked, image = cfg.for_data(True), cfg.for_data(False)
+    for k, v in MASKED_DATA.items():
+        assert getattr(masked, k) == v
+    for k, v in IMAGE_LEVEL.items():
+        assert getattr(image, k) == v
+    assert cfg.class_draw is None  # the settings themselves are not changed
+    image.class_draw["good"] = 99.0  # nor shared with the table they were resolved from
+    assert IMAGE_LEVEL["class_draw"]["good"] == 4.0
+    given = TrainConfig.from_dict({"map_balanced": False, "class_draw": {}}).for_data(False)
+    assert given.map_balanced is False and given.class_draw == {} and given.map_hard_negatives == 4
+    with pytest.raises(ValueError, match="map_hard_negatives"):
+        TrainConfig.from_dict({"map_hard_negatives": -1})
 
 
 def test_class_weights_balance_classes_and_honour_sample_weight():
@@ -661,3 +707,17 @@ def test_a_tiny_time_budget_still_trains_and_validates_one_epoch(coarse_data, tm
               log=lambda *a: None)
     assert s["epochs_run"] == 1 and s["stopped"].startswith("time budget")
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_hard_negatives_make_the_worst_background_cell_count():
+    target = torch.zeros(2, 3, 16, 16)
+    target[:, 0, 4, 4] = 1.0
+    maps = torch.full((2, 3, 16, 16), -6.0)
+    maps[:, 0, 4, 4] = 6.0
+    clean = map_loss(maps, target, 10.0, balanced=True, hard_negatives=4)
+    spot = maps.clone()
+    spot[:, 0, 10, 10] = 4.0  # one background cell fires, as a bubble would
+    plain_rise = map_loss(spot, target, 10.0, balanced=True) - map_loss(maps, target, 10.0, balanced=True)
+    hard_rise = map_loss(spot, target, 10.0, balanced=True, hard_negatives=4) - clean
+    # In the plain mean the cell is 1 of 255; among the 4 worst it is a quarter: ~64x the pull, for one class.
+    assert hard_rise > 30 * plain_rise > 0

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from vialinspect.datasets.records import DEFECT_CLASSES
+
+# What the settings left "auto" (None) become, by the kind of data (TrainConfig.for_data). Data with masks: the
+# recipe of the default model. Data without (a line's own images with image-level labels): measured on
+# benchmarks/new_line.py's worlds (docs/new_line.md), where the simulator's recipe learnt no particle: the
+# synthetic defects drawn into good units are what the maps learn from, so good units are drawn most; a
+# balanced map loss lets a 3-pixel particle's few cells count; and the hard negatives teach the map the
+# line's bubbles, dust and print that no mask marks.
+MASKED_DATA: dict[str, Any] = {"class_draw": {"crack": 3.0, "fill_level": 0.5}, "map_balanced": False,
+                               "map_hard_negatives": 0}
+IMAGE_LEVEL: dict[str, Any] = {"class_draw": {"good": 4.0, "crack": 1.0, "fill_level": 0.5}, "map_balanced": True,
+                               "map_hard_negatives": 4}
 
 
 @dataclass
@@ -49,7 +61,9 @@ class TrainConfig:
     # run may end before it has (validation crack AUROC 0.6 in one of two runs); twice as often, it had by
     # epoch 6, three times as often by epoch 4; the fill level (learnt in 2-3 epochs, from every container's
     # fill rows) is drawn half as often (README).
-    class_draw: dict[str, float] = field(default_factory=lambda: {"crack": 3.0, "fill_level": 0.5})
+    # None ("auto"): {crack: 3, fill_level: 0.5} for data with masks; for a line's own images without masks,
+    # good units (which carry the synthetic defects) four times as often and cracks alike (IMAGE_LEVEL).
+    class_draw: dict[str, float] | None = None
     augment: bool = True
     # Mixed precision: float16 on CUDA; bfloat16 on CPUs that compute it natively (AVX512-BF16 or AMX; 1.5x
     # faster steps on this project's 2-core machine), else off. Validation, calibration and export stay fp32.
@@ -58,7 +72,12 @@ class TrainConfig:
     # last epoch that, at the slowest pace so far, leaves time for no other (at least one; the best is kept).
     max_minutes: float | None = None
     map_pos_weight: float = 10.0  # weight of a defect cell against a background cell in the map loss
-    map_balanced: bool = False  # instead: each class's defect cells and background cells averaged apart
+    # Instead: each class's defect cells and background cells averaged apart. None ("auto"): off for data with
+    # masks (the default model's recipe), on for data without (IMAGE_LEVEL).
+    map_balanced: bool | None = None
+    # With map_balanced: each item's N worst background cells per class count again (losses.map_loss). None
+    # ("auto"): 0 for data with masks, IMAGE_LEVEL's for data without.
+    map_hard_negatives: int | None = None
     # Weight of a background cell inside a nuisance object's box (bubble, droplet, glass mark): the hard
     # negatives a good unit must pass with. 1 = an ordinary background cell.
     map_nuisance_weight: float = 1.0
@@ -82,10 +101,20 @@ class TrainConfig:
     # Data without masks (an ImageFolder, a plant's own images): the share of drawn good units that get a
     # synthetic particle, fibre or crack with its exact mask (datasets/implant.py), so the maps learn where a
     # defect is from the line's own background. 0 = off. Data with masks (the simulator's) never implants.
-    implant: float = 0.5
+    implant: float = 0.8
+    # Weight of the image-level loss of a particle or crack known only from its image's label (no mask): it
+    # acts on the class map's peak, wherever that is. Measured at 0 (synthetic defects alone teach the maps)
+    # it did not help, and the fill level then learnt less (docs/new_line.md); 1 keeps what the labels say.
+    image_label_weight: float = 1.0
     # Validate every N epochs (and always after the last, also when the time budget ends the run): validation
     # is ~15% of an epoch on the CPU, and every other epoch gives a 30-minute run one more epoch.
     val_every: int = 2
+
+    def for_data(self, has_mask: bool) -> TrainConfig:
+        """These settings with every "auto" (None) setting resolved for the data: with masks (the simulator's)
+        or without (a line's own images, labelled per image)."""
+        auto = MASKED_DATA if has_mask else IMAGE_LEVEL
+        return replace(self, **{k: copy.deepcopy(v) for k, v in auto.items() if getattr(self, k) is None})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +158,7 @@ class TrainConfig:
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
         known = ("good", *DEFECT_CLASSES)  # the keys class_weights draws by
-        draw = self.class_draw
+        draw = {} if self.class_draw is None else self.class_draw
         shares_ok = isinstance(draw, dict) and not set(draw) - set(known) and all(
             isinstance(v, int | float) and 0 <= v < math.inf for v in draw.values())
         if not shares_ok or (draw and not any(draw.get(k, 1.0) > 0 for k in known)):
@@ -137,6 +166,10 @@ class TrainConfig:
                              f"got {self.class_draw!r}")
         if not 0 <= self.implant <= 1:
             raise ValueError(f"implant must be within 0..1, got {self.implant}")
+        if not 0 <= self.image_label_weight <= 1:
+            raise ValueError(f"image_label_weight must be within 0..1, got {self.image_label_weight}")
+        if self.map_hard_negatives is not None and self.map_hard_negatives < 0:
+            raise ValueError(f"map_hard_negatives must be >= 0, got {self.map_hard_negatives}")
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.frames is not None and self.frames < 1:

@@ -25,6 +25,7 @@ from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord
 from vialinspect.datasets.torch_dataset import ContainerDataset, Sample
 from vialinspect.vision.postprocess import MAP_STRIDE
 from vialinspect.vision.preprocess import InputSpec, preprocess
+from vialinspect.vision.scores import LOCALIZED as LOCALIZED_CLASSES
 
 from .augment import to_unit
 
@@ -58,14 +59,20 @@ def _block_max(m: np.ndarray, k: int) -> np.ndarray:
                      for c in m])
 
 
+def _blob_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) of each connected object of a 0/1 mask (the synthetic defects drawn into a unit)."""
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return [(int(x), int(y), int(x + bw), int(y + bh)) for x, y, bw, bh, _ in stats[1:n]]
+
+
 def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random.Generator,
-                 implanted: tuple[int, int, int, int] | None = None) -> tuple[int, int]:
+                 implanted: list[tuple[int, int, int, int]] | None = None) -> tuple[int, int]:
     """Top-left corner of a crop: half the time around a defect, a quarter around a nuisance object (bubble,
     glass mark, ...; each kind the unit holds equally often), else anywhere. Defects get their own share
     because nuisance objects outnumber them many times (a container can hold ten meniscus bubbles and one
     particle): drawn from one common list, a particle would be centred in only a few percent of crops, and it
-    is what the map must learn. ``implanted``: the box of a synthetic defect drawn into the unit."""
-    defects = [d.bbox for d in rec.defects if d.bbox] + ([implanted] if implanted else [])
+    is what the map must learn. ``implanted``: the boxes of synthetic defects drawn into the unit."""
+    defects = [d.bbox for d in rec.defects if d.bbox] + list(implanted or [])
     by_tag: dict[str, list] = {}
     for o in rec.nuisance_objects:
         if o.bbox:
@@ -94,13 +101,15 @@ class TrainTransform:
     """Sample -> dict of arrays the loss needs; runs in the data-loading workers.
 
     ``implant`` > 0 (training on data without masks, such as an ImageFolder): that share of the good units
-    drawn gets a synthetic particle, fibre or crack (``datasets.implant``) with its exact mask, and every good
-    unit counts as known clean in every map cell. Without it, a good image teaches the maps only through their
-    peak cell."""
+    drawn gets synthetic particles, fibres or cracks (``datasets.implant``; ``ImplantConfig.per_unit`` of them)
+    with their exact masks, and every good unit counts as known clean in every map cell. Without it, a good
+    image teaches the maps only through their peak cell."""
 
-    def __init__(self, spec: InputSpec, augment=None, implant: float = 0.0, implant_cfg: ImplantConfig | None = None):
+    def __init__(self, spec: InputSpec, augment=None, implant: float = 0.0, implant_cfg: ImplantConfig | None = None,
+                 image_label_weight: float = 1.0):
         self.spec, self.augment = spec, augment
         self.implant, self.implant_cfg = implant, implant_cfg or ImplantConfig()
+        self.image_label_weight = image_label_weight
 
     def implanted(self, s: Sample, seed: int | None) -> Sample:
         """``s`` with a synthetic defect where the settings draw one (a good unit of data without masks), else
@@ -111,16 +120,21 @@ class TrainTransform:
         s = replace(s, has_mask=True)  # a good unit holds no defect in any cell
         if rng.uniform() >= self.implant:
             return s
-        cls = "crack" if rng.uniform() < self.implant_cfg.crack_share else "particle"
-        done = implant([to_unit(f, None) for f in s.frames], cls, rng, self.spec.pixel_um, self.implant_cfg)
-        if done is None:
-            return s
-        frames, mask = done
-        c = DEFECT_CLASSES.index(cls)
+        cfg = self.implant_cfg
+        frames = [to_unit(f, None) for f in s.frames]
         masks = np.zeros_like(s.masks)
-        masks[c] = mask
-        labels = np.zeros_like(s.labels)
-        labels[c] = 1.0
+        # Several defects in one unit: more places that teach the map per decoded image (a particle is a
+        # cell or two among thousands), and units with a particle and a crack both, as a line has them.
+        for _ in range(int(rng.integers(cfg.per_unit[0], cfg.per_unit[1] + 1))):
+            cls = "crack" if rng.uniform() < cfg.crack_share else "particle"
+            done = implant(frames, cls, rng, self.spec.pixel_um, cfg)
+            if done is None:
+                continue
+            frames, mask = done
+            np.maximum(masks[DEFECT_CLASSES.index(cls)], mask, out=masks[DEFECT_CLASSES.index(cls)])
+        if not masks.any():
+            return s
+        labels = (masks.reshape(len(masks), -1).max(1) > 0).astype(s.labels.dtype)
         return replace(s, frames=frames, masks=masks, labels=labels)
 
     def __call__(self, s: Sample, full: bool = True, seed: int | None = None) -> dict:
@@ -140,6 +154,13 @@ class TrainTransform:
         # and a class whose only defects in view are left out carries no image-level loss either.
         ignore = np.zeros_like(target, np.float32)
         label_weight = np.ones(len(DEFECT_CLASSES), np.float32)
+        if not s.has_mask:
+            # A particle or crack known only from the image's label: its class loss acts on the map's peak,
+            # wherever that is (see TrainConfig.image_label_weight).
+            for c in LOCALIZED_CLASSES:
+                i = DEFECT_CLASSES.index(c)
+                if s.labels[i] > 0:
+                    label_weight[i] = self.image_label_weight
         if s.ignore is not None:
             ignore = (self._cells(s.ignore, prep, hp, wp) & (target == 0)).astype(np.float32)
             has_ignored = ignore.reshape(len(DEFECT_CLASSES), -1).max(1) > 0
@@ -192,13 +213,10 @@ class TrainingItems(TorchDataset):
         # A good unit of data without masks gets its synthetic defect before cropping, so that half the crops
         # are centred on it, as on a simulated defect.
         s = self.transform.implanted(s, seed)
-        box = None
-        if s.masks.any():
-            ys, xs = np.nonzero(s.masks.max(0))
-            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        boxes = _blob_boxes(s.masks.max(0)) if s.masks.any() else None
         items = []
         for _ in range(self.crops):
-            top, left = _crop_window(self.base.records[i], h, w, self.crop, rng, box)
+            top, left = _crop_window(self.base.records[i], h, w, self.crop, rng, boxes)
             win = (slice(top, top + self.crop), slice(left, left + self.crop))
             c = Sample(frames=[f[win] for f in s.frames], masks=s.masks[(slice(None), *win)], labels=s.labels,
                        has_mask=s.has_mask, fill_height_mm=float("nan"),

@@ -107,7 +107,8 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
     cache = int(_cache_bytes(cfg.cache_gb, workers) * cache_share)
     base = ContainerDataset(root, records, cache_bytes=cache, crack_min_mm=cfg.crack_min_mm,
                             nuisance_masks=cfg.map_nuisance_weight != 1.0)
-    items = TrainingItems(base, TrainTransform(spec, aug, implant), cfg.crop, cfg.crops_per_full)
+    transform = TrainTransform(spec, aug, implant, image_label_weight=cfg.image_label_weight)
+    items = TrainingItems(base, transform, cfg.crop, cfg.crops_per_full)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                         collate_fn=collate, pin_memory=False)
     return loader, sampler
@@ -238,6 +239,11 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if resumed.get("dataset", {}).get("hash") not in (None, data_hash) and d.main:
             raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
         cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
+    cfg = cfg.for_data(has_mask)
+    if init == "auto":
+        # A line's own images (no masks) learn fastest from the simulator-trained model; the simulator's data
+        # from random weights (the default model's recipe).
+        init = None if has_mask or resumed else "builtin:default"
     init_ck = _load_init(init) if init and not resumed else None
     if resumed:
         net = VialNet.from_arch(resumed["model"], frames)
@@ -275,9 +281,10 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     # Both splits are read again every epoch; the cache is shared between them by size.
     val_share = len(val_recs) / (len(train_recs) + len(val_recs))
     implant = 0.0 if has_mask else cfg.implant
-    if implant:
-        log(f"no masks in the data: {implant:.0%} of the good units drawn get a synthetic particle, fibre or crack "
-            "with its mask (setting implant)")
+    if not has_mask:
+        log(f"no masks in the data (image-level labels): {implant:.0%} of the good units drawn get synthetic "
+            f"particles, fibres or cracks with their masks (setting implant); class draw {cfg.class_draw}, "
+            f"map loss {'balanced' if cfg.map_balanced else 'weighted'}, {cfg.map_hard_negatives} hard negatives")
     train_loader, train_sampler = _loader(ds.root, train_recs, spec, cfg, True, d, cfg.augment, workers,
                                           1.0 - val_share, implant)
     val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False, workers, val_share)
@@ -333,7 +340,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
                                 enabled=amp_dtype is not None):
                 outputs = model(b["x"])
             loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
-                                     cfg.map_balanced, cfg.map_nuisance_weight)
+                                     cfg.map_balanced, cfg.map_nuisance_weight, cfg.map_hard_negatives)
             if teacher is not None:
                 keep = distill_ok[b["index"].long()]
                 if bool(keep.any()):
@@ -514,7 +521,7 @@ def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfi
         b = _to(batch, device, channels_last)
         outputs = net(b["x"])
         loss, _ = total_loss(outputs, b, cfg.loss_weights, cfg.map_pos_weight, cfg.map_balanced,
-                             cfg.map_nuisance_weight)
+                             cfg.map_nuisance_weight, cfg.map_hard_negatives)
         losses.append(float(loss) * len(b["x"]))
         probs.append(torch.sigmoid(outputs[0]).cpu().numpy())
         labels.append(b["labels"].cpu().numpy())

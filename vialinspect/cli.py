@@ -680,13 +680,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory for checkpoints")
     t.add_argument("--epochs", type=_positive_int, default=None, help="maximum epochs (default 30)")
     t.add_argument("--frames", type=_positive_int, default=None, help="frames per container (default: the data's)")
-    t.add_argument("--init", default=None,
+    t.add_argument("--init", default="auto",
                    help="start from this model's weights (fine-tuning): a checkpoint, a package directory or "
-                        "builtin:default; none trains from random weights (default: none)")
+                        "builtin:default; none trains from random weights; auto (the default): builtin:default "
+                        "for data without masks (a line's own images), none for data with masks (the simulator's)")
     t.add_argument("--implant", type=float, default=None,
-                   help="data without masks (an ImageFolder): share 0..1 of the good units drawn that get a "
-                        "synthetic particle, fibre or crack with its exact mask, so the maps learn where defects "
-                        "are on the line's own images (default 0.5; 0 = off; data with masks never implants)")
+                   help="data without masks (an ImageFolder): share 0..1 of the good units drawn that get "
+                        "synthetic particles, fibres or cracks with their exact masks, so the maps learn where "
+                        "defects are on the line's own images (default 0.8; 0 = off; data with masks never "
+                        "implants)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to train (default auto)")
     t.add_argument("--config", default=None, help="settings file (.yaml, .toml or .json); flags override it")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
