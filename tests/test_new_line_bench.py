@@ -1,0 +1,64 @@
+"""benchmarks/new_line.py's scoring and data selection: what its figures are made of."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def nl():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "new_line.py"
+    spec = importlib.util.spec_from_file_location("new_line_benchmark", path)
+    m = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = m
+    spec.loader.exec_module(m)
+    yield m
+    sys.modules.pop(spec.name, None)
+
+
+def test_recall_at_frr_keeps_the_false_reject_budget_and_counts_any_class(nl):
+    rng = np.random.default_rng(0)
+    n_good = 200
+    good = rng.uniform(0.0, 0.5, (n_good, 3))
+    particle = np.column_stack([rng.uniform(0.6, 1.0, 50), rng.uniform(0.0, 0.5, 50), rng.uniform(0.0, 0.5, 50)])
+    crack = rng.uniform(0.0, 0.5, (50, 3))  # indistinguishable from good
+    scores = np.vstack([good, particle, crack])
+    labels = np.zeros_like(scores)
+    labels[n_good:n_good + 50, 0] = 1
+    labels[n_good + 50:, 1] = 1
+    res = nl.recall_at_frr(labels, scores, frr=0.02)
+    assert res["frr"] <= 0.02
+    thresholds = np.array(res["thresholds"])
+    # The reported thresholds (rounded to 5 decimals) give that rate, give or take a unit at a threshold.
+    assert abs(((good >= thresholds).any(1)).mean() - res["frr"]) <= 1 / n_good
+    assert res["particle"] == 1.0  # well separated: every particle unit is rejected
+    assert res["crack"] <= 0.1  # no separation: about what the budget lets through
+    assert res["fill_level"] is None  # no fill-level units in the test
+
+
+def test_world_reuse_needs_the_same_counts_and_seed(nl):
+    meta = {"seed": 0, "counts": {"train": {"good": 6, "particle": 4}, "test": {"good": 3, "crack": 2}}}
+    assert nl._world_matches(meta, 10, 5, 0)
+    assert not nl._world_matches(meta, 11, 5, 0)
+    assert not nl._world_matches(meta, 10, 5, 1)
+    assert not nl._world_matches({}, 10, 5, 0)
+
+
+def test_labelled_subset_nests_and_adds_only_good_units(nl, tmp_path):
+    world = tmp_path / "world"
+    for cls, n in (("good", 30), ("particle", 10), ("crack", 10)):
+        d = world / "train" / cls
+        d.mkdir(parents=True)
+        for i in range(n):
+            (d / f"{cls}{i:02d}.png").write_bytes(b"x")
+    small = nl.labelled_subset(world, tmp_path / "small", 10, 5, seed=0)
+    large = nl.labelled_subset(world, tmp_path / "large", 20, 5, seed=0)
+    assert sum(small.values()) == 15 and sum(large.values()) == 25
+    names = {p: {q.name for q in (tmp_path / p / "train").rglob("*.png")} for p in ("small", "large")}
+    labelled_small = names["small"] - {n for n in names["small"] if n.startswith("good")}
+    assert labelled_small <= names["large"]  # a larger N holds every labelled defect of a smaller one
+    with pytest.raises(SystemExit, match="too few"):
+        nl.labelled_subset(world, tmp_path / "huge", 45, 10, seed=0)
