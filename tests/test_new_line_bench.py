@@ -32,8 +32,8 @@ def test_recall_at_frr_keeps_the_false_reject_budget_and_counts_any_class(nl):
     res = nl.recall_at_frr(labels, scores, frr=0.02)
     assert res["frr"] <= 0.02
     thresholds = np.array(res["thresholds"])
-    # The reported thresholds (rounded to 5 decimals) give that rate, give or take a unit at a threshold.
-    assert abs(((good >= thresholds).any(1)).mean() - res["frr"]) <= 1 / n_good
+    # The reported thresholds (rounded to 5 decimals) give that rate, give or take units rounding moves.
+    assert abs(((good >= thresholds).any(1)).mean() - res["frr"]) <= 2 / n_good
     assert res["particle"] == 1.0  # well separated: every particle unit is rejected
     assert res["crack"] <= 0.1  # no separation: about what the budget lets through
     assert res["fill_level"] is None  # no fill-level units in the test
