@@ -199,8 +199,11 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
           log=print, progress: bool = True) -> dict:
     """Train VialNet on ``data_dir``; writes ``best.pt`` and ``last.pt`` into ``out_dir``; returns a summary."""
     cfg.validate()
-    if init is not None and str(init).lower() in ("none", "scratch"):
+    word = None if init is None else str(init).lower()  # the words are case-blind; paths are not
+    if word in ("none", "scratch"):
         init = None
+    elif word == "auto":
+        init = "auto"
     # The time budget counts from here: reading and hashing the data and the final calibration are part of
     # the run a budget is given for.
     t_start = time.perf_counter()
