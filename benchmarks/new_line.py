@@ -60,29 +60,14 @@ METHODS = {  # name: (init, implant); "auto" / None: what plain `vialinspect tra
 FRR = 0.02
 
 
-def _worlds_module():
-    path = Path(__file__).with_name("worlds.py")
-    spec = importlib.util.spec_from_file_location("new_line_worlds", path)
+def _sibling(name: str):
+    """Another script of benchmarks/ as a module (the folder is not a package)."""
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up by name
     spec.loader.exec_module(mod)
     return mod
-
-
-def pace_gflops() -> float:
-    """The machine's pace now: float32 matrix products per second on all cores (GFLOP/s), so a time measured in
-    this run can be read against the day's speed (these machines vary by up to 40% from day to day)."""
-    import torch
-
-    a = torch.randn(512, 512)
-    b = torch.randn(512, 512)
-    for _ in range(3):
-        a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 1.0:
-        a @ b
-        n += 1
-    return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e9
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -212,7 +197,7 @@ def _world_matches(meta: dict, n_train: int, n_test: int, seed: int) -> bool:
 
 
 def main() -> int:
-    worlds = _worlds_module()
+    worlds = _sibling("worlds")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worlds", default="w65,w58", help=f"worlds to learn (known: {', '.join(worlds.WORLDS)}; "
                                                        "default w65,w58)")
@@ -263,6 +248,7 @@ def main() -> int:
             print(f"== world {w}: rendering {pool} training and {a.test} test images into {d}", flush=True)
             worlds.build_world(w, d, n_train=pool, n_test=a.test, seed=a.seed)
         dirs[w] = d
+    pace_gflops = _sibling("pace").pace_gflops
     summary: dict = {"pace_gflops_start": round(pace_gflops(), 1), "frr_budget": FRR, "good": a.good,
                      "minutes": a.minutes, "settings": settings, "runs": []}
     for w in names:

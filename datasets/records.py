@@ -65,6 +65,20 @@ class ContainerRecord:
     def is_good(self) -> bool:
         return not self.classes
 
+    @property
+    def known_clean(self) -> bool:
+        """A good unit known to hold no defect anywhere, so every cell of every class map is a negative: a
+        simulated one (its defect list is complete; it carries ``axis_px``) or one a person inspected whole and
+        signed as free of defects (``"inspected_clean": true``, which review export gives a false reject). A
+        good label alone (an ImageFolder image) says only that the unit as a whole passed."""
+        return self.is_good and ("axis_px" in self.extra or self.extra.get("inspected_clean") is True)
+
+    @property
+    def camera_good(self) -> bool:
+        """A good unit from a line's camera, not the simulator (which records ``axis_px``): training may draw
+        synthetic defects into it (``TrainConfig.implant``)."""
+        return self.is_good and "axis_px" not in self.extra
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["defects"] = [_rename_cls(x) for x in d["defects"]]

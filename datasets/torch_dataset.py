@@ -34,6 +34,9 @@ class Sample:
     # (3, H, W) uint8: pixels of defects that training leaves out of its losses (ContainerDataset's
     # ``crack_min_mm``), neither defect nor background; None where there are none.
     ignore: np.ndarray | None = None
+    # A good unit from a line's camera (no simulator ground truth: an ImageFolder image, a reviewed false
+    # reject): training may draw synthetic defects into it (TrainConfig.implant).
+    implantable: bool = False
 
 
 def class_masks(record: ContainerRecord, mask: np.ndarray | None, shape: tuple[int, int],
@@ -129,13 +132,14 @@ class ContainerDataset(Dataset):
         frames, mask = self._images(i)
         frames = list(frames)
         shape = frames[0].shape
-        # Simulated records carry a full defect list; a record without a mask file but with defects listed
-        # and an image size is still exact ground truth (no defect pixels) only when it is a good unit.
-        has_mask = r.mask is not None or (r.is_good and "axis_px" in r.extra)
+        # A record without a mask file is still exact ground truth (no defect pixels) when it is a good unit
+        # known to be clean throughout (simulated, or a reviewed false reject).
+        has_mask = r.mask is not None or r.known_clean
         labels = np.array([c in r.classes for c in DEFECT_CLASSES], np.float32)
         masks, ignore = class_masks(r, mask, shape, self.crack_min_mm)
         s = Sample(frames=frames, masks=masks, labels=labels, has_mask=has_mask,
                    fill_height_mm=float(r.fill_height_mm) if r.fill_height_mm is not None else float("nan"),
                    rows=target_rows(r), index=i, ignore=ignore,
-                   nuisance=nuisance_mask(r, shape) if self.nuisance_masks else None)
+                   nuisance=nuisance_mask(r, shape) if self.nuisance_masks else None,
+                   implantable=r.camera_good)
         return self.transform(s) if self.transform else s

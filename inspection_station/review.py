@@ -721,6 +721,9 @@ class ReviewService:
                 format=rec["format"], image_size=size,
                 fill_spec=FillSpec(fv.target_mm, fv.tolerance_mm) if fv.target_mm is not None else None,
                 extra={
+                    # A false reject is a person's signed word that the whole unit holds no defect: training
+                    # may take every cell of it as a negative (ContainerRecord.known_clean).
+                    **({"inspected_clean": True} if rv.verdict == "false_reject" else {}),
                     "review": {"review_id": rv.review_id, "verdict": rv.verdict, "reviewer": rv.reviewer,
                                "printed_name": rv.printed_name, "signed_at_utc": rv.signed_at_utc,
                                "meaning": rv.meaning, "comment": rv.comment},

@@ -87,7 +87,8 @@ def test_threshold_for_recall_detects_the_asked_share():
 
 
 def test_hold_detection_lowers_a_threshold_only_where_detection_would_drop():
-    recs = [ContainerRecord(id=f"p{i}", frames=[], classes=["particle"]) for i in range(4)]
+    recs = [ContainerRecord(id=f"p{i}", frames=[], classes=["particle"],
+                            defects=[Defect("particle", size_um=200.0, bbox=[1.0, 1.0, 3.0, 3.0])]) for i in range(4)]
     recs += [ContainerRecord(id=f"g{i}", frames=[], classes=[]) for i in range(4)]
 
     def sc(vals):
@@ -166,3 +167,30 @@ def test_hold_detection_counts_only_detections_at_the_defect():
     assert info["particle"]["champion_recall"] == 0.25 and out["particle"] == 0.5
     out, info = hold_detection(recs, champ, th, chal, th, localized=False)
     assert info["particle"]["champion_recall"] == 1.0 and out["particle"] <= 0.3
+
+
+def test_hold_detection_leaves_out_defects_without_a_place():
+    """A reviewed reject names its class but not where the defect is: the champion "detects" every one of its own
+    rejects, nuisance or not, so holding a challenger to those would set its threshold at the lowest score among
+    them. Localized holding counts only defects with a box; per unit, every one counts."""
+    from vialinspect.datasets.records import Defect
+
+    box = [17.0, 41.0, 20.0, 44.0]  # map cell (row 5, column 2) at 8 px a cell
+    placed = [ContainerRecord(id=f"p{i}", frames=[], classes=["particle"],
+                              defects=[Defect(cls="particle", size_um=200.0, bbox=box)]) for i in range(2)]
+    reviewed = [ContainerRecord(id=f"r{i}", frames=[], classes=["particle"]) for i in range(3)]
+
+    def sc(prob, at=(5, 2)):
+        maps = np.zeros((3, 10, 10), np.float32)
+        maps[0][at] = prob
+        return Scores(probs={"particle": prob, "crack": 0.0, "fill_level": 0.0}, maps=maps, map_stride=8)
+
+    champ = [sc(0.9), sc(0.9)] + [sc(0.9, (0, 9))] * 3  # its rejects: all three reviewed units, for an oil droplet
+    chal = [sc(0.8), sc(0.7)] + [sc(0.05, (0, 9))] * 3  # learnt the droplet; finds the placed particles
+    th = {"particle": 0.5, "crack": 0.5, "fill_level": 0.5}
+    out, info = hold_detection(placed + reviewed, champ, th, chal, th)
+    assert out["particle"] == 0.5 and info["particle"]["n"] == 2 and info["particle"]["n_unplaced"] == 3
+    out, info = hold_detection(placed + reviewed, champ, th, chal, th, localized=False)
+    assert out["particle"] < 0.05 and info["particle"]["n"] == 5
+    only_reviewed, info = hold_detection(reviewed, champ[2:], th, chal[2:], th)
+    assert only_reviewed["particle"] == 0.5 and "particle" not in info

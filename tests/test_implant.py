@@ -61,11 +61,14 @@ def test_implant_sizes_follow_the_pixel_scale():
     assert areas[40.0] > 2.5 * areas[80.0]  # twice the pixels across: about four times the area
 
 
-def _sample(labels, has_mask=False) -> Sample:
+def _sample(labels, has_mask=False, implantable=None) -> Sample:
+    """A camera's image (implantable when good) unless ``has_mask`` (the simulator's)."""
     img = (_backlit(256, 128) * 255).astype(np.uint8)
+    if implantable is None:
+        implantable = not has_mask and not any(labels)
     return Sample(frames=[img], masks=np.zeros((3, 256, 128), np.uint8), labels=np.array(labels, np.float32),
                   has_mask=has_mask, fill_height_mm=float("nan"), rows=np.array([np.nan, np.nan], np.float32),
-                  index=0)
+                  index=0, implantable=implantable)
 
 
 def test_train_transform_implants_into_good_units_only_with_their_masks():
@@ -98,6 +101,9 @@ def test_train_transform_implants_into_good_units_only_with_their_masks():
     assert sim["labels"].sum() == 0 and sim["map_target"].sum() == 0
     # Without implanting, a good unit of image-level data is what it was: no mask.
     assert TrainTransform(spec, None, implant=0.0)(_sample([0, 0, 0]), seed=1)["has_mask"] == 0.0
+    # A reviewed false reject (known clean, from the camera) is drawn into; once drawn, never again.
+    rev = t.implanted(_sample([0, 0, 0], has_mask=True, implantable=True), seed=3)
+    assert rev.masks.any() and not rev.implantable and t.implanted(rev, seed=5) is rev
 
 
 def test_image_level_defects_weigh_what_the_setting_says_and_others_count_fully():

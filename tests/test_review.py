@@ -433,6 +433,10 @@ def test_review_export_is_a_valid_dataset_with_the_reviewed_labels(svc, tmp_path
     assert rec.extra["review"]["verdict"] == "confirmed_defect" and rec.extra["review"]["reviewer"] == "alice"
     assert rec.extra["station"]["reasons"] == ["particle"] and rec.fill_height_mm is None
     assert rec.split in ("train", "val", "test") and rec.image_size == (32, 64)
+    # A false reject is signed as free of defects throughout: training may take every map cell as a negative.
+    fr = {r.id: r for r in ds.records}["u001"]
+    assert fr.extra["inspected_clean"] is True and fr.known_clean
+    assert "inspected_clean" not in rec.extra and not rec.known_clean
     assert ds.frames_per_container == 3 and ds.header["created_by"] == "vialinspect review export"
     assert (out / rec.frames[1]).read_bytes() == svc.frame_file("u000", 1).read_bytes()  # lossless copy
     e = audit.entries(svc.db, action="export")

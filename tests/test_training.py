@@ -469,6 +469,24 @@ def test_best_checkpoint_counts_the_fill_decision_where_heights_are_measured():
     assert decision_score(aurocs, None, True) == pytest.approx((0.99 + 0.98) / 2)
 
 
+def test_a_good_unit_known_clean_teaches_every_map_cell(coarse_data):
+    """Simulated good units and reviewed false rejects ("inspected_clean") are negatives in every map cell; a unit
+    labelled good with nothing more (an ImageFolder image) is not."""
+    import dataclasses
+
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.datasets.torch_dataset import ContainerDataset
+
+    ds = open_dataset(coarse_data)
+    good = next(r for r in ds.records if r.is_good)
+    bare = dataclasses.replace(good, extra={k: v for k, v in good.extra.items() if k != "axis_px"})
+    reviewed = dataclasses.replace(bare, extra={**bare.extra, "inspected_clean": True})
+    got = [s.has_mask for s in ContainerDataset(ds.root, [good, bare, reviewed])]
+    assert got == [True, False, True]
+    assert good.known_clean and reviewed.known_clean and not bare.known_clean
+    assert not dataclasses.replace(reviewed, classes=["particle"]).known_clean  # a defective unit never is
+
+
 def test_decoded_image_cache_returns_the_same_images_within_its_budget(coarse_data):
     from vialinspect.datasets.reader import open_dataset
     from vialinspect.datasets.torch_dataset import ContainerDataset
@@ -721,3 +739,7 @@ def test_hard_negatives_make_the_worst_background_cell_count():
     hard_rise = map_loss(spot, target, 10.0, balanced=True, hard_negatives=4) - clean
     # In the plain mean the cell is 1 of 255; among the 4 worst it is a quarter: ~64x the pull, for one class.
     assert hard_rise > 30 * plain_rise > 0
+    # The weighted loss (the simulator's recipe, retraining) takes them alike.
+    w_plain = map_loss(spot, target, 10.0) - map_loss(maps, target, 10.0)
+    w_hard = map_loss(spot, target, 10.0, hard_negatives=4) - map_loss(maps, target, 10.0, hard_negatives=4)
+    assert w_hard > 30 * w_plain > 0

@@ -75,8 +75,8 @@ class TrainConfig:
     # Instead: each class's defect cells and background cells averaged apart. None ("auto"): off for data with
     # masks (the default model's recipe), on for data without (IMAGE_LEVEL).
     map_balanced: bool | None = None
-    # With map_balanced: each item's N worst background cells per class count again (losses.map_loss). None
-    # ("auto"): 0 for data with masks, IMAGE_LEVEL's for data without.
+    # Each item's N worst background cells per class count again (losses.map_loss). None ("auto"): 0 for data
+    # with masks, IMAGE_LEVEL's for data without.
     map_hard_negatives: int | None = None
     # Weight of a background cell inside a nuisance object's box (bubble, droplet, glass mark): the hard
     # negatives a good unit must pass with. 1 = an ordinary background cell.
@@ -100,8 +100,11 @@ class TrainConfig:
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # class, map, fill rows
     # Data without masks (an ImageFolder, a plant's own images): the share of drawn good units that get a
     # synthetic particle, fibre or crack with its exact mask (datasets/implant.py), so the maps learn where a
-    # defect is from the line's own background. 0 = off. Data with masks (the simulator's) never implants.
+    # defect is from the line's own background. 0 = off. Only good units from a line's camera are drawn into
+    # (an ImageFolder's, a reviewed false reject's), never the simulator's: `make model`'s data has none.
     implant: float = 0.8
+    # Size range of the synthetic particles (largest dimension, log-uniform) where the pixel scale is known.
+    implant_particle_um: tuple[float, float] = (150.0, 900.0)
     # Weight of the image-level loss of a particle or crack known only from its image's label (no mask): it
     # acts on the class map's peak, wherever that is. Measured at 0 (synthetic defects alone teach the maps)
     # it did not help, and the fill level then learnt less (docs/new_line.md); 1 keeps what the labels say.
@@ -127,7 +130,7 @@ class TrainConfig:
             raise ValueError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(names)}")
         clean = {}
         for k, v in d.items():
-            if k in ("widths", "loss_weights") and v is not None:
+            if k in ("widths", "loss_weights", "implant_particle_um") and v is not None:
                 v = tuple(v)
             clean[k] = v
         cfg = cls(**clean)
@@ -166,6 +169,10 @@ class TrainConfig:
                              f"got {self.class_draw!r}")
         if not 0 <= self.implant <= 1:
             raise ValueError(f"implant must be within 0..1, got {self.implant}")
+        lo, hi = self.implant_particle_um
+        if not 0 < lo <= hi:
+            raise ValueError(f"implant_particle_um must be [low, high] with 0 < low <= high, got "
+                             f"{list(self.implant_particle_um)}")
         if not 0 <= self.image_label_weight <= 1:
             raise ValueError(f"image_label_weight must be within 0..1, got {self.image_label_weight}")
         if self.map_hard_negatives is not None and self.map_hard_negatives < 0:

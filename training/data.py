@@ -100,10 +100,11 @@ def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random
 class TrainTransform:
     """Sample -> dict of arrays the loss needs; runs in the data-loading workers.
 
-    ``implant`` > 0 (training on data without masks, such as an ImageFolder): that share of the good units
-    drawn gets synthetic particles, fibres or cracks (``datasets.implant``; ``ImplantConfig.per_unit`` of them)
-    with their exact masks, and every good unit counts as known clean in every map cell. Without it, a good
-    image teaches the maps only through their peak cell."""
+    ``implant`` > 0: that share of the drawn good units from a line's camera (``Sample.implantable``: an
+    ImageFolder's, a reviewed false reject) gets synthetic particles, fibres or cracks (``datasets.implant``;
+    ``ImplantConfig.per_unit`` of them) with their exact masks, and every such unit counts as known clean in
+    every map cell. Without it, a good image teaches the maps only through their peak cell (unless it is
+    known clean throughout: ``ContainerRecord.known_clean``)."""
 
     def __init__(self, spec: InputSpec, augment=None, implant: float = 0.0, implant_cfg: ImplantConfig | None = None,
                  image_label_weight: float = 1.0):
@@ -112,12 +113,12 @@ class TrainTransform:
         self.image_label_weight = image_label_weight
 
     def implanted(self, s: Sample, seed: int | None) -> Sample:
-        """``s`` with a synthetic defect where the settings draw one (a good unit of data without masks), else
-        as it is; a good unit of such data comes back marked as having (empty) masks."""
-        if not (self.implant > 0 and not s.has_mask and not s.labels.any()):
+        """``s`` with a synthetic defect where the settings draw one (a good unit from a line's camera), else
+        as it is; such a unit comes back marked as having (empty) masks, and as drawn (not implantable again)."""
+        if not (self.implant > 0 and s.implantable and not s.labels.any()):
             return s
         rng = np.random.default_rng(None if seed is None else [seed, 1])
-        s = replace(s, has_mask=True)  # a good unit holds no defect in any cell
+        s = replace(s, has_mask=True, implantable=False)  # a good unit holds no defect in any cell
         if rng.uniform() >= self.implant:
             return s
         cfg = self.implant_cfg
@@ -210,8 +211,8 @@ class TrainingItems(TorchDataset):
             return {k: np.asarray(v)[None] for k, v in self.transform(s, full=True, seed=seed).items()}
         h, w = s.frames[0].shape
         rng = np.random.default_rng(seed)
-        # A good unit of data without masks gets its synthetic defect before cropping, so that half the crops
-        # are centred on it, as on a simulated defect.
+        # A good unit from a line's camera gets its synthetic defect before cropping, so that half the crops
+        # are centred on it, as on a simulated defect (the crops are not implantable again).
         s = self.transform.implanted(s, seed)
         boxes = _blob_boxes(s.masks.max(0)) if s.masks.any() else None
         items = []

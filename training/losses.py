@@ -46,10 +46,11 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
     (weighted) mean over background cells count alike. A 3-pixel particle is a handful of cells among ~8,000
     in a whole container; averaged over all cells, even 10-fold weighted, its gradient all but vanishes.
 
-    ``hard_negatives`` (balanced only): each item's ``hard_negatives`` worst background cells per class count
-    again, as their own mean. Where no mask marks the nuisance objects (a line's own good images), the bubble,
-    dust speck or printed dot that looks most like a particle is one cell among thousands in the background
-    mean; this term is what teaches the map that it is not one."""
+    ``hard_negatives``: each item's ``hard_negatives`` worst background cells per class count again, as their
+    own mean (in the weighted loss, one mean over items and classes). Where no mask marks the nuisance objects
+    (a line's own good images, a reviewed false reject), the bubble, dust speck, printed dot or oil droplet
+    that looks most like a particle is one cell among thousands in the background mean; this term is what
+    teaches the map that it is not one."""
     pos = (target > 0.5).to(maps.dtype)
     neg = 1.0 - pos
     w_neg = neg
@@ -60,8 +61,12 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
     if not balanced:
         pw = torch.tensor(pos_weight, device=maps.device, dtype=maps.dtype)
         # pos_weight scales the defect term; the cell weight is 1 on defect cells, so it does not add to it.
-        return F.binary_cross_entropy_with_logits(maps, target, weight=None if w_neg is neg else w_neg + pos,
+        loss = F.binary_cross_entropy_with_logits(maps, target, weight=None if w_neg is neg else w_neg + pos,
                                                   pos_weight=pw)
+        if hard_negatives > 0:
+            flat = (F.binary_cross_entropy_with_logits(maps, target, reduction="none") * w_neg).flatten(2)
+            loss = loss + flat.topk(min(hard_negatives, flat.shape[-1]), dim=-1).values.mean()
+        return loss
     per_cell = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
     dims = (0, 2, 3)
     l_neg = (per_cell * w_neg).sum(dims) / w_neg.sum(dims).clamp(min=1.0)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from vialinspect.datasets.implant import ImplantConfig
 from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames, split_for
@@ -95,7 +96,7 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
             cache_share: float = 0.0, implant: float = 0.0):
     shapes = [input_shape(image_size(root, r), spec) for r in records]
     # Crops need to know where the defects are: masks, or the synthetic defects implanting draws into good units.
-    croppable = [r.mask is not None or (r.is_good and ("axis_px" in r.extra or implant > 0)) for r in records]
+    croppable = [r.mask is not None or r.known_clean or (r.is_good and implant > 0) for r in records]
     croppable = [c and min(s) >= cfg.crop for c, s in zip(croppable, shapes, strict=True)]
     weights = class_weights(records, cfg.class_draw) if (train and cfg.balance) else None
     samples = cfg.samples_per_epoch or len(records)
@@ -107,7 +108,8 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
     cache = int(_cache_bytes(cfg.cache_gb, workers) * cache_share)
     base = ContainerDataset(root, records, cache_bytes=cache, crack_min_mm=cfg.crack_min_mm,
                             nuisance_masks=cfg.map_nuisance_weight != 1.0)
-    transform = TrainTransform(spec, aug, implant, image_label_weight=cfg.image_label_weight)
+    transform = TrainTransform(spec, aug, implant, ImplantConfig(particle_um=tuple(cfg.implant_particle_um)),
+                               image_label_weight=cfg.image_label_weight)
     items = TrainingItems(base, transform, cfg.crop, cfg.crops_per_full)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                         collate_fn=collate, pin_memory=False)
@@ -283,7 +285,11 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     workers = loader_workers(cfg, device)
     # Both splits are read again every epoch; the cache is shared between them by size.
     val_share = len(val_recs) / (len(train_recs) + len(val_recs))
-    implant = 0.0 if has_mask else cfg.implant
+    camera_good = sum(1 for r in train_recs if r.camera_good)
+    implant = cfg.implant if camera_good else 0.0
+    if has_mask and implant > 0:
+        log(f"{camera_good} good units from a line's camera: {implant:.0%} of them drawn get synthetic particles, "
+            "fibres or cracks with their masks (setting implant)")
     if not has_mask:
         log(f"no masks in the data (image-level labels): {implant:.0%} of the good units drawn get synthetic "
             f"particles, fibres or cracks with their masks (setting implant); class draw {cfg.class_draw}, "

@@ -75,7 +75,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     from vialinspect.training.config import load_config
     from vialinspect.training.evaluate import EvaluationError
     from vialinspect.training.gate import GateConfig
-    from vialinspect.training.retrain import RETRAIN_DISTILL, RetrainConfig, RetrainError, retrain
+    from vialinspect.training.retrain import RETRAIN_TRAIN_DEFAULTS, RetrainConfig, RetrainError, retrain
     from vialinspect.training.trainer import TrainingError
 
     recipe = _recipe_name(a.recipe)
@@ -85,7 +85,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     try:
         overrides = {"epochs": a.epochs, "lr": a.lr, "frr": a.frr, "device": a.device, "max_minutes": a.max_minutes,
                      "seed": a.seed, "distill": a.distill}
-        cfg_train = load_config(a.config, overrides, defaults={"epochs": 6, "lr": 2e-4, "distill": RETRAIN_DISTILL})
+        cfg_train = load_config(a.config, overrides, defaults=RETRAIN_TRAIN_DEFAULTS)
         cfg = RetrainConfig(recipe=recipe, base_sample=a.base_sample or None, reviewed_weight=a.reviewed_weight,
                             from_scratch=a.from_scratch, hold_detection=a.operating_point == "hold-detection",
                             holdout_reviewed=a.holdout_reviewed,
