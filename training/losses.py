@@ -64,18 +64,23 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
         loss = F.binary_cross_entropy_with_logits(maps, target, weight=None if w_neg is neg else w_neg + pos,
                                                   pos_weight=pw)
         if hard_negatives > 0:
-            flat = (F.binary_cross_entropy_with_logits(maps, target, reduction="none") * w_neg).flatten(2)
-            loss = loss + flat.topk(min(hard_negatives, flat.shape[-1]), dim=-1).values.mean()
+            per_cell = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
+            loss = loss + _worst_background(per_cell, w_neg, hard_negatives).mean()
         return loss
     per_cell = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
     dims = (0, 2, 3)
     l_neg = (per_cell * w_neg).sum(dims) / w_neg.sum(dims).clamp(min=1.0)
     if hard_negatives > 0:
-        flat = (per_cell * w_neg).flatten(2)
-        l_neg = l_neg + flat.topk(min(hard_negatives, flat.shape[-1]), dim=-1).values.mean((0, 2))
+        l_neg = l_neg + _worst_background(per_cell, w_neg, hard_negatives).mean((0, 2))
     n_pos = pos.sum(dims)
     l_pos = (per_cell * pos).sum(dims) / n_pos.clamp(min=1.0)
     return (l_neg + (n_pos > 0).to(maps.dtype) * l_pos).mean()
+
+
+def _worst_background(per_cell: torch.Tensor, w_neg: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C, k): each item's ``k`` highest weighted background losses per class (the hard negatives)."""
+    flat = (per_cell * w_neg).flatten(2)
+    return flat.topk(min(k, flat.shape[-1]), dim=-1).values
 
 
 def distill_loss(maps: torch.Tensor, teacher_maps: torch.Tensor, pos_weight: float = 10.0) -> torch.Tensor:

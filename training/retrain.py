@@ -61,14 +61,13 @@ class LeakError(RetrainError):
     """Qualification data found in the training set."""
 
 
-# Fine-tuning keeps the champion's class maps on the base units (the reviewed units teach what changes), so
-# the challenger differs from the champion where the reviews say it should and little elsewhere.
-RETRAIN_DISTILL = 1.0
-
 # What fine-tuning runs with unless a flag or a config file says otherwise (`vialinspect retrain`,
 # benchmarks/retrain_loop.py).
 RETRAIN_TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 6, "lr": 2e-4, "distill": RETRAIN_DISTILL,
+    "epochs": 6, "lr": 2e-4,
+    # Fine-tuning keeps the champion's class maps on the base units (the reviewed units teach what changes), so
+    # the challenger differs from the champion where the reviews say it should and little elsewhere.
+    "distill": 1.0,
     # A reviewed confirmed defect names its class, not its place. Its class label acts on the class map's peak,
     # and on a line whose units carry a nuisance that peak is as often the nuisance as the defect: the
     # reviewed false rejects then say "droplet: no particle" and the confirmed ones "droplet: particle". Left
