@@ -60,7 +60,7 @@ class TrainConfig:
     # given; {} draws the four alike). Cracks are what the network learns last: drawn alike, a 30-minute CPU
     # run may end before it has (validation crack AUROC 0.6 in one of two runs); twice as often, it had by
     # epoch 6, three times as often by epoch 4; the fill level (learnt in 2-3 epochs, from every container's
-    # fill rows) is drawn half as often (README).
+    # fill rows) is drawn half as often (docs/model_history.md).
     # None ("auto"): {crack: 3, fill_level: 0.5} for data with masks; for a line's own images without masks,
     # good units (which carry the synthetic defects) four times as often and cracks alike (IMAGE_LEVEL).
     class_draw: dict[str, float] | None = None
@@ -84,7 +84,7 @@ class TrainConfig:
     # Cracks shorter than this (mm, where the data gives lengths) are left out of the losses: neither defect
     # nor background. A crack of 0.5-1 mm is a short dark static mark, as a droplet on the glass is; taught as
     # cracks, they may teach the network that droplets are cracks. Validation and evaluation still count them.
-    # 0 = off (the default model's recipe); 1.0 was measured once, with other widths (README).
+    # 0 = off (the default model's recipe); 1.0 was measured once, with other widths (docs/model_history.md).
     crack_min_mm: float = 0.0
     anneal_to_budget: bool = False  # under max_minutes, end the cosine decay with the budget, not the epochs
     # Fine-tuning only: weight of a loss that keeps the class maps close to those of the --init model (the

@@ -37,7 +37,8 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
     ``nuisance`` (B, 1, h, w), 1 in the cells of nuisance objects (bubbles, droplets, glass marks): there a
     class's background cells weigh ``nuisance_weight`` times, as hard negatives. The idea: a droplet is a few
     cells among thousands, too few as ordinary background to teach the crack map a ring on the glass from a
-    crack (droplets drew crack scores up to 0.97 on good units). Measured at 10, it did not help (README).
+    crack (droplets drew crack scores up to 0.97 on good units). Measured at 10, it did not help
+    (docs/model_history.md).
 
     ``ignore`` (B, 3, h, w), 1 in the background cells of defects training leaves out (short cracks): they
     weigh nothing.
