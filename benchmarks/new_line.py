@@ -1,7 +1,7 @@
 """New-line benchmark: how well does the system learn a line it has never seen, from that line's own images?
 
     .venv/bin/python benchmarks/new_line.py [--worlds w65,w58] [--labels 0,50,200] [--good 600]
-        [--methods default,train,scratch,transfer,implant] [--minutes 10] [--test 400]
+        [--methods default,train,train-from-default,scratch,transfer,implant] [--minutes 10] [--test 400]
         [--out bench_out/new_line] [--seed 0]
 
 A "world" (benchmarks/worlds.py) is a production line the shipped model never saw: the project's simulator
@@ -17,8 +17,10 @@ command a user runs, within --minutes, and is scored on the world's test split (
 
 - default: the shipped model as it is (no training; the N = 0 row);
 - train: plain `vialinspect train --data IMAGEFOLDER`, as a user runs it without knowing any recipe (its "auto"
-  settings for image-level data: --init builtin:default, synthetic defects, balanced map loss with hard
-  negatives; training/config.py IMAGE_LEVEL);
+  settings for image-level data: --init auto, i.e. the still-image transfer model models/still for still images,
+  synthetic defects, balanced map loss with hard negatives; training/config.py IMAGE_LEVEL);
+- train-from-default: the same recipe started from the shipped default model (--init builtin:default), as `train`
+  did before the still-image transfer model;
 - scratch: `train --init none` (random weights), image-level labels only (implant 0);
 - transfer: `train --init builtin:default` (the simulator-trained model), image-level labels only (implant 0);
 - implant: `train --init none`, with the synthetic defects.
@@ -53,6 +55,7 @@ CLASSES = ("particle", "crack", "fill_level")
 METHODS = {  # name: (init, implant); "auto" / None: what plain `vialinspect train` does
     "default": (None, None),
     "train": ("auto", None),
+    "train-from-default": ("builtin:default", None),
     "scratch": ("scratch", 0.0),
     "transfer": ("builtin:default", 0.0),
     "implant": ("scratch", None),
@@ -137,6 +140,29 @@ def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = FRR) -> d
     return out
 
 
+SIZE_BINS_PX = ((0.0, 5.0), (5.0, 8.0), (8.0, float("inf")))  # particle size (largest dimension) in pixels
+
+
+def particle_recall_by_size(test_dir: Path, ids: list[str], rejected: np.ndarray) -> dict[str, dict]:
+    """Recall of the particle units in bins of their largest particle's size in pixels (``truth.jsonl`` of a
+    world: size_um / pixel_um), with the unit counts: what a line's camera resolves decides how far down the
+    detection reaches, so one recall over all sizes hides where it stops."""
+    truth = {}
+    path = Path(test_dir) / "truth.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            sizes = [d["size_um"] for d in row["defects"] if d["class"] == "particle" and d.get("size_um")]
+            if sizes and row.get("pixel_um"):
+                truth[row["path"]] = max(sizes) / row["pixel_um"]
+    out = {}
+    for lo, hi in SIZE_BINS_PX:
+        hits = [bool(r) for i, r in zip(ids, rejected, strict=True) if i in truth and lo <= truth[i] < hi]
+        name = f"{lo:g}-{hi:g} px" if hi != float("inf") else f">= {lo:g} px"
+        out[name] = {"n": len(hits), "recall": round(float(np.mean(hits)), 4) if hits else None}
+    return out
+
+
 def score_run(model: str, test_dir: Path) -> dict:
     """Evaluate ``model`` on the world's test split; recall at <= 2% FRR, AUROC, and the calibrated result."""
     from vialinspect.training.evaluate import evaluate_model
@@ -147,6 +173,8 @@ def score_run(model: str, test_dir: Path) -> dict:
     labels = np.array([[c in r.classes for c in CLASSES] for r in recs], np.float32)
     s = np.array([[class_scores(sc)[c] for c in CLASSES] for sc in scores], np.float64)
     res = {"at_frr": recall_at_frr(labels, s)}
+    th2 = np.array(res["at_frr"]["thresholds"])
+    res["particle_by_size"] = particle_recall_by_size(test_dir, [r.id for r in recs], (s >= th2).any(1))
     res["auroc"] = {c: (None if (a := auroc(labels[:, i], s[:, i])) is None else round(a, 4))
                     for i, c in enumerate(CLASSES)}
     th = report["thresholds"] if "thresholds" in report else None
@@ -287,6 +315,9 @@ def _print_row(r: dict) -> None:
     f = r["at_frr"]
     print(f"   recall at FRR<=2%: particle {f['particle']}, crack {f['crack']}, fill {f['fill_level']} "
           f"(FRR {f['frr']}); AUROC {r['auroc']}; calibrated {r['calibrated']}", flush=True)
+    by = r.get("particle_by_size") or {}
+    print("   particle recall by size: " + ", ".join(f"{k} {v['recall']} (n={v['n']})" for k, v in by.items()),
+          flush=True)
 
 
 def print_table(summary: dict) -> None:

@@ -19,6 +19,7 @@ from .imageio import write_png
 from .manifest import MANIFEST_NAME, ManifestWriter, parse_record
 from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, split_for, union_box
 from .sim.config import SimConfig
+from .sim.optics import container_config, degrade
 from .sim.render import render
 from .sim.scene import sample_scene
 
@@ -41,6 +42,8 @@ def container_id(index: int) -> str:
 
 def make_container(cfg: SimConfig, index: int, seed: int) -> tuple[ContainerRecord, list, object]:
     """Render one container in memory: (record with relative paths, frames, mask or None)."""
+    base = cfg
+    cfg = container_config(base, index, seed)
     scene = sample_scene(cfg, index, seed)
     out = render(scene, cfg.camera)
     cid = container_id(index)
@@ -65,7 +68,7 @@ def make_container(cfg: SimConfig, index: int, seed: int) -> tuple[ContainerReco
                         "tilt_deg": round(scene.pose.tilt_deg, 4)},
                "axis_px": [round(float(axis_col), 2), round(float(bottom_row), 2)]},
     )
-    return rec, out.frames, out.mask if has_mask else None
+    return rec, degrade(out.frames, base, index, seed), out.mask if has_mask else None
 
 
 _WORKER: dict = {}

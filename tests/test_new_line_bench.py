@@ -62,3 +62,19 @@ def test_labelled_subset_nests_and_adds_only_good_units(nl, tmp_path):
     assert labelled_small <= names["large"]  # a larger N holds every labelled defect of a smaller one
     with pytest.raises(SystemExit, match="too few"):
         nl.labelled_subset(world, tmp_path / "huge", 45, 10, seed=0)
+
+
+def test_particle_recall_by_size_bins_the_units_by_pixels(nl, tmp_path):
+    import json
+
+    rows = [{"path": "test/particle/a.png", "pixel_um": 50.0, "defects": [{"class": "particle", "size_um": 150.0}]},
+            {"path": "test/particle/b.png", "pixel_um": 50.0,
+             "defects": [{"class": "particle", "size_um": 100.0}, {"class": "particle", "size_um": 300.0}]},
+            {"path": "test/particle/c.png", "pixel_um": 60.0, "defects": [{"class": "particle", "size_um": 600.0}]},
+            {"path": "test/good/d.png", "pixel_um": 60.0, "defects": []}]
+    (tmp_path / "truth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [r["path"] for r in rows]
+    out = nl.particle_recall_by_size(tmp_path, ids, np.array([True, False, True, True]))
+    # a: 3 px; b: its largest particle, 6 px; c: 10 px; the good unit counts nowhere.
+    assert out == {"0-5 px": {"n": 1, "recall": 1.0}, "5-8 px": {"n": 1, "recall": 0.0},
+                   ">= 8 px": {"n": 1, "recall": 1.0}}

@@ -69,7 +69,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(f"--defect-mix: {e}") from None
     cfg = SimConfig(formats=formats, frames=a.frames, defect_rate=a.defect_rate,
-                    camera=CameraConfig(pixel_um=a.pixel_um))
+                    camera=CameraConfig(pixel_um=a.pixel_um), optics=a.optics)
     if nuisance:
         cfg = cfg.with_nuisance_rates(nuisance)
     if mix:
@@ -641,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "crack=0.25, fill_level=0.25; classes not given keep theirs), e.g. crack=0.45 for a "
                         "crack-rich training lot; repeatable")
     g.add_argument("--pixel-um", type=float, default=40.0, help="camera pixel scale in µm/px (default 40)")
+    g.add_argument("--optics", choices=("fixed", "varied"), default="fixed",
+                   help="fixed: every container through one camera (--pixel-um); varied: each container through "
+                        "its own camera drawn from broad ranges (35-90 µm/px, light, blur, noise, vignetting, "
+                        "JPEG), with lot codes and silicone oil on: a pretraining set for new lines "
+                        "(default fixed)")
     g.add_argument("--nuisance", action="append", metavar="TAG=RATE", default=None,
                    help="set the chance per container (0..1) of a nuisance, e.g. silicone_oil=0.5 (droplets shed "
                         "by a siliconised barrel) or lot_code=0.5 (inkjet lot code on vials), both off by default; "

@@ -68,6 +68,9 @@ class SimConfig:
         ("reflection", 0.15),
     )
     product_weights: tuple[float, float, float] = (0.6, 0.25, 0.15)
+    # "fixed": every container through ``camera``; "varied": each through its own camera drawn from broad
+    # ranges (datasets/sim/optics.py), for a model that has to transfer to other lines.
+    optics: str = "fixed"
 
     def validate(self) -> None:
         for f in self.formats:
@@ -75,6 +78,8 @@ class SimConfig:
                 raise ValueError(f"unknown container format {f!r}; known: {', '.join(FORMATS)}")
         if not self.formats:
             raise ValueError("at least one container format is needed")
+        if self.optics not in ("fixed", "varied"):
+            raise ValueError(f"optics must be fixed or varied, got {self.optics!r}")
         if not 1 <= self.frames <= 64:
             raise ValueError(f"frames per container must be 1..64, got {self.frames}")
         if not 0.0 <= self.defect_rate <= 1.0:
