@@ -44,8 +44,9 @@ model: $(STAMP)
 		(3,200, seed 10) and training lot (3,000, seed 200, droplets on 40%)"
 	$(MAKE) release-check
 
-# Reproduces the still-image transfer model (models/still), where `vialinspect train --init auto` starts a line's
-# own still images (one frame, image-level labels): 3,000 simulated containers, one frame each, every container
+# Reproduces the still-image transfer model (models/still, `--init builtin:still`), an opt-in start for a line's own
+# still images (one frame, image-level labels; docs/new_line.md has what it gave and why it is not the default
+# start): 3,000 simulated containers, one frame each, every container
 # through its own camera (--optics varied: 35-90 µm/px, light, blur, noise, vignetting, JPEG; lot codes and
 # silicone oil on), trained from the default model (its mean-frame weights; motion needs frames) with exact masks
 # and 4 hard negatives per class map (what teaches dust, lot codes and bubbles apart from particles in one still

@@ -1,7 +1,7 @@
 """New-line benchmark: how well does the system learn a line it has never seen, from that line's own images?
 
     .venv/bin/python benchmarks/new_line.py [--worlds w65,w58] [--labels 0,50,200] [--good 600]
-        [--methods default,train,train-from-default,scratch,transfer,implant] [--minutes 10] [--test 400]
+        [--methods default,train,train-from-still,scratch,transfer,implant] [--minutes 10] [--test 400]
         [--out bench_out/new_line] [--seed 0]
 
 A "world" (benchmarks/worlds.py) is a production line the shipped model never saw: the project's simulator
@@ -17,10 +17,10 @@ command a user runs, within --minutes, and is scored on the world's test split (
 
 - default: the shipped model as it is (no training; the N = 0 row);
 - train: plain `vialinspect train --data IMAGEFOLDER`, as a user runs it without knowing any recipe (its "auto"
-  settings for image-level data: --init auto, i.e. the still-image transfer model models/still for still images,
-  synthetic defects, balanced map loss with hard negatives; training/config.py IMAGE_LEVEL);
-- train-from-default: the same recipe started from the shipped default model (--init builtin:default), as `train`
-  did before the still-image transfer model;
+  settings for image-level data: --init builtin:default, synthetic defects, balanced map loss with hard
+  negatives; training/config.py IMAGE_LEVEL);
+- train-from-still: the same recipe started from the still-image transfer model (--init builtin:still,
+  `make still-model`: the simulator's model trained further on one frame through many cameras);
 - scratch: `train --init none` (random weights), image-level labels only (implant 0);
 - transfer: `train --init builtin:default` (the simulator-trained model), image-level labels only (implant 0);
 - implant: `train --init none`, with the synthetic defects.
@@ -55,7 +55,7 @@ CLASSES = ("particle", "crack", "fill_level")
 METHODS = {  # name: (init, implant); "auto" / None: what plain `vialinspect train` does
     "default": (None, None),
     "train": ("auto", None),
-    "train-from-default": ("builtin:default", None),
+    "train-from-still": ("builtin:still", None),
     "scratch": ("scratch", 0.0),
     "transfer": ("builtin:default", 0.0),
     "implant": ("scratch", None),

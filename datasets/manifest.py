@@ -8,22 +8,16 @@ left out, so one mistake does not hide the rest of a dataset.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import (
-    DEFECT_CLASSES,
-    SPLITS,
-    Box,
-    ContainerRecord,
-    Defect,
-    FillSpec,
-    NuisanceObject,
-    union_box,
-)
+from pydantic import ValidationError
+
+from .manifest_row import ManifestRow, problem
+from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, union_box
+from .validation import one_line
 
 MANIFEST_NAME = "manifest.jsonl"
 FORMAT_ID = "vialinspect-dataset"
@@ -101,148 +95,36 @@ def write_manifest(root: Path, header: dict[str, Any], records: list[ContainerRe
 
 # ---------------------------------------------------------------- reading and validation
 
-class _RowError(Exception):
-    pass
-
-
-def _num(v: Any, what: str, positive: bool = False, allow_none: bool = True) -> float | None:
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise _RowError(f"{what} must be a number, got {v!r}")
-    if positive and v <= 0:
-        raise _RowError(f"{what} must be positive, got {v!r}")
-    return float(v)
-
-
-def _box(v: Any, what: str) -> Box | None:
-    if v is None:
-        return None
-    if not isinstance(v, list | tuple) or len(v) != 4:
-        raise _RowError(f"{what} must be [x0, y0, x1, y1], got {v!r}")
-    nums = [_num(x, what, allow_none=False) for x in v]
-    if not (nums[0] < nums[2] and nums[1] < nums[3]) or min(nums) < 0:
-        raise _RowError(f"{what} {v!r} is not a box with x0 < x1, y0 < y1, all >= 0")
-    return tuple(int(x) for x in nums)  # type: ignore[return-value]
-
-
-def _boxes(v: Any, what: str) -> list[Box | None] | None:
-    if v is None:
-        return None
-    if not isinstance(v, list):
-        raise _RowError(f"{what} must be a list of boxes")
-    return [_box(b, f"{what}[{i}]") for i, b in enumerate(v)]
-
-
-def _str(v: Any, what: str, allow_none: bool = True) -> str | None:
-    if v is None and allow_none:
-        return None
-    if not isinstance(v, str) or not v:
-        raise _RowError(f"{what} must be a non-empty string, got {v!r}")
-    return v
-
-
-def _rel_path(root: Path, p: Any, what: str, check_files: bool) -> str:
-    p = _str(p, what, allow_none=False)
-    assert p is not None
-    if os.path.isabs(p) or ".." in Path(p).parts:
-        raise _RowError(f"{what} {p!r} must be a relative path inside the dataset")
-    if check_files and not (root / p).is_file():
-        raise _RowError(f"missing file {p}")
-    return p
-
-
-KNOWN_KEYS = {
-    "id", "frames", "classes", "split", "format", "product", "defects", "nuisances", "nuisance_objects", "mask",
-    "fill_height_mm", "fill_volume_ml", "fill_spec", "pixel_um", "image_size",
-}
+KNOWN_KEYS = {f.alias or name for name, f in ManifestRow.model_fields.items()}
 
 
 def parse_record(d: Any, root: Path, check_files: bool = True) -> ContainerRecord:
-    """One manifest row to a record; raises ``ValueError`` naming the first thing wrong with it."""
-    try:
-        return _parse(d, root, check_files)
-    except _RowError as e:
-        raise ValueError(str(e)) from None
-
-
-def _parse(d: Any, root: Path, check_files: bool) -> ContainerRecord:
+    """One manifest row to a record; raises ``ValueError`` naming what is wrong with it (each field, up to three,
+    on one line), checked by the typed model ``manifest_row.ManifestRow``, then the files (``check_files``)."""
     if not isinstance(d, dict):
-        raise _RowError("row is not a JSON object")
-    cid = _str(d.get("id"), "id", allow_none=False)
-    frames = d.get("frames")
-    if not isinstance(frames, list) or not frames:
-        raise _RowError("frames must be a non-empty list of image paths")
-    frames = [_rel_path(root, f, f"frames[{i}]", check_files) for i, f in enumerate(frames)]
-    classes = d.get("classes", [])
-    if not isinstance(classes, list):
-        raise _RowError("classes must be a list")
-    for c in classes:
-        if c not in DEFECT_CLASSES:
-            raise _RowError(f"unknown class {c!r} (known: {', '.join(DEFECT_CLASSES)}; none = good)")
-    split = d.get("split", "train")
-    if split not in SPLITS:
-        raise _RowError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
-    mask = d.get("mask")
-    if mask is not None:
-        mask = _rel_path(root, mask, "mask", check_files)
-    defects = []
-    for i, x in enumerate(d.get("defects") or []):
-        if not isinstance(x, dict):
-            raise _RowError(f"defects[{i}] is not an object")
-        cls = x.get("class")
-        if cls not in DEFECT_CLASSES:
-            raise _RowError(f"defects[{i}]: unknown class {cls!r}")
-        if cls not in classes:
-            raise _RowError(f"defects[{i}] is a {cls} but classes does not list {cls}")
-        fb = _boxes(x.get("frame_bboxes"), f"defects[{i}].frame_bboxes")
-        if fb is not None and len(fb) != len(frames):
-            raise _RowError(f"defects[{i}].frame_bboxes has {len(fb)} boxes for {len(frames)} frames")
-        mv = x.get("mask_value")
-        if mv is not None and (not isinstance(mv, int) or not 0 < mv < 256):
-            raise _RowError(f"defects[{i}].mask_value must be an integer 1..255, got {mv!r}")
-        defects.append(Defect(
-            cls=cls, bbox=_box(x.get("bbox"), f"defects[{i}].bbox") or union_box(fb), frame_bboxes=fb,
-            mask_value=mv, kind=_str(x.get("kind"), f"defects[{i}].kind"),
-            size_um=_num(x.get("size_um"), f"defects[{i}].size_um", positive=True),
-            length_mm=_num(x.get("length_mm"), f"defects[{i}].length_mm", positive=True),
-            deviation_mm=_num(x.get("deviation_mm"), f"defects[{i}].deviation_mm"),
-        ))
-    nuisances = d.get("nuisances", [])
-    if not isinstance(nuisances, list) or not all(isinstance(t, str) for t in nuisances):
-        raise _RowError("nuisances must be a list of tags")
-    nobjs = []
-    for i, x in enumerate(d.get("nuisance_objects") or []):
-        if not isinstance(x, dict):
-            raise _RowError(f"nuisance_objects[{i}] is not an object")
-        fb = _boxes(x.get("frame_bboxes"), f"nuisance_objects[{i}].frame_bboxes")
-        nobjs.append(NuisanceObject(
-            tag=_str(x.get("tag"), f"nuisance_objects[{i}].tag", allow_none=False) or "",
-            kind=_str(x.get("kind"), f"nuisance_objects[{i}].kind"),
-            bbox=_box(x.get("bbox"), f"nuisance_objects[{i}].bbox") or union_box(fb), frame_bboxes=fb,
-            size_um=_num(x.get("size_um"), f"nuisance_objects[{i}].size_um", positive=True),
-        ))
-    spec = d.get("fill_spec")
-    fill_spec = None
-    if spec is not None:
-        if not isinstance(spec, dict):
-            raise _RowError("fill_spec must be an object {target_mm, tolerance_mm}")
-        fill_spec = FillSpec(
-            target_mm=_num(spec.get("target_mm"), "fill_spec.target_mm", positive=True, allow_none=False),
-            tolerance_mm=_num(spec.get("tolerance_mm"), "fill_spec.tolerance_mm", positive=True, allow_none=False),
-        )
-    size = d.get("image_size")
-    if size is not None:
-        if not isinstance(size, list | tuple) or len(size) != 2:
-            raise _RowError(f"image_size must be [width, height], got {size!r}")
-        size = tuple(int(_num(v, "image_size", positive=True, allow_none=False)) for v in size)
+        raise ValueError("row is not a JSON object")
+    try:
+        row = ManifestRow.model_validate(d)
+    except ValidationError as e:
+        raise ValueError(one_line(e, say=problem)) from None
+    if check_files:
+        for p in [*row.frames, *([row.mask] if row.mask else [])]:
+            if not (root / p).is_file():
+                raise ValueError(f"missing file {p}")
+    fill = row.fill_spec
     return ContainerRecord(
-        id=cid, frames=frames, classes=[c for c in DEFECT_CLASSES if c in classes], split=split,
-        format=_str(d.get("format"), "format"), product=_str(d.get("product"), "product"), defects=defects,
-        nuisances=list(nuisances), nuisance_objects=nobjs, mask=mask,
-        fill_height_mm=_num(d.get("fill_height_mm"), "fill_height_mm", positive=True),
-        fill_volume_ml=_num(d.get("fill_volume_ml"), "fill_volume_ml", positive=True),
-        fill_spec=fill_spec, pixel_um=_num(d.get("pixel_um"), "pixel_um", positive=True), image_size=size,
+        id=row.id, frames=list(row.frames), classes=[c for c in DEFECT_CLASSES if c in row.classes],
+        split=row.split, format=row.format, product=row.product,
+        defects=[Defect(cls=x.cls, bbox=x.bbox or union_box(x.frame_bboxes), frame_bboxes=x.frame_bboxes,
+                        mask_value=x.mask_value, kind=x.kind, size_um=x.size_um, length_mm=x.length_mm,
+                        deviation_mm=x.deviation_mm) for x in row.defects or []],
+        nuisances=list(row.nuisances),
+        nuisance_objects=[NuisanceObject(tag=x.tag, kind=x.kind, bbox=x.bbox or union_box(x.frame_bboxes),
+                                         frame_bboxes=x.frame_bboxes, size_um=x.size_um)
+                          for x in row.nuisance_objects or []],
+        mask=row.mask, fill_height_mm=row.fill_height_mm, fill_volume_ml=row.fill_volume_ml,
+        fill_spec=FillSpec(target_mm=fill.target_mm, tolerance_mm=fill.tolerance_mm) if fill else None,
+        pixel_um=row.pixel_um, image_size=row.image_size,
         extra={k: v for k, v in d.items() if k not in KNOWN_KEYS},
     )
 

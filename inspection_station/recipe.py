@@ -60,9 +60,11 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import AllowInfNan, ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic's own requirement; typing's TypedDict before 3.12 is not enough
 
 from vialinspect.datasets.sim.formats import FORMATS
 from vialinspect.export.builtin import resolve_model_ref, resolve_recipe_ref
@@ -347,19 +349,12 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
             raise RecipeError("missing (required)", k)
     # YAML null on an optional key means "not given", as leaving the key out does.
     data = {k: v for k, v in data.items() if v is not None}
-    out: dict[str, Any] = {}
-    for k in ("name", "format", "model"):
-        _need(isinstance(data[k], str), k, f"must be a text, got {_kind(data[k])}")
-        _need(data[k].strip() != "", k, "must not be empty")
-        out[k] = data[k]
-    if "frame_compression" in data:
-        v = data["frame_compression"]
-        _need(isinstance(v, str), "frame_compression", f"must be a text, got {_kind(v)}")
-        out["frame_compression"] = v
+    try:
+        out: dict[str, Any] = _FILE.validate_python(data)
+    except ValidationError as e:
+        raise _type_error(e.errors(include_url=False)[0], data) from None
     if "trusted_keys" in data:
-        keys = data["trusted_keys"]
-        _need(isinstance(keys, list) and all(isinstance(k, str) and k.strip() for k in keys), "trusted_keys",
-              f"must be a list of public key file names, got {_kind(keys)}")
+        keys = out["trusted_keys"]
         out["trusted_keys"] = tuple((base_dir / Path(k).expanduser()).resolve() if base_dir is not None
                                     else Path(k).expanduser() for k in keys)
     if "line_security" in data:
@@ -368,29 +363,65 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
         out["model"] = resolve_model_ref(out["model"], base_dir)
     except (LookupError, FileNotFoundError) as e:
         raise RecipeError(str(e), "model") from None
-    for k in ("frames", "batch_max"):
-        if k in data:
-            _need(_is_int(data[k]), k, f"must be a whole number, got {_kind(data[k])}")
-            out[k] = data[k]
-    for k in ("fill_target_mm", "fill_tolerance_mm", "deadline_ms", "sample_accepted", "min_free_mb"):
-        if k in data:
-            _need(_is_number(data[k]), k,
-                  f"must be a number (finite), got {_kind(data[k])}{_quoted_number_hint(data[k])}")
-            out[k] = data[k]
-    if "thresholds" in data:
-        th = data["thresholds"]
-        _need(isinstance(th, dict), "thresholds", f"must be a table of class = threshold, got {_kind(th)}")
-        for c, v in th.items():
-            _need(isinstance(c, str), "thresholds", f"class names must be text, got {_kind(c)}")
-            _need(_is_number(v), f"thresholds.{c}",
-                  f"must be a number (finite), got {_kind(v)}{_quoted_number_hint(v)}")
-        out["thresholds"] = {str(c): v for c, v in th.items()}
-    if "frame_size" in data:
-        fs = data["frame_size"]
-        _need(isinstance(fs, list) and len(fs) == 2 and all(_is_int(v) for v in fs), "frame_size",
-              f"must be [width, height], two whole numbers, got {fs!r}")
-        out["frame_size"] = tuple(fs)
+    if "frame_size" in out:
+        out["frame_size"] = tuple(out["frame_size"])
     return out
+
+
+# The recipe file's types, checked strictly: a number in quotes is text, not a number (TOML and JSON say which
+# is which; in YAML write exponents with a dot, 1.0e-2, which YAML 1.1 reads as a number). Keys, required keys
+# and ranges are checked apart (_parse, Recipe.__post_init__), with their own messages.
+_Text = Annotated[str, Field(pattern=r"\S")]  # not empty, not only spaces
+_Number = Annotated[float, AllowInfNan(False)]
+
+
+@with_config(ConfigDict(strict=True))
+class RecipeFile(TypedDict, total=False):
+    name: _Text
+    format: _Text
+    model: _Text
+    frames: int
+    fill_target_mm: _Number
+    fill_tolerance_mm: _Number
+    thresholds: dict[str, _Number]
+    deadline_ms: _Number
+    frame_size: Annotated[list[int], Field(min_length=2, max_length=2)]
+    batch_max: int
+    sample_accepted: _Number
+    min_free_mb: _Number
+    frame_compression: str
+    trusted_keys: list[_Text]
+    line_security: dict[Any, Any]  # its keys and values: _line_security
+
+
+_FILE = TypeAdapter(RecipeFile)
+# What a key's value must be, when RecipeFile refuses it.
+_MUST = {
+    **dict.fromkeys(("name", "format", "model", "frame_compression"), "must be a text"),
+    **dict.fromkeys(("frames", "batch_max"), "must be a whole number"),
+    **dict.fromkeys(("fill_target_mm", "fill_tolerance_mm", "deadline_ms", "sample_accepted", "min_free_mb"),
+                    "must be a number (finite)"),
+    "thresholds": "must be a table of class = threshold",
+    "frame_size": "must be [width, height], two whole numbers",
+    "trusted_keys": "must be a list of public key file names",
+    "line_security": "must be a table of setting = value",
+}
+
+
+def _type_error(err: Any, data: dict[str, Any]) -> RecipeError:
+    """RecipeFile's first error as a RecipeError naming the key (``thresholds.<class>`` within thresholds)."""
+    loc = err["loc"]
+    key = str(loc[0])
+    if key == "thresholds" and len(loc) > 1:
+        if loc[-1] == "[key]":
+            return RecipeError(f"class names must be text, got {_kind(err['input'])}", key)
+        v = err["input"]
+        return RecipeError(f"must be a number (finite), got {_kind(v)}{_quoted_number_hint(v)}", f"{key}.{loc[1]}")
+    if len(loc) == 1 and err["type"] == "string_pattern_mismatch":
+        return RecipeError("must not be empty", key)
+    v = data[key]
+    hint = _quoted_number_hint(v) if _MUST[key].startswith("must be a number") else ""
+    return RecipeError(f"{_MUST[key]}, got {_kind(v)}{hint}", key)
 
 
 def _line_security(table: Any, base_dir: Path | None) -> LineSecurity:

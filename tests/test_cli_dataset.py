@@ -11,7 +11,7 @@ from vialinspect.cli import build_parser, main
 
 def test_help_documents_every_flag():
     parser = build_parser()
-    for argv in (["generate"], ["dataset", "check"], ["dataset", "preview"]):
+    for argv in (["generate"], ["dataset", "check"], ["dataset", "preview"], ["dataset", "schema"]):
         sub = parser
         for word in argv:
             sub = next(a for a in sub._actions if a.__class__.__name__ == "_SubParsersAction").choices[word]
@@ -51,6 +51,18 @@ def test_check_exits_1_and_lists_bad_rows(tmp_path, capsys):
         '{"format": "vialinspect-dataset", "version": 1}\n{"id": "x", "frames": ["gone.png"]}\n')
     assert main(["dataset", "check", str(tmp_path)]) == 1
     assert "line 2, id x: missing file gone.png" in capsys.readouterr().out
+
+
+def test_dataset_schema_prints_or_writes_the_published_schema(tmp_path, capsys):
+    from pathlib import Path
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "dataset_schema.json").read_text(encoding="utf-8")
+    assert main(["dataset", "schema"]) == 0
+    assert capsys.readouterr().out == committed and json.loads(committed)["title"] == "vialinspect dataset manifest row"
+    assert main(["dataset", "schema", "--out", str(tmp_path / "row.json")]) == 0
+    assert (tmp_path / "row.json").read_text(encoding="utf-8") == committed
+    assert main(["dataset", "schema", "--out", str(tmp_path / "absent" / "row.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err
 
 
 def test_console_script_help_is_fast_and_lists_commands():

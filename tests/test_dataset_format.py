@@ -117,6 +117,51 @@ def test_bad_rows_are_named_with_line_id_and_reason(tmp_path):
     assert any("id badbox" in m and "not a box" in m for m in msgs)
 
 
+def test_rows_of_wrong_types_are_problems_naming_the_field(tmp_path):
+    ok = {"id": "ok", "frames": ["img/ok.png"]}
+    particle = {"classes": ["particle"], "defects": [{"class": "particle"}]}
+    root = _manifest_with_rows(tmp_path, [
+        {**ok, "id": "quoted", "fill_height_mm": "13.7"},  # JSON says what is a number: "13.7" is text
+        {**ok, "id": "flag", **particle, "defects": [{"class": "particle", "mask_value": True}]},
+        {**ok, "id": "size", "image_size": [6, "10"]},
+        {**ok, "id": "tags", "nuisances": "bubbles"},
+        {**ok, "id": "fmt", "format": 3},
+        {**ok, "id": "nan", "pixel_um": float("nan")},
+        {**ok, "id": "spec", "fill_spec": {"target_mm": 13.7}},
+        {**ok, "id": "obj", "nuisance_objects": [{"kind": "bubble"}]},
+        {**ok, "id": 7},
+        {**ok, "id": "frames", "frames": []},
+        {**ok, "id": "kept", "image_size": [6.0, 10], "axis_px": [3.0, 9.5]},  # whole floats and unknown keys: as ever
+    ])
+    ds = read_manifest(root)
+    assert [(r.id, r.image_size, r.extra) for r in ds.records] == [("kept", (6, 10), {"axis_px": [3.0, 9.5]})]
+    msgs = [str(p) for p in ds.problems]
+    assert msgs == [
+        "line 2, id quoted: fill_height_mm must be a number, got '13.7'",
+        "line 3, id flag: defects[0].mask_value must be a whole number, got True",
+        "line 4, id size: image_size must be [width, height], two numbers, got [6, '10']",
+        "line 5, id tags: nuisances must be a list, got 'bubbles'",
+        "line 6, id fmt: format must be text, got 3",
+        "line 7, id nan: pixel_um must be a finite number, got nan",
+        "line 8, id spec: fill_spec.tolerance_mm is missing (required)",
+        "line 9, id obj: nuisance_objects[0].tag is missing (required)",
+        "line 10: id must be text, got 7",
+        "line 11, id frames: frames must have at least 1 item(s), got []",
+    ]
+
+
+def test_published_row_schema_is_the_models():
+    from vialinspect.datasets.manifest_row import ManifestRow, schema_text
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "dataset_schema.json"
+    assert committed.read_text(encoding="utf-8") == schema_text(), \
+        "docs/dataset_schema.json is stale: vialinspect dataset schema --out docs/dataset_schema.json"
+    schema = json.loads(schema_text())
+    assert schema["required"] == ["id", "frames"] and schema["additionalProperties"] is True
+    assert set(schema["properties"]) == {f.alias or n for n, f in ManifestRow.model_fields.items()}
+    assert schema["$defs"]["DefectRow"]["properties"]["class"]["enum"] == ["particle", "crack", "fill_level"]
+
+
 def test_foreign_or_unfinished_manifest_is_refused(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text('{"format": "something-else"}\n')
     with pytest.raises(DatasetError, match="not a vialinspect manifest"):

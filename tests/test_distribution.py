@@ -49,6 +49,7 @@ def test_wheel_holds_one_top_level_package_with_its_model_and_recipes(wheel):
         assert f"vialinspect/{sub}/__init__.py" in names, sub
     for f in ("model.onnx", "model.json", "SHA256SUMS", "weights.pt"):
         assert f"vialinspect/models/default/{f}" in names
+        assert f"vialinspect/models/still/{f}" in names
     for f in ("vial-2R.toml", "syringe-1mL.yaml"):
         assert f"vialinspect/inspection_station/recipes/{f}" in names
     assert "vialinspect/py.typed" in names and "vialinspect/__main__.py" in names

@@ -344,4 +344,6 @@ def test_write_package_refuses_what_load_package_would_refuse(tmp_path):
 
 def test_the_shipped_and_exported_packages_pass_the_metadata_and_onnx_checks(package):
     assert load_package("builtin:default").metadata["classes"] == ["particle", "crack", "fill_level"]
+    still = load_package("builtin:still")  # the still-image transfer model (make still-model)
+    assert still.metadata["input"]["spec"]["frames"] == 1 and still.weights_path is not None
     assert load_package(package).metadata["input"]["spec"]["frames"] == 2

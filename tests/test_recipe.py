@@ -88,14 +88,24 @@ def test_defaults_json_and_immutability(tmp_path):
         ("[thresholds]\npartcle = 0.5\n", "thresholds.partcle", "did you mean 'particle'"),
         ('frame_compression = "allways"\n', "frame_compression", "did you mean 'always'"),
         ("frame_compression = true\n", "frame_compression", "text"),
+        # Checked by the typed model of the recipe file (RecipeFile), reported the same way.
+        ("frame_size = [450.0, 925]\n", "frame_size", "two whole numbers"),
+        ('trusted_keys = "release.pem"\n', "trusted_keys", "list of public key file names"),
+        ('trusted_keys = ["  "]\n', "trusted_keys", "list of public key file names"),
+        ("line_security = 5\n", "line_security", "table of setting = value"),
+        ("batch_max = true\n", "batch_max", "whole number"),
+        ("frame_compression = 3\n", "frame_compression", "text"),
+        ('[thresholds]\nparticle = "0.5"\n', "thresholds.particle", "without quotes"),
+        ("min_free_mb = [1]\n", "min_free_mb", "number"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path, extra, key, words):
+    """One line, ``FILE: KEY: problem``, for every mistake."""
     p = _write(tmp_path, BASE_TOML + extra)
     with pytest.raises(RecipeError) as e:
         load_recipe(p)
     msg = str(e.value)
-    assert e.value.key == key and f": {key}: " in msg and str(p.name) in msg and words in msg, msg
+    assert e.value.key == key and msg.startswith(f"{p}: {key}: ") and words in msg and "\n" not in msg, msg
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,44 @@ def test_config_file_and_flags(tmp_path):
         load_config(f, {})
 
 
+def test_settings_file_numbers_written_as_text_and_whole_numbers(tmp_path):
+    from dataclasses import asdict, replace
+
+    f = tmp_path / "c.yaml"
+    f.write_text('lr: 1e-3\nepochs: "3"\nwidths: [8, "8", 8, 8, 8]\n')  # YAML 1.1 reads 1e-3 as the text '1e-3'
+    cfg = load_config(f, {})
+    assert cfg.lr == 0.001 and isinstance(cfg.lr, float) and cfg.epochs == 3 and cfg.widths == (8,) * 5
+    assert type(cfg) is TrainConfig and replace(cfg, lr=0.1).lr == 0.1 and asdict(cfg)["epochs"] == 3
+    for text, setting in [("batch_size: 2.5\n", "batch_size"), ("batch_size: 2.0\n", "batch_size"),
+                          ('epochs: "3.5"\n', "epochs"), ("epochs: true\n", "epochs"), ("lr: fast\n", "lr"),
+                          ("widths: [8, 8.5]\n", "widths[1]"), ("class_draw: {crack: lots}\n", "class_draw.crack"),
+                          ("device: 3\n", "device"), ("frr: 2\n", "frr"), ("loss_weights: 1\n", "loss_weights")]:
+        f.write_text(text)
+        with pytest.raises(ValueError) as e:
+            load_config(f, {})
+        msg = str(e.value)
+        assert msg.startswith(f"{f}: {setting} ") and "\n" not in msg, msg
+    f.write_text("lr: 1e-3\n")  # a flag's mistake is not the file's
+    with pytest.raises(ValueError) as e:
+        load_config(f, {"frr": 2.0})
+    assert str(e.value) == "frr must be within (0, 1), got 2.0"
+    f.write_text("train: 5\n")
+    with pytest.raises(ValueError, match="config must be a mapping"):
+        load_config(f, {})
+
+
+def test_train_cli_reports_a_bad_settings_file_in_one_line(tmp_path, capsys):
+    f = tmp_path / "bad.yaml"
+    f.write_text('lr: 1e-3\nepochs: "3"\nbatch_size: 2.5\n')  # before: '<' between str and int, a traceback
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vialinspect: error: {f}: batch_size must be a whole number, got 2.5\n"
+    f.write_text("epoch: 3\nbatch_size: 2\n")
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert f"{f}: unknown training setting(s): epoch; known: epochs, batch_size," in err and err.count("\n") == 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,10 +7,14 @@ import json
 import math
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
 
 from vialinspect.datasets.records import DEFECT_CLASSES
+from vialinspect.datasets.validation import one_line
 
 # What the settings left "auto" (None) become, by the kind of data (TrainConfig.for_data). Data with masks: the
 # recipe of the default model. Data without (a line's own images with image-level labels): measured on
@@ -24,37 +28,70 @@ IMAGE_LEVEL: dict[str, Any] = {"class_draw": {"good": 4.0, "crack": 1.0, "fill_l
                                "map_hard_negatives": 4}
 
 
+class SettingError(ValueError):
+    """A training setting that cannot be used; ``settings`` names the setting(s), so that ``load_config`` can tell
+    whether the value came from the settings file (and name the file) or from a flag."""
+
+    def __init__(self, settings: str | tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.settings = (settings,) if isinstance(settings, str) else tuple(settings)
+
+
+# Settings files are checked with pydantic's lax mode (TrainConfig.from_dict): a number written as text is that
+# number, because YAML 1.1 (PyYAML) reads an exponent without a dot, ``lr: 1e-3``, as the text '1e-3'; and
+# ``epochs: "3"`` is 3. A whole-number setting takes no fraction, though: ``batch_size: 2.5`` (or 2.0) is refused,
+# not rounded, and neither number kind takes true/false.
+def _whole(v: Any) -> Any:
+    if isinstance(v, bool | float) or (isinstance(v, str) and not v.strip().lstrip("+-").isdigit()):
+        raise ValueError("must be a whole number")
+    return v
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("must be a number")
+    return v
+
+
+def _bad(setting: str, problem: str) -> SettingError:
+    return SettingError(setting, f"{setting} {problem}")
+
+
+Int = Annotated[int, BeforeValidator(_whole)]  # an int setting as pydantic checks it
+Float = Annotated[float, BeforeValidator(_number)]
+
+
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 4
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    patience: int = 6  # epochs without a better validation result (see monitor) before stopping early
+    epochs: Int = 30
+    batch_size: Int = 4
+    lr: Float = 5e-4
+    weight_decay: Float = 1e-4
+    patience: Int = 6  # epochs without a better validation result (see monitor) before stopping early
     # What "better on validation" means for best.pt and early stopping: "auroc", the mean AUROC of the classes
     # the network's probabilities decide (particle, crack; fill level too where no fill height is measured),
     # or "loss", the validation loss (dominated by the maps and fill rows, it can fall while detection does not).
     monitor: str = "auroc"
-    frames: int | None = None  # frames per container; default: the dataset's
+    frames: Int | None = None  # frames per container; default: the dataset's
     device: str = "auto"  # auto | cpu | cuda
     # Data-loading processes. Default: none on the CPU, where the training step already uses every core (a
     # loader process beside it made a 2-core step ~40% slower); up to 4 on CUDA.
-    workers: int | None = None
+    workers: Int | None = None
     # Decoded training and validation images kept in memory for the next epochs (shared by the splits' sizes
     # and split between the workers); capped at a quarter of the machine's memory. 0 turns it off.
-    cache_gb: float = 4.0
-    threads: int | None = None  # torch intra-op threads on the CPU (default: all cores)
-    seed: int = 0
-    frr: float = 0.01  # false-reject budget for calibrating thresholds on the validation split
-    widths: tuple[int, ...] = (16, 24, 32, 48, 64)
+    cache_gb: Float = 4.0
+    threads: Int | None = None  # torch intra-op threads on the CPU (default: all cores)
+    seed: Int = 0
+    frr: Float = 0.01  # false-reject budget for calibrating thresholds on the validation split
+    widths: tuple[Int, ...] = (16, 24, 32, 48, 64)
     # The network's motion branch (vision.model.MotionBranch: which way objects move between frames, over the
     # swirl's reach); K >= 2 only. Fine-tuning (--init) keeps the initial model's network either way.
     motion_branch: bool = True
     # The network's contrast branch (vision.model.ContrastBranch: the mean frame against its local background,
     # so a crack in a dark band looks as it does on the bright body).
     contrast_branch: bool = True
-    max_side: int = 1792
-    samples_per_epoch: int | None = None  # default: the size of the training split
+    max_side: Int = 1792
+    samples_per_epoch: Int | None = None  # default: the size of the training split
     balance: bool = True  # class-balanced sampling
     # With balance: relative draw shares per class ("good", "particle", "crack", "fill_level"; 1 where not
     # given; {} draws the four alike). Cracks are what the network learns last: drawn alike, a 30-minute CPU
@@ -63,55 +100,55 @@ class TrainConfig:
     # fill rows) is drawn half as often (docs/model_history.md).
     # None ("auto"): {crack: 3, fill_level: 0.5} for data with masks; for a line's own images without masks,
     # good units (which carry the synthetic defects) four times as often and cracks alike (IMAGE_LEVEL).
-    class_draw: dict[str, float] | None = None
+    class_draw: dict[str, Float] | None = None
     augment: bool = True
     # Mixed precision: float16 on CUDA; bfloat16 on CPUs that compute it natively (AVX512-BF16 or AMX; 1.5x
     # faster steps on this project's 2-core machine), else off. Validation, calibration and export stay fp32.
     amp: bool = True
     # Time budget of the whole run, from reading the data to the calibrated best checkpoint: it ends after the
     # last epoch that, at the slowest pace so far, leaves time for no other (at least one; the best is kept).
-    max_minutes: float | None = None
-    map_pos_weight: float = 10.0  # weight of a defect cell against a background cell in the map loss
+    max_minutes: Float | None = None
+    map_pos_weight: Float = 10.0  # weight of a defect cell against a background cell in the map loss
     # Instead: each class's defect cells and background cells averaged apart. None ("auto"): off for data with
     # masks (the default model's recipe), on for data without (IMAGE_LEVEL).
     map_balanced: bool | None = None
     # Each item's N worst background cells per class count again (losses.map_loss). None ("auto"): 0 for data
     # with masks, IMAGE_LEVEL's for data without.
-    map_hard_negatives: int | None = None
+    map_hard_negatives: Int | None = None
     # Weight of a background cell inside a nuisance object's box (bubble, droplet, glass mark): the hard
     # negatives a good unit must pass with. 1 = an ordinary background cell.
-    map_nuisance_weight: float = 1.0
+    map_nuisance_weight: Float = 1.0
     # Cracks shorter than this (mm, where the data gives lengths) are left out of the losses: neither defect
     # nor background. A crack of 0.5-1 mm is a short dark static mark, as a droplet on the glass is; taught as
     # cracks, they may teach the network that droplets are cracks. Validation and evaluation still count them.
     # 0 = off (the default model's recipe); 1.0 was measured once, with other widths (docs/model_history.md).
-    crack_min_mm: float = 0.0
+    crack_min_mm: Float = 0.0
     anneal_to_budget: bool = False  # under max_minutes, end the cosine decay with the budget, not the epochs
     # Fine-tuning only: weight of a loss that keeps the class maps close to those of the --init model (the
     # teacher) on the training containers that do not say ``"distill": false``, so that what new data does
     # not speak to is not forgotten ("learning without forgetting"). 0 = off.
-    distill: float = 0.0
+    distill: Float = 0.0
     # Share of drawn containers used whole; the rest become crops (needs masks). Crops carry most of what the
     # particle and crack maps learn at a fraction of the cost; the fill rows learn from few whole images.
-    p_full: float = 0.2
-    crop: int = 256  # crop side in pixels (a multiple of 32)
-    crop_batch: int = 8
-    crops_per_full: int = 4
-    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # class, map, fill rows
+    p_full: Float = 0.2
+    crop: Int = 256  # crop side in pixels (a multiple of 32)
+    crop_batch: Int = 8
+    crops_per_full: Int = 4
+    loss_weights: tuple[Float, Float, Float] = (1.0, 1.0, 1.0)  # class, map, fill rows
     # Data without masks (an ImageFolder, a plant's own images): the share of drawn good units that get a
     # synthetic particle, fibre or crack with its exact mask (datasets/implant.py), so the maps learn where a
     # defect is from the line's own background. 0 = off. Only good units from a line's camera are drawn into
     # (an ImageFolder's, a reviewed false reject's), never the simulator's: `make model`'s data has none.
-    implant: float = 0.8
+    implant: Float = 0.8
     # Size range of the synthetic particles (largest dimension, log-uniform) where the pixel scale is known.
-    implant_particle_um: tuple[float, float] = (150.0, 900.0)
+    implant_particle_um: tuple[Float, Float] = (150.0, 900.0)
     # Weight of the image-level loss of a particle or crack known only from its image's label (no mask): it
     # acts on the class map's peak, wherever that is. Measured at 0 (synthetic defects alone teach the maps)
     # it did not help, and the fill level then learnt less (docs/new_line.md); 1 keeps what the labels say.
-    image_label_weight: float = 1.0
+    image_label_weight: Float = 1.0
     # Validate every N epochs (and always after the last, also when the time budget ends the run): validation
     # is ~15% of an epoch on the CPU, and every other epoch gives a 30-minute run one more epoch.
-    val_every: int = 2
+    val_every: Int = 2
 
     def for_data(self, has_mask: bool) -> TrainConfig:
         """These settings with every "auto" (None) setting resolved for the data: with masks (the simulator's)
@@ -124,88 +161,108 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(names))
+        """Settings from parsed data: unknown names refused, types checked (lax for numbers written as text, see
+        ``_whole``), then ranges (``validate``). Raises ``SettingError``, one line naming the setting(s)."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in names)
         if unknown:
-            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}; known: {', '.join(names)}")
-        clean = {}
-        for k, v in d.items():
-            if k in ("widths", "loss_weights", "implant_particle_um") and v is not None:
-                v = tuple(v)
-            clean[k] = v
-        cfg = cls(**clean)
+            raise SettingError(tuple(unknown), f"unknown training setting(s): {', '.join(unknown)}; "
+                                                f"known: {', '.join(names)}")
+        try:
+            cfg = _adapter().validate_python(d)
+        except ValidationError as e:
+            raise SettingError(tuple(str(err["loc"][0]) for err in e.errors() if err["loc"]), one_line(e)) from None
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        """Ranges and choices, after the types are checked (``from_dict``); raises ``SettingError``."""
+        for k in ("epochs", "batch_size"):
+            if getattr(self, k) < 1:
+                raise _bad(k, f"must be >= 1, got {getattr(self, k)}")
         if not 0 < self.frr < 1:
-            raise ValueError(f"frr must be within (0, 1), got {self.frr}")
+            raise _bad("frr", f"must be within (0, 1), got {self.frr}")
         if self.monitor not in ("auroc", "loss"):
-            raise ValueError(f"monitor must be auroc or loss, got {self.monitor!r}")
+            raise _bad("monitor", f"must be auroc or loss, got {self.monitor!r}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise _bad("device", f"must be auto, cpu or cuda, got {self.device!r}")
         if self.crop < 32 or self.crop % 32:
-            raise ValueError(f"crop must be a multiple of 32, got {self.crop}")
+            raise _bad("crop", f"must be a multiple of 32, got {self.crop}")
         if not 0 <= self.p_full <= 1:
-            raise ValueError(f"p_full must be within 0..1, got {self.p_full}")
+            raise _bad("p_full", f"must be within 0..1, got {self.p_full}")
         if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+            raise _bad("workers", f"must be >= 0, got {self.workers}")
         if not (self.distill >= 0 and math.isfinite(self.distill)):
-            raise ValueError(f"distill must be a finite weight >= 0, got {self.distill}")
+            raise _bad("distill", f"must be a finite weight >= 0, got {self.distill}")
         if not (self.map_nuisance_weight > 0 and math.isfinite(self.map_nuisance_weight)):
-            raise ValueError(f"map_nuisance_weight must be a finite weight > 0, got {self.map_nuisance_weight}")
+            raise _bad("map_nuisance_weight", f"must be a finite weight > 0, got {self.map_nuisance_weight}")
         if not (self.crack_min_mm >= 0 and math.isfinite(self.crack_min_mm)):
-            raise ValueError(f"crack_min_mm must be a finite length >= 0, got {self.crack_min_mm}")
+            raise _bad("crack_min_mm", f"must be a finite length >= 0, got {self.crack_min_mm}")
         if self.cache_gb < 0:
-            raise ValueError(f"cache_gb must be >= 0, got {self.cache_gb}")
+            raise _bad("cache_gb", f"must be >= 0, got {self.cache_gb}")
         known = ("good", *DEFECT_CLASSES)  # the keys class_weights draws by
         draw = {} if self.class_draw is None else self.class_draw
         shares_ok = isinstance(draw, dict) and not set(draw) - set(known) and all(
             isinstance(v, int | float) and 0 <= v < math.inf for v in draw.values())
         if not shares_ok or (draw and not any(draw.get(k, 1.0) > 0 for k in known)):
-            raise ValueError(f"class_draw must map some of {', '.join(known)} to finite shares >= 0, not all 0; "
-                             f"got {self.class_draw!r}")
+            raise _bad("class_draw", f"must map some of {', '.join(known)} to finite shares >= 0, not all 0; "
+                                     f"got {self.class_draw!r}")
         if not 0 <= self.implant <= 1:
-            raise ValueError(f"implant must be within 0..1, got {self.implant}")
+            raise _bad("implant", f"must be within 0..1, got {self.implant}")
         lo, hi = self.implant_particle_um
         if not 0 < lo <= hi:
-            raise ValueError(f"implant_particle_um must be [low, high] with 0 < low <= high, got "
-                             f"{list(self.implant_particle_um)}")
+            raise _bad("implant_particle_um", f"must be [low, high] with 0 < low <= high, got "
+                                              f"{list(self.implant_particle_um)}")
         if not 0 <= self.image_label_weight <= 1:
-            raise ValueError(f"image_label_weight must be within 0..1, got {self.image_label_weight}")
+            raise _bad("image_label_weight", f"must be within 0..1, got {self.image_label_weight}")
         if self.map_hard_negatives is not None and self.map_hard_negatives < 0:
-            raise ValueError(f"map_hard_negatives must be >= 0, got {self.map_hard_negatives}")
+            raise _bad("map_hard_negatives", f"must be >= 0, got {self.map_hard_negatives}")
         if self.val_every < 1:
-            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+            raise _bad("val_every", f"must be >= 1, got {self.val_every}")
         if self.frames is not None and self.frames < 1:
-            raise ValueError("frames must be >= 1")
+            raise _bad("frames", f"must be >= 1, got {self.frames}")
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any],
                 defaults: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults (the class's, then ``defaults``), then the file (if any), then overrides actually given."""
-    d: dict[str, Any] = {}
+    """Defaults (the class's, then ``defaults``), then the file (if any), then overrides actually given.
+
+    Raises ``ValueError`` in one line; a mistake in the file's settings names the file."""
+    from_file: dict[str, Any] = {}
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"{p}: config file not found")
-        text = p.read_text()
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
+        from_file = _read_settings_file(p)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return TrainConfig.from_dict({**(defaults or {}), **from_file, **given})
+    except SettingError as e:
+        if path and any(k in from_file and k not in given for k in e.settings):
+            raise SettingError(e.settings, f"{path}: {e}") from None
+        raise
 
-                d = yaml.safe_load(text) or {}
-            elif p.suffix == ".toml":
-                d = tomllib.loads(text)
-            else:
-                d = json.loads(text)
-        except Exception as e:  # noqa: BLE001 - any parse error is the user's file, reported as such
-            raise ValueError(f"{p}: cannot parse config ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{p}: config must be a mapping of setting: value")
-        d = dict(d.get("train", d))
-    d = {**(defaults or {}), **d}
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(d)
+
+def _read_settings_file(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ValueError(f"{p}: config file not found")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text) or {}
+        elif p.suffix == ".toml":
+            d = tomllib.loads(text)
+        else:
+            d = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file, reported as such
+        raise ValueError(f"{p}: cannot parse config ({' '.join(str(e).split())})") from None
+    if isinstance(d, dict) and "train" in d:  # the settings may sit in a train section
+        d = d["train"]
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: config must be a mapping of setting: value")
+    return dict(d)
+
+
+@cache
+def _adapter() -> TypeAdapter[TrainConfig]:
+    return TypeAdapter(TrainConfig)

@@ -20,7 +20,7 @@ from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames, split_for
 from vialinspect.datasets.torch_dataset import ContainerDataset
-from vialinspect.export.builtin import builtin_models, is_builtin
+from vialinspect.export.builtin import is_builtin
 from vialinspect.vision.model import VialNet, adapt_first_layer, soft_rows
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import fill_probability
@@ -162,14 +162,6 @@ def _to(batch: dict, device: torch.device, channels_last: bool) -> dict:
     return out
 
 
-def auto_init(frames: int) -> str:
-    """The model a line's own images (no masks) start from under ``--init auto``: still images (one frame) from
-    the still-image transfer model, pretrained on the simulator through many cameras (``models/still``), where
-    it is installed; several frames from the default model. The simulator's own data (masks) starts from
-    random weights, the default model's recipe, and does not come here."""
-    return "builtin:still" if frames == 1 and "still" in builtin_models() else "builtin:default"
-
-
 def _load_init(init: str) -> dict:
     """The weights (and recorded architecture) of an --init model: a checkpoint or a package directory."""
     return _package_state(init) if is_builtin(init) or Path(init).is_dir() else load_checkpoint(init)
@@ -254,7 +246,11 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
     cfg = cfg.for_data(has_mask)
     if init == "auto":
-        init = None if has_mask or resumed else auto_init(frames)
+        # A line's own images (no masks) learn fastest from the simulator-trained model; the simulator's data
+        # from random weights (the default model's recipe). The still-image transfer model (builtin:still) found
+        # more particles and cracks on a simulated line but lost its fill level (docs/new_line.md): not the
+        # default start.
+        init = None if has_mask or resumed else "builtin:default"
     init_ck = _load_init(init) if init and not resumed else None
     if resumed:
         net = VialNet.from_arch(resumed["model"], frames)

@@ -137,6 +137,21 @@ def cmd_dataset_preview(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_schema(a: argparse.Namespace) -> int:
+    from vialinspect.datasets.manifest_row import schema_text
+
+    text = schema_text()
+    if a.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(a.out).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{a.out}: cannot write ({e.strerror})") from None
+    print(f"wrote {a.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- train / evaluate
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -655,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("dataset", help="check or preview a dataset",
+    d = sub.add_parser("dataset", help="check or preview a dataset; the manifest row's schema",
                        description="Work with a dataset directory (a manifest dataset or an ImageFolder).")
     dsub = d.add_subparsers(dest="dataset_command", metavar="ACTION")
     c = dsub.add_parser("check", help="validate a dataset and print counts",
@@ -675,6 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tile-height", type=_positive_int, default=420, help="tile height in pixels (default 420)")
     v.add_argument("--seed", type=int, default=0, help="which examples to pick (default 0)")
     v.set_defaults(func=cmd_dataset_preview)
+    sc = dsub.add_parser("schema", help="print the JSON Schema of a manifest row",
+                         description="Print (or write) the JSON Schema (draft 2020-12) of one container row of "
+                                     "manifest.jsonl, generated from the typed model the readers validate rows "
+                                     "with; docs/dataset_schema.json is its output.")
+    sc.add_argument("--out", default=None, help="write the schema to this file instead of printing it")
+    sc.set_defaults(func=cmd_dataset_schema)
     d.set_defaults(func=lambda a: (d.print_help(), 2)[1])
 
     t = sub.add_parser("train", help="train the defect model on a dataset",

@@ -10,7 +10,7 @@ plant sees that the default simulator leaves off (inkjet lot codes, silicone oil
 frames through a lossy JPEG round trip as colour cameras' images often are. Each record keeps its own
 ``pixel_um``. The ranges are broad by design and were not fitted to any one simulated line
 (``benchmarks/worlds.py``): a pretraining set drawn this way is what the still-image transfer model
-(``models/still``) was trained on.
+(``models/still``, ``make still-model``) was trained on.
 """
 
 from __future__ import annotations
