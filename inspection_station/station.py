@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.exposition import generate_latest
+
 from vialinspect.export.package import load_package, open_runner
 from vialinspect.vision.preprocess import InputSpec
 
@@ -26,7 +28,7 @@ from .line import LogLineOutput, OpcUaLineOutput
 from .pipeline import LoadedModel, ModelSlot, Pipeline
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import open_source
-from .stats import StationStats, prometheus_text, status_line
+from .stats import StationStats, station_registry, status_line
 from .store import RecordStore
 
 log = logging.getLogger("vialinspect.station")
@@ -151,18 +153,29 @@ def open_line(spec: str, store_dir: Path, recipe: Recipe | None = None):
     return LogLineOutput(store_dir / "line.jsonl")
 
 
+# The classic text format, which generate_latest writes and every Prometheus version reads (prometheus_client's
+# CONTENT_TYPE_LATEST says version=1.0.0 in newer releases, which older scrapers do not know).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
 class MetricsServer:
-    """Prometheus text format on 127.0.0.1 only: the station's figures never leave the machine by default."""
+    """Prometheus text format on 127.0.0.1 only: the station's figures never leave the machine by default.
+
+    Served by prometheus_client from a registry of this station's own (``self.registry``): its series, built from
+    one snapshot per scrape, and the process's (CPU, memory, open files, Python version).
+    """
 
     def __init__(self, port: int, stats: StationStats):
+        registry = self.registry = station_registry(stats)
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server API
                 if self.path.rstrip("/") not in ("/metrics", ""):
                     self.send_error(404)
                     return
-                body = prometheus_text(stats.snapshot()).encode()
+                body = generate_latest(registry)
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Type", METRICS_CONTENT_TYPE)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -8,9 +8,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .types import Decision
 
@@ -103,34 +107,59 @@ def status_line(s: dict[str, Any]) -> str:
             f"| busy {100 * s.get('inference_load', 0.0):.0f}%")
 
 
-def prometheus_text(s: dict[str, Any]) -> str:
-    lines = [
-        "# HELP vialinspect_containers_total Containers decided.",
-        "# TYPE vialinspect_containers_total counter",
-        f"vialinspect_containers_total {s['containers']}",
-        "# HELP vialinspect_rejected_total Containers rejected.",
-        "# TYPE vialinspect_rejected_total counter",
-        f"vialinspect_rejected_total {s['rejected']}",
-        "# HELP vialinspect_reject_reason_total Rejections per reason.",
-        "# TYPE vialinspect_reject_reason_total counter",
-    ]
-    for reason, n in sorted(s["reasons"].items()):
-        lines.append(f'vialinspect_reject_reason_total{{reason="{reason}"}} {n}')
-    lines += [
-        "# HELP vialinspect_containers_per_minute Throughput over the last minute.",
-        "# TYPE vialinspect_containers_per_minute gauge",
-        f"vialinspect_containers_per_minute {s['containers_per_min']:.3f}",
-        "# HELP vialinspect_queue_depth Containers waiting for inference.",
-        "# TYPE vialinspect_queue_depth gauge",
-        f"vialinspect_queue_depth {s.get('queue_depth', 0)}",
-        "# HELP vialinspect_inference_busy_ratio Running fraction of time the inference thread is deciding.",
-        "# TYPE vialinspect_inference_busy_ratio gauge",
-        f"vialinspect_inference_busy_ratio {s.get('inference_load', 0.0):.3f}",
-        "# HELP vialinspect_inference_fallback 1 when a GPU was wanted and the CPU runs the model.",
-        "# TYPE vialinspect_inference_fallback gauge",
-        f"vialinspect_inference_fallback {int(bool(s.get('fallback')))}",
-    ]
-    for q, key in (("0.5", "latency_p50_ms"), ("0.99", "latency_p99_ms")):
-        if s.get(key) is not None:
-            lines.append(f'vialinspect_decision_latency_ms{{quantile="{q}"}} {s[key]:.3f}')
-    return "\n".join(lines) + "\n"
+class StationCollector(Collector):
+    """The station's series for Prometheus, all built from one ``snapshot()`` per scrape.
+
+    Nothing here is updated from the hot path: the recording thread keeps writing ``StationStats`` under its lock,
+    and a scrape reads it once, so the figures of one scrape agree with each other. Exposed names are the ones the
+    endpoint always had (counters end in ``_total``, which prometheus_client appends to a counter family's name).
+    """
+
+    def __init__(self, stats: StationStats):
+        self.stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(self.stats.snapshot())
+
+    @staticmethod
+    def _families(s: dict[str, Any] | None) -> list[Metric]:
+        """The metric families of snapshot ``s``; with ``s`` None, the same families without samples."""
+        containers = CounterMetricFamily("vialinspect_containers", "Containers decided.")
+        rejected = CounterMetricFamily("vialinspect_rejected", "Containers rejected.")
+        reasons = CounterMetricFamily("vialinspect_reject_reason", "Rejections per reason.", labels=["reason"])
+        per_min = GaugeMetricFamily("vialinspect_containers_per_minute", "Throughput over the last minute.")
+        queue = GaugeMetricFamily("vialinspect_queue_depth", "Containers waiting for inference.")
+        busy = GaugeMetricFamily("vialinspect_inference_busy_ratio",
+                                 "Running fraction of time the inference thread is deciding.")
+        fallback = GaugeMetricFamily("vialinspect_inference_fallback",
+                                     "1 when a GPU was wanted and the CPU runs the model.")
+        # Quantiles only: they come from a sliding window of recent decisions, which has no monotonic _sum/_count.
+        latency = Metric("vialinspect_decision_latency_ms",
+                         "Decision latency in ms, trigger to decision, over the most recent decided units.", "summary")
+        families = [containers, rejected, reasons, per_min, queue, busy, fallback, latency]
+        if s is None:
+            return families
+        containers.add_metric([], s["containers"])
+        rejected.add_metric([], s["rejected"])
+        for reason, n in sorted(s["reasons"].items()):
+            reasons.add_metric([reason], n)
+        per_min.add_metric([], s["containers_per_min"])
+        queue.add_metric([], s.get("queue_depth", 0))
+        busy.add_metric([], s.get("inference_load", 0.0))
+        fallback.add_metric([], int(bool(s.get("fallback"))))
+        for q, key in (("0.5", "latency_p50_ms"), ("0.99", "latency_p99_ms")):
+            if s.get(key) is not None:
+                latency.add_sample("vialinspect_decision_latency_ms", {"quantile": q}, s[key])
+        return families
+
+
+def station_registry(stats: StationStats) -> CollectorRegistry:
+    """A registry of its own for one station (never the global one): its series and the process's."""
+    registry = CollectorRegistry()
+    registry.register(StationCollector(stats))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry

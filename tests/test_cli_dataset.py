@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import cv2
+import pytest
 
 from vialinspect.cli import build_parser, main
 
@@ -73,3 +74,24 @@ def test_console_script_help_is_fast_and_lists_commands():
     r = subprocess.run([sys.executable, "-c", "import sys, vialinspect.cli; vialinspect.cli.build_parser(); "
                         "print('torch' in sys.modules, 'cv2' in sys.modules)"], capture_output=True, text=True)
     assert r.stdout.strip() == "False False"
+
+
+def test_log_level_sets_the_librarys_loggers_and_refuses_unknown_levels(tmp_path, capsys):
+    import logging
+
+    from vialinspect.cli import main
+
+    lib = logging.getLogger("vialinspect")
+    before = lib.level
+    try:
+        assert main(["--log-level", "DEBUG", "dataset", "check", str(tmp_path / "missing")]) != 0
+        assert lib.level == logging.DEBUG
+        assert main(["dataset", "check", str(tmp_path / "missing")]) != 0
+        assert lib.level == logging.WARNING  # the default
+    finally:
+        lib.setLevel(before)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--log-level", "loud", "dataset", "check", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--log-level" in err and "Traceback" not in err

@@ -340,8 +340,6 @@ def cmd_package_fit_domain(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- station
 
 def cmd_station(a: argparse.Namespace) -> int:
-    import logging
-
     from vialinspect.export.package import PackageError
     from vialinspect.export.registry import RegistryError
     from vialinspect.inspection_station.recipe import RecipeError
@@ -349,7 +347,6 @@ def cmd_station(a: argparse.Namespace) -> int:
     from vialinspect.inspection_station.station import StationOptions, run_station, summary_text
     from vialinspect.inspection_station.store import StoreError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     opts = StationOptions(recipe=Path(a.recipe), source=a.source, store=Path(a.store),
                           max_containers=a.max_containers, duration_s=a.duration, line=a.line,
                           metrics_port=a.metrics_port, device=a.device, threads=a.threads, quiet=a.quiet,
@@ -636,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Automated visual inspection of injectable containers: simulate, train, export, inspect, review.",
     )
     p.add_argument("--version", action="version", version=f"vialinspect {__version__}")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="warning", type=str.lower,
+                   help="what the library's log messages show on stderr, before the command: debug, info, "
+                        "warning (default: warnings and errors, e.g. a GPU falling back to the CPU) or error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     from vialinspect.datasets.sim.config import NUISANCE_TAGS
@@ -869,10 +869,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     set_offline_env()
     parser = build_parser()
     a = parser.parse_args(argv)
+    # Other libraries stay at warnings; ours at the level asked for. basicConfig adds a stderr handler only where
+    # none is set up yet (an application embedding main() keeps its own).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vialinspect").setLevel(getattr(logging, a.log_level.upper()))
     if not getattr(a, "func", None):
         parser.print_help()
         return 2
