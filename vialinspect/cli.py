@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "warning (default: warnings and errors, e.g. a GPU falling back to the CPU) or error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    from vialinspect.datasets.sim.config import NUISANCE_TAGS
+    from vialinspect.datasets.sim.config import NUISANCE_TAGS, OPTICS
 
     g = sub.add_parser("generate", help="render a simulated dataset of vials and syringes",
                        description="Render back-lit inspection frames of vials and syringes with exact ground truth "
@@ -656,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "crack=0.25, fill_level=0.25; classes not given keep theirs), e.g. crack=0.45 for a "
                         "crack-rich training lot; repeatable")
     g.add_argument("--pixel-um", type=float, default=40.0, help="camera pixel scale in µm/px (default 40)")
-    g.add_argument("--optics", choices=("fixed", "varied"), default="fixed",
+    g.add_argument("--optics", choices=OPTICS, default="fixed",
                    help="fixed: every container through one camera (--pixel-um); varied: each container through "
                         "its own camera drawn from broad ranges (35-90 µm/px, light, blur, noise, vignetting, "
                         "JPEG), with lot codes and silicone oil on: a pretraining set for new lines "

@@ -26,6 +26,9 @@ NUISANCE_TAGS: tuple[str, ...] = (
 PRODUCTS: tuple[str, ...] = ("clear", "tinted", "opalescent")
 
 
+OPTICS = ("fixed", "varied")  # SimConfig.optics: one camera, or each container's own (sim/optics.py)
+
+
 @dataclass(frozen=True)
 class CameraConfig:
     """A back-lit monochrome inspection camera. Defaults: 40 µm/px, a 100 µm particle covers ~2.5 px."""
@@ -78,8 +81,8 @@ class SimConfig:
                 raise ValueError(f"unknown container format {f!r}; known: {', '.join(FORMATS)}")
         if not self.formats:
             raise ValueError("at least one container format is needed")
-        if self.optics not in ("fixed", "varied"):
-            raise ValueError(f"optics must be fixed or varied, got {self.optics!r}")
+        if self.optics not in OPTICS:
+            raise ValueError(f"optics must be {' or '.join(OPTICS)}, got {self.optics!r}")
         if not 1 <= self.frames <= 64:
             raise ValueError(f"frames per container must be 1..64, got {self.frames}")
         if not 0.0 <= self.defect_rate <= 1.0:

@@ -23,8 +23,6 @@ import numpy as np
 
 from .config import CameraConfig, SimConfig
 
-OPTICS = ("fixed", "varied")
-
 # (low, high) of each camera setting; pixel_um is drawn log-uniform, the rest uniform.
 CAMERA_RANGES: dict[str, tuple[float, float]] = {
     "pixel_um": (35.0, 90.0),
@@ -90,6 +88,9 @@ def degrade(frames: list[np.ndarray], cfg: SimConfig, index: int, seed: int) -> 
     quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
     out = []
     for f in frames:
+        if f.dtype != np.uint8 or f.ndim != 2:  # only 8-bit grey frames are stored as a JPEG would be
+            out.append(f)
+            continue
         ok, buf = cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, quality])
-        out.append(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok and f.dtype == np.uint8 and f.ndim == 2 else f)
+        out.append(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else f)
     return out
