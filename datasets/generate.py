@@ -1,7 +1,9 @@
 """Generate a simulated dataset on all cores: frames, defect masks and the manifest.
 
 Each container is drawn from ``SeedSequence([seed, index])``, so its images are byte-identical whatever
-the number of workers or the order in which they finish.
+the number of workers or the order in which they finish. With ``passes`` > 1 each container is a physical unit
+acquired ``passes`` times (``sim/reacquire.py``), for a qualification study; acquisition k of unit i is drawn
+from its own stream, so the same holds for it.
 """
 
 from __future__ import annotations
@@ -20,33 +22,45 @@ from .manifest import MANIFEST_NAME, ManifestWriter, parse_record
 from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, split_for, union_box
 from .sim.config import SimConfig
 from .sim.optics import container_config, degrade
+from .sim.reacquire import reacquire
 from .sim.render import render
 from .sim.scene import sample_scene
+
+MAX_PASSES = 100  # acquisitions per unit; ids carry two digits (c000012_a00 .. c000012_a99)
 
 
 @dataclass
 class GenerateStats:
-    containers: int
+    containers: int  # records written: units x passes
     frames: int
     seconds: float
     workers: int
+    passes: int = 1  # acquisitions per physical unit
 
     @property
     def frames_per_s(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else float("inf")
 
 
-def container_id(index: int) -> str:
-    return f"c{index:06d}"
+def container_id(index: int, acquisition: int | None = None) -> str:
+    """``c000012``; acquisition 3 of that unit in a multi-pass dataset: ``c000012_a03``."""
+    unit = f"c{index:06d}"
+    return unit if acquisition is None else f"{unit}_a{acquisition:02d}"
 
 
-def make_container(cfg: SimConfig, index: int, seed: int) -> tuple[ContainerRecord, list, object]:
-    """Render one container in memory: (record with relative paths, frames, mask or None)."""
+def make_container(cfg: SimConfig, index: int, seed: int,
+                   acquisition: int | None = None) -> tuple[ContainerRecord, list, object]:
+    """Render one container in memory: (record with relative paths, frames, mask or None).
+
+    ``acquisition`` (multi-pass datasets): that acquisition of unit ``index``; its record carries ``unit`` and
+    ``acquisition`` and takes the unit's split. None: a plain record, as before passes existed.
+    """
     base = cfg
-    cfg = container_config(base, index, seed)
-    scene = sample_scene(cfg, index, seed)
+    cfg = container_config(base, index, seed)  # the unit's camera: every acquisition is on the same machine
+    scene = reacquire(sample_scene(cfg, index, seed), cfg, seed, acquisition or 0)
     out = render(scene, cfg.camera)
-    cid = container_id(index)
+    unit = container_id(index)
+    cid = container_id(index, acquisition)
     frames = [f"images/{cid}_f{k}.png" for k in range(len(out.frames))]
     defects = [Defect(cls=a.cls, bbox=union_box(a.frame_bboxes), frame_bboxes=a.frame_bboxes,
                       mask_value=a.mask_value or None, kind=a.kind, size_um=a.size_um, length_mm=a.length_mm,
@@ -57,8 +71,9 @@ def make_container(cfg: SimConfig, index: int, seed: int) -> tuple[ContainerReco
     fr = out.framing
     assert fr is not None
     axis_col, bottom_row = fr.to_px(scene.pose.dx_mm, scene.pose.dz_mm)
+    passes = {} if acquisition is None else {"unit": unit, "acquisition": acquisition}
     rec = ContainerRecord(
-        id=cid, frames=frames, classes=scene.classes, split=split_for(cid), format=scene.format.name,
+        id=cid, frames=frames, classes=scene.classes, split=split_for(unit), format=scene.format.name,
         product=scene.product, defects=defects, nuisances=scene.nuisance_tags, nuisance_objects=nuis,
         mask=f"masks/{cid}.png" if has_mask else None, fill_height_mm=round(scene.fill_height_mm, 4),
         fill_volume_ml=round(scene.fill_volume_ml, 5),
@@ -66,7 +81,7 @@ def make_container(cfg: SimConfig, index: int, seed: int) -> tuple[ContainerReco
         pixel_um=cfg.camera.pixel_um, image_size=(fr.width, fr.height),
         extra={"pose": {"dx_mm": round(scene.pose.dx_mm, 4), "dz_mm": round(scene.pose.dz_mm, 4),
                         "tilt_deg": round(scene.pose.tilt_deg, 4)},
-               "axis_px": [round(float(axis_col), 2), round(float(bottom_row), 2)]},
+               "axis_px": [round(float(axis_col), 2), round(float(bottom_row), 2)], **passes},
     )
     return rec, degrade(out.frames, base, index, seed), out.mask if has_mask else None
 
@@ -89,18 +104,20 @@ def _fresh_opencv_pool() -> None:
     cv2.setNumThreads(n)
 
 
-def _init_worker(cfg: SimConfig, seed: int, root: str) -> None:
+def _init_worker(cfg: SimConfig, seed: int, root: str, passes: int = 1) -> None:
     # One thread per process: the processes already fill the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import cv2
 
     cv2.setNumThreads(1)
-    _WORKER.update(cfg=cfg, seed=seed, root=Path(root))
+    _WORKER.update(cfg=cfg, seed=seed, root=Path(root), passes=passes)
 
 
-def _work(index: int) -> dict:
-    cfg, seed, root = _WORKER["cfg"], _WORKER["seed"], _WORKER["root"]
-    rec, frames, mask = make_container(cfg, index, seed)
+def _work(item: int) -> dict:
+    """Work item ``item``: unit ``item // passes``, acquisition ``item % passes`` (a plain record for 1 pass)."""
+    cfg, seed, root, passes = _WORKER["cfg"], _WORKER["seed"], _WORKER["root"], _WORKER["passes"]
+    index, acquisition = divmod(item, passes)
+    rec, frames, mask = make_container(cfg, index, seed, acquisition if passes > 1 else None)
     for rel, img in zip(rec.frames, frames, strict=True):
         write_png(root / rel, img)
     if mask is not None and rec.mask:
@@ -109,11 +126,17 @@ def _work(index: int) -> dict:
 
 
 def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | None = None,
-             overwrite: bool = False, progress: Callable | None = None) -> GenerateStats:
-    """Write ``n`` containers to ``out``. ``progress`` wraps an iterator (e.g. tqdm) if given."""
+             overwrite: bool = False, progress: Callable | None = None, passes: int = 1) -> GenerateStats:
+    """Write ``n`` containers to ``out``. ``progress`` wraps an iterator (e.g. tqdm) if given.
+
+    ``passes`` > 1: each of the ``n`` physical units is acquired ``passes`` times (``n * passes`` records, ids
+    ``c000012_a00`` ..., keys ``unit`` and ``acquisition``, all of a unit in its split); 1 writes the plain dataset.
+    """
     cfg.validate()
     if n < 1:
         raise ValueError(f"number of containers must be at least 1, got {n}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= MAX_PASSES:
+        raise ValueError(f"passes must be a whole number from 1 to {MAX_PASSES}, got {passes!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -136,19 +159,23 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
         "simulator": asdict(cfg),
         "host": platform.node(),
     }
+    if passes > 1:  # a plain dataset's header stays as it was
+        header["passes"] = passes
     writer = ManifestWriter(out, header)
     t0 = time.perf_counter()
     frames = 0
+    items = n * passes  # in order: unit 0's acquisitions, then unit 1's, ...
     pool = None
     try:
         if workers == 1:
-            _init_worker(cfg, seed, str(out))
-            results = map(_work, range(n))
+            _init_worker(cfg, seed, str(out), passes)
+            results = map(_work, range(items))
         else:
             _fresh_opencv_pool()
-            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(cfg, seed, str(out)))
-            results = pool.imap(_work, range(n), chunksize=4)
-        it = progress(results, total=n) if progress else results
+            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker,
+                                               initargs=(cfg, seed, str(out), passes))
+            results = pool.imap(_work, range(items), chunksize=4)
+        it = progress(results, total=items) if progress else results
         for row in it:
             rec = parse_record(row, out, check_files=False)
             writer.write(rec)
@@ -162,4 +189,5 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
             pool.terminate()
         raise
     writer.close()
-    return GenerateStats(containers=n, frames=frames, seconds=time.perf_counter() - t0, workers=workers)
+    return GenerateStats(containers=items, frames=frames, seconds=time.perf_counter() - t0, workers=workers,
+                         passes=passes)

@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .manifest_row import ManifestRow, problem
-from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, union_box
+from .manifest_row import EXTRA_FIELDS, ManifestRow, problem
+from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, union_box, unit_id
 from .validation import one_line
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -95,7 +95,7 @@ def write_manifest(root: Path, header: dict[str, Any], records: list[ContainerRe
 
 # ---------------------------------------------------------------- reading and validation
 
-KNOWN_KEYS = {f.alias or name for name, f in ManifestRow.model_fields.items()}
+KNOWN_KEYS = {f.alias or name for name, f in ManifestRow.model_fields.items()} - set(EXTRA_FIELDS)
 
 
 def parse_record(d: Any, root: Path, check_files: bool = True) -> ContainerRecord:
@@ -141,6 +141,7 @@ def read_manifest(root: Path, check_files: bool = True) -> Dataset:
     problems: list[Problem] = []
     records: list[ContainerRecord] = []
     seen: set[str] = set()
+    acquired: set[tuple[str, int]] = set()  # (unit, acquisition) pairs
     try:
         fh = open(path, encoding="utf-8")
     except OSError as e:
@@ -173,6 +174,13 @@ def read_manifest(root: Path, check_files: bool = True) -> Dataset:
             if rec.id in seen:
                 problems.append(Problem(n, rec.id, "duplicate id"))
                 continue
+            acq = rec.extra.get("acquisition")
+            if acq is not None:
+                pair = (unit_id(rec), acq)
+                if pair in acquired:
+                    problems.append(Problem(n, rec.id, f"duplicate acquisition {acq} of unit {pair[0]}"))
+                    continue
+                acquired.add(pair)
             seen.add(rec.id)
             records.append(rec)
     return Dataset(root=root, kind="manifest", header=header, records=records, problems=problems)

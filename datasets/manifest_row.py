@@ -1,7 +1,8 @@
 """The manifest row as one typed model: what ``manifest.parse_record`` checks, and the JSON Schema published from it.
 
 Types are strict (JSON says what is a number and what is text: ``"3"`` is not 3). Keys the model does not name
-are kept as they are (``ContainerRecord.extra``); keys of a defect, nuisance object or fill spec it does not
+are kept as they are (``ContainerRecord.extra``), and so are the ones in ``EXTRA_FIELDS``, which it names only to
+check and document them; keys of a defect, nuisance object or fill spec it does not
 name are ignored, as before. ``docs/dataset_schema.json`` is ``schema_text()``, written by
 ``vialinspect dataset schema --out docs/dataset_schema.json`` (a test keeps the two equal).
 """
@@ -106,6 +107,11 @@ class FillSpecRow(_Part):
     tolerance_mm: Positive
 
 
+# Named by ManifestRow (checked, in the schema) but kept in ContainerRecord.extra: they are rarely there, and
+# the record's fields are what every reader of a dataset relies on.
+EXTRA_FIELDS: tuple[str, ...] = ("unit", "acquisition")
+
+
 class ManifestRow(BaseModel):
     """One container of a vialinspect dataset: one line of manifest.jsonl after the header line."""
 
@@ -128,6 +134,11 @@ class ManifestRow(BaseModel):
     image_size: Annotated[tuple[int, int], PlainValidator(_size), WithJsonSchema({
         "type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 2, "maxItems": 2,
         "description": "[width, height] in pixels"})] | None = None
+    unit: Text | None = Field(None, description=(
+        "the physical unit this row is an acquisition of: rows with the same unit are the same container "
+        "inspected again (a qualification study's N acquisitions per unit); absent = the row's id"))
+    acquisition: Annotated[int, Field(ge=0)] | None = Field(None, description=(
+        "which acquisition of its unit this row is, from 0; a (unit, acquisition) pair is unique in a manifest"))
 
     @model_validator(mode="after")
     def _defects_agree(self) -> ManifestRow:

@@ -8,6 +8,7 @@ from pathlib import Path
 from .imagefolder import is_imagefolder, read_imagefolder
 from .imageio import ImageError, read_gray
 from .manifest import MANIFEST_NAME, Dataset, DatasetError, Problem, read_manifest
+from .records import unit_id
 
 
 def open_dataset(path: str | Path, check_files: bool = True) -> Dataset:
@@ -46,7 +47,8 @@ def decode_check(ds: Dataset, progress=None) -> list[Problem]:
 
 
 def summarize(ds: Dataset) -> dict:
-    """Counts per split, class, nuisance, format and frames per container."""
+    """Counts per split, class, nuisance, format and frames per container; ``units``, the number of physical
+    units, where rows are acquisitions of units (``unit`` / ``acquisition``)."""
     recs = ds.records
     by_class: Counter = Counter()
     for r in recs:
@@ -54,6 +56,9 @@ def summarize(ds: Dataset) -> dict:
             by_class["good"] += 1
         for c in r.classes:
             by_class[c] += 1
+    units = {}
+    if any("unit" in r.extra or "acquisition" in r.extra for r in recs):
+        units = {"units": len({unit_id(r) for r in recs})}
     return {
         "kind": ds.kind,
         "containers": len(recs),
@@ -65,4 +70,5 @@ def summarize(ds: Dataset) -> dict:
         "formats": dict(Counter(r.format or "unknown" for r in recs)),
         "frames_per_container": dict(Counter(len(r.frames) for r in recs)),
         "problems": len(ds.problems),
+        **units,
     }

@@ -101,6 +101,13 @@ def _drop_none(d: Any) -> Any:
     return d
 
 
+def unit_id(rec: ContainerRecord) -> str:
+    """The physical unit ``rec`` shows: its ``unit`` (a multi-pass dataset holds several acquisitions of one
+    unit) or, where it has none, its own id (one acquisition per unit)."""
+    unit = rec.extra.get("unit")
+    return unit if isinstance(unit, str) and unit else rec.id
+
+
 def fit_frames(records: list[ContainerRecord], k: int) -> tuple[list[ContainerRecord], int]:
     """Records usable by a model of ``k`` frames: the first ``k`` frames of longer records (a single-frame
     model on multi-frame data sees the first frame), single-frame records as they are (the model repeats

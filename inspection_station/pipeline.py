@@ -9,7 +9,8 @@ its busy fraction, which recording reads):
 - inference takes whatever is waiting (up to the recipe's ``batch_max``: the batch grows with the load),
   decides, and passes decisions on; a unit past its deadline is rejected, never accepted late;
 - recording writes each decision to the store and only then sends it to the line, so a result is final
-  only once it is on disk. A full disk rejects the unit, raises an alarm and stops the station cleanly.
+  only once it is on disk; then it feeds the drift monitor, if any (``drift.py``: warnings, never a stop).
+  A full disk rejects the unit, raises an alarm and stops the station cleanly.
   Kept frames are lossless PNG either way; with the recipe's ``frame_compression = "auto"`` they are
   compressed only while the inference thread is busy less than ``COMPRESS_BELOW_LOAD`` of the time and no
   batch's worth of units waits: on two cores, compressing a flagged unit's four frames costs about half a
@@ -44,6 +45,7 @@ from vialinspect.vision.scores import (
 )
 
 from .assembly import Assembler
+from .drift import DriftMonitor
 from .line import LineOutput
 from .recipe import Recipe
 from .sources import Source
@@ -119,7 +121,8 @@ class Pipeline:
     def __init__(self, source: Source, recipe: Recipe, model: ModelSlot, store: RecordStore, line: LineOutput,
                  stats: StationStats | None = None, *, start_sequence: int = 0, max_containers: int | None = None,
                  window_s: float | None = None, queue_size: int = 32, read_timeout_s: float = 1.0,
-                 on_alarm: Callable[[str], None] | None = None):
+                 on_alarm: Callable[[str], None] | None = None, drift: DriftMonitor | None = None,
+                 on_warning: Callable[[str], None] | None = None):
         self.source, self.recipe, self.model, self.store, self.line = source, recipe, model, store, line
         self.stats = stats or StationStats()
         self.max_containers = max_containers
@@ -134,6 +137,10 @@ class Pipeline:
         self.stop_event = threading.Event()
         self.alarm: str | None = None
         self.on_alarm = on_alarm
+        # Drift alarms are warnings (status line, metrics, heartbeat), never a stop: ``alarm`` above is for faults.
+        # The monitor is fed and read by the recording thread only; others see its state through ``stats``.
+        self.drift = drift
+        self.on_warning = on_warning
         self._acquired = 0
         self._unit_s = 0.0  # running mean of inference time per unit, for admission under overload
         self._busy_until = 0.0  # when the running batch is expected to be decided (monotonic seconds)
@@ -180,6 +187,26 @@ class Pipeline:
         log.error("ALARM: %s", text)
         if self.on_alarm:
             self.on_alarm(text)
+
+    def warn(self, text: str) -> None:
+        """A warning for the operator (a drift alarm): shown, exported, never stops the station."""
+        log.warning("%s", text)
+        if self.on_warning:
+            self.on_warning(text)
+
+    def _watch_drift(self, d: Decision) -> None:
+        assert self.drift is not None
+        try:
+            events = self.drift.add_decision(d)
+            self.stats.set(drift=self.drift.state())
+        except Exception as e:  # noqa: BLE001 - drift is advice: a fault in it must not stop inspection
+            log.exception("drift monitor failed")
+            self.drift = None
+            self.stats.set(drift=None)
+            self.warn(f"drift monitoring failed ({type(e).__name__}: {e}); drift is no longer watched")
+            return
+        for e in events:
+            self.warn(e.text)
 
     # ---------------------------------------------------------------- acquisition
 
@@ -422,3 +449,5 @@ class Pipeline:
                                 "reasons": sorted(set(d.reasons) | {not_inspected("disk_full")})})
             self.line.send(d)
             self.stats.add(d)
+            if self.drift is not None:
+                self._watch_drift(d)

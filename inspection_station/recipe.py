@@ -49,6 +49,19 @@ with no security policy)::
 name (letters, digits and _). The password itself never goes into the recipe or on the command line: a
 ``password`` key is refused. The station reads the files and the variable when it starts (a mistake stops it,
 naming the key) and at each connect; a connection that cannot be made secure is retried, never made insecure.
+
+A shift-start challenge (optional; see ``challenge_spec`` and ``challenge``): known units run through the
+pipeline before production, which is refused on a miss::
+
+    [challenge]
+    set = "challenge-2R"           # a dataset folder (manifest.jsonl), relative to the recipe file
+    rule = "all"                   # or { max_missed_defects = 0, max_false_rejects = 1 }
+    every_hours = 8                # optional: again every 8 hours (> 0, at most 168)
+
+A drift baseline (optional; a ``vision.drift`` JSON file, relative to the recipe file): the station watches
+per-class reject rates and score distributions against it and raises drift warnings (``drift``)::
+
+    drift_baseline = "qualification/drift-baseline.json"
 """
 
 from __future__ import annotations
@@ -70,6 +83,7 @@ from vialinspect.datasets.sim.formats import FORMATS
 from vialinspect.export.builtin import resolve_model_ref, resolve_recipe_ref
 from vialinspect.vision.scores import CLASSES, threshold_problem
 
+from .challenge_spec import ChallengeSpec, ChallengeSpecError, parse_spec
 from .line import LineSecurity, LineSecurityError
 
 DEFAULT_DEADLINE_MS = 500.0
@@ -90,7 +104,8 @@ FRAME_COMPRESSION = ("auto", "always", "never")
 
 _REQUIRED = ("name", "format", "model", "frames")
 _OPTIONAL = ("fill_target_mm", "fill_tolerance_mm", "thresholds", "deadline_ms", "frame_size", "batch_max",
-             "sample_accepted", "min_free_mb", "frame_compression", "trusted_keys", "line_security")
+             "sample_accepted", "min_free_mb", "frame_compression", "trusted_keys", "line_security", "challenge",
+             "drift_baseline")
 KEYS: tuple[str, ...] = _REQUIRED + _OPTIONAL
 # The line_security table (see the module docstring).
 LINE_SECURITY_KEYS: tuple[str, ...] = ("policy", "mode", "certificate", "private_key", "server_certificate", "user",
@@ -130,6 +145,11 @@ class Recipe:
     trusted_keys: tuple[Path, ...] = ()
     # OPC UA security towards the line controller (the line_security table); None: anonymous, no security.
     line_security: LineSecurity | None = None
+    # The shift-start challenge (the challenge table); None: production starts without one.
+    challenge: ChallengeSpec | None = None
+    # A drift baseline (vision.drift JSON, relative to the recipe's folder): the station raises drift warnings
+    # against it (inspection_station.drift); None: no drift monitoring.
+    drift_baseline: Path | None = None
     source: Path | None = None  # the file it was loaded from
     digest: str | None = None  # sha256 of that file (first 16 hex digits), so records can name the exact recipe
 
@@ -202,6 +222,12 @@ class Recipe:
             set_(self, "line_security", _line_security(self.line_security, None))
         _need(self.line_security is None or isinstance(self.line_security, LineSecurity), "line_security",
               f"must be a table of OPC UA security settings, got {_kind(self.line_security)}")
+        if isinstance(self.challenge, dict):  # a recipe built in code may give the table
+            set_(self, "challenge", _challenge(self.challenge, None))
+        _need(self.challenge is None or isinstance(self.challenge, ChallengeSpec), "challenge",
+              f"must be a table of set, rule and every_hours, got {_kind(self.challenge)}")
+        if self.drift_baseline is not None:
+            set_(self, "drift_baseline", Path(self.drift_baseline))
 
     @property
     def fill_spec(self) -> tuple[float, float]:
@@ -245,6 +271,8 @@ class Recipe:
             "trusted_keys": [str(k) for k in self.trusted_keys],
             # Settings only: the password is never part of a recipe.
             "line_security": self.line_security.to_dict() if self.line_security is not None else None,
+            "challenge": self.challenge.to_dict() if self.challenge is not None else None,
+            "drift_baseline": str(self.drift_baseline) if self.drift_baseline is not None else None,
             "source": str(self.source) if self.source else None,
             "digest": self.digest,
         }
@@ -359,6 +387,11 @@ def _parse(data: Any, base_dir: Path | None) -> dict[str, Any]:
                                     else Path(k).expanduser() for k in keys)
     if "line_security" in data:
         out["line_security"] = _line_security(data["line_security"], base_dir)
+    if "challenge" in data:
+        out["challenge"] = _challenge(data["challenge"], base_dir)
+    if "drift_baseline" in data:
+        path = Path(out["drift_baseline"]).expanduser()
+        out["drift_baseline"] = (base_dir / path).resolve() if base_dir is not None else path
     try:
         out["model"] = resolve_model_ref(out["model"], base_dir)
     except (LookupError, FileNotFoundError) as e:
@@ -392,12 +425,14 @@ class RecipeFile(TypedDict, total=False):
     frame_compression: str
     trusted_keys: list[_Text]
     line_security: dict[Any, Any]  # its keys and values: _line_security
+    challenge: dict[Any, Any]  # its keys and values: _challenge
+    drift_baseline: _Text
 
 
 _FILE = TypeAdapter(RecipeFile)
 # What a key's value must be, when RecipeFile refuses it.
 _MUST = {
-    **dict.fromkeys(("name", "format", "model", "frame_compression"), "must be a text"),
+    **dict.fromkeys(("name", "format", "model", "frame_compression", "drift_baseline"), "must be a text"),
     **dict.fromkeys(("frames", "batch_max"), "must be a whole number"),
     **dict.fromkeys(("fill_target_mm", "fill_tolerance_mm", "deadline_ms", "sample_accepted", "min_free_mb"),
                     "must be a number (finite)"),
@@ -405,6 +440,7 @@ _MUST = {
     "frame_size": "must be [width, height], two whole numbers",
     "trusted_keys": "must be a list of public key file names",
     "line_security": "must be a table of setting = value",
+    "challenge": "must be a table of set, rule and every_hours",
 }
 
 
@@ -449,6 +485,14 @@ def _line_security(table: Any, base_dir: Path | None) -> LineSecurity:
         return LineSecurity(**table)
     except LineSecurityError as e:
         raise RecipeError(e.problem, f"line_security.{e.field}") from None
+
+
+def _challenge(table: Any, base_dir: Path | None) -> ChallengeSpec:
+    """The ``challenge`` table; its ``set`` is taken relative to ``base_dir`` (the recipe's folder)."""
+    try:
+        return parse_spec(table, base_dir)
+    except ChallengeSpecError as e:
+        raise RecipeError(e.problem, f"challenge.{e.key}" if e.key else "challenge") from None
 
 
 def _need(ok: bool, key: str, problem: str) -> None:

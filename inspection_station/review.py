@@ -6,7 +6,8 @@
 - signed reviews (21 CFR 11.50: printed name, time and meaning; 11.200: the password is re-entered for every
   signature): ``confirmed_defect`` (with the reviewed classes), ``false_reject`` (a good unit) or
   ``escalate``. A change of a review is a new review that supersedes the old one, never an update;
-- trends: reject rate per class over time and review outcomes per model version;
+- trends: reject rate per class over time and review outcomes per model version; the control chart's counts
+  (``control_counts``: units the model decided, per period);
 - export of reviewed units as a dataset (manifest v1) for retraining.
 
 Rejects stay rejects: nothing here writes to the station's record store (it is opened read-only); a review
@@ -172,6 +173,21 @@ class RejectRate:
     @property
     def rate(self) -> float:
         return self.rejected / self.inspected if self.inspected else 0.0
+
+
+@dataclass
+class ChartCount:
+    """One point of a reject-rate control chart: of the units the model decided in ``period`` (no
+    ``not_inspected`` reason, as the station's drift monitor counts them), those rejected for ``cls``."""
+
+    period: str  # as RejectRate.period
+    cls: str  # a defect class or "any"
+    rejected: int
+    decided: int
+
+    @property
+    def rate(self) -> float:
+        return self.rejected / self.decided if self.decided else 0.0
 
 
 @dataclass
@@ -659,6 +675,36 @@ class ReviewService:
             outcomes.append(Outcome(m, n, r, c["confirmed_defect"], c["false_reject"], c["escalate"],
                                     max(r - reviewed, 0)))
         return Trends(rates, outcomes)
+
+    def control_counts(self, bucket: str = "day", model_version: str | None = None,
+                       since: str | float | datetime | None = None,
+                       until: str | float | datetime | None = None) -> list[ChartCount]:
+        """Per period and per class (and "any"), the units the model decided and those it rejected for the class;
+        one model version's (``model_version``, "(none)" for units decided without a model) or all of them.
+        Units not inspected are left out: their reject is the station's fail-safe, not the model's."""
+        fmt = {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H:00"}.get(bucket)
+        if fmt is None:
+            raise ReviewError(f"unknown bucket {bucket!r} (day or hour)")
+        where, args = time_range_sql(parse_time(since), parse_time(until, end=True))
+        where.append("NOT EXISTS (SELECT 1 FROM json_each(decisions.reasons) AS n "
+                     "WHERE n.value LIKE 'not_inspected:%')")
+        if model_version is not None:
+            where.append("COALESCE(model_version, '(none)') = ?")
+            args.append(model_version)
+        w = " AND ".join(where)
+        period = f"strftime('{fmt}', decided_at, 'unixepoch')"
+        with self._records() as conn:
+            totals = {p: (int(n), int(r)) for p, n, r in conn.execute(
+                f"SELECT {period}, COUNT(*), SUM(1 - accept) FROM decisions WHERE {w} GROUP BY 1", args)}
+            per_class = {(p, c): int(k) for p, c, k in conn.execute(
+                f"SELECT {period}, j.value, COUNT(*) FROM decisions, json_each(decisions.reasons) AS j "
+                f"WHERE accept = 0 AND {w} GROUP BY 1, 2", args)}
+        out = []
+        for p in sorted(totals):
+            n, r = totals[p]
+            out += [ChartCount(p, c, per_class.get((p, c), 0), n) for c in DEFECT_CLASSES]
+            out.append(ChartCount(p, "any", r, n))
+        return out
 
     # ---- export -----------------------------------------------------------------------------------------
 

@@ -54,11 +54,13 @@ from fastapi import HTTPException  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vialinspect.datasets.records import DEFECT_CLASSES  # noqa: E402
+from vialinspect.vision.drift import DriftBaseline, p_chart_limit  # noqa: E402
 
 from . import audit, users  # noqa: E402
 from .login_limit import ACCOUNT, Attempt, LoginLimiter, RefusalReport, too_many_message  # noqa: E402
 from .review import (  # noqa: E402
     NOT_INSPECTED,
+    ChartCount,
     QueueFilter,
     RejectRate,
     ReviewError,
@@ -143,9 +145,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 class _App:
     """Handlers bound to one store; the Gradio layout is built in :func:`build_app`."""
 
-    def __init__(self, svc: ReviewService) -> None:
+    def __init__(self, svc: ReviewService, drift_baseline: DriftBaseline | None = None) -> None:
         self.svc = svc
         self.db = svc.db
+        self.drift_baseline = drift_baseline  # the control charts' centre line and limits; None: from the data
         # One private folder per app instance for everything handed to Gradio; see _private().
         self.temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)).resolve()
         os.chmod(self.temp_dir, 0o700)
@@ -421,6 +424,53 @@ class _App:
         versions = sorted({o.model_version for o in t.outcomes})
         return _rates_figure(rates), bars, table, gr.update(choices=[ANY, *versions])
 
+    def control_chart(self, bucket: str, model: str, request: gr.Request):
+        _user(request)
+        try:
+            counts = self.svc.control_counts(bucket=bucket or "day", model_version=_opt(model))
+        except ReviewError as e:
+            raise _err(str(e)) from None
+        return control_figure(counts, self.drift_baseline, _opt(model), bucket or "day")
+
+
+def control_figure(counts: list[ChartCount], baseline: DriftBaseline | None, model: str | None = None,
+                   bucket: str = "day"):
+    """A p-chart per class (and any class): the reject rate of the units the model decided per period, the
+    centre line (the baseline's rate, or else the pooled rate of the data shown, which only tells periods apart
+    from each other) and the 3-sigma upper limit for each period's number of units. Periods above it are red."""
+    from matplotlib.figure import Figure  # no pyplot: no global state shared between the app's threads
+
+    fig = Figure(figsize=(11, 6.4), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True).ravel()
+    for ax, cls in zip(axes, (*DEFECT_CLASSES, "any"), strict=True):
+        pts = sorted((pd.Timestamp(c.period), c) for c in counts if c.cls == cls)
+        decided = sum(c.decided for _, c in pts)
+        if baseline is not None:
+            centre = baseline.reject_rate[cls]
+            where = f"baseline of model {baseline.model_version} ({baseline.units} units)"
+        else:
+            centre = sum(c.rejected for _, c in pts) / decided if decided else 0.0
+            where = "these data (no baseline given)"
+        ax.set_title(f"{cls}: centre {100 * centre:.2f}% from {where}", fontsize=9, loc="left")
+        if pts:
+            x = [t for t, _ in pts]
+            y = [100 * c.rate for _, c in pts]
+            ucl = [100 * p_chart_limit(centre, c.decided) for _, c in pts]
+            ax.plot(x, y, marker="o", color="#444444", linewidth=1.4, label="reject rate")
+            ax.axhline(100 * centre, color="#2ca02c", linewidth=1.2, label="centre")
+            ax.plot(x, ucl, color="#d62728", linestyle="--", drawstyle="steps-mid", linewidth=1.2,
+                    label="upper limit (3σ)")
+            out = [(t, v) for t, v, u in zip(x, y, ucl, strict=True) if v > u]
+            if out:
+                ax.plot([t for t, _ in out], [v for _, v in out], "o", color="#d62728", markersize=8)
+            ax.legend(fontsize=7, loc="upper left", ncols=3)
+        ax.set_ylabel("reject rate %")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Control chart of the reject rate per {bucket} (UTC), {f'model {model}' if model else 'all models'}"
+                 "; units not inspected left out")
+    return fig
+
 
 def _rates_figure(rates: list[RejectRate]):
     """Reject rate per class over time, one panel per model version (lines with markers: a day is a point)."""
@@ -530,10 +580,12 @@ def _decider(app: _App, verdict: str):
     return decide
 
 
-def build_app(store_dir: str | Path, service: ReviewService | None = None) -> gr.Blocks:
-    """The review app's Blocks over ``store_dir``. Launch it with :func:`serve` (login, guard, shortcuts)."""
+def build_app(store_dir: str | Path, service: ReviewService | None = None,
+              drift_baseline: DriftBaseline | None = None) -> gr.Blocks:
+    """The review app's Blocks over ``store_dir``. Launch it with :func:`serve` (login, guard, shortcuts).
+    ``drift_baseline`` gives the trends page's control charts their centre line (else the data's own)."""
     svc = service or ReviewService(store_dir)
-    app = _App(svc)
+    app = _App(svc, drift_baseline)
     vis = "undocumented"  # callable by a logged-in client, but not described to anyone (not even the login page)
 
     # delete_cache: the images and CSV files Gradio serves do not linger on disk for more than two hours (and the
@@ -605,6 +657,7 @@ def build_app(store_dir: str | Path, service: ReviewService | None = None) -> gr
                     t_model = gr.Dropdown([ANY], value=ANY, label="Model version")
                     b_trends = gr.Button("Refresh")
                 t_rates = gr.Plot(label="Reject rate per class over time", format="png")
+                t_control = gr.Plot(label="Control chart per class", format="png")
                 t_bars = gr.BarPlot(x="model version", y="units", color="outcome",
                                     title="Review outcomes per model version", height=320)
                 t_table = gr.Dataframe(interactive=False, label="Estimated false-reject rate per model version")
@@ -642,16 +695,16 @@ def build_app(store_dir: str | Path, service: ReviewService | None = None) -> gr
                       api_visibility=vis)
         b_verify.click(app.verify, None, [a_verify], api_name="verify_audit", api_visibility=vis)
         b_csv.click(app.export_audit, None, [a_file], api_name="export_audit", api_visibility=vis)
+        # The control chart follows every trends refresh as a step of its own (the "trends" API keeps its outputs).
         b_trends.click(app.trends, [t_bucket, t_model], [t_rates, t_bars, t_table, t_model], api_name="trends",
-                       api_visibility=vis)
+                       api_visibility=vis).then(app.control_chart, [t_bucket, t_model], [t_control],
+                                                api_visibility="private")
         tab_history.select(app.history_current, [cid, h_cid], [h_cid, h_text, h_table], api_visibility="private")
         tab_audit.select(app.audit_log, [a_user, a_action, a_cid, a_limit], [a_table], api_visibility="private")
-        tab_trends.select(app.trends, [t_bucket, t_model], [t_rates, t_bars, t_table, t_model],
-                          api_visibility="private")
-        t_bucket.change(app.trends, [t_bucket, t_model], [t_rates, t_bars, t_table, t_model],
-                        api_visibility="private")
-        t_model.change(app.trends, [t_bucket, t_model], [t_rates, t_bars, t_table, t_model],
-                       api_visibility="private")
+        for trigger in (tab_trends.select, t_bucket.change, t_model.change):
+            trigger(app.trends, [t_bucket, t_model], [t_rates, t_bars, t_table, t_model],
+                    api_visibility="private").then(app.control_chart, [t_bucket, t_model], [t_control],
+                                                   api_visibility="private")
         # For scripts (gradio_client, logged in): a unit's detail as JSON, and signing without the widgets.
         gr.api(app.api_unit, api_name="unit", api_visibility=vis)
         gr.api(app.api_sign, api_name="sign_review", api_visibility=vis)
@@ -963,7 +1016,8 @@ def launch_options(store_dir: str | Path, db: audit.ReviewDB | None = None,
 
 def serve(store_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
           quiet: bool = False, idle_timeout_s: float = IDLE_TIMEOUT_S,
-          login_limiter: LoginLimiter | None = None) -> tuple[gr.Blocks, str]:
+          login_limiter: LoginLimiter | None = None,
+          drift_baseline: DriftBaseline | None = None) -> tuple[gr.Blocks, str]:
     """Build and launch the app; returns (blocks, local URL). ``block=False`` returns at once (tests).
 
     ``demo.close()`` also audits the refused logins still pending and removes the app's private temp folder.
@@ -973,7 +1027,7 @@ def serve(store_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, bloc
     svc = ReviewService(store_dir)
     demo = None
     try:
-        demo = build_app(store_dir, svc)
+        demo = build_app(store_dir, svc, drift_baseline)
         gate = LoginGate(svc.db, login_limiter)
         demo.review_closers.append(gate.close)  # type: ignore[attr-defined]
         demo.login_gate = gate  # type: ignore[attr-defined]

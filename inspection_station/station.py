@@ -24,6 +24,9 @@ from prometheus_client.exposition import generate_latest
 from vialinspect.export.package import load_package, open_runner
 from vialinspect.vision.preprocess import InputSpec
 
+from .challenge import IntakeGate, ShiftChallenge
+from .challenge_spec import ChallengeSpec
+from .drift import DriftMonitor
 from .line import LogLineOutput, OpcUaLineOutput
 from .pipeline import LoadedModel, ModelSlot, Pipeline
 from .recipe import Recipe, RecipeError, load_recipe
@@ -50,6 +53,9 @@ class StationOptions:
     registry: Path | None = None  # run the registry's current model for the recipe, and follow promotions
     registry_poll_s: float = 2.0
     trusted_keys: tuple[Path, ...] = ()  # public keys (PEM) whose signature a package needs, besides the recipe's
+    operator: str | None = None  # who starts the station, recorded with each challenge (default: the OS user)
+    challenge: ChallengeSpec | None = None  # the shift-start challenge, instead of the recipe's
+    drift_baseline: Path | None = None  # drift warnings against this baseline, instead of the recipe's
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None, spin: bool = False) -> LoadedModel:
@@ -243,6 +249,9 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     misfit = _misfit(model, recipe)
     if misfit:
         raise RecipeError(misfit, "frames", opts.recipe)
+    drift = drift_monitor(opts, recipe, model.version, print_fn)
+    spec = opts.challenge or recipe.challenge  # a bad challenge set stops the start here, before anything opens
+    challenger = ShiftChallenge(spec, recipe, Path(opts.store), opts.operator, print_fn) if spec else None
     store = RecordStore(opts.store, sample_accepted=recipe.sample_accepted, min_free_mb=recipe.min_free_mb)
     source = None
     try:  # a source or line that cannot be opened leaves nothing open behind it
@@ -255,6 +264,8 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
             source.close()
         store.close()
         raise
+    if challenger is not None and challenger.spec.every_hours:
+        source = IntakeGate(source, recipe.frames)  # a periodic challenge pauses intake between two units
     stats = StationStats()
     stats.set(provider=model.runner.status.provider, fallback=model.runner.status.fallback,
               model_version=model.version)
@@ -266,9 +277,11 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
         model.runner.warm_up(*_padded(recipe.frame_size, spec))
     slot = ModelSlot(model, on_swap=lambda m: stats.set(model_version=m.version))
     pipe = Pipeline(source, recipe, slot, store, line, stats, start_sequence=start,
-                    max_containers=opts.max_containers)
+                    max_containers=opts.max_containers, drift=drift,
+                    on_warning=lambda text: print_fn(f"\nWARNING: {text}"))
     watcher = RegistryWatcher(registry, recipe, slot, opts.device, opts.threads, opts.registry_poll_s,
-                              model.version, print_fn, on_alarm=pipe.raise_alarm) if registry is not None else None
+                              model.version, print_fn, on_alarm=lambda text: pipe.raise_alarm(text)) \
+        if registry is not None else None
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -283,12 +296,20 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     print_fn(f"station: recipe {recipe.name}, model {model.version} on {model.runner.status.provider}, source "
              f"{opts.source}, store {opts.store} (resuming at unit {start})"
              + (f", metrics http://127.0.0.1:{metrics.port}/metrics" if metrics else ""))
-    pipe.start()
     tty = sys.stdout.isatty()
     last_print = 0.0
+    errors: list[str] = []  # of pipelines stopped for a periodic challenge
     try:
+        # Positive release: with a challenge, production starts only once it has passed.
+        if challenger is None or _challenge_passed(challenger, slot.current(), pipe, line, store, print_fn):
+            pipe.start()
         while pipe.running:
             time.sleep(0.1)
+            if challenger is not None and challenger.due() and not pipe.stop_event.is_set():
+                errors += pipe.errors
+                pipe = _periodic_challenge(challenger, pipe, slot, store, line, stats, opts, print_fn)
+                if stopping.is_set():  # SIGINT or SIGTERM while the challenge ran
+                    pipe.request_stop()
             if opts.duration_s is not None and time.monotonic() - t0 >= opts.duration_s:
                 pipe.request_stop()
             heartbeat = {"state": "alarm" if pipe.alarm else ("stopping" if pipe.stop_event.is_set() else "running"),
@@ -296,6 +317,8 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
                          # The record store's chain head, anchored outside the store: a later rewrite of the
                          # records cannot also rewrite what the line controller logged.
                          "records_head": store.head}
+            if drift is not None:  # drift is a warning: the state stays "running"
+                heartbeat["drift"] = [a["text"] for a in (stats.gauge("drift") or {}).get("alarms", [])]
             if time.monotonic() - last_print >= opts.status_every_s:
                 last_print = time.monotonic()
                 line.heartbeat(heartbeat)
@@ -314,13 +337,75 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
         if metrics:
             metrics.close()
     snap = stats.snapshot()
-    snap.update(alarm=pipe.alarm, errors=pipe.errors, resumed_at=start, records_head=store.head,
+    snap.update(alarm=pipe.alarm, errors=errors + pipe.errors, resumed_at=start, records_head=store.head,
                 store=str(opts.store), recipe=recipe.name,
                 model_version=slot.version, models_used=slot.history, provider=model.runner.status.provider,
                 fallback=model.runner.status.fallback, wall_s=time.monotonic() - t0)
+    if challenger is not None and challenger.last is not None:
+        snap["challenge"] = challenger.last.summary()
     if tty and not opts.quiet:
         print_fn("")
     return snap
+
+
+def _challenge_passed(challenger: ShiftChallenge, model, pipe: Pipeline, line, store: RecordStore, print_fn,
+                      trigger: str = "start") -> bool:
+    """Run the challenge; on a miss raise the station's alarm (status, metrics, summary, the line's heartbeat)."""
+    assert model is not None  # the station always holds a loaded model
+    if challenger.run(model, trigger).passed:
+        return True
+    text = challenger.failure_text()
+    print_fn(f"ALARM: {text}")
+    pipe.raise_alarm(text)
+    line.heartbeat({"state": "alarm", "fallback": False, "records_head": store.head})
+    return False
+
+
+def _periodic_challenge(challenger: ShiftChallenge, pipe: Pipeline, slot: ModelSlot, store: RecordStore, line,
+                        stats: StationStats, opts: StationOptions, print_fn) -> Pipeline:
+    """Pause intake between two units and let production drain (units in flight are decided, recorded and sent
+    to the line), run the challenge with the model production would use next, and return a new pipeline over
+    the same source, store and line, started on a pass; on a miss the stopped one, alarmed."""
+    print_fn(f"\nchallenge due (every {challenger.spec.every_hours:g} h): pausing production")
+    gate = pipe.source
+    assert isinstance(gate, IntakeGate)
+    gate.pause()
+    if not pipe.join(timeout=pipe.deadline_s + 2 * pipe.read_timeout_s + 5.0):
+        pipe.request_stop()  # no boundary came: what is half assembled is rejected not_inspected:shutdown
+        pipe.join()
+    gate.resume()
+    if pipe.alarm is not None or not _challenge_passed(challenger, slot.current(), pipe, line, store, print_fn,
+                                                       "periodic"):
+        return pipe
+    done = stats.snapshot()["containers"]
+    remaining = None if opts.max_containers is None else opts.max_containers - done
+    if remaining is not None and remaining <= 0:
+        return pipe
+    last = store.last_sequence()
+    new = Pipeline(pipe.source, pipe.recipe, slot, store, line, stats, start_sequence=0 if last is None else last + 1,
+                   max_containers=remaining, drift=pipe.drift, on_warning=pipe.on_warning)
+    new.start()
+    return new
+
+
+def drift_monitor(opts: StationOptions, recipe: Recipe, model_version: str, print_fn=print) -> DriftMonitor | None:
+    """The drift monitor for ``--drift-baseline`` or else the recipe's ``drift_baseline``; None without either
+    (no drift figures, no drift warnings). A baseline that cannot be read stops the start, in one line."""
+    from vialinspect.vision.drift import BaselineError, load_baseline
+
+    path = opts.drift_baseline or recipe.drift_baseline
+    if path is None:
+        return None
+    try:
+        baseline = load_baseline(path)
+    except BaselineError as e:
+        if opts.drift_baseline is None:
+            raise RecipeError(str(e), "drift_baseline", recipe.source) from None
+        raise
+    if baseline.model_version != model_version:
+        print_fn(f"warning: the drift baseline {path} describes model {baseline.model_version or '(unnamed)'}, the "
+                 f"station runs {model_version}: expect drift warnings until a baseline of this model is used")
+    return DriftMonitor(baseline)
 
 
 def _padded(frame_size, spec: InputSpec) -> tuple[int, int]:
@@ -342,4 +427,9 @@ def summary_text(s: dict[str, Any]) -> str:
                      f"defect recall {acc['defect_recall']}, by class {acc['recall_by_class']}")
     if s.get("alarm"):
         lines.append(f"  ALARM: {s['alarm']}")
+    drift = s.get("drift")
+    if drift:
+        lines.append(f"  drift: {drift['units']} decided units watched ({drift['excluded']} not inspected left out), "
+                     f"{drift['raised']} warning(s) raised, {len(drift['alarms'])} active")
+        lines += [f"  DRIFT WARNING: {a['text']}" for a in drift["alarms"]]
     return "\n".join(lines)

@@ -58,6 +58,11 @@ class StationStats:
         with self._lock:
             self.gauges.update(gauges)
 
+    def gauge(self, name: str, default: Any = None) -> Any:
+        """One gauge, without building a snapshot (e.g. for the heartbeat)."""
+        with self._lock:
+            return self.gauges.get(name, default)
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             now = time.monotonic()
@@ -101,10 +106,17 @@ def status_line(s: dict[str, Any]) -> str:
     p50 = f"{s['latency_p50_ms']:.0f}" if s.get("latency_p50_ms") is not None else "-"
     p99 = f"{s['latency_p99_ms']:.0f}" if s.get("latency_p99_ms") is not None else "-"
     provider = s.get("provider", "-") + (" (FALLBACK)" if s.get("fallback") else "")
+    drift = drift_flags(s.get("drift"))
     return (f"{s['containers']:7d} units | {s['containers_per_min']:6.0f}/min | reject {100 * s['reject_rate']:5.1f}% "
             f"(part {100 * by['particle']:.1f} crack {100 * by['crack']:.1f} fill {100 * by['fill_level']:.1f} "
             f"n/i {s['not_inspected']}) | p50 {p50} ms p99 {p99} ms | {provider} | queue {s.get('queue_depth', 0)} "
-            f"| busy {100 * s.get('inference_load', 0.0):.0f}%")
+            f"| busy {100 * s.get('inference_load', 0.0):.0f}%" + (f" | DRIFT {drift}" if drift else ""))
+
+
+def drift_flags(drift: dict[str, Any] | None) -> str:
+    """The active drift alarms in a few words ("particle rate, crack psi"); empty without any."""
+    return ", ".join(f"{a['class']} {'rate' if a['rule'] == 'reject_rate' else a['rule']}"
+                     for a in (drift or {}).get("alarms", []))
 
 
 class StationCollector(Collector):
@@ -140,8 +152,10 @@ class StationCollector(Collector):
         latency = Metric("vialinspect_decision_latency_ms",
                          "Decision latency in ms, trigger to decision, over the most recent decided units.", "summary")
         families = [containers, rejected, reasons, per_min, queue, busy, fallback, latency]
+        drift = _drift_families(s.get("drift") if s is not None else None, describe=s is None)
         if s is None:
-            return families
+            return families + drift
+        families += drift
         containers.add_metric([], s["containers"])
         rejected.add_metric([], s["rejected"])
         for reason, n in sorted(s["reasons"].items()):
@@ -154,6 +168,40 @@ class StationCollector(Collector):
             if s.get(key) is not None:
                 latency.add_sample("vialinspect_decision_latency_ms", {"quantile": q}, s[key])
         return families
+
+
+def _drift_families(d: dict[str, Any] | None, describe: bool = False) -> list[Metric]:
+    """The drift monitor's series (inspection_station.drift); none at a station without a drift baseline."""
+    if d is None and not describe:
+        return []
+    lab = ["class"]
+    units = GaugeMetricFamily("vialinspect_drift_window_units", "Units in the class's reject-rate window.", labels=lab)
+    rate = GaugeMetricFamily("vialinspect_drift_reject_rate", "Reject rate over the class's window.", labels=lab)
+    limit = GaugeMetricFamily("vialinspect_drift_reject_rate_limit",
+                              "Control limit of the window's reject rate (exact binomial, tail 1e-6).", labels=lab)
+    base = GaugeMetricFamily("vialinspect_drift_baseline_reject_rate", "Reject rate at qualification.", labels=lab)
+    psi = GaugeMetricFamily("vialinspect_drift_psi",
+                            "Population stability index of the class scores against the baseline.", labels=lab)
+    alarm = GaugeMetricFamily("vialinspect_drift_alarm", "1 while a drift rule's alarm is raised (a warning).",
+                              labels=["class", "rule"])
+    excluded = CounterMetricFamily("vialinspect_drift_excluded_units",
+                                   "Not-inspected units left out of drift monitoring.")
+    out = [units, rate, limit, base, psi, alarm, excluded]
+    if d is None:
+        return out
+    active = {(a["class"], a["rule"]) for a in d.get("alarms", [])}
+    for c, f in d["classes"].items():
+        units.add_metric([c], f["window_units"])
+        rate.add_metric([c], f["reject_rate"])
+        limit.add_metric([c], f["limit"])
+        base.add_metric([c], f["baseline_reject_rate"])
+        alarm.add_metric([c, "reject_rate"], int((c, "reject_rate") in active))
+        if c in CLASSES:
+            alarm.add_metric([c, "psi"], int((c, "psi") in active))
+            if f["psi"] is not None:
+                psi.add_metric([c], f["psi"])
+    excluded.add_metric([], d.get("excluded", 0))
+    return out
 
 
 def station_registry(stats: StationStats) -> CollectorRegistry:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,14 +11,13 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from tests.browser import CHROMIUM_ARGS
+from tests.browser import chromium as _chromium
 from tests.test_review import PW, make_store
 from vialinspect.inspection_station import audit, users
 
 # Gradio's own event metrics use a pandas option that pandas 3 deprecates; nothing of this app.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def _free_port() -> int:
@@ -216,31 +212,6 @@ def _reviews(store: Path) -> int:
 
 
 # ---------------------------------------------------------------- a real browser
-
-def _chromium() -> str:
-    """Debian's Chromium, installed through apt when missing (never a Playwright browser download)."""
-    exe = shutil.which("chromium")
-    if exe:
-        return exe
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("Debian's chromium is not installed and apt-get is not available to install it")
-    prefix: list[str] = []
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            pytest.skip("Debian's chromium is not installed; installing it needs root (not root, no sudo)")
-        prefix = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [*prefix, apt, "install", "-y", "-q", "chromium"]
-    r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:  # a fresh image has empty package lists
-        subprocess.run([*prefix, apt, "update", "-q"], env=env, capture_output=True, text=True, timeout=900)
-        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip(f"apt-get could not install chromium (exit {r.returncode}): {r.stderr.strip()[-300:]}")
-    return exe
-
 
 def test_browser_login_and_keyboard_review(app):
     sync_api = pytest.importorskip("playwright.sync_api",

@@ -52,9 +52,12 @@ def _progress(desc: str):
 # ---------------------------------------------------------------- generate
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from vialinspect.datasets.generate import generate
+    from vialinspect.datasets.generate import MAX_PASSES, generate
     from vialinspect.datasets.sim.config import CameraConfig, SimConfig, parse_class_weights, parse_nuisance_rates
     from vialinspect.datasets.sim.formats import FORMATS
+
+    if not 1 <= a.passes <= MAX_PASSES:
+        raise UserError(f"--passes must be from 1 to {MAX_PASSES}, got {a.passes}")
 
     formats = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
@@ -77,10 +80,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     try:
         cfg.validate()
         stats = generate(Path(a.out), a.containers, cfg, seed=a.seed, workers=a.workers, overwrite=a.overwrite,
-                         progress=_progress("generate"))
+                         progress=_progress("generate"), passes=a.passes)
     except (ValueError, FileExistsError) as e:
         raise UserError(str(e)) from None
-    print(f"wrote {stats.containers} containers, {stats.frames} frames to {a.out} in {stats.seconds:.1f} s "
+    what = f"{stats.containers} containers"
+    if stats.passes > 1:
+        what += f" ({stats.containers // stats.passes} units x {stats.passes} acquisitions)"
+    print(f"wrote {what}, {stats.frames} frames to {a.out} in {stats.seconds:.1f} s "
           f"({stats.frames_per_s:.0f} frames/s on {stats.workers} workers)")
     return 0
 
@@ -110,6 +116,8 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
         print(json.dumps({"summary": summary, "problems": [str(p) for p in problems]}, indent=2))
     else:
         print(f"{ds.root}: {ds.kind} dataset, {summary['containers']} containers, {summary['frames']} frames")
+        if "units" in summary:
+            print(f"  {'units':22s} {summary['units']} physical units (rows are acquisitions of them)")
         for key in ("splits", "classes", "nuisances", "formats", "frames_per_container"):
             items = ", ".join(f"{k}={v}" for k, v in sorted(summary[key].items(), key=lambda kv: str(kv[0])))
             print(f"  {key:22s} {items or '-'}")
@@ -342,6 +350,7 @@ def cmd_package_fit_domain(a: argparse.Namespace) -> int:
 def cmd_station(a: argparse.Namespace) -> int:
     from vialinspect.export.package import PackageError
     from vialinspect.export.registry import RegistryError
+    from vialinspect.inspection_station.challenge import ChallengeError
     from vialinspect.inspection_station.recipe import RecipeError
     from vialinspect.inspection_station.sources import SourceError
     from vialinspect.inspection_station.station import StationOptions, run_station, summary_text
@@ -351,15 +360,43 @@ def cmd_station(a: argparse.Namespace) -> int:
                           max_containers=a.max_containers, duration_s=a.duration, line=a.line,
                           metrics_port=a.metrics_port, device=a.device, threads=a.threads, quiet=a.quiet,
                           registry=Path(a.registry) if a.registry else None,
-                          trusted_keys=tuple(Path(k) for k in a.trusted_key))
+                          trusted_keys=tuple(Path(k) for k in a.trusted_key), operator=a.operator,
+                          challenge=_challenge_arg(a),
+                          drift_baseline=Path(a.drift_baseline) if a.drift_baseline else None)
     try:
         summary = run_station(opts)
-    except (RecipeError, PackageError, RegistryError, SourceError, StoreError, ValueError, OSError) as e:
+    except (RecipeError, PackageError, RegistryError, SourceError, StoreError, ChallengeError, ValueError,
+            OSError) as e:
         raise UserError(str(e)) from None
     print(summary_text(summary))
     if a.summary_json:
         Path(a.summary_json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return 1 if summary.get("alarm") else 0
+
+
+def _challenge_arg(a: argparse.Namespace):
+    """``--challenge DIR`` with its rule and period as a ChallengeSpec; None leaves the recipe's challenge."""
+    from vialinspect.inspection_station.challenge_spec import ChallengeSpecError, parse_spec
+
+    if a.challenge is None:
+        if a.challenge_rule is not None or a.challenge_every is not None:
+            raise UserError("--challenge-rule and --challenge-every go with --challenge DIR (a recipe's challenge "
+                            "table states its own)")
+        return None
+    try:
+        spec = parse_spec({"set": a.challenge, "every_hours": a.challenge_every}, None)
+    except ChallengeSpecError as e:
+        raise UserError(f"--challenge: {e}") from None
+    return spec if a.challenge_rule is None else type(spec)(spec.set, a.challenge_rule, spec.every_hours)
+
+
+def _challenge_rule(v: str):
+    from vialinspect.inspection_station.challenge_spec import ChallengeSpecError, parse_rule_arg
+
+    try:
+        return parse_rule_arg(v)
+    except ChallengeSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_records_verify(a: argparse.Namespace) -> int:
@@ -423,8 +460,16 @@ def cmd_review_serve(a: argparse.Namespace) -> int:
     if not loopback:
         print(f"vialinspect: warning: serving on {a.host}: the review app is reachable from the network; put it "
               "behind a TLS reverse proxy", file=sys.stderr)
+    baseline = None
+    if a.drift_baseline:
+        from vialinspect.vision.drift import BaselineError, load_baseline
+
+        try:
+            baseline = load_baseline(a.drift_baseline)
+        except BaselineError as e:
+            raise UserError(str(e)) from None
     try:
-        serve(a.store, host=a.host, port=a.port, idle_timeout_s=a.idle_minutes * 60.0)
+        serve(a.store, host=a.host, port=a.port, idle_timeout_s=a.idle_minutes * 60.0, drift_baseline=baseline)
     except (StoreError, ReviewDBError, ReviewError, OSError) as e:
         raise UserError(str(e)) from None
     return 0
@@ -556,6 +601,9 @@ def _add_review_parsers(sub) -> None:
     r.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     r.add_argument("--idle-minutes", type=float, default=30.0,
                    help="end a session after this many idle minutes (default 30; 0: never)")
+    r.add_argument("--drift-baseline", default=None, metavar="FILE",
+                   help="drift baseline (JSON): the trends page's control charts take their centre line and limits "
+                        "from it (without it, from the data shown)")
     r.set_defaults(func=lambda a: cmd_review_serve(a) if a.store else (r.print_help(), 2)[1])
     rsub = r.add_subparsers(dest="review_command", metavar="ACTION")
     rx = rsub.add_parser("export", help="write reviewed units as a dataset for retraining",
@@ -665,6 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set the chance per container (0..1) of a nuisance, e.g. silicone_oil=0.5 (droplets shed "
                         "by a siliconised barrel) or lot_code=0.5 (inkjet lot code on vials), both off by default; "
                         "repeatable. Tags: " + ", ".join(NUISANCE_TAGS))
+    g.add_argument("--passes", type=int, default=1, metavar="N",
+                   help="acquire each container N times (1..100) for a qualification study (Knapp, USP <1790>): "
+                        "the same physical unit (fill, defects, glass marks) swirled and imaged again, with new "
+                        "particle and bubble positions, pose, light and noise; rows c000012_a00 .. with keys unit "
+                        "and acquisition, all of a unit in one split (default 1: one plain row per container)")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical images (default 0)")
     g.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
@@ -852,6 +905,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="public key (PEM) of the release signers, besides the recipe's trusted_keys; repeatable. "
                          "With any trusted key the station runs only a package signed by one of them (and, with "
                          "--registry, only signed changes)")
+    st.add_argument("--operator", default=None, metavar="NAME",
+                    help="who starts the station, recorded with each challenge result (default: the OS user)")
+    st.add_argument("--challenge", default=None, metavar="DIR",
+                    help="shift-start challenge: run this dataset folder (manifest with each unit's classes) through "
+                         "the pipeline before production; on a miss raise the alarm and inspect nothing (exit 1). "
+                         "Instead of the recipe's challenge table; results go to STORE/challenges.jsonl")
+    st.add_argument("--challenge-rule", type=_challenge_rule, default=None, metavar="RULE",
+                    help="all (default: every defective unit rejected, every good one accepted) or "
+                         "tolerance:MISSED,FALSE (e.g. tolerance:0,1); a unit not inspected always fails")
+    st.add_argument("--challenge-every", type=float, default=None, metavar="HOURS",
+                    help="run the challenge again every HOURS of production (pausing intake meanwhile)")
+    st.add_argument("--drift-baseline", default=None, metavar="FILE",
+                    help="drift baseline (JSON) of the model's qualification: warn (status line, metrics, "
+                         "heartbeat; never a stop) when a class's reject rate or score distribution drifts from it. "
+                         "Instead of the recipe's drift_baseline")
     st.set_defaults(func=cmd_station)
 
     rc = sub.add_parser("records", help="verify the station's record store",
@@ -866,6 +934,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=lambda a: (rc.print_help(), 2)[1])
     _add_review_parsers(sub)
     add_parsers(sub)
+    from .cli_quality import add_drift_parsers, add_quality_parsers
+
+    add_quality_parsers(sub)
+    add_drift_parsers(sub)
     return p
 
 
