@@ -12,10 +12,12 @@ export HF_HUB_OFFLINE := 1
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Everything (the [all] extra: training, review app, OPC UA, camera) plus the dev tools, at the exact versions of
+# constraints.txt; pyproject.toml keeps ranges. A line machine needs only the core: pip install -c constraints.txt .
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q --upgrade pip
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev,camera]'
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[all,dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -33,14 +33,16 @@ def baseline_from_store(store_dir: str | Path, last: int | None = None, model_ve
         rows = [r for r in store.iter_decisions(since=since, until=until)]
     finally:
         store.close()
-    versions = sorted({str(r.get("model_version")) for r in rows})
+    # A unit turned away unjudged may carry no model version: only decided units name the model.
+    decided = [r for r in rows if not any(str(x).startswith("not_inspected:") for x in r["reasons"])]
+    versions = sorted({str(r.get("model_version")) for r in decided})
     if model_version is None:
         if len(versions) > 1:
             raise BaselineSourceError(f"{store_dir}: units of {len(versions)} model versions are recorded "
                                       f"({', '.join(versions)}); name one with --model-version")
         model_version = versions[0] if versions else ""
-    rows = [r for r in rows if str(r.get("model_version")) == model_version]
-    decided = [r for r in rows if not any(str(x).startswith("not_inspected:") for x in r["reasons"])]
+    left_out = len(rows) - len(decided)
+    decided = [r for r in decided if str(r.get("model_version")) == model_version]
     if last is not None:
         decided = decided[-last:]
     if not decided:
@@ -49,7 +51,7 @@ def baseline_from_store(store_dir: str | Path, last: int | None = None, model_ve
     rejected = [[c for c in r["reasons"] if c in CLASSES] for r in decided]
     first, end = decided[0]["decided_at_utc"], decided[-1]["decided_at_utc"]
     source = (f"record store {Path(store_dir).resolve()}: {len(decided)} decided units of model {model_version}, "
-              f"{first} to {end} ({len(rows) - len(decided)} not inspected left out)")
+              f"{first} to {end} ({left_out} not inspected left out)")
     try:
         return baseline_from(scores, rejected, model_version, source=source)
     except ValueError as e:

@@ -3,10 +3,11 @@
 ``open_source(uri, frames_per_container, **opts)`` understands:
 
 - ``sim://?rate=1200&frames=4&seed=0&formats=vial-2R&defect_rate=0.5&count=N&start=S&pixel_um=40``
-  ``&nuisance=lot_code:0.5,dust:0.3``
+  ``&nuisance=lot_code:0.5,dust:0.3&backlight=1.0``
   the imaging simulator as a camera at a line rate (containers per minute, ``rate=0``: as fast as it renders),
   with ground truth per container (``truth(container_id)``); ``nuisance`` sets the chance per container of
-  nuisances (e.g. ``lot_code``, an inkjet lot code on vials that is off by default);
+  nuisances (e.g. ``lot_code``, an inkjet lot code on vials that is off by default); ``backlight`` dims the
+  back light (relative to nominal);
 - ``folder:PATH`` image files replayed in name order, K consecutive files per container (``loop=1``); a file
   that cannot be read within the recipe's frame size (``max_pixels``) is a ``bad_image`` frame, never an error;
 - ``file:PATH`` or a plain path with a video suffix, ``camera:N``, ``rtsp://...`` through OpenCV;
@@ -245,8 +246,9 @@ class SimSource(Source):
     Options: ``rate`` (containers/min, frames evenly spaced; 0 = as fast as rendered), ``frames``, ``seed``,
     ``formats`` (comma separated), ``defect_rate``, ``count`` (0 = endless), ``start`` (first container index),
     ``pixel_um``, ``nuisance`` (``TAG:RATE[,TAG:RATE...]``, chances per container that override the simulator's
-    defaults, e.g. ``lot_code:0.5``), ``first_wait`` (seconds the constructor waits for the first rendered
-    container).
+    defaults, e.g. ``lot_code:0.5``), ``backlight`` (the back light relative to nominal, e.g. 0.7 for a lamp
+    that has lost 30%: an exposure drift to test drift warnings with), ``first_wait`` (seconds the constructor
+    waits for the first rendered container).
     A frame that is due but not rendered by the read's deadline is reported as ``camera_timeout`` with its
     container id and is skipped, as a triggered camera would lose it; ``stats["underruns"]`` counts those and the
     frames delivered more than one interval late.
@@ -270,11 +272,15 @@ class SimSource(Source):
         self.start = opts.get("start", int, 0)
         pixel_um = opts.get("pixel_um", float, 40.0)
         nuisance = opts.get("nuisance", str, "")
+        backlight = opts.get("backlight", float, 1.0)
         first_wait = opts.get("first_wait", float, 30.0)
         opts.check()
         if count < 0 or self.start < 0:
             raise SourceError(f"{uri}: count and start must be >= 0")
-        kw: dict[str, Any] = dict(frames=frames, defect_rate=defect_rate, camera=CameraConfig(pixel_um=pixel_um))
+        if not 0.05 <= backlight <= 1.2:
+            raise SourceError(f"{uri}: backlight must be from 0.05 to 1.2 (relative to nominal), got {backlight:g}")
+        camera = CameraConfig(pixel_um=pixel_um, backlight_dn=CameraConfig.backlight_dn * backlight)
+        kw: dict[str, Any] = dict(frames=frames, defect_rate=defect_rate, camera=camera)
         if formats:
             kw["formats"] = formats
         self.config = SimConfig(**kw)

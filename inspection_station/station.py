@@ -28,6 +28,7 @@ from .challenge import IntakeGate, ShiftChallenge
 from .challenge_spec import ChallengeSpec
 from .drift import DriftMonitor
 from .line import LogLineOutput, OpcUaLineOutput
+from .pg_store import Drainer, PgTarget, default_spool, is_pg_url, parse_url, preflight
 from .pipeline import LoadedModel, ModelSlot, Pipeline
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import open_source
@@ -41,7 +42,7 @@ log = logging.getLogger("vialinspect.station")
 class StationOptions:
     recipe: Path
     source: str
-    store: Path
+    store: Path | str  # a folder (SQLite), or postgresql://HOST/DB?station=ID (recorded through a local spool)
     max_containers: int | None = None
     duration_s: float | None = None
     line: str = "log"  # "log", "log:PATH", "none" or an opc.tcp:// endpoint
@@ -56,6 +57,8 @@ class StationOptions:
     operator: str | None = None  # who starts the station, recorded with each challenge (default: the OS user)
     challenge: ChallengeSpec | None = None  # the shift-start challenge, instead of the recipe's
     drift_baseline: Path | None = None  # drift warnings against this baseline, instead of the recipe's
+    spool: Path | None = None  # a PostgreSQL store's local spool (default: pg_store.default_spool(station id))
+    station: str | None = None  # a PostgreSQL store's station id when the URL has none (else $VIALINSPECT_STATION)
 
 
 def load_model(path: Path, device: str = "auto", threads: int | None = None, spin: bool = False) -> LoadedModel:
@@ -251,14 +254,20 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
         raise RecipeError(misfit, "frames", opts.recipe)
     drift = drift_monitor(opts, recipe, model.version, print_fn)
     spec = opts.challenge or recipe.challenge  # a bad challenge set stops the start here, before anything opens
-    challenger = ShiftChallenge(spec, recipe, Path(opts.store), opts.operator, print_fn) if spec else None
-    store = RecordStore(opts.store, sample_accepted=recipe.sample_accepted, min_free_mb=recipe.min_free_mb)
+    pg, local = local_store(opts)  # with PostgreSQL, the spool is the local store (challenges, line log, frames)
+    challenger = ShiftChallenge(spec, recipe, local, opts.operator, print_fn) if spec else None
+    store = RecordStore(local, sample_accepted=recipe.sample_accepted, min_free_mb=recipe.min_free_mb)
     source = None
     try:  # a source or line that cannot be opened leaves nothing open behind it
+        if pg is not None:  # a newer schema or a spool that is not this station's refuses the start (StoreError)
+            down = preflight(store, pg)
+            if down:
+                print_fn(f"warning: record store: PostgreSQL {pg.display} unreachable at start ({down}); recording "
+                         f"into the spool {local} and draining it when the database is back")
         last = store.last_sequence()
         start = 0 if last is None else last + 1
         source = open_source(_source_uri(opts.source, recipe, start), recipe.frames, frame_size=recipe.frame_size)
-        line = open_line(opts.line, Path(opts.store), recipe)
+        line = open_line(opts.line, local, recipe)
     except BaseException:
         if source is not None:
             source.close()
@@ -282,6 +291,9 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
     watcher = RegistryWatcher(registry, recipe, slot, opts.device, opts.threads, opts.registry_poll_s,
                               model.version, print_fn, on_alarm=lambda text: pipe.raise_alarm(text)) \
         if registry is not None else None
+    # The network is not the line: a drain that cannot reach PostgreSQL is a warning, never the station's alarm.
+    drainer = Drainer(store, pg, on_warning=lambda text: pipe.warn(text),
+                      on_status=lambda s: stats.set(spool=s)).start() if pg is not None else None
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -294,7 +306,8 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
         if threading.current_thread() is threading.main_thread() else {}
     t0 = time.monotonic()
     print_fn(f"station: recipe {recipe.name}, model {model.version} on {model.runner.status.provider}, source "
-             f"{opts.source}, store {opts.store} (resuming at unit {start})"
+             f"{opts.source}, store {pg.display if pg else opts.store}"
+             + (f" through the spool {local}" if pg else "") + f" (resuming at unit {start})"
              + (f", metrics http://127.0.0.1:{metrics.port}/metrics" if metrics else ""))
     tty = sys.stdout.isatty()
     last_print = 0.0
@@ -317,6 +330,9 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
                          # The record store's chain head, anchored outside the store: a later rewrite of the
                          # records cannot also rewrite what the line controller logged.
                          "records_head": store.head}
+            if drainer is not None:  # a warning too: the records are safe in the spool
+                sp = drainer.status()
+                heartbeat["spool"] = {k: sp[k] for k in ("backlog_units", "db_reachable", "halted")}
             if drift is not None:  # drift is a warning: the state stays "running"
                 heartbeat["drift"] = [a["text"] for a in (stats.gauge("drift") or {}).get("alarms", [])]
             if time.monotonic() - last_print >= opts.status_every_s:
@@ -333,19 +349,33 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
             signal.signal(s, h)
         source.close()
         line.close()
+        spool = drainer.close() if drainer is not None else None  # one last try to drain what is left
         store.close()
         if metrics:
             metrics.close()
     snap = stats.snapshot()
     snap.update(alarm=pipe.alarm, errors=errors + pipe.errors, resumed_at=start, records_head=store.head,
-                store=str(opts.store), recipe=recipe.name,
+                store=pg.display if pg else str(opts.store), recipe=recipe.name,
                 model_version=slot.version, models_used=slot.history, provider=model.runner.status.provider,
                 fallback=model.runner.status.fallback, wall_s=time.monotonic() - t0)
     if challenger is not None and challenger.last is not None:
         snap["challenge"] = challenger.last.summary()
+    if spool is not None:
+        snap.update(spool={**spool, "folder": str(local)})
     if tty and not opts.quiet:
         print_fn("")
     return snap
+
+
+def local_store(opts: StationOptions) -> tuple[PgTarget | None, Path]:
+    """The PostgreSQL target (None for a SQLite store) and the local folder the station records into: the store
+    itself, or a PostgreSQL store's spool (``--spool``, default ``default_spool(station id)``)."""
+    if not is_pg_url(opts.store if isinstance(opts.store, str) else None):
+        if opts.spool is not None:
+            raise ValueError("--spool goes with a postgresql:// store (a store folder is its own record)")
+        return None, Path(opts.store)
+    pg = parse_url(str(opts.store), opts.station)
+    return pg, Path(opts.spool) if opts.spool is not None else default_spool(pg.need_station())
 
 
 def _challenge_passed(challenger: ShiftChallenge, model, pipe: Pipeline, line, store: RecordStore, print_fn,
@@ -427,6 +457,13 @@ def summary_text(s: dict[str, Any]) -> str:
                      f"defect recall {acc['defect_recall']}, by class {acc['recall_by_class']}")
     if s.get("alarm"):
         lines.append(f"  ALARM: {s['alarm']}")
+    spool = s.get("spool")
+    if spool:
+        lines.append(f"  record store {s['store']}: {spool['drained_units']} units drained, "
+                     f"{spool['backlog_units'] if spool['backlog_units'] is not None else 'unknown'} left in the "
+                     f"spool {spool['folder']}" + ("" if spool["db_reachable"] else " (PostgreSQL unreachable)"))
+        if spool.get("halted"):
+            lines.append(f"  DRAIN HALTED: {spool['halted']}")
     drift = s.get("drift")
     if drift:
         lines.append(f"  drift: {drift['units']} decided units watched ({drift['excluded']} not inspected left out), "

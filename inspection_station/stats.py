@@ -110,7 +110,20 @@ def status_line(s: dict[str, Any]) -> str:
     return (f"{s['containers']:7d} units | {s['containers_per_min']:6.0f}/min | reject {100 * s['reject_rate']:5.1f}% "
             f"(part {100 * by['particle']:.1f} crack {100 * by['crack']:.1f} fill {100 * by['fill_level']:.1f} "
             f"n/i {s['not_inspected']}) | p50 {p50} ms p99 {p99} ms | {provider} | queue {s.get('queue_depth', 0)} "
-            f"| busy {100 * s.get('inference_load', 0.0):.0f}%" + (f" | DRIFT {drift}" if drift else ""))
+            f"| busy {100 * s.get('inference_load', 0.0):.0f}%" + (f" | DRIFT {drift}" if drift else "")
+            + spool_flags(s.get("spool")))
+
+
+def spool_flags(spool: dict[str, Any] | None) -> str:
+    """A PostgreSQL store's drain on the status line, when it is behind: `` | SPOOL 412 (db down 37 s)``."""
+    if not spool:
+        return ""
+    if spool.get("halted"):
+        return " | SPOOL DRAIN HALTED"
+    backlog = spool.get("backlog_units")
+    if spool.get("db_reachable") == 0:
+        return f" | SPOOL {backlog if backlog is not None else '?'} (db down {spool['seconds_since_drain']:.0f} s)"
+    return f" | spool {backlog}" if backlog else ""
 
 
 def drift_flags(drift: dict[str, Any] | None) -> str:
@@ -155,7 +168,7 @@ class StationCollector(Collector):
         drift = _drift_families(s.get("drift") if s is not None else None, describe=s is None)
         if s is None:
             return families + drift
-        families += drift
+        families += drift + _spool_families(s.get("spool"))
         containers.add_metric([], s["containers"])
         rejected.add_metric([], s["rejected"])
         for reason, n in sorted(s["reasons"].items()):
@@ -202,6 +215,28 @@ def _drift_families(d: dict[str, Any] | None, describe: bool = False) -> list[Me
                 psi.add_metric([c], f["psi"])
     excluded.add_metric([], d.get("excluded", 0))
     return out
+
+
+def _spool_families(sp: dict[str, Any] | None) -> list[Metric]:
+    """A PostgreSQL store's drain (``pg_store.Drainer``); none at a station with a SQLite store."""
+    if not sp:
+        return []
+    backlog = GaugeMetricFamily("vialinspect_spool_backlog_units",
+                                "Units recorded in the local spool and not yet in PostgreSQL.")
+    since = GaugeMetricFamily("vialinspect_spool_seconds_since_drain",
+                              "Seconds since the spool was last fully drained (0 while PostgreSQL keeps up).")
+    reachable = GaugeMetricFamily("vialinspect_store_db_reachable", "1 when the drain reaches PostgreSQL, else 0.")
+    halted = GaugeMetricFamily("vialinspect_spool_drain_halted",
+                               "1 when a record in PostgreSQL differs from the spool's and draining stopped.")
+    drained = CounterMetricFamily("vialinspect_spool_drained_units", "Units copied from the spool to PostgreSQL.")
+    if sp.get("backlog_units") is not None:
+        backlog.add_metric([], sp["backlog_units"])
+    since.add_metric([], sp.get("seconds_since_drain") or 0.0)
+    if sp.get("db_reachable") is not None:
+        reachable.add_metric([], sp["db_reachable"])
+    halted.add_metric([], int(bool(sp.get("halted"))))
+    drained.add_metric([], sp.get("drained_units", 0))
+    return [backlog, since, reachable, halted, drained]
 
 
 def station_registry(stats: StationStats) -> CollectorRegistry:

@@ -139,6 +139,38 @@ def row_hash(values: dict[str, Any] | sqlite3.Row) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+class ChainCheck:
+    """Recompute a chain of decision rows, fed in recording order; shared by the SQLite store and PostgreSQL's
+    (``pg_store``), which hash the same values with the same ``row_hash``.
+
+    A row without a hash before any hashed row is a record from before the chain (schema 1): counted as not
+    covered, not judged. At most 20 problems are kept (``add`` then returns False).
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.rows = self.not_covered = 0
+        self.prev: str | None = None
+        self.problems: list[str] = []
+
+    def add(self, r: Any, locate: str) -> bool:
+        self.rows += 1
+        if r["row_hash"] is None and self.prev is None:
+            self.not_covered += 1
+            return True
+        expect_prev = GENESIS if self.prev is None else self.prev
+        if r["prev_hash"] != expect_prev or r["row_hash"] != row_hash(r):
+            self.problems.append(f"{self.where}: record {r['container_id']!r} ({locate}): hash chain broken (a "
+                                 "record was edited, removed or inserted outside the store)")
+        self.prev = r["row_hash"]
+        return len(self.problems) < 20
+
+    def result(self, problems: list[str] | None = None) -> dict[str, Any]:
+        problems = [*(problems or []), *self.problems]
+        return {"ok": not problems, "rows": self.rows, "not_covered": self.not_covered,
+                "head": self.prev or GENESIS, "problems": problems}
+
+
 def audit_sampled(container_id: str, fraction: float, seed: int = 0) -> bool:
     """Whether an accepted unit belongs to the audit sample.
 
@@ -655,29 +687,37 @@ class RecordStore:
         before the chain existed (schema 1), which are reported, not judged. Never raises for a damaged store.
         """
         problems: list[str] = []
-        rows = uncovered = 0
-        prev = None
+        chain = ChainCheck(str(self._db))
         try:
             conn = self._reader()
             bad = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
             if bad != ["ok"]:
                 problems.append(f"{self._db}: SQLite integrity check failed: {'; '.join(bad[:3])}")
             for r in conn.execute(f"SELECT rowid, {','.join(_CHAINED)}, row_hash FROM decisions ORDER BY rowid"):
-                rows += 1
-                if r["row_hash"] is None and prev is None:
-                    uncovered += 1
-                    continue
-                expect_prev = GENESIS if prev is None else prev
-                if r["prev_hash"] != expect_prev or r["row_hash"] != row_hash(r):
-                    problems.append(f"{self._db}: record {r['container_id']!r} (row {r['rowid']}): hash chain "
-                                    "broken (a record was edited, removed or inserted outside the store)")
-                    if len(problems) >= 20:
-                        break
-                prev = r["row_hash"]
+                if not chain.add(r, f"row {r['rowid']}"):
+                    break
         except (sqlite3.Error, StoreError) as e:
             problems.append(f"{self._db}: cannot be read completely ({e})")
-        return {"ok": not problems, "rows": rows, "not_covered": uncovered, "head": prev or GENESIS,
-                "problems": problems}
+        return chain.result(problems)
+
+    # ---- the spool's reader (inspection_station.pg_store copies rows from here, in recording order) ---------
+
+    def rows_after(self, rowid: int, limit: int = 500) -> list[tuple[int, dict[str, Any]]]:
+        """Up to ``limit`` rows after ``rowid``, in recording order, as stored (JSON columns as their text, so a
+        copy hashes the same): ``(rowid, {column: value, ..., "prev_hash", "row_hash"})``."""
+        rows = self._reader().execute(
+            f"SELECT rowid, {','.join(_CHAINED)}, row_hash FROM decisions WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (rowid, limit)).fetchall()
+        return [(int(r["rowid"]), {k: r[k] for k in (*_CHAINED, "row_hash")}) for r in rows]
+
+    def row_at(self, rowid: int) -> dict[str, Any] | None:
+        """The row with this rowid, as stored (see ``rows_after``), or None."""
+        got = self.rows_after(rowid - 1, 1)
+        return got[0][1] if got and got[0][0] == rowid else None
+
+    def last_rowid(self) -> int:
+        """The rowid of the last row (rows are append-only and never deleted, so rowids run 1..N); 0 if none."""
+        return int(self._reader().execute("SELECT COALESCE(MAX(rowid), 0) FROM decisions").fetchone()[0])
 
     # ---- closing -------------------------------------------------------------------------------------------
 

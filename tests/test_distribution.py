@@ -1,6 +1,8 @@
 """The built wheel: one top-level package (``vialinspect``) carrying its default model and recipes, and an
 install of it outside the repository that runs the station and ``evaluate`` on the built-in model."""
 
+import email
+import importlib.metadata
 import json
 import os
 import shutil
@@ -11,6 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[1]
 # What the wheel is built from: the packaging files and the design card's folders (``build/``, runs and the
@@ -119,3 +123,112 @@ def test_unknown_builtin_model_is_one_clear_line(fresh_venv, tmp_path):
                        env=_env())
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no built-in model 'nope'; built in: builtin:default" in r.stderr
+
+
+# ---------------------------------------------------------------- the station install: the core, no extras
+
+EXTRA_ONLY = {"torch", "torchvision", "albumentations", "onnxscript", "matplotlib", "gradio", "pandas", "fastapi",
+              "asyncua", "pypylon"}
+
+
+def _core_requirements(wheel: Path) -> list[str]:
+    names = zipfile.ZipFile(wheel).namelist()
+    (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    meta = email.message_from_string(zipfile.ZipFile(wheel).read(meta_name).decode())
+    return [r for r in meta.get_all("Requires-Dist") or [] if Requirement(r).marker is None
+            or Requirement(r).marker.evaluate({"extra": ""})]
+
+
+def _closure(requirements: list[str]) -> dict[str, importlib.metadata.Distribution]:
+    """The installed distributions ``requirements`` need, with their own requirements (and requested extras),
+    as found in this test's environment: what ``pip install`` of the core would have installed."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = [(Requirement(r), "") for r in requirements]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        key = canonicalize_name(req.name)
+        if key in found:
+            continue
+        dist = found[key] = importlib.metadata.distribution(req.name)
+        for sub in dist.requires or []:
+            for e in ("", *req.extras):
+                todo.append((Requirement(sub), e))
+    return found
+
+
+@pytest.fixture(scope="module")
+def core_dists(wheel) -> dict[str, importlib.metadata.Distribution]:
+    return _closure(_core_requirements(wheel))
+
+
+def test_core_install_leaves_out_the_extras(wheel, core_dists):
+    names = zipfile.ZipFile(wheel).namelist()
+    (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    meta = email.message_from_string(zipfile.ZipFile(wheel).read(meta_name).decode())
+    assert {"train", "review", "opcua", "camera", "all", "dev"} <= set(meta.get_all("Provides-Extra"))
+    assert not EXTRA_ONLY & set(core_dists), sorted(EXTRA_ONLY & set(core_dists))
+    assert {"numpy", "opencv-python-headless", "onnxruntime", "pyyaml"} <= set(core_dists)
+    assert "opencv-python" not in core_dists
+
+
+@pytest.fixture(scope="module")
+def station_venv(wheel, core_dists, tmp_path_factory) -> Path:
+    """A fresh virtual environment with the wheel and only its core requirements, as ``pip install .`` without
+    extras gives: their installed files (each distribution's RECORD) are linked into one folder that a path file
+    puts on the venv's path, so the test needs no network and sees no torch, Gradio or asyncua."""
+    root = tmp_path_factory.mktemp("station")
+    venv, lib = root / "v", root / "core_libraries"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
+          "--no-index", "--disable-pip-version-check", "-q", str(wheel)])
+    for dist in core_dists.values():
+        for f in dist.files or []:
+            if f.parts[0] == "..":  # scripts in bin/ and the like: outside site-packages
+                continue
+            src, dst = Path(dist.locate_file(f)), lib / f
+            if src.exists() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.symlink_to(src)
+    site = _run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    Path(site.stdout.strip(), "core_libraries.pth").write_text(f"{lib}\n")
+    return venv
+
+
+def test_station_install_has_none_of_the_extras(station_venv, tmp_path):
+    code = ("import importlib.util, json; print(json.dumps({m: importlib.util.find_spec(m) is not None for m in "
+            f"{sorted(EXTRA_ONLY | {'cv2', 'onnxruntime', 'onnx', 'yaml', 'numpy'})!r}}}))")
+    found = json.loads(_run([str(station_venv / "bin" / "python"), "-c", code], cwd=tmp_path, env=_env()).stdout)
+    assert {m for m, ok in found.items() if ok} == {"cv2", "onnxruntime", "onnx", "yaml", "numpy"}, found
+
+
+def test_station_install_runs_the_station_on_the_builtin_model(station_venv, tmp_path):
+    exe = str(station_venv / "bin" / "vialinspect")
+    assert "station" in _run([exe, "--help"], cwd=tmp_path, env=_env()).stdout
+    _run([exe, "station", "--recipe", "vial-2R", "--source", "sim://?rate=0&seed=5", "--store",
+          str(tmp_path / "store"), "--max-containers", "20", "--quiet"], cwd=tmp_path, env=_env())
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "store" / "records.sqlite") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 20
+    _run([exe, "records", "verify", "--store", str(tmp_path / "store")], cwd=tmp_path, env=_env())
+    _run([exe, "package", "show", "builtin:default"], cwd=tmp_path, env=_env())
+    _run([exe, "generate", "--out", str(tmp_path / "data"), "--containers", "4", "--frames", "2", "--seed", "3"],
+         cwd=tmp_path, env=_env())
+    _run([exe, "dataset", "check", str(tmp_path / "data")], cwd=tmp_path, env=_env())
+
+
+@pytest.mark.parametrize("argv,extra,command", [
+    (["train", "--data", "d", "--out", "o"], "train", "vialinspect train"),
+    (["evaluate", "--model", "builtin:default", "--data", "d", "--out", "o"], "train", "vialinspect evaluate"),
+    (["review", "--store", "s"], "review", "vialinspect review"),
+    (["station", "--recipe", "vial-2R", "--source", "sim://?rate=0", "--store", "s", "--line",
+      "opc.tcp://127.0.0.1:4840/"], "opcua", "vialinspect station --line opc.tcp://..."),
+])
+def test_station_install_names_the_extra_a_command_needs(station_venv, tmp_path, argv, extra, command):
+    exe = str(station_venv / "bin" / "vialinspect")
+    assert _run([exe, argv[0], "--help"], cwd=tmp_path, env=_env()).stdout.startswith("usage:")
+    r = subprocess.run([exe, *argv], capture_output=True, text=True, cwd=tmp_path, env=_env())
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == f"vialinspect: error: '{command}' needs the {extra} extra: pip install 'vialinspect[{extra}]'\n"

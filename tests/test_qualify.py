@@ -205,3 +205,24 @@ def test_report_opens_in_a_browser(passes_data, tiny_run, tmp_path):
             assert shot[:8] == b"\x89PNG\r\n\x1a\n" and len(shot) > 10_000
         finally:
             browser.close()
+
+
+def test_shift_set_holds_the_units_the_machine_always_got_right(passes_data, tiny_run, tmp_path):
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.training.qualify import write_shift_set
+
+    q = qualify(tiny_run / "best.pt", passes_data, passes=3)
+    sure = {u.unit for u in q.units if u.classes and u.rejects_for_defect == u.passes}
+    always_good = {u.unit for u in q.units if not u.classes and u.rejects == 0}
+    assert sure, "the tiny model rejects some defective unit for its defect (the test needs one)"
+    n_def, n_good = write_shift_set(q, tmp_path / "shift", defective=20, good=20)
+    assert (n_def, n_good) == (len(sure), len(always_good))
+    ds = open_dataset(tmp_path / "shift")
+    assert not ds.problems and {r.id for r in ds.records} == sure | always_good
+    assert all("unit" not in r.extra and "acquisition" not in r.extra for r in ds.records)
+    assert all((tmp_path / "shift" / f).is_file() for r in ds.records for f in r.frames)
+    # fewer asked for: classes taken in turn
+    n_def, _ = write_shift_set(q, tmp_path / "shift1", defective=1, good=1)
+    assert n_def == 1
+    with pytest.raises(QualifyError, match="not empty"):
+        write_shift_set(q, tmp_path / "shift", defective=1, good=1)

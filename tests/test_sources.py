@@ -96,6 +96,17 @@ def test_bad_uris_and_options():
         open_source("sim://?rate=0&colour=blue", 2)
     with pytest.raises(SourceError, match="contradicts"):
         open_source("sim://?frames=3", 2)
+    with pytest.raises(SourceError, match="backlight must be from 0.05 to 1.2"):
+        open_source("sim://?backlight=3", 2)
+
+
+def test_sim_backlight_dims_the_frames_of_the_same_units():
+    with open_source(SIM + "&count=1", 2) as src:
+        nominal = read_all(src)
+    with open_source(SIM + "&count=1&backlight=0.7", 2) as src:
+        dim = read_all(src)
+    ratio = float(np.median(dim[0].pixels)) / float(np.median(nominal[0].pixels))
+    assert 0.6 < ratio < 0.8
 
 
 @pytest.fixture

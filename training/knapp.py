@@ -21,8 +21,10 @@ GREY_ZONE: tuple[float, float] = (0.3, 0.7)  # detection probability: < 0.3 acce
 REJECT_ZONE_FQ = 7.0
 
 # Human detection of a single particle in a clear solution under USP <790>/<1790> conditions (2,000-3,750 lux,
-# black and white backgrounds, ~5 s each): ~70% at 150 µm and > 95% at 200 µm are the figures USP <1790>
-# gives for the detection threshold; ~100 µm is taken as the conservative lower limit of "visible" (Knapp).
+# black and white backgrounds, ~5 s each): ~70% at 150 µm and > 95% at 200 µm, the detection-threshold figures
+# commonly quoted from USP <1790> and the human-factors studies it draws on (quoted here, not checked against
+# the chapter's text: a plant's own manual study replaces them); ~100 µm is taken as the conservative lower
+# limit of "visible" (Knapp).
 # A logistic curve in log size through the two anchors gives 11% at 100 µm and 50% at ~134 µm.
 PARTICLE_ANCHORS_UM: tuple[tuple[float, float], tuple[float, float]] = ((150.0, 0.70), (200.0, 0.95))
 # No published curve was found for cracks or fill level; these are the project's assumptions, marked as such in

@@ -11,13 +11,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vialinspect.datasets.manifest import write_manifest
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames, unit_id
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
@@ -199,6 +201,8 @@ class Qualification:
     pod_particle: list[dict[str, Any]]
     pod_crack: list[dict[str, Any]]
     skipped_frame_count: int
+    root: Path | None = field(default=None, repr=False)  # the challenge set's folder
+    first_acquisitions: dict[str, ContainerRecord] = field(default_factory=dict, repr=False)  # unit -> its 1st row
 
     @property
     def verdict(self) -> str:
@@ -272,8 +276,51 @@ def qualify(model: str | Path | LoadedModel, challenge_dir: str | Path, passes: 
         zones=zone_counts(outcomes, grey),
         false_rejects=false_reject_rates(outcomes),
         pod_particle=by_size(outcomes, "particle", DEFAULT_POD_BINS_UM),
-        pod_crack=by_size(outcomes, "crack", DEFAULT_CRACK_BINS_MM), skipped_frame_count=dropped)
+        pod_crack=by_size(outcomes, "crack", DEFAULT_CRACK_BINS_MM), skipped_frame_count=dropped,
+        root=Path(ds.root), first_acquisitions={u: recs[0] for u, recs in units.items()})
 
 
 def report_digest(report_json: bytes) -> str:
     return hashlib.sha256(report_json).hexdigest()
+
+
+def _round_robin(units: Sequence[UnitOutcome], n: int) -> list[UnitOutcome]:
+    """Up to ``n`` units, taken in turn from each class (then by size, largest last), so that a small set still
+    shows every defect class."""
+    groups: dict[tuple[str, ...], list[UnitOutcome]] = {}
+    for u in sorted(units, key=lambda u: u.unit):
+        groups.setdefault(u.classes, []).append(u)
+    out: list[UnitOutcome] = []
+    while len(out) < n and any(groups.values()):
+        for key in sorted(groups):
+            if groups[key] and len(out) < n:
+                out.append(groups[key].pop(0))
+    return out
+
+
+def write_shift_set(q: Qualification, out_dir: str | Path, defective: int = 20, good: int = 20) -> tuple[int, int]:
+    """A shift-start challenge set from the qualification: defective units the machine rejected for their own
+    defect in every pass, and good units it accepted in every pass (first acquisition of each, frames copied).
+    A challenge that the qualified system passes every time only fails when something changed."""
+    if q.root is None:
+        raise QualifyError("this qualification keeps no challenge-set folder to take units from")
+    sure_defects = [u for u in q.units if u.classes and u.rejects_for_defect == u.passes and not u.not_inspected]
+    sure_good = [u for u in q.units if not u.classes and u.rejects == 0]
+    chosen = _round_robin(sure_defects, defective) + _round_robin(sure_good, good)
+    if not any(u.classes for u in chosen):
+        raise QualifyError("no defective unit was rejected in every pass: there is nothing to make a shift-start "
+                           "challenge of")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise QualifyError(f"{out} is not empty; choose another folder for the shift-start set")
+    records = []
+    for u in chosen:
+        rec = q.first_acquisitions[u.unit]
+        for rel in [*rec.frames, *([rec.mask] if rec.mask else [])]:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(q.root / rel, out / rel)
+        extra = {k: v for k, v in rec.extra.items() if k not in ("unit", "acquisition")}
+        records.append(replace(rec, id=u.unit, extra=extra))
+    write_manifest(out, {"created_by": "vialinspect qualify --shift-set", "model": q.model,
+                         "qualification_challenge_sha256": q.challenge_hash, "passes": q.passes}, records)
+    return sum(1 for u in chosen if u.classes), sum(1 for u in chosen if not u.classes)

@@ -191,8 +191,8 @@ def render_html(q: Qualification, digest: str, signed_by: str | None) -> str:
         f"<p>{len(units) - MAX_UNIT_ROWS} more units in report.json.</p>" if len(units) > MAX_UNIT_ROWS else "",
         "<h2>How the manual reference was made</h2>",
         "<p>From a manual study (CSV) when one was given. Otherwise from the documented model "
-        "(<code>vialinspect.training.knapp</code>): particles from the USP &lt;1790&gt; detection-threshold "
-        "figures (~70% at 150 µm, &gt; 95% at 200 µm, a logistic curve in log size through them: "
+        "(<code>vialinspect.training.knapp</code>): particles from the detection-threshold figures commonly "
+        "quoted from USP &lt;1790&gt; (~70% at 150 µm, &gt; 95% at 200 µm, a logistic curve in log size through them: "
         "\"literature\"); cracks, fill level and good units from the project's stated assumptions "
         "(\"assumption\"). A Knapp study for release needs a real manual study of the same units.</p>",
         "</body></html>",

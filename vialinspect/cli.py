@@ -163,6 +163,9 @@ def cmd_dataset_schema(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- train / evaluate
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("train", "vialinspect train")
     from vialinspect.datasets.manifest import DatasetError
     from vialinspect.training.checkpoint import CheckpointError
     from vialinspect.training.config import load_config
@@ -196,6 +199,9 @@ def _container_bar(desc: str):
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("train", "vialinspect evaluate")
     from vialinspect.datasets.manifest import DatasetError
     from vialinspect.export.package import PackageError
     from vialinspect.training.evaluate import EvaluationError, evaluate_model, load_model
@@ -222,6 +228,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- export / package
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("train", "vialinspect export")
     from vialinspect.datasets.manifest import DatasetError
     from vialinspect.export.onnx_export import ExportError
     from vialinspect.export.package import PackageError
@@ -305,6 +314,9 @@ def cmd_package_thresholds(a: argparse.Namespace) -> int:
 
 
 def cmd_package_calibrate(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("train", "vialinspect package calibrate")
     from vialinspect.datasets.manifest import DatasetError
     from vialinspect.export.package import PackageError
     from vialinspect.training.evaluate import EvaluationError
@@ -328,6 +340,9 @@ def cmd_package_calibrate(a: argparse.Namespace) -> int:
 
 
 def cmd_package_fit_domain(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("train", "vialinspect package fit-domain")
     from vialinspect.datasets.manifest import DatasetError
     from vialinspect.export.package import PackageError
     from vialinspect.training.domain_fit import fit_package_domain
@@ -348,6 +363,13 @@ def cmd_package_fit_domain(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- station
 
 def cmd_station(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    # Checked before the start: without asyncua the line output would only log failed connects in the background.
+    if (a.line or "").startswith("opc.tcp://"):
+        require("opcua", "vialinspect station --line opc.tcp://...")
+    if a.source.startswith("basler://"):
+        require("camera", "vialinspect station --source basler://...")
     from vialinspect.export.package import PackageError
     from vialinspect.export.registry import RegistryError
     from vialinspect.inspection_station.challenge import ChallengeError
@@ -356,7 +378,12 @@ def cmd_station(a: argparse.Namespace) -> int:
     from vialinspect.inspection_station.station import StationOptions, run_station, summary_text
     from vialinspect.inspection_station.store import StoreError
 
-    opts = StationOptions(recipe=Path(a.recipe), source=a.source, store=Path(a.store),
+    store = a.store or os.environ.get("VIALINSPECT_STORE") or "station_store"
+    pg = store.split(":", 1)[0].lower() in ("postgresql", "postgres")
+    if pg:
+        require("postgres", "vialinspect station --store postgresql://...")
+    opts = StationOptions(recipe=Path(a.recipe), source=a.source, store=store if pg else Path(store),
+                          spool=Path(a.spool) if a.spool else None,
                           max_containers=a.max_containers, duration_s=a.duration, line=a.line,
                           metrics_port=a.metrics_port, device=a.device, threads=a.threads, quiet=a.quiet,
                           registry=Path(a.registry) if a.registry else None,
@@ -371,7 +398,7 @@ def cmd_station(a: argparse.Namespace) -> int:
     print(summary_text(summary))
     if a.summary_json:
         Path(a.summary_json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return 1 if summary.get("alarm") else 0
+    return 1 if summary.get("alarm") or (summary.get("spool") or {}).get("halted") else 0
 
 
 def _challenge_arg(a: argparse.Namespace):
@@ -400,11 +427,17 @@ def _challenge_rule(v: str):
 
 
 def cmd_records_verify(a: argparse.Namespace) -> int:
+    from vialinspect.inspection_station import pg_store
     from vialinspect.inspection_station.store import RecordStore, StoreError
 
     try:
-        with RecordStore(a.store, readonly=True) as st:
-            result = st.verify()
+        if pg_store.is_pg_url(a.store):  # one station's chain in PostgreSQL (?station=ID or $VIALINSPECT_STATION)
+            target = pg_store.parse_url(a.store)
+            a.store = target.display
+            result = pg_store.verify(target)
+        else:
+            with RecordStore(a.store, readonly=True) as st:
+                result = st.verify()
     except StoreError as e:
         raise UserError(str(e)) from None
     if a.json:
@@ -416,6 +449,24 @@ def cmd_records_verify(a: argparse.Namespace) -> int:
         for p in result["problems"]:
             print(f"PROBLEM: {p}")
     return 0 if result["ok"] else 1
+
+
+def cmd_db_upgrade(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("postgres", "vialinspect db upgrade")
+    from vialinspect.inspection_station import pg_store
+    from vialinspect.inspection_station.store import StoreError
+
+    if not pg_store.is_pg_url(a.db):
+        raise UserError("--db takes a postgresql:// URL (a SQLite store migrates itself when a station opens it)")
+    try:
+        old, new = pg_store.upgrade(a.db)
+        shown = pg_store.parse_url(a.db).display
+    except StoreError as e:
+        raise UserError(str(e)) from None
+    print(f"{shown}: schema at version {new}" + (f" (migrated from {old})" if old != new else " (up to date)"))
+    return 0
 
 
 # ---------------------------------------------------------------- review / users / audit (QA side of the store)
@@ -442,6 +493,9 @@ def _read_password(a: argparse.Namespace, confirm: bool) -> str:
 
 
 def cmd_review_serve(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("review", "vialinspect review")
     import ipaddress
 
     from vialinspect.inspection_station.audit import ReviewDBError
@@ -886,7 +940,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--source", required=True,
                     help="frame source: sim://?rate=1200 | folder:PATH | video file | camera:N | rtsp://... | "
                          "basler://[serial]")
-    st.add_argument("--store", default="station_store", help="record store directory (default station_store)")
+    st.add_argument("--store", default=None,
+                    help="record store: a directory (SQLite), or postgresql://HOST/DB?station=ID (recorded into a "
+                         "local spool and drained to PostgreSQL; the password from ~/.pgpass or PGPASSWORD, never "
+                         "the URL). Default $VIALINSPECT_STORE, else station_store")
+    st.add_argument("--spool", default=None, metavar="DIR",
+                    help="with a postgresql:// store: the local spool (a record store folder) the station records "
+                         "into first (default ~/.local/share/vialinspect/spool/STATION)")
     st.add_argument("--max-containers", type=_positive_int, default=None, help="stop after this many units")
     st.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     st.add_argument("--line", default="log",
@@ -928,10 +988,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "tampered (each problem named), 2 not a store.")
     rcs = rc.add_subparsers(dest="records_command", metavar="ACTION")
     rv = rcs.add_parser("verify", help="check the file and the records' hash chain; exit 1 if tampered")
-    rv.add_argument("--store", required=True, help="record store directory")
+    rv.add_argument("--store", required=True,
+                    help="record store directory, or postgresql://HOST/DB?station=ID (that station's chain)")
     rv.add_argument("--json", action="store_true", help="print the result as JSON")
     rv.set_defaults(func=cmd_records_verify)
     rc.set_defaults(func=lambda a: (rc.print_help(), 2)[1])
+    db = sub.add_parser("db", help="PostgreSQL: run the schema migrations",
+                        description="Bring a PostgreSQL database's vialinspect schema to this version (stations "
+                                    "also do it when they start). Versioned, in one transaction, idempotent.")
+    dbs = db.add_subparsers(dest="db_command", metavar="ACTION")
+    du = dbs.add_parser("upgrade", help="run the migrations now")
+    du.add_argument("--db", required=True, help="postgresql://HOST/DB (the password from ~/.pgpass or PGPASSWORD)")
+    du.set_defaults(func=cmd_db_upgrade)
+    db.set_defaults(func=lambda a: (db.print_help(), 2)[1])
     _add_review_parsers(sub)
     add_parsers(sub)
     from .cli_quality import add_drift_parsers, add_quality_parsers
@@ -961,6 +1030,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(a.func(a) or 0)
     except UserError as e:
         print(f"vialinspect: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an extra's module imported deeper than its command's check: the same line
+        from .extras import MissingExtra, extra_of
+
+        if (extra := extra_of(e.name)) is None:
+            raise
+        print(f"vialinspect: error: {MissingExtra(extra)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vialinspect: interrupted", file=sys.stderr)

@@ -63,6 +63,9 @@ def _recipe_name(value: str) -> str:
 # ---------------------------------------------------------------- retrain
 
 def cmd_retrain(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("train", "vialinspect retrain")
     from vialinspect.datasets.manifest import DatasetError
     from vialinspect.export.onnx_export import ExportError
     from vialinspect.export.package import PackageError

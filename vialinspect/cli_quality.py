@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .cli import UserError, _container_bar, _fraction, _positive_int
 from .cli_models import _signing_key, signing_arg
 
 
 def cmd_qualify(a: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("train", "vialinspect qualify")
     from vialinspect.datasets.manifest import DatasetError
     from vialinspect.export.package import PackageError
     from vialinspect.training.evaluate import EvaluationError, load_model
-    from vialinspect.training.qualify import qualify
+    from vialinspect.training.qualify import QualifyError, qualify, write_shift_set
     from vialinspect.training.qualify_report import write_qualification
 
     if not a.grey_low < a.grey_high:
         raise UserError(f"--grey-low {a.grey_low:g} must be below --grey-high {a.grey_high:g}")
     key = _signing_key(a)
+    if a.shift_set and Path(a.shift_set).exists() and any(Path(a.shift_set).iterdir()):
+        raise UserError(f"{a.shift_set} is not empty; choose another folder for the shift-start set")
     try:
         q = qualify(load_model(a.model, device=a.device), a.challenge, passes=a.passes, manual_csv=a.manual,
                     grey=(a.grey_low, a.grey_high), batch_size=a.batch_size, progress=_container_bar("qualify"))
     except (DatasetError, EvaluationError, PackageError, ValueError) as e:
         raise UserError(str(e)) from None
     paths = write_qualification(q, a.out, key)
+    if a.shift_set:
+        try:
+            n_def, n_good = write_shift_set(q, a.shift_set, a.shift_defective, a.shift_good)
+        except QualifyError as e:
+            raise UserError(str(e)) from None
+        print(f"shift-start challenge set: {a.shift_set} ({n_def} defective units rejected for their defect in "
+              f"every pass, {n_good} good units accepted in every pass)")
     k = q.knapp
     print(q.verdict)
     print(f"  {len(q.units)} units x {q.passes} passes; manual reference: {q.manual_source}")
@@ -65,6 +78,14 @@ def add_quality_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
                    help="execution provider for a package (default auto: GPU if installed, else CPU)")
     q.add_argument("--batch-size", type=_positive_int, default=4, help="containers per batch (default 4)")
+    q.add_argument("--shift-set", default=None, metavar="DIR",
+                   help="also write a shift-start challenge set to DIR (a new folder): defective units the model "
+                        "rejected for their own defect in every pass and good units it accepted in every pass, "
+                        "classes taken in turn; for a recipe's [challenge] set or `station --challenge`")
+    q.add_argument("--shift-defective", type=_positive_int, default=20,
+                   help="defective units in the shift-start set (default 20)")
+    q.add_argument("--shift-good", type=_positive_int, default=20,
+                   help="good units in the shift-start set (default 20)")
     signing_arg(q, "the report")
     q.set_defaults(func=cmd_qualify)
 
