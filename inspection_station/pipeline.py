@@ -10,7 +10,11 @@ its busy fraction, which recording reads):
   decides, and passes decisions on; a unit past its deadline is rejected, never accepted late;
 - recording writes each decision to the store and only then sends it to the line, so a result is final
   only once it is on disk; then it feeds the drift monitor, if any (``drift.py``: warnings, never a stop).
-  A full disk rejects the unit, raises an alarm and stops the station cleanly.
+  A full disk rejects the unit, raises an alarm and stops the station cleanly. It also judges the headroom
+  (``headroom.py``: capacity against the arrival rate, fed by acquisition and inference under one lock; judged
+  after each decision, and by acquisition about once a second when nothing is decided, so that a warning
+  clears when the line stops) and publishes it through ``stats``; its warning, like drift's, never stops the
+  station.
   Kept frames are lossless PNG either way; with the recipe's ``frame_compression = "auto"`` they are
   compressed only while the inference thread is busy less than ``COMPRESS_BELOW_LOAD`` of the time and no
   batch's worth of units waits: on two cores, compressing a flagged unit's four frames costs about half a
@@ -46,6 +50,7 @@ from vialinspect.vision.scores import (
 
 from .assembly import Assembler
 from .drift import DriftMonitor
+from .headroom import HeadroomWatch
 from .line import LineOutput
 from .recipe import Recipe
 from .sources import Source
@@ -122,7 +127,7 @@ class Pipeline:
                  stats: StationStats | None = None, *, start_sequence: int = 0, max_containers: int | None = None,
                  window_s: float | None = None, queue_size: int = 32, read_timeout_s: float = 1.0,
                  on_alarm: Callable[[str], None] | None = None, drift: DriftMonitor | None = None,
-                 on_warning: Callable[[str], None] | None = None):
+                 on_warning: Callable[[str], None] | None = None, headroom: HeadroomWatch | None = None):
         self.source, self.recipe, self.model, self.store, self.line = source, recipe, model, store, line
         self.stats = stats or StationStats()
         self.max_containers = max_containers
@@ -141,6 +146,10 @@ class Pipeline:
         # The monitor is fed and read by the recording thread only; others see its state through ``stats``.
         self.drift = drift
         self.on_warning = on_warning
+        # Fed by acquisition (arrivals) and inference (batch times), judged by recording: one lock for the three.
+        self.headroom: HeadroomWatch | None = headroom if headroom is not None else HeadroomWatch()
+        self._headroom_lock = threading.Lock()
+        self._headroom_judged = 0.0  # when the watch was last judged (monotonic seconds)
         self._acquired = 0
         self._unit_s = 0.0  # running mean of inference time per unit, for admission under overload
         self._busy_until = 0.0  # when the running batch is expected to be decided (monotonic seconds)
@@ -208,6 +217,39 @@ class Pipeline:
         for e in events:
             self.warn(e.text)
 
+    def _headroom_arrival(self, now: float) -> None:
+        """A unit assembled (acquisition thread)."""
+        with self._headroom_lock:
+            if self.headroom is not None:
+                self.headroom.arrival(now)
+
+    def _headroom_batch(self, units: int, seconds: float, now: float) -> None:
+        """A batch decided, of which the model ran ``units`` units (inference thread)."""
+        with self._headroom_lock:
+            if self.headroom is not None:
+                self.headroom.batch(units, seconds, now)
+
+    def _watch_headroom(self, idle_s: float | None = None) -> None:
+        """Judge the headroom: figures to ``stats``, a warning raised or cleared to ``warn``. By the recording
+        thread after each decision; with ``idle_s``, by acquisition, only if nobody judged it that long."""
+        try:
+            with self._headroom_lock:
+                now = time.monotonic()
+                if self.headroom is None or (idle_s is not None and now - self._headroom_judged < idle_s):
+                    return
+                self._headroom_judged = now
+                events = self.headroom.update(now)
+                self.stats.set(headroom=self.headroom.state())  # under the lock: the latest state is the one shown
+        except Exception as e:  # noqa: BLE001 - headroom is advice: a fault in it must not stop inspection
+            log.exception("headroom watch failed")
+            with self._headroom_lock:
+                self.headroom = None
+            self.stats.set(headroom=None)
+            self.warn(f"headroom watch failed ({type(e).__name__}: {e}); headroom is no longer estimated")
+            return
+        for ev in events:
+            self.warn(ev.text)
+
     # ---------------------------------------------------------------- acquisition
 
     def _enough(self) -> bool:
@@ -218,6 +260,8 @@ class Pipeline:
             if self._enough():
                 return
             self._acquired += 1
+            # Every unit assembled is an arrival, the ones turned away below included: they are the load.
+            self._headroom_arrival(time.monotonic())
             if c.format is None:  # every unit inspected under a recipe is of the recipe's container format
                 c.format = self.recipe.format
             if c.truth is None:
@@ -273,6 +317,7 @@ class Pipeline:
                 frame = self.source.read(self.read_timeout_s)
                 self._hand_over(self.assembler.push(frame))
                 self._hand_over(self.assembler.flush(time.monotonic()))
+                self._watch_headroom(idle_s=1.0)
             # Drain: units still being assembled cannot be inspected any more.
             self._hand_over(self.assembler.flush(time.monotonic()))
             self._hand_over(self.assembler.drain("shutdown"))
@@ -321,6 +366,11 @@ class Pipeline:
                 t1 = time.monotonic()
                 per_unit = (t1 - t0) / len(batch)
                 self._unit_s = per_unit if not self._unit_s else 0.8 * self._unit_s + 0.2 * per_unit
+                # Capacity counts the units the model ran (a late unit rejected without it costs next to nothing):
+                # the batch's whole time over fewer units errs slow, which errs toward warning early.
+                ran = sum(1 for d, _, _ in decided if "inference" in d.timings_ms)
+                if ran:
+                    self._headroom_batch(ran, t1 - t0, t1)
                 if t1 > t_wait:
                     a = 1.0 - math.exp(-(t1 - t_wait) / LOAD_TAU_S)
                     self.load += a * ((t1 - t0) / (t1 - t_wait) - self.load)
@@ -449,5 +499,6 @@ class Pipeline:
                                 "reasons": sorted(set(d.reasons) | {not_inspected("disk_full")})})
             self.line.send(d)
             self.stats.add(d)
+            self._watch_headroom()
             if self.drift is not None:
                 self._watch_drift(d)

@@ -32,7 +32,7 @@ from .pg_store import Drainer, PgTarget, default_spool, is_pg_url, parse_url, pr
 from .pipeline import LoadedModel, ModelSlot, Pipeline
 from .recipe import Recipe, RecipeError, load_recipe
 from .sources import open_source
-from .stats import StationStats, station_registry, status_line
+from .stats import StationStats, headroom_figures, ratio_text, station_registry, status_line
 from .store import RecordStore
 
 log = logging.getLogger("vialinspect.station")
@@ -335,6 +335,7 @@ def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
                 heartbeat["spool"] = {k: sp[k] for k in ("backlog_units", "db_reachable", "halted")}
             if drift is not None:  # drift is a warning: the state stays "running"
                 heartbeat["drift"] = [a["text"] for a in (stats.gauge("drift") or {}).get("alarms", [])]
+            heartbeat["headroom"] = headroom_beat(stats.gauge("headroom"))  # a warning too: still "running"
             if time.monotonic() - last_print >= opts.status_every_s:
                 last_print = time.monotonic()
                 line.heartbeat(heartbeat)
@@ -413,7 +414,8 @@ def _periodic_challenge(challenger: ShiftChallenge, pipe: Pipeline, slot: ModelS
         return pipe
     last = store.last_sequence()
     new = Pipeline(pipe.source, pipe.recipe, slot, store, line, stats, start_sequence=0 if last is None else last + 1,
-                   max_containers=remaining, drift=pipe.drift, on_warning=pipe.on_warning)
+                   max_containers=remaining, drift=pipe.drift, on_warning=pipe.on_warning,
+                   headroom=pipe.headroom)  # the same watch: its capacity figures hold across the pause
     new.start()
     return new
 
@@ -444,6 +446,18 @@ def _padded(frame_size, spec: InputSpec) -> tuple[int, int]:
     return -(-h // m) * m, -(-w // m) * m
 
 
+def headroom_beat(h: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The headroom for the line's heartbeat: the ratio (None until estimated), its figures, the active warning."""
+    if h is None:
+        return None
+    return {"ratio": _round(h["ratio"]), "arrival_rate": _round(h["arrival_rate"]), "capacity": _round(h["capacity"]),
+            "warning": h["warning"]}
+
+
+def _round(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None else round(x, digits)
+
+
 def summary_text(s: dict[str, Any]) -> str:
     lines = [f"station summary: {s['containers']} units in {s['wall_s']:.1f} s "
              f"({s['containers_per_min_overall']:.0f}/min), rejected {s['rejected']} "
@@ -469,4 +483,9 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append(f"  drift: {drift['units']} decided units watched ({drift['excluded']} not inspected left out), "
                      f"{drift['raised']} warning(s) raised, {len(drift['alarms'])} active")
         lines += [f"  DRIFT WARNING: {a['text']}" for a in drift["alarms"]]
+    h = s.get("headroom")
+    if h:
+        lines.append(f"  {headroom_figures(h)}; lowest {ratio_text(h['min_ratio'])}, {h['raised']} warning(s) raised")
+        if h["warning"]:
+            lines.append(f"  HEADROOM WARNING: {h['warning']}")
     return "\n".join(lines)

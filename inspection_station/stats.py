@@ -5,6 +5,7 @@ Written by the recording thread, read by the status line and the metrics endpoin
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -110,8 +111,33 @@ def status_line(s: dict[str, Any]) -> str:
     return (f"{s['containers']:7d} units | {s['containers_per_min']:6.0f}/min | reject {100 * s['reject_rate']:5.1f}% "
             f"(part {100 * by['particle']:.1f} crack {100 * by['crack']:.1f} fill {100 * by['fill_level']:.1f} "
             f"n/i {s['not_inspected']}) | p50 {p50} ms p99 {p99} ms | {provider} | queue {s.get('queue_depth', 0)} "
-            f"| busy {100 * s.get('inference_load', 0.0):.0f}%" + (f" | DRIFT {drift}" if drift else "")
-            + spool_flags(s.get("spool")))
+            f"| busy {100 * s.get('inference_load', 0.0):.0f}%" + headroom_flag(s.get("headroom"))
+            + (f" | DRIFT {drift}" if drift else "") + spool_flags(s.get("spool")))
+
+
+def ratio_text(r: float | None) -> str:
+    """A headroom ratio: ``1.80x``; ``42x`` when far from any threshold (a line slowing down to a stop)."""
+    if r is None:
+        return "-"
+    return f"{r:.2f}x" if r < 10 else (f"{r:.0f}x" if r < 1000 else ">999x")
+
+
+def headroom_flag(h: dict[str, Any] | None) -> str:
+    """Headroom on the status line: `` | headroom 1.80x``, in capitals while its warning is raised; `` | headroom
+    -`` until it is estimated (the first units and batches)."""
+    if h is None:
+        return ""
+    return f" | {'HEADROOM' if h.get('warning') else 'headroom'} {ratio_text(h.get('ratio'))}"
+
+
+def headroom_figures(h: dict[str, Any]) -> str:
+    """``headroom 1.80x (arrivals 19.8/s, capacity 35.6/s at batches of 4)``, for the summary."""
+    def per_s(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}/s"
+
+    at = f" at batches of {h['batch']}" if h.get("batch") else ""
+    return (f"headroom {ratio_text(h.get('ratio'))} (arrivals {per_s(h.get('arrival_rate'))}, capacity "
+            f"{per_s(h.get('capacity'))}{at})")
 
 
 def spool_flags(spool: dict[str, Any] | None) -> str:
@@ -168,7 +194,7 @@ class StationCollector(Collector):
         drift = _drift_families(s.get("drift") if s is not None else None, describe=s is None)
         if s is None:
             return families + drift
-        families += drift + _spool_families(s.get("spool"))
+        families += drift + _spool_families(s.get("spool")) + _headroom_families(s.get("headroom"))
         containers.add_metric([], s["containers"])
         rejected.add_metric([], s["rejected"])
         for reason, n in sorted(s["reasons"].items()):
@@ -237,6 +263,27 @@ def _spool_families(sp: dict[str, Any] | None) -> list[Metric]:
     halted.add_metric([], int(bool(sp.get("halted"))))
     drained.add_metric([], sp.get("drained_units", 0))
     return [backlog, since, reachable, halted, drained]
+
+
+def _headroom_families(h: dict[str, Any] | None) -> list[Metric]:
+    """The headroom watch's series (inspection_station.headroom); a figure not yet estimated has no sample."""
+    if h is None:
+        return []
+    ratio = GaugeMetricFamily("vialinspect_headroom_ratio",
+                              "Capacity over arrival rate: how many times the current rate the station could decide "
+                              "(below 1, units are turned away).")
+    arrivals = GaugeMetricFamily("vialinspect_arrival_rate_units_per_second",
+                                 "Units arriving from the camera, per second (exponentially weighted, 5 s).")
+    capacity = GaugeMetricFamily("vialinspect_capacity_units_per_second",
+                                 "Units per second the inference thread decides when always busy, at the largest "
+                                 "batch size it ran recently.")
+    warning = GaugeMetricFamily("vialinspect_headroom_warning",
+                                "1 while the headroom warning is raised (headroom held below its threshold).")
+    for fam, key in ((ratio, "ratio"), (arrivals, "arrival_rate"), (capacity, "capacity")):
+        if h.get(key) is not None and math.isfinite(h[key]):
+            fam.add_metric([], h[key])
+    warning.add_metric([], int(bool(h.get("warning"))))
+    return [ratio, arrivals, capacity, warning]
 
 
 def station_registry(stats: StationStats) -> CollectorRegistry:
