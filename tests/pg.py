@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.apt import apt_install
+
 BIN_NAMES = ("initdb", "pg_ctl", "postgres")
 
 
@@ -35,23 +37,10 @@ def server_binaries() -> Path:
     found = _bin_dir()
     if found:
         return found
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("PostgreSQL's server binaries are not installed and apt-get is not available to install them")
-    prefix: list[str] = []
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            pytest.skip("PostgreSQL's server is not installed; installing it needs root (not root, no sudo)")
-        prefix = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [*prefix, apt, "install", "-y", "-q", "--no-install-recommends", "postgresql"]
-    r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:  # a fresh image has empty package lists
-        subprocess.run([*prefix, apt, "update", "-q"], env=env, capture_output=True, text=True, timeout=900)
-        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
+    apt_install("postgresql", "--no-install-recommends")
     found = _bin_dir()
     if found is None:
-        pytest.skip(f"apt-get could not install postgresql (exit {r.returncode}): {r.stderr.strip()[-300:]}")
+        pytest.skip("apt-get installed postgresql, but its server binaries are not where they were looked for")
     return found
 
 

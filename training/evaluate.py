@@ -85,6 +85,21 @@ def out_of_domain_report(records: list[ContainerRecord], flagged_index: set[int]
             "ids": [r.id for r in flagged[:20]]}
 
 
+def predict_guarded(m: LoadedModel, root: Path, records: list[ContainerRecord], batch_size: int = 4,
+                    progress: Callable | None = None) -> tuple[list[Scores], set[int]]:
+    """Scores for every record, and the indices of those the package's out-of-domain guard (if it has one)
+    would turn away on the station; each record's frames are read once for both."""
+    flagged: set[int] = set()
+
+    def guard(i: int, frames: list) -> None:
+        if m.domain.out_of_domain(frames)[0]:
+            flagged.add(i)
+
+    scores = predict_records(m.predictor, root, records, batch_size=batch_size, progress=progress,
+                             on_frames=guard if m.domain is not None else None)
+    return scores, flagged
+
+
 def select_records(ds: Dataset, split: str | None) -> list[ContainerRecord]:
     """Default: the test split of a manifest dataset; every image of an ImageFolder (``--split`` narrows it)."""
     if split in (None, "auto"):
@@ -104,14 +119,7 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     if not usable:
         raise EvaluationError(f"{data_dir}: no containers to evaluate in split {split or 'default'} "
                               f"(the model takes {m.spec.frames} frame(s) per container)")
-    flagged: set[int] = set()
-
-    def guard(i: int, frames: list) -> None:
-        if m.domain.out_of_domain(frames)[0]:
-            flagged.add(i)
-
-    scores = predict_records(m.predictor, ds.root, usable, batch_size=batch_size, progress=progress,
-                             on_frames=guard if m.domain is not None else None)
+    scores, flagged = predict_guarded(m, ds.root, usable, batch_size, progress)
     th = thresholds or m.thresholds
     report = evaluate(usable, scores, th, m.model_id)
     report["dataset"] = {"path": str(Path(data_dir).resolve()), "kind": ds.kind, "split": split or "default",

@@ -25,7 +25,7 @@ from vialinspect.datasets.records import ContainerRecord, fit_frames, unit_id
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
 from .checkpoint import dataset_hash
-from .evaluate import EvaluationError, LoadedModel, load_model
+from .evaluate import EvaluationError, LoadedModel, load_model, predict_guarded
 from .knapp import (
     GREY_ZONE,
     KnappResult,
@@ -37,7 +37,6 @@ from .knapp import (
     zone_counts,
 )
 from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM
-from .predict import predict_records
 
 DEFAULT_PASSES = 10
 BOOTSTRAP_RESAMPLES = 1000
@@ -252,14 +251,7 @@ def qualify(model: str | Path | LoadedModel, challenge_dir: str | Path, passes: 
             raise QualifyError(f"{manual_csv}: no manual result for {len(missing)} unit(s) of the challenge set "
                                f"(e.g. {missing[0]})")
     records = [r for recs in units.values() for r in recs]
-    flagged: set[int] = set()
-
-    def guard(i: int, frames: list) -> None:
-        if m.domain.out_of_domain(frames)[0]:
-            flagged.add(i)
-
-    scores = predict_records(m.predictor, ds.root, records, batch_size=batch_size, progress=progress,
-                             on_frames=guard if m.domain is not None else None)
+    scores, flagged = predict_guarded(m, ds.root, records, batch_size, progress)
     decisions = [decide(r, s, m.thresholds, i in flagged) for i, (r, s) in enumerate(zip(records, scores,
                                                                                             strict=True))]
     outcomes = []

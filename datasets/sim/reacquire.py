@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import SimConfig
 from .motion import Swirl
-from .scene import FreeObject, Lighting, Pose, Scene, _free_object
+from .scene import FreeObject, Scene, _free_object, draw_acquisition
 
 # Objects that sit at the liquid surface: the scene puts them at a fixed height, so only their place around the
 # axis changes; the ranges of their radius are sample_scene's.
@@ -61,14 +61,6 @@ def reacquire(scene: Scene, cfg: SimConfig, seed: int, acquisition: int) -> Scen
     swirl = Swirl(omega0=float(rng.uniform(8, 16)), tau_s=float(rng.uniform(0.4, 0.9)))
     objects = tuple(_moved(rng, scene, o) for o in scene.objects)
 
-    def clipped(std: float) -> float:
-        return float(np.clip(rng.normal(0, std), -3 * std, 3 * std))
-
-    pose = Pose(dx_mm=clipped(cam.jitter_mm), dz_mm=clipped(cam.jitter_mm), tilt_deg=clipped(cam.tilt_deg))
-    lighting = Lighting(
-        gain=float(np.exp(clipped(cam.exposure_drift))),
-        gradient=(float(rng.uniform(-1, 1) * cam.gradient), float(rng.uniform(-1, 1) * cam.gradient)),
-        frame_gains=tuple(float(np.exp(clipped(cam.flicker))) for _ in range(scene.frames)),
-    )
+    pose, lighting = draw_acquisition(rng, cam, scene.frames)
     return replace(scene, swirl=swirl, objects=objects, pose=pose, lighting=lighting,
                    noise_seed=int(rng.integers(0, 2**31 - 1)))

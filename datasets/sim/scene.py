@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import CRACK_LOCATIONS, DEFECT_CLASSES, PARTICLE_KINDS, PRODUCTS, SimConfig
+from .config import CRACK_LOCATIONS, DEFECT_CLASSES, PARTICLE_KINDS, PRODUCTS, CameraConfig, SimConfig
 from .formats import ContainerFormat, get_format
 from .motion import Swirl, Track, settling_velocity_mm_s
 
@@ -221,6 +221,21 @@ def _silicone_oil(rng, fmt: ContainerFormat, fill_mm: float) -> list[FreeObject]
     return out
 
 
+def draw_acquisition(rng: np.random.Generator, cam: CameraConfig, frames: int) -> tuple[Pose, Lighting]:
+    """Where the container stands and how it is lit for one acquisition (each draw clipped at 3 sigma)."""
+
+    def clipped(std: float) -> float:
+        return float(np.clip(rng.normal(0, std), -3 * std, 3 * std))
+
+    pose = Pose(dx_mm=clipped(cam.jitter_mm), dz_mm=clipped(cam.jitter_mm), tilt_deg=clipped(cam.tilt_deg))
+    lighting = Lighting(
+        gain=float(np.exp(clipped(cam.exposure_drift))),
+        gradient=(float(rng.uniform(-1, 1) * cam.gradient), float(rng.uniform(-1, 1) * cam.gradient)),
+        frame_gains=tuple(float(np.exp(clipped(cam.flicker))) for _ in range(frames)),
+    )
+    return pose, lighting
+
+
 def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
     """Draw every random choice for container ``index``; the same (cfg, index, seed) gives the same scene."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
@@ -305,15 +320,7 @@ def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
         if orng.uniform() < rates["silicone_oil"]:
             objects.extend(_silicone_oil(orng, fmt, fill_mm))
 
-    def clipped(std: float) -> float:
-        return float(np.clip(rng.normal(0, std), -3 * std, 3 * std))
-
-    pose = Pose(dx_mm=clipped(cam.jitter_mm), dz_mm=clipped(cam.jitter_mm), tilt_deg=clipped(cam.tilt_deg))
-    lighting = Lighting(
-        gain=float(np.exp(clipped(cam.exposure_drift))),
-        gradient=(float(rng.uniform(-1, 1) * cam.gradient), float(rng.uniform(-1, 1) * cam.gradient)),
-        frame_gains=tuple(float(np.exp(clipped(cam.flicker))) for _ in range(cfg.frames)),
-    )
+    pose, lighting = draw_acquisition(rng, cam, cfg.frames)
     return Scene(
         index=index, format=fmt, frames=cfg.frames, product=product, fill_volume_ml=volume,
         fill_height_mm=float(fill_mm), fill_target_mm=float(target), fill_tolerance_mm=float(tol),
