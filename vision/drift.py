@@ -1,7 +1,8 @@
 """Drift baselines: what a model's decisions looked like at qualification, and how far a window strays from it.
 
-Pure and numpy-only, so that the offline qualification (training) writes a baseline and the station
-(``inspection_station.drift``) and the review app read it with the same code. A baseline holds, per class, the
+Pure and numpy-only, so that whatever writes a baseline (``inspection_station.drift_baseline``, from the
+records of a reference run of the line) and what reads it (the station's monitor, ``inspection_station.drift``,
+and the review app's control charts) share one code. A baseline holds, per class, the
 reject rate and the distribution of the class score the decision uses (``vision.scores.class_scores``) over
 fixed bins; ``psi`` compares a window's score histogram with it, ``count_limits`` gives the reject-count
 control limit for a window of any size.
@@ -44,7 +45,8 @@ class BaselineError(ValueError):
 
 @dataclass(frozen=True)
 class DriftBaseline:
-    """Reject rates and score distributions of one model's decisions at qualification."""
+    """Reject rates and score distributions of one model's decisions on a reference run (the line's
+    qualification run)."""
 
     model_version: str
     units: int  # units the rates and fractions were taken from
