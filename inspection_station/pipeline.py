@@ -300,13 +300,15 @@ class Pipeline:
         """Time until a unit queued now is decided: what is left of the running batch, then the queued units
         and itself in whole batches, since a unit is decided when its batch is and later units may join its
         batch (an upper bound, by design). With nothing running and nothing queued, the inference thread takes
-        the unit at once, alone: then its wait is one unit's time. Without that case the bound could exceed
-        what is left of the deadline even at an idle station (after one slow batch, or for units already old
-        when assembled), and for good: every unit turned away, no batch run, the estimate never refreshed."""
+        the unit at once, alone, and it is admitted whatever the estimate says (wait 0): the estimate is a
+        running mean that one slow batch can push past the deadline (a first run, eight stations loading their
+        models on two cores at once), and admission that trusted it at an idle station would turn every unit
+        away for good, with no batch run to refresh it. Admitted, the unit is decided or, if really late, rejected
+        by the inference thread (``deadline_missed``), and the batch refreshes the estimate."""
         b = max(1, int(self.recipe.batch_max))
         ahead = self.infer_q.qsize() + 1
         if ahead == 1 and not self._running:
-            return self._unit_s
+            return 0.0
         return max(0.0, self._busy_until - now) + math.ceil(ahead / b) * b * self._unit_s
 
     def _acquire(self) -> None:

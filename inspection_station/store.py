@@ -295,7 +295,9 @@ class RecordStore:
         if readonly:
             if not self._db.is_file():
                 raise StoreError(f"{self.path}: no record store here ({DB_NAME} missing)")
-            self._check_schema(self._reader())
+            if not self._check_schema(self._reader()):  # the file exists, its tables not yet: a store being created
+                self.close()
+                raise StoreError(f"{self._db}: holds no records yet (a station is creating the store)")
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
