@@ -167,6 +167,17 @@ def test_qualify_command_exit_codes_and_one_line_errors(passes_data, tiny_run, t
     assert rc == 2 and "no manual result" in err
 
 
+def test_a_challenge_set_with_a_bad_row_is_refused(passes_data, tiny_run, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(passes_data, bad, symlinks=True)
+    with open(bad / "manifest.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "broken", "frames": []}\n')
+    with pytest.raises(QualifyError, match="1 unusable row"):
+        qualify(tiny_run / "best.pt", bad, passes=3)
+
+
 def test_manual_study_decides_the_verdict(passes_data, tiny_run, tmp_path):
     """With a manual study the verdict follows the sums: people at FQV 10 on every defective unit the model
     misses at least once fails the machine; people at FQV 7 where the model always rejects passes it."""

@@ -239,6 +239,9 @@ def qualify(model: str | Path | LoadedModel, challenge_dir: str | Path, passes: 
         raise QualifyError(f"grey zone {grey[0]:g}-{grey[1]:g}: needs 0 < low < high <= 1")
     m = model if isinstance(model, LoadedModel) else load_model(model)
     ds = open_dataset(challenge_dir)
+    if ds.problems:  # a qualification that quietly leaves units out shows less than it says
+        raise QualifyError(f"{challenge_dir}: {len(ds.problems)} unusable row(s) in the challenge set, first: "
+                           f"{ds.problems[0]} (`vialinspect dataset check` lists them)")
     usable, dropped = fit_frames(list(ds.records), m.spec.frames)
     if not usable:
         raise QualifyError(f"{challenge_dir}: no unit has the {m.spec.frames} frame(s) the model takes")
