@@ -66,6 +66,12 @@ class ContainerRecord:
         return not self.classes
 
     @property
+    def fill_spec_mm(self) -> tuple[float, float] | None:
+        """The fill spec as the decision rule takes it (``vision.scores.class_scores``): (target, tolerance)
+        in mm, or None when the record has none."""
+        return (self.fill_spec.target_mm, self.fill_spec.tolerance_mm) if self.fill_spec else None
+
+    @property
     def known_clean(self) -> bool:
         """A good unit known to hold no defect anywhere, so every cell of every class map is a negative: a
         simulated one (its defect list is complete; it carries ``axis_px``) or one a person inspected whole and

@@ -58,7 +58,7 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
     classes of (rejected + 1) / (n_good + 1); where the validation split has too few good units to promise
     the budget, ``warning`` says how many it needs."""
     spec_fill = fill_is_spec_decided(records, scores)
-    cs = [class_scores(s, _spec(r)) for r, s in zip(records, scores, strict=True)]
+    cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
     good = [c for c, r in zip(cs, records, strict=True) if r.is_good]
     learned = [c for c in CLASSES if not (c == "fill_level" and spec_fill)]
     thresholds = {"fill_level": SPEC_EDGE} if spec_fill else {}
@@ -84,10 +84,6 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
     return out
 
 
-def _spec(r: ContainerRecord):
-    return (r.fill_spec.target_mm, r.fill_spec.tolerance_mm) if r.fill_spec else None
-
-
 def threshold_for_recall(positive_scores: np.ndarray, recall: float) -> float | None:
     """Highest threshold that still detects at least ``recall`` of these defective units (a parity margin
     below the deciding unit's score, so ONNX Runtime decides that unit the same way); None without units."""
@@ -109,7 +105,7 @@ def thresholds_to_match(records: list[ContainerRecord], scores: list[Scores], re
     detects less in every bin at once, so the lowest of the thresholds that meet each bin meets them all.
     Fill level stays at the spec edge where the spec decides it, a class without units keeps its threshold,
     and a class the reference detects none of gets one above every score."""
-    cs = [class_scores(s, _spec(r)) for r, s in zip(records, scores, strict=True)]
+    cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
     out = dict(thresholds)
     for c in CLASSES:
         if c == "fill_level" and thresholds.get(c) == SPEC_EDGE:
@@ -142,7 +138,7 @@ def detection_score(s: Scores, r: ContainerRecord, c: str, localized: bool = Tru
     """The score that decides whether ``r``'s defect of class ``c`` is detected: the class score, or with
     ``localized`` (particle, crack; where the record has defect boxes and the model maps) the class map's
     highest evidence at one of the class's defects, as the gate counts a detection (``training/gate.py``)."""
-    score = class_scores(s, _spec(r))[c]
+    score = class_scores(s, r.fill_spec_mm)[c]
     return max((score_at(s, c, score, d.bbox, localized) for d in r.defects if d.cls == c), default=score)
 
 

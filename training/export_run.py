@@ -28,7 +28,7 @@ def held_out(data_dir: Path, spec, count: int) -> tuple[list[Prepared], list]:
         if len(chosen) >= count:
             break
     prepared = [preprocess([read_gray(ds.root / f) for f in r.frames], spec) for r in chosen]
-    specs = [(r.fill_spec.target_mm, r.fill_spec.tolerance_mm) if r.fill_spec else None for r in chosen]
+    specs = [r.fill_spec_mm for r in chosen]
     return prepared, specs
 
 

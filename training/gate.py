@@ -81,8 +81,7 @@ def binomial_tail(k: int, n: int) -> float:
 def _decisions(records: Sequence[ContainerRecord], scores: Sequence[Scores], thresholds: dict[str, float]):
     out = []
     for rec, sc in zip(records, scores, strict=True):
-        spec = (rec.fill_spec.target_mm, rec.fill_spec.tolerance_mm) if rec.fill_spec else None
-        out.append(set(rejected_classes(class_scores(sc, spec), thresholds)))
+        out.append(set(rejected_classes(class_scores(sc, rec.fill_spec_mm), thresholds)))
     return out
 
 

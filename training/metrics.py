@@ -209,8 +209,7 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
     all_scores: list[dict[str, float]] = []
     all_rejected: list[list[str]] = []
     for rec, sc in zip(records, scores, strict=True):
-        spec = (rec.fill_spec.target_mm, rec.fill_spec.tolerance_mm) if rec.fill_spec else None
-        cs = class_scores(sc, spec)
+        cs = class_scores(sc, rec.fill_spec_mm)
         all_scores.append(cs)
         all_rejected.append(rejected_classes(cs, thresholds))
 

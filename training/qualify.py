@@ -133,8 +133,7 @@ class PassDecision:
 
 
 def decide(rec: ContainerRecord, sc: Scores, thresholds: dict[str, float], out_of_domain: bool) -> PassDecision:
-    spec = (rec.fill_spec.target_mm, rec.fill_spec.tolerance_mm) if rec.fill_spec else None
-    return PassDecision(tuple(rejected_classes(class_scores(sc, spec), thresholds)), out_of_domain)
+    return PassDecision(tuple(rejected_classes(class_scores(sc, rec.fill_spec_mm), thresholds)), out_of_domain)
 
 
 def unit_outcome(unit: str, recs: list[ContainerRecord], decisions: list[PassDecision],

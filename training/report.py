@@ -277,8 +277,7 @@ def _per_class_scores(records: list[ContainerRecord], scores: list[Scores]) -> d
         raise ValueError(f"{len(records)} records but {len(scores)} scores")
     rows = []
     for rec, sc in zip(records, scores, strict=True):
-        spec = (rec.fill_spec.target_mm, rec.fill_spec.tolerance_mm) if rec.fill_spec else None
-        rows.append(class_scores(sc, spec))
+        rows.append(class_scores(sc, rec.fill_spec_mm))
     return {c: np.array([r[c] for r in rows], dtype=np.float64) for c in CLASSES}
 
 
