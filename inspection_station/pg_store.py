@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
+from .backoff import Backoff
 from .store import _CHAINED, ChainCheck, RecordStore, StoreError
 
 log = logging.getLogger("vialinspect.pg_store")
@@ -378,7 +379,7 @@ class Drainer:
         return self.status()
 
     def _run(self) -> None:
-        delay = self.retry_s[0]
+        backoff = Backoff(*self.retry_s)
         while not self._stop.is_set():
             try:
                 ok = self.drain(until=None)
@@ -391,11 +392,12 @@ class Drainer:
                 self._update_backlog()
                 continue
             if ok:
-                delay = self.retry_s[0]
+                backoff.reset()
                 self._wait(self.poll_s)
             else:
+                delay = backoff.delay
+                backoff.failed(time.monotonic())
                 self._wait(delay)
-                delay = min(delay * 2, self.retry_s[1])
 
     def _wait(self, s: float) -> None:
         """Wait ``s`` seconds (or until kicked), keeping the backlog figure fresh meanwhile (a backoff is long)."""

@@ -55,6 +55,7 @@ import numpy as np
 from vialinspect.datasets.imageio import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageError, read_gray_bounded
 
 from .assembly import NO_SEQ
+from .backoff import Backoff
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -216,24 +217,6 @@ class _Pacer:
         # Re-anchor after an underrun: catching up in a burst would hide the stall and upset downstream pacing.
         self.next_due = (t if late else self.next_due) + self.interval
         return late
-
-
-class _Backoff:
-    """Exponential reconnect delay, reset by a success."""
-
-    def __init__(self, first: float, maximum: float) -> None:
-        self.first = max(0.0, first)
-        self.maximum = max(self.first, maximum)
-        self.delay = self.first
-        self.next_try = 0.0
-
-    def failed(self, now: float) -> None:
-        self.next_try = now + self.delay
-        self.delay = min(self.maximum, max(self.delay * 2, 1e-3))
-
-    def reset(self) -> None:
-        self.delay = self.first
-        self.next_try = 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -642,7 +625,7 @@ class LiveCaptureSource(Source):
 
     def __init__(self, uri: str, frames_per_container: int, target: int | str, opts: _Opts) -> None:
         super().__init__(uri, frames_per_container)
-        self._backoff = _Backoff(opts.get("backoff", float, 0.5), opts.get("max_backoff", float, 10.0))
+        self._backoff = Backoff(opts.get("backoff", float, 0.5), opts.get("max_backoff", float, 10.0))
         factory = opts.get("capture_factory", lambda f: f, None)
         open_timeout = opts.get("open_timeout", float, 10.0)
         opts.check()
@@ -810,7 +793,7 @@ class BaslerSource(Source):
             "buffers": opts.get("buffers", int, None),
             "image_folder": opts.get("image_folder", str, None),
         }
-        self._backoff = _Backoff(opts.get("backoff", float, 0.5), opts.get("max_backoff", float, 10.0))
+        self._backoff = Backoff(opts.get("backoff", float, 0.5), opts.get("max_backoff", float, 10.0))
         opts.check()
         self._cam: Any = None
         self._next_seq = 0  # one past the highest seq given so far
