@@ -85,11 +85,11 @@ def main() -> int:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    record = json.loads(paths["json"].read_text())
     result = {"model": q.model, "units": len(q.units), "defective": defective, "passes": q.passes,
               "containers": stats.containers, "generate_s": round(t_gen, 1), "qualify_s": round(t_q, 1),
               "pace_gflops": [round(pace0, 1), round(pace1, 1)], "verdict": q.verdict,
-              "knapp": json.loads(paths["json"].read_text())["knapp"],
-              "knapp_by_class": json.loads(paths["json"].read_text())["knapp_by_class"],
+              "knapp": record["knapp"], "knapp_by_class": record["knapp_by_class"],
               "false_rejects": fr, "pod_particle_um": q.pod_particle, "zones": q.zones,
               "report": str(paths["html"])}
     (work / "qualify_bench.json").write_text(json.dumps(result, indent=2) + "\n")
