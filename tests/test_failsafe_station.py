@@ -71,7 +71,9 @@ def test_a_sim_line_replayed_from_the_start_rejects_every_replayed_unit_as_dupli
     _station(station_recipe, store, src, 6)
     _station(station_recipe, store, src, 6)
     sent, rows = _agree_log(store)
-    first, second = sent[:6], sent[6:]
+    # Each run's decisions in unit order: a unit turned away at admission reaches the line at once, ahead of a
+    # unit still being inferred, so the order the line hears them in depends on the machine's load.
+    first, second = (sorted(run, key=lambda d: d["sequence"]) for run in (sent[:6], sent[6:]))
     assert [d["container_id"] for d in second] == [d["container_id"] for d in first]
     assert all(not d["accept"] and DUP in d["reasons"] and d["record_key"].endswith("~dup1") for d in second)
 
