@@ -109,19 +109,19 @@ def headline(report: dict) -> dict:
 def run_baseline(data: Path, out: Path, frr: float, fresh: Path | None) -> dict[str, tuple]:
     """The classical baseline, calibrated on the test lot's validation split to the same false-reject budget,
     on the test split (-> ``out``) and on all of the fresh lot; (report, records, scores) by lot."""
-    from vialinspect.training.baseline import ClassicalInspector, score_dataset
+    from vialinspect.training.evaluate import classical_inspector, classical_scores
 
     ds = open_dataset(data)
-    insp = ClassicalInspector()
+    insp = classical_inspector()
     val = ds.split("val")
-    thresholds = calibrate(val, score_dataset(val, ds.root, insp), frr)["thresholds"]
+    thresholds = calibrate(val, classical_scores(val, ds.root, insp), frr)["thresholds"]
     lots = {"test": (ds, ds.split("test"))}
     if fresh is not None:
         fds = open_dataset(fresh)
         lots["fresh"] = (fds, fds.records)
     done = {}
     for name, (d, recs) in lots.items():
-        scores = score_dataset(recs, d.root, insp)
+        scores = classical_scores(recs, d.root, insp)
         report = evaluate(recs, scores, thresholds, BASELINE_ID)
         if name == "test":
             write_report(report, out, recs, scores, d.root, thresholds)

@@ -12,7 +12,8 @@ from vialinspect.datasets.sim.config import SimConfig
 from vialinspect.datasets.sim.motion import Track, settling_velocity_mm_s
 from vialinspect.datasets.sim.render import render
 from vialinspect.datasets.sim.scene import FreeObject, GlassMark, Scene, sample_scene
-from vialinspect.training.baseline import BaselineParams, ClassicalInspector, score_dataset
+from vialinspect.training.evaluate import classical_inspector, classical_scores
+from vialinspect.vision.classical import BaselineParams, ClassicalInspector
 from vialinspect.vision.scores import class_scores
 
 PIXEL_UM = 40.0
@@ -51,7 +52,7 @@ def _crack(length_mm: float, x_mm: float, z_mm: float, seed: int = 2) -> GlassMa
 
 @pytest.fixture(scope="module")
 def inspector() -> ClassicalInspector:
-    return ClassicalInspector()
+    return classical_inspector()
 
 
 @pytest.mark.parametrize("frames", [4, 1])
@@ -165,8 +166,8 @@ def test_blank_image_is_rejected_not_passed(inspector):
 def test_params_are_used():
     scene = replace(_clean_scene("vial-2R"), objects=(_free("metal", 600.0, z0_mm=11.0),))
     frames = _frames(scene)
-    default = ClassicalInspector().score(frames, PIXEL_UM, "vial-2R").probs["particle"]
-    harsh = ClassicalInspector(BaselineParams(particle_scale=1e6)).score(frames, PIXEL_UM, "vial-2R")
+    default = classical_inspector().score(frames, PIXEL_UM, "vial-2R").probs["particle"]
+    harsh = classical_inspector(BaselineParams(particle_scale=1e6)).score(frames, PIXEL_UM, "vial-2R")
     assert harsh.probs["particle"] < 0.01 < default
 
 
@@ -175,7 +176,7 @@ def test_score_dataset_reads_a_generated_dataset(tmp_path):
     generate(out, 3, SimConfig(frames=2, defect_rate=0.5), seed=4, workers=1)
     ds = open_dataset(out)
     seen = []
-    scores = score_dataset(ds.records, ds.root, progress=lambda it: (seen.append(1) or x for x in it))
+    scores = classical_scores(ds.records, ds.root, progress=lambda it: (seen.append(1) or x for x in it))
     assert len(scores) == len(ds.records) == 3 and len(seen) == 3
     for rec, s in zip(ds.records, scores, strict=True):
         assert s.fill_height_mm is not None

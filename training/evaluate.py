@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames
+from vialinspect.datasets.sim.formats import FORMATS
 from vialinspect.export.builtin import is_builtin
 from vialinspect.export.package import ModelPackage, load_package, open_runner, sha256_file
+from vialinspect.vision.classical import BaselineParams, ClassicalInspector
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import Scores
 
@@ -130,3 +133,23 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     if out_dir is not None:
         write_report(report, Path(out_dir), usable, scores, ds.root, th)
     return report, usable, scores
+
+
+def classical_inspector(params: BaselineParams | None = None) -> ClassicalInspector:
+    """The classical inspector (``vision.classical``) with the simulator's container formats, so a record's
+    ``format`` sets the format constants as a station is set up per format."""
+    return ClassicalInspector(params, formats=FORMATS)
+
+
+def classical_scores(records: Iterable[ContainerRecord], root: str | Path,
+                     inspector: ClassicalInspector | None = None, progress: Callable | None = None) -> list[Scores]:
+    """The classical inspector's scores for every record of a dataset, in order; ``progress`` wraps the
+    iterator (e.g. tqdm) if given."""
+    inspector = inspector or classical_inspector()
+    root = Path(root)
+    recs = list(records)
+    out = []
+    for rec in progress(recs) if progress else recs:
+        frames = [read_gray(root / rel) for rel in rec.frames]
+        out.append(inspector.score(frames, pixel_um=rec.pixel_um, fmt=rec.format))
+    return out

@@ -33,19 +33,29 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
 
-from vialinspect.datasets.imageio import read_gray
-from vialinspect.datasets.records import ContainerRecord
-from vialinspect.datasets.sim.formats import FORMATS, ContainerFormat
 from vialinspect.vision.scores import CLASSES, Scores, fill_probability
 
-__all__ = ["BaselineParams", "ClassicalInspector", "score_dataset"]
+__all__ = ["BaselineParams", "ClassicalInspector", "ContainerFormat", "measure_geometry"]
+
+
+class ContainerFormat(Protocol):
+    """The format constants the inspector reads (``vialinspect.datasets.sim.formats.ContainerFormat`` has them;
+    ``vision`` imports nothing of the project, so callers hand the formats in)."""
+
+    kind: str
+    height_mm: float
+    outer_radius_mm: float
+    inner_radius_mm: float
+    bottom_mm: float
+    target_fill_mm: float
+    fill_tolerance_mm: float
 
 MAP_STRIDE = 8
 
@@ -463,14 +473,66 @@ def _link(blobs: list[_Blob], K: int, px_mm: float, tilt: float) -> list[list[_B
     return tracks
 
 
+def _normalised(frames: Sequence[np.ndarray], p: BaselineParams) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The frames as float in units of the back light, their per-pixel median and their per-pixel maximum."""
+    fl = _to_float(frames)
+    shape = fl[0].shape
+    if any(x.shape != shape for x in fl):
+        raise ValueError("frames differ in size")
+    bg = float(np.percentile(fl[0][::4, ::4], p.background_percentile))
+    if bg <= 0:
+        raise ValueError("blank frame: no back light")
+    fl = [x * np.float32(1.0 / bg) for x in fl]
+    med = _stack_median(fl)
+    # Static content: a pixel is dark in the per-pixel maximum only if it is dark in every frame.
+    mx = fl[0].copy()
+    for x in fl[1:]:
+        cv2.max(mx, x, dst=mx)
+    return fl, med, mx
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a container is in an image, in pixels: what a fill gauge compares between units of one line."""
+
+    kind: str  # "vial" or "syringe", told from the silhouette
+    outer_width_px: float  # the straight body's outer diameter
+    silhouette_rows: tuple[int, int]  # first and last row of the container
+    zero_row: float | None  # the container's lowest point (vials: inside of the bottom; syringes: needle shield)
+    meniscus_row: float | None  # centre of the liquid surface band
+
+    @property
+    def fill_px(self) -> float | None:
+        """Liquid column from the lowest point to the meniscus in pixels; None where either was not found."""
+        if self.zero_row is None or self.meniscus_row is None:
+            return None
+        return float(self.zero_row - self.meniscus_row)
+
+
+def measure_geometry(frames: Sequence[np.ndarray], params: BaselineParams | None = None) -> Geometry:
+    """The container's geometry in one unit's frames, without knowing its format (as on a new line, where the
+    line's own good units are the reference). ``ValueError`` when no container is found."""
+    p = params or BaselineParams()
+    if not frames:
+        raise ValueError("no frames")
+    _, med, mx = _normalised(frames, p)
+    g = _find_geometry(med, mx, p, None, p.default_pixel_um / 1000.0)
+    return Geometry(kind=g.kind, outer_width_px=2.0 * g.outer_half_px, silhouette_rows=tuple(g.sil_rows),
+                    zero_row=g.zero_row, meniscus_row=g.meniscus_row)
+
+
 # ---------------------------------------------------------------- the inspector
 
 
 class ClassicalInspector:
     """Scores one container's K frames with classical image processing; see the module docstring."""
 
-    def __init__(self, params: BaselineParams | None = None) -> None:
+    def __init__(self, params: BaselineParams | None = None,
+                 formats: Mapping[str, ContainerFormat] | None = None) -> None:
+        """``formats``: the container formats by name (e.g. ``vialinspect.datasets.sim.formats.FORMATS``) for
+        ``score(fmt=...)`` and for the typical fill heights of a unit whose format is not given."""
         self.params = params or BaselineParams()
+        self.formats = dict(formats or {})
 
     def score(self, frames: list[np.ndarray], pixel_um: float | None = None, fmt: str | None = None) -> Scores:
         """Scores for one container from its K frames (uint8 or uint16, 2-D, all the same size).
@@ -486,20 +548,10 @@ class ClassicalInspector:
         t0 = time.perf_counter()
         p = self.params
         px_mm = (pixel_um or p.default_pixel_um) / 1000.0
-        f = FORMATS.get(fmt) if fmt else None
-        fl = _to_float(frames)
-        shape = fl[0].shape
-        if any(x.shape != shape for x in fl):
-            raise ValueError("frames differ in size")
-        bg = float(np.percentile(fl[0][::4, ::4], p.background_percentile))
-        if bg <= 0:
-            raise ValueError("blank frame: no back light")
-        fl = [x * np.float32(1.0 / bg) for x in fl]
-        med = _stack_median(fl)
-        # Static content: a pixel is dark in the per-pixel maximum only if it is dark in every frame.
-        mx = fl[0].copy()
-        for x in fl[1:]:
-            cv2.max(mx, x, dst=mx)
+        if fmt and fmt not in self.formats:
+            raise ValueError(f"unknown container format {fmt!r}")
+        f = self.formats.get(fmt) if fmt else None
+        fl, med, mx = _normalised(frames, p)
         try:
             g = _find_geometry(med, mx, p, f, px_mm)
         except ValueError as e:
@@ -515,7 +567,7 @@ class ClassicalInspector:
         elif f is not None:
             p_fill = fill_probability(fill_h, f.target_fill_mm, f.fill_tolerance_mm)
         else:
-            typical = [x.target_fill_mm for x in FORMATS.values() if x.kind == g.kind]
+            typical = [x.target_fill_mm for x in self.formats.values() if x.kind == g.kind]
             dev = min(abs(fill_h - t) for t in typical) if typical else 0.0
             p_fill = _squash(dev, p.fill_unknown_scale_mm)
 
@@ -842,16 +894,3 @@ def _line_length(comp: np.ndarray, p: BaselineParams) -> float | None:
     if width > p.crack_max_width_px or length < p.crack_min_ratio * width:
         return None
     return length
-
-
-def score_dataset(records: Iterable[ContainerRecord], root: str | Path, inspector: ClassicalInspector | None = None,
-                  progress: Callable | None = None) -> list[Scores]:
-    """Score every container of a dataset, in order; ``progress`` wraps the iterator (e.g. tqdm) if given."""
-    inspector = inspector or ClassicalInspector()
-    root = Path(root)
-    recs = list(records)
-    out = []
-    for rec in progress(recs) if progress else recs:
-        frames = [read_gray(root / rel) for rel in rec.frames]
-        out.append(inspector.score(frames, pixel_um=rec.pixel_um, fmt=rec.format))
-    return out
