@@ -20,7 +20,12 @@ command a user runs, within --minutes, and is scored on the world's test split (
   settings for image-level data: --init builtin:default, synthetic defects, balanced map loss with hard
   negatives; training/config.py IMAGE_LEVEL);
 - train-from-still: the same recipe started from the still-image transfer model (--init builtin:still,
-  `make still-model`: the simulator's model trained further on one frame through many cameras);
+  `make still-model`: the simulator's model trained further on one frame through many cameras); since the fill
+  gauge, what "auto" starts from where the gauge can be fitted;
+- train-from-default: the same recipe started from the shipped default model (what "auto" started from before
+  the fill gauge, and still does where the gauge cannot be fitted);
+- gauge: the fill gauge alone (vision/fill_gauge.py), fitted on the training folder's good units, scoring the
+  fill level only (particle and crack scores 0): no training, seconds;
 - scratch: `train --init none` (random weights), image-level labels only (implant 0);
 - transfer: `train --init builtin:default` (the simulator-trained model), image-level labels only (implant 0);
 - implant: `train --init none`, with the synthetic defects.
@@ -56,6 +61,8 @@ METHODS = {  # name: (init, implant); "auto" / None: what plain `vialinspect tra
     "default": (None, None),
     "train": ("auto", None),
     "train-from-still": ("builtin:still", None),
+    "train-from-default": ("builtin:default", None),
+    "gauge": (None, None),
     "scratch": ("scratch", 0.0),
     "transfer": ("builtin:default", 0.0),
     "implant": ("scratch", None),
@@ -195,6 +202,31 @@ def score_run(model: str, test_dir: Path) -> dict:
     return res
 
 
+def gauge_run(data: Path, world_dir: Path) -> dict:
+    """The fill gauge alone: fitted on ``data``'s good units, scored on the world's test split (fill level only)."""
+    from vialinspect.datasets.imagefolder import read_imagefolder
+    from vialinspect.datasets.imageio import read_gray
+    from vialinspect.training.metrics import auroc
+    from vialinspect.vision.fill_gauge import fit_fill_gauge, measure_all
+
+    t0 = time.perf_counter()
+    good = sorted((data / "train" / "good").iterdir())
+    gauge = fit_fill_gauge(measure_all([read_gray(p)] for p in good))
+    fit_s = time.perf_counter() - t0
+    recs = [r for r in read_imagefolder(world_dir).records if r.split == "test"]
+    readings = [gauge.read([read_gray(world_dir / r.frames[0])]) for r in recs]
+    labels = np.array([[c in r.classes for c in CLASSES] for r in recs], np.float32)
+    s = np.zeros((len(recs), 3))
+    s[:, 2] = [x.probability for x in readings]
+    res = {"at_frr": recall_at_frr(labels, s), "auroc": {"fill_level": round(auroc(labels[:, 2], s[:, 2]), 4)},
+           "gauge": {"groups": len(gauge.groups), "fitted_on": gauge.n_measured, "not_measured": gauge.n_unmeasured,
+                     "test_unmeasured_good": sum(1 for r, x in zip(recs, readings, strict=True)
+                                                 if x.problem and not r.classes),
+                     "fit_seconds": round(fit_s, 1)}}
+    res["at_frr"]["particle"] = res["at_frr"]["crack"] = None  # not scored
+    return res
+
+
 def train_run(data: Path, run: Path, init: str, implant: float, minutes: float, seed: int,
               settings: dict | None = None) -> dict:
     """`vialinspect train` as a user runs it; wall time and the process's peak memory."""
@@ -294,6 +326,15 @@ def main() -> int:
                 if m == "default":
                     model = "builtin:default"
                     row.update(labels=0)
+                elif m == "gauge":
+                    data = out / "runs" / w / f"n{n}" / "data"
+                    if not data.exists():
+                        row["train_counts"] = labelled_subset(dirs[w], data, n, a.good, a.seed)
+                    row.update(gauge_run(data, dirs[w]))
+                    summary["runs"].append(row)
+                    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+                    _print_row(row)
+                    continue
                 else:
                     data = out / "runs" / w / f"n{n}" / "data"
                     if not data.exists():
@@ -314,7 +355,9 @@ def main() -> int:
 def _print_row(r: dict) -> None:
     f = r["at_frr"]
     print(f"   recall at FRR<=2%: particle {f['particle']}, crack {f['crack']}, fill {f['fill_level']} "
-          f"(FRR {f['frr']}); AUROC {r['auroc']}; calibrated {r['calibrated']}", flush=True)
+          f"(FRR {f['frr']}); AUROC {r['auroc']}; calibrated {r.get('calibrated', '-')}", flush=True)
+    if "gauge" in r:
+        print(f"   fill gauge: {r['gauge']}", flush=True)
     by = r.get("particle_by_size") or {}
     print("   particle recall by size: " + ", ".join(f"{k} {v['recall']} (n={v['n']})" for k, v in by.items()),
           flush=True)
@@ -329,7 +372,8 @@ def print_table(summary: dict) -> None:
         f, au = r["at_frr"], r["auroc"]
         w = r["world"] + (" (held out)" if r["held_out"] else "")
         print(f"| {w} | {r['labels']} | {r['method']} | {f['particle']} | {f['crack']} | {f['fill_level']} | "
-              f"{au['particle']} / {au['crack']} | {r['calibrated']['frr']} | {r.get('train_minutes', '-')} | "
+              f"{au.get('particle', '-')} / {au.get('crack', '-')} | {r.get('calibrated', {}).get('frr', '-')} | "
+              f"{r.get('train_minutes', '-')} | "
               f"{r.get('peak_rss_gb', '-')} |")
 
 

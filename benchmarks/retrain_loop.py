@@ -40,10 +40,10 @@ from vialinspect.datasets.reader import open_dataset  # noqa: E402
 from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
 from vialinspect.datasets.sim.scene import sample_scene  # noqa: E402
 from vialinspect.export.registry import Registry  # noqa: E402
-from vialinspect.inspection_station import users  # noqa: E402
-from vialinspect.inspection_station.audit import ReviewDB  # noqa: E402
-from vialinspect.inspection_station.promotion import promote  # noqa: E402
-from vialinspect.inspection_station.review import ReviewService, export_reviewed  # noqa: E402
+from vialinspect.inspection_station.qa import users  # noqa: E402
+from vialinspect.inspection_station.qa.audit import ReviewDB  # noqa: E402
+from vialinspect.inspection_station.qa.promotion import promote  # noqa: E402
+from vialinspect.inspection_station.qa.review import ReviewService, export_reviewed  # noqa: E402
 from vialinspect.inspection_station.station import StationOptions, run_station  # noqa: E402
 from vialinspect.inspection_station.store import RecordStore  # noqa: E402
 from vialinspect.training.config import load_config  # noqa: E402
@@ -168,6 +168,9 @@ def main() -> int:
     ap.add_argument("--operating-point", choices=["hold-detection", "frr-budget"], default="hold-detection",
                     help="challenger thresholds, as retrain's flag (default hold-detection)")
     ap.add_argument("--max-minutes", type=float, default=None, help="training time budget")
+    ap.add_argument("--settings", default=None,
+                    help="further training settings as JSON over retraining's defaults, e.g. "
+                         "'{\"map_hard_negatives\": 4}' (docs/retraining.md, what was measured)")
     ap.add_argument("--model", default=str(ROOT / "models/default"), help="base model package")
     ap.add_argument("--seed", type=int, default=0,
                     help="draws the line's units, the qualification set, the base sample and training (default 0)")
@@ -179,6 +182,12 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "bench_out/retrain_loop"))
     ap.add_argument("--json", default=None, help="JSON output (default WORK/retrain_loop_seed<SEED>.json)")
     a = ap.parse_args()
+    try:
+        settings = json.loads(a.settings) if a.settings else {}
+    except json.JSONDecodeError as e:
+        ap.error(f"--settings: not JSON ({e})")
+    if not isinstance(settings, dict):
+        ap.error("--settings: must be a JSON object of training settings")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     recipe = Path(a.recipe) if a.recipe else next((ROOT / "inspection_station/recipes").glob(f"{a.format}.*"))
@@ -219,8 +228,8 @@ def main() -> int:
     step("review")
 
     exp = export_reviewed(work / "store", work / "retrain" / "reviewed", actor="benchmark", overwrite=True)
-    train_cfg = load_config(None, {"epochs": a.epochs, "max_minutes": a.max_minutes, "distill": a.distill,
-                                   "image_label_weight": a.image_label_weight, "seed": a.seed},
+    train_cfg = load_config(None, {**settings, "epochs": a.epochs, "max_minutes": a.max_minutes,
+                                   "distill": a.distill, "image_label_weight": a.image_label_weight, "seed": a.seed},
                             defaults=RETRAIN_TRAIN_DEFAULTS)
     cfg = RetrainConfig(recipe=recipe_name, base_sample=a.base_sample, reviewed_weight=a.reviewed_weight,
                         holdout_reviewed=a.holdout_reviewed, hold_detection=a.operating_point == "hold-detection",

@@ -13,10 +13,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from vialinspect.errors import VialinspectError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class ImageError(Exception):
+class ImageError(VialinspectError):
     pass
 
 

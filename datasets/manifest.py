@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from vialinspect.errors import VialinspectError
+
 from .manifest_row import EXTRA_FIELDS, ManifestRow, problem
 from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, union_box, unit_id
 from .validation import one_line
@@ -24,7 +26,7 @@ FORMAT_ID = "vialinspect-dataset"
 VERSION = 1
 
 
-class DatasetError(Exception):
+class DatasetError(VialinspectError):
     """A dataset cannot be used at all (no manifest, wrong format, unreadable)."""
 
 

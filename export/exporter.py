@@ -20,7 +20,8 @@ from .package import ModelPackage, write_package
 def package_metadata(spec: InputSpec, ck: dict[str, Any], precision: str, opset: int,
                      parity_json: dict[str, Any], git_commit: str) -> dict[str, Any]:
     cal = ck.get("calibration", {})
-    return {
+    gauge = {"fill_gauge": ck["fill_gauge"]} if ck.get("fill_gauge") else {}
+    return {**gauge,
         "classes": list(ck.get("classes", ["particle", "crack", "fill_level"])),
         "input": {
             "name": "frames", "layout": "batch, frames, height, width", "dtype": "float32", "frames": spec.frames,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vialinspect.errors import VialinspectError
 from vialinspect.vision.model import InferenceModel, VialNet
 from vialinspect.vision.postprocess import to_scores
 from vialinspect.vision.preprocess import InputSpec, Prepared
@@ -26,7 +27,7 @@ PARITY_ATOL_FP16 = 2e-2  # half precision keeps ~3 decimal digits; decisions mus
 DEFAULT_OPSET = 17
 
 
-class ExportError(Exception):
+class ExportError(VialinspectError):
     pass
 
 

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from vialinspect.errors import VialinspectError
 from vialinspect.vision.scores import CLASSES, threshold_problem, thresholds_problem
 
 from .builtin import resolve_model_ref
@@ -43,7 +44,7 @@ _ONNX_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25
 _ONNX_IR_VERSION, _ONNX_GRAPH, _ONNX_OPSET_IMPORT = 1, 7, 8
 
 
-class PackageError(Exception):
+class PackageError(VialinspectError):
     """A package that cannot be trusted or used: missing, tampered, truncated, foreign or too new."""
 
 
@@ -76,6 +77,15 @@ class ModelPackage:
 
         d = self.metadata.get("domain")
         return None if d is None else DomainModel.from_json(d)
+
+    @property
+    def fill_gauge(self):
+        """The fill-level gauge referenced to the line's good units (``vialinspect.vision.fill_gauge.FillGauge``)
+        that decides this model's fill level, or None (the network's own fill-level output decides)."""
+        from vialinspect.vision.fill_gauge import FillGauge
+
+        d = self.metadata.get("fill_gauge")
+        return None if d is None else FillGauge.from_json(d)
 
 
 def sha256_file(path: Path) -> str:
@@ -237,6 +247,13 @@ def check_metadata(meta: Any, where: str | Path) -> None:
             DomainModel.from_json(meta["domain"])
         except ValueError as e:
             bad("domain", str(e))
+    if meta.get("fill_gauge") is not None:
+        from vialinspect.vision.fill_gauge import FillGauge
+
+        try:
+            FillGauge.from_json(meta["fill_gauge"])
+        except ValueError as e:
+            bad("fill_gauge", str(e))
     if not isinstance(meta.get("heads", {}), dict):
         bad("heads", f"must be a table (e.g. {{\"fill\": true}}), got {_json_kind(meta['heads'])}")
 

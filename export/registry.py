@@ -15,14 +15,13 @@ Status is derived from the history, never stored twice: ``registered`` → ``can
 or ``rejected`` (failed it) → ``current`` for a recipe once promoted.
 
 The registry does not check passwords: promotion and rollback take a ``Signature`` made by the caller after
-it verified the signer (``vialinspect.inspection_station.promotion`` does this with the review app's users and audit
+it verified the signer (``vialinspect.inspection_station.qa.promotion`` does this with the review app's users and audit
 trail), and record it with the event.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -35,16 +34,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vialinspect.errors import VialinspectError
+
+from .hashchain import GENESIS, link_hash
 from .package import ModelPackage, PackageError, load_package
 
 REGISTRY_FORMAT = "vialinspect-model-registry"
 REGISTRY_VERSION = 1
-GENESIS = "0" * 64
 _RECIPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REGISTER, GATE, PROMOTE, ROLLBACK = "register", "gate", "promote", "rollback"
 
 
-class RegistryError(Exception):
+class RegistryError(VialinspectError):
     """A registry that is missing or damaged, or an action the registry's rules do not allow."""
 
 
@@ -86,7 +87,7 @@ def _now() -> str:
 
 
 def _event_hash(prev: str, body: dict[str, Any]) -> str:
-    return hashlib.sha256((prev + "\n" + json.dumps(body, sort_keys=True, separators=(",", ":"))).encode()).hexdigest()
+    return link_hash(prev, body)  # prev, a newline, the event's fields as JSON with sorted keys
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vialinspect.errors import VialinspectError
+
 SIGNATURE_NAME = "SIGNATURE.json"
 SIGNED_FILE = "SHA256SUMS"  # the package file a package signature covers
 ALGORITHM = "ed25519"
 
 
-class SigningError(Exception):
+class SigningError(VialinspectError):
     """A key that cannot be read, or a signature that is missing, malformed, untrusted or wrong."""
 
 

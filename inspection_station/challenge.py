@@ -36,6 +36,8 @@ from vialinspect.datasets.imageio import MAX_IMAGE_PIXELS, ImageError, read_gray
 from vialinspect.datasets.manifest import MANIFEST_NAME, DatasetError
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord
+from vialinspect.errors import VialinspectError
+from vialinspect.export.hashchain import GENESIS, link_hash
 
 from .assembly import NO_SEQ
 from .challenge_spec import ChallengeRule, ChallengeSpec
@@ -48,12 +50,11 @@ from .types import Container, Decision, Frame
 log = logging.getLogger("vialinspect.station")
 
 RESULTS_NAME = "challenges.jsonl"  # in the record store's folder
-GENESIS = "0" * 64  # the chain's first "previous hash"
 FRAME_SIZE_FACTOR = 4  # pixels a frame file may have, in recipe frames (as the folder source)
 NO_DECISION = "not_inspected:no_decision"  # a unit of the set the pipeline never decided (challenge only)
 
 
-class ChallengeError(Exception):
+class ChallengeError(VialinspectError):
     """A challenge set or results file that cannot be used; the message is one line."""
 
 
@@ -100,7 +101,11 @@ def load_set(root: str | Path, frames: int) -> ChallengeSet:
 
 def set_hash(root: Path, records: list[ContainerRecord]) -> str:
     """sha256 over the manifest (when there is one), each unit's id, classes and frame names, and the frame
-    files' bytes: the set's exact content, so a result names what was shown to the model."""
+    files' bytes: the set's exact content, so a result names what was shown to the model.
+
+    Not the dataset content hash (``vialinspect.datasets.content_hash.dataset_hash``, which training, calibration
+    and qualification record): this one also covers the units' order, ids and frame names, and the results
+    already recorded in ``challenges.jsonl`` hold it, so it keeps its own definition."""
     h = hashlib.sha256()
     manifest = root / MANIFEST_NAME
     if manifest.is_file():
@@ -301,7 +306,7 @@ def run_challenge(cset: ChallengeSet, rule: ChallengeRule, recipe: Recipe, model
 
 
 def _line_hash(prev: str, body: dict[str, Any]) -> str:
-    return hashlib.sha256((prev + json.dumps(body, sort_keys=True, separators=(",", ":"))).encode()).hexdigest()
+    return link_hash(prev, body, sep="")  # prev then the line's JSON (sorted keys, which holds prev as well)
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
@@ -355,7 +360,7 @@ def record_result(result: ChallengeResult, path: str | Path) -> dict[str, Any]:
 
 
 def os_account() -> str:
-    from .review import os_actor  # the same "os:NAME" the review commands record
+    from .actor import os_actor  # the same "os:NAME" the review commands record
 
     return os_actor()
 

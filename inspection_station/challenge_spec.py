@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vialinspect.errors import VialinspectError
+
 RULE_MODES: tuple[str, ...] = ("all", "tolerance")
 SPEC_KEYS: tuple[str, ...] = ("set", "rule", "every_hours")
 TOLERANCE_KEYS: tuple[str, ...] = ("max_missed_defects", "max_false_rejects")
@@ -29,7 +31,7 @@ MAX_TOLERANCE = 100_000  # units; a larger number is a typo
 MAX_EVERY_HOURS = 168.0  # a week; a challenge less often than that is no shift check
 
 
-class ChallengeSpecError(ValueError):
+class ChallengeSpecError(VialinspectError, ValueError):
     """A challenge setting that cannot be used; ``key`` names it within the ``challenge`` table."""
 
     def __init__(self, problem: str, key: str | None = None) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vialinspect.errors import VialinspectError
 from vialinspect.vision.drift import DriftBaseline, baseline_from
 from vialinspect.vision.scores import CLASSES
 
 from .store import RecordStore, StoreError
 
 
-class BaselineSourceError(ValueError):
+class BaselineSourceError(VialinspectError, ValueError):
     """The record store cannot give a baseline (none, too few units, several models): one line."""
 
 
@@ -29,10 +30,8 @@ def baseline_from_store(store_dir: str | Path, last: int | None = None, model_ve
         store = RecordStore(store_dir, readonly=True)
     except StoreError as e:  # already names the store
         raise BaselineSourceError(str(e)) from None
-    try:
-        rows = [r for r in store.iter_decisions(since=since, until=until)]
-    finally:
-        store.close()
+    with store:
+        rows = list(store.iter_decisions(since=since, until=until))
     # A unit turned away unjudged may carry no model version: only decided units name the model.
     decided = [r for r in rows if not any(str(x).startswith("not_inspected:") for x in r["reasons"])]
     versions = sorted({str(r.get("model_version")) for r in decided})

@@ -39,6 +39,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,15 @@ assert max(MIGRATIONS) == SCHEMA_VERSION
 
 _DB_COLUMNS = ("station_id", "chain_pos", *_CHAINED, "row_hash")
 
+
+def _software_version() -> str:
+    """The installed package's version (the one version source, as ``vialinspect.__version__`` reads it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vialinspect")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
 
 def _psycopg():
     try:
@@ -224,12 +234,10 @@ def migrate(conn, where: str = "the database") -> tuple[int, int]:
         if have > SCHEMA_VERSION:
             raise StoreError(f"{where}: schema version {have} is newer than this vialinspect knows "
                              f"({SCHEMA_VERSION}); upgrade vialinspect")
-        from vialinspect import __version__
-
         for n in range(have + 1, SCHEMA_VERSION + 1):
             conn.execute(MIGRATIONS[n])
             conn.execute("INSERT INTO schema_version (version, by_software) VALUES (%s, %s)",
-                         (n, f"vialinspect {__version__}"))
+                         (n, f"vialinspect {_software_version()}"))
     conn.commit()
     if have < SCHEMA_VERSION:
         log.warning("%s: schema migrated from %d to %d", where, have, SCHEMA_VERSION)
@@ -239,11 +247,8 @@ def migrate(conn, where: str = "the database") -> tuple[int, int]:
 def upgrade(url: str) -> tuple[int, int]:
     """``vialinspect db upgrade --db URL``: run the migrations now. Returns ``(from, to)``."""
     target = parse_url(url, station=None)
-    conn = _connect_or_raise(target)
-    try:
+    with closing(_connect_or_raise(target)) as conn:
         return migrate(conn, target.display)
-    finally:
-        conn.close()
 
 
 def _connect_or_raise(target: PgTarget, timeout_s: float = _CONNECT_TIMEOUT_S):

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from vialinspect.vision.fill_gauge import apply_reading
 from vialinspect.vision.preprocess import preprocess
 from vialinspect.vision.scores import (
     class_scores,
@@ -80,6 +81,7 @@ class LoadedModel:
     version: str
     thresholds: dict[str, float]
     domain: Any = None  # vision.domain.DomainModel: units unlike the model's training data are not decided
+    fill_gauge: Any = None  # vision.fill_gauge.FillGauge: where the package has one, it decides the fill level
 
 
 class ModelSlot:
@@ -434,6 +436,10 @@ class Pipeline:
                     out.append((self._reject(c, [not_inspected("inference_error")], model, provider=provider), c,
                                 None))
                 continue
+            if model.fill_gauge is not None:
+                # The line's own fill gauge (classical geometry against its good units) decides the fill level.
+                scores = [apply_reading(s, model.fill_gauge.read([f.pixels for f in c.frames]))
+                          for (c, _), s in zip(items, scores, strict=True)]
             t1 = time.monotonic()
             for (c, _), s in zip(items, scores, strict=True):
                 # Positive release: an output that is not a finite probability in [0, 1] per class (or a fill

@@ -80,6 +80,7 @@ from pydantic import AllowInfNan, ConfigDict, Field, TypeAdapter, ValidationErro
 from typing_extensions import TypedDict  # pydantic's own requirement; typing's TypedDict before 3.12 is not enough
 
 from vialinspect.datasets.sim.formats import FORMATS
+from vialinspect.errors import VialinspectError
 from vialinspect.export.builtin import resolve_model_ref, resolve_recipe_ref
 from vialinspect.vision.scores import CLASSES, threshold_problem
 
@@ -114,7 +115,7 @@ _LINE_SECURITY_REQUIRED = ("certificate", "private_key", "server_certificate", "
 _LINE_SECURITY_FILES = ("certificate", "private_key", "server_certificate")
 
 
-class RecipeError(Exception):
+class RecipeError(VialinspectError):
     """A recipe that cannot be used; the message names the file, the key and the problem."""
 
     def __init__(self, problem: str, key: str | None = None, source: str | Path | None = None) -> None:

@@ -53,6 +53,7 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 
 from vialinspect.datasets.imageio import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageError, read_gray_bounded
+from vialinspect.errors import VialinspectError
 
 from .assembly import NO_SEQ
 from .backoff import Backoff
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".mjpeg")
 
 
-class SourceError(Exception):
+class SourceError(VialinspectError):
     """A source cannot be opened as configured (bad URI, missing files, no such camera)."""
 
 

@@ -68,7 +68,7 @@ def load_model(path: Path, device: str = "auto", threads: int | None = None, spi
     when acquisition itself needs CPU (the simulator as camera: 96-186 ms against 246-294 ms)."""
     pkg = load_package(path)
     return LoadedModel(runner=open_runner(pkg, device, threads, spin), version=pkg.version_id,
-                       thresholds=pkg.thresholds, domain=pkg.domain)
+                       thresholds=pkg.thresholds, domain=pkg.domain, fill_gauge=pkg.fill_gauge)
 
 
 class RegistryWatcher:

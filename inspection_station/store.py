@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 
 from vialinspect.datasets.imageio import png_bytes
+from vialinspect.errors import VialinspectError
+from vialinspect.export.hashchain import GENESIS, content_hash
 
 from .types import Container, Decision, not_inspected
 
@@ -55,8 +57,12 @@ except ImportError:  # pragma: no cover - Windows: no single-writer guard
 
 log = logging.getLogger(__name__)
 
+# The schema's version is the database's ``PRAGMA user_version``. Stores written before that kept it in a table,
+# ``schema_version`` (LEGACY_VERSION_TABLE): its version is taken over into user_version by the first writer that
+# opens the store, and the table is left as it is, so that an earlier vialinspect still opens a store whose
+# schema it knows; the next migration step drops it, so that an earlier vialinspect refuses what it does not know.
 SCHEMA_VERSION = 2  # 2: unit_id (the id a duplicate-id unit came with), the rows' hash chain
-GENESIS = "0" * 64
+LEGACY_VERSION_TABLE = "schema_version"
 OVERLOAD_REASONS = frozenset({not_inspected("queue_full"), not_inspected("deadline_missed")})
 DB_NAME = "records.sqlite"
 FRAMES_DIR, MAPS_DIR = "frames", "maps"
@@ -66,8 +72,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PAGE = 256  # rows per query in iter_decisions, so no read transaction stays open between yields
 
 _SCHEMA = f"""
-CREATE TABLE schema_version (version INTEGER NOT NULL);
-INSERT INTO schema_version (version) VALUES ({SCHEMA_VERSION});
+PRAGMA user_version = {SCHEMA_VERSION};
 CREATE TABLE decisions (
     container_id     TEXT PRIMARY KEY NOT NULL,
     sequence         INTEGER NOT NULL,
@@ -103,13 +108,13 @@ CREATE TRIGGER decisions_no_delete BEFORE DELETE ON decisions
 BEGIN SELECT RAISE(ABORT, 'decision records are append-only'); END;
 """
 
-# Each step takes a store from schema N to N + 1, in one transaction, when its writer opens it.
+# Each step takes a store from schema N to N + 1, in one transaction (with its user_version and without the
+# legacy version table), when its writer opens it.
 _MIGRATIONS = {
     1: """ALTER TABLE decisions ADD COLUMN unit_id TEXT;
 ALTER TABLE decisions ADD COLUMN prev_hash TEXT;
 ALTER TABLE decisions ADD COLUMN row_hash TEXT;
-CREATE INDEX decisions_unit_id ON decisions (unit_id) WHERE unit_id IS NOT NULL;
-INSERT INTO schema_version (version) VALUES (2);""",
+CREATE INDEX decisions_unit_id ON decisions (unit_id) WHERE unit_id IS NOT NULL;""",
 }
 
 _COLUMNS = (
@@ -121,7 +126,7 @@ _CHAINED = (*_COLUMNS, "prev_hash")  # what a row's hash covers: every value of 
 _JSON_COLUMNS = ("reasons", "scores", "thresholds", "timings_ms", "truth", "frames")
 
 
-class StoreError(Exception):
+class StoreError(VialinspectError):
     """The store cannot be opened or used: not a store, a newer schema, already being written, closed."""
 
 
@@ -135,8 +140,7 @@ def row_hash(values: dict[str, Any] | sqlite3.Row) -> str:
     Rows form a chain in recording order, so a row edited, removed or inserted in the file (past the triggers
     that refuse it through SQLite) breaks every hash after it; ``RecordStore.verify`` recomputes them.
     """
-    body = json.dumps([values[c] for c in _CHAINED], separators=(",", ":"), allow_nan=True)
-    return hashlib.sha256(body.encode()).hexdigest()
+    return content_hash([values[c] for c in _CHAINED], sort_keys=False)  # a JSON list, prev_hash last
 
 
 class ChainCheck:
@@ -356,19 +360,26 @@ class RecordStore:
         return conn
 
     def _check_schema(self, conn: sqlite3.Connection) -> bool:
-        """True when the schema exists and is ours; False for an empty database; raise otherwise."""
+        """True when the schema exists and is ours (its version in ``self.schema``); False for an empty database;
+        raise otherwise."""
         try:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not tables:
-                return False
-            if "schema_version" not in tables or "decisions" not in tables:
-                raise StoreError(f"{self._db}: not a vialinspect record store (tables: {sorted(tables)})")
-            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            conn.execute("BEGIN")  # one snapshot: the version and the tables as one writer left them
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if version == 0 and LEGACY_VERSION_TABLE in tables:  # written before user_version
+                    version = conn.execute(f"SELECT MAX(version) FROM {LEGACY_VERSION_TABLE}").fetchone()[0]
+                    if version is None:
+                        raise StoreError(f"{self._db}: {LEGACY_VERSION_TABLE} is empty; not a complete record store")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self._db}: not a readable SQLite database ({e})") from None
-        version = row[0]
-        if version is None:
-            raise StoreError(f"{self._db}: schema_version is empty; not a complete record store")
+        if not tables and not version:
+            return False
+        if not version or "decisions" not in tables:
+            raise StoreError(f"{self._db}: not a vialinspect record store (tables: {sorted(tables)})")
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self._db}: written by a newer vialinspect (store schema {version}, this version reads up to "
@@ -389,9 +400,13 @@ class RecordStore:
             raise StoreError(f"{self._db}: cannot create the schema ({e})") from None
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:  # a store from before user_version
+            conn.execute(f"PRAGMA user_version = {self.schema}")
         while self.schema < SCHEMA_VERSION:
             try:
-                conn.executescript("BEGIN IMMEDIATE;\n" + _MIGRATIONS[self.schema] + "\nCOMMIT;")
+                conn.executescript(f"BEGIN IMMEDIATE;\n{_MIGRATIONS[self.schema]}\n"
+                                   f"DROP TABLE IF EXISTS {LEGACY_VERSION_TABLE};\n"
+                                   f"PRAGMA user_version = {self.schema + 1};\nCOMMIT;")
             except sqlite3.Error as e:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")

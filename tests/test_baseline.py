@@ -55,6 +55,22 @@ def inspector() -> ClassicalInspector:
     return classical_inspector()
 
 
+def test_track_assignment_is_a_minimum_cost_one_to_one_matching():
+    import itertools
+
+    from vialinspect.vision.classical import _assign
+
+    rng = np.random.default_rng(0)
+    for n in range(1, 7):
+        for _ in range(5):
+            cost = rng.random((n, n)) * 3.0
+            cost[rng.random((n, n)) < 0.3] = 1e6  # links too far or too unlike to make
+            col = _assign(cost)
+            assert sorted(col.tolist()) == list(range(n))
+            best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+            assert cost[np.arange(n), col].sum() == pytest.approx(best)
+
+
 @pytest.mark.parametrize("frames", [4, 1])
 def test_large_metal_particle_scores_higher_than_the_same_container_without(inspector, frames):
     clean = _clean_scene("vial-2R", frames=frames)

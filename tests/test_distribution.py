@@ -49,14 +49,18 @@ def test_wheel_holds_one_top_level_package_with_its_model_and_recipes(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/", 1)[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"vialinspect"}, sorted(tops)
-    for sub in ("datasets", "datasets/sim", "vision", "training", "export", "inspection_station"):
+    for sub in ("datasets", "datasets/sim", "vision", "training", "export", "inspection_station",
+                "inspection_station/qa"):
         assert f"vialinspect/{sub}/__init__.py" in names, sub
+    for mod in ("users", "audit", "review", "review_app", "login_limit", "promotion"):  # QA beside the station
+        assert f"vialinspect/inspection_station/qa/{mod}.py" in names, mod
     for f in ("model.onnx", "model.json", "SHA256SUMS", "weights.pt"):
         assert f"vialinspect/models/default/{f}" in names
         assert f"vialinspect/models/still/{f}" in names
     for f in ("vial-2R.toml", "syringe-1mL.yaml"):
         assert f"vialinspect/inspection_station/recipes/{f}" in names
     assert "vialinspect/py.typed" in names and "vialinspect/__main__.py" in names
+    assert "vialinspect/cli/__init__.py" in names and "vialinspect/cli/__main__.py" in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     meta = zipfile.ZipFile(wheel).read(meta_name).decode()
@@ -128,7 +132,7 @@ def test_unknown_builtin_model_is_one_clear_line(fresh_venv, tmp_path):
 # ---------------------------------------------------------------- the station install: the core, no extras
 
 EXTRA_ONLY = {"torch", "torchvision", "albumentations", "onnxscript", "matplotlib", "gradio", "pandas", "fastapi",
-              "asyncua", "pypylon"}
+              "asyncua", "pypylon", "scipy"}
 
 
 def _core_requirements(wheel: Path) -> list[str]:

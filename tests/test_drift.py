@@ -158,6 +158,18 @@ def test_count_limits_are_the_exact_binomial_quantile():
     assert centre_rate(0.0, 2000) == 0.5 / 2000  # never rejected at qualification: half a unit, not zero
 
 
+def test_count_limits_agree_with_scipys_binomial_over_long_windows():
+    """The station keeps its own few lines of exact binomial tails (scipy is not in the station's install); where
+    scipy is installed they must give its upper quantiles."""
+    binom = pytest.importorskip("scipy.stats").binom
+    for p in (2.5e-4, 0.004, 0.05):
+        limits = count_limits(5000, p, 1e-6)
+        for n in (10, 333, 1000, 2500, 5000):
+            c = int(limits[n])
+            assert binom.sf(c, n, p) <= 1e-6 * (1 + 1e-9), (p, n)
+            assert c == 0 or binom.sf(c - 1, n, p) > 1e-6 * (1 - 1e-9), (p, n)
+
+
 def test_reject_rate_rule_false_alarms_in_almost_no_clean_run_of_10000_units():
     """The figure in inspection_station/drift.py: the exact limit at tail 1e-6, checked every unit on the class's
     rolling window, alarms in at most 2 of 400 clean runs of 10,000 units (0.5%) at each baseline rate here.
@@ -332,8 +344,8 @@ def test_a_bad_drift_baseline_stops_the_start_in_one_line(drift_station, tmp_pat
 
 
 def test_control_chart_counts_units_the_model_decided_and_draws_a_limit_per_period(tmp_path, baseline):
-    from vialinspect.inspection_station.review import ReviewService
-    from vialinspect.inspection_station.review_app import control_figure
+    from vialinspect.inspection_station.qa.review import ReviewService
+    from vialinspect.inspection_station.qa.review_app import control_figure
 
     from .test_review import make_store
 

@@ -56,7 +56,7 @@ def test_a_missing_extra_is_one_line_naming_it(hide, capsys, tmp_path, monkeypat
 
 
 def test_an_extra_module_missing_deeper_down_gives_the_same_line(monkeypatch, capsys):
-    import vialinspect.cli as cli
+    import vialinspect.cli.station as cli
 
     def handler(a):
         raise ModuleNotFoundError("No module named 'gradio'", name="gradio")
@@ -68,7 +68,7 @@ def test_an_extra_module_missing_deeper_down_gives_the_same_line(monkeypatch, ca
 
 
 def test_a_missing_module_of_no_extra_stays_a_traceback(monkeypatch):
-    import vialinspect.cli as cli
+    import vialinspect.cli.station as cli
 
     def handler(a):
         raise ModuleNotFoundError("No module named 'nothing_of_ours'", name="nothing_of_ours")

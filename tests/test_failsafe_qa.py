@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.test_review import PW, _tamper, make_store
-from vialinspect.inspection_station import audit, users
-from vialinspect.inspection_station.audit import ReviewDB
-from vialinspect.inspection_station.review import ReviewError, ReviewService, SignatureError
+from vialinspect.inspection_station.qa import audit, users
+from vialinspect.inspection_station.qa.audit import ReviewDB
+from vialinspect.inspection_station.qa.review import ReviewError, ReviewService, SignatureError
 
 ADMIN_USER_SEQ = 3  # make_store adds alice (1), bob (2), root (3)
 
@@ -80,7 +80,7 @@ def test_locked_account_cannot_sign(svc):
     assert (last.user, last.action, last.container_id, last.reason) == ("alice", "signature_failed", "u000",
                                                                       users.LOCKED)
     # A model change is an e-signature too: the same check refuses it (promotion's signer check).
-    from vialinspect.inspection_station.promotion import PromotionError, _signer
+    from vialinspect.inspection_station.qa.promotion import PromotionError, _signer
 
     _lock(svc.db, "root")
     with pytest.raises(PromotionError, match="locked"):

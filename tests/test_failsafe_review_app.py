@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from tests.test_review import PW, make_store
-from vialinspect.inspection_station import audit, users
-from vialinspect.inspection_station.login_limit import ACCOUNT, CLIENT, LoginLimiter, too_many_message
+from vialinspect.inspection_station.qa import audit, users
+from vialinspect.inspection_station.qa.login_limit import ACCOUNT, CLIENT, LoginLimiter, too_many_message
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
@@ -59,7 +59,7 @@ def store(store_template, tmp_path) -> Path:
 
 @contextmanager
 def _serve(store: Path, limiter: LoginLimiter | None = None):
-    from vialinspect.inspection_station.review_app import serve
+    from vialinspect.inspection_station.qa.review_app import serve
 
     demo, url = serve(store, port=_free_port(), block=False, quiet=True, login_limiter=limiter)
     try:
@@ -313,7 +313,7 @@ def test_review_app_files_are_private_and_removed_at_close(store, tmp_path, monk
 def test_review_app_private_dir_is_removed_at_exit(store, tmp_path, monkeypatch):
     import atexit
 
-    from vialinspect.inspection_station.review_app import _App, build_app
+    from vialinspect.inspection_station.qa.review_app import _App, build_app
 
     registered = []
     monkeypatch.setattr(atexit, "register", lambda fn, *a, **k: registered.append(fn) or fn)
@@ -335,8 +335,8 @@ def test_review_app_private_dir_is_removed_at_exit(store, tmp_path, monkeypatch)
 def test_private_temp_modes_survive_a_permissive_umask(store, tmp_path, monkeypatch):
     import numpy as np
 
-    from vialinspect.inspection_station.review import ReviewService
-    from vialinspect.inspection_station.review_app import _App
+    from vialinspect.inspection_station.qa.review import ReviewService
+    from vialinspect.inspection_station.qa.review_app import _App
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     old = os.umask(0)
@@ -361,7 +361,7 @@ def test_review_app_private_dir_is_removed_when_the_service_is_stopped(store, tm
     systmp = tmp_path / "systmp"
     systmp.mkdir()
     port = _free_port()
-    code = ("import sys; from vialinspect.inspection_station.review_app import serve; "
+    code = ("import sys; from vialinspect.inspection_station.qa.review_app import serve; "
             "serve(sys.argv[1], port=int(sys.argv[2]), quiet=True)")
     env = {**os.environ, "TMPDIR": str(systmp)}
     env.pop("GRADIO_TEMP_DIR", None)

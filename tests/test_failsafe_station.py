@@ -193,8 +193,8 @@ def test_every_not_inspected_unit_keeps_the_frames_it_had_for_qa(tmp_path):
 
 
 def _user_store(root, admin_pw="admin-password-333"):
-    from vialinspect.inspection_station import users
-    from vialinspect.inspection_station.audit import ReviewDB
+    from vialinspect.inspection_station.qa import users
+    from vialinspect.inspection_station.qa.audit import ReviewDB
 
     RecordStore(root).close()
     users.add_user(ReviewDB(root), "root", "Rita Admin", "admin", admin_pw, actor="os:test")
@@ -202,7 +202,7 @@ def _user_store(root, admin_pw="admin-password-333"):
 
 
 def test_promotion_is_bound_to_the_registry_s_one_user_database(tmp_path, packages):  # noqa: F811
-    from vialinspect.inspection_station.promotion import PromotionError, promote
+    from vialinspect.inspection_station.qa.promotion import PromotionError, promote
 
     reg, va, vb = _registry(tmp_path, packages)
     prod = _user_store(tmp_path / "prod")
@@ -221,7 +221,7 @@ def test_a_hand_appended_promotion_reusing_an_audit_entry_fails_verify(tmp_path,
     from dataclasses import replace
 
     from vialinspect.export.registry import Signature
-    from vialinspect.inspection_station.promotion import promote
+    from vialinspect.inspection_station.qa.promotion import promote
 
     reg, va, vb = _registry(tmp_path, packages)
     prod = _user_store(tmp_path / "prod")
@@ -245,9 +245,9 @@ def test_a_hand_appended_promotion_reusing_an_audit_entry_fails_verify(tmp_path,
 
 
 def test_a_signed_model_change_anchors_the_audit_trail_head_in_the_registry(tmp_path, packages):  # noqa: F811
-    from vialinspect.inspection_station import audit
-    from vialinspect.inspection_station.audit import ReviewDB
-    from vialinspect.inspection_station.promotion import promote
+    from vialinspect.inspection_station.qa import audit
+    from vialinspect.inspection_station.qa.audit import ReviewDB
+    from vialinspect.inspection_station.qa.promotion import promote
 
     reg, va, _ = _registry(tmp_path, packages)
     prod = _user_store(tmp_path / "prod")

@@ -8,12 +8,14 @@ import time
 
 import pytest
 
-from vialinspect.inspection_station.line import LineOutput, LogLineOutput, free_port
+from tests.line_sim import free_port
+from vialinspect.inspection_station.line import LineOutput, LogLineOutput
 from vialinspect.inspection_station.types import Decision
 
 pytest.importorskip("asyncua", reason="asyncua is needed for the OPC UA line output")
 
-from vialinspect.inspection_station.line import OpcUaLineOutput, serve_test_controller  # noqa: E402
+from tests.line_sim import serve_test_controller  # noqa: E402
+from vialinspect.inspection_station.line import OpcUaLineOutput  # noqa: E402
 
 
 def decision(i: int, accept: bool = True, reasons: list[str] | None = None) -> Decision:

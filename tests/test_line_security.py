@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vialinspect.inspection_station.line import LineSecurity, LineSecurityError, free_port
+from tests.line_sim import free_port
+from vialinspect.inspection_station.line import LineSecurity, LineSecurityError
 from vialinspect.inspection_station.recipe import Recipe, RecipeError, load_recipe
 from vialinspect.inspection_station.types import Decision
 
@@ -24,11 +25,8 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
-from vialinspect.inspection_station.line import (  # noqa: E402
-    ControllerSecurity,
-    OpcUaLineOutput,
-    serve_test_controller,
-)
+from tests.line_sim import ControllerSecurity, serve_test_controller  # noqa: E402
+from vialinspect.inspection_station.line import OpcUaLineOutput  # noqa: E402
 
 STATION_URI = "urn:vialinspect:test:station"
 PLC_URI = "urn:vialinspect:test:plc"

@@ -25,6 +25,17 @@ def test_auroc_with_ties_hand_computed():
     assert auroc(labels, scores) == pytest.approx(7 / 9)
 
 
+def test_auroc_is_the_pairwise_probability_with_half_credit_for_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.random(60) < 0.3
+        y[:2] = True, False
+        s = np.round(rng.random(60), 1)  # many ties
+        pos, neg = s[y][:, None], s[~y][None, :]
+        pairwise = ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (pos.size * neg.size)
+        assert abs(auroc(y, s) - pairwise) < 1e-12
+
+
 def test_auroc_edge_cases():
     assert auroc(np.array([1, 0, 1, 0], bool), np.array([0.4, 0.4, 0.4, 0.4])) == pytest.approx(0.5)
     assert auroc(np.array([1, 1, 0], bool), np.array([0.9, 0.8, 0.1])) == pytest.approx(1.0)

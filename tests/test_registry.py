@@ -13,10 +13,10 @@ import pytest
 from vialinspect.cli import main
 from vialinspect.datasets.records import ContainerRecord, Defect
 from vialinspect.export.registry import Registry, RegistryError, Signature
-from vialinspect.inspection_station import audit, users
-from vialinspect.inspection_station.audit import ReviewDB
 from vialinspect.inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline
-from vialinspect.inspection_station.promotion import PromotionError, promote, rollback
+from vialinspect.inspection_station.qa import audit, users
+from vialinspect.inspection_station.qa.audit import ReviewDB
+from vialinspect.inspection_station.qa.promotion import PromotionError, promote, rollback
 from vialinspect.inspection_station.stats import StationStats
 from vialinspect.inspection_station.store import RecordStore
 from vialinspect.training.gate import GateConfig, binomial_tail, compare, render_markdown
@@ -188,6 +188,18 @@ def test_binomial_tail_matches_hand_values():
     assert binomial_tail(0, 5) == 1.0
     assert binomial_tail(3, 3) == pytest.approx(1 / 8)
     assert binomial_tail(2, 3) == pytest.approx(4 / 8)
+
+
+def test_binomial_tail_is_the_exact_sum_and_works_for_many_discordant_units():
+    import math
+
+    for n in (1, 2, 7, 30, 200):
+        for k in range(n + 2):
+            exact = sum(math.comb(n, i) for i in range(k, n + 1)) / 2.0 ** n if k > 0 else 1.0
+            assert abs(binomial_tail(k, n) - exact) < 1e-9, (k, n)
+    # 2 ** n overflows a float from n = 1024 on, as the sum over math.comb did; the exact test does not.
+    assert binomial_tail(2000, 4000) == pytest.approx(0.5, abs=0.01)
+    assert binomial_tail(2300, 4000) < 1e-15
 
 
 def test_gate_refuses_a_worse_model_and_passes_an_equal_or_better_one():

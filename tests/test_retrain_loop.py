@@ -14,10 +14,10 @@ from vialinspect.cli import main
 from vialinspect.datasets.generate import generate
 from vialinspect.datasets.sim.config import CameraConfig, SimConfig
 from vialinspect.export.registry import Registry
-from vialinspect.inspection_station import audit, users
-from vialinspect.inspection_station.audit import ReviewDB
-from vialinspect.inspection_station.promotion import promote
-from vialinspect.inspection_station.review import ReviewService
+from vialinspect.inspection_station.qa import audit, users
+from vialinspect.inspection_station.qa.audit import ReviewDB
+from vialinspect.inspection_station.qa.promotion import promote
+from vialinspect.inspection_station.qa.review import ReviewService
 from vialinspect.inspection_station.station import StationOptions, run_station
 from vialinspect.inspection_station.store import RecordStore
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vialinspect.inspection_station import audit, users
-from vialinspect.inspection_station.audit import ReviewDB
-from vialinspect.inspection_station.review import (
+from vialinspect.inspection_station.qa import audit, users
+from vialinspect.inspection_station.qa.audit import ReviewDB
+from vialinspect.inspection_station.qa.review import (
     QueueFilter,
     ReviewError,
     ReviewService,
@@ -473,3 +473,57 @@ def test_review_command_needs_a_user_and_a_store(tmp_path, capsys):
     assert "no active user" in capsys.readouterr().err
     assert main(["review", "export", "--store", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the review database's schema version
+
+
+def _review_version(store: Path) -> tuple[int, str | None]:
+    """The review database's user_version and the version row of ``meta`` that it replaced (or None)."""
+    conn = sqlite3.connect(store / audit.REVIEW_DB_NAME)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return conn.execute("PRAGMA user_version").fetchone()[0], None if row is None else row[0]
+    finally:
+        conn.close()
+
+
+def _legacy_review_db(store: Path, version: int) -> None:
+    """Make the review database look as vialinspect wrote it before PRAGMA user_version: the version in meta."""
+    conn = sqlite3.connect(store / audit.REVIEW_DB_NAME, isolation_level=None)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),))
+    conn.execute("PRAGMA user_version = 0")
+    conn.close()
+
+
+def test_a_new_review_database_keeps_its_schema_version_in_user_version(tmp_path):
+    (tmp_path / "s").mkdir()
+    ReviewDB(tmp_path / "s")
+    assert _review_version(tmp_path / "s") == (audit.SCHEMA_VERSION, None)
+
+
+def test_a_review_database_from_before_user_version_opens_and_takes_it_over(store):
+    _legacy_review_db(store, audit.SCHEMA_VERSION)
+    db = ReviewDB(store)
+    # Taken over; the old row is left for an earlier vialinspect, which reads this schema too.
+    assert _review_version(store) == (audit.SCHEMA_VERSION, str(audit.SCHEMA_VERSION))
+    assert users.get_user(db, "alice").full_name == "Alice Smith"
+    assert audit.verify(db).ok
+
+
+def test_a_review_database_newer_than_the_code_is_refused_in_one_line(store, tmp_path):
+    conn = sqlite3.connect(store / audit.REVIEW_DB_NAME)
+    conn.execute(f"PRAGMA user_version = {audit.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(audit.ReviewDBError, match=f"review schema {audit.SCHEMA_VERSION + 1} is not readable") as e:
+        ReviewDB(store)
+    assert "\n" not in str(e.value)
+    legacy = tmp_path / "legacy"  # the same from before user_version: a newer version in meta
+    shutil.copytree(store, legacy)
+    conn = sqlite3.connect(legacy / audit.REVIEW_DB_NAME)
+    conn.execute("PRAGMA user_version = 0")
+    conn.close()
+    _legacy_review_db(legacy, audit.SCHEMA_VERSION + 1)
+    with pytest.raises(audit.ReviewDBError, match="upgrade vialinspect"):
+        ReviewDB(legacy)
+    assert _review_version(legacy) == (0, str(audit.SCHEMA_VERSION + 1))  # refused, not taken over

@@ -14,7 +14,7 @@ import pytest
 from tests.browser import CHROMIUM_ARGS
 from tests.browser import chromium as _chromium
 from tests.test_review import PW, make_store
-from vialinspect.inspection_station import audit, users
+from vialinspect.inspection_station.qa import audit, users
 
 # Gradio's own event metrics use a pandas option that pandas 3 deprecates; nothing of this app.
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from vialinspect.inspection_station.review_app import serve
+    from vialinspect.inspection_station.qa.review_app import serve
 
     store = make_store(tmp_path_factory.mktemp("review_app") / "store")
     demo, url = serve(store, host="127.0.0.1", port=_free_port(), block=False, quiet=True)
@@ -101,7 +101,7 @@ def test_every_endpoint_refuses_an_anonymous_call(app):
 
 
 def test_logins_logouts_and_disabled_users(app, monkeypatch):
-    from vialinspect.inspection_station.review_app import AuthGuard
+    from vialinspect.inspection_station.qa.review_app import AuthGuard
 
     monkeypatch.setattr(AuthGuard, "ACTIVE_CACHE_S", 0.0)
     n = len(audit.entries(app.db))
@@ -176,7 +176,7 @@ def test_logged_in_client_validation_signatures_and_files(app):
 
 
 def test_idle_sessions_end_and_are_audited(app):
-    from vialinspect.inspection_station.review_app import serve
+    from vialinspect.inspection_station.qa.review_app import serve
 
     demo, url = serve(app.store, port=_free_port(), block=False, quiet=True, idle_timeout_s=0.5)
     try:

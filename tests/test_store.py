@@ -281,13 +281,14 @@ def test_a_schema_1_store_is_read_as_it_is_and_migrated_by_its_writer(tmp_path):
         st.record(d, c)
     con = sqlite3.connect(root / "records.sqlite")  # back to schema 1: no unit_id column
     con.executescript("DROP INDEX decisions_unit_id; ALTER TABLE decisions DROP COLUMN unit_id;"
-                      "ALTER TABLE decisions DROP COLUMN prev_hash; ALTER TABLE decisions DROP COLUMN row_hash;"
-                      "UPDATE schema_version SET version = 1;")
+                      "ALTER TABLE decisions DROP COLUMN prev_hash; ALTER TABLE decisions DROP COLUMN row_hash;")
+    _to_legacy_version(con, 1)  # as schema 1 was written: its version in a table
     con.close()
     with RecordStore(root, readonly=True) as ro:
         assert ro.schema == 1 and ro.get("unit-00000")["unit_id"] == "unit-00000"
     with RecordStore(root) as st:
         assert st.schema == 2
+        assert _user_version(root) == 2 and "schema_version" not in _tables(root)  # one version, in user_version
         c, d, _ = _unit(0)
         assert st.record(d, c) is False
         key = st.duplicate_key("unit-00000")
@@ -321,16 +322,77 @@ def test_records_carry_a_hash_chain_that_verify_recomputes(tmp_path):
         assert st.get("unit-00009")["prev_hash"] == st.get("unit-00003")["row_hash"]
 
 
+def _user_version(root: Path) -> int:
+    con = sqlite3.connect(root / "records.sqlite")
+    try:
+        return con.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        con.close()
+
+
+def _tables(root: Path) -> set[str]:
+    con = sqlite3.connect(root / "records.sqlite")
+    try:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
+
+
+def _to_legacy_version(con: sqlite3.Connection, version: int) -> None:
+    """Make a store look as vialinspect wrote it before PRAGMA user_version: the version in a table."""
+    con.executescript(f"CREATE TABLE schema_version (version INTEGER NOT NULL);"
+                      f"INSERT INTO schema_version (version) VALUES ({version}); PRAGMA user_version = 0;")
+
+
+def test_a_new_store_keeps_its_schema_version_in_user_version(tmp_path):
+    RecordStore(tmp_path / "S").close()
+    assert _user_version(tmp_path / "S") == store_mod.SCHEMA_VERSION
+    assert _tables(tmp_path / "S") == {"decisions"}  # no version table of its own
+
+
+def test_a_store_from_before_user_version_opens_and_its_writer_takes_the_version_over(tmp_path):
+    root = tmp_path / "S"
+    with RecordStore(root) as st:
+        for i in range(3):
+            c, d, _ = _unit(i)
+            st.record(d, c)
+        head = st.head
+    con = sqlite3.connect(root / "records.sqlite")
+    _to_legacy_version(con, store_mod.SCHEMA_VERSION)
+    con.close()
+    with RecordStore(root, readonly=True) as ro:  # a reader reads the old marker and writes nothing
+        assert ro.schema == store_mod.SCHEMA_VERSION and ro.count() == 3
+    assert _user_version(root) == 0
+    with RecordStore(root) as st:
+        assert st.schema == store_mod.SCHEMA_VERSION and st.head == head
+        c, d, _ = _unit(3)
+        st.record(d, c)
+        assert st.verify()["ok"]
+    assert _user_version(root) == store_mod.SCHEMA_VERSION
+    assert "schema_version" in _tables(root)  # left for an earlier vialinspect, which still reads this schema
+    with RecordStore(root, readonly=True) as ro:
+        assert ro.count() == 4 and ro.verify()["ok"]
+
+
 def test_newer_or_foreign_stores_are_refused(tmp_path):
     root = tmp_path / "S"
     RecordStore(root).close()
     con = sqlite3.connect(root / "records.sqlite")
-    con.execute(f"UPDATE schema_version SET version = {store_mod.SCHEMA_VERSION + 1}")
-    con.commit()
+    con.execute(f"PRAGMA user_version = {store_mod.SCHEMA_VERSION + 1}")
+    con.close()
+    for kw in ({}, {"readonly": True}):
+        with pytest.raises(StoreError, match="newer vialinspect") as e:
+            RecordStore(root, **kw)
+        assert "\n" not in str(e.value) and f"store schema {store_mod.SCHEMA_VERSION + 1}" in str(e.value)
+    legacy = tmp_path / "L"  # the same from before user_version: a newer version in the old table
+    RecordStore(legacy).close()
+    con = sqlite3.connect(legacy / "records.sqlite")
+    _to_legacy_version(con, store_mod.SCHEMA_VERSION + 1)
     con.close()
     for kw in ({}, {"readonly": True}):
         with pytest.raises(StoreError, match="newer vialinspect"):
-            RecordStore(root, **kw)
+            RecordStore(legacy, **kw)
+    assert _user_version(legacy) == 0  # refused, not taken over
     foreign = tmp_path / "F"
     foreign.mkdir()
     con = sqlite3.connect(foreign / "records.sqlite")

@@ -8,6 +8,7 @@ the spec, not a statistic, defines that defect, so its threshold stays at the sp
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -51,12 +52,15 @@ def threshold_for_budget(good_scores: np.ndarray, budget: float) -> float:
     return float(min(t + PARITY_MARGIN, 0.9999))
 
 
-def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float = 0.01) -> dict:
+def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float = 0.01,
+              fill_threshold: Callable[[float], float] | None = None) -> dict:
     """Thresholds per class plus what they achieve on these (validation) records.
 
     ``expected_false_reject_rate`` is what the thresholds promise on new good units, the sum over the learned
     classes of (rejected + 1) / (n_good + 1); where the validation split has too few good units to promise
-    the budget, ``warning`` says how many it needs."""
+    the budget, ``warning`` says how many it needs. ``fill_threshold(share)``, where given, sets the fill-level
+    threshold for its share of the budget from more good units than these (the line's fill gauge, from its
+    good training units); the share is the same as each learned class's."""
     spec_fill = fill_is_spec_decided(records, scores)
     cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
     good = [c for c, r in zip(cs, records, strict=True) if r.is_good]
@@ -65,7 +69,10 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
     expected = 0.0
     for c in learned:
         g = np.array([x[c] for x in good])
-        thresholds[c] = threshold_for_budget(g, frr / len(learned))
+        if c == "fill_level" and fill_threshold is not None:
+            thresholds[c] = float(min(max(fill_threshold(frr / len(learned)), PARITY_MARGIN), 0.9999))
+        else:
+            thresholds[c] = threshold_for_budget(g, frr / len(learned))
         expected += (int((g >= thresholds[c]).sum()) + 1) / (len(good) + 1)
     rejected_good = sum(1 for g in good if rejected_classes(g, thresholds))
     out = {
@@ -76,7 +83,8 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
         "expected_false_reject_rate": expected if learned and good else None,
         "fill_level_by_spec": spec_fill,
     }
-    if learned and rejects_allowed(len(good), frr / len(learned)) < 0:
+    if learned and rejects_allowed(len(good), frr / len(learned)) < 0 and not (
+            fill_threshold is not None and learned == ["fill_level"]):
         need = math.ceil(len(learned) / frr - 1 - 1e-9)  # the fewest for which rejects_allowed is 0
         out["warning"] = (f"{len(good)} good validation units cannot promise a {frr:.2%} false-reject budget "
                           f"over {len(learned)} learned class(es); that takes at least {need}: the thresholds "

@@ -3,8 +3,6 @@ and refused with a clear message when missing, corrupt or foreign."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
 import os
 import subprocess
 from datetime import UTC, datetime
@@ -13,8 +11,10 @@ from typing import Any
 
 import torch
 
-from vialinspect.datasets.manifest import MANIFEST_NAME, Dataset
-from vialinspect.export.package import sha256_file
+# The content hash a checkpoint records (``dataset.hash``), defined with the dataset format; the training code
+# imports it from here.
+from vialinspect.datasets.content_hash import dataset_hash  # noqa: F401
+from vialinspect.errors import VialinspectError
 from vialinspect.vision.model import VialNet
 from vialinspect.vision.preprocess import InputSpec
 
@@ -22,7 +22,7 @@ FORMAT = "vialinspect-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(VialinspectError):
     pass
 
 
@@ -63,28 +63,6 @@ def build_model(ck: dict[str, Any]) -> tuple[VialNet, InputSpec]:
         raise CheckpointError(f"checkpoint weights do not fit the network: {str(e).splitlines()[0]}") from None
     net.eval()
     return net, InputSpec.from_json(ck["input_spec"])
-
-
-def container_digest(root: Path, frames: list[str]) -> str:
-    """Content hash of one container's frames: the same images give the same digest wherever they live."""
-    h = hashlib.sha256()
-    for f in frames:
-        h.update(sha256_file(Path(root) / f).encode())
-    return h.hexdigest()
-
-
-def dataset_hash(ds: Dataset, records=None) -> str:
-    """Content hash of a dataset: its labels (manifest) and the bytes of every frame, independent of paths."""
-    recs = records if records is not None else ds.records
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL
-        digests = list(pool.map(lambda r: container_digest(ds.root, r.frames), recs))
-    h = hashlib.sha256()
-    for r, d in sorted(zip(recs, digests, strict=True), key=lambda t: t[1]):
-        h.update(d.encode())
-        h.update(",".join(r.classes).encode())
-    if (ds.root / MANIFEST_NAME).is_file():
-        h.update(hashlib.sha256((ds.root / MANIFEST_NAME).read_bytes()).digest())
-    return h.hexdigest()
 
 
 def git_commit() -> str:

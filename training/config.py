@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, TypeAdapter, ValidationError
 
 from vialinspect.datasets.records import DEFECT_CLASSES
 from vialinspect.datasets.validation import one_line
+from vialinspect.errors import VialinspectError
 
 # What the settings left "auto" (None) become, by the kind of data (TrainConfig.for_data). Data with masks: the
 # recipe of the default model. Data without (a line's own images with image-level labels): measured on
@@ -28,7 +29,7 @@ IMAGE_LEVEL: dict[str, Any] = {"class_draw": {"good": 4.0, "crack": 1.0, "fill_l
                                "map_hard_negatives": 4}
 
 
-class SettingError(ValueError):
+class SettingError(VialinspectError, ValueError):
     """A training setting that cannot be used; ``settings`` names the setting(s), so that ``load_config`` can tell
     whether the value came from the settings file (and name the file) or from a flag."""
 
@@ -149,6 +150,12 @@ class TrainConfig:
     # Validate every N epochs (and always after the last, also when the time budget ends the run): validation
     # is ~15% of an epoch on the CPU, and every other epoch gives a 30-minute run one more epoch.
     val_every: Int = 2
+    # Fill level of data without fill heights (an ImageFolder): "auto" fits the fill gauge (vision/fill_gauge.py:
+    # the liquid column measured classically, against the training split's good units of the same container
+    # geometry) and lets it decide the fill level unless the network's own fill-level output separates the
+    # validation split clearly better; "on" always where the gauge can be fitted, "off" never. Data with fill
+    # heights (the simulator's) learns the fill height itself and never uses the gauge.
+    fill_gauge: str = "auto"
 
     def for_data(self, has_mask: bool) -> TrainConfig:
         """These settings with every "auto" (None) setting resolved for the data: with masks (the simulator's)
@@ -217,6 +224,8 @@ class TrainConfig:
             raise _bad("image_label_weight", f"must be within 0..1, got {self.image_label_weight}")
         if self.map_hard_negatives is not None and self.map_hard_negatives < 0:
             raise _bad("map_hard_negatives", f"must be >= 0, got {self.map_hard_negatives}")
+        if self.fill_gauge not in ("auto", "on", "off"):
+            raise _bad("fill_gauge", f"must be auto, on or off, got {self.fill_gauge!r}")
         if self.val_every < 1:
             raise _bad("val_every", f"must be >= 1, got {self.val_every}")
         if self.frames is not None and self.frames < 1:

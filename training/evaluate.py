@@ -12,9 +12,11 @@ from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames
 from vialinspect.datasets.sim.formats import FORMATS
+from vialinspect.errors import VialinspectError
 from vialinspect.export.builtin import is_builtin
 from vialinspect.export.package import ModelPackage, load_package, open_runner, sha256_file
 from vialinspect.vision.classical import BaselineParams, ClassicalInspector
+from vialinspect.vision.fill_gauge import FillGauge
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import Scores
 
@@ -24,7 +26,7 @@ from .predict import TorchPredictor, predict_records
 from .report import write_report
 
 
-class EvaluationError(Exception):
+class EvaluationError(VialinspectError):
     pass
 
 
@@ -36,6 +38,7 @@ class LoadedModel:
     model_id: str
     source: str
     domain: Any = None  # the package's out-of-domain guard (vision.domain.DomainModel), if it has one
+    fill_gauge: FillGauge | None = None  # decides the fill level where the model carries one
 
 
 def load_package_model(path: str | Path, device: str = "auto", threads: int | None = None) -> LoadedModel:
@@ -47,7 +50,7 @@ def package_model(pkg: ModelPackage, device: str = "auto", threads: int | None =
     """An already loaded (verified) package, run by ONNX Runtime."""
     runner = open_runner(pkg, device, threads)
     return LoadedModel(runner, runner.spec, pkg.thresholds, model_id=pkg.version_id, source=str(pkg.path),
-                       domain=pkg.domain)
+                       domain=pkg.domain, fill_gauge=pkg.fill_gauge)
 
 
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
@@ -67,7 +70,9 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
         raise EvaluationError(f"{p} has no calibrated thresholds (a last.pt mid-training?); use the run's best.pt")
     torch_device = "cuda" if device in ("cuda", "tensorrt") or (device == "auto" and _cuda()) else "cpu"
     predictor = TorchPredictor(net, spec, torch_device, has_fill=bool(ck.get("heads", {}).get("fill")))
-    return LoadedModel(predictor, spec, thresholds, model_id=f"ckpt-{sha256_file(p)[:16]}", source=str(p))
+    gauge = FillGauge.from_json(ck["fill_gauge"]) if ck.get("fill_gauge") else None
+    return LoadedModel(predictor, spec, thresholds, model_id=f"ckpt-{sha256_file(p)[:16]}", source=str(p),
+                       fill_gauge=gauge)
 
 
 def _cuda() -> bool:
@@ -88,6 +93,15 @@ def out_of_domain_report(records: list[ContainerRecord], flagged_index: set[int]
             "ids": [r.id for r in flagged[:20]]}
 
 
+def fill_gauge_report(records: list[ContainerRecord], scores: list[Scores], gauge: FillGauge) -> dict[str, Any]:
+    """How the package's fill gauge saw the units: its reference, and the units it could not measure or match
+    (rejected for fill level by positive release), with the first few ids and why."""
+    problems = [(r.id, s.extra.get("fill_gauge", {}).get("problem")) for r, s in zip(records, scores, strict=True)]
+    problems = [(i, p) for i, p in problems if p]
+    return {"decides_fill_level": True, "groups": len(gauge.groups), "fitted_on": gauge.n_measured,
+            "n_unmeasured": len(problems), "unmeasured": [{"id": i, "problem": p} for i, p in problems[:20]]}
+
+
 def predict_guarded(m: LoadedModel, root: Path, records: list[ContainerRecord], batch_size: int = 4,
                     progress: Callable | None = None) -> tuple[list[Scores], set[int]]:
     """Scores for every record, and the indices of those the package's out-of-domain guard (if it has one)
@@ -99,7 +113,7 @@ def predict_guarded(m: LoadedModel, root: Path, records: list[ContainerRecord], 
             flagged.add(i)
 
     scores = predict_records(m.predictor, root, records, batch_size=batch_size, progress=progress,
-                             on_frames=guard if m.domain is not None else None)
+                             on_frames=guard if m.domain is not None else None, fill_gauge=m.fill_gauge)
     return scores, flagged
 
 
@@ -130,6 +144,8 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     report["model_source"] = m.source
     if m.domain is not None:
         report["out_of_domain"] = out_of_domain_report(usable, flagged)
+    if m.fill_gauge is not None:
+        report["fill_gauge"] = fill_gauge_report(usable, scores, m.fill_gauge)
     if out_dir is not None:
         write_report(report, Path(out_dir), usable, scores, ds.root, th)
     return report, usable, scores

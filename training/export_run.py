@@ -41,7 +41,7 @@ def export_model(source: str | Path, out: str | Path, parity_data: str | Path | 
 
 # What a re-export keeps from the package it starts from: everything that describes the weights and how they
 # were made; the export section, the commit and the creation time are the new export's own.
-_KEPT_SECTIONS = ("classes", "heads", "architecture", "training", "evaluation", "fill_spec_fields")
+_KEPT_SECTIONS = ("classes", "heads", "architecture", "training", "evaluation", "fill_spec_fields", "fill_gauge")
 
 
 def reexport_package(package: str | Path, out: str | Path, parity_data: str | Path | None = None,

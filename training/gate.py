@@ -20,7 +20,6 @@ credited with the defects of every unit that carries both, and a challenger that
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -75,7 +74,11 @@ def binomial_tail(k: int, n: int) -> float:
     """P(X >= k) for X ~ Binomial(n, 1/2): the one-sided exact McNemar p-value."""
     if n <= 0 or k <= 0:
         return 1.0
-    return min(1.0, sum(math.comb(n, i) for i in range(k, n + 1)) / 2.0 ** n)
+    if k > n:
+        return 0.0
+    from scipy.stats import binomtest  # here, not with the module: scipy.stats takes a second or more to import
+
+    return min(1.0, float(binomtest(k, n, 0.5, alternative="greater").pvalue))
 
 
 def _decisions(records: Sequence[ContainerRecord], scores: Sequence[Scores], thresholds: dict[str, float]):

@@ -1,7 +1,8 @@
 """Evaluation metrics and the evaluation report of a model on a labelled set of containers.
 
-Everything here is plain numpy. Decisions come from ``vialinspect.vision.scores`` (``class_scores`` then
-``rejected_classes``), the same rule the station uses, so an evaluation measures what the line would do.
+Everything here is numpy, with scipy's ranks for the AUROC. Decisions come from ``vialinspect.vision.scores``
+(``class_scores`` then ``rejected_classes``), the same rule the station uses, so an evaluation measures what the
+line would do.
 """
 
 from __future__ import annotations
@@ -37,20 +38,6 @@ def _as_arrays(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
     return y, s
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing the mean of the ranks they span."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    new_group = np.concatenate(([True], xs[1:] != xs[:-1]))
-    group = np.cumsum(new_group) - 1
-    starts = np.flatnonzero(new_group)
-    ends = np.concatenate((starts[1:], [x.size]))  # exclusive
-    mean_rank = (starts + ends - 1) / 2.0 + 1.0
-    ranks = np.empty(x.size, dtype=np.float64)
-    ranks[order] = mean_rank[group]
-    return ranks
-
-
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     """Area under the ROC curve as the Mann-Whitney U statistic with average ranks for ties.
 
@@ -62,7 +49,9 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     n_neg = int(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = _average_ranks(s)
+    from scipy.stats import rankdata  # here, not with the module: scipy.stats takes a second or more to import
+
+    ranks = rankdata(s)  # 1-based, tied scores sharing the mean of the ranks they span
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 

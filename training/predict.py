@@ -10,6 +10,7 @@ import torch
 
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.records import ContainerRecord
+from vialinspect.vision.fill_gauge import FillGauge, GaugeReading, apply_reading
 from vialinspect.vision.model import InferenceModel, VialNet
 from vialinspect.vision.postprocess import to_scores
 from vialinspect.vision.preprocess import InputSpec, Prepared, preprocess
@@ -35,16 +36,19 @@ class TorchPredictor:
 
 def predict_records(predictor, root: Path, records: list[ContainerRecord], batch_size: int = 4,
                     progress: Callable | None = None,
-                    on_frames: Callable[[int, list], None] | None = None) -> list[Scores]:
+                    on_frames: Callable[[int, list], None] | None = None,
+                    fill_gauge: FillGauge | None = None) -> list[Scores]:
     """Scores for every record, in the records' order; batches group containers of one input size.
     ``on_frames(i, frames)`` sees each record's frames as read (e.g. for the out-of-domain guard), so nothing
-    reads them twice."""
+    reads them twice. With ``fill_gauge`` (a package's or checkpoint's), the gauge's fill-level score replaces
+    the network's, as on the station."""
     root = Path(root)
     spec = predictor.spec
     groups: dict[tuple[int, int], list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault(input_shape(image_size(root, r), spec), []).append(i)
     result: list[Scores | None] = [None] * len(records)
+    readings: dict[int, GaugeReading] = {}
     bar = progress(total=len(records)) if progress else None
     for idx in groups.values():
         for j in range(0, len(idx), batch_size):
@@ -54,9 +58,11 @@ def predict_records(predictor, root: Path, records: list[ContainerRecord], batch
                 frames = [read_gray(root / f) for f in records[i].frames]
                 if on_frames is not None:
                     on_frames(i, frames)
+                if fill_gauge is not None:
+                    readings[i] = fill_gauge.read(frames)
                 prepared.append(preprocess(frames, spec))
             for i, s in zip(chunk, predictor.predict_prepared(prepared), strict=True):
-                result[i] = s
+                result[i] = s if fill_gauge is None else apply_reading(s, readings.pop(i))
             if bar:
                 bar.update(len(chunk))
     if bar:

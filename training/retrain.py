@@ -40,7 +40,9 @@ from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.manifest import Dataset, ManifestWriter
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames, key_fraction
+from vialinspect.errors import VialinspectError
 from vialinspect.export.registry import Registry, RegistryError
+from vialinspect.vision.fill_gauge import FillGauge
 
 from .calibrate import hold_detection
 from .checkpoint import build_model, dataset_hash, load_checkpoint, save_checkpoint
@@ -53,7 +55,7 @@ from .report import compare_reports
 from .trainer import train
 
 
-class RetrainError(Exception):
+class RetrainError(VialinspectError):
     """Retraining cannot go ahead: no champion, no reviewed data, leaked qualification data, bad inputs."""
 
 
@@ -208,10 +210,11 @@ def _hold_detection(work: Path, val_recs: list[ContainerRecord], reg: Registry, 
     best = work / "run" / "best.pt"
     ck = load_checkpoint(best)
     net, spec = build_model(ck)
+    gauge = FillGauge.from_json(ck["fill_gauge"]) if ck.get("fill_gauge") else None
     ours = predict_records(TorchPredictor(net, spec, has_fill=bool(ck.get("heads", {}).get("fill"))), work / "data",
-                           val_recs)
+                           val_recs, fill_gauge=gauge)
     champ = load_package_model(reg.package_dir(champion))
-    theirs = predict_records(champ.predictor, work / "data", val_recs)
+    theirs = predict_records(champ.predictor, work / "data", val_recs, fill_gauge=champ.fill_gauge)
     th, info = hold_detection(val_recs, theirs, champ.thresholds, ours, ck["thresholds"], localized)
     ck["thresholds"] = th
     ck["calibration"] = {**ck.get("calibration", {}), "hold_detection": info}

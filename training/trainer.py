@@ -20,6 +20,7 @@ from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames, split_for
 from vialinspect.datasets.torch_dataset import ContainerDataset
+from vialinspect.errors import VialinspectError
 from vialinspect.export.builtin import is_builtin
 from vialinspect.vision.model import VialNet, adapt_first_layer, soft_rows
 from vialinspect.vision.preprocess import InputSpec
@@ -38,12 +39,13 @@ from .data import (
     image_size,
     input_shape,
 )
+from .fill_fit import LineGauge, choose_fill_gauge, fit_line_gauge
 from .losses import distill_loss, total_loss
 from .metrics import auroc
 from .predict import TorchPredictor, predict_records
 
 
-class TrainingError(Exception):
+class TrainingError(VialinspectError):
     """A problem with the inputs to training (data, device, init model), reported without a traceback."""
 
 
@@ -245,12 +247,19 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
             raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
         cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
     cfg = cfg.for_data(has_mask)
+    # Data without fill heights: the line's fill gauge, from its good training units (fill_fit.py), fitted first
+    # because it chooses the start below; whether it decides the fill level is settled on validation at the end.
+    gauge = None
+    if not has_fill and cfg.fill_gauge != "off" and d.main:
+        gauge = fit_line_gauge(ds.root, [r for r in train_recs if not r.classes], log)
     if init == "auto":
-        # A line's own images (no masks) learn fastest from the simulator-trained model; the simulator's data
-        # from random weights (the default model's recipe). The still-image transfer model (builtin:still) found
-        # more particles and cracks on a simulated line but lost its fill level (docs/new_line.md): not the
-        # default start.
-        init = None if has_mask or resumed else "builtin:default"
+        # The simulator's data trains from random weights (the default model's recipe). A line's own images (no
+        # masks) learn fastest from a simulator-trained model: from the still-image transfer model
+        # (builtin:still), which finds more particles and cracks on simulated lines but learnt no fill level
+        # across cameras, where the fill gauge measures the fill level; else from the default model, whose fill
+        # level transfers (docs/new_line.md). DDP ranks all take the main rank's choice.
+        still = _rank0(gauge is not None, d, device)
+        init = None if has_mask or resumed else ("builtin:still" if still else "builtin:default")
     init_ck = _load_init(init) if init and not resumed else None
     if resumed:
         net = VialNet.from_arch(resumed["model"], frames)
@@ -436,7 +445,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     summary: dict = {"stopped": stopped, "epochs_run": len(history), "monitor": cfg.monitor, "best_value": best,
                      "rank": d.rank, "weights_sha256": weights_digest(net)}
     if d.main:
-        summary["calibration"] = finalize(best_path, ds.root, val_recs, cfg, device, log)
+        summary["calibration"] = finalize(best_path, ds.root, val_recs, cfg, device, log, gauge)
     summary["minutes"] = (time.perf_counter() - t_start) / 60
     if d.world > 1:
         dist.barrier()
@@ -578,13 +587,26 @@ def fill_spec_auroc(records: list[ContainerRecord], heights: list[tuple[int, flo
     return auroc(y, s)
 
 
-def finalize(best_path: Path, root: Path, val_recs: list[ContainerRecord], cfg: TrainConfig, device, log) -> dict:
-    """Calibrate the best model's thresholds on the validation split and store them in its checkpoint."""
+def finalize(best_path: Path, root: Path, val_recs: list[ContainerRecord], cfg: TrainConfig, device, log,
+             gauge: LineGauge | None = None) -> dict:
+    """Calibrate the best model's thresholds on the validation split and store them in its checkpoint. With the
+    line's fill ``gauge`` (data without fill heights), the ``fill_gauge`` setting and the validation split choose
+    whether it decides the fill level (``fill_fit``)."""
     ck = load_checkpoint(best_path)
     net, spec = build_model(ck)
     predictor = TorchPredictor(net, spec, str(device), has_fill=ck["heads"]["fill"])
     scores = predict_records(predictor, root, val_recs, batch_size=cfg.batch_size)
-    cal = calibrate(val_recs, scores, cfg.frr)
+    ck.pop("fill_gauge", None)
+    gauge_choice = None
+    if gauge is not None:
+        scores, gauge_choice = choose_fill_gauge(gauge, root, val_recs, scores, cfg.fill_gauge, log)
+        if gauge_choice["used"]:
+            ck["fill_gauge"] = gauge.gauge.to_json()
+            gauge_choice["threshold_from_good_train_units"] = len(gauge.good_scores)
+    used = gauge_choice is not None and gauge_choice["used"]
+    cal = calibrate(val_recs, scores, cfg.frr, fill_threshold=gauge.threshold if used else None)
+    if gauge_choice is not None:
+        cal["fill_gauge"] = gauge_choice
     ck["thresholds"] = cal["thresholds"]
     ck["calibration"] = cal
     save_checkpoint(best_path, {k: v for k, v in ck.items() if k not in ("format", "version", "saved_utc")})

@@ -51,9 +51,9 @@ DEMO_USER, DEMO_PASSWORD = "qa.demo", "demo-password-1"
 
 def serve_review(store: Path, port: int) -> int:
     """The review app on the demo store, with a demo reviewer (demo only: never a fixed password on a line)."""
-    from vialinspect.inspection_station.audit import ReviewDB
-    from vialinspect.inspection_station.review_app import serve
-    from vialinspect.inspection_station.users import add_user, get_user
+    from vialinspect.inspection_station.qa.audit import ReviewDB
+    from vialinspect.inspection_station.qa.review_app import serve
+    from vialinspect.inspection_station.qa.users import add_user, get_user
 
     db = ReviewDB(store)
     if get_user(db, DEMO_USER) is None:

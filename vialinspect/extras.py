@@ -24,8 +24,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 }
 # Modules that come with an extra's packages (Gradio's web stack, Pillow): a failed import of one of them names
 # the extra as well.
-_ALSO = {"torchvision": "train", "PIL": "train", "pandas": "review", "fastapi": "review", "starlette": "review",
-         "anyio": "review"}
+_ALSO = {"torchvision": "train", "PIL": "train", "scipy": "train", "pandas": "review", "fastapi": "review",
+         "starlette": "review", "anyio": "review"}
 
 
 class MissingExtra(UserError):

@@ -173,7 +173,7 @@ def _first_below(rows: np.ndarray, level: float) -> np.ndarray:
 
 
 def _find_geometry(m: np.ndarray, mx: np.ndarray, p: BaselineParams, fmt: ContainerFormat | None,
-                   px_mm: float) -> _Geometry:
+                   px_mm: float, wide_meniscus: bool = False) -> _Geometry:
     """Axis and silhouette from the median frame, lowest point and meniscus from the per-pixel maximum
     (where objects moving in the liquid fade), both in back-light units."""
     H, W = m.shape
@@ -202,7 +202,7 @@ def _find_geometry(m: np.ndarray, mx: np.ndarray, p: BaselineParams, fmt: Contai
     g = _Geometry(kind="vial", axis_a0=float(a0), axis_a1=float(a1),
                   outer_half_px=float(np.median(width[body])) / 2, sil_rows=(int(sil[0]), int(sil[-1])),
                   row_left=left, row_right=right)
-    _find_levels(mx, g, p, fmt, px_mm)
+    _find_levels(mx, g, p, fmt, px_mm, wide_meniscus)
     return g
 
 
@@ -247,8 +247,20 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(np.nonzero(d == 1)[0], np.nonzero(d == -1)[0], strict=True)]
 
 
-def _find_levels(m: np.ndarray, g: _Geometry, p: BaselineParams, fmt: ContainerFormat | None, px_mm: float) -> None:
-    """Lowest point and meniscus rows from the intensity profile along the axis."""
+def _side_profile(m: np.ndarray, g: _Geometry, half: int, offset: float, reach: int) -> np.ndarray:
+    """The axis profile of a band of columns ``offset`` pixels beside the axis, each row the brightest of the
+    rows within ``reach``: dark only where the band is dark near that row (a meniscus rises towards the wall)."""
+    shifted = _Geometry(kind=g.kind, axis_a0=g.axis_a0 + offset, axis_a1=g.axis_a1, outer_half_px=g.outer_half_px,
+                        sil_rows=g.sil_rows, row_left=g.row_left, row_right=g.row_right)
+    prof = _axis_profile(m, shifted, half)
+    return cv2.erode(prof.reshape(-1, 1), np.ones((2 * reach + 1, 1), np.uint8)).ravel() if reach else prof
+
+
+def _find_levels(m: np.ndarray, g: _Geometry, p: BaselineParams, fmt: ContainerFormat | None, px_mm: float,
+                 wide_meniscus: bool = False) -> None:
+    """Lowest point and meniscus rows from the intensity profile along the axis. With ``wide_meniscus`` the
+    meniscus must also be a dark band beside the axis, on both sides: the liquid surface spans the container,
+    while a printed lot code or a bubble ring near the axis does not."""
     H = m.shape[0]
     inner_ratio = fmt.inner_radius_mm / fmt.outer_radius_mm if fmt else 0.8
     half = max(2, int(round(p.axis_band_fraction * inner_ratio * g.outer_half_px)))
@@ -289,11 +301,16 @@ def _find_levels(m: np.ndarray, g: _Geometry, p: BaselineParams, fmt: ContainerF
             return
         level = 0.5 * (float(prof[max(c0 - n_ref, 0):c0].mean()) + float(prof[c0:c0 + n_ref].mean()))
         g.zero_row = _edge_row(prof, c0 - 1, level) + (fmt.height_mm + p.cap_above_glass_mm) / px_mm
-    if g.zero_row is None:
+    if g.zero_row is not None:
+        hi = int(g.zero_row - ((fmt.bottom_mm + 1.0) if fmt else 2.0) / px_mm)
+    elif wide_meniscus and g.kind == "vial" and r1 >= H - 1:
+        # The bottom is out of view and no format says where it is: the meniscus is still found (above the
+        # bottom glass's visible part); a gauge then measures the fill from the container's top.
+        hi = int(r0 - 1.0 / px_mm)
+    else:
         return
     # Meniscus: the thin dark band with the largest top-hat response between the bottom and the next long
     # dark region above it (a vial's shoulder, a syringe's plunger stopper).
-    hi = int(g.zero_row - ((fmt.bottom_mm + 1.0) if fmt else 2.0) / px_mm)
     lo = top
     long_run = max(2, int(round(1.5 / px_mm)))
     above_runs = [r for r in runs if r[1] < hi and r[1] - r[0] >= long_run]
@@ -302,7 +319,14 @@ def _find_levels(m: np.ndarray, g: _Geometry, p: BaselineParams, fmt: ContainerF
     if hi - lo < 3:
         return
     k = max(5, int(round(p.meniscus_kernel_mm / px_mm)) | 1)
-    th = cv2.morphologyEx(prof.reshape(-1, 1), cv2.MORPH_BLACKHAT, np.ones((k, 1), np.uint8)).ravel()
+    mprof = prof
+    if wide_meniscus:
+        # Bands at +-0.55 of the inner radius, the surface up to ~0.3 mm higher there (the meniscus rises
+        # towards the wall): the darkness must be in all three, so the brightest of them is what counts.
+        off = 0.55 * inner_ratio * g.outer_half_px
+        reach = max(1, int(round(0.3 / px_mm)))
+        mprof = np.maximum.reduce([prof, _side_profile(m, g, half, -off, reach), _side_profile(m, g, half, off, reach)])
+    th = cv2.morphologyEx(mprof.reshape(-1, 1), cv2.MORPH_BLACKHAT, np.ones((k, 1), np.uint8)).ravel()
     # Bubbles hang under the surface and their rings are thin dark bands too: take the topmost strong band.
     seg = th[lo:hi]
     strong = np.nonzero(seg >= 0.5 * float(seg.max()))[0]
@@ -372,38 +396,13 @@ def _match_cost(a: _Blob, b: _Blob, max_dx: float, max_dy: float) -> float | Non
 
 def _assign(cost: np.ndarray) -> np.ndarray:
     """Minimum-cost assignment of a square cost matrix (Hungarian method); returns the column of each row."""
-    n = cost.shape[0]
-    u, v = np.zeros(n + 1), np.zeros(n + 1)
-    owner = np.zeros(n + 1, int)  # row (1-based) assigned to each column; column 0 is the augmenting root
-    way = np.zeros(n + 1, int)
-    for i in range(1, n + 1):
-        owner[0] = i
-        j0 = 0
-        minv = np.full(n + 1, np.inf)
-        used = np.zeros(n + 1, bool)
-        while True:
-            used[j0] = True
-            i0 = owner[j0]
-            free = ~used[1:]
-            cur = cost[i0 - 1] - u[i0] - v[1:]
-            upd = free & (cur < minv[1:])
-            minv[1:][upd] = cur[upd]
-            way[1:][upd] = j0
-            masked = np.where(free, minv[1:], np.inf)
-            j1 = int(np.argmin(masked)) + 1
-            delta = masked[j1 - 1]
-            u[owner[used]] += delta
-            v[used] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if owner[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            owner[j0] = owner[j1]
-            j0 = j1
-    col = np.zeros(n, int)
-    col[owner[1:] - 1] = np.arange(n)
+    # Imported here, not with the module: the station's install has no scipy, and the geometry it measures with
+    # this module (vision.fill_gauge) never links tracks; the classical inspector runs under the train extra.
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)  # rows come back as 0..n-1 for a square matrix
+    col = np.empty(cost.shape[0], int)
+    col[rows] = cols
     return col
 
 
@@ -508,15 +507,37 @@ class Geometry:
             return None
         return float(self.zero_row - self.meniscus_row)
 
+    @property
+    def headspace_px(self) -> float | None:
+        """Rows from the container's top to the meniscus; None where the meniscus was not found or the top is at
+        the picture's edge (cut off). Another measure of the fill for a format, where the bottom is out of view."""
+        if self.meniscus_row is None or self.silhouette_rows[0] <= 0:
+            return None
+        return float(self.meniscus_row - self.silhouette_rows[0])
 
-def measure_geometry(frames: Sequence[np.ndarray], params: BaselineParams | None = None) -> Geometry:
+
+# Typical outer body diameters (mm): a vial's (2R 16 mm to 10R 24 mm) and a syringe barrel's (1 mL long ~8 mm),
+# from which an image's pixel scale is estimated where it is not known, so that the geometry's lengths in mm
+# (kernels, margins) come out near their intended pixel sizes at any camera.
+TYPICAL_OUTER_MM = {"vial": 19.6, "syringe": 8.0}
+
+
+def measure_geometry(frames: Sequence[np.ndarray], params: BaselineParams | None = None,
+                     pixel_um: float | None = None) -> Geometry:
     """The container's geometry in one unit's frames, without knowing its format (as on a new line, where the
-    line's own good units are the reference). ``ValueError`` when no container is found."""
+    line's own good units are the reference). Without ``pixel_um`` the pixel scale is estimated from the body's
+    width in pixels and the typical diameter of the kind found (``TYPICAL_OUTER_MM``). ``ValueError`` when no
+    container is found."""
     p = params or BaselineParams()
     if not frames:
         raise ValueError("no frames")
     _, med, mx = _normalised(frames, p)
-    g = _find_geometry(med, mx, p, None, p.default_pixel_um / 1000.0)
+    px_mm = (pixel_um or p.default_pixel_um) / 1000.0
+    g = _find_geometry(med, mx, p, None, px_mm, wide_meniscus=True)
+    if pixel_um is None:
+        est = TYPICAL_OUTER_MM[g.kind] / max(2.0 * g.outer_half_px, 1.0)
+        if abs(math.log(est / px_mm)) > math.log(1.25):
+            g = _find_geometry(med, mx, p, None, est, wide_meniscus=True)
     return Geometry(kind=g.kind, outer_width_px=2.0 * g.outer_half_px, silhouette_rows=tuple(g.sil_rows),
                     zero_row=g.zero_row, meniscus_row=g.meniscus_row)
 

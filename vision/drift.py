@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from vialinspect.errors import VialinspectError
+
 from .scores import CLASSES
 
 BASELINE_KIND = "vialinspect drift baseline"
@@ -39,7 +41,7 @@ MIN_BASELINE_UNITS = 100  # fewer give bin fractions and rates too noisy to judg
 PSI_FLOOR = 1e-4  # an empty bin counts as this fraction (ln 0 is not a number)
 
 
-class BaselineError(ValueError):
+class BaselineError(VialinspectError, ValueError):
     """A drift baseline that cannot be used (missing, not JSON, another kind, bad values); one line, names the file."""
 
 

@@ -1,7 +1,7 @@
 """Rate limit for failed logins: per client and per account, sliding window, in memory.
 
 Pure logic with an injected clock, so that it is tested without a server. The review app
-(:mod:`vialinspect.inspection_station.review_app`) asks :meth:`LoginLimiter.attempt` before it checks a password:
+(:mod:`vialinspect.inspection_station.qa.review_app`) asks :meth:`LoginLimiter.attempt` before it checks a password:
 
 - every admitted attempt counts as a failure at once (a reservation), for its client and for its account, and
   :meth:`LoginLimiter.success` takes it back when the password was right. Counting up front means that a burst

@@ -1,8 +1,8 @@
 """Users of the review app: salted scrypt password hashes, roles, disable (never delete).
 
-Users live in ``STORE/review.sqlite`` (see :mod:`vialinspect.inspection_station.audit`); every change is audited in the
-same transaction as the change itself. A user name is never reused: a disabled user cannot be added again,
-so a name in the audit trail always means the same person (21 CFR 11.100(a), 11.300(a)).
+Users live in ``STORE/review.sqlite`` (see :mod:`vialinspect.inspection_station.qa.audit`); every change is
+audited in the same transaction as the change itself. A user name is never reused: a disabled user cannot be added
+again, so a name in the audit trail always means the same person (21 CFR 11.100(a), 11.300(a)).
 
 Every user change writes the row's readable columns and a digest of the whole row (password hash included,
 see :func:`audit.user_audit_value`), so that ``audit verify`` notices a password hash swapped in the file.
@@ -35,6 +35,8 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from vialinspect.errors import VialinspectError
+
 from . import audit
 from .audit import ReviewDB
 
@@ -50,11 +52,11 @@ _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _N, _R, _P, _DKLEN = 2**14, 8, 1, 32
 
 
-class UserError(Exception):
+class UserError(VialinspectError):
     """A user cannot be added or changed as asked (bad name, weak password, unknown, already exists)."""
 
 
-class AuthError(Exception):
+class AuthError(VialinspectError):
     """Credentials were refused (wrong password, unknown or disabled user, locked account)."""
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vialinspect.errors import VialinspectError
 from vialinspect.export.registry import Event, Registry, RegistryError, Signature
 
 from . import audit, users
@@ -29,7 +30,7 @@ PROMOTE_MEANING = "Approval: model version released for production inspection"
 ROLLBACK_MEANING = "Approval: production inspection returned to an earlier model version"
 
 
-class PromotionError(Exception):
+class PromotionError(VialinspectError):
     """Refused: wrong signature, not an admin, or the registry's rules say no."""
 
 

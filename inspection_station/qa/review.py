@@ -19,11 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,10 +34,12 @@ import numpy as np
 from vialinspect.datasets.imageio import ImageError, read_gray, to_uint8, write_png
 from vialinspect.datasets.manifest import MANIFEST_NAME, ManifestWriter
 from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord, FillSpec, split_for
+from vialinspect.errors import VialinspectError
 
+from ..actor import os_actor
+from ..store import DB_NAME, FRAMES_DIR, MAPS_DIR, RecordStore, frames_dir_name, time_range_sql
 from . import audit, users
 from .audit import ReviewDB
-from .store import DB_NAME, FRAMES_DIR, MAPS_DIR, RecordStore, frames_dir_name, time_range_sql
 
 VERDICTS: tuple[str, ...] = ("confirmed_defect", "false_reject", "escalate")
 NOT_INSPECTED = "not_inspected"  # the queue's class filter for units rejected because a check did not run
@@ -48,7 +50,7 @@ CLASS_COLOURS: dict[str, tuple[int, int, int]] = {"particle": (255, 40, 40), "cr
                                                   "fill_level": (40, 120, 255)}
 
 
-class ReviewError(Exception):
+class ReviewError(VialinspectError):
     """A request that cannot be carried out: unknown container, invalid verdict, already reviewed, ..."""
 
 
@@ -628,13 +630,13 @@ class ReviewService:
 
     # ---- trends -----------------------------------------------------------------------------------------
 
-    def _records(self):
+    def _records(self) -> closing[sqlite3.Connection]:
         # Aggregates run in SQL on a read-only connection of their own: iterating rows in Python would
         # take seconds for a shift's worth of units.
         db = self.store_dir / DB_NAME
         conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0)
         conn.execute("PRAGMA query_only=ON")
-        return _Closing(conn)
+        return closing(conn)
 
     def trends(self, bucket: str = "day", since: str | float | datetime | None = None,
                until: str | float | datetime | None = None) -> Trends:
@@ -806,17 +808,6 @@ class ReviewService:
         return ExportResult(out, len(rows), confirmed, len(rows) - confirmed, skipped, digest, seq)
 
 
-class _Closing:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
-
-
 def _manifest_header(root: Path) -> dict[str, Any]:
     try:
         with open(root / MANIFEST_NAME, encoding="utf-8") as fh:
@@ -855,17 +846,6 @@ def export_reviewed(store: ReviewService | str | Path, out_dir: str | Path, acto
     finally:
         if own:
             svc.close()
-
-
-def os_actor() -> str:
-    """Who acts from a command line: the operating-system account (the store's files are guarded by it)."""
-    import getpass
-
-    try:
-        name = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        name = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
-    return f"os:{name}"
 
 
 def review_to_dict(r: Review) -> dict[str, Any]:

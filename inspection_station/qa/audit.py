@@ -57,9 +57,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vialinspect.errors import VialinspectError
+from vialinspect.export.hashchain import GENESIS, link_hash
+
 REVIEW_DB_NAME = "review.sqlite"
+# The schema's version is the database's ``PRAGMA user_version``. Databases written before that kept it in
+# ``meta`` (key ``schema_version``): it is taken over into user_version when the database is opened, and the row
+# is left, so that an earlier vialinspect still opens a database whose schema it knows. A migration to version 2
+# must delete that row, so that an earlier vialinspect refuses what it does not know.
 SCHEMA_VERSION = 1
-GENESIS_HASH = "0" * 64
+GENESIS_HASH = GENESIS  # the first entry's prev_hash
 
 # Actions written to the trail. Kept in one place so that the app, the CLI and verify() agree.
 LOGIN, LOGIN_FAILED, LOGOUT = "login", "login_failed", "logout"
@@ -69,15 +76,15 @@ USER_CHANGES: tuple[str, ...] = (USER_ADDED, USER_DISABLED, USER_UNLOCKED)  # en
 EXPORT, AUDIT_EXPORT = "export", "audit_export"
 MODEL_RETRAINED, MODEL_PROMOTED, MODEL_ROLLED_BACK = "model_retrained", "model_promoted", "model_rolled_back"
 # Login attempts the review app's rate limiter refused without checking a password, summarised per window
-# (vialinspect.inspection_station.login_limit): evidence kept, one row per window rather than one per attempt.
+# (vialinspect.inspection_station.qa.login_limit): evidence kept, one row per window rather than one per attempt.
 LOGIN_REFUSED = "login_refused"
 ACTIONS: tuple[str, ...] = (LOGIN, LOGIN_FAILED, LOGOUT, REVIEW, REVIEW_CHANGED, SIGNATURE_FAILED, USER_ADDED,
                             USER_DISABLED, USER_UNLOCKED, EXPORT, AUDIT_EXPORT, MODEL_RETRAINED, MODEL_PROMOTED,
                             MODEL_ROLLED_BACK, LOGIN_REFUSED)
 
 _SCHEMA = f"""
+PRAGMA user_version = {SCHEMA_VERSION};
 CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
-INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 
 CREATE TABLE audit (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -154,7 +161,7 @@ USER_COLUMNS = ("username", "full_name", "role", "password_hash", "created_at_ut
                 "disabled_by")
 
 
-class ReviewDBError(Exception):
+class ReviewDBError(VialinspectError):
     """The review database cannot be opened or used."""
 
 
@@ -237,25 +244,27 @@ class ReviewDB:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not {"meta", "audit", "users", "reviews"} <= tables:
                 raise ReviewDBError(f"{self.path}: not a vialinspect review database (tables: {sorted(tables)})")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            version = int(row[0]) if row else None
-            if version is None or version > SCHEMA_VERSION:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:  # written before user_version: the version is in meta
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                version = int(row[0]) if row else None
+                if version is not None and 0 < version <= SCHEMA_VERSION:
+                    try:
+                        conn.execute(f"PRAGMA user_version = {version}")
+                    except sqlite3.OperationalError:  # a file this process may not write: meta says it all the same
+                        pass
+            if not version or version > SCHEMA_VERSION:
                 raise ReviewDBError(f"{self.path}: review schema {version} is not readable by this vialinspect "
                                     f"(reads up to {SCHEMA_VERSION}); upgrade vialinspect")
 
 
 # ---------------------------------------------------------------- writing entries
 
-def _canonical(seq: int, at_utc: str, user: str, action: str, container_id: str | None, old_value: str | None,
-               new_value: str | None, reason: str | None) -> str:
-    return json.dumps([seq, at_utc, user, action, container_id, old_value, new_value, reason],
-                      ensure_ascii=False, separators=(",", ":"))
-
-
 def entry_hash(prev_hash: str, seq: int, at_utc: str, user: str, action: str, container_id: str | None,
                old_value: str | None, new_value: str | None, reason: str | None) -> str:
-    content = _canonical(seq, at_utc, user, action, container_id, old_value, new_value, reason)
-    return hashlib.sha256(f"{prev_hash}\n{content}".encode()).hexdigest()
+    """prev_hash, a newline, the entry's columns as a JSON list (non-ASCII kept as is), hashed."""
+    return link_hash(prev_hash, [seq, at_utc, user, action, container_id, old_value, new_value, reason],
+                     sort_keys=False, ensure_ascii=False)
 
 
 def append(conn: sqlite3.Connection, user: str, action: str, container_id: str | None = None,

@@ -8,14 +8,14 @@ served: frames reach the browser only as images the handlers load through valida
 
 Logins are checked off the event loop (a small pool of worker threads, so a flood of scrypt checks cannot stall
 other sessions' pages) behind a rate limit per client address and per account
-(:mod:`vialinspect.inspection_station.login_limit`); refused attempts are audited in aggregate, one row per
+(:mod:`vialinspect.inspection_station.qa.login_limit`); refused attempts are audited in aggregate, one row per
 client per window, not one row each.
 
 Everything the app hands to Gradio (frames, audit CSV exports) lives in one private (0700) temporary folder per
 app instance, files 0600, removed when the app closes or the process exits; Gradio's shared temp folder is not
 used.
 
-All logic lives in :mod:`vialinspect.inspection_station.review`; the handlers here only translate between widgets and
+All logic lives in :mod:`vialinspect.inspection_station.qa.review`; the handlers here only translate between widgets and
 those functions.
 """
 
@@ -568,6 +568,243 @@ def _audit_frame(entries: list[audit.AuditEntry]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- layout
+# build_app in named steps: one function per tab (its widgets, in the order the page shows them), then one per part
+# of the event wiring. The widgets travel between them in the small holders below (gr components are ``Any``).
+
+
+@dataclasses.dataclass
+class _ReviewTab:
+    """The Review tab: the queue's filters, the queue, the open unit and the signing row."""
+
+    f_status: Any
+    f_cls: Any
+    f_recipe: Any
+    f_model: Any
+    f_since: Any
+    f_until: Any
+    f_sort: Any
+    b_refresh: Any
+    q_text: Any
+    q_table: Any
+    u_open: Any
+    u_title: Any
+    u_gallery: Any
+    u_map: Any
+    u_scores: Any
+    u_fill: Any
+    u_reviews: Any
+    s_classes: Any
+    s_comment: Any
+    s_password: Any
+    b_confirm: Any
+    b_false: Any
+    b_escalate: Any
+    s_status: Any
+    focus_hint: Any
+
+    @property
+    def filters(self) -> list[Any]:
+        return [self.f_status, self.f_cls, self.f_recipe, self.f_model, self.f_since, self.f_until, self.f_sort]
+
+
+@dataclasses.dataclass
+class _HistoryTab:
+    tab: Any
+    h_cid: Any
+    b_history: Any
+    h_text: Any
+    h_table: Any
+
+
+@dataclasses.dataclass
+class _AuditTab:
+    tab: Any
+    a_user: Any
+    a_action: Any
+    a_cid: Any
+    a_limit: Any
+    b_audit: Any
+    b_verify: Any
+    b_csv: Any
+    a_verify: Any
+    a_file: Any
+    a_table: Any
+
+    @property
+    def query(self) -> list[Any]:
+        return [self.a_user, self.a_action, self.a_cid, self.a_limit]
+
+
+@dataclasses.dataclass
+class _TrendsTab:
+    tab: Any
+    t_bucket: Any
+    t_model: Any
+    b_trends: Any
+    t_rates: Any
+    t_control: Any
+    t_bars: Any
+    t_table: Any
+
+
+@dataclasses.dataclass
+class _Session:
+    """Per-browser state: the queue's container ids, the open unit, a decision waiting for its password."""
+
+    ids: Any
+    cid: Any
+    pending: Any
+
+    def unit_out(self, r: _ReviewTab) -> list[Any]:
+        return [self.cid, r.u_title, r.u_gallery, r.u_scores, r.u_fill, r.u_reviews, r.s_classes]
+
+    def queue_out(self, r: _ReviewTab) -> list[Any]:
+        return [r.q_text, r.q_table, self.ids]
+
+
+def _header() -> Any:
+    """Who is signed in, and the log-out button; returns the "signed in as" text."""
+    with gr.Row():
+        who = gr.Markdown(elem_id="signed-in-as")
+        gr.Button("Log out", link="/logout", size="sm", scale=0, elem_id="logout")
+    return who
+
+
+def _review_tab() -> _ReviewTab:
+    with gr.Tab("Review", id="review"):
+        with gr.Row():
+            f_status = gr.Dropdown(["pending", "escalated", "all"], value="pending", label="Status")
+            f_cls = gr.Dropdown([ANY, *DEFECT_CLASSES, NOT_INSPECTED], value=ANY, label="Class")
+            f_recipe = gr.Dropdown([ANY], value=ANY, label="Recipe")
+            f_model = gr.Dropdown([ANY], value=ANY, label="Model version")
+            f_since = gr.Textbox(label="From (UTC)", placeholder="YYYY-MM-DD")
+            f_until = gr.Textbox(label="To (UTC, inclusive)", placeholder="YYYY-MM-DD")
+            f_sort = gr.Radio(["time", "score"], value="time", label="Sort")
+            b_refresh = gr.Button("Refresh", scale=0)
+        with gr.Row():
+            with gr.Column(scale=2):
+                q_text = gr.Markdown(elem_id="queue-count")
+                q_table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, elem_id="queue-table",
+                                       max_height=700)
+            with gr.Column(scale=5):
+                u_open = gr.Textbox(label="Open a container by id (Enter)", elem_id="open-unit")
+                u_title = gr.Markdown(elem_id="unit-title")
+                u_gallery = gr.Gallery(label="Frames", columns=4, height=420, object_fit="contain",
+                                       format="png", elem_id="unit-frames")
+                u_map = gr.Checkbox(value=True, label="Overlay the localisation map")
+                with gr.Row():
+                    u_scores = gr.Dataframe(headers=["class", "score", "threshold", "rejected"],
+                                            interactive=False, label="Scores against thresholds")
+                    u_fill = gr.HTML()
+                u_reviews = gr.Markdown()
+                with gr.Row():
+                    s_classes = gr.Dropdown(list(DEFECT_CLASSES), multiselect=True, value=[],
+                                            label="Reviewed class (confirm)", elem_id="sign-classes")
+                    s_comment = gr.Textbox(label="Comment / reason for a change", elem_id="sign-comment")
+                    s_password = gr.Textbox(type="password", label="Password (signs; Enter)",
+                                            elem_id="sign-password")
+                with gr.Row():
+                    b_confirm = gr.Button("Confirm defect [c]", variant="stop", elem_id="btn-confirm")
+                    b_false = gr.Button("False reject [f]", variant="primary", elem_id="btn-false-reject")
+                    b_escalate = gr.Button("Escalate [e]", elem_id="btn-escalate")
+                s_status = gr.Markdown(elem_id="sign-status")
+                focus_hint = gr.Textbox(visible="hidden", elem_id="focus-hint")
+    return _ReviewTab(f_status, f_cls, f_recipe, f_model, f_since, f_until, f_sort, b_refresh, q_text, q_table,
+                      u_open, u_title, u_gallery, u_map, u_scores, u_fill, u_reviews, s_classes, s_comment,
+                      s_password, b_confirm, b_false, b_escalate, s_status, focus_hint)
+
+
+def _history_tab() -> _HistoryTab:
+    with gr.Tab("History", id="history") as tab:
+        h_cid = gr.Textbox(label="Container id", elem_id="history-id")
+        b_history = gr.Button("Show history")
+        h_text = gr.Markdown()
+        h_table = gr.Dataframe(headers=AUDIT_HEADERS, interactive=False, wrap=True)
+    return _HistoryTab(tab, h_cid, b_history, h_text, h_table)
+
+
+def _audit_tab() -> _AuditTab:
+    with gr.Tab("Audit trail", id="audit") as tab:
+        with gr.Row():
+            a_user = gr.Textbox(label="User")
+            a_action = gr.Dropdown([ANY, *audit.ACTIONS], value=ANY, label="Action")
+            a_cid = gr.Textbox(label="Container id")
+            a_limit = gr.Number(value=500, precision=0, minimum=1, maximum=100000, label="Entries")
+        with gr.Row():
+            b_audit = gr.Button("Show entries")
+            b_verify = gr.Button("Verify the hash chain")
+            b_csv = gr.Button("Export CSV")
+        a_verify = gr.Markdown()
+        a_file = gr.File(label="Audit trail CSV", interactive=False)
+        a_table = gr.Dataframe(headers=AUDIT_HEADERS, interactive=False, wrap=True)
+    return _AuditTab(tab, a_user, a_action, a_cid, a_limit, b_audit, b_verify, b_csv, a_verify, a_file, a_table)
+
+
+def _trends_tab() -> _TrendsTab:
+    with gr.Tab("Trends", id="trends") as tab:
+        with gr.Row():
+            t_bucket = gr.Radio(["day", "hour"], value="day", label="Period")
+            t_model = gr.Dropdown([ANY], value=ANY, label="Model version")
+            b_trends = gr.Button("Refresh")
+        t_rates = gr.Plot(label="Reject rate per class over time", format="png")
+        t_control = gr.Plot(label="Control chart per class", format="png")
+        t_bars = gr.BarPlot(x="model version", y="units", color="outcome",
+                            title="Review outcomes per model version", height=320)
+        t_table = gr.Dataframe(interactive=False, label="Estimated false-reject rate per model version")
+    return _TrendsTab(tab, t_bucket, t_model, b_trends, t_rates, t_control, t_bars, t_table)
+
+
+def _wire_queue(demo: gr.Blocks, app: _App, who: Any, r: _ReviewTab, s: _Session, vis: str) -> None:
+    """The page load (filter choices, the queue, its first unit), the filters, and opening a unit."""
+    unit_out, queue_out = s.unit_out(r), s.queue_out(r)
+    demo.load(app.filter_choices, None, [r.f_recipe, r.f_model, who], api_visibility="private").then(
+        app.queue, r.filters, queue_out, api_name="queue", api_visibility=vis).then(
+        app.first_unit, [s.ids, r.u_map], unit_out, api_visibility="private")
+    for trigger in (r.b_refresh.click, r.f_status.change, r.f_cls.change, r.f_recipe.change, r.f_model.change,
+                    r.f_since.submit, r.f_until.submit, r.f_sort.change):
+        trigger(app.queue, r.filters, queue_out, api_visibility="private").then(
+            app.first_unit, [s.ids, r.u_map], unit_out, api_visibility="private")
+    r.q_table.select(app.select_unit, [r.u_map], unit_out, api_visibility="private")
+    r.u_map.change(app.load_unit, [s.cid, r.u_map], unit_out, api_visibility="private")
+    r.u_open.submit(app.open_unit, [r.u_open, r.u_map], unit_out, api_name="open_unit", api_visibility=vis)
+
+
+def _wire_signing(app: _App, r: _ReviewTab, s: _Session) -> None:
+    """The three decision buttons, and the password's Enter that signs a decision waiting for it."""
+    sign_out = [r.s_status, r.s_password, r.s_comment, s.pending, r.focus_hint, *s.queue_out(r), *s.unit_out(r)]
+    sign_in = [s.cid, r.s_classes, r.s_comment, r.s_password, r.u_map, s.ids, *r.filters]
+    for button, verdict in ((r.b_confirm, "confirmed_defect"), (r.b_false, "false_reject"),
+                            (r.b_escalate, "escalate")):
+        button.click(_decider(app, verdict), sign_in, sign_out, api_visibility="private").then(
+            None, [r.focus_hint], None, js=FOCUS_JS)
+    r.s_password.submit(app.sign_pending, [s.pending, *sign_in], sign_out, api_visibility="private").then(
+        None, [r.focus_hint], None, js=FOCUS_JS)
+
+
+def _wire_history_audit_trends(app: _App, h: _HistoryTab, a: _AuditTab, t: _TrendsTab, s: _Session,
+                               vis: str) -> None:
+    """The History, Audit trail and Trends tabs: their buttons (named API endpoints), then their refresh when a
+    tab is selected or a setting changes."""
+    trends_out = [t.t_rates, t.t_bars, t.t_table, t.t_model]
+    h.b_history.click(app.history, [h.h_cid], [h.h_text, h.h_table], api_name="history", api_visibility=vis)
+    a.b_audit.click(app.audit_log, a.query, [a.a_table], api_name="audit_log", api_visibility=vis)
+    a.b_verify.click(app.verify, None, [a.a_verify], api_name="verify_audit", api_visibility=vis)
+    a.b_csv.click(app.export_audit, None, [a.a_file], api_name="export_audit", api_visibility=vis)
+    # The control chart follows every trends refresh as a step of its own (the "trends" API keeps its outputs).
+    t.b_trends.click(app.trends, [t.t_bucket, t.t_model], trends_out, api_name="trends", api_visibility=vis).then(
+        app.control_chart, [t.t_bucket, t.t_model], [t.t_control], api_visibility="private")
+    h.tab.select(app.history_current, [s.cid, h.h_cid], [h.h_cid, h.h_text, h.h_table], api_visibility="private")
+    a.tab.select(app.audit_log, a.query, [a.a_table], api_visibility="private")
+    for trigger in (t.tab.select, t.t_bucket.change, t.t_model.change):
+        trigger(app.trends, [t.t_bucket, t.t_model], trends_out, api_visibility="private").then(
+            app.control_chart, [t.t_bucket, t.t_model], [t.t_control], api_visibility="private")
+
+
+def _wire_script_api(app: _App, vis: str) -> None:
+    """For scripts (gradio_client, logged in): a unit's detail as JSON, and signing without the widgets."""
+    gr.api(app.api_unit, api_name="unit", api_visibility=vis)
+    gr.api(app.api_sign, api_name="sign_review", api_visibility=vis)
+
 
 def _decider(app: _App, verdict: str):
     # An explicit signature (not a lambda with *args) so that Gradio sees and injects the request.
@@ -591,123 +828,14 @@ def build_app(store_dir: str | Path, service: ReviewService | None = None,
     # delete_cache: the images and CSV files Gradio serves do not linger on disk for more than two hours (and the
     # whole private folder goes when the app closes).
     with gr.Blocks(title="vialinspect QA review", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
-        with gr.Row():
-            who = gr.Markdown(elem_id="signed-in-as")
-            gr.Button("Log out", link="/logout", size="sm", scale=0, elem_id="logout")
+        who = _header()
         with gr.Tabs():
-            with gr.Tab("Review", id="review"):
-                with gr.Row():
-                    f_status = gr.Dropdown(["pending", "escalated", "all"], value="pending", label="Status")
-                    f_cls = gr.Dropdown([ANY, *DEFECT_CLASSES, NOT_INSPECTED], value=ANY, label="Class")
-                    f_recipe = gr.Dropdown([ANY], value=ANY, label="Recipe")
-                    f_model = gr.Dropdown([ANY], value=ANY, label="Model version")
-                    f_since = gr.Textbox(label="From (UTC)", placeholder="YYYY-MM-DD")
-                    f_until = gr.Textbox(label="To (UTC, inclusive)", placeholder="YYYY-MM-DD")
-                    f_sort = gr.Radio(["time", "score"], value="time", label="Sort")
-                    b_refresh = gr.Button("Refresh", scale=0)
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        q_text = gr.Markdown(elem_id="queue-count")
-                        q_table = gr.Dataframe(headers=QUEUE_HEADERS, interactive=False, elem_id="queue-table",
-                                               max_height=700)
-                    with gr.Column(scale=5):
-                        u_open = gr.Textbox(label="Open a container by id (Enter)", elem_id="open-unit")
-                        u_title = gr.Markdown(elem_id="unit-title")
-                        u_gallery = gr.Gallery(label="Frames", columns=4, height=420, object_fit="contain",
-                                               format="png", elem_id="unit-frames")
-                        u_map = gr.Checkbox(value=True, label="Overlay the localisation map")
-                        with gr.Row():
-                            u_scores = gr.Dataframe(headers=["class", "score", "threshold", "rejected"],
-                                                    interactive=False, label="Scores against thresholds")
-                            u_fill = gr.HTML()
-                        u_reviews = gr.Markdown()
-                        with gr.Row():
-                            s_classes = gr.Dropdown(list(DEFECT_CLASSES), multiselect=True, value=[],
-                                                    label="Reviewed class (confirm)", elem_id="sign-classes")
-                            s_comment = gr.Textbox(label="Comment / reason for a change", elem_id="sign-comment")
-                            s_password = gr.Textbox(type="password", label="Password (signs; Enter)",
-                                                    elem_id="sign-password")
-                        with gr.Row():
-                            b_confirm = gr.Button("Confirm defect [c]", variant="stop", elem_id="btn-confirm")
-                            b_false = gr.Button("False reject [f]", variant="primary", elem_id="btn-false-reject")
-                            b_escalate = gr.Button("Escalate [e]", elem_id="btn-escalate")
-                        s_status = gr.Markdown(elem_id="sign-status")
-                        focus_hint = gr.Textbox(visible="hidden", elem_id="focus-hint")
-            with gr.Tab("History", id="history") as tab_history:
-                h_cid = gr.Textbox(label="Container id", elem_id="history-id")
-                b_history = gr.Button("Show history")
-                h_text = gr.Markdown()
-                h_table = gr.Dataframe(headers=AUDIT_HEADERS, interactive=False, wrap=True)
-            with gr.Tab("Audit trail", id="audit") as tab_audit:
-                with gr.Row():
-                    a_user = gr.Textbox(label="User")
-                    a_action = gr.Dropdown([ANY, *audit.ACTIONS], value=ANY, label="Action")
-                    a_cid = gr.Textbox(label="Container id")
-                    a_limit = gr.Number(value=500, precision=0, minimum=1, maximum=100000, label="Entries")
-                with gr.Row():
-                    b_audit = gr.Button("Show entries")
-                    b_verify = gr.Button("Verify the hash chain")
-                    b_csv = gr.Button("Export CSV")
-                a_verify = gr.Markdown()
-                a_file = gr.File(label="Audit trail CSV", interactive=False)
-                a_table = gr.Dataframe(headers=AUDIT_HEADERS, interactive=False, wrap=True)
-            with gr.Tab("Trends", id="trends") as tab_trends:
-                with gr.Row():
-                    t_bucket = gr.Radio(["day", "hour"], value="day", label="Period")
-                    t_model = gr.Dropdown([ANY], value=ANY, label="Model version")
-                    b_trends = gr.Button("Refresh")
-                t_rates = gr.Plot(label="Reject rate per class over time", format="png")
-                t_control = gr.Plot(label="Control chart per class", format="png")
-                t_bars = gr.BarPlot(x="model version", y="units", color="outcome",
-                                    title="Review outcomes per model version", height=320)
-                t_table = gr.Dataframe(interactive=False, label="Estimated false-reject rate per model version")
-
-        ids = gr.State([])
-        cid = gr.State(None)
-        pending = gr.State(None)
-
-        filters = [f_status, f_cls, f_recipe, f_model, f_since, f_until, f_sort]
-        unit_out = [cid, u_title, u_gallery, u_scores, u_fill, u_reviews, s_classes]
-        queue_out = [q_text, q_table, ids]
-
-        demo.load(app.filter_choices, None, [f_recipe, f_model, who], api_visibility="private").then(
-            app.queue, filters, queue_out, api_name="queue", api_visibility=vis).then(
-            app.first_unit, [ids, u_map], unit_out, api_visibility="private")
-        for trigger in (b_refresh.click, f_status.change, f_cls.change, f_recipe.change, f_model.change,
-                        f_since.submit, f_until.submit, f_sort.change):
-            trigger(app.queue, filters, queue_out, api_visibility="private").then(
-                app.first_unit, [ids, u_map], unit_out, api_visibility="private")
-        q_table.select(app.select_unit, [u_map], unit_out, api_visibility="private")
-        u_map.change(app.load_unit, [cid, u_map], unit_out, api_visibility="private")
-        u_open.submit(app.open_unit, [u_open, u_map], unit_out, api_name="open_unit", api_visibility=vis)
-
-        sign_out = [s_status, s_password, s_comment, pending, focus_hint, *queue_out, *unit_out]
-        sign_in = [cid, s_classes, s_comment, s_password, u_map, ids, *filters]
-        for button, verdict in ((b_confirm, "confirmed_defect"), (b_false, "false_reject"),
-                                (b_escalate, "escalate")):
-            button.click(_decider(app, verdict), sign_in, sign_out, api_visibility="private").then(
-                None, [focus_hint], None, js=FOCUS_JS)
-        s_password.submit(app.sign_pending, [pending, *sign_in], sign_out, api_visibility="private").then(
-            None, [focus_hint], None, js=FOCUS_JS)
-
-        b_history.click(app.history, [h_cid], [h_text, h_table], api_name="history", api_visibility=vis)
-        b_audit.click(app.audit_log, [a_user, a_action, a_cid, a_limit], [a_table], api_name="audit_log",
-                      api_visibility=vis)
-        b_verify.click(app.verify, None, [a_verify], api_name="verify_audit", api_visibility=vis)
-        b_csv.click(app.export_audit, None, [a_file], api_name="export_audit", api_visibility=vis)
-        # The control chart follows every trends refresh as a step of its own (the "trends" API keeps its outputs).
-        b_trends.click(app.trends, [t_bucket, t_model], [t_rates, t_bars, t_table, t_model], api_name="trends",
-                       api_visibility=vis).then(app.control_chart, [t_bucket, t_model], [t_control],
-                                                api_visibility="private")
-        tab_history.select(app.history_current, [cid, h_cid], [h_cid, h_text, h_table], api_visibility="private")
-        tab_audit.select(app.audit_log, [a_user, a_action, a_cid, a_limit], [a_table], api_visibility="private")
-        for trigger in (tab_trends.select, t_bucket.change, t_model.change):
-            trigger(app.trends, [t_bucket, t_model], [t_rates, t_bars, t_table, t_model],
-                    api_visibility="private").then(app.control_chart, [t_bucket, t_model], [t_control],
-                                                   api_visibility="private")
-        # For scripts (gradio_client, logged in): a unit's detail as JSON, and signing without the widgets.
-        gr.api(app.api_unit, api_name="unit", api_visibility=vis)
-        gr.api(app.api_sign, api_name="sign_review", api_visibility=vis)
+            review, history, audit_tab, trends = _review_tab(), _history_tab(), _audit_tab(), _trends_tab()
+        session = _Session(ids=gr.State([]), cid=gr.State(None), pending=gr.State(None))
+        _wire_queue(demo, app, who, review, session, vis)
+        _wire_signing(app, review, session)
+        _wire_history_audit_trends(app, history, audit_tab, trends, session, vis)
+        _wire_script_api(app, vis)
     _use_private_dir(demo, app)
     demo.review_service = svc  # type: ignore[attr-defined]
     return demo

@@ -1,0 +1,220 @@
+"""The fill gauge referenced to a line's good units (vision/fill_gauge.py): fit, read, store, and where it decides."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vialinspect.datasets.generate import make_container
+from vialinspect.datasets.sim.config import CameraConfig, SimConfig
+from vialinspect.vision.classical import measure_geometry
+from vialinspect.vision.fill_gauge import (
+    MIN_GROUP,
+    FillGauge,
+    FillGaugeError,
+    apply_reading,
+    fit_fill_gauge,
+    measure_all,
+)
+from vialinspect.vision.scores import Scores
+
+CAMERA = CameraConfig(pixel_um=70.0)  # not the simulator's 40 µm/px: the gauge knows no pixel scale
+
+
+def _unit(fmt: str, index: int, fill: bool = False) -> list[np.ndarray]:
+    cfg = SimConfig(formats=(fmt,), frames=1, defect_rate=1.0 if fill else 0.0, camera=CAMERA,
+                    class_weights=(0.0, 0.0, 1.0) if fill else (1.0, 1.0, 1.0)).with_nuisance_rates({})
+    rec, frames, _ = make_container(cfg, index, seed=11)
+    assert rec.classes == (["fill_level"] if fill else [])
+    return frames
+
+
+@pytest.fixture(scope="module")
+def line():
+    """Good units of two formats under one camera, and a few fill-level defects of each."""
+    good = {f: [_unit(f, i) for i in range(MIN_GROUP + 4)] for f in ("vial-2R", "syringe-1mL")}
+    bad = {f: [_unit(f, 100 + i, fill=True) for i in range(3)] for f in ("vial-2R", "syringe-1mL")}
+    return good, bad
+
+
+def test_each_format_gets_its_own_reference_and_fill_defects_stand_out(line):
+    good, bad = line
+    gauge = fit_fill_gauge(measure_all(u for us in good.values() for u in us))
+    assert len(gauge.groups) == 2 and {g.kind for g in gauge.groups} == {"vial", "syringe"}
+    good_p = [gauge.read(u).probability for us in good.values() for u in us]
+    bad_p = [gauge.read(u).probability for us in bad.values() for u in us]
+    assert max(good_p) < min(bad_p), (sorted(good_p)[-3:], sorted(bad_p)[:3])
+    r = gauge.read(bad["vial-2R"][0])
+    assert r.problem is None and r.deviation > 6 and r.group is not None
+    assert gauge.groups[r.group].kind == "vial"
+
+
+def test_positive_release_when_the_unit_cannot_be_measured_or_matches_no_reference(line):
+    good, _ = line
+    gauge = fit_fill_gauge(measure_all(good["vial-2R"]))
+    blank = gauge.read([np.full((400, 200), 220, np.uint8)])
+    assert blank.probability == 1.0 and blank.problem
+    other = gauge.read(good["syringe-1mL"][0])  # a format the line's good units did not show
+    assert other.probability == 1.0 and "unlike" in other.problem
+
+
+def test_too_few_good_units_make_no_reference(line):
+    good, _ = line
+    with pytest.raises(FillGaugeError, match="no container geometry shared"):
+        fit_fill_gauge(measure_all(good["vial-2R"][:MIN_GROUP - 1]) + [None])
+
+
+def test_round_trip_and_malformed_gauges_are_refused(line):
+    good, bad = line
+    gauge = fit_fill_gauge(measure_all(good["vial-2R"]))
+    again = FillGauge.from_json(json.loads(json.dumps(gauge.to_json())))
+    assert again == gauge
+    assert again.read(bad["vial-2R"][1]) == gauge.read(bad["vial-2R"][1])
+    for broken, msg in (([], "must be a table"), ({"method": "x"}, "unknown"),
+                        ({"method": "geometry-v1", "groups": []}, "non-empty"),
+                        ({"method": "geometry-v1", "groups": [{"kind": "vial"}]}, "groups\\[0\\]"),
+                        ({"method": "geometry-v1", "groups": [{**gauge.to_json()["groups"][0], "scale_px": 0}]},
+                         "positive")):
+        with pytest.raises(FillGaugeError, match=msg):
+            FillGauge.from_json(broken)
+
+
+def test_the_reading_replaces_the_network_fill_level_and_keeps_it_for_the_record(line):
+    good, bad = line
+    gauge = fit_fill_gauge(measure_all(good["vial-2R"]))
+    s = Scores(probs={"particle": 0.1, "crack": 0.2, "fill_level": 0.05})
+    out = apply_reading(s, gauge.read(bad["vial-2R"][0]))
+    assert out.probs["fill_level"] > 0.5 and out.extra["network_fill_level"] == 0.05
+    assert out.probs["particle"] == 0.1 and s.probs["fill_level"] == 0.05  # the input is not changed
+    assert out.extra["fill_gauge"]["deviation"] > 6
+
+
+def test_geometry_needs_no_pixel_scale_or_format(line):
+    good, _ = line
+    g = measure_geometry(good["vial-2R"][0])
+    assert g.kind == "vial" and g.fill_px and g.fill_px > 20 and g.outer_width_px > 100
+
+
+def test_the_station_decides_the_fill_level_by_the_package_gauge(line, tmp_path):
+    from vialinspect.inspection_station.pipeline import LoadedModel, ModelSlot, Pipeline
+    from vialinspect.inspection_station.stats import StationStats
+    from vialinspect.inspection_station.store import RecordStore
+
+    from .test_station import FakeRunner, K, ListSource, RecordingLine, _recipe
+
+    good, bad = line
+    gauge = fit_fill_gauge(measure_all(good["vial-2R"]))
+    units = [good["vial-2R"][0], bad["vial-2R"][0], [np.full_like(good["vial-2R"][0][0], 230)]]
+    h, w = units[0][0].shape
+    script = [(0.0, f"u{j}", i, u[0], None) for j, u in enumerate(units) for i in range(K)]
+    store = RecordStore(tmp_path / "store", min_free_mb=0.0)
+    line_out = RecordingLine()
+    model = LoadedModel(FakeRunner(), "v1", {"particle": 0.5, "crack": 0.5, "fill_level": 0.5}, fill_gauge=gauge)
+    pipe = Pipeline(ListSource(script), _recipe(frame_size=[w, h]), ModelSlot(model), store, line_out,
+                    StationStats(), window_s=0.3, read_timeout_s=0.05)
+    pipe.start()
+    assert pipe.join(timeout=30)
+    store.close()
+    sent = line_out.sent
+    # The fake network says fill level 0.0 and 13.7 mm for every unit; the gauge decides: the good unit passes,
+    # the fill-level defect and the blank frame (nothing measured: positive release) are rejected for it.
+    assert [d.reasons for d in sent] == [[], ["fill_level"], ["fill_level"]]
+    assert sent[0].fill_height_mm is None and 0 < sent[0].scores["fill_level"] < 0.5
+
+
+def test_training_on_image_level_data_fits_the_gauge_and_evaluate_reports_it(tiny_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    import cv2
+
+    from vialinspect.cli import main
+    from vialinspect.training.checkpoint import load_checkpoint
+    from vialinspect.training.trainer import train
+
+    from .conftest import small_config
+
+    cam = CameraConfig(pixel_um=120.0)  # tiny images, as tiny_run was trained on
+    root = tmp_path / "line"
+    for cls, n, fill in (("good", 40, False), ("fill_level", 8, True)):
+        cfg = SimConfig(formats=("vial-2R",), frames=1, defect_rate=1.0 if fill else 0.0, camera=cam,
+                        class_weights=(0.0, 0.0, 1.0) if fill else (1.0, 1.0, 1.0)).with_nuisance_rates({})
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(root / cls / f"{cls}{i:02d}.png"), make_container(cfg, i, seed=5)[1][0])
+    import vialinspect.training.trainer as trainer
+
+    seen = []
+
+    def load(init):
+        seen.append(init)
+        raise trainer.TrainingError("stop before training")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer, "_load_init", load)
+        with pytest.raises(trainer.TrainingError, match="stop before training"):
+            train(root, tmp_path / "auto", small_config(epochs=1), init="auto", progress=False, log=lambda *a: None)
+    assert seen == ["builtin:still"]  # the gauge measures the fill level: start from the still-image model
+    logs: list[str] = []
+    train(root, tmp_path / "run", small_config(epochs=1), init=str(tiny_run / "best.pt"), progress=False,
+          log=logs.append)
+    ck = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert FillGauge.from_json(ck["fill_gauge"]).groups[0].kind == "vial"
+    assert ck["calibration"]["fill_gauge"]["used"] is True
+    assert any(line.startswith("fill level decided by the fill gauge") for line in logs), logs
+    # Off: the network decides, and the checkpoint carries no gauge.
+    train(root, tmp_path / "off", small_config(epochs=1, fill_gauge="off"), init=str(tiny_run / "best.pt"),
+          progress=False, log=lambda *a: None)
+    assert "fill_gauge" not in load_checkpoint(tmp_path / "off" / "best.pt")
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "best.pt"), "--data", str(root), "--out",
+                 str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["fill_gauge"]["decides_fill_level"] is True, rep["fill_gauge"]
+    # At 120 µm/px a vial-2R is ~180 px tall: the meniscus is missed in a few units (rejected, positive release).
+    assert rep["fill_gauge"]["n_unmeasured"] <= 4, rep["fill_gauge"]
+    # The exported package carries the gauge, says so, and ONNX Runtime's scores get it as the checkpoint's did.
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "pkg"),
+                 "--parity-data", str(root)]) == 0
+    from vialinspect.export.package import load_package
+
+    assert load_package(tmp_path / "pkg").fill_gauge == FillGauge.from_json(ck["fill_gauge"])
+    capsys.readouterr()
+    assert main(["package", "show", str(tmp_path / "pkg")]) == 0
+    assert "fill level   fill gauge (1 container geometry" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(tmp_path / "pkg"), "--data", str(root), "--out",
+                 str(tmp_path / "rep2")]) == 0
+    rep2 = json.loads((tmp_path / "rep2" / "report.json").read_text())
+    assert rep2["fill_gauge"]["n_unmeasured"] == rep["fill_gauge"]["n_unmeasured"]
+    assert rep2["classes"]["fill_level"]["auroc"] == rep["classes"]["fill_level"]["auroc"]
+    assert rep["classes"]["fill_level"]["auroc"] >= 0.95, rep["classes"]["fill_level"]
+
+
+def test_the_gauge_threshold_comes_from_the_line_good_units_not_the_small_validation_split():
+    from vialinspect.datasets.records import ContainerRecord
+    from vialinspect.training.calibrate import calibrate
+    from vialinspect.training.fill_fit import LineGauge
+
+    line = LineGauge(FillGauge(()), np.linspace(0.0, 0.5, 1001))  # 1,001 good training units' scores
+    recs = [ContainerRecord(id=f"g{i}", frames=["x.png"], classes=[], split="val") for i in range(50)]
+    scores = [Scores(probs={"particle": 0.1, "crack": 0.1, "fill_level": 0.99 if i == 0 else 0.1}) for i in range(50)]
+    shares = []
+    cal = calibrate(recs, scores, 0.03, fill_threshold=lambda share: shares.append(share) or line.threshold(share))
+    assert shares == [0.01]  # the same share of the budget as each learned class
+    # 1% of 1,001 units: the 10 highest (k = floor(0.01 * 1002) - 1 = 9 allowed) lie above the threshold
+    assert 0.49 < cal["thresholds"]["fill_level"] < 0.5
+    # the validation split alone would have put it above its one high good unit
+    assert calibrate(recs, scores, 0.03)["thresholds"]["fill_level"] > 0.99
+
+
+def test_a_unit_with_its_bottom_out_of_view_is_read_by_its_headspace(line):
+    good, bad = line
+    gauge = fit_fill_gauge(measure_all(good["vial-2R"]))
+    assert gauge.groups[0].head_median_px is not None
+
+    def cut(frames):  # the picture ends inside the bottom glass: the lowest point is out of view
+        row = int(measure_geometry(frames).zero_row) - 3
+        return [f[:row] for f in frames]
+
+    g = measure_geometry(cut(good["vial-2R"][1]))
+    assert g.fill_px is None and g.headspace_px is not None
+    ok, off = gauge.read(cut(good["vial-2R"][1])), gauge.read(cut(bad["vial-2R"][2]))
+    assert ok.problem is None and ok.deviation < 4
+    assert off.problem is None and off.deviation > 6

@@ -1,0 +1,222 @@
+"""A fill-level gauge referenced to the line's own good units.
+
+A plant's images carry no fill heights and often no pixel scale, and a line can run several formats; what it
+does have is thousands of accepted units. The gauge measures each unit's liquid column classically (the
+container's lowest point to the meniscus, ``vision.classical.measure_geometry``, in pixels) and compares it
+with the good units of the same container geometry (kind and silhouette height in pixels, which tell a
+format under one camera apart): the score is how many robust standard deviations (1.4826 x the median absolute
+deviation) the column is from the good units' median. Nothing is learnt from defect labels, so it needs no
+fill-level examples and does not drift with the network's training.
+
+It stands in for the network's image-level fill-level classifier, which with a few hundred labels does not learn
+what the fill level is across formats (docs/new_line.md). Positive release: a unit whose container, lowest point
+or meniscus is not found, or whose geometry matches none of the reference groups, scores 1 (rejected for
+fill level).
+
+Plain data: a gauge is its reference groups, stored as JSON in the model package (``fill_gauge``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from .classical import Geometry, measure_geometry
+from .scores import Scores
+
+METHOD = "geometry-v1"
+Z_HALF = 6.0  # robust deviations at which the score is 0.5 (the threshold is calibrated on good units anyway)
+MATCH_TOL = 0.08  # a unit belongs to a group within this fraction of the group's body width and height
+MIN_SCALE_PX = 0.5  # the spread never counts as tighter than half a pixel
+MIN_GROUP = 10  # fewer good units than this do not make a reference (a mis-measured geometry, not a format)
+
+
+class FillGaugeError(ValueError):
+    """The line's good units do not make a reference (too few measured, or a stored gauge is malformed)."""
+
+
+@dataclass(frozen=True)
+class FillGroup:
+    """The good units of one container geometry: their body width and silhouette height (pixels), and the median
+    and robust spread of their liquid column."""
+
+    kind: str
+    width_px: float
+    height_px: float
+    median_px: float
+    scale_px: float
+    n: int
+    # The same for the headspace (container top to meniscus), where enough units showed their top; None if not.
+    head_median_px: float | None = None
+    head_scale_px: float | None = None
+
+
+@dataclass(frozen=True)
+class GaugeReading:
+    """One unit's fill level as the gauge sees it; ``probability`` is its fill-level score."""
+
+    probability: float
+    fill_px: float | None = None
+    deviation: float | None = None  # robust standard deviations from the group's median
+    group: int | None = None
+    problem: str | None = None  # why the unit could not be measured (then probability is 1)
+
+
+@dataclass(frozen=True)
+class FillGauge:
+    groups: tuple[FillGroup, ...]
+    n_measured: int = 0  # good units the reference was fitted from
+    n_unmeasured: int = 0  # good units whose geometry was not found
+    method: str = METHOD
+
+    def match(self, g: Geometry) -> int | None:
+        """The reference group of a unit's geometry, or None: the same kind and silhouette height (within
+        ``MATCH_TOL``), and of those the nearest body width. The height decides, not the width: a container
+        partly out of the picture at the side measures narrower, and the fill is still measured right."""
+        best, best_d = None, math.inf
+        h = _height(g)
+        for i, grp in enumerate(self.groups):
+            if grp.kind != g.kind or abs(h - grp.height_px) / grp.height_px > MATCH_TOL:
+                continue
+            d = abs(g.outer_width_px - grp.width_px) / grp.width_px
+            if d < best_d:
+                best, best_d = i, d
+        return best
+
+    def read(self, frames: Sequence[np.ndarray]) -> GaugeReading:
+        """The fill-level score of one unit's frames (positive release: 1 where it cannot be measured)."""
+        try:
+            g = measure_geometry(frames)
+        except ValueError as e:
+            return GaugeReading(1.0, problem=str(e))
+        return self.read_geometry(g)
+
+    def read_geometry(self, g: Geometry) -> GaugeReading:
+        """The reading of a measured geometry. A wrong fill moves the meniscus against both ends of the container,
+        a mis-measured end moves one: where both the liquid column (from the lowest point) and the headspace
+        (from the top) are measured, the smaller of their deviations counts."""
+        fill, head = g.fill_px, g.headspace_px
+        if fill is None and head is None:
+            return GaugeReading(1.0, problem="meniscus, or both the lowest point and the top, not found")
+        i = self.match(g)
+        if i is None:
+            return GaugeReading(1.0, fill_px=fill, problem="container geometry unlike the line's good units")
+        grp = self.groups[i]
+        zs = []
+        if fill is not None:
+            zs.append(abs(fill - grp.median_px) / grp.scale_px)
+        if head is not None and grp.head_median_px is not None and grp.head_scale_px:
+            zs.append(abs(head - grp.head_median_px) / grp.head_scale_px)
+        if not zs:
+            return GaugeReading(1.0, fill_px=fill, problem="lowest point not found and no headspace reference")
+        z = min(zs)
+        return GaugeReading(z / (z + Z_HALF), fill_px=fill, deviation=z, group=i)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "n_measured": self.n_measured, "n_unmeasured": self.n_unmeasured,
+                "groups": [asdict(g) for g in self.groups]}
+
+    @classmethod
+    def from_json(cls, d: object) -> FillGauge:
+        """A stored gauge; ``FillGaugeError`` naming the first problem when it is not one."""
+        if not isinstance(d, dict):
+            raise FillGaugeError(f"must be a table, got {type(d).__name__}")
+        if d.get("method") != METHOD:
+            raise FillGaugeError(f"method {d.get('method')!r} unknown (this version reads {METHOD!r})")
+        groups = d.get("groups")
+        if not isinstance(groups, list) or not groups:
+            raise FillGaugeError("groups: must be a non-empty list")
+        out = []
+        for k, g in enumerate(groups):
+            try:
+                head = (None, None) if g.get("head_median_px") is None else (float(g["head_median_px"]),
+                                                                           float(g["head_scale_px"]))
+                grp = FillGroup(kind=str(g["kind"]), width_px=float(g["width_px"]), height_px=float(g["height_px"]),
+                                median_px=float(g["median_px"]), scale_px=float(g["scale_px"]), n=int(g["n"]),
+                                head_median_px=head[0], head_scale_px=head[1])
+            except (KeyError, TypeError, ValueError) as e:
+                raise FillGaugeError(f"groups[{k}]: {type(e).__name__}: {e}") from None
+            values = [grp.width_px, grp.height_px, grp.median_px, grp.scale_px]
+            values += [v for v in head if v is not None]
+            if not all(math.isfinite(v) for v in values) or min(grp.width_px, grp.height_px, grp.scale_px) <= 0 \
+                    or (grp.head_scale_px is not None and grp.head_scale_px <= 0):
+                raise FillGaugeError(f"groups[{k}]: widths, heights and spreads must be finite and positive")
+            out.append(grp)
+        return cls(tuple(out), int(d.get("n_measured", 0)), int(d.get("n_unmeasured", 0)))
+
+
+def _robust(values: list) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 x MAD, at least ``MIN_SCALE_PX``), rounded for storage."""
+    v = np.asarray(values, dtype=np.float64)
+    med = float(np.median(v))
+    scale = max(1.4826 * float(np.median(np.abs(v - med))), MIN_SCALE_PX)
+    return round(med, 3), round(scale, 4)
+
+
+def _height(g: Geometry) -> float:
+    return float(g.silhouette_rows[1] - g.silhouette_rows[0] + 1)
+
+
+def fit_fill_gauge(geometries: Iterable[Geometry | None]) -> FillGauge:
+    """A gauge from the good units' geometries (None: not found). Units are grouped by kind and silhouette height
+    (greedy, tallest first, within ``MATCH_TOL``; the group's body width is its units' median); groups of fewer
+    than ``MIN_GROUP`` units are dropped as mis-measurements. ``FillGaugeError`` when no group remains."""
+    found: list[Geometry] = []
+    missing = 0
+    for g in geometries:
+        if g is None or g.fill_px is None:
+            missing += 1
+        else:
+            found.append(g)
+    members: list[list[Geometry]] = []
+    centres: list[tuple[str, float, float]] = []
+    for g in sorted(found, key=lambda x: (x.kind, -_height(x))):
+        h = _height(g)
+        for i, (kind, _w, hh) in enumerate(centres):
+            if kind == g.kind and abs(h - hh) / hh <= MATCH_TOL:
+                members[i].append(g)
+                ws = [m.outer_width_px for m in members[i]]
+                hs = [_height(m) for m in members[i]]
+                centres[i] = (kind, float(np.median(ws)), float(np.median(hs)))
+                break
+        else:
+            members.append([g])
+            centres.append((g.kind, g.outer_width_px, h))
+    groups = []
+    for (kind, w, h), ms in zip(centres, members, strict=True):
+        if len(ms) < MIN_GROUP:
+            continue
+        med, scale = _robust([m.fill_px for m in ms])
+        heads = [m.headspace_px for m in ms if m.headspace_px is not None]
+        head = _robust(heads) if len(heads) >= MIN_GROUP else (None, None)
+        groups.append(FillGroup(kind, round(w, 3), round(h, 3), med, scale, len(ms), *head))
+    if not groups:
+        raise FillGaugeError(f"no container geometry shared by {MIN_GROUP} or more good units "
+                             f"({len(found)} measured, {missing} not found)")
+    return FillGauge(tuple(groups), n_measured=len(found), n_unmeasured=missing)
+
+
+def measure_all(frame_sets: Iterable[Sequence[np.ndarray]]) -> list[Geometry | None]:
+    """Each unit's geometry, None where no container, lowest point or meniscus is found."""
+    out: list[Geometry | None] = []
+    for frames in frame_sets:
+        try:
+            out.append(measure_geometry(frames))
+        except ValueError:
+            out.append(None)
+    return out
+
+
+def apply_reading(scores: Scores, reading: GaugeReading) -> Scores:
+    """``scores`` with the gauge's fill-level score in place of the network's (kept in ``extra`` as
+    ``network_fill_level``), and the reading in ``extra["fill_gauge"]``. The fill height in mm is dropped: the
+    gauge measures pixels against the line's good units, so a recipe's fill spec in mm cannot overrule it."""
+    probs = dict(scores.probs)
+    extra = dict(scores.extra)
+    extra["network_fill_level"] = probs.get("fill_level")
+    probs["fill_level"] = float(reading.probability)
+    extra["fill_gauge"] = {k: v for k, v in asdict(reading).items() if v is not None}
+    return replace(scores, probs=probs, extra=extra, fill_height_mm=None)
