@@ -200,7 +200,7 @@ def train_model(train_data: Path, out: Path, frames: int, minutes: float, epochs
     ``package calibrate``), else keep those training chose on its validation split."""
     t0 = time.perf_counter()
     cfg = TrainConfig(frames=frames, epochs=epochs, max_minutes=minutes, frr=frr)
-    summary = train(train_data, out / "run", cfg)
+    summary = train(train_data, out / "run", cfg, log=print)
     wall = (time.perf_counter() - t0) / 60
     model = load_model(out / "run" / "best.pt")
     info = {"train_minutes": round(summary["minutes"], 2), "wall_minutes": round(wall, 2),

@@ -234,7 +234,7 @@ def main() -> int:
     cfg = RetrainConfig(recipe=recipe_name, base_sample=a.base_sample, reviewed_weight=a.reviewed_weight,
                         holdout_reviewed=a.holdout_reviewed, hold_detection=a.operating_point == "hold-detection",
                         train=train_cfg, seed=a.seed)
-    res = retrain(exp.out_dir, base, reg, qual, work / "retrain", cfg, "benchmark", progress=False)
+    res = retrain(exp.out_dir, base, reg, qual, work / "retrain", cfg, "benchmark", log=print, progress=False)
     step("retrain + gate")
     champ_rep = json.loads((res.reports / "champion" / "report.json").read_text())
     chal_rep = json.loads((res.reports / "challenger" / "report.json").read_text())

@@ -6,6 +6,7 @@ crops of up to three annotated objects, since a 100 µm particle is only a few p
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .records import DEFECT_CLASSES, ContainerRecord
 DEFECT_COLOUR = (40, 40, 230)  # BGR
 NUISANCE_COLOUR = (220, 200, 40)
 TEXT = (20, 20, 20)
+
+logger = logging.getLogger(__name__)
 
 
 def select_examples(ds: Dataset, n: int = 16, seed: int = 0) -> list[ContainerRecord]:
@@ -63,7 +66,7 @@ def _tile(ds: Dataset, rec: ContainerRecord, height: int) -> np.ndarray:
     except ImageError as e:
         img = np.full((height, height // 2), 128, np.uint8)
         cv2.putText(img, "unreadable", (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 0, 1)
-        print(f"warning: {e}")
+        logger.warning("%s", e)
     s = height / img.shape[0]
     tile = cv2.cvtColor(cv2.resize(img, (max(1, int(img.shape[1] * s)), height), interpolation=cv2.INTER_AREA),
                         cv2.COLOR_GRAY2BGR)

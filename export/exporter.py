@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from vialinspect.vision.preprocess import InputSpec, Prepared
 
 from .onnx_export import DEFAULT_OPSET, ExportError, export_onnx, parity
 from .package import ModelPackage, write_package
+
+logger = logging.getLogger(__name__)
 
 
 def package_metadata(spec: InputSpec, ck: dict[str, Any], precision: str, opset: int,
@@ -57,8 +60,11 @@ def package_metadata(spec: InputSpec, ck: dict[str, Any], precision: str, opset:
 
 def export_package(net: VialNet, spec: InputSpec, ck: dict[str, Any], out: Path, held_out: list[Prepared],
                    fill_specs: list, opset: int = DEFAULT_OPSET, fp16: bool = False, git_commit: str = "unknown",
-                   overwrite: bool = False, step: Callable[[str], None] = print,
+                   overwrite: bool = False, step: Callable[[str], None] | None = None,
                    extra_metadata: dict[str, Any] | None = None) -> ModelPackage:
+    """Export ``net`` to ONNX, check it, compare it with PyTorch on ``held_out`` and write the package to ``out``;
+    on any failure nothing is written. ``step`` reports each of the four steps (default: this module's log)."""
+    step = logger.info if step is None else step
     if not ck.get("thresholds"):
         raise ExportError("the checkpoint has no calibrated thresholds; export the run's best.pt")
     net = net.eval()

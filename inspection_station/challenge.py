@@ -54,6 +54,15 @@ FRAME_SIZE_FACTOR = 4  # pixels a frame file may have, in recipe frames (as the 
 NO_DECISION = "not_inspected:no_decision"  # a unit of the set the pipeline never decided (challenge only)
 
 
+def log_print(*args: Any, **_print_kw: Any) -> None:
+    """The station's default ``print_fn``: what ``print`` would show, as one line of the station's log (warnings
+    and alarms at WARNING, the rest at INFO). The CLI passes ``print`` itself, for its console."""
+    text = " ".join(map(str, args)).strip()
+    if text:
+        warn = text.split(":", 1)[0].lower() in ("warning", "alarm")
+        log.log(logging.WARNING if warn else logging.INFO, "%s", text)
+
+
 class ChallengeError(VialinspectError):
     """A challenge set or results file that cannot be used; the message is one line."""
 
@@ -417,7 +426,7 @@ class ShiftChallenge:
     who started the station, prints it, and says whether production may go on."""
 
     def __init__(self, spec: ChallengeSpec, recipe: Recipe, store_dir: Path, started_by: str | None = None,
-                 print_fn: Callable[..., None] = print, clock: Callable[[], float] = time.monotonic) -> None:
+                 print_fn: Callable[..., None] = log_print, clock: Callable[[], float] = time.monotonic) -> None:
         self.spec, self.recipe, self.print_fn, self.clock = spec, recipe, print_fn, clock
         self.cset = load_set(spec.set, recipe.frames)  # a bad set stops the start, before anything runs
         self.path = Path(store_dir) / RESULTS_NAME

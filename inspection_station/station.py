@@ -24,7 +24,7 @@ from prometheus_client.exposition import generate_latest
 from vialinspect.export.package import load_package, open_runner
 from vialinspect.vision.preprocess import InputSpec
 
-from .challenge import IntakeGate, ShiftChallenge
+from .challenge import IntakeGate, ShiftChallenge, log_print
 from .challenge_spec import ChallengeSpec
 from .drift import DriftMonitor
 from .line import LogLineOutput, OpcUaLineOutput
@@ -77,7 +77,7 @@ class RegistryWatcher:
     warmed up here, off the inspection path; one that fails to load leaves the running model in place."""
 
     def __init__(self, registry, recipe: Recipe, slot: ModelSlot, device: str, threads: int | None, poll_s: float,
-                 current: str, print_fn=print, on_alarm=None):
+                 current: str, print_fn=log_print, on_alarm=None):
         self.registry, self.recipe, self.slot = registry, recipe, slot
         self.on_alarm = on_alarm  # the station's alarm (status line, metrics, line heartbeat)
         self.device, self.threads, self.poll_s, self.print_fn = device, threads, poll_s, print_fn
@@ -227,7 +227,7 @@ def trusted_keys_for(opts: StationOptions, recipe: Recipe) -> dict[str, Any]:
         raise RecipeError(str(e), "trusted_keys", recipe.source) from None
 
 
-def run_station(opts: StationOptions, print_fn=print) -> dict[str, Any]:
+def run_station(opts: StationOptions, print_fn=log_print) -> dict[str, Any]:
     registry = None
     recipe = load_recipe(opts.recipe, check_model=opts.registry is None)
     trusted = trusted_keys_for(opts, recipe)
@@ -420,7 +420,7 @@ def _periodic_challenge(challenger: ShiftChallenge, pipe: Pipeline, slot: ModelS
     return new
 
 
-def drift_monitor(opts: StationOptions, recipe: Recipe, model_version: str, print_fn=print) -> DriftMonitor | None:
+def drift_monitor(opts: StationOptions, recipe: Recipe, model_version: str, print_fn=log_print) -> DriftMonitor | None:
     """The drift monitor for ``--drift-baseline`` or else the recipe's ``drift_baseline``; None without either
     (no drift figures, no drift warnings). A baseline that cannot be read stops the start, in one line."""
     from vialinspect.vision.drift import BaselineError, load_baseline

@@ -19,21 +19,46 @@ FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 SYNOPSIS = re.compile(r"\[|\.\.\.|…|(?<![\w/.-])[A-Z][A-Z0-9_]{2,}(?![\w])|\w\|\w")
 
 
-def doc_commands() -> list[tuple[str, str]]:
-    """(file, command line) for every ``vialinspect ...`` line of every ``sh`` block, continuations joined and
-    comments, ``&&`` chains and side-by-side synopses split apart."""
+# A fenced block is a shell block when it is marked sh/bash/shell, or unmarked and holds a line that starts with a
+# command (docs/new_line.md's walk is unmarked).
+SHELL_LANGS = ("sh", "bash", "shell", "")
+COMMAND_WORDS = ("vialinspect", "make", ".venv/bin/python", "python", "pip", "torchrun")
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+
+def block_commands(block: str) -> list[str]:
+    """The command lines of one shell block, in order: continuations joined, comments dropped, ``&&`` chains and
+    side-by-side synopses split apart."""
+    out = []
+    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        line = re.split(r"\s#\s", line)[0]
+        for part in re.split(r"&&|\s{3,}(?=vialinspect )", line):
+            if part := part.strip():
+                out.append(part)
+    return out
+
+
+def shell_blocks() -> list[tuple[Path, int, str]]:
+    """(file, line of the opening fence, text) for every shell block of README.md and docs/*.md."""
     out = []
     for path in DOCS:
-        for block in re.findall(r"```sh\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
-            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-                if line.lstrip().startswith("#"):
-                    continue
-                line = re.split(r"\s#\s", line)[0]
-                for part in re.split(r"&&|\s{3,}(?=vialinspect )", line):
-                    part = part.strip()
-                    if part.startswith("vialinspect "):
-                        out.append((path.name, part))
+        text = path.read_text(encoding="utf-8")
+        for m in FENCE.finditer(text):
+            lang, body = m.group(1), m.group(2)
+            if lang not in SHELL_LANGS:
+                continue
+            if lang == "" and not any(c.split()[0] in COMMAND_WORDS for c in block_commands(body)):
+                continue  # a file layout or other text in an unmarked fence
+            out.append((path, text[:m.start()].count("\n") + 1, body))
     return out
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    """(file, command line) for every ``vialinspect ...`` line of every shell block."""
+    return [(path.name, c) for path, _, body in shell_blocks() for c in block_commands(body)
+            if c.startswith("vialinspect ")]
 
 
 def _subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from vialinspect.export.package import ModelPackage, PackageError, package_weigh
 from vialinspect.vision.preprocess import Prepared, preprocess
 
 from .checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
+
+logger = logging.getLogger(__name__)
 
 
 def held_out(data_dir: Path, spec, count: int) -> tuple[list[Prepared], list]:
@@ -46,11 +49,12 @@ _KEPT_SECTIONS = ("classes", "heads", "architecture", "training", "evaluation", 
 
 def reexport_package(package: str | Path, out: str | Path, parity_data: str | Path | None = None,
                      parity_count: int = 8, opset: int | None = None, fp16: bool = False, overwrite: bool = False,
-                     step: Callable[[str], None] = print) -> ModelPackage:
+                     step: Callable[[str], None] | None = None) -> ModelPackage:
     """A package's own PyTorch weights through this version's exporter (another opset, fp16, or a better graph
     of the same function), with the same parity gate; the thresholds and training record carry over and the
     new package names the old one as its parent. A package does not say where its data lives, so the parity
     containers come from ``parity_data``."""
+    step = logger.info if step is None else step
     try:
         pkg, weights = package_weights(package)
     except PackageError as e:
@@ -78,9 +82,11 @@ def reexport_package(package: str | Path, out: str | Path, parity_data: str | Pa
 def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_data: str | Path | None = None,
                       parity_count: int = 8, opset: int | None = None, fp16: bool = False, overwrite: bool = False,
                       extra_metadata: dict[str, Any] | None = None,
-                      step: Callable[[str], None] = print) -> ModelPackage:
+                      step: Callable[[str], None] | None = None) -> ModelPackage:
     """Export ``checkpoint`` to a package at ``out`` after parity on held-out containers of ``parity_data``
-    (default: the training data the checkpoint names). ``extra_metadata`` (e.g. parent version) is merged in."""
+    (default: the training data the checkpoint names). ``extra_metadata`` (e.g. parent version) is merged in.
+    ``step`` reports the steps (default: this module's log; the CLI passes ``print``)."""
+    step = logger.info if step is None else step
     ck = load_checkpoint(checkpoint)
     net, spec = build_model(ck)
     data = Path(parity_data) if parity_data else Path(ck.get("dataset", {}).get("root", ""))

@@ -193,20 +193,56 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
     if len(records) != len(scores):
         raise ValueError(f"{len(records)} records but {len(scores)} scores")
     thresholds = {str(k): float(v) for k, v in thresholds.items()}
-    n = len(records)
+    all_scores, all_rejected = _decisions(records, scores, thresholds)
+    frr = _false_reject_rate(records, all_rejected)
+    classes_out = _per_class(records, all_scores, all_rejected)
+    pod_bins = _pod_by_size(records, all_rejected, pod_bins_um)
+    pod_kinds = _pod_by_kind(records, all_rejected, kind_min_um)
+    crack_bins = _crack_recall_by_length(records, all_rejected, crack_bins_mm)
+    fill_mae = _fill_height_mae(records, scores)
+    nuisance = _nuisance_false_reject_rate(records, all_rejected)
+    predicted_sorted, matrix = _confusion(records, all_scores, all_rejected, thresholds)
+    worst = _worst(records, all_scores, predicted_sorted, thresholds)
 
+    return {
+        "n_containers": len(records),
+        "false_reject_rate": _round(frr),
+        "classes": classes_out,
+        "pod_by_particle_size": pod_bins,
+        "pod_by_particle_kind": pod_kinds,
+        "crack_recall_by_length": crack_bins,
+        "fill_height_mae_mm": fill_mae,
+        "nuisance_false_reject_rate": nuisance,
+        "thresholds": thresholds,
+        "model": str(model_id),
+        "confusion": {"labels": list(CONFUSION_LABELS), "matrix": matrix},
+        "worst": worst,
+    }
+
+
+def _decisions(records: list[ContainerRecord], scores: list[Scores],
+               thresholds: dict[str, float]) -> tuple[list[dict[str, float]], list[list[str]]]:
+    """Each container's class scores and rejected classes, by the station's rule."""
     all_scores: list[dict[str, float]] = []
     all_rejected: list[list[str]] = []
     for rec, sc in zip(records, scores, strict=True):
         cs = class_scores(sc, rec.fill_spec_mm)
         all_scores.append(cs)
         all_rejected.append(rejected_classes(cs, thresholds))
+    return all_scores, all_rejected
 
+
+def _false_reject_rate(records: list[ContainerRecord], all_rejected: list[list[str]]) -> float | None:
+    """The share of good containers rejected for any class; None without good containers."""
     good = np.array([rec.is_good for rec in records], dtype=bool)
     any_reject = np.array([bool(r) for r in all_rejected], dtype=bool)
     n_good = int(good.sum())
-    frr = float((good & any_reject).sum() / n_good) if n_good else None
+    return float((good & any_reject).sum() / n_good) if n_good else None
 
+
+def _per_class(records: list[ContainerRecord], all_scores: list[dict[str, float]],
+               all_rejected: list[list[str]]) -> dict[str, dict[str, Any]]:
+    """Recall, precision and AUROC of each class, with its number of positives."""
     classes_out: dict[str, dict[str, Any]] = {}
     for c in CLASSES:
         y = np.array([c in rec.classes for rec in records], dtype=bool)
@@ -218,7 +254,12 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
             "auroc": _round(auroc(y, s)),
             "n_positive": int(y.sum()),
         }
+    return classes_out
 
+
+def _pod_by_size(records: list[ContainerRecord], all_rejected: list[list[str]],
+                 pod_bins_um: Sequence[float]) -> list[dict[str, Any]]:
+    """Probability of detection of particles by size bin, with its 95% Wilson interval."""
     # PoD counts every particle with a known size, detected when its container is rejected for particle.
     particles = [(float(d.size_um), "particle" in rej)
                  for rec, rej in zip(records, all_rejected, strict=True)
@@ -231,7 +272,12 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
             pod_bins.append({"min_um": _num(lo), "max_um": _num(hi), "n": m,
                              "pod": _round(k / m) if m else None,
                              "ci95": [_round(ci[0]), _round(ci[1])] if ci else None})
+    return pod_bins
 
+
+def _pod_by_kind(records: list[ContainerRecord], all_rejected: list[list[str]],
+                 kind_min_um: float) -> list[dict[str, Any]]:
+    """Probability of detection of particles by material, from ``kind_min_um`` up."""
     # The same by material: a size alone hides that a 150 µm fibre (under a pixel thick) and a 150 µm metal
     # sphere are different tasks. Particles of at least ``kind_min_um`` only, so kinds compare where all
     # are meant to be found.
@@ -245,7 +291,12 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
         ci = wilson_interval(sum(hits), len(hits))
         pod_kinds.append({"kind": kind, "min_um": _num(kind_min_um), "n": len(hits),
                           "pod": _round(sum(hits) / len(hits)), "ci95": [_round(ci[0]), _round(ci[1])]})
+    return pod_kinds
 
+
+def _crack_recall_by_length(records: list[ContainerRecord], all_rejected: list[list[str]],
+                            crack_bins_mm: Sequence[float]) -> list[dict[str, Any]]:
+    """Recall of cracks with a known length, by length bin."""
     cracks = [(float(d.length_mm), "crack" in rej)
               for rec, rej in zip(records, all_rejected, strict=True)
               for d in rec.defects if d.cls == "crack" and d.length_mm is not None]
@@ -254,13 +305,21 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
         for lo, hi, hits in binned(cracks, crack_bins_mm):
             crack_bins.append({"min_mm": _num(lo), "max_mm": _num(hi), "n": len(hits),
                                "recall": _round(sum(hits) / len(hits)) if hits else None})
+    return crack_bins
 
+
+def _fill_height_mae(records: list[ContainerRecord], scores: list[Scores]) -> float | None:
+    """Mean absolute error of the measured fill height where both heights are known."""
     # A non-finite measured height is a failed measurement, not an error of some size: left out of the MAE.
     errors = [abs(sc.fill_height_mm - rec.fill_height_mm) for rec, sc in zip(records, scores, strict=True)
               if sc.fill_height_mm is not None and rec.fill_height_mm is not None
               and math.isfinite(sc.fill_height_mm) and math.isfinite(rec.fill_height_mm)]
-    fill_mae = _round(float(np.mean(errors))) if errors else None
+    return _round(float(np.mean(errors))) if errors else None
 
+
+def _nuisance_false_reject_rate(records: list[ContainerRecord],
+                                all_rejected: list[list[str]]) -> dict[str, dict[str, Any]]:
+    """The false-reject rate of good containers by each nuisance they carry."""
     tag_counts: dict[str, list[int]] = {}
     for rec, rej in zip(records, all_rejected, strict=True):
         if not rec.is_good:
@@ -269,8 +328,13 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
             cnt = tag_counts.setdefault(tag, [0, 0])
             cnt[0] += 1
             cnt[1] += bool(rej)
-    nuisance = {tag: {"n": cnt[0], "frr": _round(cnt[1] / cnt[0])} for tag, cnt in sorted(tag_counts.items())}
+    return {tag: {"n": cnt[0], "frr": _round(cnt[1] / cnt[0])} for tag, cnt in sorted(tag_counts.items())}
 
+
+def _confusion(records: list[ContainerRecord], all_scores: list[dict[str, float]], all_rejected: list[list[str]],
+               thresholds: dict[str, float]) -> tuple[list[list[str]], list[list[int]]]:
+    """Each container's rejected classes by decreasing margin, and the confusion matrix of true against
+    predicted primary class (rows and columns in CONFUSION_LABELS order)."""
     matrix = [[0] * len(CONFUSION_LABELS) for _ in CONFUSION_LABELS]
     predicted_sorted: list[list[str]] = []
     for rec, cs, rej in zip(records, all_scores, all_rejected, strict=True):
@@ -279,23 +343,7 @@ def evaluate(records: list[ContainerRecord], scores: list[Scores], thresholds: d
         predicted_sorted.append(ranked)
         pred_primary = ranked[0] if ranked else GOOD
         matrix[CONFUSION_LABELS.index(true_primary(rec.classes))][CONFUSION_LABELS.index(pred_primary)] += 1
-
-    worst = _worst(records, all_scores, predicted_sorted, thresholds)
-
-    return {
-        "n_containers": n,
-        "false_reject_rate": _round(frr),
-        "classes": classes_out,
-        "pod_by_particle_size": pod_bins,
-        "pod_by_particle_kind": pod_kinds,
-        "crack_recall_by_length": crack_bins,
-        "fill_height_mae_mm": fill_mae,
-        "nuisance_false_reject_rate": nuisance,
-        "thresholds": thresholds,
-        "model": str(model_id),
-        "confusion": {"labels": list(CONFUSION_LABELS), "matrix": matrix},
-        "worst": worst,
-    }
+    return predicted_sorted, matrix
 
 
 def _worst(records: list[ContainerRecord], all_scores: list[dict[str, float]], predicted: list[list[str]],

@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -53,6 +54,8 @@ from .gate import GateConfig, compare, render_markdown
 from .predict import TorchPredictor, predict_records
 from .report import compare_reports
 from .trainer import train
+
+logger = logging.getLogger(__name__)
 
 
 class RetrainError(VialinspectError):
@@ -227,8 +230,11 @@ def _hold_detection(work: Path, val_recs: list[ContainerRecord], reg: Registry, 
 
 def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry | str | Path,
             qualification: str | Path, work_dir: str | Path, cfg: RetrainConfig, actor: str,
-            log: Callable[[str], None] = print, progress: bool = True,
+            log: Callable[[str], None] | None = None, progress: bool = True,
             provenance: dict[str, Any] | None = None) -> RetrainResult:
+    """Steps 1-4 of the module's docstring for ``cfg.recipe``: the challenger is registered and gated, never
+    promoted. ``log`` reports the steps, training's included (default: this module's log; the CLI passes print)."""
+    log = logger.info if log is None else log
     reg = registry if isinstance(registry, Registry) else Registry(registry)
     champion = reg.current(cfg.recipe)
     if champion is None:

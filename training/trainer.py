@@ -4,10 +4,12 @@ checkpoints, resume, AMP on CUDA, DistributedDataParallel under torchrun, calibr
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,8 @@ from .fill_fit import LineGauge, choose_fill_gauge, fit_line_gauge
 from .losses import distill_loss, total_loss
 from .metrics import auroc
 from .predict import TorchPredictor, predict_records
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(VialinspectError):
@@ -199,9 +203,61 @@ def _package_state(path: str) -> dict:
         raise TrainingError(str(e)) from None
 
 
+@dataclass
+class _Data:
+    """The dataset as training reads it: its splits, the network's input and what its labels hold."""
+    ds: Dataset
+    frames: int
+    train: list[ContainerRecord]
+    val: list[ContainerRecord]
+    spec: InputSpec
+    has_fill: bool
+    has_mask: bool
+    hash: str
+
+
+@dataclass
+class _Run:
+    """What the epochs work with: the network (``model`` is it, wrapped for DDP under several processes), the
+    teacher for ``distill`` and the training containers it teaches, the loaders, the optimiser and its schedule."""
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    net: VialNet
+    model: torch.nn.Module
+    channels_last: bool
+    teacher: VialNet | None
+    distill_ok: torch.Tensor | None
+    implant: float
+    train_loader: DataLoader
+    train_sampler: MixedBatchSampler
+    val_loader: DataLoader
+    opt: torch.optim.Optimizer
+    schedule: WarmupCosine
+    sched: torch.optim.lr_scheduler.LambdaLR
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: the first epoch to train, the best monitored figure, the history, and the epochs
+    since the last improvement (for ``patience``)."""
+    start_epoch: int = 0
+    best: float = -math.inf
+    history: list[dict] = field(default_factory=list)
+    bad_epochs: int = 0
+
+
 def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str | None = None, resume: bool = False,
-          log=print, progress: bool = True) -> dict:
-    """Train VialNet on ``data_dir``; writes ``best.pt`` and ``last.pt`` into ``out_dir``; returns a summary."""
+          log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
+    """Train VialNet on ``data_dir``; writes ``best.pt`` and ``last.pt`` into ``out_dir``; returns a summary.
+
+    ``log`` takes the run's progress lines (default: this module's logger at INFO; `vialinspect train` passes
+    ``print``). The steps: the data (``_prepare_data``), a resumed run (``_resume_checkpoint``), the line's fill
+    gauge and the start (``_auto_init``), the network (``_build_network``), its teacher, loaders and optimiser
+    (``_setup_run``), then each epoch (``_epoch``, ``_validate_and_checkpoint``) and the calibration of the best
+    model (``_finish``)."""
     cfg.validate()
     word = None if init is None else str(init).lower()  # the words are case-blind; paths are not
     if word in ("none", "scratch"):
@@ -213,6 +269,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     d = _setup_dist(device)
+    log = logger.info if log is None else log
     if not d.main:
         log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
     torch.manual_seed(cfg.seed + d.rank)
@@ -221,6 +278,42 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    data = _prepare_data(data_dir, cfg, d, device, log)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    resumed = None
+    if resume:
+        resumed, cfg = _resume_checkpoint(last_path, data_dir, data.hash, cfg, d)
+    cfg = cfg.for_data(data.has_mask)
+    # Data without fill heights: the line's fill gauge, from its good training units (fill_fit.py), fitted first
+    # because it chooses the start below; whether it decides the fill level is settled on validation at the end.
+    gauge = None
+    if not data.has_fill and cfg.fill_gauge != "off" and d.main:
+        gauge = fit_line_gauge(data.ds.root, [r for r in data.train if not r.classes], log)
+    if init == "auto":
+        init = _auto_init(gauge is not None, data.has_mask, resumed, d, device)
+    init_ck = _load_init(init) if init and not resumed else None
+    net, cfg = _build_network(cfg, init, init_ck, resumed, data.frames, log)
+    run = _setup_run(cfg, data, d, device, net, init, init_ck, resumed, log)
+    prog = _Progress()
+    if resumed:
+        prog = _resume_progress(run, resumed, last_path, log)
+    meta = _checkpoint_meta(run, data, data_dir, init, resumed)
+    stopped = "epochs done"
+    for epoch in range(prog.start_epoch, cfg.epochs):
+        train_loss, t_epoch = _epoch(run, epoch, progress, log)
+        reason = _validate_and_checkpoint(run, data, prog, epoch, train_loss, t_start, t_epoch, meta, out, log)
+        if reason is not None:
+            stopped = reason
+            break
+        if cfg.max_minutes and cfg.anneal_to_budget:
+            _fit_schedule_to_budget(run.schedule, run.sched.last_epoch, (time.perf_counter() - t_start) / 60,
+                                    cfg.max_minutes, d, device)
+    return _finish(run, data, prog, stopped, best_path, t_start, gauge, log)
+
+
+def _prepare_data(data_dir: str | Path, cfg: TrainConfig, d: Dist, device: torch.device,
+                  log: Callable[[str], None]) -> _Data:
+    """Open the dataset, split it, and say what it holds."""
     ds = open_dataset(data_dir)
     if ds.problems:
         log(f"warning: {len(ds.problems)} bad row(s) in {data_dir} left out (see `vialinspect dataset check`)")
@@ -235,32 +328,35 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         f"fill heights {'yes' if has_fill else 'no'}; device {device}"
         + (f", {d.world} processes" if d.world > 1 else ""))
     data_hash = dataset_hash(ds) if d.main else ""
+    return _Data(ds, frames, train_recs, val_recs, spec, has_fill, has_mask, data_hash)
 
-    start_epoch, best, history, bad_epochs = 0, -math.inf, [], 0
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    resumed = None
-    if resume:
-        if not last_path.is_file():
-            raise TrainingError(f"--resume: no {last_path} to resume from")
-        resumed = load_checkpoint(last_path)
-        if resumed.get("dataset", {}).get("hash") not in (None, data_hash) and d.main:
-            raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
-        cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
-    cfg = cfg.for_data(has_mask)
-    # Data without fill heights: the line's fill gauge, from its good training units (fill_fit.py), fitted first
-    # because it chooses the start below; whether it decides the fill level is settled on validation at the end.
-    gauge = None
-    if not has_fill and cfg.fill_gauge != "off" and d.main:
-        gauge = fit_line_gauge(ds.root, [r for r in train_recs if not r.classes], log)
-    if init == "auto":
-        # The simulator's data trains from random weights (the default model's recipe). A line's own images (no
-        # masks) learn fastest from a simulator-trained model: from the still-image transfer model
-        # (builtin:still), which finds more particles and cracks on simulated lines but learnt no fill level
-        # across cameras, where the fill gauge measures the fill level; else from the default model, whose fill
-        # level transfers (docs/new_line.md). DDP ranks all take the main rank's choice.
-        still = _rank0(gauge is not None, d, device)
-        init = None if has_mask or resumed else ("builtin:still" if still else "builtin:default")
-    init_ck = _load_init(init) if init and not resumed else None
+
+def _resume_checkpoint(last_path: Path, data_dir: str | Path, data_hash: str, cfg: TrainConfig,
+                       d: Dist) -> tuple[dict, TrainConfig]:
+    """``--resume``: the run's ``last.pt``, and its settings with this call's epochs and time budget."""
+    if not last_path.is_file():
+        raise TrainingError(f"--resume: no {last_path} to resume from")
+    resumed = load_checkpoint(last_path)
+    if resumed.get("dataset", {}).get("hash") not in (None, data_hash) and d.main:
+        raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
+    cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
+    return resumed, cfg
+
+
+def _auto_init(gauge_fitted: bool, has_mask: bool, resumed: dict | None, d: Dist, device: torch.device) -> str | None:
+    """``--init auto``: the model training starts from, or None for random weights."""
+    # The simulator's data trains from random weights (the default model's recipe). A line's own images (no
+    # masks) learn fastest from a simulator-trained model: from the still-image transfer model
+    # (builtin:still), which finds more particles and cracks on simulated lines but learnt no fill level
+    # across cameras, where the fill gauge measures the fill level; else from the default model, whose fill
+    # level transfers (docs/new_line.md). DDP ranks all take the main rank's choice.
+    still = _rank0(gauge_fitted, d, device)
+    return None if has_mask or resumed else ("builtin:still" if still else "builtin:default")
+
+
+def _build_network(cfg: TrainConfig, init: str | None, init_ck: dict | None, resumed: dict | None, frames: int,
+                   log: Callable[[str], None]) -> tuple[VialNet, TrainConfig]:
+    """The network to train, with the weights it starts from, and the settings that describe it."""
     if resumed:
         net = VialNet.from_arch(resumed["model"], frames)
     elif init_ck is not None and init_ck.get("model", {}).get("widths"):
@@ -275,6 +371,13 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         _init_weights(net, init, init_ck, frames, log)
     if resumed:
         net.load_state_dict(resumed["state_dict"])
+    return net, cfg
+
+
+def _setup_run(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device, net: VialNet, init: str | None,
+               init_ck: dict | None, resumed: dict | None, log: Callable[[str], None]) -> _Run:
+    """The network on its device (DDP-wrapped under several processes), the teacher for ``distill``, the loaders
+    and the optimiser."""
     channels_last = device.type == "cpu"  # measured ~2x faster for this network on 2 CPU cores
     net = net.to(device)
     if channels_last:
@@ -286,29 +389,46 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if not source:
             raise TrainingError("distill needs a model to learn from: give --init (the teacher)")
         # The --init model read once serves both the start and the teacher (on resume, the recorded one).
-        teacher = _teacher(source, init_ck if init_ck is not None else _load_init(source), frames, device,
+        teacher = _teacher(source, init_ck if init_ck is not None else _load_init(source), data.frames, device,
                            channels_last)
-        ok = [r.extra.get("distill", True) is not False for r in train_recs]
+        ok = [r.extra.get("distill", True) is not False for r in data.train]
         distill_ok = torch.tensor(ok, dtype=torch.bool, device=device)
         log(f"distilling the class maps of {source} (weight {cfg.distill:g}) on {sum(ok)} of {len(ok)} training "
             "containers")
+    train_loader, train_sampler, val_loader, implant = _loaders(cfg, data, d, device, log)
+    opt, schedule, sched, amp_dtype, scaler = _optimiser(cfg, model, len(train_sampler), device, log)
+    return _Run(cfg, d, device, net, model, channels_last, teacher, distill_ok, implant, train_loader, train_sampler,
+                val_loader, opt, schedule, sched, amp_dtype, scaler)
 
+
+def _loaders(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device,
+             log: Callable[[str], None]) -> tuple[DataLoader, MixedBatchSampler, DataLoader, float]:
+    """The training loader with its sampler, the validation loader, and the share of good units drawn that get
+    synthetic defects (``implant``)."""
     workers = loader_workers(cfg, device)
     # Both splits are read again every epoch; the cache is shared between them by size.
-    val_share = len(val_recs) / (len(train_recs) + len(val_recs))
-    camera_good = sum(1 for r in train_recs if r.camera_good)
+    val_share = len(data.val) / (len(data.train) + len(data.val))
+    camera_good = sum(1 for r in data.train if r.camera_good)
     implant = cfg.implant if camera_good else 0.0
-    if has_mask and implant > 0:
+    if data.has_mask and implant > 0:
         log(f"{camera_good} good units from a line's camera: {implant:.0%} of them drawn get synthetic particles, "
             "fibres or cracks with their masks (setting implant)")
-    if not has_mask:
+    if not data.has_mask:
         log(f"no masks in the data (image-level labels): {implant:.0%} of the good units drawn get synthetic "
             f"particles, fibres or cracks with their masks (setting implant); class draw {cfg.class_draw}, "
             f"map loss {'balanced' if cfg.map_balanced else 'weighted'}, {cfg.map_hard_negatives} hard negatives")
-    train_loader, train_sampler = _loader(ds.root, train_recs, spec, cfg, True, d, cfg.augment, workers,
+    train_loader, train_sampler = _loader(data.ds.root, data.train, data.spec, cfg, True, d, cfg.augment, workers,
                                           1.0 - val_share, implant)
-    val_loader, _ = _loader(ds.root, val_recs, spec, cfg, False, d, False, workers, val_share)
-    steps = len(train_sampler)
+    val_loader, _ = _loader(data.ds.root, data.val, data.spec, cfg, False, d, False, workers, val_share)
+    return train_loader, train_sampler, val_loader, implant
+
+
+def _optimiser(cfg: TrainConfig, model: torch.nn.Module, steps: int, device: torch.device,
+               log: Callable[[str], None]) -> tuple[torch.optim.Optimizer, WarmupCosine,
+                                                    torch.optim.lr_scheduler.LambdaLR, torch.dtype | None,
+                                                    torch.amp.GradScaler]:
+    """AdamW under the warm-up cosine schedule over ``cfg.epochs`` epochs of ``steps`` batches, the mixed-precision
+    type of the training steps (None: float32) and the loss scaler."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = WarmupCosine(max(cfg.epochs * steps, 1))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -317,135 +437,170 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     log(f"training steps in {str(amp_dtype or torch.float32).removeprefix('torch.')}"
         + (" (mixed precision; validation in float32)" if amp_dtype else ""))
-    if resumed:
-        opt.load_state_dict(resumed["optimizer"])
-        sched.load_state_dict(resumed["scheduler"])
-        start_epoch, history = resumed["epoch"] + 1, resumed["history"]
-        best = resumed.get("best_value", -resumed.get("best_val_loss", math.inf))
-        bad_epochs = resumed.get("bad_epochs", 0)
-        log(f"resumed from {last_path} at epoch {start_epoch + 1}")
+    return opt, schedule, sched, amp_dtype, scaler
 
-    meta = {
-        "model": net.arch(),
-        "input_spec": spec.to_json(),
+
+def _resume_progress(run: _Run, resumed: dict, last_path: Path, log: Callable[[str], None]) -> _Progress:
+    """A resumed run's optimiser and schedule, and where it stood."""
+    run.opt.load_state_dict(resumed["optimizer"])
+    run.sched.load_state_dict(resumed["scheduler"])
+    prog = _Progress(start_epoch=resumed["epoch"] + 1, history=resumed["history"],
+                     best=resumed.get("best_value", -resumed.get("best_val_loss", math.inf)),
+                     bad_epochs=resumed.get("bad_epochs", 0))
+    log(f"resumed from {last_path} at epoch {prog.start_epoch + 1}")
+    return prog
+
+
+def _checkpoint_meta(run: _Run, data: _Data, data_dir: str | Path, init: str | None, resumed: dict | None) -> dict:
+    """What every checkpoint of the run records besides its weights and progress."""
+    return {
+        "model": run.net.arch(),
+        "input_spec": data.spec.to_json(),
         "classes": ["particle", "crack", "fill_level"],
-        "config": cfg.to_json(),
-        "dataset": {"root": str(Path(data_dir).resolve()), "hash": data_hash, "kind": ds.kind,
-                    "n_train": len(train_recs), "n_val": len(val_recs)},
+        "config": run.cfg.to_json(),
+        "dataset": {"root": str(Path(data_dir).resolve()), "hash": data.hash, "kind": data.ds.kind,
+                    "n_train": len(data.train), "n_val": len(data.val)},
         "git_commit": git_commit(),
-        "heads": {"fill": has_fill, "maps": has_mask or implant > 0},
+        "heads": {"fill": data.has_fill, "maps": data.has_mask or run.implant > 0},
         "init": init or (resumed or {}).get("init"),
     }
-    stopped = "epochs done"
-    for epoch in range(start_epoch, cfg.epochs):
-        train_sampler.set_epoch(epoch)
-        steps = len(train_sampler)  # the share of crops, and so the number of batches, varies by epoch
-        model.train()
-        it = train_loader
-        bar = None
-        if progress and d.main:
-            from tqdm import tqdm
 
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
-                       disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
-        run_loss, n = 0.0, 0
-        t_epoch = t_note = time.perf_counter()
-        for batch in it:
-            b = _to(batch, device, channels_last)
-            # Batch norm normalises every batch by its own statistics, but the running statistics used at
-            # inference follow whole-container batches only: crops (mostly liquid, centred on objects) have
-            # other statistics, and inference always sees whole containers.
-            _bn_momentum(net, 0.1 if bool(b["full"].min() > 0) else 0.0)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                outputs = model(b["x"])
-            loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
-                                     cfg.map_balanced, cfg.map_nuisance_weight, cfg.map_hard_negatives)
-            if teacher is not None:
-                keep = distill_ok[b["index"].long()]
-                if bool(keep.any()):
-                    # Only the kept items go through the teacher (eval mode: each item on its own), often
-                    # half the batch when reviewed units are drawn often.
-                    x_keep = b["x"] if bool(keep.all()) else b["x"][keep]
-                    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                                         enabled=amp_dtype is not None):
-                        teacher_maps = teacher(x_keep)[1]
-                    l_d = distill_loss(outputs[1][keep].float(), teacher_maps.float(), cfg.map_pos_weight)
-                    loss = loss + cfg.distill * l_d
-                    parts["distill"] = float(l_d.detach())
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            run_loss += float(loss.detach())
-            n += 1
-            if bar:
-                bar.update(1)
-                bar.set_postfix({"loss": f"{run_loss / n:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}})
-            elif d.main and time.perf_counter() - t_note > 60:
-                # Without a progress bar (logs, CI), still say how far the epoch is, once a minute.
-                t_note = time.perf_counter()
-                log(f"  epoch {epoch + 1}: batch {n}/{steps}, loss {run_loss / n:.4f}, "
-                    f"{n / (t_note - t_epoch):.2f} batches/s")
+
+def _epoch(run: _Run, epoch: int, progress: bool, log: Callable[[str], None]) -> tuple[float, float]:
+    """Train one epoch; returns its mean training loss and when it started (``time.perf_counter``)."""
+    cfg, d = run.cfg, run.d
+    run.train_sampler.set_epoch(epoch)
+    steps = len(run.train_sampler)  # the share of crops, and so the number of batches, varies by epoch
+    run.model.train()
+    bar = None
+    if progress and d.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True,
+                   disable=os.environ.get("VIALINSPECT_NO_PROGRESS") == "1")
+    run_loss, n = 0.0, 0
+    t_epoch = t_note = time.perf_counter()
+    for batch in run.train_loader:
+        loss, parts = _train_step(run, batch)
+        run_loss += loss
+        n += 1
         if bar:
-            bar.close()
-        t_val = time.perf_counter()
-        due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-        out_of_time = False
-        if cfg.max_minutes:
-            # The pace so far (entries of older checkpoints may lack the timings)
-            train_min = [h["train_minutes"] for h in history if "train_minutes" in h] + [(t_val - t_epoch) / 60]
-            val_min = [h["val_minutes"] for h in history if "val_loss" in h and "val_minutes" in h]
-            out_of_time = no_time_for_another_epoch((t_val - t_start) / 60, train_min, val_min, due, cfg.max_minutes)
-        out_of_time = _rank0(out_of_time, d, device)
-        # The last epoch (by count or by the time budget) is always validated, so best.pt has seen it.
-        validating = due or out_of_time
-        val = _validate(net, val_loader, device, channels_last, cfg, spec, has_fill, val_recs) if validating else {}
-        entry = {"epoch": epoch + 1, "train_loss": run_loss / max(n, 1), **val,
-                 "minutes": (time.perf_counter() - t_start) / 60, "train_minutes": (t_val - t_epoch) / 60,
-                 "val_minutes": (time.perf_counter() - t_val) / 60}
-        history.append(entry)
-        improved = False
-        if validating:
-            value = monitored(val, cfg.monitor)
-            improved = value > best
-            if improved:
-                best, bad_epochs = value, 0
-            else:
-                bad_epochs += cfg.val_every  # patience stays counted in epochs
-        if d.main and validating:
-            aur = " ".join(f"{c[:4]}={val['auroc'][c]:.3f}" for c in val["auroc"] if val["auroc"][c] is not None)
-            if val.get("fill_spec_auroc") is not None:
-                aur += f" fill(spec)={val['fill_spec_auroc']:.3f}"
-            mae = f" fill MAE {val['fill_mae_mm']:.3f} mm" if val["fill_mae_mm"] is not None else ""
-            log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}, val loss {val['val_loss']:.4f}"
-                f" AUROC {aur}{mae}; {entry['train_minutes']:.1f} + {entry['val_minutes']:.1f} min"
-                f"{'  (best)' if improved else ''}")
-        elif d.main:
-            log(f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}; {entry['train_minutes']:.1f} min "
-                f"(validated every {cfg.val_every} epochs)")
-        if d.main:
-            state = {"state_dict": net.state_dict(), "epoch": epoch, "best_value": best, "history": history,
-                     "bad_epochs": bad_epochs, **meta}
-            save_checkpoint(last_path, {**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-            if improved:
-                save_checkpoint(best_path, state)
-        if bad_epochs >= cfg.patience:
-            stopped = f"early stop: no better validation {cfg.monitor} for {cfg.patience} epochs"
-            break
-        if out_of_time or (validating and cfg.max_minutes
-                           and _rank0((time.perf_counter() - t_start) / 60 >= cfg.max_minutes, d, device)):
-            stopped = f"time budget of {cfg.max_minutes} min reached"
-            break
-        if cfg.max_minutes and cfg.anneal_to_budget:
-            _fit_schedule_to_budget(schedule, sched.last_epoch, (time.perf_counter() - t_start) / 60,
-                                    cfg.max_minutes, d, device)
-    log(stopped)
-    summary: dict = {"stopped": stopped, "epochs_run": len(history), "monitor": cfg.monitor, "best_value": best,
-                     "rank": d.rank, "weights_sha256": weights_digest(net)}
+            bar.update(1)
+            bar.set_postfix({"loss": f"{run_loss / n:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}})
+        elif d.main and time.perf_counter() - t_note > 60:
+            # Without a progress bar (logs, CI), still say how far the epoch is, once a minute.
+            t_note = time.perf_counter()
+            log(f"  epoch {epoch + 1}: batch {n}/{steps}, loss {run_loss / n:.4f}, "
+                f"{n / (t_note - t_epoch):.2f} batches/s")
+    if bar:
+        bar.close()
+    return run_loss / max(n, 1), t_epoch
+
+
+def _train_step(run: _Run, batch: dict) -> tuple[float, dict]:
+    """One optimiser step on ``batch``; returns its loss and the loss's parts."""
+    cfg, device, amp_dtype = run.cfg, run.device, run.amp_dtype
+    b = _to(batch, device, run.channels_last)
+    # Batch norm normalises every batch by its own statistics, but the running statistics used at
+    # inference follow whole-container batches only: crops (mostly liquid, centred on objects) have
+    # other statistics, and inference always sees whole containers.
+    _bn_momentum(run.net, 0.1 if bool(b["full"].min() > 0) else 0.0)
+    with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        outputs = run.model(b["x"])
+    loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
+                             cfg.map_balanced, cfg.map_nuisance_weight, cfg.map_hard_negatives)
+    if run.teacher is not None:
+        keep = run.distill_ok[b["index"].long()]
+        if bool(keep.any()):
+            # Only the kept items go through the teacher (eval mode: each item on its own), often
+            # half the batch when reviewed units are drawn often.
+            x_keep = b["x"] if bool(keep.all()) else b["x"][keep]
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
+                                                 enabled=amp_dtype is not None):
+                teacher_maps = run.teacher(x_keep)[1]
+            l_d = distill_loss(outputs[1][keep].float(), teacher_maps.float(), cfg.map_pos_weight)
+            loss = loss + cfg.distill * l_d
+            parts["distill"] = float(l_d.detach())
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    return float(loss.detach()), parts
+
+
+def _validate_and_checkpoint(run: _Run, data: _Data, prog: _Progress, epoch: int, train_loss: float,
+                             t_start: float, t_epoch: float, meta: dict, out: Path,
+                             log: Callable[[str], None]) -> str | None:
+    """Validate where due, record the epoch, save ``last.pt`` (and ``best.pt`` where the monitored figure
+    improved); returns why training stops after this epoch, or None."""
+    cfg, d, device = run.cfg, run.d, run.device
+    t_val = time.perf_counter()
+    due = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+    out_of_time = False
+    if cfg.max_minutes:
+        # The pace so far (entries of older checkpoints may lack the timings)
+        train_min = [h["train_minutes"] for h in prog.history if "train_minutes" in h] + [(t_val - t_epoch) / 60]
+        val_min = [h["val_minutes"] for h in prog.history if "val_loss" in h and "val_minutes" in h]
+        out_of_time = no_time_for_another_epoch((t_val - t_start) / 60, train_min, val_min, due, cfg.max_minutes)
+    out_of_time = _rank0(out_of_time, d, device)
+    # The last epoch (by count or by the time budget) is always validated, so best.pt has seen it.
+    validating = due or out_of_time
+    val = _validate(run.net, run.val_loader, device, run.channels_last, cfg, data.spec, data.has_fill,
+                    data.val) if validating else {}
+    entry = {"epoch": epoch + 1, "train_loss": train_loss, **val,
+             "minutes": (time.perf_counter() - t_start) / 60, "train_minutes": (t_val - t_epoch) / 60,
+             "val_minutes": (time.perf_counter() - t_val) / 60}
+    prog.history.append(entry)
+    improved = False
+    if validating:
+        value = monitored(val, cfg.monitor)
+        improved = value > prog.best
+        if improved:
+            prog.best, prog.bad_epochs = value, 0
+        else:
+            prog.bad_epochs += cfg.val_every  # patience stays counted in epochs
     if d.main:
-        summary["calibration"] = finalize(best_path, ds.root, val_recs, cfg, device, log, gauge)
+        _log_epoch(entry, val if validating else None, improved, cfg.val_every, log)
+        state = {"state_dict": run.net.state_dict(), "epoch": epoch, "best_value": prog.best,
+                 "history": prog.history, "bad_epochs": prog.bad_epochs, **meta}
+        save_checkpoint(out / "last.pt", {**state, "optimizer": run.opt.state_dict(),
+                                          "scheduler": run.sched.state_dict()})
+        if improved:
+            save_checkpoint(out / "best.pt", state)
+    if prog.bad_epochs >= cfg.patience:
+        return f"early stop: no better validation {cfg.monitor} for {cfg.patience} epochs"
+    if out_of_time or (validating and cfg.max_minutes
+                       and _rank0((time.perf_counter() - t_start) / 60 >= cfg.max_minutes, d, device)):
+        return f"time budget of {cfg.max_minutes} min reached"
+    return None
+
+
+def _log_epoch(entry: dict, val: dict | None, improved: bool, val_every: int, log: Callable[[str], None]) -> None:
+    """The epoch's line: losses, and with a validation (``val``) its AUROCs and fill-height error."""
+    if val is not None:
+        aur = " ".join(f"{c[:4]}={val['auroc'][c]:.3f}" for c in val["auroc"] if val["auroc"][c] is not None)
+        if val.get("fill_spec_auroc") is not None:
+            aur += f" fill(spec)={val['fill_spec_auroc']:.3f}"
+        mae = f" fill MAE {val['fill_mae_mm']:.3f} mm" if val["fill_mae_mm"] is not None else ""
+        log(f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}, val loss {val['val_loss']:.4f}"
+            f" AUROC {aur}{mae}; {entry['train_minutes']:.1f} + {entry['val_minutes']:.1f} min"
+            f"{'  (best)' if improved else ''}")
+    else:
+        log(f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}; {entry['train_minutes']:.1f} min "
+            f"(validated every {val_every} epochs)")
+
+
+def _finish(run: _Run, data: _Data, prog: _Progress, stopped: str, best_path: Path, t_start: float,
+            gauge: LineGauge | None, log: Callable[[str], None]) -> dict:
+    """The run's summary; on the main rank, with the best model calibrated on the validation split."""
+    d = run.d
+    log(stopped)
+    summary: dict = {"stopped": stopped, "epochs_run": len(prog.history), "monitor": run.cfg.monitor,
+                     "best_value": prog.best, "rank": d.rank, "weights_sha256": weights_digest(run.net)}
+    if d.main:
+        summary["calibration"] = finalize(best_path, data.ds.root, data.val, run.cfg, run.device, log, gauge)
     summary["minutes"] = (time.perf_counter() - t_start) / 60
     if d.world > 1:
         dist.barrier()

@@ -221,6 +221,21 @@ def _silicone_oil(rng, fmt: ContainerFormat, fill_mm: float) -> list[FreeObject]
     return out
 
 
+def _embossing(rng) -> GlassMark:
+    """Embossed marks near a vial's bottom (1.2-2.5 mm up)."""
+    return GlassMark(kind="embossing", points_mm=((float(rng.uniform(-2, 2)), float(rng.uniform(1.2, 2.5))),),
+                     size_mm=float(rng.uniform(0.8, 1.4)), contrast=float(rng.uniform(0.08, 0.2)),
+                     seed=int(rng.integers(0, 2**31 - 1)))
+
+
+def _reflection(rng, fmt: ContainerFormat) -> GlassMark:
+    """Glare: a vertical band over the container's body, left or right of the axis."""
+    x = float(rng.choice([-1, 1]) * rng.uniform(0.25, 0.7) * fmt.outer_radius_mm)
+    return GlassMark(kind="reflection", points_mm=((x, float(fmt.bottom_mm)),),
+                     size_mm=float(rng.uniform(0.25, 0.9)), contrast=float(rng.uniform(0.06, 0.18)),
+                     seed=int(rng.integers(0, 2**31 - 1)))
+
+
 def draw_acquisition(rng: np.random.Generator, cam: CameraConfig, frames: int) -> tuple[Pose, Lighting]:
     """Where the container stands and how it is lit for one acquisition (each draw clipped at 3 sigma)."""
 
@@ -236,21 +251,32 @@ def draw_acquisition(rng: np.random.Generator, cam: CameraConfig, frames: int) -
     return pose, lighting
 
 
-def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
-    """Draw every random choice for container ``index``; the same (cfg, index, seed) gives the same scene."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    fmt = get_format(cfg.formats[int(rng.integers(0, len(cfg.formats)))])
-    cam = cfg.camera
-    product = PRODUCTS[int(rng.choice(len(PRODUCTS), p=np.array(cfg.product_weights) / sum(cfg.product_weights)))]
+# sample_scene's steps. Each draws from the scene's one stream, ``rng``, in the order sample_scene calls them: the
+# order of the draws is what makes the same (cfg, index, seed) give the same scene, byte for byte, so a step must
+# neither draw more, less nor in another order than it does (tests/test_sim*.py and the docs' figures rely on it).
 
+
+def _draw_container(rng: np.random.Generator, cfg: SimConfig) -> tuple[ContainerFormat, str]:
+    """The container's format and the product in it."""
+    fmt = get_format(cfg.formats[int(rng.integers(0, len(cfg.formats)))])
+    product = PRODUCTS[int(rng.choice(len(PRODUCTS), p=np.array(cfg.product_weights) / sum(cfg.product_weights)))]
+    return fmt, product
+
+
+def _draw_classes(rng: np.random.Generator, cfg: SimConfig) -> set[str]:
+    """The unit's defect classes: none, one, or (15% of defective units) a second draw, which may repeat the first."""
     classes: set[str] = set()
     if rng.uniform() < cfg.defect_rate:
         p = np.array(cfg.class_weights) / sum(cfg.class_weights)
         classes.add(DEFECT_CLASSES[int(rng.choice(3, p=p))])
         if rng.uniform() < 0.15:
             classes.add(DEFECT_CLASSES[int(rng.choice(3, p=p))])
+    return classes
 
-    target = fmt.target_fill_mm
+
+def _draw_fill(rng: np.random.Generator, fmt: ContainerFormat, classes: set[str]) -> tuple[float, str | None]:
+    """The fill height (mm) and its defect: a fill-level defect is 1.3-4 tolerances under or over the target,
+    a good fill within 0.7 tolerance of it (normal, sigma a quarter tolerance)."""
     tol = fmt.fill_tolerance_mm
     fill_defect = None
     if "fill_level" in classes:
@@ -258,13 +284,14 @@ def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
         dev = float(rng.uniform(1.3, 4.0)) * tol * (-1 if fill_defect == "under" else 1)
     else:
         dev = float(np.clip(rng.normal(0, tol / 4), -0.7 * tol, 0.7 * tol))
-    fill_mm = target + dev
-    volume = fmt.volume_ml(fill_mm)
+    return fmt.target_fill_mm + dev, fill_defect
 
-    swirl = Swirl(omega0=float(rng.uniform(8, 16)), tau_s=float(rng.uniform(0.4, 0.9)))
+
+def _draw_defects(rng: np.random.Generator, cfg: SimConfig, fmt: ContainerFormat, fill_mm: float,
+                  classes: set[str]) -> tuple[list[FreeObject], list[GlassMark]]:
+    """The defects of the classes drawn: one particle (80%) or two to three, and a crack."""
     objects: list[FreeObject] = []
     marks: list[GlassMark] = []
-
     if "particle" in classes:
         for _ in range(1 if rng.uniform() < 0.8 else int(rng.integers(2, 4))):
             kind = PARTICLE_KINDS[int(rng.integers(0, len(PARTICLE_KINDS)))]
@@ -275,42 +302,63 @@ def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
     if "crack" in classes:
         loc = CRACK_LOCATIONS[int(rng.integers(0, len(CRACK_LOCATIONS)))]
         marks.append(_crack(rng, fmt, _loguniform(rng, *cfg.crack_length_mm), loc))
+    return objects, marks
 
+
+@dataclass
+class _Nuisances:
+    """What ``_draw_nuisances`` draws: the nuisances of the scene's main stream, and the meniscus rise and stopper
+    gap, which are drawn among them (their place in the stream is fixed)."""
+
+    meniscus_rise_mm: float
+    stopper_gap_mm: float
+    objects: list[FreeObject] = field(default_factory=list)
+    marks: list[GlassMark] = field(default_factory=list)
+
+
+def _draw_nuisances(rng: np.random.Generator, cfg: SimConfig, fmt: ContainerFormat, fill_mm: float) -> _Nuisances:
+    """Bubbles in the liquid and at the meniscus, a syringe's stopper bubble, and the marks on the glass (scratch,
+    embossing, dust, droplets, a reflection), each present with its rate in ``cfg.nuisance_rates``."""
     rates = dict(cfg.nuisance_rates)
-    meniscus_rise = float(rng.uniform(0.6, 1.0) if fmt.kind == "vial" else rng.uniform(0.15, 0.4))
+    n = _Nuisances(meniscus_rise_mm=float(rng.uniform(0.6, 1.0) if fmt.kind == "vial" else rng.uniform(0.15, 0.4)),
+                   stopper_gap_mm=0.0)
     if rng.uniform() < rates.get("bubbles", 0):
         for _ in range(int(rng.integers(1, 8))):
-            objects.append(_free_object(rng, fmt, fill_mm, "bubble", _loguniform(rng, 60, 600), "bubbles"))
+            n.objects.append(_free_object(rng, fmt, fill_mm, "bubble", _loguniform(rng, 60, 600), "bubbles"))
     if rng.uniform() < rates.get("meniscus_bubbles", 0):
         for _ in range(int(rng.integers(3, 14))):
             size = _loguniform(rng, 80, 700)
-            objects.append(_free_object(rng, fmt, fill_mm, "bubble", size, "meniscus_bubbles", swirl_drift=0.3,
-                                        z0=fill_mm - size / 2000, vz=0.0,
-                                        rho=fmt.inner_radius_mm * float(rng.uniform(0.5, 0.95))))
-    stopper_gap = float(rng.uniform(0.8, 3.0))
+            n.objects.append(_free_object(rng, fmt, fill_mm, "bubble", size, "meniscus_bubbles", swirl_drift=0.3,
+                                          z0=fill_mm - size / 2000, vz=0.0,
+                                          rho=fmt.inner_radius_mm * float(rng.uniform(0.5, 0.95))))
+    n.stopper_gap_mm = float(rng.uniform(0.8, 3.0))
     if fmt.kind == "syringe" and rng.uniform() < rates.get("stopper_bubble", 0):
         size = float(rng.uniform(500, 1500))
-        objects.append(_free_object(rng, fmt, fill_mm, "bubble", size, "stopper_bubble", swirl_drift=0.15,
-                                    z0=fill_mm - size / 2000, vz=0.0,
-                                    rho=fmt.inner_radius_mm * float(rng.uniform(0.2, 0.7))))
+        n.objects.append(_free_object(rng, fmt, fill_mm, "bubble", size, "stopper_bubble", swirl_drift=0.15,
+                                      z0=fill_mm - size / 2000, vz=0.0,
+                                      rho=fmt.inner_radius_mm * float(rng.uniform(0.2, 0.7))))
     if rng.uniform() < rates.get("scratch", 0):
-        marks.append(_scratch(rng, fmt))
+        n.marks.append(_scratch(rng, fmt))
     if fmt.kind == "vial" and rng.uniform() < rates.get("embossing", 0):
-        marks.append(GlassMark(kind="embossing", points_mm=((float(rng.uniform(-2, 2)), float(rng.uniform(1.2, 2.5))),),
-                               size_mm=float(rng.uniform(0.8, 1.4)), contrast=float(rng.uniform(0.08, 0.2)),
-                               seed=int(rng.integers(0, 2**31 - 1))))
+        n.marks.append(_embossing(rng))
     for kind in ("dust", "droplet"):
         if rng.uniform() < rates.get(kind, 0):
             for _ in range(int(rng.integers(1, 4 if kind == "dust" else 3))):
-                marks.append(_spot(rng, fmt, kind, fill_mm))
+                n.marks.append(_spot(rng, fmt, kind, fill_mm))
     if rng.uniform() < rates.get("reflection", 0):
-        x = float(rng.choice([-1, 1]) * rng.uniform(0.25, 0.7) * fmt.outer_radius_mm)
-        marks.append(GlassMark(kind="reflection", points_mm=((x, float(fmt.bottom_mm)),),
-                               size_mm=float(rng.uniform(0.25, 0.9)), contrast=float(rng.uniform(0.06, 0.18)),
-                               seed=int(rng.integers(0, 2**31 - 1))))
-    # Newer nuisances draw from their own stream, and only when they are switched on: the main stream, and so
-    # every other choice of the scene, is the same whatever their rates (existing configs stay byte-identical,
-    # and a lot code or silicone oil can be switched on for the very same containers).
+        n.marks.append(_reflection(rng, fmt))
+    return n
+
+
+def _draw_opt_in_nuisances(cfg: SimConfig, fmt: ContainerFormat, fill_mm: float, index: int,
+                           seed: int) -> tuple[list[FreeObject], list[GlassMark]]:
+    """The newer nuisances, a vial's inkjet lot code and silicone oil droplets. Each draws from its own stream,
+    and only when it is switched on: the main stream, and so every other choice of the scene, is the same whatever
+    their rates (existing configs stay byte-identical, and a lot code or silicone oil can be switched on for the
+    very same containers)."""
+    rates = dict(cfg.nuisance_rates)
+    objects: list[FreeObject] = []
+    marks: list[GlassMark] = []
     if fmt.kind == "vial" and rates.get("lot_code", 0) > 0:
         lrng = np.random.default_rng(np.random.SeedSequence([seed, index, 1]))
         if lrng.uniform() < rates["lot_code"]:
@@ -319,12 +367,25 @@ def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
         orng = np.random.default_rng(np.random.SeedSequence([seed, index, 2]))
         if orng.uniform() < rates["silicone_oil"]:
             objects.extend(_silicone_oil(orng, fmt, fill_mm))
+    return objects, marks
 
-    pose, lighting = draw_acquisition(rng, cam, cfg.frames)
+
+def sample_scene(cfg: SimConfig, index: int, seed: int) -> Scene:
+    """Draw every random choice for container ``index``; the same (cfg, index, seed) gives the same scene."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    fmt, product = _draw_container(rng, cfg)
+    classes = _draw_classes(rng, cfg)
+    fill_mm, fill_defect = _draw_fill(rng, fmt, classes)
+    swirl = Swirl(omega0=float(rng.uniform(8, 16)), tau_s=float(rng.uniform(0.4, 0.9)))
+    objects, marks = _draw_defects(rng, cfg, fmt, fill_mm, classes)
+    nuisances = _draw_nuisances(rng, cfg, fmt, fill_mm)
+    opt_objects, opt_marks = _draw_opt_in_nuisances(cfg, fmt, fill_mm, index, seed)
+    pose, lighting = draw_acquisition(rng, cfg.camera, cfg.frames)
     return Scene(
-        index=index, format=fmt, frames=cfg.frames, product=product, fill_volume_ml=volume,
-        fill_height_mm=float(fill_mm), fill_target_mm=float(target), fill_tolerance_mm=float(tol),
-        fill_defect=fill_defect, meniscus_rise_mm=meniscus_rise, stopper_gap_mm=stopper_gap, swirl=swirl,
-        pose=pose, lighting=lighting, objects=tuple(objects), marks=tuple(marks),
-        noise_seed=int(rng.integers(0, 2**31 - 1)),
+        index=index, format=fmt, frames=cfg.frames, product=product, fill_volume_ml=fmt.volume_ml(fill_mm),
+        fill_height_mm=float(fill_mm), fill_target_mm=float(fmt.target_fill_mm),
+        fill_tolerance_mm=float(fmt.fill_tolerance_mm), fill_defect=fill_defect,
+        meniscus_rise_mm=nuisances.meniscus_rise_mm, stopper_gap_mm=nuisances.stopper_gap_mm, swirl=swirl,
+        pose=pose, lighting=lighting, objects=tuple(objects + nuisances.objects + opt_objects),
+        marks=tuple(marks + nuisances.marks + opt_marks), noise_seed=int(rng.integers(0, 2**31 - 1)),
     )

@@ -32,7 +32,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     key = signing_key(a)  # a bad key is refused before minutes of export
     try:
         export_model(a.checkpoint, a.out, parity_data=a.parity_data, parity_count=a.parity_count, opset=a.opset,
-                     fp16=a.fp16, overwrite=a.overwrite)
+                     fp16=a.fp16, overwrite=a.overwrite, step=print)
     except ValueError as e:
         raise UserError(str(e)) from None
     if key is not None:
@@ -119,9 +119,14 @@ def cmd_package_thresholds(a: argparse.Namespace) -> int:
     if not new:
         raise UserError("give at least one of --particle, --crack, --fill-level")
     pkg = with_thresholds(load_package(a.path), new, Path(a.out), a.reason)
+    _wrote_version(pkg)
+    return 0
+
+
+def _wrote_version(pkg) -> None:
+    """The line a command prints for a new package version that keeps its parent's network."""
     print(f"wrote {pkg.path}: version {pkg.version_id} (parent {pkg.metadata['parent_version']}), "
           f"model.onnx unchanged ({pkg.metadata['onnx_sha256'][:16]}…)")
-    return 0
 
 
 def cmd_package_calibrate(a: argparse.Namespace) -> int:
@@ -142,8 +147,7 @@ def cmd_package_calibrate(a: argparse.Namespace) -> int:
         print(f"  {c:11s} {old.get(c, float('nan')):.4f} -> {new[c]:.4f}")
     if rec.get("warning"):
         print(f"warning: {rec['warning']}")
-    print(f"wrote {pkg.path}: version {pkg.version_id} (parent {pkg.metadata['parent_version']}), "
-          f"model.onnx unchanged ({pkg.metadata['onnx_sha256'][:16]}…)")
+    _wrote_version(pkg)
     return 0
 
 

@@ -36,7 +36,7 @@ def cmd_station(a: argparse.Namespace) -> int:
                           challenge=_challenge_arg(a),
                           drift_baseline=Path(a.drift_baseline) if a.drift_baseline else None)
     try:
-        summary = run_station(opts)
+        summary = run_station(opts, print_fn=print)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
     print(summary_text(summary))

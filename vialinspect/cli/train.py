@@ -33,7 +33,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                  "implant": a.implant}
     try:
         cfg = load_config(a.config, overrides)
-        summary = train(a.data, a.out, cfg, init=a.init, resume=a.resume, progress=show_progress())
+        summary = train(a.data, a.out, cfg, init=a.init, resume=a.resume, progress=show_progress(), log=print)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"{summary['stopped']}; {summary['epochs_run']} epoch(s); {summary['minutes']:.1f} min in all "
@@ -162,7 +162,8 @@ def cmd_retrain(a: argparse.Namespace) -> int:
         print(f"    {exp.containers} reviewed unit(s): {exp.confirmed} confirmed defect(s), {exp.false_rejects} false "
               f"reject(s); {len(exp.skipped)} skipped")
         print("2/3 retraining, exporting and gating")
-        res = retrain(exp.out_dir, a.base_data, reg, a.qualification, work, cfg, actor, progress=show_progress(),
+        res = retrain(exp.out_dir, a.base_data, reg, a.qualification, work, cfg, actor, log=print,
+                      progress=show_progress(),
                       provenance={"review_export_manifest_sha256": exp.manifest_sha256,
                                   "review_export_audit_seq": exp.audit_seq})
         audit.record(ReviewDB(a.store, create=False), actor, audit.MODEL_RETRAINED, new_value={
