@@ -73,6 +73,7 @@ def test_round_trip_and_malformed_gauges_are_refused(line):
     for broken, msg in (([], "must be a table"), ({"method": "x"}, "unknown"),
                         ({"method": "geometry-v1", "groups": []}, "non-empty"),
                         ({"method": "geometry-v1", "groups": [{"kind": "vial"}]}, "groups\\[0\\]"),
+                        ({"method": "geometry-v1", "groups": ["vial"]}, "groups\\[0\\]"),
                         ({"method": "geometry-v1", "groups": [{**gauge.to_json()["groups"][0], "scale_px": 0}]},
                          "positive")):
         with pytest.raises(FillGaugeError, match=msg):

@@ -62,7 +62,7 @@ def fit_line_gauge(root: Path, good: list[ContainerRecord], log: Callable[[str],
         return None
     log(f"fill gauge: {len(gauge.groups)} container geometr{'y' if len(gauge.groups) == 1 else 'ies'} from "
         f"{gauge.n_measured} of {len(geos)} good units")
-    scores = [gauge.read_geometry(g) for g in geos if g is not None and g.fill_px is not None]
+    scores = [gauge.read_geometry(g) for g in geos if g is not None]
     return LineGauge(gauge, np.array([r.probability for r in scores if r.problem is None], np.float64))
 
 

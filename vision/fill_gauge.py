@@ -137,7 +137,7 @@ class FillGauge:
                 grp = FillGroup(kind=str(g["kind"]), width_px=float(g["width_px"]), height_px=float(g["height_px"]),
                                 median_px=float(g["median_px"]), scale_px=float(g["scale_px"]), n=int(g["n"]),
                                 head_median_px=head[0], head_scale_px=head[1])
-            except (KeyError, TypeError, ValueError) as e:
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
                 raise FillGaugeError(f"groups[{k}]: {type(e).__name__}: {e}") from None
             values = [grp.width_px, grp.height_px, grp.median_px, grp.scale_px]
             values += [v for v in head if v is not None]
