@@ -49,13 +49,25 @@ def test_each_format_gets_its_own_reference_and_fill_defects_stand_out(line):
     assert gauge.groups[r.group].kind == "vial"
 
 
-def test_positive_release_when_the_unit_cannot_be_measured_or_matches_no_reference(line):
+def test_positive_release_when_the_unit_cannot_be_measured_or_matches_no_reference(line, monkeypatch):
     good, _ = line
     gauge = fit_fill_gauge(measure_all(good["vial-2R"]))
     blank = gauge.read([np.full((400, 200), 220, np.uint8)])
     assert blank.probability == 1.0 and blank.problem
     other = gauge.read(good["syringe-1mL"][0])  # a format the line's good units did not show
     assert other.probability == 1.0 and "unlike" in other.problem
+    # Any other failure of the measurement (here an OpenCV error) is a rejected reading, not an exception that
+    # would leave the station's batch undecided.
+    import cv2
+
+    import vialinspect.vision.fill_gauge as fg
+
+    def broken(frames):
+        raise cv2.error("simulated OpenCV failure")
+
+    monkeypatch.setattr(fg, "measure_geometry", broken)
+    odd = gauge.read(good["vial-2R"][0])
+    assert odd.probability == 1.0 and "error" in odd.problem
 
 
 def test_too_few_good_units_make_no_reference(line):

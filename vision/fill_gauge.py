@@ -87,11 +87,13 @@ class FillGauge:
         return best
 
     def read(self, frames: Sequence[np.ndarray]) -> GaugeReading:
-        """The fill-level score of one unit's frames (positive release: 1 where it cannot be measured)."""
+        """The fill-level score of one unit's frames (positive release: 1 where it cannot be measured). Any failure
+        of the measurement is such a unit, not an exception: the station reads the gauge on its inference thread,
+        where an escaping error would leave the batch undecided instead of rejected."""
         try:
             g = measure_geometry(frames)
-        except ValueError as e:
-            return GaugeReading(1.0, problem=str(e))
+        except Exception as e:  # noqa: BLE001 - unmeasurable (OpenCV errors on odd frames included): rejected
+            return GaugeReading(1.0, problem=f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
         return self.read_geometry(g)
 
     def read_geometry(self, g: Geometry) -> GaugeReading:
