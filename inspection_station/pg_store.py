@@ -26,7 +26,8 @@ short form of the URL (host, database, station) is ever printed.
 
 **Frames** of flagged units stay on the station, under ``SPOOL/frames`` and ``SPOOL/maps``; the rows in
 PostgreSQL carry their relative paths (``frames_dir``, ``frames``) and the ``stations`` table names the host and
-spool folder that hold them. A shared folder named in the configuration is a later step.
+spool folder that hold them. The review app reads them from a shared folder named in its configuration
+(``--frames-root DIR``: ``DIR/<station_id>/frames`` and ``.../maps``; qa/records_view.py, docs/review.md).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from .store import _CHAINED, ChainCheck, RecordStore, StoreError
 
 log = logging.getLogger("vialinspect.pg_store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
+QA_SCHEMA_VERSION = 2  # the first version holding the QA tables (users, reviews, audit): qa.audit.PgReviewDB
 STATION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 STATION_ENV = "VIALINSPECT_STATION"
 STORE_ENV = "VIALINSPECT_STORE"
@@ -114,6 +116,105 @@ CREATE TRIGGER decisions_no_update BEFORE UPDATE OR DELETE ON decisions
 CREATE TRIGGER decisions_no_truncate BEFORE TRUNCATE ON decisions
     FOR EACH STATEMENT EXECUTE FUNCTION vialinspect_append_only();
 """,
+    # The QA database (inspection_station.qa.audit): the SQLite review.sqlite's tables, columns, constraints and
+    # triggers. One database serves every station, so container_id holds the unit key "STATION_ID/CONTAINER_ID".
+    # seq and review_id are taken explicitly under the QA write lock, not from a sequence: a sequence is not
+    # transactional, and the gap a rolled-back transaction left would read as a deleted entry. qa_sequence keeps
+    # the highest number ever inserted (SQLite's sqlite_sequence), in the same transaction, so that verify still
+    # sees entries deleted from the end of the trail.
+    2: """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE qa_sequence (name TEXT PRIMARY KEY, seq BIGINT NOT NULL);
+CREATE TABLE audit (
+    seq           BIGINT PRIMARY KEY CHECK (seq > 0),
+    at_utc        TEXT NOT NULL,
+    "user"        TEXT NOT NULL,
+    action        TEXT NOT NULL,
+    container_id  TEXT,
+    old_value     TEXT,
+    new_value     TEXT,
+    reason        TEXT,
+    prev_hash     TEXT NOT NULL,
+    hash          TEXT NOT NULL
+);
+CREATE INDEX audit_container ON audit (container_id) WHERE container_id IS NOT NULL;
+CREATE INDEX audit_user_action ON audit ("user", action);
+CREATE TABLE users (
+    username         TEXT PRIMARY KEY,
+    full_name        TEXT NOT NULL,
+    role             TEXT NOT NULL CHECK (role IN ('reviewer', 'admin')),
+    password_hash    TEXT NOT NULL,
+    created_at_utc   TEXT NOT NULL,
+    created_by       TEXT NOT NULL,
+    disabled_at_utc  TEXT,
+    disabled_by      TEXT
+);
+CREATE TABLE reviews (
+    review_id        BIGINT PRIMARY KEY CHECK (review_id > 0),
+    container_id     TEXT NOT NULL,      -- the unit key STATION_ID/CONTAINER_ID
+    verdict          TEXT NOT NULL CHECK (verdict IN ('confirmed_defect', 'false_reject', 'escalate')),
+    classes          TEXT NOT NULL,
+    comment          TEXT NOT NULL,
+    reviewer         TEXT NOT NULL,
+    printed_name     TEXT NOT NULL,
+    signed_at_utc    TEXT NOT NULL,
+    signed_at        DOUBLE PRECISION NOT NULL,
+    meaning          TEXT NOT NULL,
+    supersedes       BIGINT REFERENCES reviews (review_id),
+    model_version    TEXT,
+    recipe           TEXT,
+    station_reasons  TEXT NOT NULL,
+    decided_at       DOUBLE PRECISION,
+    audit_seq        BIGINT NOT NULL REFERENCES audit (seq)
+);
+-- One first review per unit, each review changed at most once; the current review of a unit is the one nothing
+-- supersedes: (container_id, review_id) finds a unit's reviews in order, reviews_changed_once the anti-join.
+CREATE UNIQUE INDEX reviews_first ON reviews (container_id) WHERE supersedes IS NULL;
+CREATE UNIQUE INDEX reviews_changed_once ON reviews (supersedes) WHERE supersedes IS NOT NULL;
+CREATE INDEX reviews_container ON reviews (container_id, review_id);
+
+CREATE FUNCTION qa_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% (% refused)', TG_ARGV[0], TG_OP USING ERRCODE = 'restrict_violation';
+END $$;
+CREATE TRIGGER audit_no_update BEFORE UPDATE OR DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION qa_refuse('audit entries are append-only');
+CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
+    FOR EACH STATEMENT EXECUTE FUNCTION qa_refuse('audit entries are append-only');
+-- A user is disabled, never deleted, and a disabled user stays disabled.
+CREATE TRIGGER users_no_delete BEFORE DELETE ON users
+    FOR EACH ROW EXECUTE FUNCTION qa_refuse('users are disabled, never deleted');
+CREATE TRIGGER users_no_truncate BEFORE TRUNCATE ON users
+    FOR EACH STATEMENT EXECUTE FUNCTION qa_refuse('users are disabled, never deleted');
+CREATE TRIGGER users_disable_only BEFORE UPDATE ON users FOR EACH ROW
+    WHEN (OLD.disabled_at_utc IS NOT NULL OR NEW.disabled_at_utc IS NULL
+          OR NEW.username IS DISTINCT FROM OLD.username OR NEW.full_name IS DISTINCT FROM OLD.full_name
+          OR NEW.role IS DISTINCT FROM OLD.role OR NEW.password_hash IS DISTINCT FROM OLD.password_hash
+          OR NEW.created_at_utc IS DISTINCT FROM OLD.created_at_utc OR NEW.created_by IS DISTINCT FROM OLD.created_by)
+    EXECUTE FUNCTION qa_refuse('a user can only be disabled');
+CREATE TRIGGER reviews_no_update BEFORE UPDATE OR DELETE ON reviews
+    FOR EACH ROW EXECUTE FUNCTION qa_refuse('reviews are append-only; a change is a new review');
+CREATE TRIGGER reviews_no_truncate BEFORE TRUNCATE ON reviews
+    FOR EACH STATEMENT EXECUTE FUNCTION qa_refuse('reviews are append-only; a change is a new review');
+
+-- SECURITY DEFINER: the review role needs no write grant on qa_sequence (it could not lower or raise it).
+CREATE FUNCTION qa_sequence_note() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT
+AS $$
+BEGIN
+    INSERT INTO qa_sequence (name, seq) VALUES (TG_TABLE_NAME, (to_jsonb(NEW) ->> TG_ARGV[0])::bigint)
+        ON CONFLICT (name) DO UPDATE SET seq = GREATEST(qa_sequence.seq, EXCLUDED.seq);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER audit_sequence AFTER INSERT ON audit FOR EACH ROW EXECUTE FUNCTION qa_sequence_note('seq');
+CREATE TRIGGER reviews_sequence AFTER INSERT ON reviews FOR EACH ROW EXECUTE FUNCTION qa_sequence_note('review_id');
+""",
+    # The review queue's order over every station's flagged units (qa/records_view.py): a page of the queue is a
+    # range of this index, however many units are recorded. container_id makes it cover the unit key, so the
+    # "pending" anti-join walks it without reading the rows it skips (an index-only scan).
+    3: """
+CREATE INDEX decisions_queue ON decisions (decided_at_utc, sequence, station_id, chain_pos) INCLUDE (container_id)
+    WHERE accept = 0;
+""",
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
@@ -159,11 +260,12 @@ class PgTarget:
         return self.station_id
 
 
-def parse_url(url: str, station: str | None = None) -> PgTarget:
+def parse_url(url: str, station: str | None = None, use_env: bool = True) -> PgTarget:
     """Split ``postgresql://[USER@]HOST[:PORT]/DB[?station=ID&line=L&libpq params]``.
 
-    ``station`` (``$VIALINSPECT_STATION`` when None) gives the station id when the URL does not; both given and
-    different is an error. A password in the URL (``user:secret@`` or ``password=``) is refused in one line.
+    ``station`` (``$VIALINSPECT_STATION`` when None and ``use_env``) gives the station id when the URL does not;
+    both given and different is an error. A password in the URL (``user:secret@`` or ``password=``) is refused in
+    one line. ``use_env=False`` for a URL that names no station (the QA database, grants).
     """
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("postgresql", "postgres"):
@@ -176,7 +278,7 @@ def parse_url(url: str, station: str | None = None) -> PgTarget:
                          "service")
     keep = [(k, v) for k, v in query if k not in ("station", "line")]
     given = {k: v for k, v in query if k in ("station", "line")}
-    env_station = os.environ.get(STATION_ENV) or None
+    env_station = (os.environ.get(STATION_ENV) or None) if use_env else None
     url_station = given.get("station") or None
     station_id = url_station or station or env_station
     if url_station and (station or env_station) and (station or env_station) != url_station:
@@ -249,6 +351,68 @@ def upgrade(url: str) -> tuple[int, int]:
     target = parse_url(url, station=None)
     with closing(_connect_or_raise(target)) as conn:
         return migrate(conn, target.display)
+
+
+# What each role may do with the vialinspect tables (``vialinspect db grants``); everything else is revoked. Neither
+# may UPDATE, DELETE or TRUNCATE decisions or audit, nor run DDL (neither owns a table). The station role gets
+# nothing of the QA tables. users' UPDATE is for disabling: the trigger refuses any other change. There are no
+# sequences to grant: seq and review_id are taken explicitly (migration 2), and qa_sequence is written by a
+# SECURITY DEFINER trigger.
+ROLE_GRANTS: dict[str, dict[str, str]] = {
+    "station": {"schema_version": "SELECT", "stations": "SELECT, INSERT, UPDATE", "decisions": "SELECT, INSERT"},
+    "review": {"schema_version": "SELECT", "stations": "SELECT", "decisions": "SELECT", "meta": "SELECT, INSERT",
+               "qa_sequence": "SELECT", "audit": "SELECT, INSERT", "reviews": "SELECT, INSERT",
+               "users": "SELECT, INSERT, UPDATE"},
+}
+
+
+def grant_roles(url: str, roles: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``vialinspect db grants``: give each existing role (``{"station": NAME, "review": NAME}``, either may be
+    left out) exactly its :data:`ROLE_GRANTS` on the vialinspect tables, revoking anything else it had on them.
+
+    The roles must exist (the DBA creates them, with their passwords) and must be neither superusers nor the tables'
+    owner (privileges do not restrict either); the schema must be current. Returns ``{role: {table: privileges}}``.
+    """
+    psycopg = _psycopg()
+    from psycopg import sql
+
+    target = parse_url(url, use_env=False)
+    if len(set(roles.values())) != len(roles):
+        raise StoreError("the station role and the review role must be two roles (one would hold both grants)")
+    tables = sorted({t for grants in ROLE_GRANTS.values() for t in grants})
+    with closing(_connect_or_raise(target)) as conn:
+        try:
+            version = schema_version(conn)
+            if version != SCHEMA_VERSION:
+                raise StoreError(f"{target.display}: schema version {version or 0}, this vialinspect's is "
+                                 f"{SCHEMA_VERSION}: run vialinspect db upgrade (with the same vialinspect) first")
+            found = {r[0]: r[1] for r in conn.execute("SELECT rolname, rolsuper FROM pg_roles WHERE rolname = ANY(%s)",
+                                                      (list(roles.values()),))}
+            missing = [n for n in roles.values() if n not in found]
+            if missing:
+                raise StoreError(f"{target.display}: no role {', '.join(map(repr, missing))}: the DBA creates it first "
+                                 "(CREATE ROLE NAME LOGIN PASSWORD ...), then grants are given here")
+            owner = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'audit' AND schemaname = "
+                                 "current_schema()").fetchone()[0]
+            for name in roles.values():
+                if found[name] or name == owner:
+                    what = "a superuser" if found[name] else "the tables' owner"
+                    raise StoreError(f"{target.display}: role {name!r} is {what}: grants would not restrict it; give "
+                                     "the stations and the review app roles of their own")
+            schema = conn.execute("SELECT current_schema()").fetchone()[0]
+            with conn.transaction():
+                for kind, name in roles.items():
+                    role = sql.Identifier(name)
+                    conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(
+                        sql.SQL(", ").join(map(sql.Identifier, tables)), role))
+                    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), role))
+                    for table, privileges in ROLE_GRANTS[kind].items():
+                        conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(privileges), sql.Identifier(table),
+                                                                           role))
+            conn.commit()
+        except psycopg.Error as e:
+            raise StoreError(f"{target.display}: {type(e).__name__}: {_first_line(e)}") from None
+    return {name: ROLE_GRANTS[kind] for kind, name in roles.items()}
 
 
 def _connect_or_raise(target: PgTarget, timeout_s: float = _CONNECT_TIMEOUT_S):

@@ -70,6 +70,10 @@ LOCK_NAME = ".writer.lock"
 TMP_PREFIX = ".tmp-"  # cannot clash with a frames folder name: those start with a letter, digit or "_"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PAGE = 256  # rows per query in iter_decisions, so no read transaction stays open between yields
+# The review queue's order over the flagged units (qa/records_view.py): its first page reads a page of this index
+# however many units are recorded. Only an index, not a schema change (an older vialinspect opens the store as it
+# is), so it is created, if missing, whenever a writer opens the store, not by a version step.
+_QUEUE_INDEX = "CREATE INDEX IF NOT EXISTS decisions_queue ON decisions (decided_at_utc, sequence) WHERE accept = 0"
 
 _SCHEMA = f"""
 PRAGMA user_version = {SCHEMA_VERSION};
@@ -102,6 +106,7 @@ CREATE INDEX decisions_unit_id ON decisions (unit_id) WHERE unit_id IS NOT NULL;
 CREATE INDEX decisions_sequence ON decisions (sequence);
 CREATE INDEX decisions_decided_at ON decisions (decided_at);
 CREATE INDEX decisions_frames_dir ON decisions (frames_dir) WHERE frames_dir IS NOT NULL;
+{_QUEUE_INDEX};
 CREATE TRIGGER decisions_no_update BEFORE UPDATE ON decisions
 BEGIN SELECT RAISE(ABORT, 'decision records are append-only'); END;
 CREATE TRIGGER decisions_no_delete BEFORE DELETE ON decisions
@@ -391,6 +396,10 @@ class RecordStore:
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         if self._check_schema(conn):
             self._migrate(conn)
+            try:
+                conn.execute(_QUEUE_INDEX)
+            except sqlite3.Error as e:
+                raise StoreError(f"{self._db}: cannot create the review queue's index ({e})") from None
             return
         try:
             conn.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + "\nCOMMIT;")

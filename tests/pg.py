@@ -77,6 +77,14 @@ class PgServer:
                                f"{self.log.read_text()[-1000:] if self.log.exists() else ''}")
         return r
 
+    def tool(self, name: str) -> str:
+        """A client program of the same PostgreSQL (pg_dump, pg_restore): beside pg_ctl, or where pg_ctl's link
+        leads (/usr/local/bin may link only the server programs); skips where there is none."""
+        for d in (self.bin, (self.bin / "pg_ctl").resolve().parent):
+            if os.access(d / name, os.X_OK):
+                return str(d / name)
+        pytest.skip(f"no {name} beside the server binaries ({self.bin})")
+
     def running(self) -> bool:
         return self._cmd([str(self.bin / "pg_ctl"), "-D", str(self.data), "status"], check=False).returncode == 0
 

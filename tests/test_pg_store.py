@@ -95,13 +95,15 @@ def test_the_station_id_comes_from_the_url_or_the_environment(monkeypatch):
 def test_schema_is_created_versioned_and_migrations_are_idempotent(pg_server, pg_db, capsys):  # noqa: F811
     url = pg_server.url(pg_db)
     assert main(["db", "upgrade", "--db", url]) == 0
-    assert "schema at version 1 (migrated from 0)" in capsys.readouterr().out
+    v = pg_store.SCHEMA_VERSION  # 3: the review queue's index (tests/test_review_queue.py)
+    assert f"schema at version {v} (migrated from 0)" in capsys.readouterr().out
     assert main(["db", "upgrade", "--db", url]) == 0
-    assert "schema at version 1 (up to date)" in capsys.readouterr().out
-    assert pg_store.upgrade(url) == (1, 1)
-    assert [r[0] for r in _sql(url, "SELECT version FROM schema_version")] == [1]
+    assert f"schema at version {v} (up to date)" in capsys.readouterr().out
+    assert pg_store.upgrade(url) == (v, v)
+    assert [r[0] for r in _sql(url, "SELECT version FROM schema_version ORDER BY version")] == list(range(1, v + 1))
     tables = {r[0] for r in _sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert tables == {"schema_version", "stations", "decisions"}
+    # Version 2: the QA tables (tests/test_pg_review_db.py).
+    assert tables == {"schema_version", "stations", "decisions", "meta", "qa_sequence", "audit", "users", "reviews"}
     keys = _sql(url, "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'decisions'::regclass")
     assert ("PRIMARY KEY (station_id, container_id)",) in keys and ("UNIQUE (station_id, chain_pos)",) in keys
 
@@ -110,7 +112,8 @@ def test_a_newer_schema_is_refused(pg_server, pg_db, tmp_path, capsys):  # noqa:
     url = pg_server.url(pg_db, station="L1-ST1")
     pg_store.upgrade(url)
     _sql(url, "INSERT INTO schema_version (version) VALUES (7)")
-    with pytest.raises(StoreError, match=r"schema version 7 is newer than this vialinspect knows \(1\)"):
+    with pytest.raises(StoreError, match=rf"schema version 7 is newer than this vialinspect knows "
+                                         rf"\({pg_store.SCHEMA_VERSION}\)"):
         pg_store.upgrade(url)
     assert main(["db", "upgrade", "--db", url]) == 2
     err = capsys.readouterr().err

@@ -37,6 +37,16 @@ else is wrong. A user row is covered again as soon as a new entry about it is wr
 a review row stays as it was signed. The old and the new format cannot be confused: entries are in the hash
 chain, so nobody can rewrite a new entry into the old format without breaking the chain.
 
+**On PostgreSQL** (:func:`open_review_db` with a ``postgresql://`` URL; :class:`PgReviewDB`) the same tables, with the
+same columns, constraints and append-only triggers, are migration 2 of the plant database
+(:data:`vialinspect.inspection_station.pg_store.MIGRATIONS`), and the same SQL runs on both engines through
+:mod:`.dbconn`. Write transactions take a transaction-level advisory lock, the twin of ``BEGIN IMMEDIATE``, so the
+chain stays linear with any number of writing threads and processes. The hashes are computed over the same
+values (timestamps are the same ISO text), so a chain is the same on both engines. :func:`verify` does everything
+above except ``PRAGMA integrity_check``, which has no PostgreSQL twin: the server's own page checksums
+(``initdb --data-checksums``) and ``amcheck`` are the operator's. One database serves every station, so on
+PostgreSQL ``container_id`` holds a unit key ``STATION_ID/CONTAINER_ID`` (station ids contain no ``/``).
+
 The CSV export (:func:`export_csv`) guards against formula injection (OWASP): a text cell that starts with
 ``= + - @``, TAB or CR -- or with ``'`` itself, so that the rule can be undone -- gets one ``'`` in front.
 To compare an exported cell with the chain, drop one leading ``'`` from every cell that has one.
@@ -59,6 +69,8 @@ from typing import Any
 
 from vialinspect.errors import VialinspectError
 from vialinspect.export.hashchain import GENESIS, link_hash
+
+from .dbconn import Connection, PgConnection, RowLike, SqliteConnection
 
 REVIEW_DB_NAME = "review.sqlite"
 # The schema's version is the database's ``PRAGMA user_version``. Databases written before that kept it in
@@ -157,6 +169,7 @@ BEGIN SELECT RAISE(ABORT, 'reviews are append-only; a change is a new review'); 
 
 AUDIT_COLUMNS = ("seq", "at_utc", "user", "action", "container_id", "old_value", "new_value", "reason",
                  "prev_hash", "hash")
+_AUDIT_COLUMNS_SQL = ",".join(f'"{c}"' for c in AUDIT_COLUMNS)  # quoted: "user" is reserved in PostgreSQL
 USER_COLUMNS = ("username", "full_name", "role", "password_hash", "created_at_utc", "created_by", "disabled_at_utc",
                 "disabled_by")
 
@@ -179,16 +192,19 @@ def to_text(value: Any) -> str | None:
 
 
 class ReviewDB:
-    """``STORE/review.sqlite``: users, reviews and the audit trail.
+    """``STORE/review.sqlite``: users, reviews and the audit trail (:class:`PgReviewDB`: the same on PostgreSQL).
 
     Every operation opens its own short-lived connection, so the object is safe to share between the
     app's worker threads and several processes (the app and a CLI command) may write at once: each write
     is one ``BEGIN IMMEDIATE`` transaction, which is what keeps the hash chain linear.
     """
 
+    engine = "sqlite"
+
     def __init__(self, store_dir: str | Path, create: bool = True) -> None:
-        self.store_dir = Path(store_dir)
-        self.path = self.store_dir / REVIEW_DB_NAME
+        self.store_dir: Path | None = Path(store_dir)
+        self.path: Path | None = self.store_dir / REVIEW_DB_NAME
+        self.where = str(self.path)  # what messages name: the file, or PostgreSQL's short URL
         if not self.store_dir.is_dir():
             raise ReviewDBError(f"{self.store_dir}: no such store directory")
         if not self.path.exists() and not create:
@@ -198,9 +214,9 @@ class ReviewDB:
             self._init_schema(conn)
 
     @contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
+    def connect(self) -> Iterator[Connection]:
         try:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, factory=SqliteConnection)
         except sqlite3.Error as e:
             raise ReviewDBError(f"{self.path}: cannot open ({e})") from None
         try:
@@ -219,16 +235,32 @@ class ReviewDB:
             conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; IMMEDIATE so that reading the chain head and appending cannot interleave."""
+    def transaction(self) -> Iterator[Connection]:
+        """One write transaction that excludes other writers from its start (``begin_write``: IMMEDIATE, or
+        PostgreSQL's advisory lock), so that reading the chain head and appending cannot interleave."""
         with self.connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.begin_write()
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A read transaction that sees one state throughout, even while others append (for :func:`verify`)."""
+        with self.connect() as conn:
+            conn.begin_snapshot()
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        """Nothing to release on SQLite (every operation closes its connection); PostgreSQL's idle ones go."""
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         with self._init_lock:
@@ -258,6 +290,109 @@ class ReviewDB:
                                     f"(reads up to {SCHEMA_VERSION}); upgrade vialinspect")
 
 
+class PgReviewDB(ReviewDB):
+    """The QA tables in the plant's PostgreSQL database: migration 2 of ``pg_store``, in the same database and
+    schema-version table as the stations' decisions.
+
+    ``url`` follows the station's rules (``postgresql://[USER@]HOST[:PORT]/DB[?libpq params]``; the password from
+    ``~/.pgpass``, ``$PGPASSWORD`` or a service file, refused in the URL) but names no station: one QA database
+    serves every station. With ``create`` the pending migrations run (as a station's start does), else a
+    database without the QA tables is refused. Connections are kept in a small pool (a connect costs a
+    handshake, and a login takes several operations); each operation takes one for its own use, so the object
+    is safe to share between threads. Every PostgreSQL error becomes a one-line ``ReviewDBError``.
+    """
+
+    engine = "postgresql"
+    POOL = 4  # idle connections kept
+
+    def __init__(self, url: str, create: bool = True) -> None:
+        from vialinspect.inspection_station import pg_store
+        from vialinspect.inspection_station.store import StoreError
+
+        try:
+            self.target = pg_store.parse_url(url, use_env=False)
+            self._psycopg = pg_store._psycopg()
+        except StoreError as e:
+            raise ReviewDBError(str(e)) from None
+        self.store_dir = self.path = None  # no files: the database is the server's
+        self.where = self.target.display
+        if self.target.station_id or self.target.line_id:
+            raise ReviewDBError(f"{self.where}: the QA database serves every station: no station= or line= in "
+                                "its URL")
+        self._idle: list[PgConnection] = []
+        self._pool_lock = threading.Lock()
+        raw = self._connect_raw()
+        try:
+            if create:
+                pg_store.migrate(raw, self.where)
+            version = pg_store.schema_version(raw)
+            raw.commit()
+        except StoreError as e:
+            raw.close()
+            raise ReviewDBError(str(e)) from None
+        except self._psycopg.Error as e:
+            raw.close()
+            raise ReviewDBError(f"{self.where}: {_one_line(e)}") from None
+        if version is None or version < pg_store.QA_SCHEMA_VERSION:
+            raw.close()
+            raise ReviewDBError(f"{self.where}: no QA tables in this database yet (schema version {version or 0}); "
+                                f"run: vialinspect db upgrade --db {self.where}")
+        if version > pg_store.SCHEMA_VERSION:
+            raw.close()
+            raise ReviewDBError(f"{self.where}: schema version {version} is newer than this vialinspect knows "
+                                f"({pg_store.SCHEMA_VERSION}); upgrade vialinspect")
+        self._give_back(PgConnection(raw))
+
+    def _connect_raw(self):
+        from vialinspect.inspection_station import pg_store
+
+        try:
+            return pg_store.connect(self.target, app="vialinspect qa")
+        except self._psycopg.Error as e:
+            raise ReviewDBError(f"{self.where}: cannot connect ({_one_line(e)})") from None
+
+    def _take(self) -> PgConnection:
+        with self._pool_lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.raw.closed:  # psycopg closes a connection it found broken
+                    return conn
+        return PgConnection(self._connect_raw())
+
+    def _give_back(self, conn: PgConnection) -> None:
+        if not conn.raw.closed and not conn.in_transaction:
+            with self._pool_lock:
+                if len(self._idle) < self.POOL:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        conn = self._take()
+        try:
+            yield conn
+        except self._psycopg.Error as e:
+            raise ReviewDBError(f"{self.where}: {_one_line(e)}") from None
+        finally:
+            self._give_back(conn)
+
+    def close(self) -> None:
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def open_review_db(spec: str | Path, create: bool = True) -> ReviewDB:
+    """The QA database ``spec`` names: a store directory (``STORE/review.sqlite``, :class:`ReviewDB`) or a
+    ``postgresql://`` / ``postgres://`` URL (:class:`PgReviewDB`). ``create``: make the SQLite file, or run
+    PostgreSQL's pending migrations, when missing."""
+    if isinstance(spec, str) and spec.split(":", 1)[0].lower() in ("postgresql", "postgres"):
+        return PgReviewDB(spec, create)
+    return ReviewDB(spec, create)
+
+
 # ---------------------------------------------------------------- writing entries
 
 def entry_hash(prev_hash: str, seq: int, at_utc: str, user: str, action: str, container_id: str | None,
@@ -267,7 +402,7 @@ def entry_hash(prev_hash: str, seq: int, at_utc: str, user: str, action: str, co
                      sort_keys=False, ensure_ascii=False)
 
 
-def append(conn: sqlite3.Connection, user: str, action: str, container_id: str | None = None,
+def append(conn: Connection, user: str, action: str, container_id: str | None = None,
            old_value: Any = None, new_value: Any = None, reason: str | None = None,
            at_utc: str | None = None) -> int:
     """Append one entry inside the caller's write transaction (``ReviewDB.transaction``); returns its seq.
@@ -283,13 +418,13 @@ def append(conn: sqlite3.Connection, user: str, action: str, container_id: str |
     at = at_utc or utc_now()[1]
     last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     # AUTOINCREMENT never reuses a number, so the next seq is sqlite_sequence + 1 even after a (forbidden)
-    # deletion at the end; taking it explicitly lets the hash cover the seq.
-    used = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-    seq = max(int(used[0]) if used else 0, int(last["seq"]) if last else 0) + 1
+    # deletion at the end (PostgreSQL: qa_sequence, kept by a trigger); taking it explicitly lets the hash cover
+    # the seq. (Not a PostgreSQL sequence: a rolled-back transaction would leave a gap that verify calls a deletion.)
+    seq = max(conn.sequence_used("audit") or 0, int(last["seq"]) if last else 0) + 1
     prev = last["hash"] if last else GENESIS_HASH
     old, new = to_text(old_value), to_text(new_value)
     h = entry_hash(prev, seq, at, user, action, container_id, old, new, reason)
-    conn.execute(f"INSERT INTO audit ({','.join(AUDIT_COLUMNS)}) VALUES ({','.join('?' * len(AUDIT_COLUMNS))})",
+    conn.execute(f"INSERT INTO audit ({_AUDIT_COLUMNS_SQL}) VALUES ({','.join('?' * len(AUDIT_COLUMNS))})",
                  (seq, at, user, action, container_id, old, new, reason, prev, h))
     return seq
 
@@ -324,16 +459,16 @@ class AuditEntry:
     hash: str
 
 
-def _entry(row: sqlite3.Row) -> AuditEntry:
+def _entry(row: RowLike) -> AuditEntry:
     return AuditEntry(**{k: row[k] for k in AUDIT_COLUMNS})
 
 
 def entries(db: ReviewDB, user: str | None = None, action: str | None = None, container_id: str | None = None,
             since_utc: str | None = None, limit: int | None = None, newest_first: bool = False) -> list[AuditEntry]:
-    where, args = ["1"], []
+    where, args = ["TRUE"], []
     for col, v in (("user", user), ("action", action), ("container_id", container_id)):
         if v:
-            where.append(f"{col} = ?")
+            where.append(f'"{col}" = ?')
             args.append(v)
     if since_utc:
         where.append("at_utc >= ?")
@@ -425,11 +560,15 @@ def verify(db: ReviewDB) -> VerifyResult:
     the row digest of the latest entry about them. Rows whose entry predates that coverage are listed in
     ``not_covered`` (see the module docstring). A damaged or unreadable database gives ``ok=False`` and
     ``damaged=True`` with a one-line ``problem``; nothing raises.
+
+    On PostgreSQL every step is the same except the file check (SQLite's ``PRAGMA integrity_check``), which has no
+    twin there: page checksums and ``amcheck`` are the database operator's. The walk reads one snapshot
+    (REPEATABLE READ), so writers may go on meanwhile.
     """
     try:
         return _verify(db)
     except _DAMAGE as e:
-        where = str(e) if isinstance(e, ReviewDBError) else f"{db.path}: {type(e).__name__}: {e}"
+        where = str(e) if isinstance(e, ReviewDBError) else f"{db.where}: {type(e).__name__}: {e}"
         return _damaged(f"the review database is damaged or unreadable: {_one_line(where)}")
 
 
@@ -450,40 +589,36 @@ def verify_store(store_dir: str | Path) -> VerifyResult:
 
 def _verify(db: ReviewDB) -> VerifyResult:
     prev, expected, n = GENESIS_HASH, 1, 0
-    with db.connect() as conn:
-        conn.execute("BEGIN")  # one snapshot for the whole walk, even while others append
-        try:
-            # The full check: quick_check does not compare the indexes with their tables.
-            found = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(10)")]
-            if found != ["ok"]:
-                more = f" (and {len(found) - 2} more)" if len(found) > 2 else ""
-                return _damaged(f"{db.path}: the database file is damaged: integrity check says "
-                                f"{'; '.join(_one_line(f) for f in found[:2])}{more}")
-            for row in conn.execute("SELECT * FROM audit ORDER BY seq"):
-                n += 1
-                seq = int(row["seq"])
-                if seq != expected:
-                    gap = f"{expected}" if seq == expected + 1 else f"{expected}..{seq - 1}"
-                    what = "deleted" if seq > expected else "duplicated or reordered"
-                    return VerifyResult(False, n, prev, expected if seq > expected else seq,
-                                        f"entry {gap} is missing before entry {seq} ({what})")
-                if row["prev_hash"] != prev:
-                    return VerifyResult(False, n, prev, seq, f"entry {seq} does not follow entry {seq - 1} "
-                                        "(entries reordered, or an earlier entry removed or altered)")
-                h = entry_hash(prev, seq, row["at_utc"], row["user"], row["action"], row["container_id"],
-                               row["old_value"], row["new_value"], row["reason"])
-                if h != row["hash"]:
-                    return VerifyResult(False, n, prev, seq, f"entry {seq} was altered (its content does not match "
-                                        "its hash)")
-                prev, expected = row["hash"], expected + 1
-            used = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-            if used is not None and int(used[0]) >= expected:
-                return VerifyResult(False, n, prev, expected,
-                                    f"entries {expected}..{int(used[0])} were deleted from the end of the trail")
-            problem, not_covered = _cross_check(conn)
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+    with db.snapshot() as conn:  # one snapshot for the whole walk, even while others append
+        # The full check: quick_check does not compare the indexes with their tables. (PostgreSQL has no twin:
+        # its page checksums and amcheck are the operator's.)
+        found = [str(r[0]) for r in conn.execute("PRAGMA integrity_check(10)")] if db.engine == "sqlite" else ["ok"]
+        if found != ["ok"]:
+            more = f" (and {len(found) - 2} more)" if len(found) > 2 else ""
+            return _damaged(f"{db.where}: the database file is damaged: integrity check says "
+                            f"{'; '.join(_one_line(f) for f in found[:2])}{more}")
+        for row in conn.execute("SELECT * FROM audit ORDER BY seq"):
+            n += 1
+            seq = int(row["seq"])
+            if seq != expected:
+                gap = f"{expected}" if seq == expected + 1 else f"{expected}..{seq - 1}"
+                what = "deleted" if seq > expected else "duplicated or reordered"
+                return VerifyResult(False, n, prev, expected if seq > expected else seq,
+                                    f"entry {gap} is missing before entry {seq} ({what})")
+            if row["prev_hash"] != prev:
+                return VerifyResult(False, n, prev, seq, f"entry {seq} does not follow entry {seq - 1} "
+                                    "(entries reordered, or an earlier entry removed or altered)")
+            h = entry_hash(prev, seq, row["at_utc"], row["user"], row["action"], row["container_id"],
+                           row["old_value"], row["new_value"], row["reason"])
+            if h != row["hash"]:
+                return VerifyResult(False, n, prev, seq, f"entry {seq} was altered (its content does not match "
+                                    "its hash)")
+            prev, expected = row["hash"], expected + 1
+        used = conn.sequence_used("audit")
+        if used is not None and used >= expected:
+            return VerifyResult(False, n, prev, expected,
+                                f"entries {expected}..{used} were deleted from the end of the trail")
+        problem, not_covered = _cross_check(conn)
     if problem is not None:
         return VerifyResult(False, n, prev, problem[0], problem[1], not_covered=not_covered)
     return VerifyResult(True, n, prev, not_covered=not_covered)
@@ -498,7 +633,7 @@ _REVIEW_LEGACY_KEYS = ("review_id", "verdict", "classes", "comment", "reviewer",
                        "meaning", "supersedes")
 
 
-def review_audit_value(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+def review_audit_value(row: RowLike) -> dict[str, Any]:
     """What a review's audit entry records as its new value; verify() compares the reviews table with it.
 
     Every column of the row except ``container_id`` and ``audit_seq``, which verify() checks against the
@@ -514,12 +649,12 @@ def review_audit_value(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def user_row_digest(row: sqlite3.Row | dict[str, Any]) -> str:
+def user_row_digest(row: RowLike) -> str:
     """sha256 of every column of a users row (the password hash included), as canonical JSON."""
     return hashlib.sha256((to_text([row[c] for c in USER_COLUMNS]) or "").encode("utf-8")).hexdigest()
 
 
-def user_audit_value(row: sqlite3.Row | dict[str, Any]) -> dict[str, Any]:
+def user_audit_value(row: RowLike) -> dict[str, Any]:
     """What a user change (added, disabled, unlocked) records as its new value: the readable columns and
     ``row_sha256`` (:func:`user_row_digest`), which covers the password hash without putting it in the trail."""
     return {
@@ -541,7 +676,7 @@ def _json_dict(text: Any) -> dict[str, Any] | None:
 CrossCheck = tuple[tuple[int | None, str] | None, list[str]]
 
 
-def _cross_check(conn: sqlite3.Connection) -> CrossCheck:
+def _cross_check(conn: Connection) -> CrossCheck:
     """(the first problem as (entry, text), or None; the rows not covered)."""
     not_covered: list[str] = []
     for r in conn.execute("SELECT * FROM reviews ORDER BY review_id"):

@@ -24,7 +24,7 @@ from vialinspect.errors import VialinspectError
 from vialinspect.export.registry import Event, Registry, RegistryError, Signature
 
 from . import audit, users
-from .audit import ReviewDB
+from .audit import ReviewDB, open_review_db
 
 PROMOTE_MEANING = "Approval: model version released for production inspection"
 ROLLBACK_MEANING = "Approval: production inspection returned to an earlier model version"
@@ -65,14 +65,15 @@ def review_db_id(db: ReviewDB) -> str:
         return value
 
 
-def _signed_change(store_dir: str | Path, registry: Registry, action: str, recipe: str, current: str | None,
+def _signed_change(db_spec: str | Path, registry: Registry, action: str, recipe: str, current: str | None,
                    target: str, meaning: str, user: str, password: str, reason: str,
                    apply: Callable[[Signature], Event]) -> ModelChange:
-    """Verify the signer, write the audit entry, then make the registry change that names it."""
-    db = ReviewDB(store_dir, create=False)
+    """Verify the signer, write the audit entry, then make the registry change that names it. ``db_spec``: the
+    QA database, a store directory or a postgresql:// URL (:func:`audit.open_review_db`)."""
+    db = open_review_db(db_spec, create=False)
     db_id, bound = review_db_id(db), registry.review_db()
     if bound is not None and db_id != bound:
-        raise PromotionError(f"{registry.root}'s model changes are signed in user database {bound}; {store_dir} "
+        raise PromotionError(f"{registry.root}'s model changes are signed in user database {bound}; {db.where} "
                              f"holds another one ({db_id}): sign with the production store's users")
     signer = _signer(db, user, password, action, target)
     what = audit.MODEL_PROMOTED if action == "promote" else audit.MODEL_ROLLED_BACK
@@ -90,7 +91,7 @@ def _signed_change(store_dir: str | Path, registry: Registry, action: str, recip
     return ModelChange(ev, seq)
 
 
-def promote(store_dir: str | Path, registry: Registry, version: str, recipe: str, user: str, password: str,
+def promote(db_spec: str | Path, registry: Registry, version: str, recipe: str, user: str, password: str,
             reason: str) -> ModelChange:
     if not (reason or "").strip():
         raise PromotionError("a promotion needs a reason")
@@ -98,11 +99,11 @@ def promote(store_dir: str | Path, registry: Registry, version: str, recipe: str
         current = registry.check_promote(version, recipe)  # refuse before anyone signs for nothing
     except RegistryError as e:
         raise PromotionError(str(e)) from None
-    return _signed_change(store_dir, registry, "promote", recipe, current, version, PROMOTE_MEANING, user, password,
+    return _signed_change(db_spec, registry, "promote", recipe, current, version, PROMOTE_MEANING, user, password,
                           reason, lambda sig: registry.promote(version, recipe, sig, reason))
 
 
-def rollback(store_dir: str | Path, registry: Registry, recipe: str, user: str, password: str,
+def rollback(db_spec: str | Path, registry: Registry, recipe: str, user: str, password: str,
              reason: str) -> ModelChange:
     if not (reason or "").strip():
         raise PromotionError("a rollback needs a reason")
@@ -111,5 +112,5 @@ def rollback(store_dir: str | Path, registry: Registry, recipe: str, user: str, 
         target = registry.rollback_target(recipe)
     except RegistryError as e:
         raise PromotionError(str(e)) from None
-    return _signed_change(store_dir, registry, "rollback", recipe, current, target, ROLLBACK_MEANING, user, password,
+    return _signed_change(db_spec, registry, "rollback", recipe, current, target, ROLLBACK_MEANING, user, password,
                           reason, lambda sig: registry.rollback(recipe, sig, reason))

@@ -12,6 +12,10 @@
 
 Rejects stay rejects: nothing here writes to the station's record store (it is opened read-only); a review
 is evidence for learning and trending, not a release decision.
+
+The records are a station's store directory, or every station of a plant in PostgreSQL (``postgresql://...``: a
+unit is then keyed ``STATION_ID/CONTAINER_ID``); both are read through
+:mod:`~vialinspect.inspection_station.qa.records_view`, where the queue's pages are SQL with LIMIT/OFFSET.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import math
 import shutil
 import sqlite3
 from collections import Counter
-from collections.abc import Sequence
-from contextlib import closing
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,12 +41,13 @@ from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord, FillSp
 from vialinspect.errors import VialinspectError
 
 from ..actor import os_actor
-from ..store import DB_NAME, FRAMES_DIR, MAPS_DIR, RecordStore, frames_dir_name, time_range_sql
+from ..pg_store import is_pg_url
+from ..store import RecordStore, StoreError, frames_dir_name
 from . import audit, users
 from .audit import ReviewDB
+from .records_view import NOT_INSPECTED, PgRecords, RecordQuery, RecordsError, RecordsView, SqliteRecords
 
 VERDICTS: tuple[str, ...] = ("confirmed_defect", "false_reject", "escalate")
-NOT_INSPECTED = "not_inspected"  # the queue's class filter for units rejected because a check did not run
 MAX_ID_LENGTH = 256
 MAX_COMMENT_LENGTH = 2000
 # One colour per class for map overlays (RGB): particle red, crack orange, fill level blue.
@@ -81,6 +86,8 @@ class QueueFilter:
     sort: str = "time"  # "time" (oldest first) or "score" (highest first)
     descending: bool = False  # reverse the order
     status: str = "pending"  # "pending" (not reviewed), "escalated" (current review is escalate), "all"
+    line: str | None = None  # a plant's line (PostgreSQL records only)
+    station: str | None = None  # a plant's station id (PostgreSQL records only)
 
 
 @dataclass
@@ -94,6 +101,8 @@ class QueueItem:
     reasons: list[str]
     score: float | None  # the highest score among the rejected classes, None when no check ran
     status: str  # "pending", or the current review's verdict
+    station_id: str | None = None  # PostgreSQL records: the station and its line
+    line_id: str | None = None
 
 
 @dataclass
@@ -158,6 +167,7 @@ class UnitDetail:
     overlays: list[np.ndarray | None] = field(default_factory=list)  # RGB uint8 with the maps; [] without maps
     map_classes: list[str] = field(default_factory=list)
     reviews: list[Review] = field(default_factory=list)  # oldest first
+    frames_note: str | None = None  # why the frames cannot be shown ("frames not reachable at ..."), if so
 
     @property
     def current_review(self) -> Review | None:
@@ -300,14 +310,14 @@ def _review(row: sqlite3.Row, superseded_by: int | None = None) -> Review:
                   superseded_by=superseded_by)
 
 
-def _rejected_score(rec: dict[str, Any]) -> float | None:
-    vals = [float(rec["scores"][c]) for c in rec["reasons"] if c in (rec.get("scores") or {})]
+def _score(reasons: Sequence[str], scores: dict[str, Any] | None) -> float | None:
+    vals = [float(scores[c]) for c in reasons if c in (scores or {})]
     vals = [v for v in vals if math.isfinite(v)]
     return max(vals) if vals else None
 
 
-def _reason_class(reason: str) -> str:
-    return NOT_INSPECTED if reason.startswith("not_inspected:") else reason
+def _rejected_score(rec: dict[str, Any]) -> float | None:
+    return _score(rec["reasons"], rec.get("scores"))
 
 
 def overlay_maps(frame: np.ndarray, maps: np.ndarray, classes: Sequence[str]) -> np.ndarray:
@@ -347,26 +357,50 @@ def _fill_spec_for_format(fmt: str | None) -> tuple[float, float] | None:
 # ---------------------------------------------------------------- the service
 
 class ReviewService:
-    """Review over one store directory: the record store (read-only) plus ``STORE/review.sqlite``.
+    """Review over one store directory (the record store, read-only, plus ``STORE/review.sqlite``), or over a
+    plant's PostgreSQL (``postgresql://HOST/DB``: every station's records and the QA tables in that database).
 
     ``fill_specs`` maps a recipe name to its (target_mm, tolerance_mm); the station's rows do not carry the
     spec, so without it the band shown is the container format's nominal spec, and the detail says so.
+    ``frames_root`` (PostgreSQL only; default ``$VIALINSPECT_FRAMES_ROOT``) is the shared folder holding each
+    station's frames as ``FRAMES_ROOT/<station_id>/frames/...`` and ``.../maps/...``.
     """
 
-    def __init__(self, store_dir: str | Path, fill_specs: dict[str, tuple[float, float]] | None = None) -> None:
-        self.store_dir = Path(store_dir)
-        self.store = RecordStore(self.store_dir, readonly=True)
-        try:
-            self.db = ReviewDB(self.store_dir)
-        except BaseException:
-            self.store.close()
-            raise
+    def __init__(self, store_dir: str | Path, fill_specs: dict[str, tuple[float, float]] | None = None, *,
+                 frames_root: str | Path | None = None) -> None:
         self.fill_specs = dict(fill_specs or {})
-        self._frames_root = (self.store_dir / FRAMES_DIR).resolve()
-        self._maps_root = (self.store_dir / MAPS_DIR).resolve()
+        self.store: RecordStore | None = None  # the SQLite store (None on PostgreSQL)
+        self.store_dir: Path | None = None
+        self.records: RecordsView
+        if is_pg_url(store_dir):
+            url = str(store_dir)
+            self.db = audit.open_review_db(url)  # the QA tables (migrated there), before the records that need them
+            try:
+                self.records = PgRecords(url, frames_root)
+            except BaseException:
+                self.db.close()
+                raise
+        else:
+            self.store_dir = Path(store_dir)
+            self.store = RecordStore(self.store_dir, readonly=True)
+            try:
+                self.db = ReviewDB(self.store_dir)
+                self.records = SqliteRecords(self.store, self.db.path)
+            except BaseException:
+                self.store.close()
+                raise
+        self.source = self.records.display
+
+    @property
+    def multi_station(self) -> bool:
+        """Records of several stations: the queue shows line and station."""
+        return self.records.multi_station
 
     def close(self) -> None:
-        self.store.close()
+        self.records.close()
+        self.db.close()
+        if self.store is not None:
+            self.store.close()
 
     def __enter__(self) -> ReviewService:
         return self
@@ -382,10 +416,19 @@ class ReviewService:
             raise ReviewError("invalid container id")
         if any(ord(ch) < 32 for ch in container_id):
             raise ReviewError("invalid container id (control characters)")
-        rec = self.store.get(container_id)
+        with self._reading():
+            rec = self.records.get(container_id)
         if rec is None:
             raise ReviewError(f"unknown container id {container_id!r}")
         return rec
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The records' own errors (a database gone, a filter a station store cannot answer) as ReviewError."""
+        try:
+            yield
+        except (StoreError, RecordsError) as e:
+            raise ReviewError(str(e)) from None
 
     def _inside(self, root: Path, p: Path) -> Path:
         # Defence in depth: even a tampered frames_dir in the store cannot point outside the store's folders.
@@ -395,13 +438,18 @@ class ReviewService:
         return rp
 
     def frame_files(self, container_id: str) -> list[Path | None]:
-        """One entry per frame (None where the station had no pixels); validated paths inside the store."""
+        """One entry per frame (None where the station had no pixels); validated paths inside the store (on
+        PostgreSQL: inside the station's folder of the frames root)."""
         rec = self.record(container_id)
         if not rec["frames_dir"]:
             return [None] * len(rec["frames"])
-        if rec["frames_dir"] != frames_dir_name(container_id):
+        with self._reading():
+            roots = self.records.frame_roots(rec)
+        if roots.unreachable or roots.frames is None:
+            raise ReviewError(f"{container_id!r}: {roots.unreachable}")
+        if rec["frames_dir"] != roots.name:
             raise ReviewError(f"refused: the stored frame folder of {container_id!r} is not the expected one")
-        folder = self._frames_root / rec["frames_dir"]
+        folder = roots.frames / rec["frames_dir"]
         out: list[Path | None] = []
         for f in rec["frames"]:
             if f is None:
@@ -409,7 +457,7 @@ class ReviewService:
             elif not isinstance(f, str) or "/" in f or "\\" in f or f in (".", ".."):
                 raise ReviewError(f"refused: invalid stored frame name {f!r}")
             else:
-                out.append(self._inside(self._frames_root, folder / f))
+                out.append(self._inside(roots.frames, folder / f))
         return out
 
     def frame_file(self, container_id: str, index: int) -> Path:
@@ -435,7 +483,11 @@ class ReviewService:
         rec = self.record(container_id)
         if not rec["has_maps"] or not rec["frames_dir"]:
             return None
-        p = self._inside(self._maps_root, self._maps_root / f"{frames_dir_name(container_id)}.npz")
+        with self._reading():
+            roots = self.records.frame_roots(rec)
+        if roots.maps is None:
+            return None
+        p = self._inside(roots.maps, roots.maps / f"{roots.name}.npz")
         if not p.is_file():
             return None
         with np.load(p, allow_pickle=False) as z:
@@ -450,51 +502,59 @@ class ReviewService:
                                 "(SELECT 1 FROM reviews s WHERE s.supersedes = r.review_id)").fetchall()
         return {r["container_id"]: _review(r) for r in rows}
 
-    def queue(self, filt: QueueFilter | None = None, limit: int | None = None) -> list[QueueItem]:
-        f = filt or QueueFilter()
+    def _query(self, f: QueueFilter) -> RecordQuery:
+        """The filter validated, as the records are asked for it."""
         if f.sort not in ("time", "score"):
             raise ReviewError(f"unknown sort {f.sort!r} (time or score)")
         if f.status not in ("pending", "escalated", "all"):
             raise ReviewError(f"unknown status {f.status!r} (pending, escalated or all)")
         if f.cls and f.cls not in (*DEFECT_CLASSES, NOT_INSPECTED):
             raise ReviewError(f"unknown class {f.cls!r}")
-        since, until = parse_time(f.since), parse_time(f.until, end=True)
-        current = self.current_reviews()
-        items: list[QueueItem] = []
-        for rec in self.store.iter_decisions(since=since, until=until, flagged_only=True):
-            cid = rec["container_id"]
-            rv = current.get(cid)
-            status = "pending" if rv is None else rv.verdict
-            if f.status == "pending" and rv is not None:
-                continue
-            if f.status == "escalated" and status != "escalate":
-                continue
-            if f.cls and f.cls not in {_reason_class(r) for r in rec["reasons"]}:
-                continue
-            if f.recipe and rec["recipe"] != f.recipe:
-                continue
-            if f.model_version and rec["model_version"] != f.model_version:
-                continue
-            items.append(QueueItem(container_id=cid, sequence=rec["sequence"], decided_at_utc=rec["decided_at_utc"],
-                                   recipe=rec["recipe"], model_version=rec["model_version"], format=rec["format"],
-                                   reasons=list(rec["reasons"]), score=_rejected_score(rec), status=status))
-        if f.sort == "score":
-            # Highest first; units without scores (a check that did not run) last.
-            items.sort(key=lambda q: (q.score is None, -(q.score or 0.0), q.decided_at_utc))
-        else:
-            items.sort(key=lambda q: (q.decided_at_utc, q.sequence))
-        if f.descending:
-            items.reverse()
-        return items if limit is None else items[:limit]
+        return RecordQuery(since=parse_time(f.since), until=parse_time(f.until, end=True), cls=f.cls or None,
+                           recipe=f.recipe or None, model_version=f.model_version or None, line=f.line or None,
+                           station=f.station or None, status=f.status)
+
+    def queue(self, filt: QueueFilter | None = None, limit: int | None = None, offset: int = 0) -> list[QueueItem]:
+        """The flagged units the filter selects, in its order: ``limit`` of them from ``offset`` (all: None).
+
+        Sorted by time, a page is SQL (LIMIT/OFFSET over the queue's index, then the page's rows), whatever the
+        number of units recorded. Sorted by score (computed from each unit's scores, not stored), the selected units'
+        scores are read and sorted here (highest first; no score last), and only the page's rows are read in full.
+        """
+        f = filt or QueueFilter()
+        q = self._query(f)
+        if (limit is not None and limit < 0) or offset < 0:
+            raise ReviewError("limit and offset must not be negative")
+        with self._reading():
+            if f.sort == "time":
+                rows = self.records.flagged(q, limit, offset, descending=f.descending)
+            else:
+                brief = self.records.flagged_brief(q)  # in recording order, so equal scores keep it
+                score = {b.key: _score(b.reasons, b.scores) for b in brief}
+                brief.sort(key=lambda b: (score[b.key] is None, -(score[b.key] or 0.0), b.decided_at_utc))
+                if f.descending:
+                    brief.reverse()
+                keys = [b.key for b in brief[offset: None if limit is None else offset + limit]]
+                got = self.records.rows(keys)
+                rows = [got[k] for k in keys if k in got]
+        return [QueueItem(container_id=r["container_id"], sequence=r["sequence"], decided_at_utc=r["decided_at_utc"],
+                          recipe=r["recipe"], model_version=r["model_version"], format=r["format"],
+                          reasons=list(r["reasons"]), score=_rejected_score(r),
+                          status=r["review_status"] or "pending", station_id=r.get("station_id"),
+                          line_id=r.get("line_id")) for r in rows]
+
+    def queue_count(self, filt: QueueFilter | None = None) -> int:
+        """How many flagged units the filter selects (its sort and paging aside)."""
+        q = self._query(filt or QueueFilter())
+        with self._reading():
+            return self.records.count_flagged(q)
 
     def filter_options(self) -> dict[str, list[str]]:
-        """The recipes and model versions that occur among rejected units (for the queue's filters)."""
-        with self._records() as conn:
-            recipes = [r[0] for r in conn.execute("SELECT DISTINCT recipe FROM decisions WHERE accept = 0 "
-                                                  "ORDER BY recipe")]
-            versions = [r[0] for r in conn.execute("SELECT DISTINCT model_version FROM decisions WHERE accept = 0 "
-                                                   "AND model_version IS NOT NULL ORDER BY model_version")]
-        return {"classes": [*DEFECT_CLASSES, NOT_INSPECTED], "recipes": recipes, "model_versions": versions}
+        """The recipes and model versions that occur among rejected units (for the queue's filters), and the lines
+        and stations of a plant's records (none for one station's store)."""
+        with self._reading():
+            opts = self.records.filter_options()
+        return {"classes": [*DEFECT_CLASSES, NOT_INSPECTED], **opts}
 
     # ---- detail -----------------------------------------------------------------------------------------
 
@@ -523,7 +583,14 @@ class ReviewService:
                        model_version=rec["model_version"], recipe=rec["recipe"], decided_at_utc=rec["decided_at_utc"],
                        scores=rows, fill=self.fill_view(rec), frame_count=len(rec["frames"]),
                        reviews=self.reviews(container_id))
-        if images:
+        with self._reading():
+            roots = self.records.frame_roots(rec) if rec["frames_dir"] else None
+        if roots is not None and roots.unreachable:
+            d.frames_note = roots.unreachable  # shown with the unit, its record and reviews still readable
+        elif roots is not None and roots.frames is not None and not (roots.frames / rec["frames_dir"]).is_dir():
+            # e.g. a plant's frames folder that a copy job has not brought this unit to yet
+            d.frames_note = f"frames not reachable at {roots.frames / rec['frames_dir']}"
+        elif images:
             frames: list[np.ndarray | None] = []
             for k, p in enumerate(self.frame_files(container_id)):
                 if p is None or not p.is_file():
@@ -605,9 +672,8 @@ class ReviewService:
                 if cur["reviewer"] != signer.username and signer.role != "admin":
                     raise ReviewError(f"only an admin may change another reviewer's review ({cur['reviewer']})")
             t, now = audit.utc_now()
-            used = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'reviews'").fetchone()
             top = conn.execute("SELECT MAX(review_id) FROM reviews").fetchone()[0]
-            review_id = max(int(used[0]) if used else 0, int(top or 0)) + 1
+            review_id = max(conn.sequence_used("reviews") or 0, int(top or 0)) + 1
             row = {"review_id": review_id, "verdict": verdict, "classes": json.dumps(classes), "comment": comment,
                    "reviewer": signer.username, "printed_name": signer.full_name, "signed_at_utc": now,
                    "signed_at": t, "meaning": meaning, "supersedes": supersedes,
@@ -630,49 +696,30 @@ class ReviewService:
 
     # ---- trends -----------------------------------------------------------------------------------------
 
-    def _records(self) -> closing[sqlite3.Connection]:
-        # Aggregates run in SQL on a read-only connection of their own: iterating rows in Python would
-        # take seconds for a shift's worth of units.
-        db = self.store_dir / DB_NAME
-        conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0)
-        conn.execute("PRAGMA query_only=ON")
-        return closing(conn)
+    def _trend_query(self, bucket: str, since: str | float | datetime | None, until: str | float | datetime | None,
+                     line: str | None, station: str | None) -> RecordQuery:
+        if bucket not in ("day", "hour"):
+            raise ReviewError(f"unknown bucket {bucket!r} (day or hour)")
+        return RecordQuery(since=parse_time(since), until=parse_time(until, end=True), line=line or None,
+                           station=station or None)
 
     def trends(self, bucket: str = "day", since: str | float | datetime | None = None,
-               until: str | float | datetime | None = None) -> Trends:
-        """Reject rate per class over time (per model version), and review outcomes per model version."""
-        fmt = {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H:00"}.get(bucket)
-        if fmt is None:
-            raise ReviewError(f"unknown bucket {bucket!r} (day or hour)")
-        t0, t1 = parse_time(since), parse_time(until, end=True)
-        where, args = time_range_sql(t0, t1)
-        w = " AND ".join(["1", *where])
-        period = f"strftime('{fmt}', decided_at, 'unixepoch')"
-        mv = "COALESCE(model_version, '(none)')"
-        with self._records() as conn:
-            totals = {(p, m): (int(n), int(r)) for p, m, n, r in conn.execute(
-                f"SELECT {period}, {mv}, COUNT(*), SUM(1 - accept) FROM decisions WHERE {w} GROUP BY 1, 2", args)}
-            per_class = conn.execute(
-                f"SELECT {period}, {mv}, CASE WHEN j.value LIKE 'not_inspected:%' THEN '{NOT_INSPECTED}' "
-                f"ELSE j.value END AS cls, COUNT(DISTINCT container_id) FROM decisions, json_each(decisions.reasons) "
-                f"AS j WHERE accept = 0 AND {w} GROUP BY 1, 2, 3", args).fetchall()
-            by_version = {m: (int(n), int(r)) for m, n, r in conn.execute(
-                f"SELECT {mv}, COUNT(*), SUM(1 - accept) FROM decisions WHERE {w} GROUP BY 1", args)}
-        rates = [RejectRate(p, m, "any", r, n) for (p, m), (n, r) in totals.items()]
-        rates += [RejectRate(p, m, c, int(k), totals[(p, m)][0]) for p, m, c, k in per_class]
+               until: str | float | datetime | None = None, line: str | None = None,
+               station: str | None = None) -> Trends:
+        """Reject rate per class over time (per model version), and review outcomes per model version; of one
+        line or station of a plant's records when given."""
+        q = self._trend_query(bucket, since, until, line, station)
+        # Aggregates run in SQL: iterating rows in Python would take seconds for a shift's worth of units.
+        with self._reading():
+            t = self.records.trend_counts(bucket, q)
+            counts = self.records.review_outcomes(q)
+        rates = [RejectRate(p, m, "any", r, n) for (p, m), (n, r) in t.totals.items()]
+        rates += [RejectRate(p, m, c, k, t.totals[(p, m)][0]) for p, m, c, k in t.per_class]
         rates.sort(key=lambda x: (x.period, x.model_version, x.cls))
-        counts: dict[str, Counter] = {}
-        for rv in self.current_reviews().values():
-            if t0 is not None or t1 is not None:
-                rec = self.store.get(rv.container_id)
-                if rec is None or (t0 is not None and rec["decided_at"] < t0) or \
-                        (t1 is not None and rec["decided_at"] >= t1):
-                    continue
-            counts.setdefault(rv.model_version or "(none)", Counter())[rv.verdict] += 1
         outcomes = []
-        for m in sorted(set(by_version) | set(counts)):
-            n, r = by_version.get(m, (0, 0))
-            c = counts.get(m, Counter())
+        for m in sorted(set(t.by_version) | set(counts)):
+            n, r = t.by_version.get(m, (0, 0))
+            c = Counter(counts.get(m, {}))
             reviewed = c["confirmed_defect"] + c["false_reject"] + c["escalate"]
             outcomes.append(Outcome(m, n, r, c["confirmed_defect"], c["false_reject"], c["escalate"],
                                     max(r - reviewed, 0)))
@@ -680,45 +727,36 @@ class ReviewService:
 
     def control_counts(self, bucket: str = "day", model_version: str | None = None,
                        since: str | float | datetime | None = None,
-                       until: str | float | datetime | None = None) -> list[ChartCount]:
+                       until: str | float | datetime | None = None, line: str | None = None,
+                       station: str | None = None) -> list[ChartCount]:
         """Per period and per class (and "any"), the units the model decided and those it rejected for the class;
         one model version's (``model_version``, "(none)" for units decided without a model) or all of them.
         Units not inspected are left out: their reject is the station's fail-safe, not the model's."""
-        fmt = {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H:00"}.get(bucket)
-        if fmt is None:
-            raise ReviewError(f"unknown bucket {bucket!r} (day or hour)")
-        where, args = time_range_sql(parse_time(since), parse_time(until, end=True))
-        where.append("NOT EXISTS (SELECT 1 FROM json_each(decisions.reasons) AS n "
-                     "WHERE n.value LIKE 'not_inspected:%')")
-        if model_version is not None:
-            where.append("COALESCE(model_version, '(none)') = ?")
-            args.append(model_version)
-        w = " AND ".join(where)
-        period = f"strftime('{fmt}', decided_at, 'unixepoch')"
-        with self._records() as conn:
-            totals = {p: (int(n), int(r)) for p, n, r in conn.execute(
-                f"SELECT {period}, COUNT(*), SUM(1 - accept) FROM decisions WHERE {w} GROUP BY 1", args)}
-            per_class = {(p, c): int(k) for p, c, k in conn.execute(
-                f"SELECT {period}, j.value, COUNT(*) FROM decisions, json_each(decisions.reasons) AS j "
-                f"WHERE accept = 0 AND {w} GROUP BY 1, 2", args)}
+        q = self._trend_query(bucket, since, until, line, station)
+        with self._reading():
+            c = self.records.chart_counts(bucket, q, model_version)
         out = []
-        for p in sorted(totals):
-            n, r = totals[p]
-            out += [ChartCount(p, c, per_class.get((p, c), 0), n) for c in DEFECT_CLASSES]
+        for p in sorted(c.totals):
+            n, r = c.totals[p]
+            out += [ChartCount(p, k, c.per_class.get((p, k), 0), n) for k in DEFECT_CLASSES]
             out.append(ChartCount(p, "any", r, n))
         return out
 
     # ---- export -----------------------------------------------------------------------------------------
 
-    def export_reviewed(self, out_dir: str | Path, actor: str, overwrite: bool = False) -> ExportResult:
+    def export_reviewed(self, out_dir: str | Path, actor: str, overwrite: bool = False, *, line: str | None = None,
+                        station: str | None = None) -> ExportResult:
         """Reviewed units as a dataset (manifest v1) for retraining, and one ``export`` audit entry.
 
         Confirmed defects carry the reviewed classes, false rejects are good units (no classes); escalated
         units have no label yet and are left out, as are units whose frames were not all kept. Each row keeps
         its review (id, verdict, signer, time) and the station's decision, so every label is traceable.
+        ``line``/``station`` keep one line's or station's units of a plant's records.
         """
+        if (line or station) and not self.multi_station:
+            raise ReviewError(f"{self.source}: the records of one station have no line or station to filter by")
         out = Path(out_dir)
-        if out.resolve().is_relative_to(self.store_dir.resolve()):
+        if any(out.resolve().is_relative_to(d) for d in self.records.data_dirs):
             raise ReviewError(f"{out}: the dataset must not be written inside the record store")
         if out.exists() and any(out.iterdir()):
             header = _manifest_header(out)
@@ -734,11 +772,18 @@ class ReviewService:
         rows: list[ContainerRecord] = []
         skipped: list[str] = []
         for rv in chosen:
-            rec = self.store.get(rv.container_id)
+            with self._reading():
+                rec = self.records.get(rv.container_id)
             if rec is None:
                 skipped.append(f"{rv.container_id}: not in the record store")
                 continue
-            files = self.frame_files(rv.container_id)
+            if (line and rec.get("line_id") != line) or (station and rec.get("station_id") != station):
+                continue
+            try:
+                files = self.frame_files(rv.container_id)
+            except ReviewError as e:  # frames not reachable (a plant's frames folder), or refused
+                skipped.append(f"{rv.container_id}: {e}")
+                continue
             if not files or any(p is None or not p.is_file() for p in files):
                 skipped.append(f"{rv.container_id}: not every frame was kept")
                 continue
@@ -786,7 +831,8 @@ class ReviewService:
         _, now = audit.utc_now()
         header = {
             "created_by": "vialinspect review export", "exported_at_utc": now, "exported_by": actor,
-            "source_store": str(self.store_dir.resolve()), "containers": len(rows),
+            "source_store": str(self.store_dir.resolve()) if self.store_dir is not None else self.source,
+            "containers": len(rows),
             "frames_per_container": k_counts.most_common(1)[0][0] if rows else 1,
             "classes": list(DEFECT_CLASSES),
         }
@@ -804,6 +850,7 @@ class ReviewService:
             "out_dir": str(out.resolve()), "containers": len(rows), "confirmed_defects": confirmed,
             "false_rejects": len(rows) - confirmed, "skipped": len(skipped), "manifest_sha256": digest,
             "review_ids": [r.extra["review"]["review_id"] for r in rows],
+            **({"line": line} if line else {}), **({"station": station} if station else {}),
         }, reason="reviewed units exported for retraining")
         return ExportResult(out, len(rows), confirmed, len(rows) - confirmed, skipped, digest, seq)
 
@@ -838,11 +885,16 @@ def sign_review(store: ReviewService | str | Path, user: str, password: str, con
 
 
 def export_reviewed(store: ReviewService | str | Path, out_dir: str | Path, actor: str | None = None,
-                    overwrite: bool = False) -> ExportResult:
-    """:meth:`ReviewService.export_reviewed` on a store directory; ``actor`` defaults to the OS user."""
-    svc, own = _service(store)
+                    overwrite: bool = False, *, frames_root: str | Path | None = None, line: str | None = None,
+                    station: str | None = None) -> ExportResult:
+    """:meth:`ReviewService.export_reviewed` on a store directory or a plant's PostgreSQL URL (its frames under
+    ``frames_root``); ``actor`` defaults to the OS user."""
+    if isinstance(store, ReviewService):
+        svc, own = store, False
+    else:
+        svc, own = ReviewService(store, frames_root=frames_root), True
     try:
-        return svc.export_reviewed(out_dir, actor or os_actor(), overwrite=overwrite)
+        return svc.export_reviewed(out_dir, actor or os_actor(), overwrite=overwrite, line=line, station=station)
     finally:
         if own:
             svc.close()

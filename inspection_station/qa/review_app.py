@@ -72,6 +72,8 @@ from .review import (  # noqa: E402
 
 ANY = "(any)"
 QUEUE_HEADERS = ["container", "decided (UTC)", "reasons", "score", "model", "recipe", "status"]
+PLANT_HEADERS = [QUEUE_HEADERS[0], "line", "station", *QUEUE_HEADERS[1:]]  # records of several stations
+QUEUE_PAGE = 500  # units the queue shows at once (a SQL page); the count says how many the filters select
 AUDIT_HEADERS = ["seq", "time (UTC)", "user", "action", "container", "old value", "new value", "reason"]
 IDLE_TIMEOUT_S = 30 * 60.0
 TEMP_PREFIX = "vialinspect-review-"  # the app's private temporary folder: tempfile.gettempdir()/TEMP_PREFIX*
@@ -203,29 +205,48 @@ class _App:
     # ---- queue ------------------------------------------------------------------------------------------
 
     def _filter(self, status: str, cls: str, recipe: str, model: str, since: str, until: str, sort: str,
-                descending: bool = False) -> QueueFilter:
+                line: str | None = None, station: str | None = None, descending: bool = False) -> QueueFilter:
         return QueueFilter(cls=_opt(cls), recipe=_opt(recipe), model_version=_opt(model), since=_opt(since),
                            until=_opt(until), sort=sort or "time", descending=bool(descending),
-                           status=status or "pending")
+                           status=status or "pending", line=_opt(line), station=_opt(station))
 
     def queue(self, status: str, cls: str, recipe: str, model: str, since: str, until: str, sort: str,
               request: gr.Request) -> tuple[str, pd.DataFrame, list[str]]:
+        """The "queue" API and the page load: every line and station (the API keeps its seven inputs)."""
+        return self.queue_page(status, cls, recipe, model, since, until, sort, ANY, ANY, request)
+
+    def queue_page(self, status: str, cls: str, recipe: str, model: str, since: str, until: str, sort: str,
+                   line: str, station: str, request: gr.Request) -> tuple[str, pd.DataFrame, list[str]]:
         _user(request)
+        f = self._filter(status, cls, recipe, model, since, until, sort, line, station)
         try:
-            items = self.svc.queue(self._filter(status, cls, recipe, model, since, until, sort))
+            # One page from SQL; the count only when the page is full (a plant's queue can hold thousands).
+            items = self.svc.queue(f, limit=QUEUE_PAGE)
+            total = self.svc.queue_count(f) if len(items) == QUEUE_PAGE else len(items)
         except ReviewError as e:
             raise _err(str(e)) from None
-        rows = [[q.container_id, q.decided_at_utc[:19].replace("T", " "), ", ".join(q.reasons), _fmt(q.score),
+        plant = self.svc.multi_station
+        rows = [[q.container_id, *([q.line_id or "–", q.station_id or "–"] if plant else []),
+                 q.decided_at_utc[:19].replace("T", " "), ", ".join(q.reasons), _fmt(q.score),
                  q.model_version or "–", q.recipe, q.status] for q in items]
         label = {"pending": "awaiting review", "escalated": "escalated", "all": "rejected"}.get(status, "")
-        text = f"**{len(items)}** unit(s) {label}" if items else f"No unit {label}."
-        return text, pd.DataFrame(rows, columns=QUEUE_HEADERS), [q.container_id for q in items]
+        text = f"**{total}** unit(s) {label}" if items else f"No unit {label}."
+        if total > len(items):
+            text += f"; the first {len(items)} shown (narrow the filters to see others)"
+        return (text, pd.DataFrame(rows, columns=PLANT_HEADERS if plant else QUEUE_HEADERS),
+                [q.container_id for q in items])
 
-    def filter_choices(self, request: gr.Request) -> tuple[Any, Any, str]:
+    def filter_choices(self, request: gr.Request) -> tuple[Any, Any, str, Any, Any]:
         user = users.get_user(self.db, _user(request))
-        opts = self.svc.filter_options()
+        try:
+            opts = self.svc.filter_options()
+        except ReviewError as e:
+            raise _err(str(e)) from None
         who = f"Signed in as **{html.escape(user.full_name)}** ({user.username}, {user.role})" if user else ""
-        return (gr.update(choices=[ANY, *opts["recipes"]]), gr.update(choices=[ANY, *opts["model_versions"]]), who)
+        plant = self.svc.multi_station  # line and station filters only where the records have them
+        return (gr.update(choices=[ANY, *opts["recipes"]]), gr.update(choices=[ANY, *opts["model_versions"]]), who,
+                gr.update(choices=[ANY, *opts["lines"]], visible=plant),
+                gr.update(choices=[ANY, *opts["stations"]], visible=plant))
 
     # ---- one unit ---------------------------------------------------------------------------------------
 
@@ -267,7 +288,7 @@ class _App:
 
     def decide(self, verdict: str, cid: str | None, classes: list[str], comment: str, password: str,
                show_map: bool, ids: list[str], status: str, cls: str, recipe: str, model: str, since: str,
-               until: str, sort: str, request: gr.Request) -> tuple:
+               until: str, sort: str, line: str, station: str, request: gr.Request) -> tuple:
         """A decision button (or its key): sign now if the password is filled in, else ask for it."""
         _user(request)
         if not cid:
@@ -283,11 +304,11 @@ class _App:
             return (msg, gr.update(), gr.update(), (verdict, cid), "password", *([gr.update()] * 3),
                     *([gr.update()] * 7))
         return self._sign(verdict, cid, classes, comment, password, show_map, ids,
-                          (status, cls, recipe, model, since, until, sort), request)
+                          (status, cls, recipe, model, since, until, sort, line, station), request)
 
     def sign_pending(self, pending: tuple[str, str] | None, cid: str | None, classes: list[str], comment: str,
                      password: str, show_map: bool, ids: list[str], status: str, cls: str, recipe: str, model: str,
-                     since: str, until: str, sort: str, request: gr.Request) -> tuple:
+                     since: str, until: str, sort: str, line: str, station: str, request: gr.Request) -> tuple:
         """Enter in the password field: sign the decision chosen before."""
         _user(request)
         if not pending:
@@ -297,7 +318,7 @@ class _App:
             # The reviewer moved to another unit after choosing: never sign a decision made for a different unit.
             raise _err(f"the decision was chosen for {chosen_for}, not for this unit; choose again")
         return self._sign(verdict, cid, classes, comment, password, show_map, ids,
-                          (status, cls, recipe, model, since, until, sort), request)
+                          (status, cls, recipe, model, since, until, sort, line, station), request)
 
     def _sign(self, verdict: str, cid: str, classes: list[str], comment: str, password: str, show_map: bool,
               ids: list[str], filters: tuple, request: gr.Request) -> tuple:
@@ -308,7 +329,7 @@ class _App:
                                       supersedes=None if current is None else current.review_id)
         except ReviewError as e:  # includes SignatureError: refused and audited as failed
             raise _err(str(e)) from None
-        text, table, new_ids = self.queue(*filters, request=request)
+        text, table, new_ids = self.queue_page(*filters, request=request)
         # The next unit is the one that followed the signed unit in the queue, so the reviewer keeps going.
         pos = ids.index(cid) if cid in ids else 0
         nxt = new_ids[min(pos, len(new_ids) - 1)] if new_ids else None
@@ -324,6 +345,7 @@ class _App:
             raise _err(str(e)) from None
         return {"container_id": d.container_id, "reasons": d.reasons, "model_version": d.model_version,
                 "recipe": d.recipe, "decided_at_utc": d.decided_at_utc, "frames": d.frame_count,
+                "frames_note": d.frames_note,
                 "scores": [asdict(s) for s in d.scores],
                 "fill": {**asdict(d.fill), "deviation_mm": d.fill.deviation_mm},
                 "reviews": [review_to_dict(r) for r in d.reviews]}
@@ -505,9 +527,11 @@ def _pct(x: float | None) -> str:
 def _title(d: UnitDetail) -> str:
     cur = d.current_review
     state = f"reviewed: {html.escape(cur.meaning)} by {html.escape(cur.printed_name)}" if cur else "not reviewed"
+    where = f"line {html.escape(d.record.get('line_id') or '–')} · " if "station_id" in d.record else ""
+    note = f"\n\n**{html.escape(d.frames_note)}**" if d.frames_note else ""
     return (f"### `{d.container_id}` — {', '.join(d.reasons) or 'no reason'}\n"
-            f"decided {d.decided_at_utc} · recipe {html.escape(d.recipe)} · model `{d.model_version or '–'}` · "
-            f"{state}")
+            f"{where}decided {d.decided_at_utc} · recipe {html.escape(d.recipe)} · model `{d.model_version or '–'}` · "
+            f"{state}{note}")
 
 
 def _gallery(d: UnitDetail, show_map: bool) -> list[tuple[Any, str]]:
@@ -601,9 +625,16 @@ class _ReviewTab:
     b_escalate: Any
     s_status: Any
     focus_hint: Any
+    f_line: Any  # line and station: shown when the records come from several stations
+    f_station: Any
 
     @property
     def filters(self) -> list[Any]:
+        return [*self.api_filters, self.f_line, self.f_station]
+
+    @property
+    def api_filters(self) -> list[Any]:
+        """The "queue" API's inputs: every filter but line and station."""
         return [self.f_status, self.f_cls, self.f_recipe, self.f_model, self.f_since, self.f_until, self.f_sort]
 
 
@@ -680,6 +711,8 @@ def _review_tab() -> _ReviewTab:
             f_since = gr.Textbox(label="From (UTC)", placeholder="YYYY-MM-DD")
             f_until = gr.Textbox(label="To (UTC, inclusive)", placeholder="YYYY-MM-DD")
             f_sort = gr.Radio(["time", "score"], value="time", label="Sort")
+            f_line = gr.Dropdown([ANY], value=ANY, label="Line", visible=False)
+            f_station = gr.Dropdown([ANY], value=ANY, label="Station", visible=False)
             b_refresh = gr.Button("Refresh", scale=0)
         with gr.Row():
             with gr.Column(scale=2):
@@ -711,7 +744,7 @@ def _review_tab() -> _ReviewTab:
                 focus_hint = gr.Textbox(visible="hidden", elem_id="focus-hint")
     return _ReviewTab(f_status, f_cls, f_recipe, f_model, f_since, f_until, f_sort, b_refresh, q_text, q_table,
                       u_open, u_title, u_gallery, u_map, u_scores, u_fill, u_reviews, s_classes, s_comment,
-                      s_password, b_confirm, b_false, b_escalate, s_status, focus_hint)
+                      s_password, b_confirm, b_false, b_escalate, s_status, focus_hint, f_line, f_station)
 
 
 def _history_tab() -> _HistoryTab:
@@ -757,12 +790,13 @@ def _trends_tab() -> _TrendsTab:
 def _wire_queue(demo: gr.Blocks, app: _App, who: Any, r: _ReviewTab, s: _Session, vis: str) -> None:
     """The page load (filter choices, the queue, its first unit), the filters, and opening a unit."""
     unit_out, queue_out = s.unit_out(r), s.queue_out(r)
-    demo.load(app.filter_choices, None, [r.f_recipe, r.f_model, who], api_visibility="private").then(
-        app.queue, r.filters, queue_out, api_name="queue", api_visibility=vis).then(
+    demo.load(app.filter_choices, None, [r.f_recipe, r.f_model, who, r.f_line, r.f_station],
+              api_visibility="private").then(
+        app.queue, r.api_filters, queue_out, api_name="queue", api_visibility=vis).then(
         app.first_unit, [s.ids, r.u_map], unit_out, api_visibility="private")
     for trigger in (r.b_refresh.click, r.f_status.change, r.f_cls.change, r.f_recipe.change, r.f_model.change,
-                    r.f_since.submit, r.f_until.submit, r.f_sort.change):
-        trigger(app.queue, r.filters, queue_out, api_visibility="private").then(
+                    r.f_since.submit, r.f_until.submit, r.f_sort.change, r.f_line.change, r.f_station.change):
+        trigger(app.queue_page, r.filters, queue_out, api_visibility="private").then(
             app.first_unit, [s.ids, r.u_map], unit_out, api_visibility="private")
     r.q_table.select(app.select_unit, [r.u_map], unit_out, api_visibility="private")
     r.u_map.change(app.load_unit, [s.cid, r.u_map], unit_out, api_visibility="private")
@@ -809,10 +843,10 @@ def _wire_script_api(app: _App, vis: str) -> None:
 def _decider(app: _App, verdict: str):
     # An explicit signature (not a lambda with *args) so that Gradio sees and injects the request.
     def decide(cid: str | None, classes: list[str], comment: str, password: str, show_map: bool, ids: list[str],
-               status: str, cls: str, recipe: str, model: str, since: str, until: str, sort: str,
-               request: gr.Request) -> tuple:
+               status: str, cls: str, recipe: str, model: str, since: str, until: str, sort: str, line: str,
+               station: str, request: gr.Request) -> tuple:
         return app.decide(verdict, cid, classes, comment, password, show_map, ids, status, cls, recipe, model,
-                          since, until, sort, request)
+                          since, until, sort, line, station, request)
 
     return decide
 
@@ -1114,11 +1148,13 @@ def _too_many(retry_after_s: float) -> HTTPException:
 # ---------------------------------------------------------------- serving
 
 def launch_options(store_dir: str | Path, db: audit.ReviewDB | None = None,
-                   idle_timeout_s: float = IDLE_TIMEOUT_S, login_gate: LoginGate | None = None) -> dict[str, Any]:
+                   idle_timeout_s: float = IDLE_TIMEOUT_S, login_gate: LoginGate | None = None,
+                   blocked: list[Path] | None = None) -> dict[str, Any]:
     """Keyword arguments for ``Blocks.launch`` that make the app safe to serve: login, guard, no files.
 
     The login check is ``login_gate.check`` (a new :class:`LoginGate` on ``db`` unless given); close the gate
-    when the app closes (:func:`serve` does) so that its pending aggregates are audited.
+    when the app closes (:func:`serve` does) so that its pending aggregates are audited. ``blocked``: the folders
+    Gradio must never serve (default: the store directory; a plant's: its frames folder).
     """
     from starlette.middleware import Middleware
 
@@ -1130,7 +1166,7 @@ def launch_options(store_dir: str | Path, db: audit.ReviewDB | None = None,
         "auth_message": "vialinspect QA review. Sign in with your own account; every login is recorded.",
         "app_kwargs": {"middleware": [Middleware(AuthGuard, db=db, idle_timeout_s=idle_timeout_s)]},
         "allowed_paths": [],  # nothing on disk is served; frames go through validated container ids only
-        "blocked_paths": [str(Path(store_dir).resolve())],
+        "blocked_paths": [str(p) for p in (blocked if blocked is not None else [Path(store_dir).resolve()])],
         "head": KEYBOARD_JS,
         "footer_links": [],
         "ssr_mode": False,
@@ -1145,21 +1181,25 @@ def launch_options(store_dir: str | Path, db: audit.ReviewDB | None = None,
 def serve(store_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
           quiet: bool = False, idle_timeout_s: float = IDLE_TIMEOUT_S,
           login_limiter: LoginLimiter | None = None,
-          drift_baseline: DriftBaseline | None = None) -> tuple[gr.Blocks, str]:
+          drift_baseline: DriftBaseline | None = None,
+          frames_root: str | Path | None = None) -> tuple[gr.Blocks, str]:
     """Build and launch the app; returns (blocks, local URL). ``block=False`` returns at once (tests).
+
+    ``store_dir``: a station's store directory, or a plant's ``postgresql://`` URL (every station's records and
+    the QA tables), whose frames come from ``frames_root`` (default ``$VIALINSPECT_FRAMES_ROOT``).
 
     ``demo.close()`` also audits the refused logins still pending and removes the app's private temp folder.
     """
     if block:
         _exit_on_sigterm()  # before the server answers: a stop during startup cleans up too
-    svc = ReviewService(store_dir)
+    svc = ReviewService(store_dir, frames_root=frames_root)
     demo = None
     try:
         demo = build_app(store_dir, svc, drift_baseline)
         gate = LoginGate(svc.db, login_limiter)
         demo.review_closers.append(gate.close)  # type: ignore[attr-defined]
         demo.login_gate = gate  # type: ignore[attr-defined]
-        opts = launch_options(store_dir, svc.db, idle_timeout_s, login_gate=gate)
+        opts = launch_options(store_dir, svc.db, idle_timeout_s, login_gate=gate, blocked=svc.records.data_dirs)
         demo.queue(default_concurrency_limit=4)
         _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=quiet,
                                 share=False, inbrowser=False, **opts)

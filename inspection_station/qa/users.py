@@ -1,8 +1,8 @@
 """Users of the review app: salted scrypt password hashes, roles, disable (never delete).
 
-Users live in ``STORE/review.sqlite`` (see :mod:`vialinspect.inspection_station.qa.audit`); every change is
-audited in the same transaction as the change itself. A user name is never reused: a disabled user cannot be added
-again, so a name in the audit trail always means the same person (21 CFR 11.100(a), 11.300(a)).
+Users live in ``STORE/review.sqlite`` or PostgreSQL's QA tables (see :mod:`vialinspect.inspection_station.qa.audit`);
+every change is audited in the same transaction as the change itself. A user name is never reused: a disabled user
+cannot be added again, so a name in the audit trail always means the same person (21 CFR 11.100(a), 11.300(a)).
 
 Every user change writes the row's readable columns and a digest of the whole row (password hash included,
 see :func:`audit.user_audit_value`), so that ``audit verify`` notices a password hash swapped in the file.
@@ -31,7 +31,6 @@ import hmac
 import json
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -39,6 +38,7 @@ from vialinspect.errors import VialinspectError
 
 from . import audit
 from .audit import ReviewDB
+from .dbconn import Connection, RowLike
 
 ROLES: tuple[str, ...] = ("reviewer", "admin")
 MIN_PASSWORD_LENGTH = 8
@@ -99,7 +99,7 @@ def check_password(password: str, stored: str) -> bool:
 _DUMMY_HASH = hash_password(secrets.token_hex(16))
 
 
-def _user(row: sqlite3.Row) -> User:
+def _user(row: RowLike) -> User:
     return User(username=row["username"], full_name=row["full_name"], role=row["role"],
                 created_at_utc=row["created_at_utc"], created_by=row["created_by"],
                 disabled_at_utc=row["disabled_at_utc"], disabled_by=row["disabled_by"])
@@ -227,7 +227,8 @@ def _name_key(db: ReviewDB) -> bytes:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (_NAME_KEY,)).fetchone()
     if row is None:
         with db.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (_NAME_KEY, secrets.token_hex(32)))
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                         (_NAME_KEY, secrets.token_hex(32)))
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (_NAME_KEY,)).fetchone()
     return str(row[0]).encode("utf-8")
 
@@ -247,11 +248,11 @@ def audit_name(db: ReviewDB, username: str | None) -> str:
     return f"unknown user (hmac-sha256 {digest[:12]})"
 
 
-def _failures(conn: sqlite3.Connection, name: str) -> int:
+def _failures(conn: Connection, name: str) -> int:
     """Wrong passwords (logins and signatures) audited under ``name`` within the window, since its last
     successful login or admin unlock."""
     since = (datetime.now(tz=UTC) - LOCKOUT_WINDOW).isoformat(timespec="milliseconds")
-    last_ok = conn.execute("SELECT MAX(seq) FROM audit WHERE user = ? AND action = ?",
+    last_ok = conn.execute('SELECT MAX(seq) FROM audit WHERE "user" = ? AND action = ?',
                            (name, audit.LOGIN)).fetchone()[0] or 0
     # An unlock names the user in its value (its ``user`` is the admin). Only the window's entries matter, so
     # walk back from the newest entry until the window ends: an earlier unlock resets nothing that counts.
@@ -268,7 +269,7 @@ def _failures(conn: sqlite3.Connection, name: str) -> int:
         if unlocked:
             last_ok = seq
             break
-    return conn.execute("SELECT COUNT(*) FROM audit WHERE user = ? AND action IN (?, ?) AND reason = ? AND seq > ? "
+    return conn.execute('SELECT COUNT(*) FROM audit WHERE "user" = ? AND action IN (?, ?) AND reason = ? AND seq > ? '
                         "AND at_utc >= ?", (name, audit.LOGIN_FAILED, audit.SIGNATURE_FAILED, WRONG_PASSWORD,
                                             last_ok, since)).fetchone()[0]
 

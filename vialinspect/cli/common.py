@@ -1,5 +1,6 @@
 """What the command groups share: the CLI's own error, argument types, progress bars, the password prompt, signing
-keys, and opening a registry or naming a recipe. No command lives here; nothing heavy is imported on import."""
+keys, the QA database's --store/--db, and opening a registry or naming a recipe. No command lives here; nothing
+heavy is imported on import."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from vialinspect.errors import VialinspectError
 
 SIGNING_KEY_ENV = "VIALINSPECT_SIGNING_KEY"
+QA_DB_ENV = "VIALINSPECT_DB"  # the default of --db: the plant's QA database on PostgreSQL
 
 
 class UserError(VialinspectError):
@@ -85,6 +87,45 @@ def read_password(a: argparse.Namespace, confirm: bool) -> str:
     if confirm and getpass.getpass("repeat password: ") != pw:
         raise UserError("the passwords do not match")
     return pw
+
+
+def qa_db_args(p: argparse.ArgumentParser, store_help: str = "record store directory (its review.sqlite)") -> None:
+    """``--store DIR`` or ``--db URL``: where the QA database (users, reviews, audit trail) is; one of them is
+    needed (``--db`` defaults to ``$VIALINSPECT_DB``), both are refused by argparse."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--store", default=None, metavar="DIR", help=f"{store_help}; or --db")
+    g.add_argument("--db", default=None, metavar="URL",
+                   help=f"or the plant's QA database on PostgreSQL: postgresql://HOST/DB (the password from "
+                        f"~/.pgpass or PGPASSWORD, never the URL); default ${QA_DB_ENV}. One of --store and --db "
+                        "is required")
+
+
+def frames_root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frames-root", default=None, metavar="DIR",
+                   help="records in PostgreSQL (--db): the shared folder holding each station's frames as "
+                        "DIR/<station_id>/frames and DIR/<station_id>/maps (default $VIALINSPECT_FRAMES_ROOT; "
+                        "docs/review.md)")
+
+
+def qa_db_spec(a: argparse.Namespace) -> str:
+    """The QA database ``--store``/``--db`` (or ``$VIALINSPECT_DB``) names, for ``audit.open_review_db``."""
+    if a.store:
+        return a.store
+    url = a.db or os.environ.get(QA_DB_ENV)
+    if not url:
+        raise UserError(f"where is the QA database? give --store DIR or --db postgresql://HOST/DB (or set "
+                        f"${QA_DB_ENV})")
+    if url.split(":", 1)[0].lower() not in ("postgresql", "postgres"):
+        raise UserError(f"{'--db' if a.db else '$' + QA_DB_ENV} takes a postgresql:// URL; a store directory goes "
+                        "with --store")
+    return url
+
+
+def open_qa_db(a: argparse.Namespace, create: bool = True):
+    """The QA database of ``--store``/``--db`` (:func:`qa_db_spec`), opened."""
+    from vialinspect.inspection_station.qa.audit import open_review_db
+
+    return open_review_db(qa_db_spec(a), create=create)
 
 
 def signing_arg(p: argparse.ArgumentParser, what: str) -> None:

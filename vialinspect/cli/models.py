@@ -14,6 +14,8 @@ from .common import (
     open_registry,
     positive_int,
     print_help_of,
+    qa_db_args,
+    qa_db_spec,
     read_password,
     recipe_name,
     signing_arg,
@@ -354,11 +356,11 @@ def _signed_change(a: argparse.Namespace, rollback: bool) -> int:
     if rollback:
         target = reg.rollback_target(recipe)
         print(f"rolling {recipe} back from {reg.current(recipe)} to {target}; sign with your password")
-        ch = do_rollback(a.store, reg, recipe, a.user, read_password(a, confirm=False), a.reason)
+        ch = do_rollback(qa_db_spec(a), reg, recipe, a.user, read_password(a, confirm=False), a.reason)
     else:
         v = reg.resolve(a.version)
         print(f"promoting {v} for {recipe} (now {reg.current(recipe) or 'none'}); sign with your password")
-        ch = promote(a.store, reg, v, recipe, a.user, read_password(a, confirm=False), a.reason)
+        ch = promote(qa_db_spec(a), reg, v, recipe, a.user, read_password(a, confirm=False), a.reason)
     sig = ch.event.signature or {}
     print(f"{ch.event.action}: {recipe} now runs {ch.event.version}; signed by {sig.get('printed_name')} "
           f"({sig.get('meaning')}); audit entry {ch.audit_seq}. Stations started with --registry take it up "
@@ -402,7 +404,7 @@ def add_registry(sub: argparse._SubParsersAction) -> None:
         if name == "promote":
             p.add_argument("version", help="version id (or a unique prefix of at least 6 characters)")
         common(p, recipe=True, signs=True)
-        p.add_argument("--store", required=True, help="record store whose users sign and whose audit trail records it")
+        qa_db_args(p, "record store whose users sign and whose audit trail records it")
         p.add_argument("--user", required=True, help="signing user (an admin of the review app)")
         p.add_argument("--reason", required=True, help="the signed reason")
         p.add_argument("--password-stdin", action="store_true",

@@ -162,6 +162,23 @@ def cmd_db_upgrade(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_grants(a: argparse.Namespace) -> int:
+    from vialinspect.extras import require
+
+    require("postgres", "vialinspect db grants")
+    from vialinspect.inspection_station import pg_store
+
+    if not pg_store.is_pg_url(a.db):
+        raise UserError("--db takes a postgresql:// URL")
+    roles = {k: v for k, v in (("station", a.station_role), ("review", a.review_role)) if v}
+    if not roles:
+        raise UserError("name the roles to grant: --station-role NAME and/or --review-role NAME")
+    shown = pg_store.parse_url(a.db, use_env=False).display
+    for role, grants in pg_store.grant_roles(a.db, roles).items():
+        print(f"{shown}: {role}: " + "; ".join(f"{t} {p}" for t, p in grants.items()) + "; nothing else")
+    return 0
+
+
 def add_records(sub: argparse._SubParsersAction) -> None:
     rc = sub.add_parser("records", help="verify the station's record store",
                         description="Check a record store's database file (SQLite integrity check) and recompute "
@@ -177,11 +194,27 @@ def add_records(sub: argparse._SubParsersAction) -> None:
 
 
 def add_db(sub: argparse._SubParsersAction) -> None:
-    db = sub.add_parser("db", help="PostgreSQL: run the schema migrations",
+    db = sub.add_parser("db", help="PostgreSQL: run the schema migrations, grant the roles",
                         description="Bring a PostgreSQL database's vialinspect schema to this version (stations "
-                                    "also do it when they start). Versioned, in one transaction, idempotent.")
+                                    "and the QA side also do it when they start). Versioned, in one transaction, "
+                                    "idempotent. 'db grants' gives the stations' and the review app's roles what "
+                                    "they need and nothing more.")
     dbs = db.add_subparsers(dest="db_command", metavar="ACTION")
     du = dbs.add_parser("upgrade", help="run the migrations now")
     du.add_argument("--db", required=True, help="postgresql://HOST/DB (the password from ~/.pgpass or PGPASSWORD)")
     du.set_defaults(func=cmd_db_upgrade)
+    dg = dbs.add_parser("grants", help="grant the station role and the review role their privileges",
+                        description="Give existing roles exactly what they need on the vialinspect tables, "
+                                    "revoking anything else they had there: the station role SELECT and INSERT on "
+                                    "decisions, SELECT, INSERT and UPDATE on stations, nothing on the QA tables; the "
+                                    "review role SELECT on decisions and stations, SELECT and INSERT on audit, "
+                                    "reviews and meta, SELECT, INSERT and UPDATE on users (the trigger allows only "
+                                    "disabling). Neither may UPDATE, DELETE or TRUNCATE decisions or audit, or run "
+                                    "DDL. The roles must exist: the DBA creates them, with their passwords (CREATE "
+                                    "ROLE NAME LOGIN PASSWORD ...). Run it as the tables' owner, after db upgrade.")
+    dg.add_argument("--db", required=True, help="postgresql://HOST/DB, connecting as the tables' owner")
+    dg.add_argument("--station-role", default=None, metavar="NAME", help="the role the stations connect as")
+    dg.add_argument("--review-role", default=None, metavar="NAME",
+                    help="the role the review app and the users/audit/registry commands connect as")
+    dg.set_defaults(func=cmd_db_grants)
     db.set_defaults(func=print_help_of(db))

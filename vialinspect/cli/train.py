@@ -11,8 +11,12 @@ from pathlib import Path
 from .common import (
     UserError,
     container_bar,
+    frames_root_arg,
+    open_qa_db,
     open_registry,
     positive_int,
+    qa_db_args,
+    qa_db_spec,
     recipe_name,
     show_progress,
     signing_arg,
@@ -136,7 +140,6 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     require("train", "vialinspect retrain")
     from vialinspect.inspection_station.actor import os_actor
     from vialinspect.inspection_station.qa import audit
-    from vialinspect.inspection_station.qa.audit import ReviewDB
     from vialinspect.inspection_station.qa.review import export_reviewed
     from vialinspect.training.config import load_config
     from vialinspect.training.gate import GateConfig
@@ -157,8 +160,10 @@ def cmd_retrain(a: argparse.Namespace) -> int:
                             gate=GateConfig(alpha=a.alpha, pod_tolerance=a.pod_tolerance,
                                             frr_tolerance=a.frr_tolerance, localized=a.detection == "localized"),
                             seed=a.seed or 0)
-        print(f"1/3 exporting reviewed units from {a.store} to {work / 'reviewed'}")
-        exp = export_reviewed(a.store, work / "reviewed", actor=actor, overwrite=True)
+        spec = qa_db_spec(a)
+        print(f"1/3 exporting reviewed units from {spec} to {work / 'reviewed'}")
+        exp = export_reviewed(spec, work / "reviewed", actor=actor, overwrite=True, frames_root=a.frames_root,
+                              line=a.line, station=a.station)
         print(f"    {exp.containers} reviewed unit(s): {exp.confirmed} confirmed defect(s), {exp.false_rejects} false "
               f"reject(s); {len(exp.skipped)} skipped")
         print("2/3 retraining, exporting and gating")
@@ -166,7 +171,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
                       progress=show_progress(),
                       provenance={"review_export_manifest_sha256": exp.manifest_sha256,
                                   "review_export_audit_seq": exp.audit_seq})
-        audit.record(ReviewDB(a.store, create=False), actor, audit.MODEL_RETRAINED, new_value={
+        audit.record(open_qa_db(a, create=False), actor, audit.MODEL_RETRAINED, new_value={
             "recipe": recipe, "champion": res.champion, "challenger": res.challenger, "gate_passed": res.passed,
             "registry": str(reg.root.resolve()), "review_export_manifest_sha256": exp.manifest_sha256},
             reason="challenger retrained from reviewed rejects")
@@ -178,7 +183,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     if res.passed:
         print(f"challenger {res.challenger} is a candidate; an admin promotes it with\n"
               f"  vialinspect registry promote {res.challenger} --registry {a.registry} --recipe {recipe} "
-              f"--store {a.store} --user NAME --reason TEXT")
+              f"{'--store' if a.store else '--db'} {spec} --user NAME --reason TEXT")
     return 0 if res.passed else 1
 
 
@@ -190,7 +195,10 @@ def add_retrain(sub: argparse._SubParsersAction) -> None:
                                    "challenger and champion on the frozen qualification set (never trained on: checked "
                                    "by pixel hash) and gate it. Exit 0: a candidate; 1: refused by the gate. Nothing "
                                    "is promoted: that takes a signature (`registry promote`).")
-    r.add_argument("--store", required=True, help="record store with signed reviews (as used by the station)")
+    qa_db_args(r, "record store with signed reviews (as used by the station)")
+    frames_root_arg(r)
+    r.add_argument("--line", default=None, help="a plant's records (--db): retrain from this line's reviews only")
+    r.add_argument("--station", default=None, help="a plant's records (--db): this station's reviews only")
     r.add_argument("--base-data", required=True, help="the base training dataset (manifest or ImageFolder)")
     r.add_argument("--registry", required=True, help="model registry directory")
     r.add_argument("--qualification", required=True,
