@@ -285,6 +285,43 @@ def test_the_app_shows_lines_and_stations_and_says_where_frames_are_not(plant, p
             app.close()
 
 
+def test_the_apps_trends_filter_by_line_and_station(plant):
+    pytest.importorskip("gradio")
+    from types import SimpleNamespace
+
+    from vialinspect.inspection_station.qa.review_app import ANY, _App
+
+    plant.sign_review("alice", PW["alice"], "L1-ST1/unit-00003", "confirmed_defect", "particle", "")
+    plant.sign_review("alice", PW["alice"], "L2-ST1/unit-00000", "false_reject", None, "")
+    req = SimpleNamespace(username="alice")
+    app = _App(plant)
+    try:
+        *_, t_lines, t_stations = app.page_choices(req)  # the Trends tab's filters, shown for a plant's records
+        assert t_lines["visible"] and t_lines["choices"] == [ANY, "L1", "L2"]
+        assert t_stations["visible"] and t_stations["choices"] == [ANY, *STATIONS]
+
+        def row(*settings: str) -> list:
+            _, _, table, models = app.trends_page("day", ANY, *settings, req)
+            assert models["choices"] == [ANY, "v-test"]
+            return table.iloc[0, :7].tolist()  # version, inspected, rejected, confirmed, false reject, escalated, not
+
+        assert row("L1", ANY) == ["v-test", N, 4, 1, 0, 0, 3]
+        assert row(ANY, "L2-ST1") == row("L2", ANY) == ["v-test", N, 4, 0, 1, 0, 3]
+        assert row(ANY, ANY) == ["v-test", 2 * N, 8, 1, 1, 0, 6]
+        assert app.trends("day", ANY, req)[2].iloc[0, :7].tolist() == row(ANY, ANY)  # the API: every line
+        chosen = app.trends_page("day", "v-old", "L1", ANY, req)[3]  # a version the line has none of stays a choice
+        assert chosen["choices"] == [ANY, "v-old", "v-test"]
+
+        def centre(*settings: str) -> str:  # the "any" panel of the control chart: rejected / units decided
+            return app.control_chart("day", ANY, *settings, req).axes[-1].get_title(loc="left").split(" from")[0]
+
+        assert centre("L1", ANY) == "any: centre 33.33%"  # 4 / 12
+        assert centre(ANY, "L2-ST1") == "any: centre 27.27%"  # 3 / 11: the unit not inspected is left out
+        assert centre(ANY, ANY) == "any: centre 30.43%"  # 7 / 23
+    finally:
+        app.close()
+
+
 def test_review_export_from_a_plants_database_on_the_command_line(plant, pg_server, pg_db, tmp_path,  # noqa: F811
                                                                   monkeypatch, capsys):
     from vialinspect.cli import main

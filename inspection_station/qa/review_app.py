@@ -248,6 +248,11 @@ class _App:
                 gr.update(choices=[ANY, *opts["lines"]], visible=plant),
                 gr.update(choices=[ANY, *opts["stations"]], visible=plant))
 
+    def page_choices(self, request: gr.Request) -> tuple[Any, ...]:
+        """The page load: the queue's filter choices, and the same line and station choices for the trends."""
+        *queue, lines, stations = self.filter_choices(request)
+        return (*queue, lines, stations, dict(lines), dict(stations))
+
     # ---- one unit ---------------------------------------------------------------------------------------
 
     def _unit(self, cid: str | None, show_map: bool) -> tuple:
@@ -428,9 +433,13 @@ class _App:
         return str(out)
 
     def trends(self, bucket: str, model: str, request: gr.Request) -> tuple:
+        """The "trends" API: every line and station (the API keeps its two inputs)."""
+        return self.trends_page(bucket, model, ANY, ANY, request)
+
+    def trends_page(self, bucket: str, model: str, line: str, station: str, request: gr.Request) -> tuple:
         _user(request)
         try:
-            t = self.svc.trends(bucket=bucket or "day")
+            t = self.svc.trends(bucket=bucket or "day", line=_opt(line), station=_opt(station))
         except ReviewError as e:
             raise _err(str(e)) from None
         rates = [r for r in t.reject_rates if _opt(model) in (None, r.model_version)]
@@ -443,13 +452,15 @@ class _App:
                                o.pending, _pct(o.false_share), _pct(o.estimated_false_reject_rate)] for o in outs],
                              columns=["model version", "inspected", "rejected", "confirmed", "false reject",
                                       "escalated", "not reviewed", "false share of reviewed", "est. false-reject rate"])
-        versions = sorted({o.model_version for o in t.outcomes})
+        # The chosen version stays a choice when the line or station shown has none of its units.
+        versions = sorted({o.model_version for o in t.outcomes} | ({model} if _opt(model) else set()))
         return _rates_figure(rates), bars, table, gr.update(choices=[ANY, *versions])
 
-    def control_chart(self, bucket: str, model: str, request: gr.Request):
+    def control_chart(self, bucket: str, model: str, line: str, station: str, request: gr.Request):
         _user(request)
         try:
-            counts = self.svc.control_counts(bucket=bucket or "day", model_version=_opt(model))
+            counts = self.svc.control_counts(bucket=bucket or "day", model_version=_opt(model), line=_opt(line),
+                                             station=_opt(station))
         except ReviewError as e:
             raise _err(str(e)) from None
         return control_figure(counts, self.drift_baseline, _opt(model), bucket or "day")
@@ -676,6 +687,17 @@ class _TrendsTab:
     t_control: Any
     t_bars: Any
     t_table: Any
+    f_line: Any  # line and station: shown when the records come from several stations
+    f_station: Any
+
+    @property
+    def settings(self) -> list[Any]:
+        return [*self.api_settings, self.f_line, self.f_station]
+
+    @property
+    def api_settings(self) -> list[Any]:
+        """The "trends" API's inputs: every setting but line and station."""
+        return [self.t_bucket, self.t_model]
 
 
 @dataclasses.dataclass
@@ -778,19 +800,22 @@ def _trends_tab() -> _TrendsTab:
         with gr.Row():
             t_bucket = gr.Radio(["day", "hour"], value="day", label="Period")
             t_model = gr.Dropdown([ANY], value=ANY, label="Model version")
+            f_line = gr.Dropdown([ANY], value=ANY, label="Line", visible=False)
+            f_station = gr.Dropdown([ANY], value=ANY, label="Station", visible=False)
             b_trends = gr.Button("Refresh")
         t_rates = gr.Plot(label="Reject rate per class over time", format="png")
         t_control = gr.Plot(label="Control chart per class", format="png")
         t_bars = gr.BarPlot(x="model version", y="units", color="outcome",
                             title="Review outcomes per model version", height=320)
         t_table = gr.Dataframe(interactive=False, label="Estimated false-reject rate per model version")
-    return _TrendsTab(tab, t_bucket, t_model, b_trends, t_rates, t_control, t_bars, t_table)
+    return _TrendsTab(tab, t_bucket, t_model, b_trends, t_rates, t_control, t_bars, t_table, f_line, f_station)
 
 
-def _wire_queue(demo: gr.Blocks, app: _App, who: Any, r: _ReviewTab, s: _Session, vis: str) -> None:
-    """The page load (filter choices, the queue, its first unit), the filters, and opening a unit."""
+def _wire_queue(demo: gr.Blocks, app: _App, who: Any, r: _ReviewTab, t: _TrendsTab, s: _Session, vis: str) -> None:
+    """The page load (filter choices, also the trends' line and station, the queue, its first unit), the filters,
+    and opening a unit."""
     unit_out, queue_out = s.unit_out(r), s.queue_out(r)
-    demo.load(app.filter_choices, None, [r.f_recipe, r.f_model, who, r.f_line, r.f_station],
+    demo.load(app.page_choices, None, [r.f_recipe, r.f_model, who, r.f_line, r.f_station, t.f_line, t.f_station],
               api_visibility="private").then(
         app.queue, r.api_filters, queue_out, api_name="queue", api_visibility=vis).then(
         app.first_unit, [s.ids, r.u_map], unit_out, api_visibility="private")
@@ -817,21 +842,24 @@ def _wire_signing(app: _App, r: _ReviewTab, s: _Session) -> None:
 
 def _wire_history_audit_trends(app: _App, h: _HistoryTab, a: _AuditTab, t: _TrendsTab, s: _Session,
                                vis: str) -> None:
-    """The History, Audit trail and Trends tabs: their buttons (named API endpoints), then their refresh when a
-    tab is selected or a setting changes."""
+    """The History, Audit trail and Trends tabs: the first two's buttons (named API endpoints) and the "trends" API
+    (an event of its own), then the tabs' refresh when a tab is selected, a setting changes or Refresh is pressed."""
     trends_out = [t.t_rates, t.t_bars, t.t_table, t.t_model]
     h.b_history.click(app.history, [h.h_cid], [h.h_text, h.h_table], api_name="history", api_visibility=vis)
     a.b_audit.click(app.audit_log, a.query, [a.a_table], api_name="audit_log", api_visibility=vis)
     a.b_verify.click(app.verify, None, [a.a_verify], api_name="verify_audit", api_visibility=vis)
     a.b_csv.click(app.export_audit, None, [a.a_file], api_name="export_audit", api_visibility=vis)
-    # The control chart follows every trends refresh as a step of its own (the "trends" API keeps its outputs).
-    t.b_trends.click(app.trends, [t.t_bucket, t.t_model], trends_out, api_name="trends", api_visibility=vis).then(
-        app.control_chart, [t.t_bucket, t.t_model], [t.t_control], api_visibility="private")
+    # The "trends" API keeps its two inputs (every line and station), on an event that no widget triggers, as the
+    # "queue" API keeps its seven: a client is not told an undocumented endpoint's defaults, so inputs added to it
+    # would break every script that passes the old ones.
+    gr.on([], app.trends, t.api_settings, trends_out, api_name="trends", api_visibility=vis)
     h.tab.select(app.history_current, [s.cid, h.h_cid], [h.h_cid, h.h_text, h.h_table], api_visibility="private")
     a.tab.select(app.audit_log, a.query, [a.a_table], api_visibility="private")
-    for trigger in (t.tab.select, t.t_bucket.change, t.t_model.change):
-        trigger(app.trends, [t.t_bucket, t.t_model], trends_out, api_visibility="private").then(
-            app.control_chart, [t.t_bucket, t.t_model], [t.t_control], api_visibility="private")
+    # The control chart follows every trends refresh as a step of its own (the "trends" API keeps its outputs).
+    for trigger in (t.b_trends.click, t.tab.select, t.t_bucket.change, t.t_model.change, t.f_line.change,
+                    t.f_station.change):
+        trigger(app.trends_page, t.settings, trends_out, api_visibility="private").then(
+            app.control_chart, t.settings, [t.t_control], api_visibility="private")
 
 
 def _wire_script_api(app: _App, vis: str) -> None:
@@ -866,7 +894,7 @@ def build_app(store_dir: str | Path, service: ReviewService | None = None,
         with gr.Tabs():
             review, history, audit_tab, trends = _review_tab(), _history_tab(), _audit_tab(), _trends_tab()
         session = _Session(ids=gr.State([]), cid=gr.State(None), pending=gr.State(None))
-        _wire_queue(demo, app, who, review, session, vis)
+        _wire_queue(demo, app, who, review, trends, session, vis)
         _wire_signing(app, review, session)
         _wire_history_audit_trends(app, history, audit_tab, trends, session, vis)
         _wire_script_api(app, vis)
