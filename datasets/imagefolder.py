@@ -2,12 +2,18 @@
 
     DATA/good/*.png   DATA/particle/*.jpg   DATA/crack/*.bmp   DATA/fill_level/*.tif
 
-Each image is one container with one frame. Optional ``DATA/train``, ``DATA/val``, ``DATA/test``
-folders holding the class folders fix the split; otherwise it is derived from the file path.
+Each image is one container with one frame. A folder of at most 64 images (no subfolders) inside a class
+folder is one container whose frames are the images in it, in name order (``DATA/particle/unit0001/f0.png
+f1.png ...``): the spin-stop sequence a particle inspection takes, so that motion tells a particle (it sinks)
+from a mark on the glass (it stays) and a bubble (it rises); a larger or nested folder (a lot, a day) holds
+containers of its own. Every container of a dataset has the same number of frames: the most common count; a
+unit with another count is skipped and reported. Optional ``DATA/train``, ``DATA/val``, ``DATA/test`` folders
+holding the class folders fix the split; otherwise it is derived from the file path.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from .imageio import IMAGE_SUFFIXES
@@ -15,6 +21,7 @@ from .manifest import Dataset, DatasetError, Problem
 from .records import DEFECT_CLASSES, SPLITS, ContainerRecord, split_for
 
 GOOD = "good"
+MAX_SEQUENCE = 64  # images in a folder read as one container's frames; a larger folder is a folder of stills
 FOLDER_CLASSES = (GOOD, *DEFECT_CLASSES)
 
 
@@ -43,17 +50,49 @@ def read_imagefolder(root: Path) -> Dataset:
                     problems.append(Problem(None, None, f"folder {d.relative_to(root)} is not a class "
                                                         f"(expected: {', '.join(FOLDER_CLASSES)}); skipped"))
                 continue
-            for f in sorted(d.rglob("*")):
-                if not f.is_file():
-                    continue
-                rel = f.relative_to(root).as_posix()
-                if f.suffix.lower() not in IMAGE_SUFFIXES:
-                    problems.append(Problem(None, rel, f"not an image type ({', '.join(IMAGE_SUFFIXES)}); skipped"))
-                    continue
-                classes = [] if d.name == GOOD else [d.name]
-                records.append(ContainerRecord(id=rel, frames=[rel], classes=classes,
+            classes = [] if d.name == GOOD else [d.name]
+            for unit, frames in _containers(d, root, problems):
+                rel = unit.relative_to(root).as_posix()
+                records.append(ContainerRecord(id=rel, frames=frames, classes=classes,
                                                split=fixed_split or split_for(rel)))
     if not records:
         raise DatasetError(f"{root}: no images found in class folders {', '.join(FOLDER_CLASSES)}")
-    header = {"format": "imagefolder", "frames_per_container": 1, "classes": list(DEFECT_CLASSES)}
+    counts = Counter(len(r.frames) for r in records)
+    k = max(counts, key=lambda n: (counts[n], -n))  # the most common count (ties: the fewer frames)
+    for r in records:
+        if len(r.frames) != k:
+            problems.append(Problem(None, r.id, f"{len(r.frames)} frames where the dataset's units have {k}; "
+                                                "skipped"))
+    records = [r for r in records if len(r.frames) == k]
+    header = {"format": "imagefolder", "frames_per_container": k, "classes": list(DEFECT_CLASSES)}
     return Dataset(root=root, kind="imagefolder", header=header, records=records, problems=problems)
+
+
+
+def _containers(folder: Path, root: Path, problems: list[Problem]) -> list[tuple[Path, list[str]]]:
+    """(entry, frames) of every container under a class folder: each image file is one; a folder of at most
+    ``MAX_SEQUENCE`` images and no subfolders is one sequence; a larger or nested folder (a lot, a day) is
+    walked for both."""
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file():
+            out += [(entry, f) for f in [_frames([entry], root, problems)] if f]
+        elif entry.is_dir():
+            inside = sorted(entry.iterdir())
+            if len(inside) <= MAX_SEQUENCE and all(f.is_file() for f in inside):
+                out += [(entry, f) for f in [_frames(inside, root, problems)] if f]
+            else:
+                out += _containers(entry, root, problems)
+    return out
+
+
+def _frames(files: list[Path], root: Path, problems: list[Problem]) -> list[str]:
+    """The image files among ``files`` (paths relative to the root); the rest reported and skipped."""
+    frames = []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            frames.append(rel)
+        else:
+            problems.append(Problem(None, rel, f"not an image type ({', '.join(IMAGE_SUFFIXES)}); skipped"))
+    return frames

@@ -231,3 +231,34 @@ def test_a_unit_with_its_bottom_out_of_view_is_read_by_its_headspace(line):
     ok, off = gauge.read(cut(good["vial-2R"][1])), gauge.read(cut(bad["vial-2R"][2]))
     assert ok.problem is None and ok.deviation < 4
     assert off.problem is None and off.deviation > 6
+
+
+def test_spin_stop_sequences_start_from_the_default_model(tmp_path, monkeypatch):
+    """A line's units of several frames (one folder per unit) keep the motion branch: --init auto starts from the
+    shipped default model even where the fill gauge fits (the still-image model has no motion branch)."""
+    import cv2
+
+    import vialinspect.training.trainer as trainer
+    from vialinspect.training.trainer import train
+
+    from .conftest import small_config
+
+    cam = CameraConfig(pixel_um=120.0)
+    cfg = SimConfig(formats=("vial-2R",), frames=3, defect_rate=0.0, camera=cam).with_nuisance_rates({})
+    for i in range(30):
+        unit = tmp_path / "line" / "good" / f"u{i:02d}"
+        unit.mkdir(parents=True)
+        for k, img in enumerate(make_container(cfg, i, seed=5)[1]):
+            cv2.imwrite(str(unit / f"f{k}.png"), img)
+    seen, logs = [], []
+
+    def load(init):
+        seen.append(init)
+        raise trainer.TrainingError("stop before training")
+
+    monkeypatch.setattr(trainer, "_load_init", load)
+    with pytest.raises(trainer.TrainingError, match="stop before training"):
+        train(tmp_path / "line", tmp_path / "auto", small_config(epochs=1), init="auto", progress=False,
+              log=logs.append)
+    assert seen == ["builtin:default"]
+    assert any("K=3" in line for line in logs) and any(line.startswith("fill gauge:") for line in logs), logs

@@ -290,7 +290,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     if not data.has_fill and cfg.fill_gauge != "off" and d.main:
         gauge = fit_line_gauge(data.ds.root, [r for r in data.train if not r.classes], log)
     if init == "auto":
-        init = _auto_init(gauge is not None, data.has_mask, resumed, d, device)
+        init = _auto_init(gauge is not None, data.has_mask, resumed, d, device, data.frames)
     init_ck = _load_init(init) if init and not resumed else None
     net, cfg = _build_network(cfg, init, init_ck, resumed, data.frames, log)
     run = _setup_run(cfg, data, d, device, net, init, init_ck, resumed, log)
@@ -343,14 +343,17 @@ def _resume_checkpoint(last_path: Path, data_dir: str | Path, data_hash: str, cf
     return resumed, cfg
 
 
-def _auto_init(gauge_fitted: bool, has_mask: bool, resumed: dict | None, d: Dist, device: torch.device) -> str | None:
+def _auto_init(gauge_fitted: bool, has_mask: bool, resumed: dict | None, d: Dist, device: torch.device,
+               frames: int = 1) -> str | None:
     """``--init auto``: the model training starts from, or None for random weights."""
     # The simulator's data trains from random weights (the default model's recipe). A line's own images (no
     # masks) learn fastest from a simulator-trained model: from the still-image transfer model
     # (builtin:still), which finds more particles and cracks on simulated lines but learnt no fill level
     # across cameras, where the fill gauge measures the fill level; else from the default model, whose fill
-    # level transfers (docs/new_line.md). DDP ranks all take the main rank's choice.
-    still = _rank0(gauge_fitted, d, device)
+    # level transfers (docs/new_line.md). A line's spin-stop sequences (several frames a unit) start from the
+    # default model whatever the gauge: its motion branch is what finds particles (docs/new_line.md, sequences).
+    # DDP ranks all take the main rank's choice.
+    still = _rank0(gauge_fitted, d, device) and frames == 1
     return None if has_mask or resumed else ("builtin:still" if still else "builtin:default")
 
 

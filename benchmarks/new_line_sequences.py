@@ -1,0 +1,139 @@
+"""New-line benchmark, spin-stop sequences: a line that hands over K frames per unit instead of one still image.
+
+    .venv/bin/python benchmarks/new_line_sequences.py [--world w65] [--frames 4] [--labels 200] [--good 600]
+        [--test 400] [--minutes 10] [--seed 0] [--out bench_out/new_line_sequences]
+
+Particle inspection takes a sequence after the spin stops: a particle moves between frames, a mark on the glass
+does not, a bubble rises. In one still image (benchmarks/new_line.py) a glass fragment looks like a bubble and
+a fibre like a scratch, and particles stay at 0.2-0.3 recall. This renders the same world (benchmarks/worlds.py:
+optics, formats, encodings, nuisances) with K frames per unit, written in the ImageFolder layout with one folder
+per unit (``train/particle/<unit>/f0.png ...``, image-level labels only, as a plant would hand them over), trains
+with plain ``vialinspect train --data DIR --max-minutes M`` (its "auto" settings: for sequences it starts from
+the shipped default model, whose motion branch needs several frames) and scores the world's test units as
+new_line.py does (recall at <= 2% false rejects, AUROC, per-size particle recall, the run's own thresholds).
+Writes --out/summary.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vialinspect import set_offline_env  # noqa: E402
+
+set_offline_env()
+
+import numpy as np  # noqa: E402
+
+
+def _sibling(name: str):
+    path = Path(__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+W = _sibling("worlds")
+NL = _sibling("new_line")
+_JOB: dict = {}
+
+
+def render_unit(task: tuple[str, int, int, str]) -> dict:
+    """One unit of class ``cls`` as K frames in ``root/<split>/<cls>/<uid>/f<k>.<ext>``; its truth row."""
+    from vialinspect.datasets.generate import make_container
+
+    split, code, index, cls = task
+    world, seed, frames, root = _JOB["world"], _JOB["seed"], _JOB["frames"], _JOB["root"]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, W._world_key(world), code, index]))
+    fmt = world.formats[int(rng.integers(0, len(world.formats)))]
+    enc = world.encoding if world.encoding != "mixed" else W.SINGLE_ENCODINGS[int(rng.integers(0, 4))]
+    cfg = replace(world.sim_config(cls, fmt), frames=frames)
+    for _attempt in range(W.MAX_ATTEMPTS):
+        rec, imgs, _mask = make_container(cfg, index, int(rng.integers(0, 2**63 - 1)))
+        if all(d.bbox is not None for d in rec.defects):
+            break
+    rel = f"{split}/{cls}/{world.name}_{code}_{index:06d}"
+    (root / rel).mkdir(parents=True)
+    for k, img in enumerate(imgs):
+        (root / rel / f"f{k}{W.SUFFIX[enc]}").write_bytes(W.encode(img, enc, world.tint, rng))
+    return {"path": rel, "class": cls, "pixel_um": world.pixel_um, "format": rec.format,
+            "defects": [{"class": d.cls, "bbox": list(d.bbox) if d.bbox else None, "kind": d.kind,
+                         "size_um": d.size_um} for d in rec.defects]}
+
+
+def _init(world, seed: int, frames: int, root: str) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    _JOB.update(world=world, seed=seed, frames=frames, root=Path(root))
+
+
+def build(world, out: Path, frames: int, n_labels: int, n_good: int, n_test: int, seed: int) -> dict:
+    """The training folder (N labelled units in the world's class mix plus further good units) and the test
+    folder (half good, the rest the three defect classes alike), each unit drawn from its own seed."""
+    tasks = [("train", 1, i, c) for i, c in enumerate(W._split_classes(world, seed, "train", n_labels))]
+    tasks += [("train", 2, i, W.GOOD) for i in range(n_good)]
+    tasks += [("test", 3, i, c) for i, c in enumerate(W._split_classes(world, seed, "test", n_test))]
+    t0 = time.perf_counter()
+    W._fresh_opencv_pool()
+    with mp.get_context("fork").Pool(initializer=_init, initargs=(world, seed, frames, str(out))) as pool:
+        rows = pool.map(render_unit, tasks, chunksize=4)
+    with open(out / "truth.jsonl", "w") as fh:  # beside the split folders, as worlds.py writes it
+        for r in rows:
+            if r["path"].startswith("test/"):
+                fh.write(json.dumps(r) + "\n")
+    return {"units": len(rows), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", default="w65", help=f"world (known: {', '.join(W.WORLDS)}; default w65)")
+    p.add_argument("--frames", type=int, default=4, help="frames per unit (default 4)")
+    p.add_argument("--labels", type=int, default=200, help="labelled units of the line (default 200)")
+    p.add_argument("--good", type=int, default=600, help="further good units in training (default 600)")
+    p.add_argument("--test", type=int, default=400, help="test units (default 400)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws and the training (default 0)")
+    p.add_argument("--out", default="bench_out/new_line_sequences", help="output directory (must not exist)")
+    a = p.parse_args()
+    out = Path(a.out)
+    if out.exists():
+        p.error(f"{out} exists; choose a new directory")
+    world = W.get_world(a.world)
+    data = out / "data"
+    data.mkdir(parents=True)
+    pace_gflops = _sibling("pace").pace_gflops
+    pace0 = round(pace_gflops(), 1)
+    built = build(world, data, a.frames, a.labels, a.good, a.test, a.seed)
+    print(f"== {world.name}: {built['units']} units of {a.frames} frames rendered in {built['seconds']} s")
+    # The test units live beside the training folder, not in it: train reads only what it is given.
+    train_dir = out / "train_data"
+    train_dir.mkdir()
+    (data / "train").rename(train_dir / "train")
+    run = out / "run"
+    fit = NL.train_run(train_dir, run, "auto", None, a.minutes, a.seed)
+    res = NL.score_run(str(run / "best.pt"), data)  # its test/ split folder: every test unit
+    pace1 = round(pace_gflops(), 1)
+    summary = {"world": world.name, "frames": a.frames, "labels": a.labels, "good": a.good, "test": a.test,
+               "minutes": a.minutes, "seed": a.seed, "render": built, **fit, **res,
+               "pace_gflops_start": pace0, "pace_gflops_end": pace1}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    r = res["at_frr"]
+    print(f"recall at <= 2% false rejects: particle {r['particle']}, crack {r['crack']}, fill level "
+          f"{r['fill_level']}; AUROC {res['auroc']}; calibrated {res['calibrated']}; "
+          f"{fit['train_minutes']} min, {fit['peak_rss_gb']} GB; pace {pace0} -> {pace1} GFLOP/s")
+    print(f"particle recall by size: {res['particle_by_size']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
