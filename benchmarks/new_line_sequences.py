@@ -127,11 +127,15 @@ def main() -> int:
                "minutes": a.minutes, "seed": a.seed, "render": built, **fit, **res,
                "pace_gflops_start": pace0, "pace_gflops_end": pace1}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    r = res["at_frr"]
-    print(f"recall at <= 2% false rejects: particle {r['particle']}, crack {r['crack']}, fill level "
-          f"{r['fill_level']}; AUROC {res['auroc']}; calibrated {res['calibrated']}; "
-          f"{fit['train_minutes']} min, {fit['peak_rss_gb']} GB; pace {pace0} -> {pace1} GFLOP/s")
-    print(f"particle recall by size: {res['particle_by_size']}")
+    r, au, cal = res["at_frr"], res["auroc"], res["calibrated"]
+    sizes = " / ".join(str(v["recall"]) for v in res["particle_by_size"].values())
+    print(f"\nrecall at <= 2% false rejects (test good units set the thresholds); pace {pace0} -> {pace1} GFLOP/s")
+    print("| world | K | particle | crack | fill level | AUROC p/c/f | particle < 5 / 5-8 / >= 8 px | calibrated FRR, "
+          "p/c/f | minutes | GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {world.name} | {a.frames} | {r['particle']} | {r['crack']} | {r['fill_level']} | {au['particle']} / "
+          f"{au['crack']} / {au['fill_level']} | {sizes} | {cal['frr']}, {cal['particle']} / {cal['crack']} / "
+          f"{cal['fill_level']} | {fit['train_minutes']} | {fit['peak_rss_gb']} |")
     return 0
 
 

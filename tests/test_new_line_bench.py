@@ -78,3 +78,30 @@ def test_particle_recall_by_size_bins_the_units_by_pixels(nl, tmp_path):
     # a: 3 px; b: its largest particle, 6 px; c: 10 px; the good unit counts nowhere.
     assert out == {"0-5 px": {"n": 1, "recall": 1.0}, "5-8 px": {"n": 1, "recall": 0.0},
                    ">= 8 px": {"n": 1, "recall": 1.0}}
+
+
+def test_the_sequence_benchmark_writes_units_of_k_frames_the_truth_names(tmp_path):
+    """benchmarks/new_line_sequences.py: one folder of K frames per unit, read back as K-frame containers, and a
+    truth row for every test unit under the id evaluation gives it (the per-size recall looks units up by it)."""
+    import json
+
+    from vialinspect.datasets.imagefolder import read_imagefolder
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "new_line_sequences.py"
+    spec = importlib.util.spec_from_file_location("new_line_sequences_benchmark", path)
+    m = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = m
+    try:
+        spec.loader.exec_module(m)
+        world = m.W.get_world("w65")
+        built = m.build(world, tmp_path, frames=2, n_labels=4, n_good=1, n_test=4, seed=3)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert built["units"] == 9
+    ds = read_imagefolder(tmp_path)
+    assert ds.header["frames_per_container"] == 2 and not ds.problems
+    test_ids = {r.id for r in ds.records if r.split == "test"}
+    truth = [json.loads(line) for line in (tmp_path / "truth.jsonl").read_text().splitlines()]
+    assert len(test_ids) == 4 and {t["path"] for t in truth} == test_ids
+    assert {r.id.split("/")[1] for r in ds.records if r.split == "train"} <= {"good", "particle", "crack",
+                                                                              "fill_level"}
