@@ -186,6 +186,12 @@ SKIPPED.update({
     # The review app serves a web page until Ctrl-C (tests/test_review_app.py drives it in a browser).
     r"^vialinspect review --store \S+$": ("serves the review app until Ctrl-C; its reviews are signed in its place",
                                           _review_in_the_browser),
+    # A plant's set-up (docs/plant.md, station.md's roles) runs against the plant's own PostgreSQL server and
+    # machines: the DBA's tools, the frames mirror, and every command naming the plant's server. The same
+    # commands run against a throwaway server in tests/test_pg_store.py, test_pg_review_db.py and
+    # test_review_queue.py (users, audit, grants, review export, backup and restore).
+    r"^(createdb|psql|rsync) ": ("the plant's database administrator's and station machine's own tools", None),
+    r"postgresql://\S*db\.plant": ("needs the plant's PostgreSQL server (db.plant)", None),
     # The benchmarks take tens of minutes by design; their figures are what the docs report.
     r"^\.venv/bin/python benchmarks/": ("a benchmark: tens of minutes", None),
 })
