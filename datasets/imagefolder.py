@@ -2,7 +2,7 @@
 
     DATA/good/*.png   DATA/particle/*.jpg   DATA/crack/*.bmp   DATA/fill_level/*.tif
 
-Each image is one container with one frame. A folder of at most 64 images (no subfolders) inside a class
+Each image is one container with one frame. A folder of at most 16 images (no subfolders) inside a class
 folder is one container whose frames are the images in it, in name order (``DATA/particle/unit0001/f0.png
 f1.png ...``): the spin-stop sequence a particle inspection takes, so that motion tells a particle (it sinks)
 from a mark on the glass (it stays) and a bubble (it rises); a larger or nested folder (a lot, a day) holds
@@ -21,7 +21,7 @@ from .manifest import Dataset, DatasetError, Problem
 from .records import DEFECT_CLASSES, SPLITS, ContainerRecord, split_for
 
 GOOD = "good"
-MAX_SEQUENCE = 64  # images in a folder read as one container's frames; a larger folder is a folder of stills
+MAX_SEQUENCE = 16  # images in a folder read as one unit's sequence (spin-stop: 4-16); a larger one holds stills
 FOLDER_CLASSES = (GOOD, *DEFECT_CLASSES)
 
 
