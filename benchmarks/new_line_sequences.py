@@ -17,7 +17,6 @@ Writes --out/summary.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing as mp
 import sys
@@ -32,18 +31,10 @@ set_offline_env()
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import new_line as NL  # noqa: E402 - the sibling script: its scoring, training run and module loader
 
-def _sibling(name: str):
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-W = _sibling("worlds")
-NL = _sibling("new_line")
+W = NL._sibling("worlds")
 _JOB: dict = {}
 
 
@@ -111,7 +102,7 @@ def main() -> int:
     world = W.get_world(a.world)
     data = out / "data"
     data.mkdir(parents=True)
-    pace_gflops = _sibling("pace").pace_gflops
+    pace_gflops = NL._sibling("pace").pace_gflops
     pace0 = round(pace_gflops(), 1)
     built = build(world, data, a.frames, a.labels, a.good, a.test, a.seed)
     print(f"== {world.name}: {built['units']} units of {a.frames} frames rendered in {built['seconds']} s")

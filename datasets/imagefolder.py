@@ -75,14 +75,11 @@ def _containers(folder: Path, root: Path, problems: list[Problem]) -> list[tuple
     walked for both."""
     out = []
     for entry in sorted(folder.iterdir()):
-        if entry.is_file():
-            out += [(entry, f) for f in [_frames([entry], root, problems)] if f]
-        elif entry.is_dir():
-            inside = sorted(entry.iterdir())
-            if len(inside) <= MAX_SEQUENCE and all(f.is_file() for f in inside):
-                out += [(entry, f) for f in [_frames(inside, root, problems)] if f]
-            else:
-                out += _containers(entry, root, problems)
+        inside = sorted(entry.iterdir()) if entry.is_dir() else [entry]
+        if entry.is_dir() and (len(inside) > MAX_SEQUENCE or any(not f.is_file() for f in inside)):
+            out += _containers(entry, root, problems)
+        elif frames := _frames([f for f in inside if f.is_file()], root, problems):
+            out.append((entry, frames))
     return out
 
 

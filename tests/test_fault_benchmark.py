@@ -1,16 +1,13 @@
 """benchmarks/faults.py, the station against injected faults, on its smallest size: every must-be-zero count is 0."""
 
-import importlib.util
 import json
-from pathlib import Path
+
+from .benchmark_module import benchmark
 
 
 def test_fault_benchmark_accepts_nothing_uninspected_loses_nothing_and_line_agrees_with_store(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "faults.py"
-    spec = importlib.util.spec_from_file_location("faults_benchmark", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--units", "10", "--out", str(tmp_path / "faults.json")]) == 0
+    with benchmark("faults") as mod:
+        assert mod.main(["--units", "10", "--out", str(tmp_path / "faults.json")]) == 0
     result = json.loads((tmp_path / "faults.json").read_text())
     rows = {r["scenario"]: r for r in result["scenarios"]}
     assert set(rows) == {"dropped_frames", "duplicate_ids", "invalid_output", "bad_images", "inference_failure",

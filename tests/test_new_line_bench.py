@@ -1,22 +1,16 @@
 """benchmarks/new_line.py's scoring and data selection: what its figures are made of."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from .benchmark_module import benchmark
+
 
 @pytest.fixture(scope="module")
 def nl():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "new_line.py"
-    spec = importlib.util.spec_from_file_location("new_line_benchmark", path)
-    m = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = m
-    spec.loader.exec_module(m)
-    yield m
-    sys.modules.pop(spec.name, None)
+    with benchmark("new_line") as m:
+        yield m
 
 
 def test_recall_at_frr_keeps_the_false_reject_budget_and_counts_any_class(nl):
@@ -87,16 +81,8 @@ def test_the_sequence_benchmark_writes_units_of_k_frames_the_truth_names(tmp_pat
 
     from vialinspect.datasets.imagefolder import read_imagefolder
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "new_line_sequences.py"
-    spec = importlib.util.spec_from_file_location("new_line_sequences_benchmark", path)
-    m = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = m
-    try:
-        spec.loader.exec_module(m)
-        world = m.W.get_world("w65")
-        built = m.build(world, tmp_path, frames=2, n_labels=4, n_good=1, n_test=4, seed=3)
-    finally:
-        sys.modules.pop(spec.name, None)
+    with benchmark("new_line_sequences") as m:
+        built = m.build(m.W.get_world("w65"), tmp_path, frames=2, n_labels=4, n_good=1, n_test=4, seed=3)
     assert built["units"] == 9
     ds = read_imagefolder(tmp_path)
     assert ds.header["frames_per_container"] == 2 and not ds.problems

@@ -1,19 +1,16 @@
 """benchmarks/quality.py's comparison of the CNN and the baseline at equal detection, on constructed scores."""
 
-import importlib.util
-from pathlib import Path
 
 from vialinspect.datasets.records import ContainerRecord, Defect
 from vialinspect.training.metrics import evaluate
 from vialinspect.vision.scores import Scores
 
+from .benchmark_module import benchmark
+
 
 def _quality():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
-    spec = importlib.util.spec_from_file_location("quality_benchmark", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    with benchmark("quality") as mod:
+        return mod
 
 
 def test_matched_detection_compares_false_rejects_at_equal_detection_both_ways():

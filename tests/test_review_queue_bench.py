@@ -1,24 +1,18 @@
 """benchmarks/review_queue.py at 2,000 units: what its figures are made of (the fill, the cases, the plans)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.pg import _bin_dir
 
+from .benchmark_module import benchmark
+
 
 @pytest.fixture(scope="module")
 def rq():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "review_queue.py"
-    spec = importlib.util.spec_from_file_location("review_queue_benchmark", path)
-    m = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = m
-    spec.loader.exec_module(m)
-    yield m
-    sys.modules.pop(spec.name, None)
+    with benchmark("review_queue") as m:
+        yield m
 
 
 def test_the_benchmark_fills_pages_and_plans_on_both_engines(rq, tmp_path, capsys):

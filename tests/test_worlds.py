@@ -1,9 +1,7 @@
 """benchmarks/worlds.py: simulated 'new production lines' written as plain ImageFolder sets."""
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -17,18 +15,15 @@ from vialinspect.datasets.sim.config import CameraConfig, SimConfig
 from vialinspect.datasets.sim.formats import FORMATS
 from vialinspect.datasets.sim.render import framing_for
 
+from .benchmark_module import benchmark
+
 N_TRAIN, N_VAL, N_TEST = 8, 4, 4
 
 
 @pytest.fixture(scope="module")
 def mod():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "worlds.py"
-    spec = importlib.util.spec_from_file_location("worlds_benchmark", path)
-    m = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = m  # dataclasses and the worker pool look the module up by name
-    spec.loader.exec_module(m)
-    yield m
-    sys.modules.pop(spec.name, None)
+    with benchmark("worlds") as m:
+        yield m
 
 
 @pytest.fixture(scope="module")
