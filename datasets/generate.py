@@ -8,6 +8,7 @@ from its own stream, so the same holds for it.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -21,6 +22,7 @@ from .imageio import write_png
 from .manifest import MANIFEST_NAME, ManifestWriter, parse_record
 from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, split_for, union_box
 from .sim.config import SimConfig
+from .sim.look import LOOK_NAME
 from .sim.optics import container_config, degrade
 from .sim.reacquire import reacquire
 from .sim.render import render
@@ -126,11 +128,14 @@ def _work(item: int) -> dict:
 
 
 def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | None = None,
-             overwrite: bool = False, progress: Callable | None = None, passes: int = 1) -> GenerateStats:
+             overwrite: bool = False, progress: Callable | None = None, passes: int = 1,
+             look: dict | None = None) -> GenerateStats:
     """Write ``n`` containers to ``out``. ``progress`` wraps an iterator (e.g. tqdm) if given.
 
     ``passes`` > 1: each of the ``n`` physical units is acquired ``passes`` times (``n * passes`` records, ids
     ``c000012_a00`` ..., keys ``unit`` and ``acquisition``, all of a unit in its split); 1 writes the plain dataset.
+    ``look``: the line's look ``cfg`` was fitted to (``LineLook.to_json()``, ``generate --like``), kept in the
+    header's ``look`` and in ``look.json`` beside the manifest.
     """
     cfg.validate()
     if n < 1:
@@ -145,7 +150,7 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
             raise FileExistsError(f"{out} is not empty and holds no vialinspect dataset; refusing to overwrite it")
         for sub in ("images", "masks"):
             shutil.rmtree(out / sub, ignore_errors=True)
-        for f in (MANIFEST_NAME, MANIFEST_NAME + ".partial"):
+        for f in (MANIFEST_NAME, MANIFEST_NAME + ".partial", LOOK_NAME):
             (out / f).unlink(missing_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
@@ -161,6 +166,8 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
     }
     if passes > 1:  # a plain dataset's header stays as it was
         header["passes"] = passes
+    if look is not None:
+        header["look"] = look
     writer = ManifestWriter(out, header)
     t0 = time.perf_counter()
     frames = 0
@@ -188,6 +195,8 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
         if pool is not None:
             pool.terminate()
         raise
+    if look is not None:  # before the manifest: a dataset that is there is there with its look
+        (out / LOOK_NAME).write_text(json.dumps(look, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     writer.close()
     return GenerateStats(containers=items, frames=frames, seconds=time.perf_counter() - t0, workers=workers,
                          passes=passes)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .common import UserError, fraction, positive_int, print_help_of, progress
 
 # ---------------------------------------------------------------- generate
+
+DEFAULT_FRAMES = 4
+DEFAULT_PIXEL_UM = 40.0
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -19,6 +23,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     if not 1 <= a.passes <= MAX_PASSES:
         raise UserError(f"--passes must be from 1 to {MAX_PASSES}, got {a.passes}")
+    if a.like is not None and a.pixel_um is not None:
+        raise UserError("--like measures the pixel scale on the line's images: give --like or --pixel-um, not both")
+    if a.like is not None and a.optics == "varied":
+        raise UserError("--like renders through the line's one camera: give --like or --optics varied, not both")
 
     formats = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
@@ -32,8 +40,18 @@ def cmd_generate(a: argparse.Namespace) -> int:
         mix = parse_class_weights(a.defect_mix or [])
     except ValueError as e:
         raise UserError(f"--defect-mix: {e}") from None
-    cfg = SimConfig(formats=formats, frames=a.frames, defect_rate=a.defect_rate,
-                    camera=CameraConfig(pixel_um=a.pixel_um), optics=a.optics)
+    pixel_um = DEFAULT_PIXEL_UM if a.pixel_um is None else a.pixel_um
+    cfg = SimConfig(formats=formats, frames=DEFAULT_FRAMES if a.frames is None else a.frames,
+                    defect_rate=a.defect_rate, camera=CameraConfig(pixel_um=pixel_um), optics=a.optics)
+    look = None
+    if a.like is not None:
+        out = Path(a.out)
+        if out.is_dir() and any(out.iterdir()) and not a.overwrite:  # before the measuring, not after it
+            raise UserError(f"{out} is not empty; choose another directory or pass --overwrite")
+        look = _fit_look(a.like, formats)
+        cfg = look.sim_config(cfg)
+        if a.frames is not None:
+            cfg = replace(cfg, frames=a.frames)
     if nuisance:
         cfg = cfg.with_nuisance_rates(nuisance)
     if mix:
@@ -41,7 +59,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     try:
         cfg.validate()
         stats = generate(Path(a.out), a.containers, cfg, seed=a.seed, workers=a.workers, overwrite=a.overwrite,
-                         progress=progress("generate"), passes=a.passes)
+                         progress=progress("generate"), passes=a.passes,
+                         look=None if look is None else look.to_json())
     except (ValueError, FileExistsError) as e:
         raise UserError(str(e)) from None
     what = f"{stats.containers} containers"
@@ -52,6 +71,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_look(folder: str, formats: tuple[str, ...]):
+    """The look (``LineLook``) of the line's good units in ``folder``, printed; UserError (one line) when it cannot
+    be had. (The room is imported here, not on import: the CLI loads what a command needs.)"""
+    from vialinspect.datasets.sim.look import look_of_folder
+
+    try:
+        look = look_of_folder(folder, formats=formats)
+    except ValueError as e:
+        raise UserError(f"--like {e}") from None
+    print(f"the line's look, measured on its good units in {folder}:")
+    print(look.table())
+    for p in look.problems:
+        print(f"  note: {p}")
+    return look
+
+
 def add_generate(sub: argparse._SubParsersAction) -> None:
     from vialinspect.datasets.sim.config import NUISANCE_TAGS, OPTICS
 
@@ -60,17 +95,27 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                                    "(defect boxes and masks, fill heights, nuisance tags) and write a dataset.")
     g.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     g.add_argument("--containers", type=positive_int, default=200, help="number of containers (default 200)")
-    g.add_argument("--frames", type=positive_int, default=4,
-                   help="frames per container taken after the spin stops (default 4; 1 allowed)")
+    g.add_argument("--frames", type=positive_int, default=None,
+                   help=f"frames per container taken after the spin stops (default {DEFAULT_FRAMES}, or with --like "
+                        "the frames per unit of the line's folder; 1 allowed)")
     g.add_argument("--formats", default="vial-2R,vial-10R,syringe-1mL",
-                   help="comma-separated container formats (default: vial-2R,vial-10R,syringe-1mL)")
+                   help="comma-separated container formats (default: vial-2R,vial-10R,syringe-1mL); with --like, "
+                        "the formats the line's containers are matched against")
+    g.add_argument("--like", metavar="DIR", default=None,
+                   help="fit the simulator to a line: measure the look of the good units in DIR (an ImageFolder's "
+                        "good/ in any split, a dataset's good rows, or a folder of images, one unit each; 8/16-bit, "
+                        "grey or colour): container format, pixel scale, back light, gradient, vignetting, blur, "
+                        "read and shot noise, exposure drift, pose jitter and tilt (and flicker from sequences). "
+                        "Prints them, renders through that camera and writes them to look.json and the header's "
+                        "'look'. Not with --pixel-um or --optics varied")
     g.add_argument("--defect-rate", type=fraction, default=0.5,
                    help="fraction of containers with at least one defect (default 0.5)")
     g.add_argument("--defect-mix", action="append", metavar="CLASS=WEIGHT", default=None,
                    help="relative weight of a defect class among defective containers (default particle=0.5, "
                         "crack=0.25, fill_level=0.25; classes not given keep theirs), e.g. crack=0.45 for a "
                         "crack-rich training lot; repeatable")
-    g.add_argument("--pixel-um", type=float, default=40.0, help="camera pixel scale in µm/px (default 40)")
+    g.add_argument("--pixel-um", type=float, default=None,
+                   help=f"camera pixel scale in µm/px (default {DEFAULT_PIXEL_UM:g})")
     g.add_argument("--optics", choices=OPTICS, default="fixed",
                    help="fixed: every container through one camera (--pixel-um); varied: each container through "
                         "its own camera drawn from broad ranges (35-90 µm/px, light, blur, noise, vignetting, "
