@@ -91,3 +91,20 @@ def test_the_sequence_benchmark_writes_units_of_k_frames_the_truth_names(tmp_pat
     assert len(test_ids) == 4 and {t["path"] for t in truth} == test_ids
     assert {r.id.split("/")[1] for r in ds.records if r.split == "train"} <= {"good", "particle", "crack",
                                                                               "fill_level"}
+
+
+def test_sequence_benchmark_calibration_lot_reads_as_good_units(tmp_path):
+    """The calibration lot of benchmarks/new_line_sequences.py: an ImageFolder of good units only, each a folder
+    of K frames, drawn from a seed stream of its own (no unit is a training or test unit)."""
+    from vialinspect.datasets.imagefolder import read_imagefolder
+
+    with benchmark("new_line_sequences") as m:
+        world = m.W.get_world("w65")
+        m.render_good_lot(world, tmp_path, frames=2, n=3, seed=3)
+        m.build(world, tmp_path / "w", frames=2, n_labels=0, n_good=3, n_test=0, seed=3)
+    lot = read_imagefolder(tmp_path / "lot")
+    assert lot.header["frames_per_container"] == 2 and not lot.problems
+    assert len(lot.records) == 3 and all(not r.classes for r in lot.records)
+    digest = {(tmp_path / "lot" / r.frames[0]).read_bytes() for r in lot.records}
+    train = read_imagefolder(tmp_path / "w")
+    assert not digest & {(tmp_path / "w" / r.frames[0]).read_bytes() for r in train.records}
