@@ -3,7 +3,9 @@
 Each container is drawn from ``SeedSequence([seed, index])``, so its images are byte-identical whatever
 the number of workers or the order in which they finish. With ``passes`` > 1 each container is a physical unit
 acquired ``passes`` times (``sim/reacquire.py``), for a qualification study; acquisition k of unit i is drawn
-from its own stream, so the same holds for it.
+from its own stream, so the same holds for it. ``layout="imagefolder"`` writes the same containers, rendered the
+same way, as a plant hands them over instead (``imagefolder_writer.py``: class folders, image-level labels, no
+masks, ``truth.jsonl``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .imagefolder import MAX_SEQUENCE
+from .imagefolder_writer import ImageFolderWriter, is_generated, remove_generated, write_unit
 from .imageio import write_png
 from .manifest import MANIFEST_NAME, ManifestWriter, parse_record
 from .records import DEFECT_CLASSES, ContainerRecord, Defect, FillSpec, NuisanceObject, split_for, union_box
@@ -29,6 +33,7 @@ from .sim.render import render
 from .sim.scene import sample_scene
 
 MAX_PASSES = 100  # acquisitions per unit; ids carry two digits (c000012_a00 .. c000012_a99)
+LAYOUTS = ("manifest", "imagefolder")  # images/, masks/ and manifest.jsonl; or class folders (imagefolder_writer)
 
 
 @dataclass
@@ -38,6 +43,9 @@ class GenerateStats:
     seconds: float
     workers: int
     passes: int = 1  # acquisitions per physical unit
+    layout: str = "manifest"
+    folders: dict[str, int] | None = None  # imagefolder: units per class folder
+    several_classes: int = 0  # imagefolder: units with several defect classes, filed under the first
 
     @property
     def frames_per_s(self) -> float:
@@ -106,20 +114,24 @@ def _fresh_opencv_pool() -> None:
     cv2.setNumThreads(n)
 
 
-def _init_worker(cfg: SimConfig, seed: int, root: str, passes: int = 1) -> None:
+def _init_worker(cfg: SimConfig, seed: int, root: str, passes: int = 1, layout: str = "manifest") -> None:
     # One thread per process: the processes already fill the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import cv2
 
     cv2.setNumThreads(1)
-    _WORKER.update(cfg=cfg, seed=seed, root=Path(root), passes=passes)
+    _WORKER.update(cfg=cfg, seed=seed, root=Path(root), passes=passes, layout=layout)
 
 
 def _work(item: int) -> dict:
-    """Work item ``item``: unit ``item // passes``, acquisition ``item % passes`` (a plain record for 1 pass)."""
+    """Work item ``item``: unit ``item // passes``, acquisition ``item % passes`` (a plain record for 1 pass),
+    written in the run's layout; its manifest row (for the ImageFolder too: its truth row is made from it)."""
     cfg, seed, root, passes = _WORKER["cfg"], _WORKER["seed"], _WORKER["root"], _WORKER["passes"]
     index, acquisition = divmod(item, passes)
     rec, frames, mask = make_container(cfg, index, seed, acquisition if passes > 1 else None)
+    if _WORKER["layout"] == "imagefolder":
+        write_unit(root, rec, frames)
+        return rec.to_json()
     for rel, img in zip(rec.frames, frames, strict=True):
         write_png(root / rel, img)
     if mask is not None and rec.mask:
@@ -129,31 +141,36 @@ def _work(item: int) -> dict:
 
 def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | None = None,
              overwrite: bool = False, progress: Callable | None = None, passes: int = 1,
-             look: dict | None = None) -> GenerateStats:
+             look: dict | None = None, layout: str = "manifest") -> GenerateStats:
     """Write ``n`` containers to ``out``. ``progress`` wraps an iterator (e.g. tqdm) if given.
 
     ``passes`` > 1: each of the ``n`` physical units is acquired ``passes`` times (``n * passes`` records, ids
     ``c000012_a00`` ..., keys ``unit`` and ``acquisition``, all of a unit in its split); 1 writes the plain dataset.
     ``look``: the line's look ``cfg`` was fitted to (``LineLook.to_json()``, ``generate --like``), kept in the
     header's ``look`` and in ``look.json`` beside the manifest.
+    ``layout``: ``manifest`` (the default) or ``imagefolder``: the same containers as class folders with
+    image-level labels, ``truth.jsonl`` and no masks (``imagefolder_writer.py``; one pass, at most
+    ``MAX_SEQUENCE`` frames, which is what ``read_imagefolder`` takes for one unit).
     """
     cfg.validate()
     if n < 1:
         raise ValueError(f"number of containers must be at least 1, got {n}")
     if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= MAX_PASSES:
         raise ValueError(f"passes must be a whole number from 1 to {MAX_PASSES}, got {passes!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "imagefolder" and passes > 1:
+        raise ValueError("an ImageFolder holds one acquisition per unit: passes > 1 needs the manifest layout")
+    if layout == "imagefolder" and cfg.frames > MAX_SEQUENCE:
+        raise ValueError(f"an ImageFolder unit holds at most {MAX_SEQUENCE} frames (a larger folder reads as a lot "
+                         f"of still images), got {cfg.frames}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; choose another directory or pass --overwrite")
-        if not ((out / MANIFEST_NAME).exists() or (out / (MANIFEST_NAME + ".partial")).exists()):
-            raise FileExistsError(f"{out} is not empty and holds no vialinspect dataset; refusing to overwrite it")
-        for sub in ("images", "masks"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        for f in (MANIFEST_NAME, MANIFEST_NAME + ".partial", LOOK_NAME):
-            (out / f).unlink(missing_ok=True)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(exist_ok=True)
+    _clear(out, overwrite)
+    if layout == "manifest":
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "masks").mkdir(exist_ok=True)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     header = {
         "created_by": "vialinspect generate",
@@ -168,19 +185,24 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
         header["passes"] = passes
     if look is not None:
         header["look"] = look
-    writer = ManifestWriter(out, header)
+    writer: ManifestWriter | ImageFolderWriter
+    if layout == "manifest":
+        writer, root = ManifestWriter(out, header), str(out)
+    else:  # the workers write the units into the writer's staging folder; close() moves them into place
+        writer = ImageFolderWriter(out)
+        root = str(writer.staging)
     t0 = time.perf_counter()
     frames = 0
     items = n * passes  # in order: unit 0's acquisitions, then unit 1's, ...
     pool = None
     try:
         if workers == 1:
-            _init_worker(cfg, seed, str(out), passes)
+            _init_worker(cfg, seed, root, passes, layout)
             results = map(_work, range(items))
         else:
             _fresh_opencv_pool()
             pool = mp.get_context("fork").Pool(workers, initializer=_init_worker,
-                                               initargs=(cfg, seed, str(out), passes))
+                                               initargs=(cfg, seed, root, passes, layout))
             results = pool.imap(_work, range(items), chunksize=4)
         it = progress(results, total=items) if progress else results
         for row in it:
@@ -198,5 +220,29 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
     if look is not None:  # before the manifest: a dataset that is there is there with its look
         (out / LOOK_NAME).write_text(json.dumps(look, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     writer.close()
-    return GenerateStats(containers=items, frames=frames, seconds=time.perf_counter() - t0, workers=workers,
-                         passes=passes)
+    stats = GenerateStats(containers=items, frames=frames, seconds=time.perf_counter() - t0, workers=workers,
+                          passes=passes, layout=layout)
+    if isinstance(writer, ImageFolderWriter):
+        stats.folders, stats.several_classes = dict(writer.folders), writer.several
+    return stats
+
+
+def _clear(out: Path, overwrite: bool) -> None:
+    """Make way in ``out`` for a dataset: nothing to do if it is absent or empty; with ``overwrite``, remove a
+    dataset generate wrote there (either layout, finished or not); refuse anything else."""
+    if not (out.exists() and any(out.iterdir())):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} is not empty; choose another directory or pass --overwrite")
+    manifest = (out / MANIFEST_NAME).exists() or (out / (MANIFEST_NAME + ".partial")).exists()
+    folder = is_generated(out)
+    if not (manifest or folder):
+        raise FileExistsError(f"{out} is not empty and holds no vialinspect dataset; refusing to overwrite it")
+    if manifest:
+        for sub in ("images", "masks"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for f in (MANIFEST_NAME, MANIFEST_NAME + ".partial"):
+            (out / f).unlink(missing_ok=True)
+    if folder:
+        remove_generated(out)
+    (out / LOOK_NAME).unlink(missing_ok=True)

@@ -1,8 +1,10 @@
 """`make demo`: the whole product on a small embedded default, step by step.
 
 Simulate a small dataset, validate it, write an annotated contact sheet, evaluate the committed default
-model on it, run the inspection station on the simulator as a camera with that model, and end with the QA
-review app serving the station's flagged units (a demo reviewer login is printed).
+model on it, run the inspection station on the simulator as a camera with that model, then learn a new line
+from its own images (a line the default model never saw, handed over as an ImageFolder of spin-stop sequences
+with image-level labels: check it, fit the simulator to it, train on it within a budget, evaluate on its test
+split), and end with the QA review app serving the station's flagged units (a demo reviewer login is printed).
 """
 
 from __future__ import annotations
@@ -17,9 +19,36 @@ from .cli import main as cli
 # Shipped with the package, so the demo runs from an installed wheel as from a checkout.
 MODEL = "builtin:default"
 RECIPE = "vial-2R"
+NEW_LINE_CONTAINERS = 240
+NEW_LINE_MINUTES = 3.0
 
 
-def run(out: Path, containers: int = 120, station_units: int = 300, review: bool = True, port: int = 7860) -> int:
+def new_line_steps(out: Path, containers: int = NEW_LINE_CONTAINERS,
+                   minutes: float = NEW_LINE_MINUTES) -> list[tuple[str, list[str]]]:
+    """Bring your own line (docs/new_line.md), on a line simulated for it: 60 µm/px, which the default model was
+    not trained at, handed over as a plant would, an ImageFolder of spin-stop sequences (4 frames per unit) with
+    image-level labels and train/val/test split folders. ``train`` reads train and val only; the test split is
+    what it never saw, and what ``evaluate`` scores."""
+    line, sim, run_dir = out / "new_line", out / "new_line_sim", out / "new_line_run"
+    return [
+        ("a new line's own images (60 µm/px, which the default model never saw), handed over as an ImageFolder "
+         "of spin-stop sequences with image-level labels",
+         ["generate", "--layout", "imagefolder", "--out", str(line), "--containers", str(containers), "--frames",
+          "4", "--formats", "vial-2R", "--pixel-um", "60", "--seed", "11", "--overwrite"]),
+        ("check the line's ImageFolder", ["dataset", "check", str(line)]),
+        ("the simulator fitted to the line (its measured look)",
+         ["generate", "--like", str(line), "--out", str(sim), "--containers", "24", "--seed", "12", "--overwrite"]),
+        (f"learn the line from its image-level labels ({minutes:g} min budget)",
+         ["train", "--data", str(line), "--out", str(run_dir), "--max-minutes", f"{minutes:g}"]),
+        ("evaluate the line's model on its test split, which training never saw",
+         ["evaluate", "--model", str(run_dir / "best.pt"), "--data", str(line), "--split", "test", "--out",
+          str(out / "new_line_report")]),
+    ]
+
+
+def run(out: Path, containers: int = 120, station_units: int = 300, review: bool = True, port: int = 7860,
+        new_line: bool = True, new_line_containers: int = NEW_LINE_CONTAINERS,
+        new_line_minutes: float = NEW_LINE_MINUTES) -> int:
     data = out / "data"
     steps = [
         ("simulate a dataset", ["generate", "--out", str(data), "--containers", str(containers), "--frames", "4",
@@ -32,7 +61,10 @@ def run(out: Path, containers: int = 120, station_units: int = 300, review: bool
             "station", "--recipe", str(RECIPE), "--source", "sim://?rate=1200&seed=7", "--store",
             str(out / "station_store"), "--max-containers", str(station_units)]),
     ]
+    if new_line:
+        steps += new_line_steps(out, new_line_containers, new_line_minutes)
     shutil.rmtree(out / "station_store", ignore_errors=True)  # a fresh line run each time
+    shutil.rmtree(out / "new_line_run", ignore_errors=True)  # a fresh training run, not a resumed one
     for i, (title, argv) in enumerate(steps, 1):
         print(f"\n== demo step {i}/{len(steps)}: {title}: vialinspect {' '.join(argv)}", flush=True)
         rc = cli(argv)
@@ -41,6 +73,9 @@ def run(out: Path, containers: int = 120, station_units: int = 300, review: bool
             return rc
     print(f"\ndemo done: dataset {data}, contact sheet {out / 'contact_sheet.png'}, report {out / 'report'}, "
           f"station records {out / 'station_store'}")
+    if new_line:
+        print(f"new line: its images {out / 'new_line'}, the simulator fitted to it {out / 'new_line_sim'}, its "
+              f"model {out / 'new_line_run' / 'best.pt'}, its report {out / 'new_line_report'}")
     if review:
         return serve_review(out / "station_store", port)
     return 0
@@ -71,10 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out", help="where the demo writes (default demo_out)")
     p.add_argument("--containers", type=int, default=120, help="containers to simulate (default 120)")
     p.add_argument("--station-units", type=int, default=300, help="units the station inspects (default 300)")
+    p.add_argument("--no-new-line", action="store_true",
+                   help="skip learning a new line from its own images (ImageFolder, train, evaluate)")
+    p.add_argument("--new-line-minutes", type=float, default=NEW_LINE_MINUTES,
+                   help=f"training budget for the new line in minutes (default {NEW_LINE_MINUTES:g})")
+    p.add_argument("--new-line-containers", type=int, default=NEW_LINE_CONTAINERS,
+                   help=f"units of the new line (default {NEW_LINE_CONTAINERS}; at least 30, so that every split "
+                        "has some)")
     p.add_argument("--no-review", action="store_true", help="end without starting the review app")
     p.add_argument("--port", type=int, default=7860, help="review app port on 127.0.0.1 (default 7860)")
     a = p.parse_args(argv)
-    return run(Path(a.out), a.containers, a.station_units, review=not a.no_review, port=a.port)
+    if a.new_line_containers < 30:
+        p.error("--new-line-containers: at least 30 (fewer leave the line without a validation or test split)")
+    if a.new_line_minutes <= 0:
+        p.error("--new-line-minutes: must be positive")
+    return run(Path(a.out), a.containers, a.station_units, review=not a.no_review, port=a.port,
+               new_line=not a.no_new_line, new_line_containers=a.new_line_containers,
+               new_line_minutes=a.new_line_minutes)
 
 
 if __name__ == "__main__":

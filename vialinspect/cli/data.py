@@ -18,11 +18,18 @@ DEFAULT_PIXEL_UM = 40.0
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from vialinspect.datasets.generate import MAX_PASSES, generate
+    from vialinspect.datasets.imagefolder import MAX_SEQUENCE
     from vialinspect.datasets.sim.config import CameraConfig, SimConfig, parse_class_weights, parse_nuisance_rates
     from vialinspect.datasets.sim.formats import FORMATS
 
     if not 1 <= a.passes <= MAX_PASSES:
         raise UserError(f"--passes must be from 1 to {MAX_PASSES}, got {a.passes}")
+    if a.layout == "imagefolder" and a.passes > 1:
+        raise UserError("--layout imagefolder holds one acquisition per unit, with image-level labels: --passes "
+                        "(a qualification study) needs the manifest layout")
+    if a.layout == "imagefolder" and a.frames is not None and a.frames > MAX_SEQUENCE:
+        raise UserError(f"--layout imagefolder holds at most {MAX_SEQUENCE} frames per unit (a larger folder reads "
+                        f"as a lot of still images), got --frames {a.frames}")
     if a.like is not None and a.pixel_um is not None:
         raise UserError("--like measures the pixel scale on the line's images: give --like or --pixel-um, not both")
     if a.like is not None and a.optics == "varied":
@@ -60,12 +67,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
         cfg.validate()
         stats = generate(Path(a.out), a.containers, cfg, seed=a.seed, workers=a.workers, overwrite=a.overwrite,
                          progress=progress("generate"), passes=a.passes,
-                         look=None if look is None else look.to_json())
+                         look=None if look is None else look.to_json(), layout=a.layout)
     except (ValueError, FileExistsError) as e:
         raise UserError(str(e)) from None
     what = f"{stats.containers} containers"
     if stats.passes > 1:
         what += f" ({stats.containers // stats.passes} units x {stats.passes} acquisitions)"
+    if stats.folders is not None:
+        folders = ", ".join(f"{c} {n}" for c, n in stats.folders.items())
+        what += (f" as an ImageFolder ({folders}; {stats.several_classes} with several defect classes, each in the "
+                 "folder of the first of particle, crack, fill_level it has)")
     print(f"wrote {what}, {stats.frames} frames to {a.out} in {stats.seconds:.1f} s "
           f"({stats.frames_per_s:.0f} frames/s on {stats.workers} workers)")
     return 0
@@ -130,6 +141,15 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         "the same physical unit (fill, defects, glass marks) swirled and imaged again, with new "
                         "particle and bubble positions, pose, light and noise; rows c000012_a00 .. with keys unit "
                         "and acquisition, all of a unit in one split (default 1: one plain row per container)")
+    g.add_argument("--layout", choices=("manifest", "imagefolder"), default="manifest",
+                   help="manifest (default): images/, masks/ and manifest.jsonl with the exact ground truth; "
+                        "imagefolder: the same containers as a plant hands them over, image-level labels only and "
+                        "no masks: OUT/SPLIT/CLASS/ID.png for one frame, OUT/SPLIT/CLASS/ID/f0.png f1.png ... (a "
+                        "folder per unit) for several, CLASS one of good, particle, crack, fill_level, split as "
+                        "the manifest's. A unit with several defect classes goes to the folder of the first of "
+                        "particle, crack, fill_level it has (the summary counts them). OUT/truth.jsonl keeps each "
+                        "unit's defects (class, box, kind, size) for scoring by size. Not with --passes > 1 or "
+                        "more than 16 frames")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical images (default 0)")
     g.add_argument("--workers", type=positive_int, default=None, help="worker processes (default: all cores)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
