@@ -1,8 +1,8 @@
 """New-line benchmark, spin-stop sequences: a line that hands over K frames per unit instead of one still image.
 
     .venv/bin/python benchmarks/new_line_sequences.py [--world w65] [--frames 4] [--labels 200] [--good 600]
-        [--test 400] [--minutes 10] [--calibrate-good 1000] [--seed 0] [--out bench_out/new_line_sequences]
-        [--resume]
+        [--test 400] [--minutes 10] [--calibrate-good 1000] [--seed 0] [--settings JSON]
+        [--out bench_out/new_line_sequences] [--resume]
 
 Particle inspection takes a sequence after the spin stops: a particle moves between frames, a mark on the glass
 does not, a bubble rises. In one still image (benchmarks/new_line.py) a glass fragment looks like a bubble and
@@ -126,10 +126,19 @@ def main() -> int:
     p.add_argument("--calibrate-good", type=int, default=1000,
                    help="good units of another lot to calibrate the exported package on (default 1000; 0: skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws and the training (default 0)")
+    p.add_argument("--settings", default=None,
+                   help="training settings as JSON over train's defaults, e.g. '{\"image_label_weight\": 0}' "
+                        "(default: none, plain `vialinspect train`)")
     p.add_argument("--out", default="bench_out/new_line_sequences", help="output directory (must not exist)")
     p.add_argument("--resume", action="store_true",
                    help="--out holds a finished run of this script: score it again and calibrate, no new training")
     a = p.parse_args()
+    try:
+        settings = json.loads(a.settings) if a.settings else None
+    except json.JSONDecodeError as e:
+        p.error(f"--settings: not JSON ({e})")
+    if settings is not None and not isinstance(settings, dict):
+        p.error("--settings: must be a JSON object of training settings")
     out = Path(a.out)
     resume = a.resume and (out / "run" / "best.pt").is_file() and (out / "summary.json").is_file()
     if a.resume and not resume:
@@ -144,7 +153,7 @@ def main() -> int:
     if resume:
         old = json.loads((out / "summary.json").read_text())
         built, fit = old["render"], {k: old[k] for k in ("train_minutes", "peak_rss_gb")}
-        a.minutes, a.seed = old["minutes"], old["seed"]
+        a.minutes, a.seed, settings = old["minutes"], old["seed"], old.get("settings")
     else:
         data.mkdir(parents=True)
         built = build(world, data, a.frames, a.labels, a.good, a.test, a.seed)
@@ -153,7 +162,7 @@ def main() -> int:
         train_dir = out / "train_data"
         train_dir.mkdir()
         (data / "train").rename(train_dir / "train")
-        fit = NL.train_run(train_dir, run, "auto", None, a.minutes, a.seed)
+        fit = NL.train_run(train_dir, run, "auto", None, a.minutes, a.seed, settings)
     res = NL.score_run(str(run / "best.pt"), data)  # its test/ split folder: every test unit
     if a.calibrate_good:
         lot = out / "lot"
@@ -164,7 +173,7 @@ def main() -> int:
                                      **NL.score_run(str(pkg), data)["calibrated"]}
     pace1 = round(pace_gflops(), 1)
     summary = {"world": world.name, "frames": a.frames, "labels": a.labels, "good": a.good, "test": a.test,
-               "minutes": a.minutes, "seed": a.seed, "render": built, **fit, **res,
+               "minutes": a.minutes, "seed": a.seed, "settings": settings, "render": built, **fit, **res,
                "pace_gflops_start": pace0, "pace_gflops_end": pace1}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     r, au, cal = res["at_frr"], res["auroc"], res["calibrated"]
