@@ -69,7 +69,7 @@ from ..manifest import MANIFEST_NAME
 from ..reader import open_dataset
 from .config import CameraConfig, SimConfig
 from .formats import FORMATS, ContainerFormat
-from .render import Framing, _profile, _transmission, framing_for
+from .render import Framing, _profile, _transmission, back_light, framing_for
 
 __all__ = ["LOOK_NAME", "MIN_UNITS", "LineLook", "NotMeasured", "UnitMeasure", "combine", "estimate_look", "good_units",
            "look_of_folder", "measure_unit", "read_look"]
@@ -379,16 +379,6 @@ def _illumination_fit(img: np.ndarray, mask: np.ndarray) -> tuple[float, float, 
     return float(math.exp(p[0])), float(p[1]), float(p[2]), float(p[3])
 
 
-def _illumination(shape: tuple[int, int], b: float, gx: float, gy: float, v: float) -> np.ndarray:
-    """The renderer's back light (render._illumination) over a picture of ``shape``."""
-    h, w = shape
-    xn = np.linspace(-1, 1, w, dtype=np.float32)
-    yn = np.linspace(-1, 1, h, dtype=np.float32)
-    colf = (1 + gx * xn) * (1 - v * 0.5 * xn * xn)
-    rowf = (1 + gy * yn) * (1 - v * 0.5 * yn * yn)
-    return (b * rowf[:, None] * colf[None, :]).astype(np.float32)
-
-
 def _wall_profile(d: np.ndarray, fmt: ContainerFormat, s_mm: float) -> np.ndarray:
     """The renderer's own transmission across the body wall's outer edge, ``d`` px outward of it: bare light
     outside; inside, the dark band's ramp and the glass's absorption (render._transmission, air inside)."""
@@ -647,7 +637,7 @@ def measure_unit(frames_in: Sequence[np.ndarray], formats: Sequence[str] | None 
     # what the first fit does not explain, row by row and spot by spot, is left out and the light fitted again.
     local = cv2.blur(img, (5, 5))
     for _ in range(2):
-        ratio = local / _illumination(shape, backlight, gx, gy, vig)
+        ratio = local / back_light(shape, backlight, gx, gy, vig)
         # Mean of the clipped deviation: a speck moves it little, a band of glass across the row a lot.
         dev = np.where(bg, np.clip(ratio - 1.0, -0.1, 0.1), 0.0)
         n_bg = bg.sum(axis=1)

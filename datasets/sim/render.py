@@ -197,13 +197,21 @@ def _apply(m: np.ndarray, col, row) -> tuple[np.ndarray, np.ndarray]:
     return m[0, 0] * col + m[0, 1] * row + m[0, 2], m[1, 0] * col + m[1, 1] * row + m[1, 2]
 
 
+def back_light(shape: tuple[int, int], level: float, gx: float, gy: float, vignetting: float) -> np.ndarray:
+    """The bare back light over a picture of ``shape`` (h, w), float32: ``level`` with a linear gradient (gx, gy)
+    and a quadratic fall-off (vignetting) on coordinates -1..1 across the picture. The look fit
+    (``look.py``) fits this same model to a line's images."""
+    h, w = shape
+    xn = np.linspace(-1, 1, w, dtype=np.float32)
+    yn = np.linspace(-1, 1, h, dtype=np.float32)
+    colf = (1 + gx * xn) * (1 - vignetting * 0.5 * xn * xn)
+    rowf = (1 + gy * yn) * (1 - vignetting * 0.5 * yn * yn)
+    return (level * rowf[:, None] * colf[None, :]).astype(np.float32, copy=False)
+
+
 def _illumination(scene: Scene, cam: CameraConfig, fr: Framing) -> np.ndarray:
-    xn = np.linspace(-1, 1, fr.width, dtype=np.float32)
-    yn = np.linspace(-1, 1, fr.height, dtype=np.float32)
     gx, gy = scene.lighting.gradient
-    colf = (1 + gx * xn) * (1 - cam.vignetting * 0.5 * xn * xn)
-    rowf = (1 + gy * yn) * (1 - cam.vignetting * 0.5 * yn * yn)
-    return (cam.backlight_dn * scene.lighting.gain) * rowf[:, None] * colf[None, :]
+    return back_light((fr.height, fr.width), cam.backlight_dn * scene.lighting.gain, gx, gy, cam.vignetting)
 
 
 @lru_cache(maxsize=8)
