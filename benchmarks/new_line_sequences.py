@@ -73,6 +73,13 @@ def _init(world, seed: int, frames: int, root: str) -> None:
     _JOB.update(world=world, seed=seed, frames=frames, root=Path(root))
 
 
+def render_units(tasks: list[tuple[str, int, int, str]], world, seed: int, frames: int, root: Path) -> list[dict]:
+    """``render_unit`` for each task, on every core; their truth rows in task order."""
+    W._fresh_opencv_pool()
+    with mp.get_context("fork").Pool(initializer=_init, initargs=(world, seed, frames, str(root))) as pool:
+        return pool.map(render_unit, tasks, chunksize=4)
+
+
 def build(world, out: Path, frames: int, n_labels: int, n_good: int, n_test: int, seed: int) -> dict:
     """The training folder (N labelled units in the world's class mix plus further good units) and the test
     folder (half good, the rest the three defect classes alike), each unit drawn from its own seed."""
@@ -80,9 +87,7 @@ def build(world, out: Path, frames: int, n_labels: int, n_good: int, n_test: int
     tasks += [("train", 2, i, W.GOOD) for i in range(n_good)]
     tasks += [("test", 3, i, c) for i, c in enumerate(W._split_classes(world, seed, "test", n_test))]
     t0 = time.perf_counter()
-    W._fresh_opencv_pool()
-    with mp.get_context("fork").Pool(initializer=_init, initargs=(world, seed, frames, str(out))) as pool:
-        rows = pool.map(render_unit, tasks, chunksize=4)
+    rows = render_units(tasks, world, seed, frames, out)
     with open(out / "truth.jsonl", "w") as fh:  # beside the split folders, as worlds.py writes it
         for r in rows:
             if r["path"].startswith("test/"):
@@ -94,10 +99,7 @@ def render_good_lot(world, out: Path, frames: int, n: int, seed: int) -> dict:
     """``n`` good units of another lot of the line (their own seed stream), in ``out/good/<unit>/``: what a
     plant calibrates on, units training never saw."""
     t0 = time.perf_counter()
-    tasks = [("calib", 4, i, W.GOOD) for i in range(n)]
-    W._fresh_opencv_pool()
-    with mp.get_context("fork").Pool(initializer=_init, initargs=(world, seed, frames, str(out))) as pool:
-        pool.map(render_unit, tasks, chunksize=4)
+    render_units([("calib", 4, i, W.GOOD) for i in range(n)], world, seed, frames, out)
     (out / "calib").rename(out / "lot")  # the lot as its own ImageFolder: lot/good/<unit>/
     return {"units": n, "seconds": round(time.perf_counter() - t0, 1)}
 
