@@ -154,6 +154,9 @@ def main() -> int:
     rd = RetrainConfig(recipe="")
     ap.add_argument("--base-sample", type=int, default=rd.base_sample,
                     help=f"base containers mixed into retraining (default {rd.base_sample})")
+    ap.add_argument("--line-formats-first", choices=["on", "off"], default="on" if rd.line_formats_first else "off",
+                    help="draw the base sample from the reviewed units' container formats first "
+                         f"(default {'on' if rd.line_formats_first else 'off'})")
     ap.add_argument("--epochs", type=int, default=None, help=f"default {rd.train.epochs}")
     ap.add_argument("--reviewed-weight", type=float, default=rd.reviewed_weight,
                     help="how much more often a reviewed unit is drawn than a base unit of its class "
@@ -232,6 +235,7 @@ def main() -> int:
                                    "distill": a.distill, "image_label_weight": a.image_label_weight, "seed": a.seed},
                             defaults=RETRAIN_TRAIN_DEFAULTS)
     cfg = RetrainConfig(recipe=recipe_name, base_sample=a.base_sample, reviewed_weight=a.reviewed_weight,
+                        line_formats_first=a.line_formats_first == "on",
                         holdout_reviewed=a.holdout_reviewed, hold_detection=a.operating_point == "hold-detection",
                         train=train_cfg, seed=a.seed)
     res = retrain(exp.out_dir, base, reg, qual, work / "retrain", cfg, "benchmark", log=print, progress=False)

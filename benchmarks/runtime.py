@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from vialinspect.datasets.sim.formats import get_format  # noqa: E402
 from vialinspect.datasets.sim.render import framing_for  # noqa: E402
 from vialinspect.export.package import load_package  # noqa: E402
+from vialinspect.vision.cost import model_gflop, padded  # noqa: E402
 from vialinspect.vision.model import InferenceModel, VialNet  # noqa: E402
 from vialinspect.vision.preprocess import InputSpec  # noqa: E402
 from vialinspect.vision.runtime import OnnxModel  # noqa: E402
@@ -55,30 +56,6 @@ def summarize(lat: list[float], batch: int) -> dict:
     return {"batch": batch, "images_per_s": round(float(batch * len(lat) / (lat_ms.sum() / 1000)), 1),
             "p50_ms": round(float(np.percentile(lat_ms, 50)), 2), "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
             "runs": len(lat)}
-
-
-def model_gflop(net: VialNet, frames: int, h: int, w: int) -> float:
-    """Multiply-adds of one container's forward pass, counted as 2 FLOP each: every convolution module, plus
-    the input stage, which runs as one functional convolution with a composed 6x6 kernel (no module)."""
-    flop = 0
-
-    def count(m, _inp, out):
-        nonlocal flop
-        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
-            flop += 2 * out.numel() * int(np.prod(m.weight.shape[1:]))
-        elif isinstance(m, torch.nn.Linear):
-            flop += 2 * out.numel() * m.in_features
-
-    hooks = [m.register_forward_hook(count) for m in net.modules()]
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, frames, h, w))
-    finally:
-        for hk in hooks:
-            hk.remove()
-    k = net.input_kernel()
-    flop += 2 * k.shape[0] * int(np.prod(k.shape[1:])) * (h // 2) * (w // 2)
-    return flop / 1e9
 
 
 def sgemm_ceiling(seconds: float = 2.0) -> float:
@@ -109,8 +86,7 @@ def main() -> int:
     pkg = load_package(a.model)
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
     fr = framing_for(get_format(a.format), spec.pixel_um or 40.0)
-    m = spec.pad_multiple
-    h, w = -(-fr.height // m) * m, -(-fr.width // m) * m
+    h, w = padded(fr.height, spec.pad_multiple), padded(fr.width, spec.pad_multiple)
     weights = torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
     net = VialNet.from_arch(weights["model"])
     net.load_state_dict(weights["state_dict"])

@@ -43,8 +43,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.runtime import sgemm_ceiling  # noqa: E402
 from vialinspect.datasets.generate import container_id, make_container  # noqa: E402
 from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
+from vialinspect.export.package import load_package  # noqa: E402
 from vialinspect.inspection_station.line import LogLineOutput  # noqa: E402
 from vialinspect.inspection_station.pipeline import ModelSlot, Pipeline  # noqa: E402
 from vialinspect.inspection_station.recipe import Recipe  # noqa: E402
@@ -147,6 +149,10 @@ def main() -> int:
     p.add_argument("--json", default="bench_out/station.json", help="where to write the JSON result")
     a = p.parse_args()
 
+    # The machine's float32 matrix-product ceiling (benchmarks/runtime.py's measure), before and after: these
+    # machines' pace varies by up to 40% from day to day, and the line's headroom with it.
+    ceiling_start = sgemm_ceiling()
+    print(f"float32 matrix-product ceiling: {ceiling_start:.0f} GFLOP/s", flush=True)
     model = load_model(Path(a.model), device="auto", spin=a.spin == "on")
     k = model.runner.spec.frames
     try:
@@ -159,6 +165,7 @@ def main() -> int:
     # The replay buffer is the benchmark's camera, not the station: its size is taken off the resident memory.
     replay_mb = sum(f.nbytes for u in units for f in u) / 2**20
     h, w = units[0][0].shape
+    model_cost = load_package(Path(a.model)).metadata.get("cost", {})  # packages exported before 2026-12-04 lack it
     recipe = Recipe.from_dict({"name": f"bench-{a.format}", "format": a.format, "model": str(Path(a.model).resolve()),
                                "frames": k, "frame_size": [w, h], "deadline_ms": 500, "batch_max": 8,
                                "sample_accepted": 0.01, "min_free_mb": 50})
@@ -227,6 +234,7 @@ def main() -> int:
         total = int(a.rate * a.minutes)
         samples: list[tuple[float, float]] = []
         line_run = run_station(model, recipe, units, a.rate, total, Path(tmp) / "line", samples)
+    ceiling_end = sgemm_ceiling()
     first = [m for t, m in samples if t <= 60.0] or [m for _, m in samples[:1]]
     last = [m for t, m in samples if t >= samples[-1][0] - 60.0] if samples else []
     growth = (np.mean(last) / np.mean(first) - 1.0) if first and last else None
@@ -234,6 +242,9 @@ def main() -> int:
         "model": model.version, "provider": model.runner.status.provider, "spin": a.spin, "format": a.format,
         "defect_rate": a.defect_rate,
         "frames": k, "frame_size": [w, h], "cores": os.cpu_count(),
+        "model_gflop_per_container": (model_cost.get("gflop_per_container") or {}).get(a.format),
+        "sgemm_ceiling_gflop_per_s": {"start": round(ceiling_start, 1), "end": round(ceiling_end, 1)},
+        "headroom_at_line_rate": None if sustained is None else round(sustained / a.rate, 2),
         "raw_runtime_per_min": round(raw_per_min, 1),
         "loss_free_capacity_per_min": None if sustained is None else round(sustained, 1),
         "raw_runtime_at_capacity_step_per_min": None if sustained_raw is None else round(sustained_raw, 1),

@@ -22,7 +22,7 @@ def package(tiny_run, coarse_data, tmp_path_factory):
     return out
 
 
-def test_package_files_metadata_and_onnx_props(package, tiny_run):
+def test_package_files_metadata_and_onnx_props(package, tiny_run, capsys):
     files = sorted(p.name for p in package.iterdir())
     assert files == ["SHA256SUMS", "model.json", "model.onnx", "weights.pt"]
     pkg = load_package(package)
@@ -40,6 +40,14 @@ def test_package_files_metadata_and_onnx_props(package, tiny_run):
     assert [o.name for o in proto.graph.output] == ["probs", "maps", "fill_height_mm"]
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param  # dynamic batch
+    # what a container costs, per simulator format at the model's own pixel scale and frame count
+    cost = m["cost"]
+    assert cost["frames"] == 2 and cost["pixel_um"] == 120.0
+    per = cost["gflop_per_container"]
+    assert set(per) == {"vial-2R", "vial-10R", "syringe-1mL"} and all(v > 0 for v in per.values())
+    assert per["vial-10R"] > per["vial-2R"]  # a larger field of view costs more
+    assert main(["package", "show", str(package)]) == 0
+    assert f"vial-2R {per['vial-2R']:.2f}" in capsys.readouterr().out
 
 
 def test_package_scores_match_the_checkpoint(package, tiny_run, coarse_data):
@@ -150,7 +158,7 @@ def test_a_package_re_exports_with_its_own_weights_thresholds_and_record(package
                  "--parity-count", "2"]) == 0
     new = load_package(out)
     assert new.metadata["parent_version"] == old.version_id and new.thresholds == old.thresholds
-    for key in ("training", "evaluation", "heads", "architecture", "classes"):
+    for key in ("training", "evaluation", "heads", "architecture", "classes", "cost"):
         assert new.metadata[key] == old.metadata[key]
     assert new.metadata["export"]["parity"]["decisions_identical"] is True
     x = [[np.random.default_rng(1).integers(0, 255, (96, 64), dtype=np.uint8) for _ in range(2)]]

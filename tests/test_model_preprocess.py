@@ -164,9 +164,35 @@ def test_architecture_records_rebuild_the_network_and_old_records_have_no_branch
     again = VialNet.from_arch(net.arch())
     again.load_state_dict(net.state_dict())  # strict: the same parameters
     assert again.arch() == net.arch() == {"arch": "VialNet", "frames": 4, "widths": [8] * 5, "motion": True,
-                                          "contrast": True}
+                                          "contrast": True, "branch_width": 16, "head": "dense"}
     old = VialNet.from_arch({"arch": "VialNet", "frames": 4, "widths": [8] * 5})
-    assert old.motion is None and old.contrast is None
+    assert old.motion is None and old.contrast is None and old.head == "dense"
+    # a record from before the branch width and the head were recorded: 16-channel branches, the dense head,
+    # so a package of then still loads its weights
+    before = {"arch": "VialNet", "frames": 4, "widths": [8] * 5, "motion": True, "contrast": True}
+    VialNet.from_arch(before).load_state_dict(VialNet(4, (8,) * 5, motion=True, contrast=True).state_dict())
+    cheap = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True, contrast=True, branch_width=4, head="separable")
+    VialNet.from_arch(cheap.arch()).load_state_dict(cheap.state_dict())
+    with pytest.raises(ValueError, match="map head"):
+        VialNet(4, widths=(8,) * 5, head="sparse")
+
+
+def test_what_a_container_costs_the_default_network_and_the_cheap_settings():
+    """Issue 28's count, as benchmarks/runtime.py and the packages' ``cost`` count it (the 928 x 480 padded vial-2R
+    frame at 40 µm/px, 4 frames): the training defaults' network, and the settings that cut it under 1 GFLOP."""
+    from vialinspect.training.config import TrainConfig
+    from vialinspect.vision.cost import model_gflop
+
+    c = TrainConfig()
+    net = VialNet(4, c.widths, motion=c.motion_branch, contrast=c.contrast_branch, branch_width=c.branch_width,
+                  head=c.map_head)
+    assert model_gflop(net, 4, 928, 480) == pytest.approx(2.42, abs=0.01)
+    cheap = VialNet(4, (10, 16, 24, 32, 48), motion=True, contrast=True, branch_width=8, head="separable")
+    assert model_gflop(cheap, 4, 928, 480) == pytest.approx(0.949, abs=0.005)
+    # the count is of the network, not of its mode: a network left in training mode stays there
+    cheap.train()
+    model_gflop(cheap, 4, 64, 64)
+    assert cheap.training
 
 
 def test_contrast_branch_sees_a_mark_alike_on_dark_and_bright_glass_whatever_the_exposure():
@@ -190,10 +216,11 @@ def test_contrast_branch_sees_a_mark_alike_on_dark_and_bright_glass_whatever_the
     assert contrast(black).abs().max() <= CONTRAST_CLIP and contrast(black).abs().max() < 0.5
 
 
+@pytest.mark.parametrize("head", ["dense", "separable"])
 @pytest.mark.parametrize("frames_to", [1, 2, 5])
-def test_a_motion_model_adapts_to_another_frame_count(frames_to):
+def test_a_motion_model_adapts_to_another_frame_count(frames_to, head):
     torch.manual_seed(3)
-    four = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True, contrast=True).eval()
+    four = VialNet(4, widths=(8, 8, 8, 8, 8), motion=True, contrast=True, branch_width=6, head=head).eval()
     other = VialNet.from_arch(four.arch(), frames_to).eval()
     other.load_state_dict(adapt_first_layer(four.state_dict(), frames_to))  # strict
     assert (other.motion is None) == (frames_to == 1)

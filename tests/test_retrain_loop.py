@@ -185,3 +185,24 @@ def test_a_share_of_reviewed_defects_is_held_out_of_training_for_holding_detecti
     with pytest.raises(RetrainError, match="holdout_reviewed"):
         build_training_set(base, reviewed, tmp_path / "set4", RetrainConfig(recipe=RECIPE, holdout_reviewed=1.0),
                            frames=2)
+
+
+def test_the_base_sample_can_be_drawn_from_the_reviewed_units_formats_first(coarse_data, tmp_path):
+    import dataclasses
+
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.training.retrain import RetrainConfig, build_training_set
+
+    base = open_dataset(coarse_data)
+    fmt = "syringe-1mL"
+    pool = [r for r in base.records if r.split in ("train", "val")]
+    of_line = sum(r.format == fmt for r in pool)
+    assert 0 < of_line < len(pool) - 4
+    reviewed = dataclasses.replace(base, records=[r for r in base.records if r.format == fmt][:6])
+    first = RetrainConfig(recipe=RECIPE, base_sample=of_line + 4, line_formats_first=True)
+    rows, info = build_training_set(base, reviewed, tmp_path / "first", first, frames=2)
+    picked = [r for r in rows if r.extra.get("source") != "review"]
+    assert len(picked) == of_line + 4 and info["base_of_line_formats"] == of_line  # all of the line's, then others
+    plain = dataclasses.replace(first, line_formats_first=False)
+    _, info_plain = build_training_set(base, reviewed, tmp_path / "plain", plain, frames=2)
+    assert info_plain["base_of_line_formats"] == 0  # not asked for: not counted, and the draw ignores formats

@@ -62,8 +62,12 @@ def test_the_motion_branch_setting_trains_resumes_and_exports_with_parity(coarse
     from vialinspect.export.package import load_package
 
     run = tmp_path / "run"
-    train(coarse_data, run, small_config(epochs=1, motion_branch=True), progress=False, log=lambda *a: None)
+    # with the cheap head and narrow branches (issue 28's settings), which the exported graph must match too
+    train(coarse_data, run, small_config(epochs=1, motion_branch=True, map_head="separable", branch_width=4),
+          progress=False, log=lambda *a: None)
     assert load_checkpoint(run / "best.pt")["model"]["motion"] is True
+    assert load_checkpoint(run / "best.pt")["model"]["head"] == "separable"
+    assert load_checkpoint(run / "best.pt")["model"]["branch_width"] == 4
     assert load_checkpoint(run / "best.pt")["model"]["contrast"] is True  # the default, also exported below
     # resuming rebuilds the recorded network, whatever the settings now say
     train(coarse_data, run, small_config(epochs=2, motion_branch=False, contrast_branch=False), resume=True,
@@ -72,7 +76,8 @@ def test_the_motion_branch_setting_trains_resumes_and_exports_with_parity(coarse
     assert load_checkpoint(run / "last.pt")["model"]["contrast"] is True
     assert main(["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "pkg"),
                  "--parity-data", str(coarse_data), "--parity-count", "4"]) == 0  # parity or nothing is written
-    assert load_package(tmp_path / "pkg").metadata["architecture"]["motion"] is True
+    meta = load_package(tmp_path / "pkg").metadata
+    assert meta["architecture"]["motion"] is True and meta["architecture"]["head"] == "separable"
 
 
 def test_evaluate_cli_on_a_checkpoint(coarse_data, tiny_run, tmp_path, capsys):
@@ -265,6 +270,13 @@ def test_auto_settings_resolve_by_the_kind_of_data_and_given_ones_stay():
     assert given.map_balanced is False and given.class_draw == {} and given.map_hard_negatives == 4
     with pytest.raises(ValueError, match="map_hard_negatives"):
         TrainConfig.from_dict({"map_hard_negatives": -1})
+
+
+@pytest.mark.parametrize("bad,match", [({"map_head": "sparse"}, "map_head"), ({"branch_width": 0}, "branch_width"),
+                                       ({"widths": [8, 8, 8]}, "widths"), ({"widths": [8, 8, 0, 8, 8]}, "widths")])
+def test_network_settings_are_checked_before_training(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(bad)
 
 
 def test_class_weights_balance_classes_and_honour_sample_weight():

@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from vialinspect.datasets.records import DEFECT_CLASSES
 from vialinspect.datasets.validation import one_line
 from vialinspect.errors import VialinspectError
+from vialinspect.vision.model import MAP_HEADS
 
 # What the settings left "auto" (None) become, by the kind of data (TrainConfig.for_data). Data with masks: the
 # recipe of the default model. Data without (a line's own images with image-level labels): measured on
@@ -84,7 +85,16 @@ class TrainConfig:
     threads: Int | None = None  # torch intra-op threads on the CPU (default: all cores)
     seed: Int = 0
     frr: Float = 0.01  # false-reject budget for calibrating thresholds on the validation split
+    # The network's channels per stage (1/2 ... 1/32), and with the two settings below what a container costs:
+    # 2.42 GFLOP for a vial-2R container at 4 frames with these defaults (the default model's network); 0.95 with
+    # widths (10, 16, 24, 32, 48), branch_width 8 and map_head "separable", which in the same 9 epochs found
+    # fewer cracks and particles (docs/model_and_training.md, "What a container costs").
     widths: tuple[Int, ...] = (16, 24, 32, 48, 64)
+    # Channels of the motion and contrast branches.
+    branch_width: Int = 16
+    # The class maps' head: "dense" (one 3x3 convolution over every context channel) or "separable" (3x3 per
+    # channel, then a 1x1 mix: a seventh of the cost).
+    map_head: str = "dense"
     # The network's motion branch (vision.model.MotionBranch: which way objects move between frames, over the
     # swirl's reach); K >= 2 only. Fine-tuning (--init) keeps the initial model's network either way.
     motion_branch: bool = True
@@ -193,6 +203,12 @@ class TrainConfig:
             raise _bad("monitor", f"must be auroc or loss, got {self.monitor!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise _bad("device", f"must be auto, cpu or cuda, got {self.device!r}")
+        if len(self.widths) != 5 or min(self.widths) < 1:
+            raise _bad("widths", f"must be 5 channel counts >= 1 (stages 1/2 to 1/32), got {list(self.widths)}")
+        if self.branch_width < 1:
+            raise _bad("branch_width", f"must be >= 1, got {self.branch_width}")
+        if self.map_head not in MAP_HEADS:
+            raise _bad("map_head", f"must be {' or '.join(MAP_HEADS)}, got {self.map_head!r}")
         if self.crop < 32 or self.crop % 32:
             raise _bad("crop", f"must be a multiple of 32, got {self.crop}")
         if not 0 <= self.p_full <= 1:

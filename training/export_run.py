@@ -10,9 +10,13 @@ from typing import Any
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import fit_frames
+from vialinspect.datasets.sim.formats import FORMATS
+from vialinspect.datasets.sim.render import framing_for
 from vialinspect.export.exporter import export_package
 from vialinspect.export.package import ModelPackage, PackageError, package_weights
-from vialinspect.vision.preprocess import Prepared, preprocess
+from vialinspect.vision.cost import model_gflop, padded
+from vialinspect.vision.model import VialNet
+from vialinspect.vision.preprocess import InputSpec, Prepared, preprocess
 
 from .checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
 
@@ -33,6 +37,19 @@ def held_out(data_dir: Path, spec, count: int) -> tuple[list[Prepared], list]:
     prepared = [preprocess([read_gray(ds.root / f) for f in r.frames], spec) for r in chosen]
     specs = [r.fill_spec_mm for r in chosen]
     return prepared, specs
+
+
+def cost_metadata(net: VialNet, spec: InputSpec) -> dict[str, Any]:
+    """The package's ``cost`` section: GFLOP of one container of each simulator format, framed at the model's pixel
+    scale (the default camera's 40 µm/px where it has none) and padded as the runtime pads it (vision/cost.py)."""
+    pixel_um = spec.pixel_um or 40.0
+    per = {}
+    for name, fmt in FORMATS.items():
+        fr = framing_for(fmt, pixel_um)
+        per[name] = round(model_gflop(net, spec.frames, padded(fr.height, spec.pad_multiple),
+                                      padded(fr.width, spec.pad_multiple)), 3)
+    return {"gflop_per_container": per, "frames": spec.frames, "pixel_um": pixel_um,
+            "counted": "2 FLOP per multiply-add of every convolution and linear layer (vision/cost.py)"}
 
 
 def export_model(source: str | Path, out: str | Path, parity_data: str | Path | None = None, **kw: Any) -> ModelPackage:
@@ -72,7 +89,7 @@ def reexport_package(package: str | Path, out: str | Path, parity_data: str | Pa
     step(f"loading {parity_count} held-out container(s) from {parity_data} for the parity check")
     prepared, fill_specs = held_out(Path(parity_data), spec, parity_count)
     kept = {k: m[k] for k in _KEPT_SECTIONS if k in m}
-    extra = {**kept, "parent_version": pkg.version_id,
+    extra = {**kept, "cost": cost_metadata(net, spec), "parent_version": pkg.version_id,
              "change_reason": f"re-exported from {pkg.version_id} (same weights and thresholds)"}
     kw: dict[str, Any] = {} if opset is None else {"opset": opset}
     return export_package(net, spec, ck, Path(out), prepared, fill_specs, fp16=fp16, git_commit=git_commit(),
@@ -95,5 +112,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, parity_data: str 
     step(f"loading {parity_count} held-out container(s) from {data} for the parity check")
     prepared, fill_specs = held_out(data, spec, parity_count)
     kw: dict[str, Any] = {} if opset is None else {"opset": opset}
+    extra = {"cost": cost_metadata(net, spec), **(extra_metadata or {})}
     return export_package(net, spec, ck, Path(out), prepared, fill_specs, fp16=fp16, git_commit=git_commit(),
-                          overwrite=overwrite, step=step, extra_metadata=extra_metadata, **kw)
+                          overwrite=overwrite, step=step, extra_metadata=extra, **kw)

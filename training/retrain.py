@@ -88,6 +88,10 @@ RETRAIN_TRAIN_DEFAULTS: dict[str, Any] = {
 class RetrainConfig:
     recipe: str
     base_sample: int | None = 800  # base containers (train + val) to mix with the reviewed ones; None = all
+    # Draw the base sample from the container formats of the reviewed units first (the line's own), then the
+    # rest: the base units are what keeps detection while the reviewed false rejects teach the nuisance, and
+    # the line's format is where the two meet.
+    line_formats_first: bool = False
     reviewed_weight: float = 3.0  # how much more often a reviewed unit is drawn than a base unit of its class
     from_scratch: bool = False
     hold_detection: bool = True  # thresholds that keep the champion's detection (validation + held-out reviewed)
@@ -170,11 +174,17 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
         shutil.rmtree(out)
     out.mkdir(parents=True)
     base_recs, _ = fit_frames([r for r in base.records if r.split in ("train", "val")], frames)
+    rev_recs, dropped = fit_frames(reviewed.records, frames)
+    line_formats = {r.format for r in rev_recs if r.format} if cfg.line_formats_first else set()
     if cfg.base_sample is not None and len(base_recs) > cfg.base_sample:
         rng = np.random.default_rng(cfg.seed)
-        keep = sorted(rng.choice(len(base_recs), size=cfg.base_sample, replace=False).tolist())
+        if line_formats:
+            order = rng.permutation(len(base_recs)).tolist()
+            order.sort(key=lambda i: base_recs[i].format not in line_formats)  # stable: random within each part
+            keep = sorted(order[:cfg.base_sample])
+        else:
+            keep = sorted(rng.choice(len(base_recs), size=cfg.base_sample, replace=False).tolist())
         base_recs = [base_recs[i] for i in keep]
-    rev_recs, dropped = fit_frames(reviewed.records, frames)
     rows = [_moved(r, base.root, "base", out) for r in base_recs]
     held = 0
     for r in rev_recs:
@@ -200,6 +210,7 @@ def build_training_set(base: Dataset, reviewed: Dataset, out: Path, cfg: Retrain
         w.write(r)
     w.close()
     info = {"base_containers": len(base_recs), "reviewed_containers": len(rev_recs),
+            "base_of_line_formats": sum(1 for r in base_recs if r.format in line_formats),
             "reviewed_confirmed": sum(1 for r in rev_recs if r.classes), "reviewed_held_out": held,
             "reviewed_false_rejects": sum(1 for r in rev_recs if not r.classes),
             "reviewed_skipped_frame_count": dropped}

@@ -367,9 +367,11 @@ def _build_network(cfg: TrainConfig, init: str | None, init_ck: dict | None, res
         # then say what was trained.
         net = VialNet.from_arch(init_ck["model"], frames)
         a = net.arch()
-        cfg = replace(cfg, widths=tuple(a["widths"]), motion_branch=a["motion"], contrast_branch=a["contrast"])
+        cfg = replace(cfg, widths=tuple(a["widths"]), motion_branch=a["motion"], contrast_branch=a["contrast"],
+                      branch_width=a["branch_width"], map_head=a["head"])
     else:
-        net = VialNet(frames, cfg.widths, motion=cfg.motion_branch, contrast=cfg.contrast_branch)
+        net = VialNet(frames, cfg.widths, motion=cfg.motion_branch, contrast=cfg.contrast_branch,
+                      branch_width=cfg.branch_width, head=cfg.map_head)
     if init_ck is not None:
         _init_weights(net, init, init_ck, frames, log)
     if resumed:

@@ -80,6 +80,7 @@ class MotionBranch(nn.Module):
 
     def __init__(self, frames: int, width: int = MOTION_WIDTH):
         super().__init__()
+        self.width = width
         self.vertical = nn.Sequential(  # +-16 px of rows per frame pair at 4 px rows
             nn.Conv2d(2 * frames, width, (9, 3), padding=(4, 1), bias=False),
             nn.BatchNorm2d(width), nn.ReLU(inplace=True))
@@ -131,6 +132,7 @@ class ContrastBranch(nn.Module):
 
     def __init__(self, width: int = CONTRAST_WIDTH):
         super().__init__()
+        self.width = width
         self.convs = nn.Sequential(_cbr(1, width, 2), _cbr(width, width))
 
     def forward(self, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -148,25 +150,46 @@ class ContrastBranch(nn.Module):
         return ((g - bg) / (bg.clamp_min(0.0) + CONTRAST_FLOOR)).clamp(-CONTRAST_CLIP, CONTRAST_CLIP)
 
 
+MAP_HEAD_WIDTH = 32
+MAP_HEADS = ("dense", "separable")
+
+
+def _map_head(cin: int, head: str) -> nn.Sequential:
+    """The class maps from the 1/8 context. "dense": a 3x3 convolution over all context channels, the costliest
+    layer of the original network (a quarter of its compute); "separable": the same 3x3 reach per channel, then a
+    1x1 mix, a seventh of the cost."""
+    if head == "dense":
+        first = _cbr(cin, MAP_HEAD_WIDTH)
+    elif head == "separable":
+        first = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),
+                              nn.Conv2d(cin, MAP_HEAD_WIDTH, 1, bias=False),
+                              nn.BatchNorm2d(MAP_HEAD_WIDTH), nn.ReLU(inplace=True))
+    else:
+        raise ValueError(f"map head must be one of {', '.join(MAP_HEADS)}, got {head!r}")
+    return nn.Sequential(first, nn.Conv2d(MAP_HEAD_WIDTH, len(CLASSES), 1))
+
+
 class VialNet(nn.Module):
     def __init__(self, frames: int = 4, widths: tuple[int, ...] = (16, 24, 32, 48, 64), motion: bool = False,
-                 contrast: bool = False):
+                 contrast: bool = False, branch_width: int = MOTION_WIDTH, head: str = "dense"):
         super().__init__()
         w = widths
         self.frames = frames
         self.widths = tuple(widths)
+        self.branch_width = int(branch_width)
+        self.head = head
         # The motion branch needs frames to compare; with one frame the flag is ignored.
-        self.motion = MotionBranch(frames) if motion and frames > 1 else None
-        mw = MOTION_WIDTH if self.motion is not None else 0
-        self.contrast = ContrastBranch() if contrast else None
-        cw = CONTRAST_WIDTH if self.contrast is not None else 0
+        self.motion = MotionBranch(frames, self.branch_width) if motion and frames > 1 else None
+        mw = self.branch_width if self.motion is not None else 0
+        self.contrast = ContrastBranch(self.branch_width) if contrast else None
+        cw = self.branch_width if self.contrast is not None else 0
         self.register_buffer("box", torch.full((frames, 1, 2, 2), 0.25), persistent=False)  # see half_frames
         self.stem = _cbr(4 * self.in_channels(frames), w[0])  # 1/2
         self.s2 = nn.Sequential(_cbr(w[0], w[1], 2), _cbr(w[1], w[1]))  # 1/4
         self.s3 = nn.Sequential(_cbr(w[1] + cw, w[2], 2), _cbr(w[2], w[2]))  # 1/8
         self.s4 = nn.Sequential(_cbr(w[2], w[3], 2), _cbr(w[3], w[3], dilation=2))  # 1/16
         self.s5 = nn.Sequential(_cbr(w[3], w[4], 2), _cbr(w[4], w[4], dilation=2))  # 1/32
-        self.map_head = nn.Sequential(_cbr(w[2] + w[3] + w[4] + mw, 32), nn.Conv2d(32, len(CLASSES), 1))
+        self.map_head = _map_head(w[2] + w[3] + w[4] + mw, head)
         self.global_head = nn.Linear(2 * w[4], len(CLASSES))
         nn.init.zeros_(self.global_head.weight)
         nn.init.zeros_(self.global_head.bias)
@@ -187,14 +210,16 @@ class VialNet(nn.Module):
     def arch(self) -> dict:
         """What rebuilds this network (recorded in checkpoints and packages)."""
         return {"arch": "VialNet", "frames": self.frames, "widths": list(self.widths),
-                "motion": self.motion is not None, "contrast": self.contrast is not None}
+                "motion": self.motion is not None, "contrast": self.contrast is not None,
+                "branch_width": self.branch_width, "head": self.head}
 
     @classmethod
     def from_arch(cls, arch: dict, frames: int | None = None) -> VialNet:
-        """The network an ``arch()`` record describes (older records have no motion or contrast branch),
-        optionally for another frame count."""
+        """The network an ``arch()`` record describes (older records have no motion or contrast branch, 16-channel
+        branches and the dense map head), optionally for another frame count."""
         return cls(frames=int(frames or arch["frames"]), widths=tuple(arch["widths"]),
-                   motion=bool(arch.get("motion", False)), contrast=bool(arch.get("contrast", False)))
+                   motion=bool(arch.get("motion", False)), contrast=bool(arch.get("contrast", False)),
+                   branch_width=int(arch.get("branch_width", MOTION_WIDTH)), head=str(arch.get("head", "dense")))
 
     @staticmethod
     def in_channels(frames: int) -> int:
@@ -302,8 +327,13 @@ def adapt_first_layer(state: dict, frames_to: int) -> dict:
         if frames_to == 1:
             width = state["motion.down.0.weight"].shape[0]
             state = {k: v for k, v in state.items() if not k.startswith("motion.")}
-            hk = "map_head.0.0.weight"  # its context loses the branch's channels (the last ones)
-            state[hk] = state[hk][:, :-width]
+            # The map head's context loses the branch's channels (the last ones): the dense head's 3x3 kernel
+            # over them, or the separable head's per-channel kernels and its 1x1 mix's weights on them.
+            if state["map_head.0.1.weight"].dim() == 4:  # the separable head (the dense one has BN there)
+                state["map_head.0.0.weight"] = state["map_head.0.0.weight"][:-width]
+                state["map_head.0.1.weight"] = state["map_head.0.1.weight"][:, :-width]
+            else:
+                state["map_head.0.0.weight"] = state["map_head.0.0.weight"][:, :-width]
         else:
             mw = state[mkey]
             kf = mw.shape[1] // 2

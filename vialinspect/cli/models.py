@@ -99,6 +99,9 @@ def cmd_package_show(a: argparse.Namespace) -> int:
     parity = f"{parity:.1e}" if isinstance(parity, float) else parity
     print(f"  export       {field('export', 'precision')}, opset {field('export', 'opset')}, parity max |Δp| {parity}")
     print(f"  signature    {sig.get('key_id') if sig else 'none (unsigned)'}")
+    cost = (m.get("cost") or {}).get("gflop_per_container")
+    print("  cost         " + ("not recorded (exported before 2026-12-04)" if not cost else ", ".join(
+        f"{k} {v:.2f}" for k, v in cost.items()) + f" GFLOP per container at {m['cost'].get('frames')} frame(s)"))
     dom = m.get("domain")
     print(f"  domain guard {'none (every unit is decided)' if not dom else ''}" + (
         f"{dom.get('n')} units, {len(dom.get('means', []))} group(s), threshold {dom.get('threshold', 0):.2f}"
