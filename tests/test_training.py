@@ -796,3 +796,21 @@ def test_hard_negatives_make_the_worst_background_cell_count():
     w_plain = map_loss(spot, target, 10.0) - map_loss(maps, target, 10.0)
     w_hard = map_loss(spot, target, 10.0, hard_negatives=4) - map_loss(maps, target, 10.0, hard_negatives=4)
     assert w_hard > 30 * w_plain > 0
+
+
+def test_frozen_parts_keep_the_initial_weights_and_statistics_while_the_rest_learns(coarse_data, tiny_run, tmp_path):
+    from vialinspect.training.trainer import TrainingError, train
+
+    start = load_checkpoint(tiny_run / "best.pt")["state_dict"]
+    train(coarse_data, tmp_path / "ft", small_config(epochs=1, frozen=["stem", "s2", "s3"]),
+          init=str(tiny_run / "best.pt"), progress=False, log=lambda *a: None)
+    after = load_checkpoint(tmp_path / "ft" / "last.pt")["state_dict"]
+    for k, v in after.items():
+        if k.split(".")[0] in ("stem", "s2", "s3"):  # weights and batch-norm running statistics alike
+            assert torch.equal(v, start[k]), k
+    assert not torch.equal(after["map_head.1.weight"], start["map_head.1.weight"])  # the rest learnt
+    with pytest.raises(TrainingError, match="--init"):
+        train(coarse_data, tmp_path / "scratch", small_config(epochs=1, frozen=["stem"]), progress=False,
+              log=lambda *a: None)
+    with pytest.raises(ValueError, match="frozen"):
+        TrainConfig.from_dict({"frozen": ["trunk"]})

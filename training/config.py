@@ -16,7 +16,7 @@ from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from vialinspect.datasets.records import DEFECT_CLASSES
 from vialinspect.datasets.validation import one_line
 from vialinspect.errors import VialinspectError
-from vialinspect.vision.model import MAP_HEADS
+from vialinspect.vision.model import FREEZABLE, MAP_HEADS
 
 # What the settings left "auto" (None) become, by the kind of data (TrainConfig.for_data). Data with masks: the
 # recipe of the default model. Data without (a line's own images with image-level labels): measured on
@@ -139,6 +139,9 @@ class TrainConfig:
     # teacher) on the training containers that do not say ``"distill": false``, so that what new data does
     # not speak to is not forgotten ("learning without forgetting"). 0 = off.
     distill: Float = 0.0
+    # Fine-tuning only: parts of the network that keep the --init model's weights and batch-norm statistics
+    # (names of VialNet's parts: FREEZABLE), so that what the new data teaches goes into the rest.
+    frozen: tuple[str, ...] = ()
     # Share of drawn containers used whole; the rest become crops (needs masks). Crops carry most of what the
     # particle and crack maps learn at a fraction of the cost; the fill rows learn from few whole images.
     p_full: Float = 0.2
@@ -209,6 +212,8 @@ class TrainConfig:
             raise _bad("branch_width", f"must be >= 1, got {self.branch_width}")
         if self.map_head not in MAP_HEADS:
             raise _bad("map_head", f"must be {' or '.join(MAP_HEADS)}, got {self.map_head!r}")
+        if not set(self.frozen) <= set(FREEZABLE):
+            raise _bad("frozen", f"must name parts of the network ({', '.join(FREEZABLE)}), got {list(self.frozen)}")
         if self.crop < 32 or self.crop % 32:
             raise _bad("crop", f"must be a multiple of 32, got {self.crop}")
         if not 0 <= self.p_full <= 1:

@@ -376,7 +376,22 @@ def _build_network(cfg: TrainConfig, init: str | None, init_ck: dict | None, res
         _init_weights(net, init, init_ck, frames, log)
     if resumed:
         net.load_state_dict(resumed["state_dict"])
+    frozen = [name for name in cfg.frozen if getattr(net, name, None) is not None]
+    if frozen:
+        if init_ck is None and not resumed:
+            raise TrainingError(f"frozen {cfg.frozen}: freezing parts of the network is for fine-tuning; give --init")
+        for name in frozen:
+            getattr(net, name).requires_grad_(False)
+        log(f"frozen at the initial model's weights: {', '.join(frozen)}")
     return net, cfg
+
+
+def _keep_frozen_statistics(net: VialNet, cfg: TrainConfig) -> None:
+    """Frozen parts run as at inference (their batch norms on the initial model's statistics), in training too."""
+    for name in cfg.frozen:
+        part = getattr(net, name, None)
+        if part is not None:
+            part.eval()
 
 
 def _setup_run(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device, net: VialNet, init: str | None,
@@ -434,7 +449,8 @@ def _optimiser(cfg: TrainConfig, model: torch.nn.Module, steps: int, device: tor
                                                     torch.amp.GradScaler]:
     """AdamW under the warm-up cosine schedule over ``cfg.epochs`` epochs of ``steps`` batches, the mixed-precision
     type of the training steps (None: float32) and the loss scaler."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     schedule = WarmupCosine(max(cfg.epochs * steps, 1))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     amp_dtype = autocast_dtype(device, cfg.amp)
@@ -477,6 +493,7 @@ def _epoch(run: _Run, epoch: int, progress: bool, log: Callable[[str], None]) ->
     run.train_sampler.set_epoch(epoch)
     steps = len(run.train_sampler)  # the share of crops, and so the number of batches, varies by epoch
     run.model.train()
+    _keep_frozen_statistics(run.net, cfg)
     bar = None
     if progress and d.main:
         from tqdm import tqdm

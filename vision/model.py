@@ -150,6 +150,8 @@ class ContrastBranch(nn.Module):
         return ((g - bg) / (bg.clamp_min(0.0) + CONTRAST_FLOOR)).clamp(-CONTRAST_CLIP, CONTRAST_CLIP)
 
 
+# VialNet's parts by attribute name, as fine-tuning may freeze them (TrainConfig.frozen).
+FREEZABLE = ("stem", "s2", "s3", "s4", "s5", "motion", "contrast", "map_head", "global_head", "row_head")
 MAP_HEAD_WIDTH = 32
 MAP_HEADS = ("dense", "separable")
 
