@@ -164,7 +164,8 @@ def test_architecture_records_rebuild_the_network_and_old_records_have_no_branch
     again = VialNet.from_arch(net.arch())
     again.load_state_dict(net.state_dict())  # strict: the same parameters
     assert again.arch() == net.arch() == {"arch": "VialNet", "frames": 4, "widths": [8] * 5, "motion": True,
-                                          "contrast": True, "branch_width": 16, "head": "dense"}
+                                          "contrast": True, "branch_width": 16, "head": "dense",
+                                          "nuisance": False}
     old = VialNet.from_arch({"arch": "VialNet", "frames": 4, "widths": [8] * 5})
     assert old.motion is None and old.contrast is None and old.head == "dense"
     # a record from before the branch width and the head were recorded: 16-channel branches, the dense head,
@@ -175,6 +176,31 @@ def test_architecture_records_rebuild_the_network_and_old_records_have_no_branch
     VialNet.from_arch(cheap.arch()).load_state_dict(cheap.state_dict())
     with pytest.raises(ValueError, match="map head"):
         VialNet(4, widths=(8,) * 5, head="sparse")
+
+
+def test_a_nuisance_head_starts_at_its_prior_and_can_only_lower_particle_and_crack_evidence():
+    torch.manual_seed(0)
+    plain = VialNet(4, widths=(8,) * 5, motion=True, contrast=True).eval()
+    with_head = VialNet.from_arch({**plain.arch(), "nuisance": True}).eval()
+    assert with_head.arch()["nuisance"] is True
+    missing, unexpected = with_head.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("nuisance_head.") for k in missing)
+    x = torch.randn(2, 4, 64, 96)
+    with torch.no_grad():
+        _, m0, r0 = plain(x)
+        _, m1, r1 = with_head(x)
+        cut = m0 - m1
+        assert torch.allclose(cut[:, :2], torch.full_like(cut[:, :2], 0.01815), atol=1e-4)  # softplus(-4)
+        assert torch.equal(cut[:, 2], torch.zeros_like(cut[:, 2])) and torch.equal(r0, r1)  # fill untouched
+        # trained to anything, the head still only takes evidence away
+        for p in with_head.nuisance_head.parameters():
+            p.normal_(0, 1.0)
+        _, m2, _ = with_head(x)
+        assert (m2[:, :2] <= m0[:, :2] + 1e-6).all() and torch.equal(m2[:, 2], m0[:, 2])
+    # a single-frame adaptation drops the motion channels from the head's input as from the map head's
+    one = VialNet(1, widths=(8,) * 5, contrast=True, nuisance=True)
+    four = VialNet(4, widths=(8,) * 5, motion=True, contrast=True, nuisance=True)
+    one.load_state_dict(adapt_first_layer(four.state_dict(), 1))
 
 
 def test_what_a_container_costs_the_default_network_and_the_cheap_settings():

@@ -814,3 +814,30 @@ def test_frozen_parts_keep_the_initial_weights_and_statistics_while_the_rest_lea
               log=lambda *a: None)
     with pytest.raises(ValueError, match="frozen"):
         TrainConfig.from_dict({"frozen": ["trunk"]})
+
+
+def test_fine_tuning_adds_a_nuisance_head_that_learns_alone_and_only_lowers_the_maps(coarse_data, tiny_run,
+                                                                                      tmp_path):
+    """Retraining's set-up: the initial model has no nuisance head; the fine-tuned one has it, everything else
+    frozen, so it keeps every initial weight and its maps are the initial model's or lower."""
+    from vialinspect.training.checkpoint import build_model
+    from vialinspect.vision.model import FREEZABLE
+
+    start = load_checkpoint(tiny_run / "best.pt")
+    rest = [p for p in FREEZABLE if p != "nuisance_head"]
+    summary = train(coarse_data, tmp_path / "ft", small_config(epochs=1, nuisance_head=True, frozen=rest),
+                    init=str(tiny_run / "best.pt"), progress=False, log=lambda *a: None)
+    assert summary["epochs_run"] == 1
+    after = load_checkpoint(tmp_path / "ft" / "last.pt")
+    assert after["model"]["nuisance"] is True and after["config"]["nuisance_head"] is True
+    for k, v in start["state_dict"].items():
+        assert torch.equal(after["state_dict"][k], v), k
+    head = {k: v for k, v in after["state_dict"].items() if k.startswith("nuisance_head.")}
+    assert head and head["nuisance_head.net.4.bias"].ne(-4.0).any()  # it learnt
+    before_net, _ = build_model(start)
+    after_net, _ = build_model(after)
+    x = torch.randn(2, before_net.frames, 64, 64)
+    with torch.no_grad():
+        _, m0, _ = before_net.eval()(x)
+        _, m1, _ = after_net.eval()(x)
+    assert (m1[:, :2] <= m0[:, :2] + 1e-5).all() and torch.allclose(m1[:, 2], m0[:, 2])

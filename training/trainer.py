@@ -176,6 +176,10 @@ def _load_init(init: str) -> dict:
 def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
     state = adapt_first_layer(ck["state_dict"], frames)
     missing, unexpected = net.load_state_dict(state, strict=False)
+    added = [k for k in missing if k.startswith("nuisance_head.")]
+    if added:  # a head the initial model does not have starts at its own initialisation (its prior)
+        missing = [k for k in missing if k not in added]
+        log("nuisance head added at its prior (it takes 0.018 off the particle and crack logits until trained)")
     if unexpected or missing:
         raise TrainingError(f"--init {init}: its network does not match (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]})")
@@ -365,13 +369,14 @@ def _build_network(cfg: TrainConfig, init: str | None, init_ck: dict | None, res
     elif init_ck is not None and init_ck.get("model", {}).get("widths"):
         # Fine-tuning keeps the initial model's network, whatever the settings say; the recorded settings
         # then say what was trained.
-        net = VialNet.from_arch(init_ck["model"], frames)
+        arch = init_ck["model"]
+        net = VialNet.from_arch({**arch, "nuisance": bool(arch.get("nuisance")) or cfg.nuisance_head}, frames)
         a = net.arch()
         cfg = replace(cfg, widths=tuple(a["widths"]), motion_branch=a["motion"], contrast_branch=a["contrast"],
-                      branch_width=a["branch_width"], map_head=a["head"])
+                      branch_width=a["branch_width"], map_head=a["head"], nuisance_head=a["nuisance"])
     else:
         net = VialNet(frames, cfg.widths, motion=cfg.motion_branch, contrast=cfg.contrast_branch,
-                      branch_width=cfg.branch_width, head=cfg.map_head)
+                      branch_width=cfg.branch_width, head=cfg.map_head, nuisance=cfg.nuisance_head)
     if init_ck is not None:
         _init_weights(net, init, init_ck, frames, log)
     if resumed:

@@ -151,7 +151,8 @@ class ContrastBranch(nn.Module):
 
 
 # VialNet's parts by attribute name, as fine-tuning may freeze them (TrainConfig.frozen).
-FREEZABLE = ("stem", "s2", "s3", "s4", "s5", "motion", "contrast", "map_head", "global_head", "row_head")
+FREEZABLE = ("stem", "s2", "s3", "s4", "s5", "motion", "contrast", "map_head", "global_head", "row_head",
+             "nuisance_head")
 MAP_HEAD_WIDTH = 32
 MAP_HEADS = ("dense", "separable")
 
@@ -171,9 +172,37 @@ def _map_head(cin: int, head: str) -> nn.Sequential:
     return nn.Sequential(first, nn.Conv2d(MAP_HEAD_WIDTH, len(CLASSES), 1))
 
 
+NUISANCE_WIDTH = 16
+NUISANCE_PRIOR = -4.0  # softplus(-4) = 0.018: a new head takes 0.018 off a logit, a shift no threshold notices
+
+
+class NuisanceHead(nn.Module):
+    """Learned suppression of the particle and crack maps where a nuisance the reviews named lies.
+
+    Added when a model is retrained from reviewed false rejects (``TrainConfig.nuisance_head``): from the same
+    1/8 context as the map head it computes a non-negative amount per cell and class that is taken off the
+    particle and crack logits. With the rest of the network frozen, the retrained model's maps are the
+    champion's everywhere the head stays at its prior, and can only be lower where it learnt a nuisance, so the
+    nuisance is taught without moving what the champion finds elsewhere. Fine-tuning the whole network on the
+    reviews lowered every particle score instead (docs/retraining.md)."""
+
+    def __init__(self, cin: int, width: int = NUISANCE_WIDTH):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(cin, width, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(width, 2, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, NUISANCE_PRIOR)
+
+    def forward(self, ctx: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        cut = F.softplus(self.net(ctx).to(maps.dtype))
+        return torch.cat([maps[:, :2] - cut, maps[:, 2:]], 1)
+
+
 class VialNet(nn.Module):
     def __init__(self, frames: int = 4, widths: tuple[int, ...] = (16, 24, 32, 48, 64), motion: bool = False,
-                 contrast: bool = False, branch_width: int = MOTION_WIDTH, head: str = "dense"):
+                 contrast: bool = False, branch_width: int = MOTION_WIDTH, head: str = "dense",
+                 nuisance: bool = False):
         super().__init__()
         w = widths
         self.frames = frames
@@ -192,6 +221,7 @@ class VialNet(nn.Module):
         self.s4 = nn.Sequential(_cbr(w[2], w[3], 2), _cbr(w[3], w[3], dilation=2))  # 1/16
         self.s5 = nn.Sequential(_cbr(w[3], w[4], 2), _cbr(w[4], w[4], dilation=2))  # 1/32
         self.map_head = _map_head(w[2] + w[3] + w[4] + mw, head)
+        self.nuisance_head = NuisanceHead(w[2] + w[3] + w[4] + mw) if nuisance else None
         self.global_head = nn.Linear(2 * w[4], len(CLASSES))
         nn.init.zeros_(self.global_head.weight)
         nn.init.zeros_(self.global_head.bias)
@@ -213,15 +243,16 @@ class VialNet(nn.Module):
         """What rebuilds this network (recorded in checkpoints and packages)."""
         return {"arch": "VialNet", "frames": self.frames, "widths": list(self.widths),
                 "motion": self.motion is not None, "contrast": self.contrast is not None,
-                "branch_width": self.branch_width, "head": self.head}
+                "branch_width": self.branch_width, "head": self.head, "nuisance": self.nuisance_head is not None}
 
     @classmethod
     def from_arch(cls, arch: dict, frames: int | None = None) -> VialNet:
         """The network an ``arch()`` record describes (older records have no motion or contrast branch, 16-channel
-        branches and the dense map head), optionally for another frame count."""
+        branches, the dense map head and no nuisance head), optionally for another frame count."""
         return cls(frames=int(frames or arch["frames"]), widths=tuple(arch["widths"]),
                    motion=bool(arch.get("motion", False)), contrast=bool(arch.get("contrast", False)),
-                   branch_width=int(arch.get("branch_width", MOTION_WIDTH)), head=str(arch.get("head", "dense")))
+                   branch_width=int(arch.get("branch_width", MOTION_WIDTH)), head=str(arch.get("head", "dense")),
+                   nuisance=bool(arch.get("nuisance", False)))
 
     @staticmethod
     def in_channels(frames: int) -> int:
@@ -261,6 +292,8 @@ class VialNet(nn.Module):
             parts.append(self.motion(half, mean, x.dtype))
         ctx = torch.cat(parts, 1)
         maps = self.map_head(ctx)
+        if self.nuisance_head is not None:
+            maps = self.nuisance_head(ctx, maps)
         g = torch.cat([f5.mean((2, 3)), f5.amax((2, 3))], 1)
         # Particles and cracks are local: their logit is the map's peak, so a false peak anywhere is what the
         # image-level loss pushes down. Fill level is global: it also gets a pooled-feature term.
@@ -336,6 +369,8 @@ def adapt_first_layer(state: dict, frames_to: int) -> dict:
                 state["map_head.0.1.weight"] = state["map_head.0.1.weight"][:, :-width]
             else:
                 state["map_head.0.0.weight"] = state["map_head.0.0.weight"][:, :-width]
+            if "nuisance_head.net.0.weight" in state:
+                state["nuisance_head.net.0.weight"] = state["nuisance_head.net.0.weight"][:, :-width]
         else:
             mw = state[mkey]
             kf = mw.shape[1] // 2
