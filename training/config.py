@@ -96,8 +96,8 @@ class TrainConfig:
     # channel, then a 1x1 mix: a seventh of the cost).
     map_head: str = "dense"
     # A nuisance head (vision.model.NuisanceHead): learned suppression of the particle and crack maps, for
-    # retraining from reviewed false rejects. Fine-tuning adds it to an initial model that has none (starting
-    # at its prior, where it changes no decision); an initial model that has one keeps it either way.
+    # retraining from reviewed false rejects (measured, not kept: docs/retraining.md). Fine-tuning adds it to an
+    # initial model that has none, at its prior (0.018 off a logit); an initial model that has one keeps it.
     nuisance_head: bool = False
     # The network's motion branch (vision.model.MotionBranch: which way objects move between frames, over the
     # swirl's reach); K >= 2 only. Fine-tuning (--init) keeps the initial model's network either way.

@@ -182,9 +182,9 @@ class NuisanceHead(nn.Module):
     Added when a model is retrained from reviewed false rejects (``TrainConfig.nuisance_head``): from the same
     1/8 context as the map head it computes a non-negative amount per cell and class that is taken off the
     particle and crack logits. With the rest of the network frozen, the retrained model's maps are the
-    champion's everywhere the head stays at its prior, and can only be lower where it learnt a nuisance, so the
-    nuisance is taught without moving what the champion finds elsewhere. Fine-tuning the whole network on the
-    reviews lowered every particle score instead (docs/retraining.md)."""
+    champion's everywhere the head stays at its prior, and can only be lower where it learnt a nuisance. Measured
+    on the retraining demonstration it did not learn silicone oil apart from particles: it took evidence off both
+    (docs/retraining.md), so it is off by default."""
 
     def __init__(self, cin: int, width: int = NUISANCE_WIDTH):
         super().__init__()
