@@ -32,19 +32,16 @@ QUANTILE = 0.98
 SMALL_UM = 150.0
 
 
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
-    from scipy.stats import rankdata
-
-    r = rankdata(np.r_[pos, neg])
-    return float((r[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 def summary(name: str, droplets: np.ndarray, particles: np.ndarray, sizes: np.ndarray) -> dict:
+    from vialinspect.training.metrics import auroc
+
+    def particle_vs_droplet(pos: np.ndarray) -> float | None:
+        return auroc(np.r_[np.ones(len(pos)), np.zeros(len(droplets))], np.r_[pos, droplets])
+
     cut = float(np.quantile(droplets, QUANTILE))
     small = sizes < SMALL_UM
     return {"scorer": name, "n_nuisance": int(len(droplets)), "n_particles": int(len(particles)),
-            "auroc": auroc(particles, droplets), "auroc_small": auroc(particles[small], droplets),
+            "auroc": particle_vs_droplet(particles), "auroc_small": particle_vs_droplet(particles[small]),
             "above_q98": float(np.mean(particles > cut)), "above_q98_small": float(np.mean(particles[small] > cut))}
 
 
@@ -153,8 +150,9 @@ def main() -> None:
         rows += [patch_probe(work / "base", quals[-1], a.units, a.nuisance, half) for half in (12, 32)]
     print(f"{'scorer':<62} {'objects':>14} {'AUROC':>6} {'< 150 µm':>8} {'> q98':>6} {'< 150 µm':>8}")
     for r in rows:
+        small = "-" if r["auroc_small"] is None else f"{r['auroc_small']:.3f}"
         print(f"{r['scorer'][:62]:<62} {r['n_nuisance']:>6} / {r['n_particles']:<5} {r['auroc']:>6.3f} "
-              f"{r['auroc_small']:>8.3f} {r['above_q98']:>6.0%} {r['above_q98_small']:>8.0%}")
+              f"{small:>8} {r['above_q98']:>6.0%} {r['above_q98_small']:>8.0%}")
     out = Path(a.json) if a.json else work / "nuisance_separability.json"
     out.write_text(json.dumps({"work": str(work), "units": a.units, "nuisance": a.nuisance, "quantile": QUANTILE,
                                "rows": rows}, indent=2) + "\n")

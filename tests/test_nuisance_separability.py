@@ -16,7 +16,7 @@ def test_auroc_is_the_pairwise_win_rate_and_the_table_counts_particles_above_the
     pos[:3] = 0.5  # ties count half
     brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
     with benchmark("nuisance_separability") as m:
-        assert m.auroc(pos, neg) == pytest.approx(brute)
+        assert m.summary("x", neg, pos, np.full(len(pos), 60.0))["auroc"] == pytest.approx(brute)
         droplets = np.arange(100, dtype=float)  # the 98th percentile is 97.02
         particles = np.array([99.0, 98.0, 97.0, 150.0])
         sizes = np.array([60.0, 80.0, 120.0, 400.0])

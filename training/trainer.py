@@ -24,7 +24,7 @@ from vialinspect.datasets.records import ContainerRecord, fit_frames, split_for
 from vialinspect.datasets.torch_dataset import ContainerDataset
 from vialinspect.errors import VialinspectError
 from vialinspect.export.builtin import is_builtin
-from vialinspect.vision.model import VialNet, adapt_first_layer, soft_rows
+from vialinspect.vision.model import NUISANCE_PRIOR, VialNet, adapt_first_layer, soft_rows
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import fill_probability
 
@@ -179,7 +179,8 @@ def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
     added = [k for k in missing if k.startswith("nuisance_head.")]
     if added:  # a head the initial model does not have starts at its own initialisation (its prior)
         missing = [k for k in missing if k not in added]
-        log("nuisance head added at its prior (it takes 0.018 off the particle and crack logits until trained)")
+        cut = float(torch.nn.functional.softplus(torch.tensor(NUISANCE_PRIOR)))
+        log(f"nuisance head added at its prior (it takes {cut:.3f} off the particle and crack logits until trained)")
     if unexpected or missing:
         raise TrainingError(f"--init {init}: its network does not match (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]})")
