@@ -86,15 +86,15 @@ class TrainConfig:
     seed: Int = 0
     frr: Float = 0.01  # false-reject budget for calibrating thresholds on the validation split
     # The network's channels per stage (1/2 ... 1/32), and with the two settings below what a container costs:
-    # 2.42 GFLOP for a vial-2R container at 4 frames with these defaults (the default model's network); 0.95 with
-    # widths (10, 16, 24, 32, 48), branch_width 8 and map_head "separable", which in the same 9 epochs found
-    # fewer cracks and particles (docs/model_and_training.md, "What a container costs").
-    widths: tuple[Int, ...] = (16, 24, 32, 48, 64)
+    # 0.95 GFLOP for a vial-2R container at 4 frames with these defaults (the default model's network since
+    # 2026-12-04); the earlier default's network, widths (16, 24, 32, 48, 64), branch_width 16 and map_head
+    # "dense", costs 2.42 and finds as much in fewer epochs (docs/model_and_training.md, "What a container costs").
+    widths: tuple[Int, ...] = (10, 16, 24, 32, 48)
     # Channels of the motion and contrast branches.
-    branch_width: Int = 16
+    branch_width: Int = 8
     # The class maps' head: "dense" (one 3x3 convolution over every context channel) or "separable" (3x3 per
     # channel, then a 1x1 mix: a seventh of the cost).
-    map_head: str = "dense"
+    map_head: str = "separable"
     # A nuisance head (vision.model.NuisanceHead): learned suppression of the particle and crack maps, for
     # retraining from reviewed false rejects (measured, not kept: docs/retraining.md). Fine-tuning adds it to an
     # initial model that has none, at its prior (0.018 off a logit); an initial model that has one keeps it.
