@@ -9,8 +9,8 @@ Steps (each prints what it does; everything lands in --out):
    seed --seed, unless --data), and, where a model is trained, the training lot of `make model`'s recipe
    (TRAIN_LOT below, unless --train-data) and a calibration lot (--calib containers, seed --calib-seed);
 2. train the K=4 model on the training lot with a training-time budget (--minutes; make model's 55, which the
-   default's narrow network needs on 2 cores: docs/quality.md), recording wall time and peak memory, and set its thresholds on the calibration
-   lot as `make model` does (or give a trained model with --k4-model);
+   default's narrow network needs on 2 cores: docs/quality.md), recording wall time and peak memory, and set
+   its thresholds on the calibration lot as `make model` does (or give a trained model with --k4-model);
 3. evaluate it on the test lot's test split -> k4/report.*, and on all of a fresh, independently simulated
    lot (--fresh containers, seed --seed + 1; with --data, give the data's seed as --seed) -> k4_fresh/;
 4. train, calibrate and evaluate a K=1 model the same way -> k1/ and k1_fresh/ (multi- vs single-frame
@@ -230,7 +230,8 @@ def simulate(out: Path, n: int, seed: int, what: str, nuisance: dict | None = No
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--containers", type=int, default=3000, help="containers to simulate (default 3000)")
-    p.add_argument("--minutes", type=float, default=55.0, help="training-time budget per model (default 55, as make model)")
+    p.add_argument("--minutes", type=float, default=55.0,
+                   help="training-time budget per model (default 55, as make model)")
     p.add_argument("--epochs", type=int, default=30,
                    help="epochs the schedule plans per model, as make model (default 30; the budget ends it first)")
     p.add_argument("--out", default="bench_out/quality", help="output directory")
