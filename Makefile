@@ -31,11 +31,11 @@ test: $(STAMP)
 # of 40% of the containers instead of 10%: good units' droplets set the crack threshold), train the training
 # defaults' 0.95-GFLOP network (55-minute budget on 2 CPU cores; the cosine schedule is planned over 30 epochs
 # and the budget ends it first: 24 on a machine that trains in bfloat16, fewer on one that does not; cracks drawn
-# three times as often), export with
-# parity checks, then set the thresholds on an independent calibration lot of 3,200 default containers (~1,600
-# good units; the validation split's ~240 leave each threshold to one unit's score), and fit the out-of-domain
-# guard on both lots (units unlike them are not decided: not_inspected:out_of_domain). benchmarks/quality.py tests
-# on default data with another seed (100). Training under a time budget depends on the machine's speed.
+# three times as often), export with parity checks, then set the thresholds on an independent calibration lot of
+# 3,200 default containers (~1,600 good units; the validation split's ~240 leave each threshold to one unit's
+# score), and fit the out-of-domain guard on both lots (units unlike them are not decided:
+# not_inspected:out_of_domain). benchmarks/quality.py tests on default data with another seed (100). Training
+# under a time budget depends on the machine's speed.
 model: $(STAMP)
 	$(BIN)/vialinspect generate --out build/train_data --containers 3000 --frames 4 --seed 200 --nuisance droplet=0.4 --overwrite
 	$(BIN)/vialinspect train --data build/train_data --out build/model_run --max-minutes 55

@@ -11,6 +11,9 @@ from vialinspect.datasets.generate import generate  # noqa: E402
 from vialinspect.datasets.sim.config import CameraConfig, SimConfig  # noqa: E402
 
 SMALL_WIDTHS = (8, 8, 12, 16, 16)
+# The earlier default's map head and branch width (the training defaults are "separable" and 8): tests whose tiny
+# one-epoch model must learn enough to show an effect train with these.
+EARLIER_NETWORK = {"map_head": "dense", "branch_width": 16}
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +50,6 @@ def tiny_run(coarse_data, tmp_path_factory):
     # The earlier default's dense map head and 16-channel branches: in one epoch at these widths the training
     # defaults' separable head leaves no defective unit rejected for its defect in every pass, which the
     # qualification tests need (the separable head's training is tested in test_training.py).
-    train(coarse_data, run, small_config(epochs=1, map_head="dense", branch_width=16), init="auto", progress=False,
+    train(coarse_data, run, small_config(epochs=1, **EARLIER_NETWORK), init="auto", progress=False,
           log=lambda *a: None)
     return run

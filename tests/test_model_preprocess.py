@@ -222,6 +222,20 @@ def test_what_a_container_costs_the_default_network_and_the_earlier_one():
     assert net.training
 
 
+def test_the_shipped_default_costs_at_most_one_gflop_per_container():
+    """Issue 28's bound on the committed package itself: what its record says and what its network counts."""
+    import json
+
+    from vialinspect.export.builtin import resolve_model_ref
+    from vialinspect.vision.cost import model_gflop
+
+    meta = json.loads((resolve_model_ref("builtin:default") / "model.json").read_text())
+    recorded = meta["cost"]["gflop_per_container"]["vial-2R"]
+    assert recorded <= 1.0
+    net = VialNet.from_arch(meta["architecture"])
+    assert model_gflop(net, meta["cost"]["frames"], 928, 480) == pytest.approx(recorded, abs=0.005)
+
+
 def test_contrast_branch_sees_a_mark_alike_on_dark_and_bright_glass_whatever_the_exposure():
     def contrast(grey):
         x = (torch.from_numpy(grey)[None].repeat(1, 4, 1, 1) - 0.5) / 0.25

@@ -16,8 +16,8 @@ from vialinspect.training.trainer import Dist, WarmupCosine, _fit_schedule_to_bu
 from vialinspect.vision.model import VialNet
 from vialinspect.vision.preprocess import InputSpec
 
+from .conftest import EARLIER_NETWORK, small_config
 from .conftest import SMALL_WIDTHS as SMALL
-from .conftest import small_config
 
 
 def test_loss_falls_on_a_fixed_batch(coarse_data):
@@ -697,7 +697,7 @@ def test_distillation_keeps_a_fine_tuned_model_near_its_teacher_on_marked_units_
     # 2026-12-01); without it the drift is larger and the pull shows. The dense map head and 16-channel branches
     # for the same reason: the separable head and 8-channel branches of the training defaults drift ~9e-4 here.
     train(coarse_data, tmp_path / "teacher",
-          small_config(epochs=1, contrast_branch=False, map_head="dense", branch_width=16), progress=False,
+          small_config(epochs=1, contrast_branch=False, **EARLIER_NETWORK), progress=False,
           log=lambda *a: None)
     init = str(tmp_path / "teacher" / "best.pt")
     teacher, spec = build_model(load_checkpoint(init))
