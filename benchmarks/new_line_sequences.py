@@ -1,7 +1,7 @@
 """New-line benchmark, spin-stop sequences: a line that hands over K frames per unit instead of one still image.
 
     .venv/bin/python benchmarks/new_line_sequences.py [--world w65] [--frames 4] [--labels 200] [--good 600]
-        [--test 400] [--minutes 10] [--calibrate-good 1000] [--seed 0] [--settings JSON]
+        [--test 400] [--minutes 10] [--calibrate-good 1000] [--anomaly on|off] [--seed 0] [--settings JSON]
         [--out bench_out/new_line_sequences] [--resume]
 
 Particle inspection takes a sequence after the spin stops: a particle moves between frames, a mark on the glass
@@ -14,7 +14,9 @@ the shipped default model, whose motion branch needs several frames) and scores 
 new_line.py does (recall at <= 2% false rejects, AUROC, per-size particle recall, the run's own thresholds).
 Then, as the walk in docs/new_line.md does, it exports the run and calibrates the package on further good units
 of another lot of the line (``--calibrate-good``; `vialinspect package calibrate`), because a validation split of
-~100 good units cannot hold a 1% budget, and scores that package too. Writes --out/summary.json and prints a
+~100 good units cannot hold a 1% budget, and scores that package too; then fits the good-only anomaly model on
+the same lot's good units (`vialinspect package fit-anomaly`) and scores it alone and with the class thresholds.
+Writes --out/summary.json and prints a
 table; ``--resume`` re-scores an existing --out without rendering or training again.
 """
 
@@ -117,6 +119,37 @@ def calibrate_package(run: Path, lot: Path, out: Path) -> Path:
     return out / "package-calibrated"
 
 
+def anomaly_run(pkg: Path, lot: Path, data: Path, out: Path) -> dict:
+    """`vialinspect package fit-anomaly` of the calibrated package on the lot's good units, then the test units
+    scored by it: the anomaly score alone (recall at <= 2% false rejects, AUROC, and at its own threshold) and
+    together with the class thresholds, as the station decides."""
+    from vialinspect.training.evaluate import evaluate_model
+
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "vialinspect", "package", "fit-anomaly", str(pkg), "--data", str(lot),
+                           "--out", str(out / "package-anomaly"), "--reason", "the line's good units", "--overwrite"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"vialinspect package fit-anomaly failed:\n{(done.stdout + done.stderr)[-2000:]}")
+    fit_s = time.perf_counter() - t0
+    report, recs, scores = evaluate_model(str(out / "package-anomaly"), data, None, split="test")
+    a = np.array([s.extra["anomaly"] for s in scores], np.float64)
+    labels = np.array([[c in r.classes for c in NL.CLASSES] for r in recs], np.float32)
+    good = labels.sum(1) == 0
+    cut = float(np.quantile(a[good], 1.0 - NL.FRR, method="higher"))
+    alone = {c: round(float((a[labels[:, i] > 0] > cut).mean()), 4) for i, c in enumerate(NL.CLASSES)}
+    rep = report["anomaly"]
+    meta = json.loads((out / "package-anomaly" / "model.json").read_text())["anomaly"]["fit"]
+    return {"fit_seconds": round(fit_s, 1), "fit": {k: meta[k] for k in ("bank_units", "held_units", "bank_size",
+                                                                          "dims", "threshold", "held_units_rejected",
+                                                                          "search_mflop_per_unit")},
+            "at_frr_alone": alone, "auroc": {c: v["auroc_anomaly"] for c, v in rep["classes"].items()},
+            "own_threshold": {"frr_anomaly": rep["good_rejected_by_anomaly"],
+                              "frr_classes": rep["good_rejected_by_classes"], "frr_either": rep["good_rejected_either"],
+                              **{c: {"anomaly": v["anomaly"], "classes": v["classes"], "either": v["either"]}
+                                 for c, v in rep["classes"].items()}}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world", default="w65", help=f"world (known: {', '.join(W.WORLDS)}; default w65)")
@@ -127,6 +160,9 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=10.0, help="training budget (default 10)")
     p.add_argument("--calibrate-good", type=int, default=1000,
                    help="good units of another lot to calibrate the exported package on (default 1000; 0: skip)")
+    p.add_argument("--anomaly", choices=["on", "off"], default="on",
+                   help="also fit the good-only anomaly model on the calibration lot and score it (default on; "
+                        "needs --calibrate-good)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws and the training (default 0)")
     p.add_argument("--settings", default=None,
                    help="training settings as JSON over train's defaults, e.g. '{\"image_label_weight\": 0}' "
@@ -135,6 +171,7 @@ def main() -> int:
     p.add_argument("--resume", action="store_true",
                    help="--out holds a finished run of this script: score it again and calibrate, no new training")
     a = p.parse_args()
+    a.anomaly = a.anomaly == "on" and a.calibrate_good > 0
     try:
         settings = json.loads(a.settings) if a.settings else None
     except json.JSONDecodeError as e:
@@ -173,6 +210,8 @@ def main() -> int:
         pkg = calibrate_package(run, lot, out)
         res["package_calibrated"] = {"good_units": a.calibrate_good,
                                      **NL.score_run(str(pkg), data)["calibrated"]}
+        if a.anomaly:
+            res["anomaly"] = anomaly_run(pkg, lot, data, out)
     pace1 = round(pace_gflops(), 1)
     summary = {"world": world.name, "frames": a.frames, "labels": a.labels, "good": a.good, "test": a.test,
                "minutes": a.minutes, "seed": a.seed, "settings": settings, "render": built, **fit, **res,
@@ -191,6 +230,14 @@ def main() -> int:
         pc = res["package_calibrated"]
         print(f"package calibrated on {pc['good_units']} good units of another lot: FRR {pc['frr']}, recall "
               f"particle {pc['particle']} / crack {pc['crack']} / fill level {pc['fill_level']}")
+    if "anomaly" in res:
+        an, own = res["anomaly"], res["anomaly"]["own_threshold"]
+        print(f"good-only anomaly model (fitted on the lot's good units in {an['fit_seconds']} s, search "
+              f"{an['fit']['search_mflop_per_unit']} MFLOP a unit): alone at <= 2% false rejects particle "
+              f"{an['at_frr_alone']['particle']} / crack {an['at_frr_alone']['crack']} / fill level "
+              f"{an['at_frr_alone']['fill_level']} (AUROC {' / '.join(str(v) for v in an['auroc'].values())}); "
+              f"at its own threshold with the package's: FRR {own['frr_classes']} -> {own['frr_either']}, recall "
+              + " / ".join(f"{c} {own[c]['classes']} -> {own[c]['either']}" for c in NL.CLASSES if c in own))
     return 0
 
 

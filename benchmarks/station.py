@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/station.py [--model models/default] [--rate 1200] [--minutes 2]
                                            [--containers 120] [--format vial-2R] [--defect-rate 0.5]
-                                           [--json bench_out/station.json]
+                                           [--neighbour THREADS[:DUTY]] [--json bench_out/station.json]
 
 1. Render ``--containers`` simulated units (K frames each) into memory, so the simulator's cost is not counted.
    By default half of them have a defect, so over half of the units are flagged and their four frames kept:
@@ -26,6 +26,7 @@ resident memory <= 1 GB and flat (< 5% growth) over a 30-minute run (``--minutes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -43,6 +44,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 
+from benchmarks.neighbour import Neighbour, parse_spec  # noqa: E402
 from benchmarks.runtime import sgemm_ceiling  # noqa: E402
 from vialinspect.datasets.generate import container_id, make_container  # noqa: E402
 from vialinspect.datasets.sim.config import SimConfig  # noqa: E402
@@ -146,8 +148,23 @@ def main() -> int:
                    help="length of each step of the capacity sweep (default 20 s)")
     p.add_argument("--spin", choices=["on", "off"], default="off",
                    help="ONNX Runtime's idle threads spin (on) or sleep (off, the station's setting; default off)")
+    p.add_argument("--neighbour", default=None, metavar="THREADS[:DUTY]",
+                   help="make a slow day: a second process runs float32 matrix products on THREADS threads, busy "
+                        "for DUTY of every 0.1 s (default 1), for the whole run (benchmarks/neighbour.py); the "
+                        "ceiling it leaves is measured and recorded. Default: none")
     p.add_argument("--json", default="bench_out/station.json", help="where to write the JSON result")
     a = p.parse_args()
+    neighbour = None
+    if a.neighbour is not None:
+        try:
+            neighbour = Neighbour(*parse_spec(a.neighbour))
+        except ValueError as e:
+            p.error(str(e))
+    with neighbour or contextlib.nullcontext():
+        return run(a, neighbour)
+
+
+def run(a: argparse.Namespace, neighbour: Neighbour | None) -> int:
 
     # The machine's float32 matrix-product ceiling (benchmarks/runtime.py's measure), before and after: these
     # machines' pace varies by up to 40% from day to day, and the line's headroom with it.
@@ -158,7 +175,7 @@ def main() -> int:
     try:
         cfg = SimConfig(formats=(a.format,), frames=k, camera=SimConfig().camera, defect_rate=a.defect_rate)
     except ValueError as e:
-        p.error(str(e))
+        raise SystemExit(f"station.py: error: {e}") from None
     print(f"rendering {a.containers} {a.format} units (K={k}, defect rate {a.defect_rate:g}) beforehand ...",
           flush=True)
     units = [make_container(cfg, i, 12345)[1] for i in range(a.containers)]
@@ -244,6 +261,7 @@ def main() -> int:
         "frames": k, "frame_size": [w, h], "cores": os.cpu_count(),
         "model_gflop_per_container": (model_cost.get("gflop_per_container") or {}).get(a.format),
         "sgemm_ceiling_gflop_per_s": {"start": round(ceiling_start, 1), "end": round(ceiling_end, 1)},
+        "neighbour": None if neighbour is None else neighbour.to_json(),
         "headroom_at_line_rate": None if sustained is None else round(sustained / a.rate, 2),
         "raw_runtime_per_min": round(raw_per_min, 1),
         "loss_free_capacity_per_min": None if sustained is None else round(sustained, 1),

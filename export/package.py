@@ -79,6 +79,14 @@ class ModelPackage:
         return None if d is None else DomainModel.from_json(d)
 
     @property
+    def anomaly(self):
+        """The line's good-only anomaly model (``vialinspect.vision.anomaly.AnomalyModel``), or None."""
+        from vialinspect.vision.anomaly import AnomalyModel
+
+        d = self.metadata.get("anomaly")
+        return None if d is None else AnomalyModel.from_json(d)
+
+    @property
     def fill_gauge(self):
         """The fill-level gauge referenced to the line's good units (``vialinspect.vision.fill_gauge.FillGauge``)
         that decides this model's fill level, or None (the network's own fill-level output decides)."""
@@ -254,6 +262,13 @@ def check_metadata(meta: Any, where: str | Path) -> None:
             FillGauge.from_json(meta["fill_gauge"])
         except ValueError as e:
             bad("fill_gauge", str(e))
+    if meta.get("anomaly") is not None:
+        from vialinspect.vision.anomaly import AnomalyModel
+
+        try:
+            AnomalyModel.from_json(meta["anomaly"])
+        except ValueError as e:
+            bad("anomaly", str(e))
     if not isinstance(meta.get("heads", {}), dict):
         bad("heads", f"must be a table (e.g. {{\"fill\": true}}), got {_json_kind(meta['heads'])}")
 
@@ -389,21 +404,38 @@ def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = N
     from vialinspect.vision.runtime import OnnxModel
 
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
-    return OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),
-                     device=device, threads=threads, spin=spin)
+    try:
+        return OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),
+                         device=device, threads=threads, spin=spin, anomaly=pkg.anomaly)
+    except ValueError as e:  # an anomaly model over a graph without the features it reads
+        raise PackageError(f"{pkg.path}: {e}") from None
+
+
+def _new_version(pkg: ModelPackage, updates: dict[str, Any], out: Path, reason: str,
+                 overwrite: bool = False) -> ModelPackage:
+    """A new package version of ``pkg``: its metadata with ``updates``, the very same ``model.onnx`` bytes and
+    weights, the parent and the reason recorded."""
+    meta = {k: v for k, v in pkg.metadata.items() if k not in ("version_id", "created_utc", "onnx_sha256",
+                                                                  "format", "format_version", "weights_sha256")}
+    meta.update(updates)
+    meta["parent_version"] = pkg.version_id
+    meta["change_reason"] = reason
+    weights = pkg.weights_path.read_bytes() if pkg.weights_path else None
+    return write_package(out, pkg.onnx_path.read_bytes(), meta, overwrite=overwrite, weights=weights)
 
 
 def with_domain(pkg: ModelPackage, domain: dict[str, Any], out: Path, reason: str, overwrite: bool = False,
                 fit: dict | None = None) -> ModelPackage:
     """A new package version with an out-of-domain guard (``DomainModel.to_json()``) and the very same
     ``model.onnx`` bytes and thresholds; ``fit`` (the lot it was fitted on) is recorded with it."""
-    meta = {k: v for k, v in pkg.metadata.items() if k not in ("version_id", "created_utc", "onnx_sha256",
-                                                                  "format", "format_version", "weights_sha256")}
-    meta["domain"] = {**domain, "fit": fit or {}}
-    meta["parent_version"] = pkg.version_id
-    meta["change_reason"] = reason
-    weights = pkg.weights_path.read_bytes() if pkg.weights_path else None
-    return write_package(out, pkg.onnx_path.read_bytes(), meta, overwrite=overwrite, weights=weights)
+    return _new_version(pkg, {"domain": {**domain, "fit": fit or {}}}, out, reason, overwrite)
+
+
+def with_anomaly(pkg: ModelPackage, anomaly: dict[str, Any], out: Path, reason: str, overwrite: bool = False,
+                 fit: dict | None = None) -> ModelPackage:
+    """A new package version with a good-only anomaly model (``AnomalyModel.to_json()``) and the very same
+    ``model.onnx`` bytes and thresholds; ``fit`` (the units it was fitted on) is recorded with it."""
+    return _new_version(pkg, {"anomaly": {**anomaly, "fit": fit or {}}}, out, reason, overwrite)
 
 
 def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, reason: str,
@@ -417,12 +449,7 @@ def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, 
         problem = threshold_problem(t)
         if problem:
             raise PackageError(f"threshold for {c} {problem}")
-    meta = {k: v for k, v in pkg.metadata.items() if k not in ("version_id", "created_utc", "onnx_sha256",
-                                                                  "format", "format_version", "weights_sha256")}
-    meta["thresholds"] = {**pkg.thresholds, **{c: float(t) for c, t in thresholds.items()}}
-    meta["parent_version"] = pkg.version_id
-    meta["change_reason"] = reason
+    updates: dict[str, Any] = {"thresholds": {**pkg.thresholds, **{c: float(t) for c, t in thresholds.items()}}}
     if calibration is not None:
-        meta["calibration"] = calibration
-    weights = pkg.weights_path.read_bytes() if pkg.weights_path else None
-    return write_package(out, pkg.onnx_path.read_bytes(), meta, overwrite=overwrite, weights=weights)
+        updates["calibration"] = calibration
+    return _new_version(pkg, updates, out, reason, overwrite)

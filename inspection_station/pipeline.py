@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from vialinspect.vision.anomaly import anomaly_rejects, anomaly_score
 from vialinspect.vision.fill_gauge import apply_reading
 from vialinspect.vision.preprocess import preprocess
 from vialinspect.vision.scores import (
@@ -426,6 +427,9 @@ class Pipeline:
                 continue
             groups.setdefault(prep.x.shape, []).append((c, prep))
         provider = getattr(getattr(model.runner, "status", None), "provider", None)
+        anomaly = getattr(model.runner, "anomaly", None)
+        if anomaly is not None:
+            thresholds = {**thresholds, "anomaly": anomaly.threshold}  # recorded with each decision
         for items in groups.values():
             t0 = time.monotonic()
             try:
@@ -452,6 +456,13 @@ class Pipeline:
                 if problem is None:
                     reasons = rejected_classes(cs, thresholds)
                     fill, maps = s.fill_height_mm, s.maps
+                    if anomaly is not None:
+                        # The line's good-only model: a place unlike every good unit rejects, whatever class
+                        # it is; a missing or invalid score rejects too (positive release).
+                        if (a := anomaly_score(s.extra)) is not None:
+                            cs = {**cs, "anomaly": a}
+                        if anomaly_rejects(s.extra, anomaly):
+                            reasons.append("anomaly")
                 else:
                     log.error("unit %s: invalid model output (%s); rejected as not inspected", c.id, problem)
                     reasons = [not_inspected("invalid_output")]

@@ -37,7 +37,9 @@ def test_package_files_metadata_and_onnx_props(package, tiny_run, capsys):
     assert json.loads(props["vialinspect.input_spec"]) == m["input"]["spec"]
     assert props["vialinspect.training_data_hash"] == m["training"]["data_hash"]
     assert [i.name for i in proto.graph.input] == ["frames"]
-    assert [o.name for o in proto.graph.output] == ["probs", "maps", "fill_height_mm"]
+    assert [o.name for o in proto.graph.output] == ["probs", "maps", "fill_height_mm", "features"]
+    assert set(m["outputs"]) == {"probs", "maps", "fill_height_mm", "features"}
+    assert m["export"]["parity"]["max_abs_features"] <= 1e-3  # the anomaly model's input agrees with PyTorch
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param  # dynamic batch
     # what a container costs, per simulator format at the model's own pixel scale and frame count

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
@@ -15,13 +17,14 @@ from vialinspect.datasets.sim.formats import FORMATS
 from vialinspect.errors import VialinspectError
 from vialinspect.export.builtin import is_builtin
 from vialinspect.export.package import ModelPackage, load_package, open_runner, sha256_file
+from vialinspect.vision.anomaly import anomaly_score
 from vialinspect.vision.classical import BaselineParams, ClassicalInspector
 from vialinspect.vision.fill_gauge import FillGauge
 from vialinspect.vision.preprocess import InputSpec
-from vialinspect.vision.scores import Scores
+from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
 from .checkpoint import CheckpointError, build_model, load_checkpoint
-from .metrics import evaluate
+from .metrics import auroc, evaluate
 from .predict import TorchPredictor, predict_records
 from .report import write_report
 
@@ -102,6 +105,35 @@ def fill_gauge_report(records: list[ContainerRecord], scores: list[Scores], gaug
             "n_unmeasured": len(problems), "unmeasured": [{"id": i, "problem": p} for i, p in problems[:20]]}
 
 
+def anomaly_report(records: list[ContainerRecord], scores: list[Scores], threshold: float,
+                   thresholds: dict[str, float]) -> dict[str, Any]:
+    """What the package's good-only anomaly model adds to the class thresholds: good units it rejects, and per
+    defect class the share it rejects alone, the classes alone and both together (the station's decision), and
+    how well its score separates the class from good units (AUROC)."""
+    # a missing or invalid score rejects (positive release)
+    a = np.array([1.0 if (v := anomaly_score(s.extra)) is None else v for s in scores])
+    by_anomaly = a >= threshold
+    by_class = np.array([bool(rejected_classes(class_scores(s), thresholds)) for s in scores])
+    good = np.array([not r.classes for r in records])
+    out: dict[str, Any] = {"threshold": threshold, "n_good": int(good.sum()),
+                           "good_rejected_by_anomaly": _share(by_anomaly[good]),
+                           "good_rejected_by_classes": _share(by_class[good]),
+                           "good_rejected_either": _share((by_anomaly | by_class)[good]), "classes": {}}
+    for c in CLASSES:
+        pos = np.array([c in r.classes for r in records])
+        if pos.any():
+            m = pos | good
+            au = auroc(pos[m].astype(float), a[m]) if good.any() else None
+            out["classes"][c] = {"n": int(pos.sum()), "anomaly": _share(by_anomaly[pos]),
+                                 "classes": _share(by_class[pos]), "either": _share((by_anomaly | by_class)[pos]),
+                                 "auroc_anomaly": None if au is None else round(au, 4)}
+    return out
+
+
+def _share(x: np.ndarray) -> float | None:
+    return round(float(x.mean()), 4) if x.size else None
+
+
 def predict_guarded(m: LoadedModel, root: Path, records: list[ContainerRecord], batch_size: int = 4,
                     progress: Callable | None = None) -> tuple[list[Scores], set[int]]:
     """Scores for every record, and the indices of those the package's out-of-domain guard (if it has one)
@@ -146,6 +178,9 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
         report["out_of_domain"] = out_of_domain_report(usable, flagged)
     if m.fill_gauge is not None:
         report["fill_gauge"] = fill_gauge_report(usable, scores, m.fill_gauge)
+    anomaly = getattr(m.predictor, "anomaly", None)
+    if anomaly is not None:
+        report["anomaly"] = anomaly_report(usable, scores, anomaly.threshold, th)
     if out_dir is not None:
         write_report(report, Path(out_dir), usable, scores, ds.root, th)
     return report, usable, scores

@@ -22,6 +22,7 @@ import numpy as np
 from vialinspect.datasets.manifest import write_manifest
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames, unit_id
+from vialinspect.vision.anomaly import AnomalyModel, anomaly_rejects
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
 from .checkpoint import dataset_hash
@@ -128,12 +129,18 @@ def _sizes(rec: ContainerRecord, cls: str, attr: str) -> list[float]:
 
 @dataclass(frozen=True)
 class PassDecision:
-    rejected: tuple[str, ...]  # rejected classes (empty = accepted)
+    rejected: tuple[str, ...]  # rejected classes and "anomaly" (empty = accepted)
     not_inspected: bool  # turned away by the out-of-domain guard: a reject, not a detection
 
 
-def decide(rec: ContainerRecord, sc: Scores, thresholds: dict[str, float], out_of_domain: bool) -> PassDecision:
-    return PassDecision(tuple(rejected_classes(class_scores(sc, rec.fill_spec_mm), thresholds)), out_of_domain)
+def decide(rec: ContainerRecord, sc: Scores, thresholds: dict[str, float], out_of_domain: bool,
+           anomaly: AnomalyModel | None = None) -> PassDecision:
+    """The station's rule for one pass: the rejected classes, and ``anomaly`` where the package's good-only model
+    rejects it."""
+    reasons = rejected_classes(class_scores(sc, rec.fill_spec_mm), thresholds)
+    if anomaly_rejects(sc.extra, anomaly):
+        reasons.append("anomaly")
+    return PassDecision(tuple(reasons), out_of_domain)
 
 
 def unit_outcome(unit: str, recs: list[ContainerRecord], decisions: list[PassDecision],
@@ -254,8 +261,9 @@ def qualify(model: str | Path | LoadedModel, challenge_dir: str | Path, passes: 
                                f"(e.g. {missing[0]})")
     records = [r for recs in units.values() for r in recs]
     scores, flagged = predict_guarded(m, ds.root, records, batch_size, progress)
-    decisions = [decide(r, s, m.thresholds, i in flagged) for i, (r, s) in enumerate(zip(records, scores,
-                                                                                            strict=True))]
+    anomaly = getattr(m.predictor, "anomaly", None)
+    decisions = [decide(r, s, m.thresholds, i in flagged, anomaly)
+                 for i, (r, s) in enumerate(zip(records, scores, strict=True))]
     outcomes = []
     i = 0
     for u, recs in units.items():

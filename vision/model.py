@@ -277,6 +277,11 @@ class VialNet(nn.Module):
         return torch.einsum("ogab,gk->okab", w6, self.motion_mix().to(w))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.forward_features(x)[:3]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward``'s outputs and the 1/8 context the class maps are computed from (B, C, H/8, W/8): what the
+        good-only anomaly model (``vision.anomaly``) compares with the line's good units."""
         f1 = self.stem[2](self.stem[1](F.conv2d(x, self.input_kernel(), stride=2, padding=2)))
         f2 = self.s2(f1)
         if self.motion is not None or self.contrast is not None:
@@ -307,7 +312,7 @@ class VialNet(nn.Module):
             r4 = torch.cat([f4.mean(3), f4.amax(3)], 1)
             r4 = F.interpolate(r4.unsqueeze(-1), size=(r2.shape[-1], 1), mode="nearest").squeeze(-1)
             row_logits = self.row_head(torch.cat([r2, r4], 1))
-        return class_logits, maps, row_logits
+        return class_logits, maps, row_logits, ctx
 
 
 ROW_STRIDE = 4
@@ -323,16 +328,21 @@ def soft_rows(row_logits: torch.Tensor) -> torch.Tensor:
 class InferenceModel(nn.Module):
     """What gets exported: probabilities, localisation maps in [0, 1] and the fill height in mm."""
 
-    def __init__(self, net: VialNet, mm_per_px: float):
+    def __init__(self, net: VialNet, mm_per_px: float, features: bool = False):
         super().__init__()
-        self.net = net
+        self.net, self.features = net, features
         self.register_buffer("mm_per_px", torch.tensor(float(mm_per_px)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        class_logits, maps, row_logits = self.net(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        class_logits, maps, row_logits, ctx = self.net.forward_features(x)
         rows = soft_rows(row_logits)
         fill_height = (rows[:, 1] - rows[:, 0]) * self.mm_per_px
-        return torch.sigmoid(class_logits), torch.sigmoid(maps), fill_height
+        out = (torch.sigmoid(class_logits), torch.sigmoid(maps), fill_height)
+        if not self.features:
+            return out
+        # The context averaged over 3 x 3 cells: a cell's neighbourhood, so that a defect on a cell's edge counts
+        # in both cells (``vision.anomaly.FEATURES``); float32 whatever the graph's precision.
+        return (*out, F.avg_pool2d(ctx.float(), 3, stride=1, padding=1, count_include_pad=False))
 
 
 def adapt_first_layer(state: dict, frames_to: int) -> dict:

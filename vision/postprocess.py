@@ -20,3 +20,9 @@ def to_scores(probs: np.ndarray, maps: np.ndarray, heights: np.ndarray, batch: l
         out.append(Scores(probs={c: float(probs[i, k]) for k, c in enumerate(CLASSES)}, fill_height_mm=h,
                           maps=np.asarray(maps[i, :, :mh, :mw], np.float32), map_stride=round(MAP_STRIDE / p.scale)))
     return out
+
+
+def unit_features(features: np.ndarray, batch: list[Prepared]) -> list[np.ndarray]:
+    """The graph's (B, C, H/8, W/8) ``features`` output per unit, cropped to the image as the maps are."""
+    return [np.asarray(features[i, :, :-(-p.height // MAP_STRIDE), :-(-p.width // MAP_STRIDE)], np.float32)
+            for i, p in enumerate(batch)]

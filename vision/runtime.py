@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .postprocess import to_scores
+from .anomaly import AnomalyModel
+from .postprocess import to_scores, unit_features
 from .preprocess import InputSpec, Prepared, preprocess
 from .scores import Scores
 
@@ -25,6 +26,7 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 CPU = "CPUExecutionProvider"
 INPUT_NAME = "frames"
 OUTPUT_NAMES = ("probs", "maps", "fill_height_mm")
+FEATURES_NAME = "features"  # the 1/8 context for the good-only anomaly model (graphs exported since 2026-12-04)
 
 
 @dataclass
@@ -59,7 +61,9 @@ class OnnxModel:
     """Runs ``model.onnx``: preprocessing (the shared function), batching, outputs to ``Scores``."""
 
     def __init__(self, onnx_path: str, spec: InputSpec, has_fill: bool = True, device: str = "auto",
-                 threads: int | None = None, spin: bool = True, _ort=None):
+                 threads: int | None = None, spin: bool = True, anomaly: AnomalyModel | None = None, _ort=None):
+        """``anomaly``: the line's good-only anomaly model; each unit's ``Scores.extra`` then carries its score
+        (``anomaly``) and map (``anomaly_map``). ``ValueError`` when the graph has no ``features`` output."""
         import onnxruntime as ort
 
         self._ort = _ort or ort
@@ -79,6 +83,14 @@ class OnnxModel:
                 raise
             self._fall_back(f"GPU provider failed to start ({type(e).__name__}: {e})")
             self.session = self._session([CPU])
+        self.anomaly = anomaly
+        self._outputs = list(OUTPUT_NAMES)
+        if anomaly is not None:
+            names = [o.name for o in self.session.get_outputs()]
+            if FEATURES_NAME not in names:
+                raise ValueError(f"{onnx_path} has no {FEATURES_NAME!r} output (exported before 2026-12-04?), which "
+                                 f"its anomaly model reads: export the model again with `vialinspect export`")
+            self._outputs.append(FEATURES_NAME)
         active = self.session.get_providers()[0]
         self.status.provider = active
         if wanted_gpu and active == CPU and not self.status.fallback:
@@ -112,20 +124,24 @@ class OnnxModel:
 
     def _run(self, x: np.ndarray) -> list[np.ndarray]:
         try:
-            return self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+            return self.session.run(self._outputs, {INPUT_NAME: x})
         except Exception as e:  # noqa: BLE001
             if self.status.provider == CPU:
                 raise
             self._fall_back(f"GPU inference failed ({type(e).__name__}: {e})")
             self.session = self._session([CPU])
-            return self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+            return self.session.run(self._outputs, {INPUT_NAME: x})
 
     def predict_prepared(self, batch: list[Prepared]) -> list[Scores]:
         shapes = {p.x.shape for p in batch}
         if len(shapes) != 1:
             raise ValueError(f"a batch needs inputs of one size, got {sorted(shapes)}")
-        probs, maps, heights = self._run(self._batch_input(batch))
-        return to_scores(probs, maps, heights, batch, self.has_fill)
+        probs, maps, heights, *rest = self._run(self._batch_input(batch))
+        scores = to_scores(probs, maps, heights, batch, self.has_fill)
+        if self.anomaly is not None:
+            for s, f in zip(scores, unit_features(rest[0], batch), strict=True):
+                s.extra["anomaly"], s.extra["anomaly_map"] = self.anomaly.score(f)
+        return scores
 
     def _batch_input(self, batch: list[Prepared]) -> np.ndarray:
         """The batch as one array, in a buffer kept for the next batch. A vial batch of 8 is 57 MB: a fresh

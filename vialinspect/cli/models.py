@@ -1,5 +1,5 @@
 """Model packages and their governance: ``vialinspect export``, ``package`` (show, set-thresholds, calibrate,
-fit-domain), ``keys`` and ``registry`` (list, show, add, promote, rollback, history, verify)."""
+fit-domain, fit-anomaly), ``keys`` and ``registry`` (list, show, add, promote, rollback, history, verify)."""
 
 from __future__ import annotations
 
@@ -174,6 +174,32 @@ def cmd_package_fit_domain(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package_fit_anomaly(a: argparse.Namespace) -> int:
+    from vialinspect.extras import require
+
+    require("train", "vialinspect package fit-anomaly")
+    from vialinspect.training.anomaly_fit import fit_package_anomaly
+
+    for name, v, ok in (("--frr", a.frr, 0.0 < a.frr < 0.5), ("--margin", a.margin, a.margin > 0),
+                        ("--dims", a.dims, a.dims >= 1), ("--bank", a.bank, a.bank >= 16),
+                        ("--limit", a.limit, a.limit >= 20)):
+        if not ok:
+            raise UserError(f"{name} {v}: out of range (see --help)")
+    try:
+        pkg, fit = fit_package_anomaly(a.path, a.data, a.out, a.reason, split=a.split, frr=a.frr, margin=a.margin,
+                                       dims=a.dims, bank_size=a.bank, limit=a.limit, overwrite=a.overwrite,
+                                       progress=container_bar("features"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"anomaly model of {fit['bank_units']} good units' cells ({fit['bank_size']} in the bank, "
+          f"{fit['dims']} dimensions); threshold {fit['threshold']:.4f} set on {fit['held_units']} other good units "
+          f"({fit['held_units_rejected']:.1%} of them at or above it); search {fit['search_mflop_per_unit']:.0f} "
+          "MFLOP a unit")
+    print(f"wrote {pkg.path}: version {pkg.version_id} (parent {pkg.metadata['parent_version']}); stations running "
+          "it also reject units unlike the line's good ones, reason anomaly")
+    return 0
+
+
 def add_package(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("package", help="inspect model packages or re-version their thresholds",
                        description="Verify and show a model package, or make a new version with other thresholds "
@@ -229,6 +255,33 @@ def add_package(sub: argparse._SubParsersAction) -> None:
     kd.add_argument("--reason", required=True, help="why (recorded in the package)")
     kd.add_argument("--overwrite", action="store_true", help="replace an existing package directory")
     kd.set_defaults(func=cmd_package_fit_domain)
+    ka = ksub.add_parser("fit-anomaly", help="new package version with a good-only anomaly model of the line",
+                         description="Run the package's graph over the line's good units, keep a memory bank of "
+                                     "their features (from every other unit) and set a threshold on the rest, and "
+                                     "write a new package version whose stations (and evaluate) also reject a unit "
+                                     "with reason 'anomaly' where some place of it is unlike every good unit: a "
+                                     "defect kind that no one labelled. Only the data's good units are read. "
+                                     "model.onnx and the class thresholds stay byte-identical; the graph must "
+                                     "have the 'features' output (packages exported since 2026-12-04).")
+    ka.add_argument("path", help="package directory")
+    ka.add_argument("--data", required=True, action="append",
+                    help="dataset with the line's good units (manifest or ImageFolder); repeat for several lots")
+    ka.add_argument("--out", required=True, help="new package directory")
+    ka.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
+                    help="which of each dataset's containers (default all)")
+    ka.add_argument("--frr", type=float, default=0.005,
+                    help="share of good units the anomaly reason may reject, set on the held-apart half "
+                         "(default 0.005; it adds to the class thresholds' budget)")
+    ka.add_argument("--margin", type=float, default=1.0,
+                    help="the threshold's distance times this (default 1: the --frr quantile as it is)")
+    ka.add_argument("--dims", type=int, default=32, help="principal dimensions the features are projected on "
+                                                         "(default 32; cost grows with it)")
+    ka.add_argument("--bank", type=int, default=1024, help="memory bank size (default 1024; cost grows with it)")
+    ka.add_argument("--limit", type=int, default=2000, help="good units read at most, spread over each lot "
+                                                            "(default 2000)")
+    ka.add_argument("--reason", required=True, help="why (recorded in the package)")
+    ka.add_argument("--overwrite", action="store_true", help="replace an existing package directory")
+    ka.set_defaults(func=cmd_package_fit_anomaly)
     k.set_defaults(func=print_help_of(k))
 
 

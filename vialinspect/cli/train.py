@@ -110,6 +110,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if ood is not None:
         print(f"  out of domain: {ood['n']} of {report['n_containers']} units ({ood['fraction']:.1%}) would be "
               "not_inspected:out_of_domain on the station (the figures above are the model's all the same)")
+    an = report.get("anomaly")
+    if an is not None:
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1%}"
+
+        print(f"  anomaly (threshold {an['threshold']:.4f}; the figures above are the classes' alone): good units "
+              f"rejected {pct(an['good_rejected_by_classes'])} -> {pct(an['good_rejected_either'])} with it")
+        for c, v in an["classes"].items():
+            print(f"    {c:11s} rejected {pct(v['classes'])} -> {pct(v['either'])} (anomaly alone {pct(v['anomaly'])}, "
+                  f"AUROC {v['auroc_anomaly']})")
     print(f"report: {Path(a.out) / 'report.md'}")
     return 0
 

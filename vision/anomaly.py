@@ -1,0 +1,201 @@
+"""Good-only anomaly detection: a per-line model of what the line's good units look like to the network.
+
+A defect kind that no one labelled (a new particle material, a stain, a cosmetic flaw) has no class map to
+raise, but it does change the network's own features where it lies. The model keeps a memory bank of the
+feature vectors of the line's good units (PatchCore-style: the 1/8-resolution context that the class maps are
+computed from, averaged over 3 x 3 cells, as the exported graph's ``features`` output gives it) and scores
+every cell of a unit by its distance to the nearest vector in the bank; the unit's anomaly score is the largest
+cell distance, mapped into [0, 1). A unit at or above the threshold is rejected with reason ``anomaly``.
+
+- Each feature is standardised by the bank's mean and spread, then projected onto the bank's leading principal
+  directions (``dims``), so the nearest-neighbour search is cheap: cells x bank x dims multiply-adds.
+- The bank is a greedy coreset (each vector added is the one farthest from those already in) of a random
+  sample of the fitting units' cells: it keeps the rare normal appearances (the meniscus, the heel, a bubble)
+  that a random sample would miss.
+- The threshold is set on good units that are **not** in the bank (the fitting lot is split in two), so that
+  it holds for units the bank has never seen; see ``fit_anomaly``.
+
+Pure numpy; the fitting is in ``vialinspect.training.anomaly_fit``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FEATURES = "ctx-avg3-v1"  # what the package's graph must output as ``features`` for this model to apply
+SCORE_SCALE = 1.0  # distance d maps to d / (d + scale * reference): 0.5 at the reference distance
+
+
+def _encode(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype=np.float32).tobytes()).decode("ascii")
+
+
+def _decode(s: str, shape: tuple[int, ...]) -> np.ndarray:
+    a = np.frombuffer(base64.b64decode(s), dtype=np.float32)
+    if a.size != math.prod(shape):
+        raise ValueError(f"anomaly model: an array holds {a.size} numbers, expected {math.prod(shape)}")
+    return a.reshape(shape).copy()
+
+
+@dataclass
+class AnomalyModel:
+    """The line's normal appearance in the network's features, and the threshold on the unit's score."""
+
+    mean: np.ndarray  # (C,) per-channel mean of the fitting cells
+    scale: np.ndarray  # (C,) per-channel spread
+    basis: np.ndarray  # (C, D) principal directions of the standardised cells
+    bank: np.ndarray  # (M, D) memory bank (coreset), in the projected space
+    reference: float  # distance that maps to a score of 0.5: the median of the held-apart units' largest
+    threshold: float  # score in (0, 1) at or above which a unit is rejected for ``anomaly``
+    n_units: int = 0  # units the model was fitted on (bank and threshold together)
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.shape[0])
+
+    def distances(self, features: np.ndarray) -> np.ndarray:
+        """(H, W) distance of every cell of one unit's (C, H, W) features to its nearest bank vector."""
+        f = np.asarray(features, np.float32)
+        if f.ndim != 3 or f.shape[0] != self.channels:
+            raise ValueError(f"anomaly model: features of shape {f.shape}, expected ({self.channels}, H, W)")
+        c, h, w = f.shape
+        z = ((f.reshape(c, -1).T - self.mean) / self.scale) @ self.basis  # (HW, D)
+        # |z - b|^2 = |z|^2 - 2 z.b + |b|^2, one matrix product for the whole unit
+        d2 = (z * z).sum(1, keepdims=True) - 2.0 * (z @ self.bank.T) + (self.bank * self.bank).sum(1)[None]
+        return np.sqrt(np.maximum(d2.min(1), 0.0)).reshape(h, w)
+
+    def to_score(self, distance: float | np.ndarray) -> float | np.ndarray:
+        """Distance -> score in [0, 1): monotone, 0.5 at ``reference``."""
+        d = np.maximum(np.asarray(distance, np.float64), 0.0)
+        out = d / (d + SCORE_SCALE * self.reference)
+        return float(out) if np.ndim(out) == 0 else out.astype(np.float32)
+
+    def score(self, features: np.ndarray) -> tuple[float, np.ndarray]:
+        """(unit score, (H, W) score map) for one unit's features."""
+        m = self.to_score(self.distances(features))
+        return float(m.max()), m
+
+    def cost_mflop(self, cells: int) -> float:
+        """Multiply-adds of one unit's search, in millions of floating-point operations (2 per multiply-add)."""
+        d = self.basis.shape[1]
+        return 2.0 * cells * (self.channels * d + self.bank.shape[0] * d) / 1e6
+
+    def to_json(self) -> dict[str, Any]:
+        c, d = self.basis.shape
+        return {"features": FEATURES, "channels": c, "dims": d, "bank_size": int(self.bank.shape[0]),
+                "mean": _encode(self.mean), "scale": _encode(self.scale), "basis": _encode(self.basis),
+                "bank": _encode(self.bank), "reference": float(self.reference), "threshold": float(self.threshold),
+                "n_units": int(self.n_units)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AnomalyModel:
+        if d.get("features") != FEATURES:
+            raise ValueError(f"anomaly model of features {d.get('features')!r}; this version reads {FEATURES!r}")
+        try:
+            c, dims, m = int(d["channels"]), int(d["dims"]), int(d["bank_size"])
+            model = cls(mean=_decode(d["mean"], (c,)), scale=_decode(d["scale"], (c,)),
+                        basis=_decode(d["basis"], (c, dims)), bank=_decode(d["bank"], (m, dims)),
+                        reference=float(d["reference"]), threshold=float(d["threshold"]),
+                        n_units=int(d.get("n_units", 0)))
+        except (KeyError, TypeError, binascii.Error) as e:
+            raise ValueError(f"anomaly model incomplete or malformed ({type(e).__name__}: {e})") from None
+        if not (math.isfinite(model.reference) and model.reference > 0):
+            raise ValueError(f"anomaly model: reference distance {model.reference!r} must be a positive number")
+        if not (math.isfinite(model.threshold) and 0.0 < model.threshold < 1.0):
+            raise ValueError(f"anomaly model: threshold {model.threshold!r} must be within (0, 1)")
+        if not (np.all(np.isfinite(model.scale)) and np.all(model.scale > 0)):
+            raise ValueError("anomaly model: every channel's spread must be a positive number")
+        return model
+
+
+def anomaly_score(extra: dict) -> float | None:
+    """A unit's anomaly score from its ``Scores.extra``: a finite number in [0, 1], or None."""
+    v = extra.get("anomaly")
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.floating, np.integer)):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) and 0.0 <= f <= 1.0 else None
+
+
+def anomaly_rejects(extra: dict, model: AnomalyModel | None) -> bool:
+    """Whether the line's anomaly model rejects the unit: its score reaches the threshold, or (positive release)
+    the model is there and the score is missing or not a number in [0, 1]. Never without a model."""
+    if model is None:
+        return False
+    a = anomaly_score(extra)
+    return a is None or a >= model.threshold
+
+
+def greedy_coreset(x: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``size`` rows of ``x`` chosen greedily, each the farthest from those chosen before."""
+    n = x.shape[0]
+    if size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    first = int(rng.integers(0, n))
+    sq = (x * x).sum(1)
+    chosen = [first]
+    d2 = sq - 2.0 * (x @ x[first]) + sq[first]
+    for _ in range(size - 1):
+        i = int(d2.argmax())
+        chosen.append(i)
+        d2 = np.minimum(d2, sq - 2.0 * (x @ x[i]) + sq[i])
+    return np.array(chosen)
+
+
+def fit_anomaly(bank_units: list[np.ndarray], held_units: list[np.ndarray], dims: int = 32, bank_size: int = 1024,
+                sample_cells: int = 200_000, frr_budget: float = 0.005, margin: float = 1.0,
+                seed: int = 0) -> tuple[AnomalyModel, dict[str, Any]]:
+    """The model from good units' (C, H, W) features: the bank from ``bank_units``, the threshold from the scores
+    of ``held_units`` (good units not in the bank): their (1 - ``frr_budget``) quantile times ``margin``.
+
+    Returns the model and a summary (cells, the held-apart units' scores). ``ValueError`` for too few units."""
+    if len(bank_units) < 5 or len(held_units) < 5:
+        raise ValueError(f"an anomaly model needs at least 5 good units for the bank and 5 to set its threshold, "
+                         f"got {len(bank_units)} and {len(held_units)}")
+    if not 0.0 < frr_budget < 1.0:
+        raise ValueError(f"frr_budget must be within (0, 1), got {frr_budget}")
+    rng = np.random.default_rng(seed)
+    c = bank_units[0].shape[0]
+    per_unit = max(sample_cells // len(bank_units), 1)
+    rows = []
+    for f in bank_units:
+        if f.ndim != 3 or f.shape[0] != c:
+            raise ValueError(f"features of shape {f.shape}, expected ({c}, H, W)")
+        cells = f.reshape(c, -1).T
+        take = rng.choice(cells.shape[0], size=min(per_unit, cells.shape[0]), replace=False)
+        rows.append(cells[take])
+    x = np.concatenate(rows).astype(np.float64)
+    mean = x.mean(0)
+    scale = x.std(0) + 1e-3 * (x.std(0).mean() + 1e-6)  # a channel that never varies must not divide by ~0
+    zs = (x - mean) / scale
+    dims = min(dims, c)
+    _, _, vt = np.linalg.svd(zs[rng.choice(zs.shape[0], size=min(zs.shape[0], 50_000), replace=False)],
+                             full_matrices=False)
+    basis = vt[:dims].T
+    z = (zs @ basis).astype(np.float32)
+    bank = z[greedy_coreset(z, bank_size, seed)]
+    model = AnomalyModel(mean=mean.astype(np.float32), scale=scale.astype(np.float32),
+                         basis=basis.astype(np.float32), bank=bank, reference=1.0, threshold=0.5,
+                         n_units=len(bank_units) + len(held_units))
+    dmax = np.array([float(model.distances(f).max()) for f in held_units])
+    model.reference = float(np.median(dmax))
+    scores = np.asarray(model.to_score(dmax), np.float64)
+    q = float(np.quantile(scores, 1.0 - frr_budget))
+    # the threshold on the distance, times the margin, as a score (a margin scales the distance, not the score)
+    d_thr = margin * model.reference * q / (1.0 - q)
+    model.threshold = float(min(max(model.to_score(d_thr), 1e-6), 1.0 - 1e-6))
+    summary = {"bank_units": len(bank_units), "held_units": len(held_units), "cells_sampled": int(x.shape[0]),
+               "channels": c, "dims": dims, "bank_size": int(bank.shape[0]), "frr_budget": frr_budget,
+               "margin": margin, "reference_distance": round(model.reference, 4),
+               "threshold": round(model.threshold, 5),
+               "held_units_rejected": round(float((scores >= model.threshold).mean()), 4),
+               "held_score_quantiles": {f"p{p}": round(float(np.quantile(scores, p / 100)), 4)
+                                        for p in (50, 90, 99, 100)}}
+    return model, summary
