@@ -148,3 +148,4 @@ def test_the_station_rejects_a_unit_unlike_the_line_with_reason_anomaly_and_reco
     assert sent["b"].reasons == ["anomaly"] and not sent["b"].accept
     assert sent["c"].reasons == ["anomaly"] and sent["d"].reasons == ["anomaly"]  # positive release
 
+

@@ -29,9 +29,10 @@ def new_line_steps(out: Path, containers: int = NEW_LINE_CONTAINERS,
     not trained at, handed over as a plant would, an ImageFolder of spin-stop sequences (4 frames per unit) with
     image-level labels and train/val/test split folders. ``train`` reads train and val only; the test split is
     what it never saw, and what ``evaluate`` scores, with the package's thresholds calibrated on a lot of the
-    line's good units, as docs/new_line.md's walk does."""
+    line's good units and a good-only anomaly model fitted on them, as docs/new_line.md's walk does."""
     line, sim, run_dir = out / "new_line", out / "new_line_sim", out / "new_line_run"
     model, good, calibrated = out / "new_line_model", out / "new_line_good", out / "new_line_model_calibrated"
+    watched = out / "new_line_model_anomaly"
     return [
         ("a new line's own images (60 µm/px, which the default model never saw), handed over as an ImageFolder "
          "of spin-stop sequences with image-level labels",
@@ -50,8 +51,11 @@ def new_line_steps(out: Path, containers: int = NEW_LINE_CONTAINERS,
         ("calibrate the package's thresholds on them (the validation split's few good units cannot hold 1%)",
          ["package", "calibrate", str(model), "--data", str(good), "--out", str(calibrated), "--reason",
           "the line's accepted units", "--overwrite"]),
-        ("evaluate the calibrated package on the line's test split, which training never saw",
-         ["evaluate", "--model", str(calibrated), "--data", str(line), "--split", "test", "--out",
+        ("a good-only anomaly model of the line on the same good units (reason 'anomaly': what no one labelled)",
+         ["package", "fit-anomaly", str(calibrated), "--data", str(good), "--out", str(watched), "--reason",
+          "the line's accepted units", "--overwrite"]),
+        ("evaluate the package on the line's test split, which training never saw",
+         ["evaluate", "--model", str(watched), "--data", str(line), "--split", "test", "--out",
           str(out / "new_line_report")]),
     ]
 
@@ -85,7 +89,7 @@ def run(out: Path, containers: int = 120, station_units: int = 300, review: bool
           f"station records {out / 'station_store'}")
     if new_line:
         print(f"new line: its images {out / 'new_line'}, the simulator fitted to it {out / 'new_line_sim'}, its "
-              f"model {out / 'new_line_model_calibrated'}, its report {out / 'new_line_report'} (a "
+              f"model {out / 'new_line_model_anomaly'}, its report {out / 'new_line_report'} (a "
               f"{new_line_minutes:g}-minute run on {new_line_containers} units: docs/new_line.md has what 10 minutes "
               "and 800 units give)")
     if review:
