@@ -20,7 +20,7 @@ import numpy as np
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.export.package import ModelPackage, PackageError, load_package, open_runner, with_anomaly
-from vialinspect.vision.anomaly import fit_anomaly
+from vialinspect.vision.anomaly import draw_cells, fit_bank, set_threshold
 from vialinspect.vision.postprocess import unit_features
 from vialinspect.vision.preprocess import preprocess
 from vialinspect.vision.runtime import FEATURES_NAME, INPUT_NAME
@@ -28,42 +28,43 @@ from vialinspect.vision.runtime import FEATURES_NAME, INPUT_NAME
 from .evaluate import select_records
 
 MIN_UNITS = 20  # fewer good units give a bank that flags the line's own variety and a threshold set on ~10 units
+SAMPLE_CELLS = 200_000  # cells drawn from the bank's units in all (a vial unit at 40 µm/px has ~6,600)
 
 
-def good_unit_features(pkg: ModelPackage, data: list[str | Path], split: str = "all", limit: int | None = None,
-                       progress: Callable | None = None) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """The (C, H/8, W/8) features of every good unit of ``data`` (at most ``limit``, spread over each lot), and
-    a description of each lot read (path, units, hash of their ids)."""
-    runner = open_runner(pkg, device="cpu")
-    names = [o.name for o in runner.session.get_outputs()]
-    if FEATURES_NAME not in names:
-        raise ValueError(f"{pkg.path}'s graph has no {FEATURES_NAME!r} output (exported before 2026-12-04): export "
-                         "the model again with `vialinspect export` to fit an anomaly model on it")
-    feats, lots = [], []
-    for d in data:
-        ds = open_dataset(d)
-        recs = [r for r in select_records(ds, split) if not r.classes]
-        if limit is not None and len(recs) > limit:
-            recs = [recs[i] for i in np.linspace(0, len(recs) - 1, limit).round().astype(int)]
-        lots.append({"path": str(Path(d).resolve()), "n_good": len(recs),
-                     "hash": hashlib.sha256("\n".join(sorted(r.id for r in recs)).encode()).hexdigest()})
-        bar = progress(total=len(recs)) if progress else None
-        for r in recs:
-            prep = preprocess([read_gray(ds.root / f) for f in r.frames], runner.spec)
-            out = runner.session.run([FEATURES_NAME], {INPUT_NAME: prep.x[None]})[0]
-            feats.append(unit_features(out, [prep])[0])
-            if bar:
-                bar.update(1)
-        if bar:
-            bar.close()
-    return feats, lots
+class _GoodUnits:
+    """The good units of one or more lots (at most ``limit`` per lot, spread over it), and the graph's features
+    of any of them, computed when asked: a lot's features do not fit in memory (3 MB a vial unit)."""
+
+    def __init__(self, pkg: ModelPackage, data: list[str | Path], split: str, limit: int | None):
+        self.runner = open_runner(pkg, device="cpu")
+        if FEATURES_NAME not in [o.name for o in self.runner.session.get_outputs()]:
+            raise ValueError(f"{pkg.path}'s graph has no {FEATURES_NAME!r} output (exported before 2026-12-04): "
+                             "export the model again with `vialinspect export` to fit an anomaly model on it")
+        self.units: list[tuple[Path, list[str]]] = []
+        self.lots: list[dict[str, Any]] = []
+        for d in data:
+            ds = open_dataset(d)
+            recs = [r for r in select_records(ds, split) if not r.classes]
+            if limit is not None and len(recs) > limit:
+                recs = [recs[i] for i in np.linspace(0, len(recs) - 1, limit).round().astype(int)]
+            self.lots.append({"path": str(Path(d).resolve()), "n_good": len(recs),
+                              "hash": hashlib.sha256("\n".join(sorted(r.id for r in recs)).encode()).hexdigest()})
+            self.units += [(ds.root, list(r.frames)) for r in recs]
+
+    def features(self, i: int) -> np.ndarray:
+        root, frames = self.units[i]
+        prep = preprocess([read_gray(root / f) for f in frames], self.runner.spec)
+        out = self.runner.session.run([FEATURES_NAME], {INPUT_NAME: prep.x[None]})[0]
+        return unit_features(out, [prep])[0]
 
 
 def fit_package_anomaly(package: str | Path, data: list[str | Path], out: str | Path, reason: str,
                         split: str = "all", frr: float = 0.005, margin: float = 1.0, dims: int = 32,
                         bank_size: int = 1024, limit: int | None = 2000, overwrite: bool = False,
-                        progress: Callable | None = None) -> tuple[ModelPackage, dict[str, Any]]:
-    """Fit the anomaly model on the good units of ``data`` and write it into a new package version.
+                        progress: Callable | None = None, seed: int = 0) -> tuple[ModelPackage, dict[str, Any]]:
+    """Fit the anomaly model on the good units of ``data`` and write it into a new package version: every other
+    unit gives cells to the bank, the rest set the threshold (units alternate, so both halves span each lot's
+    formats and time). ``progress(total=N)`` makes a bar with ``update``/``close``.
 
     Returns the new package and the fit's summary. ``ValueError`` for too few good units or a graph without
     features."""
@@ -71,15 +72,38 @@ def fit_package_anomaly(package: str | Path, data: list[str | Path], out: str | 
         pkg = load_package(package)
     except PackageError as e:
         raise ValueError(str(e)) from None
-    feats, lots = good_unit_features(pkg, data, split, limit, progress)
-    if len(feats) < MIN_UNITS:
-        raise ValueError(f"{len(feats)} good unit(s) in the data; an anomaly model needs at least {MIN_UNITS} "
+    good = _GoodUnits(pkg, data, split, limit)
+    n = len(good.units)
+    if n < MIN_UNITS:
+        raise ValueError(f"{n} good unit(s) in the data; an anomaly model needs at least {MIN_UNITS} "
                          "(hundreds to hold a threshold)")
-    # Alternate units between the bank and the threshold: both halves span the lot (formats, time of day).
-    model, summary = fit_anomaly(feats[0::2], feats[1::2], dims=dims, bank_size=bank_size, frr_budget=frr,
-                                 margin=margin)
-    cells = int(np.median([f.shape[1] * f.shape[2] for f in feats]))
-    summary.update({"lots": lots, "split": split, "median_cells": cells,
-                    "search_mflop_per_unit": round(model.cost_mflop(cells), 1)})
+    bank_idx, held_idx = list(range(0, n, 2)), list(range(1, n, 2))
+    rng = np.random.default_rng(seed)
+    bar = progress(total=n) if progress else None
+    cells, sizes = [], []
+    for i in bank_idx:
+        f = good.features(i)
+        sizes.append(f.shape[1] * f.shape[2])
+        cells.append(draw_cells(f, max(SAMPLE_CELLS // len(bank_idx), 1), rng))
+        if bar:
+            bar.update(1)
+    model = fit_bank(np.concatenate(cells), dims, bank_size, seed)
+    model.n_units = n
+    dmax = []
+    for i in held_idx:
+        f = good.features(i)
+        sizes.append(f.shape[1] * f.shape[2])
+        dmax.append(float(model.distances(f).max()))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    cell_count = int(np.median(sizes))
+    summary = {"bank_units": len(bank_idx), "held_units": len(held_idx),
+               "cells_sampled": int(sum(len(c) for c in cells)), "channels": model.channels,
+               "dims": int(model.basis.shape[1]), "bank_size": int(model.bank.shape[0]),
+               **set_threshold(model, np.array(dmax), frr, margin),
+               "lots": good.lots, "split": split, "median_cells": cell_count,
+               "search_mflop_per_unit": round(model.cost_mflop(cell_count), 1)}
     new = with_anomaly(pkg, model.to_json(), Path(out), reason, overwrite=overwrite, fit=summary)
     return new, summary

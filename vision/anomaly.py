@@ -156,53 +156,69 @@ def greedy_coreset(x: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     return np.array(chosen)
 
 
-def fit_anomaly(bank_units: list[np.ndarray], held_units: list[np.ndarray], dims: int = 32, bank_size: int = 1024,
-                sample_cells: int = 200_000, frr_budget: float = 0.005, margin: float = 1.0,
-                seed: int = 0) -> tuple[AnomalyModel, dict[str, Any]]:
-    """The model from good units' (C, H, W) features: the bank from ``bank_units``, the threshold from the scores
-    of ``held_units`` (good units not in the bank): their (1 - ``frr_budget``) quantile times ``margin``.
+def draw_cells(features: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``n`` cells of one unit's (C, H, W) features, drawn without replacement: (n, C)."""
+    if features.ndim != 3:
+        raise ValueError(f"features of shape {features.shape}, expected (C, H, W)")
+    cells = features.reshape(features.shape[0], -1).T
+    return cells[rng.choice(cells.shape[0], size=min(n, cells.shape[0]), replace=False)]
 
-    Returns the model and a summary (cells, the held-apart units' scores). ``ValueError`` for too few units."""
-    if len(bank_units) < 5 or len(held_units) < 5:
-        raise ValueError(f"an anomaly model needs at least 5 good units for the bank and 5 to set its threshold, "
-                         f"got {len(bank_units)} and {len(held_units)}")
-    if not 0.0 < frr_budget < 1.0:
-        raise ValueError(f"frr_budget must be within (0, 1), got {frr_budget}")
+
+def fit_bank(cells: np.ndarray, dims: int = 32, bank_size: int = 1024, seed: int = 0) -> AnomalyModel:
+    """The standardisation, projection and memory bank from good units' sampled (N, C) cells; the reference and
+    threshold are set by ``set_threshold`` on other good units."""
     rng = np.random.default_rng(seed)
-    c = bank_units[0].shape[0]
-    per_unit = max(sample_cells // len(bank_units), 1)
-    rows = []
-    for f in bank_units:
-        if f.ndim != 3 or f.shape[0] != c:
-            raise ValueError(f"features of shape {f.shape}, expected ({c}, H, W)")
-        cells = f.reshape(c, -1).T
-        take = rng.choice(cells.shape[0], size=min(per_unit, cells.shape[0]), replace=False)
-        rows.append(cells[take])
-    x = np.concatenate(rows).astype(np.float64)
-    mean = x.mean(0)
-    scale = x.std(0) + 1e-3 * (x.std(0).mean() + 1e-6)  # a channel that never varies must not divide by ~0
+    x = np.asarray(cells, np.float64)
+    mean, std = x.mean(0), x.std(0)
+    scale = std + 1e-3 * (std.mean() + 1e-6)  # a channel that never varies must not divide by ~0
     zs = (x - mean) / scale
-    dims = min(dims, c)
+    dims = min(dims, x.shape[1])
     _, _, vt = np.linalg.svd(zs[rng.choice(zs.shape[0], size=min(zs.shape[0], 50_000), replace=False)],
                              full_matrices=False)
     basis = vt[:dims].T
     z = (zs @ basis).astype(np.float32)
-    bank = z[greedy_coreset(z, bank_size, seed)]
-    model = AnomalyModel(mean=mean.astype(np.float32), scale=scale.astype(np.float32),
-                         basis=basis.astype(np.float32), bank=bank, reference=1.0, threshold=0.5,
-                         n_units=len(bank_units) + len(held_units))
-    dmax = np.array([float(model.distances(f).max()) for f in held_units])
-    model.reference = float(np.median(dmax))
+    return AnomalyModel(mean=mean.astype(np.float32), scale=scale.astype(np.float32), basis=basis.astype(np.float32),
+                        bank=z[greedy_coreset(z, bank_size, seed)], reference=1.0, threshold=0.5)
+
+
+def set_threshold(model: AnomalyModel, held_max_distances: np.ndarray, frr_budget: float = 0.005,
+                  margin: float = 1.0) -> dict[str, Any]:
+    """Set ``model``'s reference and threshold from the largest cell distance of each held-apart good unit: the
+    score that rejects ``frr_budget`` of them, its distance times ``margin``. Returns what was set."""
+    if not 0.0 < frr_budget < 1.0:
+        raise ValueError(f"frr_budget must be within (0, 1), got {frr_budget}")
+    dmax = np.asarray(held_max_distances, np.float64)
+    model.reference = float(max(np.median(dmax), 1e-9))
     scores = np.asarray(model.to_score(dmax), np.float64)
     q = float(np.quantile(scores, 1.0 - frr_budget))
-    # the threshold on the distance, times the margin, as a score (a margin scales the distance, not the score)
-    d_thr = margin * model.reference * q / (1.0 - q)
+    d_thr = margin * model.reference * q / (1.0 - q)  # a margin scales the distance, not the score
     model.threshold = float(min(max(model.to_score(d_thr), 1e-6), 1.0 - 1e-6))
-    summary = {"bank_units": len(bank_units), "held_units": len(held_units), "cells_sampled": int(x.shape[0]),
-               "channels": c, "dims": dims, "bank_size": int(bank.shape[0]), "frr_budget": frr_budget,
-               "margin": margin, "reference_distance": round(model.reference, 4),
-               "threshold": round(model.threshold, 5),
-               "held_units_rejected": round(float((scores >= model.threshold).mean()), 4),
-               "held_score_quantiles": {f"p{p}": round(float(np.quantile(scores, p / 100)), 4)
-                                        for p in (50, 90, 99, 100)}}
+    return {"frr_budget": frr_budget, "margin": margin, "reference_distance": round(model.reference, 4),
+            "threshold": round(model.threshold, 5),
+            "held_units_rejected": round(float((scores >= model.threshold).mean()), 4),
+            "held_score_quantiles": {f"p{p}": round(float(np.quantile(scores, p / 100)), 4)
+                                     for p in (50, 90, 99, 100)}}
+
+
+def fit_anomaly(bank_units: list[np.ndarray], held_units: list[np.ndarray], dims: int = 32, bank_size: int = 1024,
+                sample_cells: int = 200_000, frr_budget: float = 0.005, margin: float = 1.0,
+                seed: int = 0) -> tuple[AnomalyModel, dict[str, Any]]:
+    """The model from good units' (C, H, W) features held in memory: the bank from ``bank_units``, the threshold
+    from ``held_units`` (``set_threshold``). ``training.anomaly_fit`` does the same streaming over a lot.
+
+    Returns the model and a summary. ``ValueError`` for too few units."""
+    if len(bank_units) < 5 or len(held_units) < 5:
+        raise ValueError(f"an anomaly model needs at least 5 good units for the bank and 5 to set its threshold, "
+                         f"got {len(bank_units)} and {len(held_units)}")
+    rng = np.random.default_rng(seed)
+    per_unit = max(sample_cells // len(bank_units), 1)
+    c = bank_units[0].shape[0]
+    if any(f.ndim != 3 or f.shape[0] != c for f in bank_units):
+        raise ValueError(f"bank features must all be ({c}, H, W)")
+    cells = np.concatenate([draw_cells(f, per_unit, rng) for f in bank_units])
+    model = fit_bank(cells, dims, bank_size, seed)
+    model.n_units = len(bank_units) + len(held_units)
+    summary = {"bank_units": len(bank_units), "held_units": len(held_units), "cells_sampled": int(cells.shape[0]),
+               "channels": c, "dims": model.basis.shape[1], "bank_size": int(model.bank.shape[0]),
+               **set_threshold(model, np.array([model.distances(f).max() for f in held_units]), frr_budget, margin)}
     return model, summary
