@@ -78,6 +78,7 @@ def test_fit_anomaly_command_writes_a_package_that_evaluate_reports_and_refuses_
                  "--bank", "256", "--reason", "test lot"]) == 0
     printed = capsys.readouterr().out
     assert "threshold" in printed and "reason anomaly" in printed
+    assert "cannot set a 0.50% budget" in printed  # ~20 held-apart units: said, not hidden
     a, pkg = load_package(packages / "a"), load_package(out)
     assert pkg.anomaly is not None and pkg.metadata["parent_version"] == a.version_id
     assert pkg.onnx_path.read_bytes() == a.onnx_path.read_bytes() and pkg.thresholds == a.thresholds

@@ -105,5 +105,8 @@ def fit_package_anomaly(package: str | Path, data: list[str | Path], out: str | 
                **set_threshold(model, np.array(dmax), frr, margin),
                "lots": good.lots, "split": split, "median_cells": cell_count,
                "search_mflop_per_unit": round(model.cost_mflop(cell_count), 1)}
+    if len(held_idx) * frr < 1.0:
+        summary["warning"] = (f"{len(held_idx)} held-apart good units cannot set a {frr:.2%} budget (that takes at "
+                              f"least {int(np.ceil(1.0 / frr))}): the threshold sits at the highest of their scores")
     new = with_anomaly(pkg, model.to_json(), Path(out), reason, overwrite=overwrite, fit=summary)
     return new, summary

@@ -113,7 +113,8 @@ def anomaly_report(records: list[ContainerRecord], scores: list[Scores], thresho
     # a missing or invalid score rejects (positive release)
     a = np.array([1.0 if (v := anomaly_score(s.extra)) is None else v for s in scores])
     by_anomaly = a >= threshold
-    by_class = np.array([bool(rejected_classes(class_scores(s), thresholds)) for s in scores])
+    by_class = np.array([bool(rejected_classes(class_scores(s, r.fill_spec_mm), thresholds))
+                         for r, s in zip(records, scores, strict=True)])
     good = np.array([not r.classes for r in records])
     out: dict[str, Any] = {"threshold": threshold, "n_good": int(good.sum()),
                            "good_rejected_by_anomaly": _share(by_anomaly[good]),

@@ -195,6 +195,8 @@ def cmd_package_fit_anomaly(a: argparse.Namespace) -> int:
           f"{fit['dims']} dimensions); threshold {fit['threshold']:.4f} set on {fit['held_units']} other good units "
           f"({fit['held_units_rejected']:.1%} of them at or above it); search {fit['search_mflop_per_unit']:.0f} "
           "MFLOP a unit")
+    if fit.get("warning"):
+        print(f"warning: {fit['warning']}")
     print(f"wrote {pkg.path}: version {pkg.version_id} (parent {pkg.metadata['parent_version']}); stations running "
           "it also reject units unlike the line's good ones, reason anomaly")
     return 0
