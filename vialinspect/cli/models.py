@@ -202,6 +202,15 @@ def cmd_package_fit_anomaly(a: argparse.Namespace) -> int:
     return 0
 
 
+def _lot_arguments(p: argparse.ArgumentParser, path_help: str, data_help: str) -> None:
+    """The arguments of a command that fits something of a package on one or more lots."""
+    p.add_argument("path", help=path_help)
+    p.add_argument("--data", required=True, action="append", help=data_help)
+    p.add_argument("--out", required=True, help="new package directory")
+    p.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
+                   help="which of each dataset's containers (default all)")
+
+
 def add_package(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("package", help="inspect model packages or re-version their thresholds",
                        description="Verify and show a model package, or make a new version with other thresholds "
@@ -246,12 +255,8 @@ def add_package(sub: argparse._SubParsersAction) -> None:
                                      "not_inspected:out_of_domain instead of deciding them. model.onnx and the "
                                      "thresholds stay byte-identical. Fit on what the line shows: good and "
                                      "defective units, every format and every nuisance.")
-    kd.add_argument("path", help="package directory (or builtin:default)")
-    kd.add_argument("--data", required=True, action="append",
-                    help="dataset of in-domain units (manifest or ImageFolder); repeat for several lots")
-    kd.add_argument("--out", required=True, help="new package directory")
-    kd.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
-                    help="which of each dataset's containers (default all)")
+    _lot_arguments(kd, "package directory (or builtin:default)",
+                   "dataset of in-domain units (manifest or ImageFolder); repeat for several lots")
     kd.add_argument("--margin", type=float, default=1.5,
                     help="threshold = margin x the largest distance among the lot's units (default 1.5)")
     kd.add_argument("--reason", required=True, help="why (recorded in the package)")
@@ -265,12 +270,8 @@ def add_package(sub: argparse._SubParsersAction) -> None:
                                      "defect kind that no one labelled. Only the data's good units are read. "
                                      "model.onnx and the class thresholds stay byte-identical; the graph must "
                                      "have the 'features' output (packages exported since 2026-12-04).")
-    ka.add_argument("path", help="package directory")
-    ka.add_argument("--data", required=True, action="append",
-                    help="dataset with the line's good units (manifest or ImageFolder); repeat for several lots")
-    ka.add_argument("--out", required=True, help="new package directory")
-    ka.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
-                    help="which of each dataset's containers (default all)")
+    _lot_arguments(ka, "package directory",
+                   "dataset with the line's good units (manifest or ImageFolder); repeat for several lots")
     ka.add_argument("--frr", type=float, default=0.005,
                     help="share of good units the anomaly reason may reject, set on the held-apart half "
                          "(default 0.005; it adds to the class thresholds' budget)")
