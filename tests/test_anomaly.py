@@ -90,6 +90,13 @@ def test_fit_anomaly_command_writes_a_package_that_evaluate_reports_and_refuses_
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())["anomaly"]
     assert rep["threshold"] == pkg.anomaly.threshold and rep["n_good"] == fit["lots"][0]["n_good"]
     assert rep["good_rejected_either"] >= rep["good_rejected_by_classes"]
+    # A model fitted on another network (other channels) is refused when the package is opened, not per unit.
+    from vialinspect.export.package import open_runner, with_anomaly
+
+    narrow = AnomalyModel.from_json(pkg.metadata["anomaly"])
+    narrow.mean, narrow.scale, narrow.basis = narrow.mean[:4], narrow.scale[:4], narrow.basis[:4]
+    with pytest.raises(PackageError, match="another network"):
+        open_runner(with_anomaly(a, narrow.to_json(), tmp_path / "narrow", reason="test"))
     # A damaged model makes the package unusable, never silently without it.
     meta = json.loads((out / "model.json").read_text())
     meta["anomaly"]["bank"] = "bm9uc2Vuc2U="

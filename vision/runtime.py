@@ -86,10 +86,17 @@ class OnnxModel:
         self.anomaly = anomaly
         self._outputs = list(OUTPUT_NAMES)
         if anomaly is not None:
-            names = [o.name for o in self.session.get_outputs()]
-            if FEATURES_NAME not in names:
+            outputs = {o.name: o for o in self.session.get_outputs()}
+            if FEATURES_NAME not in outputs:
                 raise ValueError(f"{onnx_path} has no {FEATURES_NAME!r} output (exported before 2026-12-04?), which "
                                  f"its anomaly model reads: export the model again with `vialinspect export`")
+            # The channel count is symbolic in the exported graph: one run of the smallest input tells it, so a
+            # model fitted on another network is refused here, not unit by unit on the line.
+            x = np.zeros((1, spec.frames, 4 * spec.pad_multiple, 2 * spec.pad_multiple), np.float32)
+            channels = int(self.session.run([FEATURES_NAME], {INPUT_NAME: x})[0].shape[1])
+            if channels != anomaly.channels:
+                raise ValueError(f"its anomaly model reads {anomaly.channels} feature channels, the graph gives "
+                                 f"{channels}: the model was fitted on another network; fit it again on this one")
             self._outputs.append(FEATURES_NAME)
         active = self.session.get_providers()[0]
         self.status.provider = active
