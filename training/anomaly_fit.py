@@ -11,7 +11,7 @@ that its defect is normal.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.export.package import ModelPackage, PackageError, load_package, open_runner, with_anomaly
-from vialinspect.vision.anomaly import draw_cells, fit_bank, set_threshold
+from vialinspect.vision.anomaly import fit_anomaly
 from vialinspect.vision.postprocess import unit_features
 from vialinspect.vision.preprocess import preprocess
 from vialinspect.vision.runtime import FEATURES_NAME, INPUT_NAME
@@ -58,6 +58,23 @@ class _GoodUnits:
         return unit_features(out, [prep])[0]
 
 
+class _Features:
+    """The features of some of the lot's good units, computed one at a time as iterated (``vision.anomaly.Units``),
+    each counted on the progress bar."""
+
+    def __init__(self, good: _GoodUnits, idx: list[int], bar):
+        self.good, self.idx, self.bar = good, idx, bar
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in self.idx:
+            yield self.good.features(i)
+            if self.bar:
+                self.bar.update(1)
+
+
 def fit_package_anomaly(package: str | Path, data: list[str | Path], out: str | Path, reason: str,
                         split: str = "all", frr: float = 0.005, margin: float = 1.0, dims: int = 32,
                         bank_size: int = 1024, limit: int | None = 2000, overwrite: bool = False,
@@ -77,36 +94,16 @@ def fit_package_anomaly(package: str | Path, data: list[str | Path], out: str | 
     if n < MIN_UNITS:
         raise ValueError(f"{n} good unit(s) in the data; an anomaly model needs at least {MIN_UNITS} "
                          "(hundreds to hold a threshold)")
-    bank_idx, held_idx = list(range(0, n, 2)), list(range(1, n, 2))
-    rng = np.random.default_rng(seed)
     bar = progress(total=n) if progress else None
-    cells, sizes = [], []
-    for i in bank_idx:
-        f = good.features(i)
-        sizes.append(f.shape[1] * f.shape[2])
-        cells.append(draw_cells(f, max(SAMPLE_CELLS // len(bank_idx), 1), rng))
-        if bar:
-            bar.update(1)
-    model = fit_bank(np.concatenate(cells), dims, bank_size, seed)
-    model.n_units = n
-    dmax = []
-    for i in held_idx:
-        f = good.features(i)
-        sizes.append(f.shape[1] * f.shape[2])
-        dmax.append(float(model.distances(f).max()))
-        if bar:
-            bar.update(1)
+    model, summary = fit_anomaly(_Features(good, list(range(0, n, 2)), bar), _Features(good, list(range(1, n, 2)), bar),
+                                 dims=dims, bank_size=bank_size, sample_cells=SAMPLE_CELLS, frr_budget=frr,
+                                 margin=margin, seed=seed)
     if bar:
         bar.close()
-    cell_count = int(np.median(sizes))
-    summary = {"bank_units": len(bank_idx), "held_units": len(held_idx),
-               "cells_sampled": int(sum(len(c) for c in cells)), "channels": model.channels,
-               "dims": int(model.basis.shape[1]), "bank_size": int(model.bank.shape[0]),
-               **set_threshold(model, np.array(dmax), frr, margin),
-               "lots": good.lots, "split": split, "median_cells": cell_count,
-               "search_mflop_per_unit": round(model.cost_mflop(cell_count), 1)}
-    if len(held_idx) * frr < 1.0:
-        summary["warning"] = (f"{len(held_idx)} held-apart good units cannot set a {frr:.2%} budget (that takes at "
-                              f"least {int(np.ceil(1.0 / frr))}): the threshold sits at the highest of their scores")
+    summary.update({"lots": good.lots, "split": split})
+    if summary["held_units"] * frr < 1.0:
+        summary["warning"] = (f"{summary['held_units']} held-apart good units cannot set a {frr:.2%} budget (that "
+                              f"takes at least {int(np.ceil(1.0 / frr))}): the threshold sits at the highest of their "
+                              "scores")
     new = with_anomaly(pkg, model.to_json(), Path(out), reason, overwrite=overwrite, fit=summary)
     return new, summary

@@ -23,14 +23,14 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 FEATURES = "ctx-avg3-v1"  # what the package's graph must output as ``features`` for this model to apply
 CHUNK_CELLS = 1024  # cells searched at once (a 4 MB temporary against a 1,024-vector bank)
-SCORE_SCALE = 1.0  # distance d maps to d / (d + scale * reference): 0.5 at the reference distance
 
 
 def _encode(a: np.ndarray) -> str:
@@ -80,7 +80,7 @@ class AnomalyModel:
     def to_score(self, distance: float | np.ndarray) -> float | np.ndarray:
         """Distance -> score in [0, 1): monotone, 0.5 at ``reference``."""
         d = np.maximum(np.asarray(distance, np.float64), 0.0)
-        out = d / (d + SCORE_SCALE * self.reference)
+        out = d / (d + self.reference)
         return float(out) if np.ndim(out) == 0 else out.astype(np.float32)
 
     def score(self, features: np.ndarray) -> tuple[float, np.ndarray]:
@@ -200,25 +200,44 @@ def set_threshold(model: AnomalyModel, held_max_distances: np.ndarray, frr_budge
                                      for p in (50, 90, 99, 100)}}
 
 
-def fit_anomaly(bank_units: list[np.ndarray], held_units: list[np.ndarray], dims: int = 32, bank_size: int = 1024,
+class Units(Protocol):
+    """Units' (C, H, W) features that can be counted and iterated once: a list, or a lot whose features are
+    computed one unit at a time as iterated (a lot's do not fit in memory: 3 MB a vial unit)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[np.ndarray]: ...
+
+
+def fit_anomaly(bank_units: Units, held_units: Units, dims: int = 32, bank_size: int = 1024,
                 sample_cells: int = 200_000, frr_budget: float = 0.005, margin: float = 1.0,
                 seed: int = 0) -> tuple[AnomalyModel, dict[str, Any]]:
-    """The model from good units' (C, H, W) features held in memory: the bank from ``bank_units``, the threshold
-    from ``held_units`` (``set_threshold``). ``training.anomaly_fit`` does the same streaming over a lot.
+    """The model from good units' features: cells drawn from ``bank_units`` (``sample_cells`` in all) make the
+    bank, the largest distance of each of ``held_units`` (good units not in the bank) sets the threshold
+    (``set_threshold``). Each is iterated once, the bank's first.
 
-    Returns the model and a summary. ``ValueError`` for too few units."""
+    Returns the model and a summary (with the median unit's cells and its search cost). ``ValueError`` for too
+    few units or features of mixed channels."""
     if len(bank_units) < 5 or len(held_units) < 5:
         raise ValueError(f"an anomaly model needs at least 5 good units for the bank and 5 to set its threshold, "
                          f"got {len(bank_units)} and {len(held_units)}")
     rng = np.random.default_rng(seed)
     per_unit = max(sample_cells // len(bank_units), 1)
-    c = bank_units[0].shape[0]
-    if any(f.ndim != 3 or f.shape[0] != c for f in bank_units):
-        raise ValueError(f"bank features must all be ({c}, H, W)")
-    cells = np.concatenate([draw_cells(f, per_unit, rng) for f in bank_units])
-    model = fit_bank(cells, dims, bank_size, seed)
-    model.n_units = len(bank_units) + len(held_units)
-    summary = {"bank_units": len(bank_units), "held_units": len(held_units), "cells_sampled": int(cells.shape[0]),
-               "channels": c, "dims": model.basis.shape[1], "bank_size": int(model.bank.shape[0]),
-               **set_threshold(model, np.array([model.distances(f).max() for f in held_units]), frr_budget, margin)}
+    cells, sizes = [], []
+    for f in bank_units:
+        if f.ndim != 3 or (cells and f.shape[0] != cells[0].shape[1]):
+            raise ValueError(f"bank features of shape {f.shape}: every unit's must be (C, H, W) with one C")
+        sizes.append(f.shape[1] * f.shape[2])
+        cells.append(draw_cells(f, per_unit, rng))
+    model = fit_bank(np.concatenate(cells), dims, bank_size, seed)
+    dmax = []
+    for f in held_units:
+        sizes.append(f.shape[1] * f.shape[2])
+        dmax.append(float(model.distances(f).max()))
+    model.n_units = len(cells) + len(dmax)
+    median_cells = int(np.median(sizes))
+    summary = {"bank_units": len(cells), "held_units": len(dmax), "cells_sampled": sum(len(c) for c in cells),
+               "channels": model.channels, "dims": int(model.basis.shape[1]), "bank_size": int(model.bank.shape[0]),
+               **set_threshold(model, np.array(dmax), frr_budget, margin), "median_cells": median_cells,
+               "search_mflop_per_unit": round(model.cost_mflop(median_cells), 1)}
     return model, summary
