@@ -9,8 +9,9 @@
 3. The line: the station runs the registry's model on ``sim://`` with the nuisance; units are recorded.
 4. Review: every rejected unit is reviewed and signed through the review service the app uses; the
    scripted reviewer judges from the simulator's truth (confirmed defect with its class, or false reject).
-5. Retrain from the reviewed rejects, calibrate, export, register; evaluate challenger and champion on the
-   qualification set; the gate decides; a QA admin signs the promotion when it passes.
+5. Retrain from the reviewed rejects (by default a motion veto fitted on the reviewed false rejects over the
+   champion's network; ``--method fine-tune`` trains the network), register; evaluate challenger and champion on
+   the qualification set; the gate decides; a QA admin signs the promotion when it passes.
 6. The line again, on fresh units: the station takes up the promoted model; live false rejects on the
    nuisance before and after.
 Prints the before/after table and writes JSON. Target: nuisance false-reject rate down >= 50%, no loss
@@ -47,7 +48,7 @@ from vialinspect.inspection_station.qa.review import ReviewService, export_revie
 from vialinspect.inspection_station.station import StationOptions, run_station  # noqa: E402
 from vialinspect.inspection_station.store import RecordStore  # noqa: E402
 from vialinspect.training.config import load_config  # noqa: E402
-from vialinspect.training.retrain import RETRAIN_TRAIN_DEFAULTS, RetrainConfig, retrain  # noqa: E402
+from vialinspect.training.retrain import METHODS, RETRAIN_TRAIN_DEFAULTS, RetrainConfig, retrain  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pace import pace_gflops  # noqa: E402
@@ -150,8 +151,13 @@ def main() -> int:
     ap.add_argument("--qualification", type=int, default=800, help="qualification containers (default 800)")
     ap.add_argument("--base", type=int, default=1000, help="base containers generated (default 1000)")
     # Retraining settings: unset, each is `vialinspect retrain`'s default, so the demonstration shows what the
-    # product does.
+    # product does. --base-sample .. --settings are fine-tuning's (--method fine-tune).
     rd = RetrainConfig(recipe="")
+    ap.add_argument("--method", choices=list(METHODS), default=rd.method,
+                    help=f"how the challenger learns from the reviews, as retrain's flag (default {rd.method})")
+    ap.add_argument("--veto-quantile", type=float, default=rd.veto_quantile,
+                    help="motion veto: share of the nuisance's tracks its velocity range covers "
+                         f"(default {rd.veto_quantile:g})")
     ap.add_argument("--base-sample", type=int, default=rd.base_sample,
                     help=f"base containers mixed into retraining (default {rd.base_sample})")
     ap.add_argument("--line-formats-first", choices=["on", "off"], default="on" if rd.line_formats_first else "off",
@@ -206,7 +212,8 @@ def main() -> int:
         timing[name] = round(time.perf_counter() - t0 - sum(timing.values()), 1)
         print(f"[{time.perf_counter() - t0:7.1f} s] {name} done", flush=True)
 
-    base = _dataset(work / "base", a.base, SimConfig(frames=4), seed=100)
+    # The base training data is what fine-tuning mixes with the reviews; a motion veto keeps the network.
+    base = _dataset(work / "base", a.base, SimConfig(frames=4), seed=100) if a.method == "fine-tune" else None
     qual_cfg = _line_config(a.format, a.nuisance, a.rate)
     qual = _dataset(work / f"qualification_s{qual_seed}", a.qualification, qual_cfg, seed=qual_seed)
     step("data")
@@ -234,7 +241,8 @@ def main() -> int:
     train_cfg = load_config(None, {**settings, "epochs": a.epochs, "max_minutes": a.max_minutes,
                                    "distill": a.distill, "image_label_weight": a.image_label_weight, "seed": a.seed},
                             defaults=RETRAIN_TRAIN_DEFAULTS)
-    cfg = RetrainConfig(recipe=recipe_name, base_sample=a.base_sample, reviewed_weight=a.reviewed_weight,
+    cfg = RetrainConfig(recipe=recipe_name, method=a.method, veto_quantile=a.veto_quantile,
+                        base_sample=a.base_sample, reviewed_weight=a.reviewed_weight,
                         line_formats_first=a.line_formats_first == "on",
                         holdout_reviewed=a.holdout_reviewed, hold_detection=a.operating_point == "hold-detection",
                         train=train_cfg, seed=a.seed)

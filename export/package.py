@@ -87,6 +87,15 @@ class ModelPackage:
         return None if d is None else AnomalyModel.from_json(d)
 
     @property
+    def motion_veto(self):
+        """The nuisance's motion signature learnt from reviewed false rejects
+        (``vialinspect.vision.motion_veto.MotionVeto``), or None."""
+        from vialinspect.vision.motion_veto import MotionVeto
+
+        d = self.metadata.get("motion_veto")
+        return None if d is None else MotionVeto.from_json(d)
+
+    @property
     def fill_gauge(self):
         """The fill-level gauge referenced to the line's good units (``vialinspect.vision.fill_gauge.FillGauge``)
         that decides this model's fill level, or None (the network's own fill-level output decides)."""
@@ -269,6 +278,13 @@ def check_metadata(meta: Any, where: str | Path) -> None:
             AnomalyModel.from_json(meta["anomaly"])
         except ValueError as e:
             bad("anomaly", str(e))
+    if meta.get("motion_veto") is not None:
+        from vialinspect.vision.motion_veto import MotionVeto
+
+        try:
+            MotionVeto.from_json(meta["motion_veto"])
+        except ValueError as e:
+            bad("motion_veto", str(e))
     if not isinstance(meta.get("heads", {}), dict):
         bad("heads", f"must be a table (e.g. {{\"fill\": true}}), got {_json_kind(meta['heads'])}")
 
@@ -406,7 +422,8 @@ def open_runner(pkg: ModelPackage, device: str = "auto", threads: int | None = N
     spec = InputSpec.from_json(pkg.metadata["input"]["spec"])
     try:
         return OnnxModel(str(pkg.onnx_path), spec, has_fill=bool(pkg.metadata.get("heads", {}).get("fill")),
-                         device=device, threads=threads, spin=spin, anomaly=pkg.anomaly)
+                         device=device, threads=threads, spin=spin, anomaly=pkg.anomaly,
+                         motion_veto=pkg.motion_veto, veto_from=pkg.thresholds.get("particle"))
     except ValueError as e:  # an anomaly model over a graph without the features it reads
         raise PackageError(f"{pkg.path}: {e}") from None
 
@@ -453,3 +470,10 @@ def with_thresholds(pkg: ModelPackage, thresholds: dict[str, float], out: Path, 
     if calibration is not None:
         updates["calibration"] = calibration
     return _new_version(pkg, updates, out, reason, overwrite)
+
+
+def with_motion_veto(pkg: ModelPackage, veto: dict[str, Any], out: Path, reason: str,
+                     overwrite: bool = False) -> ModelPackage:
+    """A new package version with a motion veto (``MotionVeto.to_json()``, its fit record inside) and the very
+    same ``model.onnx`` bytes and thresholds."""
+    return _new_version(pkg, {"motion_veto": veto}, out, reason, overwrite)

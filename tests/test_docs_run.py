@@ -21,7 +21,9 @@ The rewriting, all in ``rewrite`` (nothing else of a command changes):
   --passes 10`` made) gets ``--passes 2``; ``--epochs N`` becomes 1 and ``--max-minutes M`` ``--epochs 1``;
   ``--max-containers N`` becomes 6, and a ``station`` without ``--max-containers`` or ``--duration`` (it would run
   until stopped) gets ``--max-containers 6``; ``train`` and ``retrain`` get ``--config`` with ``TINY_SETTINGS``
-  unless they name a settings file; ``export`` checks parity on 2 containers (``--parity-count 2``).
+  unless they name a settings file; ``export`` checks parity on 2 containers (``--parity-count 2``); ``retrain``
+  without ``--method`` fine-tunes (``--method fine-tune --base-data data``): its default, a motion veto, learns
+  from false rejects flagged for particle, and the tiny model flags none.
 - a password asked for (``users add``, ``registry promote``/``rollback``) is typed as ``PASSWORD``.
 
 What a tiny model does. The README's model, trained for one step, has learnt nothing: its particle and crack scores
@@ -146,6 +148,9 @@ def rewrite(cmd: str, walk: Walk, settings: Path) -> list[str]:
         elif out[i] == "--max-minutes":
             out[i:i + 2] = ["--epochs", "1"]
         i += 1
+    if out[0] == "retrain" and "--method" not in out:
+        # the tiny model flags no unit for particle, so its false rejects give a motion veto nothing to learn from
+        out += ["--method", "fine-tune"] + ([] if "--base-data" in out else ["--base-data", "data"])
     if out[0] in ("train", "retrain") and "--config" not in out:
         out += ["--config", str(settings)]
     if out[0] == "export" and "--parity-count" not in out:

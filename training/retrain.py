@@ -42,8 +42,11 @@ from vialinspect.datasets.manifest import Dataset, ManifestWriter
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames, key_fraction
 from vialinspect.errors import VialinspectError
+from vialinspect.export.package import with_motion_veto
 from vialinspect.export.registry import Registry, RegistryError
 from vialinspect.vision.fill_gauge import FillGauge
+from vialinspect.vision.postprocess import MAP_STRIDE
+from vialinspect.vision.preprocess import preprocess
 
 from .calibrate import hold_detection
 from .checkpoint import build_model, dataset_hash, load_checkpoint, save_checkpoint
@@ -51,6 +54,7 @@ from .config import TrainConfig
 from .evaluate import evaluate_model, load_package_model
 from .export_run import export_checkpoint
 from .gate import GateConfig, compare, render_markdown
+from .motion_veto_fit import DEFAULT_QUANTILE, MotionVetoError, VetoUnit, fit_motion_veto, floor_heights
 from .predict import TorchPredictor, predict_records
 from .report import compare_reports
 from .trainer import train
@@ -84,9 +88,18 @@ RETRAIN_TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+# How a challenger learns from the reviewed rejects. "motion-veto" keeps the champion's network and fits the
+# nuisance's motion signature from the reviewed false rejects (training.motion_veto_fit): on the shipped default,
+# every fine-tuning variant measured lost particles with the nuisance (docs/retraining.md). "fine-tune" trains
+# the network on base units plus the reviewed ones (a nuisance that does not move, new defect looks).
+METHODS = ("motion-veto", "fine-tune")
+
+
 @dataclass
 class RetrainConfig:
     recipe: str
+    method: str = "motion-veto"
+    veto_quantile: float = DEFAULT_QUANTILE  # share of the nuisance's tracks the veto's velocity range covers
     base_sample: int | None = 800  # base containers (train + val) to mix with the reviewed ones; None = all
     # Draw the base sample from the container formats of the reviewed units first (the line's own), then the
     # rest: the base units are what keeps detection while the reviewed false rejects teach the nuisance, and
@@ -239,7 +252,79 @@ def _hold_detection(work: Path, val_recs: list[ContainerRecord], reg: Registry, 
         for c, v in info.items()))
 
 
-def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry | str | Path,
+def _fine_tune(reviewed: Dataset, base: Dataset, reg: Registry, champion: str, qual: Dataset,
+               qual_recs: list[ContainerRecord], work: Path, cfg: RetrainConfig, frames: int,
+               log: Callable[[str], None], progress: bool) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The challenger fine-tuned from the champion on base units plus the reviewed ones, calibrated, exported."""
+    champ_pkg = reg.package(champion)
+    log(f"champion {champion} (recipe {cfg.recipe}); building the training set in {work / 'data'}")
+    train_recs, info = build_training_set(base, reviewed, work / "data", cfg, frames,
+                                          champ_pkg.metadata["input"].get("pixel_um"))
+    log(f"training set: {info['base_containers']} base + {info['reviewed_containers']} reviewed containers "
+        f"({info['reviewed_confirmed']} confirmed defects, {info['reviewed_false_rejects']} false rejects)")
+    checked = check_no_leak(qual.root, qual_recs, work / "data", train_recs)
+    log(f"leak check: none of the {checked} qualification frames is in the training set")
+
+    init = None if cfg.from_scratch else str(reg.package_dir(champion))
+    train_cfg = cfg.train
+    if init:  # fine-tuning keeps the champion's frame count (and network: the trainer takes it from the package)
+        train_cfg = dataclasses.replace(train_cfg, frames=frames)
+    if not init and train_cfg.distill:  # a network trained from scratch has no teacher
+        train_cfg = dataclasses.replace(train_cfg, distill=0.0)
+    summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)
+    if cfg.hold_detection:
+        _hold_detection(work, [r for r in train_recs if r.split == "val" or r.extra.get("held_out")], reg,
+                        champion, log, localized=cfg.gate.localized)
+    pkg = export_checkpoint(work / "run" / "best.pt", work / "challenger", parity_data=work / "data",
+                            overwrite=True, step=log, extra_metadata={
+                                "parent_version": None if cfg.from_scratch else champion,
+                                "change_reason": f"retrained from reviewed rejects for recipe {cfg.recipe}"})
+    retraining = {**info, "from_scratch": cfg.from_scratch,  # the training set's own hash: the card's data_hash
+                  "qualification_frames_checked_for_leaks": checked, "train_config": train_cfg.to_json(),
+                  "train_summary": {k: v for k, v in summary.items() if k != "calibration"}}
+    return pkg, retraining, summary
+
+
+def _fit_veto(reviewed: Dataset, reg: Registry, champion: str, qual: Dataset, qual_recs: list[ContainerRecord],
+              work: Path, cfg: RetrainConfig, log: Callable[[str], None]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The challenger: the champion's package with a motion veto fitted on the reviewed false rejects."""
+    champ_pkg = reg.package(champion)
+    champ = load_package_model(reg.package_dir(champion))
+    spec = champ.spec
+    false_rejects = [r for r in reviewed.records if not r.classes]
+    confirmed = len(reviewed.records) - len(false_rejects)
+    log(f"champion {champion} (recipe {cfg.recipe}); fitting the nuisance's motion on {len(false_rejects)} reviewed "
+        f"false rejects ({confirmed} confirmed defects are not needed: the champion's network is kept)")
+    checked = check_no_leak(qual.root, qual_recs, reviewed.root, false_rejects)
+    log(f"leak check: none of the {checked} qualification frames is among the reviewed units")
+    units = []
+    for r in false_rejects:
+        prepared = preprocess([read_gray(reviewed.root / f) for f in r.frames], spec)
+        s = champ.predictor.predict_prepared([prepared])[0]
+        if s.maps is None:
+            raise RetrainError(f"champion {champion} gives no particle map: a motion veto needs one")
+        frames = prepared.x[:, :prepared.height, :prepared.width] * np.float32(spec.std) + np.float32(spec.mean)
+        units.append(VetoUnit(frames, s.maps[0], MAP_STRIDE))
+    formats = {r.format for r in reviewed.records if r.format}
+    try:
+        veto = fit_motion_veto(units, champ.thresholds["particle"], spec.pixel_um or 40.0, floor_heights(formats),
+                               cfg.veto_quantile)
+    except MotionVetoError as e:
+        raise RetrainError(f"motion veto: {e}") from None
+    f = veto.fit
+    capped = f" (capped: the slowest particles sink {f['capped_at']:+.2f})" if f["capped_at"] is not None else ""
+    log(f"nuisance's vertical velocity {veto.v_low:+.2f} .. {veto.v_high:+.2f} rows a frame{capped}; its "
+        f"{f['quantile']:.0%} of {f['tracks']} objects at the flagged places of {f['flagged_for_particle']} false "
+        f"rejects reach {f['quantile_velocity']:+.2f}; fitted on half, it cleared {f['held_out_cleared']} of the "
+        f"other {f['held_out_units']}")
+    pkg = with_motion_veto(champ_pkg, veto.to_json(), work / "challenger",
+                           f"motion veto fitted on reviewed false rejects for recipe {cfg.recipe}", overwrite=True)
+    retraining = {"false_rejects": len(false_rejects), "reviewed_confirmed": confirmed, "motion_veto_fit": f,
+                  "qualification_frames_checked_for_leaks": checked}
+    return pkg, retraining, {"motion_veto": {k: v for k, v in veto.to_json().items() if k != "fit"}}
+
+
+def retrain(reviewed_dir: str | Path, base_data: str | Path | None, registry: Registry | str | Path,
             qualification: str | Path, work_dir: str | Path, cfg: RetrainConfig, actor: str,
             log: Callable[[str], None] | None = None, progress: bool = True,
             provenance: dict[str, Any] | None = None) -> RetrainResult:
@@ -259,42 +344,28 @@ def retrain(reviewed_dir: str | Path, base_data: str | Path, registry: Registry 
     reviewed = open_dataset(reviewed_dir)
     if not reviewed.records:
         raise RetrainError(f"{reviewed_dir}: no reviewed units (confirmed defects or false rejects) to learn from")
-    base = open_dataset(base_data)
     qual = open_dataset(qualification)
     qual_recs, _ = fit_frames(list(qual.records), frames)
     if not qual_recs:
         raise RetrainError(f"{qualification}: no qualification containers with {frames} frames")
 
-    log(f"champion {champion} (recipe {cfg.recipe}); building the training set in {work / 'data'}")
-    train_recs, info = build_training_set(base, reviewed, work / "data", cfg, frames,
-                                          champ_pkg.metadata["input"].get("pixel_um"))
-    log(f"training set: {info['base_containers']} base + {info['reviewed_containers']} reviewed containers "
-        f"({info['reviewed_confirmed']} confirmed defects, {info['reviewed_false_rejects']} false rejects)")
-    checked = check_no_leak(qual.root, qual_recs, work / "data", train_recs)
-    log(f"leak check: none of the {checked} qualification frames is in the training set")
+    if cfg.method not in METHODS:
+        raise RetrainError(f"unknown retraining method {cfg.method!r}; one of {', '.join(METHODS)}")
     qual_hash = dataset_hash(qual, qual_recs)
-
-    init = None if cfg.from_scratch else str(reg.package_dir(champion))
-    train_cfg = cfg.train
-    if init:  # fine-tuning keeps the champion's frame count (and network: the trainer takes it from the package)
-        train_cfg = dataclasses.replace(train_cfg, frames=frames)
-    if not init and train_cfg.distill:  # a network trained from scratch has no teacher
-        train_cfg = dataclasses.replace(train_cfg, distill=0.0)
-    summary = train(work / "data", work / "run", train_cfg, init=init, log=log, progress=progress)
-    if cfg.hold_detection:
-        _hold_detection(work, [r for r in train_recs if r.split == "val" or r.extra.get("held_out")], reg,
-                        champion, log, localized=cfg.gate.localized)
-    pkg = export_checkpoint(work / "run" / "best.pt", work / "challenger", parity_data=work / "data",
-                            overwrite=True, step=log, extra_metadata={
-                                "parent_version": None if cfg.from_scratch else champion,
-                                "change_reason": f"retrained from reviewed rejects for recipe {cfg.recipe}"})
+    if cfg.method == "motion-veto":
+        pkg, retraining, summary = _fit_veto(reviewed, reg, champion, qual, qual_recs, work, cfg, log)
+    else:
+        if base_data is None:
+            raise RetrainError("fine-tuning needs the base training data (--base-data)")
+        base = open_dataset(base_data)
+        pkg, retraining, summary = _fine_tune(reviewed, base, reg, champion, qual, qual_recs, work, cfg, frames,
+                                              log, progress)
+        retraining.update({"base_data": str(Path(base_data).resolve()), "base_data_hash": dataset_hash(base)})
     card = {"recipe": cfg.recipe, "retraining": {
-        **info, "from_scratch": cfg.from_scratch,  # the training set's own hash: the card's training.data_hash
-        "base_data": str(Path(base_data).resolve()), "base_data_hash": dataset_hash(base),
+        **retraining, "method": cfg.method,
         "reviewed_data": str(Path(reviewed_dir).resolve()), "reviewed_data_hash": dataset_hash(reviewed),
         "qualification_data": str(Path(qualification).resolve()), "qualification_hash": qual_hash,
-        "qualification_frames_checked_for_leaks": checked, "train_config": train_cfg.to_json(),
-        "train_summary": {k: v for k, v in summary.items() if k != "calibration"}, **(provenance or {})}}
+        **(provenance or {})}}
     try:
         challenger = reg.add(pkg.path, actor, "challenger retrained from reviewed rejects", card=card)
     except RegistryError as e:

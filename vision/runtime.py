@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .anomaly import AnomalyModel
+from .motion_veto import MotionVeto, veto_scores
 from .postprocess import to_scores, unit_features
 from .preprocess import InputSpec, Prepared, preprocess
 from .scores import Scores
@@ -61,9 +62,12 @@ class OnnxModel:
     """Runs ``model.onnx``: preprocessing (the shared function), batching, outputs to ``Scores``."""
 
     def __init__(self, onnx_path: str, spec: InputSpec, has_fill: bool = True, device: str = "auto",
-                 threads: int | None = None, spin: bool = True, anomaly: AnomalyModel | None = None, _ort=None):
+                 threads: int | None = None, spin: bool = True, anomaly: AnomalyModel | None = None,
+                 motion_veto: MotionVeto | None = None, veto_from: float | None = None, _ort=None):
         """``anomaly``: the line's good-only anomaly model; each unit's ``Scores.extra`` then carries its score
-        (``anomaly``) and map (``anomaly_map``). ``ValueError`` when the graph has no ``features`` output."""
+        (``anomaly``) and map (``anomaly_map``). ``ValueError`` when the graph has no ``features`` output.
+        ``motion_veto``: the nuisance's motion signature, applied to units whose particle map reaches
+        ``veto_from`` (``vision.motion_veto.veto_scores``)."""
         import onnxruntime as ort
 
         self._ort = _ort or ort
@@ -84,6 +88,7 @@ class OnnxModel:
             self._fall_back(f"GPU provider failed to start ({type(e).__name__}: {e})")
             self.session = self._session([CPU])
         self.anomaly = anomaly
+        self.motion_veto, self.veto_from = motion_veto, veto_from
         self._outputs = list(OUTPUT_NAMES)
         if anomaly is not None:
             outputs = {o.name: o for o in self.session.get_outputs()}
@@ -148,6 +153,8 @@ class OnnxModel:
         if self.anomaly is not None:
             for s, f in zip(scores, unit_features(rest[0], batch), strict=True):
                 s.extra["anomaly"], s.extra["anomaly_map"] = self.anomaly.score(f)
+        if self.motion_veto is not None:
+            veto_scores(self.motion_veto, scores, batch, self.spec, self.veto_from)
         return scores
 
     def _batch_input(self, batch: list[Prepared]) -> np.ndarray:

@@ -111,6 +111,12 @@ def cmd_package_show(a: argparse.Namespace) -> int:
                              f"fill gauge ({len(gauge.get('groups', []))} container geometr"
                              f"{'y' if len(gauge.get('groups', [])) == 1 else 'ies'} from "
                              f"{gauge.get('n_measured')} good units of the line)"))
+    veto = m.get("motion_veto")
+    if veto:
+        fit = veto.get("fit", {})
+        print(f"  motion veto  particle evidence of objects moving {veto.get('v_low', 0):+.2f} .. "
+              f"{veto.get('v_high', 0):+.2f} rows a frame (down +) is taken off; fitted on "
+              f"{fit.get('flagged_for_particle')} reviewed false rejects")
     if m.get("parent_version"):
         print(f"  parent       {m['parent_version']} ({m.get('change_reason')})")
     return 0

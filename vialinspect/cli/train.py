@@ -155,6 +155,9 @@ def cmd_retrain(a: argparse.Namespace) -> int:
     from vialinspect.training.gate import GateConfig
     from vialinspect.training.retrain import RETRAIN_TRAIN_DEFAULTS, RetrainConfig, retrain
 
+    if a.method == "fine-tune" and not a.base_data:
+        raise UserError("--method fine-tune needs --base-data (the base training dataset mixed with the reviews)")
+
     recipe = recipe_name(a.recipe)
     reg = open_registry(a.registry, a=a)
     work = Path(a.work or f"retrain_work/{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
@@ -163,7 +166,8 @@ def cmd_retrain(a: argparse.Namespace) -> int:
         overrides = {"epochs": a.epochs, "lr": a.lr, "frr": a.frr, "device": a.device, "max_minutes": a.max_minutes,
                      "seed": a.seed, "distill": a.distill}
         cfg_train = load_config(a.config, overrides, defaults=RETRAIN_TRAIN_DEFAULTS)
-        cfg = RetrainConfig(recipe=recipe, base_sample=a.base_sample or None, reviewed_weight=a.reviewed_weight,
+        cfg = RetrainConfig(recipe=recipe, method=a.method, veto_quantile=a.veto_quantile,
+                            base_sample=a.base_sample or None, reviewed_weight=a.reviewed_weight,
                             from_scratch=a.from_scratch, hold_detection=a.operating_point == "hold-detection",
                             holdout_reviewed=a.holdout_reviewed,
                             train=cfg_train,
@@ -176,7 +180,7 @@ def cmd_retrain(a: argparse.Namespace) -> int:
                               line=a.line, station=a.station)
         print(f"    {exp.containers} reviewed unit(s): {exp.confirmed} confirmed defect(s), {exp.false_rejects} false "
               f"reject(s); {len(exp.skipped)} skipped")
-        print("2/3 retraining, exporting and gating")
+        print(f"2/3 retraining ({a.method}), exporting and gating")
         res = retrain(exp.out_dir, a.base_data, reg, a.qualification, work, cfg, actor, log=print,
                       progress=show_progress(),
                       provenance={"review_export_manifest_sha256": exp.manifest_sha256,
@@ -199,17 +203,28 @@ def cmd_retrain(a: argparse.Namespace) -> int:
 
 def add_retrain(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("retrain", help="retrain from reviewed rejects and gate the challenger against the champion",
-                       description="Build a training set from base data plus the store's reviewed rejects (confirmed "
-                                   "defects with their reviewed class, false rejects as hard negatives), fine-tune the "
-                                   "recipe's current model, calibrate, export, register the challenger, evaluate "
-                                   "challenger and champion on the frozen qualification set (never trained on: checked "
-                                   "by pixel hash) and gate it. Exit 0: a candidate; 1: refused by the gate. Nothing "
-                                   "is promoted: that takes a signature (`registry promote`).")
+                       description="Learn from the store's reviewed rejects, register the challenger, evaluate "
+                                   "challenger and champion on the frozen qualification set (never learnt from: "
+                                   "checked by pixel hash) and gate it. --method motion-veto (default) keeps the "
+                                   "recipe's current network and fits the nuisance's motion from the reviewed false "
+                                   "rejects (objects that move like it are not particles); --method fine-tune builds "
+                                   "a training set from base data plus the reviewed rejects (confirmed defects with "
+                                   "their reviewed class, false rejects as clean units), fine-tunes, calibrates and "
+                                   "exports. Exit 0: a candidate; 1: refused by the gate. Nothing is promoted: that "
+                                   "takes a signature (`registry promote`).")
     qa_db_args(r, "record store with signed reviews (as used by the station)")
     frames_root_arg(r)
     r.add_argument("--line", default=None, help="a plant's records (--db): retrain from this line's reviews only")
     r.add_argument("--station", default=None, help="a plant's records (--db): this station's reviews only")
-    r.add_argument("--base-data", required=True, help="the base training dataset (manifest or ImageFolder)")
+    r.add_argument("--method", choices=["motion-veto", "fine-tune"], default="motion-veto",
+                   help="motion-veto (default): the champion's network plus the nuisance's motion signature fitted "
+                        "on the reviewed false rejects (needs 20 of them flagged for particle, multi-frame units); "
+                        "fine-tune: train the network on base data plus the reviewed units")
+    r.add_argument("--veto-quantile", type=float, default=0.98,
+                   help="motion-veto: share of the nuisance's tracks whose vertical velocity the veto covers; "
+                        "higher takes more of the nuisance and risks slow-sinking particles (default 0.98)")
+    r.add_argument("--base-data", default=None,
+                   help="the base training dataset (manifest or ImageFolder); needed by --method fine-tune")
     r.add_argument("--registry", required=True, help="model registry directory")
     r.add_argument("--qualification", required=True,
                    help="frozen qualification dataset; every container in it is used, none is trained on")
