@@ -233,3 +233,41 @@ def test_retrain_with_a_motion_veto_refuses_too_few_false_rejects(oil_registry, 
     with pytest.raises(RetrainError, match="needs the base training data"):
         retrain(tmp_path / "few", None, d / "reg", d / "qual", tmp_path / "work2",
                 RetrainConfig(recipe="syringe-1mL", method="fine-tune"), "test")
+
+
+def test_cli_fine_tune_without_base_data_is_refused_in_one_line(tmp_path, capsys):
+    from vialinspect.cli import main
+
+    rc = main(["retrain", "--method", "fine-tune", "--store", str(tmp_path / "store"), "--registry",
+               str(tmp_path / "reg"), "--qualification", str(tmp_path / "q"), "--recipe", "syringe-1mL"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--method fine-tune needs --base-data" in err and "Traceback" not in err
+
+
+def test_a_champion_s_own_veto_is_widened_not_replaced(oil_registry, tmp_path):
+    from pathlib import Path
+
+    from vialinspect.export.package import load_package, with_motion_veto
+    from vialinspect.export.registry import Registry
+    from vialinspect.inspection_station.qa import users
+    from vialinspect.inspection_station.qa.audit import ReviewDB
+    from vialinspect.inspection_station.qa.promotion import promote
+    from vialinspect.inspection_station.store import RecordStore
+    from vialinspect.training.retrain import RetrainConfig, retrain
+
+    d, _ = oil_registry
+    default = load_package(Path(__file__).resolve().parents[1] / "models" / "default")
+    old = MotionVeto(v_low=-9.0, v_high=-8.0, pixel_um=40.0, floor_mm={"syringe": 5.0})  # fast-rising only
+    pkg = with_motion_veto(default, old.to_json(), tmp_path / "with_veto", "an earlier nuisance")
+    reg = Registry(tmp_path / "reg", create=True)
+    version = reg.add(pkg.path, "os:test", "default with an earlier veto")
+    RecordStore(tmp_path / "store").close()
+    users.add_user(ReviewDB(tmp_path / "store"), "root", "Rita Admin", "admin", "admin-password-333", actor="os:test")
+    promote(tmp_path / "store", reg, version, "syringe-1mL", "root", "admin-password-333", "initial model")
+    lines: list[str] = []
+    res = retrain(d / "reviewed", None, reg, d / "qual", tmp_path / "work", RetrainConfig(recipe="syringe-1mL"),
+                  "test", log=lines.append)
+    veto = load_package(reg.package_dir(res.challenger)).motion_veto
+    assert veto.v_low == -9.0 and veto.v_high > 0 and veto.fit["widened_from"] == [-9.0, -8.0]
+    assert any("widened" in ln for ln in lines)

@@ -1,4 +1,10 @@
-"""Governed retraining: base data + reviewed rejects → challenger → gate against the champion → registry.
+"""Governed retraining: reviewed rejects (+ base data) → challenger → gate against the champion → registry.
+
+Two methods (``RetrainConfig.method``). **motion-veto** (the default): the champion's package, network and
+thresholds unchanged, plus a motion veto fitted on the reviewed false rejects (``training.motion_veto_fit``:
+what moves like the objects QA signed as nuisance is not a particle); the qualification frames must not be among
+the reviewed units; then step 4. A veto already in the champion is widened by the new one, not replaced.
+**fine-tune**, steps 1-4:
 
 1. The training set: a deterministic sample of the base data's train and validation splits, plus every
    reviewed unit (confirmed defects with their reviewed class, false rejects as good units: hard negatives,
@@ -317,6 +323,13 @@ def _fit_veto(reviewed: Dataset, reg: Registry, champion: str, qual: Dataset, qu
         f"{f['quantile']:.0%} of {f['tracks']} objects at the flagged places of {f['flagged_for_particle']} false "
         f"rejects reach {f['quantile_velocity']:+.2f}; fitted on half, it cleared {f['held_out_cleared']} of the "
         f"other {f['held_out_units']}")
+    old = champ_pkg.motion_veto
+    if old is not None:  # the champion's own nuisance stays taken off: its units are no longer among the rejects
+        old_lo, old_hi = old.scaled(veto.pixel_um)
+        lo, hi = min(old_lo, veto.v_low), max(old_hi, veto.v_high)
+        log(f"the champion's motion veto ({old.v_low:+.2f} .. {old.v_high:+.2f}) is widened to {lo:+.2f} .. {hi:+.2f}")
+        veto = dataclasses.replace(veto, v_low=lo, v_high=hi,
+                                   fit={**veto.fit, "widened_from": [old.v_low, old.v_high]})
     pkg = with_motion_veto(champ_pkg, veto.to_json(), work / "challenger",
                            f"motion veto fitted on reviewed false rejects for recipe {cfg.recipe}", overwrite=True)
     retraining = {"false_rejects": len(false_rejects), "reviewed_confirmed": confirmed, "motion_veto_fit": f,
