@@ -101,8 +101,9 @@ def fit_motion_veto(units: Iterable[VetoUnit], threshold: float, pixel_um: float
     if not 0.5 < quantile < 1.0:
         raise MotionVetoError(f"quantile must be within (0.5, 1), got {quantile}")
     if not floor_mm:
-        raise MotionVetoError("no container format is known for the reviewed units: the liquid's floor (where a "
-                              "particle at rest lies) cannot be placed")
+        raise MotionVetoError("no container format the simulator knows is named by the reviewed units: the liquid's "
+                              "floor (where a particle at rest lies) cannot be placed; fine-tune instead "
+                              "(--method fine-tune)")
     probe = MotionVeto(v_low=-1.0, v_high=1.0, pixel_um=pixel_um, floor_mm=floor_mm)
     per_unit: list[tuple[VetoUnit, Traced, list[float]]] = []
     it = list(units)

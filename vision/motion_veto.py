@@ -8,8 +8,8 @@ faster, are set to zero; the particle score is then the highest evidence left. E
 
 Why not teach the network instead: fine-tuning on the reviewed units taught the default model "grey dot: not a
 particle" and lost particles everywhere (docs/retraining.md). A droplet and a particle under ~150 µm look alike
-at 40 µm/px; they do not move alike, and a tracker measures the vertical velocity to a tenth of a pixel where
-the network's motion branch sees 4-pixel rows.
+at 40 µm/px; they do not move alike, and a tracker measures the vertical velocity to a fraction of a pixel a
+frame (sub-pixel centroids over three or four frames) where the network's motion branch sees 4-pixel rows.
 
 Positive release holds: the veto only removes evidence where it has positive evidence of the nuisance, and
 takes nothing off near an object that sinks, near the liquid's floor (a particle at rest there does not move
@@ -62,7 +62,7 @@ class MotionVeto:
     def __post_init__(self) -> None:
         nums = (self.v_low, self.v_high, self.pixel_um, self.max_rms, self.unlinked_sigmas)
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in nums):
-            raise ValueError("v_low, v_high, pixel_um and max_rms must be finite numbers")
+            raise ValueError("v_low, v_high, pixel_um, max_rms and unlinked_sigmas must be finite numbers")
         if not self.v_low < self.v_high:
             raise ValueError(f"v_low {self.v_low} must be below v_high {self.v_high}")
         if self.pixel_um <= 0:
