@@ -15,6 +15,7 @@ version whose ``model.onnx`` is byte-identical.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -70,39 +71,45 @@ class ModelPackage:
         p = self.path / WEIGHTS_NAME
         return p if self.metadata.get("weights_sha256") else None
 
+    def _part(self, key: str):
+        d = self.metadata.get(key)
+        return None if d is None else _part_type(key).from_json(d)
+
     @property
     def domain(self):
         """The out-of-domain guard (``vialinspect.vision.domain.DomainModel``) fitted for this model, or None."""
-        from vialinspect.vision.domain import DomainModel
-
-        d = self.metadata.get("domain")
-        return None if d is None else DomainModel.from_json(d)
+        return self._part("domain")
 
     @property
     def anomaly(self):
         """The line's good-only anomaly model (``vialinspect.vision.anomaly.AnomalyModel``), or None."""
-        from vialinspect.vision.anomaly import AnomalyModel
-
-        d = self.metadata.get("anomaly")
-        return None if d is None else AnomalyModel.from_json(d)
+        return self._part("anomaly")
 
     @property
     def motion_veto(self):
         """The nuisance's motion signature learnt from reviewed false rejects
         (``vialinspect.vision.motion_veto.MotionVeto``), or None."""
-        from vialinspect.vision.motion_veto import MotionVeto
-
-        d = self.metadata.get("motion_veto")
-        return None if d is None else MotionVeto.from_json(d)
+        return self._part("motion_veto")
 
     @property
     def fill_gauge(self):
         """The fill-level gauge referenced to the line's good units (``vialinspect.vision.fill_gauge.FillGauge``)
         that decides this model's fill level, or None (the network's own fill-level output decides)."""
-        from vialinspect.vision.fill_gauge import FillGauge
+        return self._part("fill_gauge")
 
-        d = self.metadata.get("fill_gauge")
-        return None if d is None else FillGauge.from_json(d)
+
+# The optional parts of a package's metadata fitted after export, each read by its type's ``from_json`` (which
+# raises ValueError on a damaged record): metadata key -> (module, type). Imported when read: the station loads
+# only what its package has.
+_PARTS = {"domain": ("vialinspect.vision.domain", "DomainModel"),
+          "fill_gauge": ("vialinspect.vision.fill_gauge", "FillGauge"),
+          "anomaly": ("vialinspect.vision.anomaly", "AnomalyModel"),
+          "motion_veto": ("vialinspect.vision.motion_veto", "MotionVeto")}
+
+
+def _part_type(key: str):
+    module, name = _PARTS[key]
+    return getattr(importlib.import_module(module), name)
 
 
 def sha256_file(path: Path) -> str:
@@ -257,34 +264,12 @@ def check_metadata(meta: Any, where: str | Path) -> None:
     if found_th:
         cls, problem = found_th
         bad("thresholds" if cls is None else f"thresholds.{cls}", problem)
-    if meta.get("domain") is not None:
-        from vialinspect.vision.domain import DomainModel
-
-        try:
-            DomainModel.from_json(meta["domain"])
-        except ValueError as e:
-            bad("domain", str(e))
-    if meta.get("fill_gauge") is not None:
-        from vialinspect.vision.fill_gauge import FillGauge
-
-        try:
-            FillGauge.from_json(meta["fill_gauge"])
-        except ValueError as e:
-            bad("fill_gauge", str(e))
-    if meta.get("anomaly") is not None:
-        from vialinspect.vision.anomaly import AnomalyModel
-
-        try:
-            AnomalyModel.from_json(meta["anomaly"])
-        except ValueError as e:
-            bad("anomaly", str(e))
-    if meta.get("motion_veto") is not None:
-        from vialinspect.vision.motion_veto import MotionVeto
-
-        try:
-            MotionVeto.from_json(meta["motion_veto"])
-        except ValueError as e:
-            bad("motion_veto", str(e))
+    for key in _PARTS:
+        if meta.get(key) is not None:
+            try:
+                _part_type(key).from_json(meta[key])
+            except ValueError as e:
+                bad(key, str(e))
     if not isinstance(meta.get("heads", {}), dict):
         bad("heads", f"must be a table (e.g. {{\"fill\": true}}), got {_json_kind(meta['heads'])}")
 

@@ -105,12 +105,12 @@ def fit_motion_veto(units: Iterable[VetoUnit], threshold: float, pixel_um: float
                               "floor (where a particle at rest lies) cannot be placed; fine-tune instead "
                               "(--method fine-tune)")
     probe = MotionVeto(v_low=-1.0, v_high=1.0, pixel_um=pixel_um, floor_mm=floor_mm)
-    per_unit: list[tuple[VetoUnit, Traced, list[float]]] = []
     it = list(units)
+    flagged_units: list[tuple[VetoUnit, Traced, list[float]]] = []
     for u in progress(it) if progress else it:
-        traced = trace(u.frames)
-        per_unit.append((u, traced, [t.v_rows for t in flagged_tracks(u, threshold, probe, traced)]))
-    flagged_units = [p for p in per_unit if (p[0].particle_map >= threshold).any()]
+        if (u.particle_map >= threshold).any():  # a unit flagged for another class has no particle place to explain
+            traced = trace(u.frames)
+            flagged_units.append((u, traced, [t.v_rows for t in flagged_tracks(u, threshold, probe, traced)]))
     velocities = [v for _, _, vs in flagged_units for v in vs]
     if len(flagged_units) < MIN_UNITS:
         raise MotionVetoError(f"{len(flagged_units)} reviewed false rejects flagged for particle; the motion veto "
@@ -137,7 +137,7 @@ def fit_motion_veto(units: Iterable[VetoUnit], threshold: float, pixel_um: float
     held = sum(cleared(half, u, threshold, pixel_um, tr) for u, tr, _ in odd)
     v = np.asarray(velocities)
     fit: dict[str, Any] = {
-        "false_rejects": len(per_unit), "flagged_for_particle": len(flagged_units), "tracks": len(velocities),
+        "false_rejects": len(it), "flagged_for_particle": len(flagged_units), "tracks": len(velocities),
         "quantile": quantile, "threshold": round(float(threshold), 4), "quantile_velocity": round(tail, 3),
         "capped_at": round(cap, 3) if tail > cap else None,
         "velocity_percentiles": {str(q): round(float(np.quantile(v, q / 100)), 3) for q in (1, 10, 50, 90, 99)},

@@ -51,13 +51,14 @@ from vialinspect.errors import VialinspectError
 from vialinspect.export.package import with_motion_veto
 from vialinspect.export.registry import Registry, RegistryError
 from vialinspect.vision.fill_gauge import FillGauge
+from vialinspect.vision.motion_veto import input_frames
 from vialinspect.vision.postprocess import MAP_STRIDE
 from vialinspect.vision.preprocess import preprocess
 
 from .calibrate import hold_detection
 from .checkpoint import build_model, dataset_hash, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .evaluate import evaluate_model, load_package_model
+from .evaluate import evaluate_model, load_package_model, package_model
 from .export_run import export_checkpoint
 from .gate import GateConfig, compare, render_markdown
 from .motion_veto_fit import DEFAULT_QUANTILE, MotionVetoError, VetoUnit, fit_motion_veto, floor_heights
@@ -295,7 +296,7 @@ def _fit_veto(reviewed: Dataset, reg: Registry, champion: str, qual: Dataset, qu
               work: Path, cfg: RetrainConfig, log: Callable[[str], None]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """The challenger: the champion's package with a motion veto fitted on the reviewed false rejects."""
     champ_pkg = reg.package(champion)
-    champ = load_package_model(reg.package_dir(champion))
+    champ = package_model(champ_pkg)
     spec = champ.spec
     false_rejects = [r for r in reviewed.records if not r.classes]
     confirmed = len(reviewed.records) - len(false_rejects)
@@ -309,8 +310,7 @@ def _fit_veto(reviewed: Dataset, reg: Registry, champion: str, qual: Dataset, qu
         s = champ.predictor.predict_prepared([prepared])[0]
         if s.maps is None:
             raise RetrainError(f"champion {champion} gives no particle map: a motion veto needs one")
-        frames = prepared.x[:, :prepared.height, :prepared.width] * np.float32(spec.std) + np.float32(spec.mean)
-        units.append(VetoUnit(frames, s.maps[0], MAP_STRIDE))
+        units.append(VetoUnit(input_frames(prepared, spec), s.maps[0], MAP_STRIDE))
     formats = {r.format for r in reviewed.records if r.format}
     try:
         veto = fit_motion_veto(units, champ.thresholds["particle"], spec.pixel_um or 40.0, floor_heights(formats),

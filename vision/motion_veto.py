@@ -160,6 +160,12 @@ def apply_veto(veto: MotionVeto, frames: np.ndarray, particle_map: np.ndarray, s
     return out, info
 
 
+def input_frames(p: Prepared, spec: InputSpec) -> np.ndarray:
+    """(K, H, W) frames in [0, 1] as the network read them (resized where the input was), padding cropped: what
+    the veto follows objects in, at the map's pixel grid."""
+    return p.x[:, :p.height, :p.width] * np.float32(spec.std) + np.float32(spec.mean)
+
+
 def veto_scores(veto: MotionVeto, scores: list[Scores], batch: list[Prepared], spec: InputSpec,
                 trigger: float | None) -> None:
     """Apply the veto to a batch's ``Scores`` in place (the runtime's step after the network): each unit's
@@ -172,7 +178,7 @@ def veto_scores(veto: MotionVeto, scores: list[Scores], batch: list[Prepared], s
         pmap = s.maps[0]
         if trigger is not None and float(pmap.max(initial=0.0)) < trigger:
             continue
-        frames = p.x[:, :p.height, :p.width] * np.float32(spec.std) + np.float32(spec.mean)
+        frames = input_frames(p, spec)
         pixel_um = spec.pixel_um / p.scale if spec.pixel_um else veto.pixel_um
         new, info = apply_veto(veto, frames, pmap, MAP_STRIDE, pixel_um)
         s.maps[0] = new
