@@ -10,7 +10,7 @@ from vialinspect.datasets.sim.config import CameraConfig, SimConfig
 from vialinspect.datasets.sim.formats import FORMATS, get_format
 from vialinspect.datasets.sim.motion import settling_velocity_mm_s
 from vialinspect.datasets.sim.render import object_position_mm, render, scene_time
-from vialinspect.datasets.sim.scene import sample_scene
+from vialinspect.datasets.sim.scene import GlassMark, sample_scene
 
 
 def _width_px(alpha: np.ndarray, level: float = 0.5) -> int:
@@ -134,3 +134,52 @@ def test_stokes_sinking_particle_moves_down_in_the_image():
         assert ys[-1] > ys[0]
         moved += 1
     assert moved >= 2
+
+
+def _straight_crack(x_mm: float, z_mm: float, length_mm: float = 1.5) -> GlassMark:
+    pts = tuple((x_mm + d, z_mm + 0.3 * d) for d in np.linspace(0, length_mm, 9))
+    return GlassMark(kind="crack", points_mm=pts, size_mm=length_mm, contrast=0.7, seed=3, location="neck")
+
+
+def _crack_change_dn(scene, mark: GlassMark) -> float:
+    """The largest change a crack makes to the first frame (same noise, pose and light with and without it)."""
+    cam = CameraConfig()
+    with_crack = render(replace(scene, marks=(mark,)), cam).frames[0].astype(np.float32)
+    without = render(replace(scene, marks=()), cam).frames[0].astype(np.float32)
+    return float(np.abs(with_crack - without).max())
+
+
+def test_a_crack_behind_the_crimp_cap_or_the_stopper_plug_shows_no_glint():
+    # Back light that a cap or a rubber plug stops never reaches the glass in front of it, so a crack there has
+    # nothing to redirect; the same crack on the neck's clear glass beside the plug is plainly seen.
+    cfg = SimConfig(formats=("vial-2R",), frames=1, defect_rate=0.0, nuisance_rates=())
+    scene = replace(sample_scene(cfg, 0, 11), objects=())
+    fmt = scene.format
+    neck_top = fmt.height_mm - fmt.flange_mm
+    on_cap = _crack_change_dn(scene, _straight_crack(-1.0, neck_top + 1.2))
+    on_plug = _crack_change_dn(scene, _straight_crack(-1.0, neck_top - 2.5))
+    beside_plug = _crack_change_dn(scene, _straight_crack(-(fmt.neck_inner_diameter_mm / 2 + 0.5), neck_top - 2.5,
+                                                          length_mm=0.6))
+    assert on_cap < 8 and on_plug < 12
+    assert beside_plug > 40
+
+
+def test_cracks_start_on_glass_the_back_light_reaches():
+    cfg = SimConfig(formats=("vial-2R", "syringe-1mL"), frames=1, defect_rate=1.0, class_weights=(0, 1, 0),
+                    nuisance_rates=())
+    seen = set()
+    for i in range(160):
+        scene = sample_scene(cfg, i, 21)
+        crack = next(m for m in scene.marks if m.kind == "crack")
+        x, z = crack.points_mm[0]
+        fmt = scene.format
+        ro, ri = (float(v[0]) for v in fmt.radii(np.array([z])))
+        if fmt.kind == "vial" and crack.location == "neck":
+            assert ri + 0.15 - 1e-9 <= abs(x) <= 0.9 * ro + 1e-9  # beside the stopper plug, not in front of it
+        elif fmt.kind == "syringe" and crack.location == "body":
+            # never in front of the plunger stopper (which starts within ~3.3 mm above the liquid)
+            assert not scene.fill_height_mm <= z <= scene.fill_height_mm + 3.3 + fmt.stopper_mm
+        else:
+            assert abs(x) <= 0.9 * ro + 1e-9
+        seen.add((fmt.kind, crack.location))
+    assert {("vial", "neck"), ("syringe", "body")} <= seen

@@ -109,6 +109,9 @@ class _Profile:
     slope: np.ndarray  # (H,) |d ro / dz|
     dry: np.ndarray  # (H, W) transmission with air inside
     wet: np.ndarray  # (H, W) transmission with liquid in the whole cavity
+    # (H, W) share of the back light that opaque parts (crimp cap, stopper plug, needle shield) let reach the glass
+    # in front of them: 1 where there is none. A mark's glint is light it redirects, so it is scaled by this.
+    opaque: np.ndarray
 
 
 @lru_cache(maxsize=16)
@@ -123,27 +126,30 @@ def _profile(fmt: ContainerFormat, fr: Framing, product: str) -> _Profile:
     dry = _transmission(*args, False, product).astype(np.float32)
     wet = _transmission(*args, True, product).astype(np.float32)
     zz = z[:, None]
-    for t in (dry, wet):
-        if fmt.kind == "vial":
-            bottom = (z < fmt.bottom_mm) & (z >= 0)
-            caustic = 0.55 + 0.2 * np.cos(ax / fmt.inner_radius_mm * 3 * np.pi) ** 2
+    opaque = np.ones_like(dry)
+    if fmt.kind == "vial":
+        bottom = (z < fmt.bottom_mm) & (z >= 0)
+        caustic = 0.55 + 0.2 * np.cos(ax / fmt.inner_radius_mm * 3 * np.pi) ** 2
+        for t in (dry, wet):
             t[bottom] *= np.where(ax < fmt.outer_radius_mm, caustic, 1.0)[None, :].astype(np.float32)
-            neck_top = fmt.height_mm - fmt.flange_mm
-            plug = (zz >= neck_top - 4.0) & (zz < neck_top) & (ax[None, :] < ri[:, None])
-            t[plug] = 0.09
-            cap_r = fmt.flange_outer_diameter_mm / 2 + 0.3
-            cap = (zz >= neck_top) & (zz <= fmt.height_mm + 0.4) & (ax[None, :] < cap_r)
-            t[cap] = np.broadcast_to(0.04 + 0.03 * (ax / fmt.flange_outer_diameter_mm), t.shape)[cap]
-        else:
-            shield = (zz >= -fmt.needle_shield_mm) & (zz < 0.2) & (ax[None, :] < 3.3)
-            t[shield] = 0.05
-    for a in (z, ax, ro, ri, slope, dry, wet):
+        neck_top = fmt.height_mm - fmt.flange_mm
+        opaque[(zz >= neck_top - 4.0) & (zz < neck_top) & (ax[None, :] < ri[:, None])] = 0.09  # stopper plug
+        cap_r = fmt.flange_outer_diameter_mm / 2 + 0.3
+        cap = (zz >= neck_top) & (zz <= fmt.height_mm + 0.4) & (ax[None, :] < cap_r)
+        opaque[cap] = np.broadcast_to(0.04 + 0.03 * (ax / fmt.flange_outer_diameter_mm), opaque.shape)[cap]
+    else:
+        opaque[(zz >= -fmt.needle_shield_mm) & (zz < 0.2) & (ax[None, :] < 3.3)] = 0.05
+    covered = opaque < 1
+    for t in (dry, wet):
+        t[covered] = opaque[covered]
+    for a in (z, ax, ro, ri, slope, dry, wet, opaque):
         a.setflags(write=False)
-    return _Profile(z, ax, ro, ri, slope, dry, wet)
+    return _Profile(z, ax, ro, ri, slope, dry, wet, opaque)
 
 
-def _static_layer(scene: Scene, fr: Framing) -> np.ndarray:
-    """Transmission of this container (without marks) in its own aligned frame."""
+def _static_layer(scene: Scene, fr: Framing) -> tuple[np.ndarray, np.ndarray]:
+    """Transmission of this container (without marks) in its own aligned frame, and the share of the back light
+    that reaches the glass past opaque parts (``_Profile.opaque`` and a syringe's plunger stopper)."""
     fmt = scene.format
     p = _profile(fmt, fr, scene.product)
     h, rise = scene.fill_height_mm, scene.meniscus_rise_mm
@@ -173,7 +179,10 @@ def _static_layer(scene: Scene, fr: Framing) -> np.ndarray:
         cols = p.ax < fmt.inner_radius_mm + 0.05
         rib = (np.cos((p.z[r0:r1] - s0) / fmt.stopper_mm * 6 * np.pi) > 0.8).astype(np.float32)
         out[r0:r1, cols] = (0.06 + 0.05 * rib)[:, None]
-    return out
+        lit = p.opaque.copy()
+        lit[r0:r1, cols] = out[r0:r1, cols]
+        return out, lit
+    return out, p.opaque
 
 
 # ---------------------------------------------------------------- helpers
@@ -286,7 +295,7 @@ def _mask_bbox(mask: np.ndarray, value: int) -> tuple[int, int, int, int] | None
 def render(scene: Scene, cam: CameraConfig) -> Rendered:
     fr = framing_for(scene.format, cam.pixel_um)
     blur = cam.blur_sigma_px
-    layer = _static_layer(scene, fr)
+    layer, lit = _static_layer(scene, fr)
     static_mask = np.zeros((fr.height, fr.width), np.uint8)
     defects: list[Annotation] = []
     nuisances: list[Annotation] = []
@@ -301,7 +310,8 @@ def render(scene: Scene, cam: CameraConfig) -> Rendered:
         sp = _mark_sprite(mark, fr, 0.0)  # optics blur comes once, for the whole layer
         if sp is None:
             continue
-        sprites.paste(layer, sp)
+        # Behind a cap, a stopper or a needle shield no back light reaches the glass for a mark to redirect.
+        sprites.paste(layer, sp, light=lit)
         value = 0
         if mark.kind == "crack":
             value = next_value

@@ -134,11 +134,32 @@ def _glass_z_range(fmt: ContainerFormat, location: str) -> tuple[float, float]:
     }[location]
 
 
-def _crack(rng, fmt: ContainerFormat, length_mm: float, location: str) -> GlassMark:
+# How far above the fill height a syringe's plunger stopper can reach: the meniscus rise and the gap under the
+# stopper at their largest (``_draw_nuisances``) and the stopper's length.
+_STOPPER_REACH_MM = 0.75 * 0.4 + 3.0
+
+
+def _crack(rng, fmt: ContainerFormat, length_mm: float, location: str, fill_mm: float) -> GlassMark:
+    """A crack that starts where a back-lit camera can see it: not on glass in front of an opaque part (a vial's
+    stopper plug in the neck, a syringe's plunger stopper), where no light comes through it; it may run on
+    behind one."""
     z_lo, z_hi = _glass_z_range(fmt, location)
-    z = float(rng.uniform(z_lo, z_hi))
-    ro, _ = fmt.radii(np.array([z]))
-    x = float(rng.uniform(-0.9, 0.9) * ro[0])
+    u = float(rng.uniform(0, 1))
+    if fmt.kind == "syringe" and location == "body":
+        s_lo, s_hi = fill_mm, fill_mm + _STOPPER_REACH_MM + fmt.stopper_mm
+        below, above = max(min(s_lo, z_hi) - z_lo, 0.0), max(z_hi - max(s_hi, z_lo), 0.0)
+        t = u * (below + above)
+        z = z_lo + t if t < below else max(s_hi, z_lo) + (t - below)
+    else:
+        z = z_lo + u * (z_hi - z_lo)
+    ro, ri = fmt.radii(np.array([z]))
+    v = float(rng.uniform(-0.9, 0.9))
+    if fmt.kind == "vial" and location == "neck":
+        # The neck's glass beside the plug: from the bore (plus a margin) to 0.9 of the outer radius.
+        lo = float(ri[0]) + 0.15
+        x = float(np.sign(v) or 1.0) * (lo + abs(v) / 0.9 * (0.9 * float(ro[0]) - lo))
+    else:
+        x = v * float(ro[0])
     angle = float(rng.uniform(0, 2 * np.pi))
     pts = [(x, z)]
     travelled = 0.0
@@ -301,7 +322,7 @@ def _draw_defects(rng: np.random.Generator, cfg: SimConfig, fmt: ContainerFormat
             objects.append(_free_object(rng, fmt, fill_mm, kind, size, "particle"))
     if "crack" in classes:
         loc = CRACK_LOCATIONS[int(rng.integers(0, len(CRACK_LOCATIONS)))]
-        marks.append(_crack(rng, fmt, _loguniform(rng, *cfg.crack_length_mm), loc))
+        marks.append(_crack(rng, fmt, _loguniform(rng, *cfg.crack_length_mm), loc, fill_mm))
     return objects, marks
 
 
