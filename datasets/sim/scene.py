@@ -145,9 +145,9 @@ def _crack(rng, fmt: ContainerFormat, length_mm: float, location: str, fill_mm: 
     behind one."""
     z_lo, z_hi = _glass_z_range(fmt, location)
     u = float(rng.uniform(0, 1))
-    if fmt.kind == "syringe" and location == "body":
-        s_lo, s_hi = fill_mm, fill_mm + _STOPPER_REACH_MM + fmt.stopper_mm
-        below, above = max(min(s_lo, z_hi) - z_lo, 0.0), max(z_hi - max(s_hi, z_lo), 0.0)
+    s_lo, s_hi = fill_mm, fill_mm + _STOPPER_REACH_MM + fmt.stopper_mm
+    below, above = max(min(s_lo, z_hi) - z_lo, 0.0), max(z_hi - max(s_hi, z_lo), 0.0)
+    if fmt.kind == "syringe" and location == "body" and below + above > 0:
         t = u * (below + above)
         z = z_lo + t if t < below else max(s_hi, z_lo) + (t - below)
     else:
