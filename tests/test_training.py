@@ -707,7 +707,10 @@ def test_distillation_keeps_a_fine_tuned_model_near_its_teacher_on_marked_units_
 
     def tuned(data, distill: float, name: str):
         logs: list[str] = []
-        train(data, tmp_path / name, small_config(epochs=1, distill=distill, augment=False), init=init,
+        # lr 1e-2: at the default 3e-3 one epoch moved the maps only ~6e-4 from the teacher on these 48 units
+        # (2026-12-04, after the simulator's crack fix re-rendered some of them), too little for any pull to show;
+        # at 1e-2 the free run drifts ~0.09 and the distilled one ~0.011.
+        train(data, tmp_path / name, small_config(epochs=1, distill=distill, augment=False, lr=1e-2), init=init,
               progress=False, log=logs.append)
         net, _ = build_model(load_checkpoint(tmp_path / name / "last.pt"))
         return net, logs
@@ -720,9 +723,8 @@ def test_distillation_keeps_a_fine_tuned_model_near_its_teacher_on_marked_units_
     free, _ = tuned(coarse_data, 0.0, "free")
     held, logs = tuned(coarse_data, 100.0, "held")
     assert any("distilling the class maps" in m for m in logs)
-    # measured: 0.46x with the motion branch, 0.44x without (at weight 20: 0.96x and 0.39x; the tiny model
-    # with the branch drifts half as far when fine-tuned freely, so it takes a stronger pull to show)
-    assert gap(held) < 0.8 * gap(free)
+    # measured: 0.12x (lr 1e-2, weight 100)
+    assert gap(held) < 0.5 * gap(free)
     # Rows that say "distill": false are not distilled: all of them marked, training is plain fine-tuning.
     unmarked, logs = tuned(_marked_copy(coarse_data, tmp_path / "marked", False), 100.0, "unmarked")
     assert any(" on 0 of " in m for m in logs)
