@@ -40,6 +40,11 @@ class ImplantConfig:
     blur_px: tuple[float, float] = (0.4, 1.1)
     min_light: float = 0.4  # placement: local brightness at least this share of the image's bright level
     per_unit: tuple[int, int] = (1, 3)  # defects drawn into one implanted unit (uniform, inclusive)
+    # Chance that a drawn good unit also gets a scratch on the glass (a smooth thin arc), as a known-clean
+    # nuisance: no mask, so the crack map learns it is not a crack. 0 = off.
+    scratch_share: float = 0.0
+    scratch_px: tuple[float, float] = (30.0, 140.0)  # scratch length where the pixel scale is unknown
+    scratch_mm: tuple[float, float] = (2.0, 9.0)
 
 
 def _loguniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -131,3 +136,29 @@ def implant(frames: list[np.ndarray], cls: str, rng: np.random.Generator, pixel_
         if sprites.stamp_mask(mask, s, 1) is None and k == 0:
             return None
     return out, mask
+
+
+def scratch(frames: list[np.ndarray], rng: np.random.Generator, pixel_um: float | None = None,
+            cfg: ImplantConfig | None = None) -> list[np.ndarray] | None:
+    """Draw one scratch (the simulator's smooth thin arc on the glass, dark or bright) into a container's K float32
+    frames in [0, 1], in the same place in every frame; new frames, or None where no place is lit enough."""
+    cfg = cfg or ImplantConfig()
+    light = light_map(frames[0])
+    spots = placements(light, cfg, margin=12)
+    if len(spots) == 0:
+        return None
+    cy, cx = (float(v) for v in spots[int(rng.integers(len(spots)))])
+    length = float(rng.uniform(*cfg.scratch_px)) if pixel_um is None else \
+        float(rng.uniform(*cfg.scratch_mm)) * 1000.0 / pixel_um
+    angle = float(rng.normal(0, 0.35) + (np.pi / 2 if rng.uniform() < 0.25 else 0.0))
+    bend = float(rng.normal(0, 0.15))
+    t = np.linspace(-0.5, 0.5, 13)
+    a = angle + bend * t
+    x, y = cx + t * length * np.cos(a), cy + t * length * np.sin(a)
+    s = sprites.scratch(x, y, float(rng.uniform(0.06, 0.2)), int(rng.integers(2**31)),
+                        float(rng.uniform(*cfg.blur_px)))
+    out = [np.array(f, np.float32, copy=True) for f in frames]
+    for f in out:
+        sprites.paste(f, s, light=light)
+        np.clip(f, 0.0, 1.0, out=f)
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vialinspect.datasets.implant import ImplantConfig, implant
+from vialinspect.datasets.implant import ImplantConfig, implant, scratch
 from vialinspect.datasets.records import DEFECT_CLASSES
 from vialinspect.datasets.torch_dataset import Sample
 from vialinspect.training.data import TrainTransform
@@ -124,3 +124,24 @@ def test_blob_boxes_give_one_box_per_defect():
     m[70:80, 40:42] = 1
     assert sorted(_blob_boxes(m)) == [(5, 10, 9, 14), (40, 70, 42, 80)]
     assert _blob_boxes(np.zeros((8, 8), np.uint8)) == []
+
+
+def test_scratches_are_drawn_as_known_clean_and_leave_the_defects_drawn_as_they_were():
+    img = _backlit()
+    frames = scratch([img, img], np.random.default_rng(2), 60.0)
+    assert np.array_equal(frames[0], frames[1])  # on the glass: the same place in every frame
+    changed = np.abs(frames[0] - img) > 0.01
+    ys, xs = np.nonzero(changed)
+    assert changed.sum() > 10 and max(np.ptp(ys), np.ptp(xs)) > 25  # a long thin line (2-9 mm at 60 µm/px)
+    assert scratch([np.zeros((200, 100), np.float32)], np.random.default_rng(0)) is None
+    spec = InputSpec(frames=1, pixel_um=None)
+    plain = TrainTransform(spec, None, implant=0.5)
+    scratched = TrainTransform(spec, None, implant=0.5, implant_cfg=ImplantConfig(scratch_share=1.0))
+    differ = 0
+    for seed in range(8):
+        a, b = plain(_sample([0, 0, 0]), seed=seed), scratched(_sample([0, 0, 0]), seed=seed)
+        # The scratch adds no mask and no label; the synthetic defects drawn are the same with it or without.
+        assert np.array_equal(a["map_target"], b["map_target"]) and np.array_equal(a["labels"], b["labels"])
+        assert b["has_mask"] == 1.0
+        differ += int(not np.array_equal(a["x"], b["x"]))
+    assert differ == 8

@@ -160,6 +160,10 @@ class TrainConfig:
     implant: Float = 0.8
     # Size range of the synthetic particles (largest dimension, log-uniform) where the pixel scale is known.
     implant_particle_um: tuple[Float, Float] = (150.0, 900.0)
+    # Chance that a drawn good unit from a line's camera also gets a scratch on the glass (a smooth thin arc) as
+    # a known-clean nuisance, so the crack map learns a scratch is not a crack. Off: measured once on two lines
+    # (docs/new_line.md), not adopted.
+    implant_scratches: Float = 0.0
     # Weight of the image-level loss of a particle or crack known only from its image's label (no mask): it
     # acts on the class map's peak, wherever that is. Measured at 0 (synthetic defects alone teach the maps)
     # it did not help, and the fill level then learnt less (docs/new_line.md); 1 keeps what the labels say.
@@ -241,6 +245,8 @@ class TrainConfig:
                                      f"got {self.class_draw!r}")
         if not 0 <= self.implant <= 1:
             raise _bad("implant", f"must be within 0..1, got {self.implant}")
+        if not 0 <= self.implant_scratches <= 1:
+            raise _bad("implant_scratches", f"must be within 0..1, got {self.implant_scratches}")
         lo, hi = self.implant_particle_um
         if not 0 < lo <= hi:
             raise _bad("implant_particle_um", f"must be [low, high] with 0 < low <= high, got "

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from vialinspect.datasets.implant import ImplantConfig, implant
+from vialinspect.datasets.implant import ImplantConfig, implant, scratch
 from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord
 from vialinspect.datasets.torch_dataset import ContainerDataset, Sample
 from vialinspect.vision.postprocess import MAP_STRIDE
@@ -119,9 +119,16 @@ class TrainTransform:
             return s
         rng = np.random.default_rng(None if seed is None else [seed, 1])
         s = replace(s, has_mask=True, implantable=False)  # a good unit holds no defect in any cell
+        cfg = self.implant_cfg
+        if cfg.scratch_share > 0:
+            # Its own stream: the defects drawn below are the same whether scratches are on or off.
+            srng = np.random.default_rng(None if seed is None else [seed, 2])
+            if srng.uniform() < cfg.scratch_share:
+                scratched = scratch([to_unit(f, None) for f in s.frames], srng, self.spec.pixel_um, cfg)
+                if scratched is not None:
+                    s = replace(s, frames=scratched)
         if rng.uniform() >= self.implant:
             return s
-        cfg = self.implant_cfg
         frames = [to_unit(f, None) for f in s.frames]
         masks = np.zeros_like(s.masks)
         # Several defects in one unit: more places that teach the map per decoded image (a particle is a

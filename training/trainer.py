@@ -114,8 +114,8 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
     cache = int(_cache_bytes(cfg.cache_gb, workers) * cache_share)
     base = ContainerDataset(root, records, cache_bytes=cache, crack_min_mm=cfg.crack_min_mm,
                             nuisance_masks=cfg.map_nuisance_weight != 1.0)
-    transform = TrainTransform(spec, aug, implant, ImplantConfig(particle_um=tuple(cfg.implant_particle_um)),
-                               image_label_weight=cfg.image_label_weight)
+    implant_cfg = ImplantConfig(particle_um=tuple(cfg.implant_particle_um), scratch_share=cfg.implant_scratches)
+    transform = TrainTransform(spec, aug, implant, implant_cfg, image_label_weight=cfg.image_label_weight)
     items = TrainingItems(base, transform, cfg.crop, cfg.crops_per_full)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                         collate_fn=collate, pin_memory=False)
