@@ -254,6 +254,41 @@ def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(c
     assert rep["pod_by_particle_size"] == [] and rep["fill_height_mae_mm"] is None
 
 
+def test_synthetic_validation_scores_particles_and_cracks_the_labelled_split_lacks(coarse_data, tiny_run, tmp_path):
+    """A line with good and fill-level images only: without synthetic_val its validation cannot rank particles or
+    cracks (no positive), with it the validation's good units come again with synthetic defects, the same ones
+    at every validation."""
+    import shutil
+
+    root = _as_imagefolder(coarse_data, tmp_path / "real")
+    for cls in ("particle", "crack"):
+        shutil.rmtree(root / cls, ignore_errors=True)
+    for img in list((root / "good").iterdir()):  # more good units, so that the held-out split has a dozen
+        for k in range(3):
+            shutil.copy(img, img.with_name(f"{img.stem}_{k}{img.suffix}"))
+    seen = {}
+    for on in (False, True):
+        lines = []
+        train(root, tmp_path / f"run{on}", small_config(epochs=2, val_every=1, synthetic_val=on, fill_gauge="off"),
+              init=str(tiny_run / "best.pt"), progress=False, log=lines.append)
+        seen[on] = [h["auroc"] for h in load_checkpoint(tmp_path / f"run{on}" / "last.pt")["history"]]
+        assert any("synthetic validation" in str(x) for x in lines) == on
+    assert all(a["particle"] is None and a["crack"] is None for a in seen[False])
+    assert all(0 <= a["particle"] <= 1 and 0 <= a["crack"] <= 1 for a in seen[True])
+    # The fill level is scored on the labelled split alone, so both runs' first epochs agree on it.
+    assert seen[True][0]["fill_level"] == seen[False][0]["fill_level"]
+
+
+def test_synthetic_validation_units_keep_their_defects_from_epoch_to_epoch():
+    from vialinspect.training.data import FULL, MixedBatchSampler
+
+    sampler = MixedBatchSampler([(64, 64)] * 5, [True] * 5, 2, 5, None, seed=3, shuffle=False, p_full=1.0)
+    first = sorted(k for b in sampler for k in b)
+    sampler.set_epoch(7)
+    assert sorted(k for b in sampler for k in b) == first
+    assert {(i, seed) for i, mode, seed in first if mode == FULL} == {(i, i) for i in range(5)}
+
+
 def test_auto_settings_resolve_by_the_kind_of_data_and_given_ones_stay():
     from vialinspect.training.config import IMAGE_LEVEL, MASKED_DATA
 

@@ -301,8 +301,9 @@ class MixedBatchSampler:
             if self.shuffle and self.croppable[i] and rng.uniform() >= self.p_full:
                 crops.append((i, CROP, int(rng.integers(2**31))))
             else:
-                # The seed makes the item's augmentation reproducible (see TrainingItems).
-                seed = int(rng.integers(2**31)) if self.shuffle else 0
+                # The seed makes the item's augmentation reproducible (see TrainingItems); unshuffled (validation),
+                # each item keeps its own seed every epoch, so the synthetic defects of synthetic_val stay put.
+                seed = int(rng.integers(2**31)) if self.shuffle else i
                 buckets.setdefault(self.shapes[i], []).append((i, FULL, seed))
         batches = [b[j:j + self.batch_size] for _, b in sorted(buckets.items())
                    for j in range(0, len(b), self.batch_size)]
