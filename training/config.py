@@ -167,7 +167,8 @@ class TrainConfig:
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
     # stopping see particles and cracks where the labelled split holds few or none (a 50-label line's split held
-    # no crack; a 200-label line's 3 to 10). Off: measured on two lines (docs/new_line.md), not adopted yet.
+    # no crack; a 200-label line's 3 to 10). Off: one run each on three lines (docs/new_line.md), mixed; where the
+    # split held a few fill-level units their network AUROC, not the synthetic units, still chose best.pt.
     synthetic_val: bool = False
     # Weight of the image-level loss of a particle or crack known only from its image's label (no mask): it
     # acts on the class map's peak, wherever that is. Measured at 0 (synthetic defects alone teach the maps)
