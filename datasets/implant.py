@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from .sim import sprites
+from .sim.scene import SCRATCH_CONTRAST, scratch_arc
 
 IMPLANT_CLASSES = ("particle", "crack")
 
@@ -150,12 +151,8 @@ def scratch(frames: list[np.ndarray], rng: np.random.Generator, pixel_um: float 
     cy, cx = (float(v) for v in spots[int(rng.integers(len(spots)))])
     length = float(rng.uniform(*cfg.scratch_px)) if pixel_um is None else \
         float(rng.uniform(*cfg.scratch_mm)) * 1000.0 / pixel_um
-    angle = float(rng.normal(0, 0.35) + (np.pi / 2 if rng.uniform() < 0.25 else 0.0))
-    bend = float(rng.normal(0, 0.15))
-    t = np.linspace(-0.5, 0.5, 13)
-    a = angle + bend * t
-    x, y = cx + t * length * np.cos(a), cy + t * length * np.sin(a)
-    s = sprites.scratch(x, y, float(rng.uniform(0.06, 0.2)), int(rng.integers(2**31)),
+    x, y = np.array(scratch_arc(rng, cx, cy, length)).T
+    s = sprites.scratch(x, y, float(rng.uniform(*SCRATCH_CONTRAST)), int(rng.integers(2**31)),
                         float(rng.uniform(*cfg.blur_px)))
     out = [np.array(f, np.float32, copy=True) for f in frames]
     for f in out:

@@ -174,21 +174,30 @@ def _crack(rng, fmt: ContainerFormat, length_mm: float, location: str, fill_mm: 
                      location=location)
 
 
+SCRATCH_CONTRAST = (0.06, 0.2)  # a scratch's opacity: faint against a crack's 0.45-0.8
+
+
+def scratch_arc(rng, x: float, y: float, length: float, n: int = 12) -> list[tuple[float, float]]:
+    """The n + 1 points of a scratch centred on (x, y), in the units of ``length``: a smooth, slightly bent arc
+    mostly along the container's axis, a quarter of them across it. Shared with ``datasets.implant.scratch``."""
+    angle = float(rng.normal(0, 0.35) + (np.pi / 2 if rng.uniform() < 0.25 else 0.0))
+    bend = float(rng.normal(0, 0.15))
+    pts = []
+    for i in range(n + 1):
+        s = (i / n - 0.5) * length
+        a = angle + bend * (i / n - 0.5)
+        pts.append((x + s * float(np.cos(a)), y + s * float(np.sin(a))))
+    return pts
+
+
 def _scratch(rng, fmt: ContainerFormat) -> GlassMark:
     z_lo, z_hi = _glass_z_range(fmt, "body")
     length = float(rng.uniform(2.0, 9.0))
     z = float(rng.uniform(z_lo, z_hi))
     x = float(rng.uniform(-0.6, 0.6) * fmt.outer_radius_mm)
-    angle = float(rng.normal(0, 0.35) + (np.pi / 2 if rng.uniform() < 0.25 else 0.0))
-    bend = float(rng.normal(0, 0.15))
-    n = 12
-    pts = []
-    for i in range(n + 1):
-        s = (i / n - 0.5) * length
-        a = angle + bend * (i / n - 0.5)
-        pts.append((x + s * float(np.cos(a)), z + s * float(np.sin(a))))
-    return GlassMark(kind="scratch", points_mm=tuple(pts), size_mm=length, contrast=float(rng.uniform(0.06, 0.2)),
-                     seed=int(rng.integers(0, 2**31 - 1)))
+    pts = scratch_arc(rng, x, z, length)
+    return GlassMark(kind="scratch", points_mm=tuple(pts), size_mm=length,
+                     contrast=float(rng.uniform(*SCRATCH_CONTRAST)), seed=int(rng.integers(0, 2**31 - 1)))
 
 
 def _spot(rng, fmt: ContainerFormat, kind: str, fill_mm: float) -> GlassMark:
