@@ -66,49 +66,19 @@ def fit_line_gauge(root: Path, good: list[ContainerRecord], log: Callable[[str],
     return LineGauge(gauge, np.array([r.probability for r in scores if r.problem is None], np.float64))
 
 
-def gauge_decides(gauge_auroc: float | None, network_auroc: float | None, setting: str) -> bool:
-    """Whether the gauge, not the network, decides the fill level, from their validation AUROCs (fill-level
-    units against good units) and the ``fill_gauge`` setting ("auto" or "on")."""
-    if setting == "on" or gauge_auroc is None or network_auroc is None:
-        return True
-    return gauge_auroc >= network_auroc - AUTO_MARGIN
-
-
-def decided_fill_auroc(gauge_auroc: float | None, network_auroc: float | None, setting: str) -> float | None:
-    """The validation AUROC of the fill level as the run will decide it: the gauge's where it decides, else the
-    network's. Training's choice of best.pt counts this, not the network's figure alone: where the gauge decides,
-    the network's fill-level output over a few validation units is noise that would choose the epoch (a
-    50-label line's 4 fill-level units swung it by 0.1-0.3 between validations)."""
-    if gauge_decides(gauge_auroc, network_auroc, setting):
-        return gauge_auroc if gauge_auroc is not None else network_auroc
-    return network_auroc
-
-
-def _fill_pairs(val_recs: list[ContainerRecord]) -> tuple[list[int], np.ndarray]:
-    """The validation units a fill-level AUROC is taken over (good and fill-level), and which are fill-level."""
-    idx = [i for i, r in enumerate(val_recs) if not r.classes or "fill_level" in r.classes]
-    return idx, np.array(["fill_level" in val_recs[i].classes for i in idx], bool)
-
-
-def gauge_validation_auroc(line: LineGauge, root: Path, val_recs: list[ContainerRecord]) -> float | None:
-    """The gauge's fill-level AUROC on the validation split (None where it lacks good or fill-level units).
-    The gauge does not change while the network trains, so training measures it once."""
-    idx, y = _fill_pairs(val_recs)
-    if not idx or y.all() or not y.any():
-        return None
-    recs = [val_recs[i] for i in idx]
-    return auroc(y, np.array([line.gauge.read(f).probability for f in _frames(root, recs)]))
-
-
 def choose_fill_gauge(line: LineGauge, root: Path, val_recs: list[ContainerRecord], scores: list[Scores],
                       setting: str, log: Callable[[str], None]) -> tuple[list[Scores], dict[str, Any]]:
     """The validation scores with the gauge's fill level where it is chosen, and the record of the choice."""
     gauge = line.gauge
     gauged = [apply_reading(s, gauge.read(f)) for s, f in zip(scores, _frames(root, val_recs), strict=True)]
-    idx, y = _fill_pairs(val_recs)
-    net = auroc(y, np.array([scores[i].probs.get("fill_level", 0.0) for i in idx])) if idx else None
-    gau = auroc(y, np.array([gauged[i].probs["fill_level"] for i in idx])) if idx else None
-    use = gauge_decides(gau, net, setting)
+    pairs = [(i, r) for i, r in enumerate(val_recs) if not r.classes or "fill_level" in r.classes]
+    y = np.array(["fill_level" in r.classes for _, r in pairs])
+    net = auroc(y, np.array([scores[i].probs.get("fill_level", 0.0) for i, _ in pairs])) if len(pairs) else None
+    gau = auroc(y, np.array([gauged[i].probs["fill_level"] for i, _ in pairs])) if len(pairs) else None
+    if setting == "on" or net is None or gau is None:
+        use = True
+    else:
+        use = gau >= net - AUTO_MARGIN
     record = {"used": use, "setting": setting, "val_auroc_gauge": gau, "val_auroc_network": net,
               "n_fill_level_val": int(y.sum())}
 

@@ -41,7 +41,7 @@ from .data import (
     image_size,
     input_shape,
 )
-from .fill_fit import LineGauge, choose_fill_gauge, decided_fill_auroc, fit_line_gauge, gauge_validation_auroc
+from .fill_fit import LineGauge, choose_fill_gauge, fit_line_gauge
 from .losses import distill_loss, total_loss
 from .metrics import auroc
 from .predict import TorchPredictor, predict_records
@@ -219,9 +219,6 @@ class _Data:
     has_fill: bool
     has_mask: bool
     hash: str
-    # The line's fill gauge's AUROC on the validation split (data without fill heights, where it was fitted):
-    # the fill level's figure in the choice of best.pt wherever the gauge will decide it.
-    gauge_val_auroc: float | None = None
 
 
 @dataclass
@@ -298,9 +295,6 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     gauge = None
     if not data.has_fill and cfg.fill_gauge != "off" and d.main:
         gauge = fit_line_gauge(data.ds.root, [r for r in data.train if not r.classes], log)
-    if not data.has_fill and cfg.fill_gauge != "off":
-        gauge_auc = gauge_validation_auroc(gauge, data.ds.root, data.val) if gauge is not None else None
-        data = replace(data, gauge_val_auroc=_rank0_value(gauge_auc, d, device))
     if init == "auto":
         init = _auto_init(gauge is not None, data.has_mask, resumed, d, device, data.frames)
     init_ck = _load_init(init) if init and not resumed else None
@@ -592,7 +586,7 @@ def _validate_and_checkpoint(run: _Run, data: _Data, prog: _Progress, epoch: int
     # The last epoch (by count or by the time budget) is always validated, so best.pt has seen it.
     validating = due or out_of_time
     val = _validate(run.net, run.val_loader, device, run.channels_last, cfg, data.spec, data.has_fill,
-                    data.val, run.synthetic_val_loader, data.gauge_val_auroc) if validating else {}
+                    data.val, run.synthetic_val_loader) if validating else {}
     entry = {"epoch": epoch + 1, "train_loss": train_loss, **val,
              "minutes": (time.perf_counter() - t_start) / 60, "train_minutes": (t_val - t_epoch) / 60,
              "val_minutes": (time.perf_counter() - t_val) / 60}
@@ -627,8 +621,6 @@ def _log_epoch(entry: dict, val: dict | None, improved: bool, val_every: int, lo
         aur = " ".join(f"{c[:4]}={val['auroc'][c]:.3f}" for c in val["auroc"] if val["auroc"][c] is not None)
         if val.get("fill_spec_auroc") is not None:
             aur += f" fill(spec)={val['fill_spec_auroc']:.3f}"
-        if val.get("fill_gauge_auroc") is not None:
-            aur += f" fill(gauge)={val['fill_gauge_auroc']:.3f}"
         mae = f" fill MAE {val['fill_mae_mm']:.3f} mm" if val["fill_mae_mm"] is not None else ""
         log(f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}, val loss {val['val_loss']:.4f}"
             f" AUROC {aur}{mae}; {entry['train_minutes']:.1f} + {entry['val_minutes']:.1f} min"
@@ -690,17 +682,6 @@ class WarmupCosine:
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _rank0_value(value: float | None, d: Dist, device: torch.device | None = None) -> float | None:
-    """Rank 0's ``value`` (None travels as NaN) on every rank: a figure only rank 0 measured (the fill gauge's)
-    must score every rank's validation alike, or ranks would disagree on best.pt and on stopping early."""
-    if d.world <= 1:
-        return value
-    t = torch.tensor([math.nan if value is None else float(value)], device=device)
-    dist.broadcast(t, src=0)
-    v = float(t.item())
-    return None if math.isnan(v) else v
-
-
 def _rank0(flag: bool, d: Dist, device: torch.device | None = None) -> bool:
     """Rank 0's answer on every rank: decisions taken by each rank's own clock could stop one rank while
     another waits for it in the next gradient all-reduce."""
@@ -743,13 +724,10 @@ def monitored(val: dict, monitor: str) -> float:
 
 @torch.no_grad()
 def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfig, spec: InputSpec,
-              has_fill: bool = True, records: list[ContainerRecord] | None = None, synthetic=None,
-              gauge_auroc: float | None = None) -> dict:
+              has_fill: bool = True, records: list[ContainerRecord] | None = None, synthetic=None) -> dict:
     """Validation loss and AUROCs; ``records`` (the loader's, by item index) give the fill specs against
     which the measured heights decide fill level. The ``synthetic`` loader's units (good units with synthetic
-    defects drawn in) join the particle and crack AUROCs only: the loss and the fill level are the split's.
-    ``gauge_auroc`` (the line's fill gauge's, on data without fill heights) stands for the fill level in the
-    score wherever the gauge will decide it (``fill_fit.decided_fill_auroc``)."""
+    defects drawn in) join the particle and crack AUROCs only: the loss and the fill level are the split's."""
     net.eval()
     losses, probs, labels, errs, heights = [], [], [], [], []
     mm = (spec.pixel_um or 40.0) / 1000.0
@@ -784,15 +762,11 @@ def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfi
     # what counts. Left out, an epoch whose height finder broke down (2026-12-01: fill MAE 0.02 -> 0.44 mm,
     # a quarter of the good units rejected for fill level) was kept as the best for its particle and crack AUROC.
     fill_spec = fill_spec_auroc(records, heights) if has_fill and records is not None else None
-    decided = dict(aurocs)
-    if gauge_auroc is not None and not has_fill:
-        decided["fill_level"] = decided_fill_auroc(gauge_auroc, aurocs["fill_level"], cfg.fill_gauge)
     return {
         "val_loss": sum(losses) / max(len(y), 1),
         "auroc": aurocs,
         "fill_spec_auroc": fill_spec,
-        "fill_gauge_auroc": gauge_auroc if not has_fill else None,
-        "score": decision_score(decided, fill_spec, has_fill),
+        "score": decision_score(aurocs, fill_spec, has_fill),
         "fill_mae_mm": float(np.concatenate(errs).mean()) if errs else None,
     }
 
