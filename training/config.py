@@ -25,9 +25,9 @@ from vialinspect.vision.model import FREEZABLE, MAP_HEADS
 # balanced map loss lets a 3-pixel particle's few cells count; and the hard negatives teach the map the
 # line's bubbles, dust and print that no mask marks.
 MASKED_DATA: dict[str, Any] = {"class_draw": {"crack": 3.0, "fill_level": 0.5}, "map_balanced": False,
-                               "map_hard_negatives": 0}
+                               "map_hard_negatives": 0, "monitor": "auroc"}
 IMAGE_LEVEL: dict[str, Any] = {"class_draw": {"good": 4.0, "crack": 1.0, "fill_level": 0.5}, "map_balanced": True,
-                               "map_hard_negatives": 4}
+                               "map_hard_negatives": 4, "monitor": "last"}
 
 
 class SettingError(VialinspectError, ValueError):
@@ -71,9 +71,14 @@ class TrainConfig:
     weight_decay: Float = 1e-4
     patience: Int = 6  # epochs without a better validation result (see monitor) before stopping early
     # What "better on validation" means for best.pt and early stopping: "auroc", the mean AUROC of the classes
-    # the network's probabilities decide (particle, crack; fill level too where no fill height is measured),
-    # or "loss", the validation loss (dominated by the maps and fill rows, it can fall while detection does not).
-    monitor: str = "auroc"
+    # the network's probabilities decide (particle, crack; fill level too where no fill height is measured);
+    # "loss", the validation loss (dominated by the maps and fill rows, it can fall while detection does not);
+    # or "last": no choosing and no early stop, best.pt is the last epoch (the end of the schedule, which a time
+    # budget anneals to). None ("auto"): "auroc" for data with masks; "last" for a line's own images, whose
+    # validation split of a few labelled units cannot rank epochs (its AUROCs sit at 0.98-1.00 from the second
+    # epoch on: chosen by them, runs kept an early epoch and stopped at a third to two thirds of the budget;
+    # docs/new_line.md, "Which epoch a line's run keeps").
+    monitor: str | None = None
     frames: Int | None = None  # frames per container; default: the dataset's
     device: str = "auto"  # auto | cpu | cuda
     # Data-loading processes. Default: none on the CPU, where the training step already uses every core (a
@@ -216,8 +221,8 @@ class TrainConfig:
                 raise _bad(k, f"must be >= 1, got {getattr(self, k)}")
         if not 0 < self.frr < 1:
             raise _bad("frr", f"must be within (0, 1), got {self.frr}")
-        if self.monitor not in ("auroc", "loss"):
-            raise _bad("monitor", f"must be auroc or loss, got {self.monitor!r}")
+        if self.monitor not in (None, "auroc", "loss", "last"):
+            raise _bad("monitor", f"must be auroc, loss or last, got {self.monitor!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise _bad("device", f"must be auto, cpu or cuda, got {self.device!r}")
         if len(self.widths) != 5 or min(self.widths) < 1:

@@ -445,6 +445,8 @@ def _loaders(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device,
         log(f"no masks in the data (image-level labels): {implant:.0%} of the good units drawn get synthetic "
             f"particles, fibres or cracks with their masks (setting implant); class draw {cfg.class_draw}, "
             f"map loss {'balanced' if cfg.map_balanced else 'weighted'}, {cfg.map_hard_negatives} hard negatives")
+    if cfg.monitor == "last":
+        log("best.pt is the last epoch (setting monitor: last): no early stop, the validation split is logged only")
     train_loader, train_sampler = _loader(data.ds.root, data.train, data.spec, cfg, True, d, cfg.augment, workers,
                                           1.0 - val_share, implant)
     val_loader, _ = _loader(data.ds.root, data.val, data.spec, cfg, False, d, False, workers, val_share)
@@ -593,14 +595,18 @@ def _validate_and_checkpoint(run: _Run, data: _Data, prog: _Progress, epoch: int
     prog.history.append(entry)
     improved = False
     if validating:
-        value = monitored(val, cfg.monitor)
-        improved = value > prog.best
-        if improved:
-            prog.best, prog.bad_epochs = value, 0
+        if cfg.monitor == "last":  # every validated epoch replaces best.pt; patience never runs out
+            improved, prog.best, prog.bad_epochs = True, monitored(val, "auroc"), 0
         else:
-            prog.bad_epochs += cfg.val_every  # patience stays counted in epochs
+            value = monitored(val, cfg.monitor)
+            improved = value > prog.best
+            if improved:
+                prog.best, prog.bad_epochs = value, 0
+            else:
+                prog.bad_epochs += cfg.val_every  # patience stays counted in epochs
     if d.main:
-        _log_epoch(entry, val if validating else None, improved, cfg.val_every, log)
+        _log_epoch(entry, val if validating else None, improved, cfg.val_every, log,
+                   "kept" if cfg.monitor == "last" else "best")
         state = {"state_dict": run.net.state_dict(), "epoch": epoch, "best_value": prog.best,
                  "history": prog.history, "bad_epochs": prog.bad_epochs, **meta}
         save_checkpoint(out / "last.pt", {**state, "optimizer": run.opt.state_dict(),
@@ -615,7 +621,8 @@ def _validate_and_checkpoint(run: _Run, data: _Data, prog: _Progress, epoch: int
     return None
 
 
-def _log_epoch(entry: dict, val: dict | None, improved: bool, val_every: int, log: Callable[[str], None]) -> None:
+def _log_epoch(entry: dict, val: dict | None, improved: bool, val_every: int, log: Callable[[str], None],
+               mark: str = "best") -> None:
     """The epoch's line: losses, and with a validation (``val``) its AUROCs and fill-height error."""
     if val is not None:
         aur = " ".join(f"{c[:4]}={val['auroc'][c]:.3f}" for c in val["auroc"] if val["auroc"][c] is not None)
@@ -624,7 +631,7 @@ def _log_epoch(entry: dict, val: dict | None, improved: bool, val_every: int, lo
         mae = f" fill MAE {val['fill_mae_mm']:.3f} mm" if val["fill_mae_mm"] is not None else ""
         log(f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}, val loss {val['val_loss']:.4f}"
             f" AUROC {aur}{mae}; {entry['train_minutes']:.1f} + {entry['val_minutes']:.1f} min"
-            f"{'  (best)' if improved else ''}")
+            f"{f'  ({mark})' if improved else ''}")
     else:
         log(f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}; {entry['train_minutes']:.1f} min "
             f"(validated every {val_every} epochs)")
