@@ -880,3 +880,31 @@ def test_fine_tuning_adds_a_nuisance_head_that_learns_alone_and_only_lowers_the_
         _, m0, _ = before_net.eval()(x)
         _, m1, _ = after_net.eval()(x)
     assert (m1[:, :2] <= m0[:, :2] + 1e-5).all() and torch.allclose(m1[:, 2], m0[:, 2])
+
+
+def test_image_level_data_keeps_the_last_epoch_and_masked_data_the_best(coarse_data, tiny_run, tmp_path,
+                                                                         monkeypatch):
+    """A line's few labelled validation units cannot rank epochs: on data without masks best.pt is the last
+    epoch and no early stop cuts the run short, however the validation figure moves; with masks (or monitor
+    auroc given) the best-scoring epoch is kept and patience stops the run."""
+    import vialinspect.training.trainer as trainer
+
+    real, scores = trainer._validate, iter([0.9, 0.5, 0.4, 0.9, 0.5, 0.4])
+
+    def falling(*a, **k):  # the validation figure falls after the first epoch
+        return {**real(*a, **k), "score": next(scores)}
+
+    monkeypatch.setattr(trainer, "_validate", falling)
+    root = _as_imagefolder(coarse_data, tmp_path / "line")
+    cfg = dict(epochs=3, val_every=1, patience=1, fill_gauge="off")
+    lines: list[str] = []
+    summary = train(root, tmp_path / "auto", small_config(**cfg), init=str(tiny_run / "best.pt"), progress=False,
+                    log=lines.append)
+    assert summary["monitor"] == "last" and summary["epochs_run"] == 3
+    assert load_checkpoint(tmp_path / "auto" / "best.pt")["epoch"] == 2
+    assert any("best.pt is the last epoch" in x for x in lines)
+    summary = train(root, tmp_path / "auroc", small_config(monitor="auroc", **cfg), init=str(tiny_run / "best.pt"),
+                    progress=False, log=lambda *a: None)
+    assert summary["epochs_run"] == 2 and summary["stopped"].startswith("early stop")
+    assert load_checkpoint(tmp_path / "auroc" / "best.pt")["epoch"] == 0
+    assert TrainConfig().for_data(True).monitor == "auroc"

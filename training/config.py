@@ -173,7 +173,8 @@ class TrainConfig:
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
     # stopping see particles and cracks where the labelled split holds few or none (a 50-label line's split held
     # no crack; a 200-label line's 3 to 10). Off: one run each on three lines (docs/new_line.md), mixed; where the
-    # split held a few fill-level units their network AUROC, not the synthetic units, still chose best.pt.
+    # split held a few fill-level units their network AUROC, not the synthetic units, still chose best.pt. Under
+    # monitor "last" (the default for such data since) it chooses nothing and only adds figures to the log.
     synthetic_val: bool = False
     # Weight of the image-level loss of a particle or crack known only from its image's label (no mask): it
     # acts on the class map's peak, wherever that is. Measured at 0 (synthetic defects alone teach the maps)
