@@ -75,9 +75,10 @@ class TrainConfig:
     # "loss", the validation loss (dominated by the maps and fill rows, it can fall while detection does not);
     # or "last": no choosing and no early stop, best.pt is the last epoch (the end of the schedule, which a time
     # budget anneals to). None ("auto"): "auroc" for data with masks; "last" for a line's own images, whose
-    # validation split of a few labelled units cannot rank epochs (its AUROCs sit at 0.98-1.00 from the second
-    # epoch on: chosen by them, runs kept an early epoch and stopped at a third to two thirds of the budget;
-    # docs/new_line.md, "Which epoch a line's run keeps").
+    # validation split of a few labelled units cannot rank epochs (a few units' AUROCs saturate near 1.00 or swing
+    # by 0.05-0.3: chosen by them, runs kept an early epoch and stopped at a third to two thirds of the budget;
+    # keeping the last found more particles or cracks in each of five runs; docs/new_line.md, "Which epoch a
+    # line's run keeps").
     monitor: str | None = None
     frames: Int | None = None  # frames per container; default: the dataset's
     device: str = "auto"  # auto | cpu | cuda
