@@ -595,15 +595,13 @@ def _validate_and_checkpoint(run: _Run, data: _Data, prog: _Progress, epoch: int
     prog.history.append(entry)
     improved = False
     if validating:
-        if cfg.monitor == "last":  # every validated epoch replaces best.pt; patience never runs out
-            improved, prog.best, prog.bad_epochs = True, monitored(val, "auroc"), 0
+        keep_last = cfg.monitor == "last"  # every validated epoch replaces best.pt; patience never runs out
+        value = monitored(val, "auroc" if keep_last else cfg.monitor)
+        improved = keep_last or value > prog.best
+        if improved:
+            prog.best, prog.bad_epochs = value, 0
         else:
-            value = monitored(val, cfg.monitor)
-            improved = value > prog.best
-            if improved:
-                prog.best, prog.bad_epochs = value, 0
-            else:
-                prog.bad_epochs += cfg.val_every  # patience stays counted in epochs
+            prog.bad_epochs += cfg.val_every  # patience stays counted in epochs
     if d.main:
         _log_epoch(entry, val if validating else None, improved, cfg.val_every, log,
                    "kept" if cfg.monitor == "last" else "best")
