@@ -8,7 +8,9 @@ A "world" (benchmarks/worlds.py) is a production line the shipped model never sa
 under other optics (pixel scale, light, blur, noise), formats and encodings (16-bit PNG, tinted colour JPEG,
 BMP), written as a plain ImageFolder with image-level labels only, as a plant hands over its images. One world
 (``held_out`` in worlds.py, w58) is kept out of all tuning: no setting of the training recipe was chosen by
-looking at it; it is the check that the recipe was not fitted to the others.
+looking at it; it is the check that the recipe was not fitted to the others. The ``fx`` worlds
+(benchmarks/foreign_world.py, fx68) are drawn by a renderer that shares no code with the simulator, so their
+particles, cracks and nuisances do not look like the synthetic defects training pastes in; they are held out too.
 
 For each world and each N in --labels, the training set is N labelled images of the line (its usual mix: half
 good, the rest particle, crack and fill level alike) plus --good unlabelled good units (a plant has thousands of
@@ -257,10 +259,11 @@ def _world_matches(meta: dict, n_train: int, n_test: int, seed: int) -> bool:
 
 
 def main() -> int:
-    worlds = _sibling("worlds")
+    worlds, foreign = _sibling("worlds"), _sibling("foreign_world")
+    known = {**worlds.WORLDS, **foreign.WORLDS}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--worlds", default="w65,w58", help=f"worlds to learn (known: {', '.join(worlds.WORLDS)}; "
-                                                       "default w65,w58)")
+    p.add_argument("--worlds", default="w65,w58", help=f"worlds to learn (known: {', '.join(known)}; default "
+                                                       "w65,w58; fx* are drawn by foreign_world.py)")
     p.add_argument("--labels", default="200", help="labelled images of the line, comma-separated (default 200)")
     p.add_argument("--good", type=int, default=600, help="further good units in training (default 600)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"methods (default all: {', '.join(METHODS)})")
@@ -283,8 +286,8 @@ def main() -> int:
     except ValueError:
         p.error(f"--labels must be whole numbers, got {a.labels!r}")
     for w in names:
-        if w not in worlds.WORLDS:
-            p.error(f"unknown world {w!r}; known: {', '.join(worlds.WORLDS)}")
+        if w not in known:
+            p.error(f"unknown world {w!r}; known: {', '.join(known)}")
     for m in methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
@@ -306,13 +309,13 @@ def main() -> int:
 
                 shutil.rmtree(d)
             print(f"== world {w}: rendering {pool} training and {a.test} test images into {d}", flush=True)
-            worlds.build_world(w, d, n_train=pool, n_test=a.test, seed=a.seed)
+            (foreign if w in foreign.WORLDS else worlds).build_world(w, d, n_train=pool, n_test=a.test, seed=a.seed)
         dirs[w] = d
     pace_gflops = _sibling("pace").pace_gflops
     summary: dict = {"pace_gflops_start": round(pace_gflops(), 1), "frr_budget": FRR, "good": a.good,
                      "minutes": a.minutes, "settings": settings, "runs": []}
     for w in names:
-        held = bool(worlds.WORLDS[w].held_out)
+        held = bool(known[w].held_out)
         for n in labels:
             for m in methods:
                 init, implant = METHODS[m]

@@ -1,0 +1,107 @@
+"""benchmarks/foreign_world.py: a held-out line drawn by a renderer that shares no code with the simulator."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vialinspect.datasets.imagefolder import read_imagefolder
+from vialinspect.datasets.imageio import read_gray
+
+from .benchmark_module import BENCHMARKS, benchmark
+
+
+@pytest.fixture(scope="module")
+def fw():
+    with benchmark("foreign_world") as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def built(fw, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fx") / "fx68"
+    return root, fw.build_world("fx68", root, n_train=24, n_test=8, seed=5)
+
+
+def _truth(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "truth.jsonl").read_text().splitlines()]
+
+
+def test_the_renderer_imports_nothing_of_the_project():
+    src = (BENCHMARKS / "foreign_world.py").read_text()
+    assert not re.search(r"^\s*(from|import)\s+vialinspect", src, re.M)
+
+
+def test_layout_counts_and_truth_are_those_of_the_simulated_worlds(fw, built):
+    root, summary = built
+    assert summary["counts"]["train"] == {"good": 12, "particle": 4, "crack": 4, "fill_level": 4}
+    assert sum(summary["counts"]["test"].values()) == 8
+    rows = _truth(root)
+    assert len(rows) == 32 == summary["images"]
+    folder = read_imagefolder(root)
+    assert sorted(r.id for r in folder.records) == sorted(r["path"] for r in rows)
+    by_id = {r.id: r for r in folder.records}
+    for row in rows:
+        assert (root / row["path"]).is_file()
+        assert by_id[row["path"]].classes == ([] if row["class"] == "good" else [row["class"]])
+        w, h = row["image_size"]
+        assert 300 <= w <= 380 and 700 <= h <= 860  # the sizes the issue's own foreign set had
+        for d in row["defects"]:
+            if d["class"] == "particle":
+                assert 3 <= d["size_um"] / row["pixel_um"] <= 13
+            elif d["class"] == "crack":
+                assert 20 <= d["length_mm"] * 1000 / row["pixel_um"] <= 100
+            else:
+                assert abs(d["deviation_mm"]) > 0
+    assert fw.WORLDS["fx68"].held_out
+    assert {r["encoding"] for r in rows} <= set(fw.ENCODINGS)
+
+
+def test_the_same_seed_draws_the_same_files(fw, built, tmp_path):
+    root, _ = built
+    again = tmp_path / "again"
+    fw.build_world("fx68", again, n_train=24, n_test=8, seed=5)
+    for row in _truth(root):
+        assert (again / row["path"]).read_bytes() == (root / row["path"]).read_bytes()
+    other = tmp_path / "other"
+    fw.build_world("fx68", other, n_train=4, n_test=0, seed=6)
+    seen = {p.read_bytes() for p in root.rglob("fx68_*")}
+    assert not any(p.read_bytes() in seen for p in other.rglob("fx68_*"))
+
+
+def test_a_particle_is_darker_than_the_liquid_around_it(built):
+    root, _ = built
+    seen = 0
+    for row in _truth(root):
+        for d in row["defects"]:
+            if d["class"] != "particle":
+                continue
+            img = read_gray(root / row["path"])
+            x0, y0, x1, y1 = d["bbox"]
+            inner = img[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1]
+            ring = img[max(y0 - 12, 0):y1 + 13, max(x0 - 12, 0):x1 + 13]
+            assert inner.min() < np.median(ring) - 0.05 * np.median(ring), row["path"]
+            seen += 1
+    assert seen >= 4
+
+
+def test_a_fill_level_defect_is_far_from_the_nominal_fill(built):
+    root, _ = built
+    rows = _truth(root)
+    good = [r["fill_height_mm"] for r in rows if r["class"] == "good"]
+    for r in rows:
+        if r["class"] == "fill_level":
+            same = [g["fill_height_mm"] for g in rows if g["class"] == "good" and g["format"] == r["format"]]
+            if same:
+                assert abs(r["fill_height_mm"] - np.median(same)) > 3 * (np.std(same) + 0.05)
+    assert good
+
+
+def test_bad_counts_and_a_non_empty_folder_are_refused(fw, built):
+    root, _ = built
+    with pytest.raises(ValueError, match="not an empty directory"):
+        fw.build_world("fx68", root, 4, 0)
+    with pytest.raises(ValueError, match="whole number"):
+        fw.build_world("fx68", root.parent / "new", -1, 0)
