@@ -262,3 +262,32 @@ def test_spin_stop_sequences_start_from_the_default_model(tmp_path, monkeypatch)
               log=logs.append)
     assert seen == ["builtin:default"]
     assert any("K=3" in line for line in logs) and any(line.startswith("fill gauge:") for line in logs), logs
+
+
+def _drawn_vial(fill_row: int, base_level: float, rng: np.random.Generator) -> np.ndarray:
+    """A back-lit vial drawn by hand, not by the simulator: dark walls, a dark crimp cap at the top, a base of
+    ``base_level`` of the light, a liquid surface band at ``fill_row``; 700 x 300 px, 8-bit."""
+    img = np.full((700, 300), 0.85)
+    img[60:680, 40:260] *= 0.95  # glass
+    img[60:680, 40:48] = img[60:680, 252:260] = 0.2  # walls seen edge-on
+    img[15:90, 90:210] = 0.06  # crimp cap over the neck
+    img[60:90, 40:260] = np.where(img[60:90, 40:260] == 0.06, 0.06, 0.2)  # shoulder walls
+    img[fill_row:668, 48:252] *= 0.93  # liquid
+    img[fill_row - 2:fill_row + 4, 48:252] *= 0.42  # the surface band
+    img[668:680, 40:260] = 0.85 * base_level  # base seen edge-on
+    img += rng.normal(0, 0.01, img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("base_level", [0.1, 0.35])
+def test_a_grey_base_is_still_the_bottom_not_the_cap_above(base_level):
+    """A base lighter than the dark level (a diffuse back light) left the crimp cap as the lowest dark run: the
+    'bottom' was then measured at the cap and the unit called a syringe. The bottom is where the silhouette ends,
+    whatever grey the base is."""
+    rng = np.random.default_rng(3)
+    g = measure_geometry([_drawn_vial(400, base_level, rng)])
+    assert g.kind == "vial"
+    assert abs(g.zero_row - 680) <= 1.5
+    assert abs(g.meniscus_row - 401) <= 2
+    low = measure_geometry([_drawn_vial(440, base_level, rng)])
+    assert abs((g.fill_px - low.fill_px) - 40) <= 1.5

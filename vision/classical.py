@@ -58,6 +58,10 @@ class ContainerFormat(Protocol):
     fill_tolerance_mm: float
 
 MAP_STRIDE = 8
+# The lowest dark run must reach within this of the silhouette's lower end to be the bottom glass or the
+# needle shield; otherwise the base is searched for in the silhouette's last BASE_SEARCH_MM.
+BOTTOM_SLACK_MM = 1.5
+BASE_SEARCH_MM = 3.0
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,20 @@ def _find_levels(m: np.ndarray, g: _Geometry, p: BaselineParams, fmt: ContainerF
         return
     # The lowest dark run is the bottom glass (vials) or the needle shield (syringes: a long run).
     r0, r1 = runs[-1]
+    end = g.sil_rows[1]
+    if r1 < end - BOTTOM_SLACK_MM / px_mm:
+        # That run stops well above the container's lower end: the bottom glass is lighter than the dark level
+        # (a diffuse back light shows a vial's base mid-grey), and the run is something higher up, a crimp cap
+        # taken for the bottom. The base is then the darkest row of the last few mm of the silhouette, if it is
+        # glass at all (darker than the silhouette level), and ends where the light behind it comes back.
+        lo_base = max(top, int(end - BASE_SEARCH_MM / px_mm))
+        j0 = lo_base + int(np.argmin(prof[lo_base:end + 1]))
+        if prof[j0] >= p.silhouette_level:
+            return
+        j1 = j0
+        while j1 + 1 < H and prof[j1 + 1] < p.silhouette_level:
+            j1 += 1
+        r0, r1 = j0, j1 + 1
     g.kind = fmt.kind if fmt else ("syringe" if (r1 - r0) * px_mm > 3.0 else "vial")
     n_ref = max(2, int(round(0.3 / px_mm)))
     if g.kind == "syringe":
