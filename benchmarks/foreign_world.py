@@ -88,6 +88,16 @@ WORLDS: dict[str, ForeignWorld] = {w.name: w for w in (
         light=0.84, gradient=0.10, vignetting=0.18, blur_sigma_px=0.8, noise=0.010,
         liquid_transmission=0.93, encodings=ENCODINGS,
     ),
+    ForeignWorld(
+        name="fx61",
+        description="a slim and a squat vial, 61 µm/px, dimmer and more uneven light, softer optics, a "
+                    "darker liquid; same renderer as fx68, other settings; held out",
+        pixel_um=61.0,
+        shapes=(VialShape("slim", 300, 860, 210, 140, 84, 70, 60, 6.5, 14.0, 0.62),
+                VialShape("squat", 380, 700, 320, 190, 66, 50, 60, 9.0, 22.0, 0.45)),
+        light=0.72, gradient=0.18, vignetting=0.25, blur_sigma_px=1.1, noise=0.014,
+        liquid_transmission=0.86, encodings=ENCODINGS, tint=(1.05, 1.0, 0.92),
+    ),
 )}
 
 

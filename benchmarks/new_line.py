@@ -9,7 +9,7 @@ under other optics (pixel scale, light, blur, noise), formats and encodings (16-
 BMP), written as a plain ImageFolder with image-level labels only, as a plant hands over its images. One world
 (``held_out`` in worlds.py, w58) is kept out of all tuning: no setting of the training recipe was chosen by
 looking at it; it is the check that the recipe was not fitted to the others. The ``fx`` worlds
-(benchmarks/foreign_world.py, fx68) are drawn by a renderer that shares no code with the simulator, so their
+(benchmarks/foreign_world.py: fx68, fx61) are drawn by a renderer that shares no code with the simulator, so their
 particles, cracks and nuisances do not look like the synthetic defects training pastes in; they are held out too.
 
 For each world and each N in --labels, the training set is N labelled images of the line (its usual mix: half

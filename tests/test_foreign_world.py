@@ -99,6 +99,13 @@ def test_a_fill_level_defect_is_far_from_the_nominal_fill(built):
     assert good
 
 
+def test_every_foreign_world_renders_each_class_and_is_held_out(fw, tmp_path):
+    for name, w in fw.WORLDS.items():
+        assert w.held_out
+        fw.build_world(name, tmp_path / name, n_train=8, n_test=0, seed=1)
+        assert {r["class"] for r in _truth(tmp_path / name)} == set(fw.CLASSES)
+
+
 def test_bad_counts_and_a_non_empty_folder_are_refused(fw, built):
     root, _ = built
     with pytest.raises(ValueError, match="not an empty directory"):
