@@ -523,6 +523,8 @@ def build_world(world: ForeignWorld | str, out: Path, n_train: int, n_test: int,
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
         raise
+    # Written as worlds.py writes its files, not through it: worlds.py imports the simulator, and this renderer
+    # stays free of the project's code.
     counts = {s: {c: 0 for c in CLASSES} for s in SPLITS if counts_in[s]}
     for r in rows:
         counts[r["split"]][r["class"]] += 1
