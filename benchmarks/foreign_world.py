@@ -219,10 +219,8 @@ def draw_particle(img: np.ndarray, rng: np.random.Generator, x: float, y: float,
     cover = _coverage(d, box)
     _stamp(img, cover, x0, y0, lambda p, c: p * (1 - opacity * c))
     if kind == "shard":  # a glass shard bends light: a bright rim on one side
-        import cv2 as _cv2
-
         rim = np.roll(cover, (1, 1), (0, 1)) - cover
-        rim = _cv2.GaussianBlur(np.clip(rim, 0, 1), (3, 3), 0.6)
+        rim = cv2.GaussianBlur(np.clip(rim, 0, 1), (3, 3), 0.6)
         gain = rng.uniform(0.15, 0.3)
         _stamp(img, rim, x0, y0, lambda p, c: p + gain * c)
     return str(kind)
@@ -266,7 +264,6 @@ def draw_crack(img: np.ndarray, rng: np.random.Generator, x: float, y: float, le
     opacity = rng.uniform(0.4, 0.75)
     _stamp(img, cover, x0, y0, lambda p, c: p * (1 - opacity * c))
     # Glints: the fracture face catches the light along some of its length, beside the dark line.
-    glint = np.zeros_like(cover)
     sel = rng.uniform(size=len(main) - 1) < rng.uniform(0.3, 0.6)
     off = rng.choice([-1, 1]) * np.array([1.0, 0.0])
 
