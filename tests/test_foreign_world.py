@@ -90,13 +90,14 @@ def test_a_particle_is_darker_than_the_liquid_around_it(built):
 def test_a_fill_level_defect_is_far_from_the_nominal_fill(built):
     root, _ = built
     rows = _truth(root)
-    good = [r["fill_height_mm"] for r in rows if r["class"] == "good"]
+    checked = 0
     for r in rows:
         if r["class"] == "fill_level":
             same = [g["fill_height_mm"] for g in rows if g["class"] == "good" and g["format"] == r["format"]]
-            if same:
+            if len(same) >= 3:
                 assert abs(r["fill_height_mm"] - np.median(same)) > 3 * (np.std(same) + 0.05)
-    assert good
+                checked += 1
+    assert checked >= 2
 
 
 def test_every_foreign_world_renders_each_class_and_is_held_out(fw, tmp_path):
