@@ -188,8 +188,10 @@ def _polygon(rng: np.random.Generator, size: float) -> np.ndarray:
     return np.stack([x * np.cos(rot) - y * np.sin(rot), x * np.sin(rot) + y * np.cos(rot)], 1)
 
 
-def draw_particle(img: np.ndarray, rng: np.random.Generator, x: float, y: float, size: float) -> str:
-    """One particle of ``size`` px (largest dimension) centred near (x, y); returns its kind."""
+def draw_particle(img: np.ndarray, rng: np.random.Generator, x: float, y: float, size: float, turn: float = 0.0
+                  ) -> str:
+    """One particle of ``size`` px (largest dimension) centred near (x, y), turned by ``turn`` radians from the
+    pose ``rng`` draws (a tumbling particle of a sequence: same ``rng`` state, another turn); returns its kind."""
     import cv2
 
     kind = rng.choice(["opaque", "shard", "fibre"], p=[0.55, 0.25, 0.20])
@@ -199,7 +201,7 @@ def draw_particle(img: np.ndarray, rng: np.random.Generator, x: float, y: float,
         n = 12
         bend = rng.uniform(-1.2, 1.2)
         t = np.linspace(-0.5, 0.5, n)
-        a0 = rng.uniform(0, np.pi)
+        a0 = rng.uniform(0, np.pi) + turn
         ang = a0 + bend * t
         step = size / (n - 1)
         pts = np.cumsum(np.stack([np.cos(ang), np.sin(ang)], 1) * step, 0)
@@ -212,6 +214,9 @@ def draw_particle(img: np.ndarray, rng: np.random.Generator, x: float, y: float,
         opacity = rng.uniform(0.5, 0.8)
     else:
         poly = _polygon(rng, size)
+        if turn:
+            c_, s_ = math.cos(turn), math.sin(turn)
+            poly = poly @ np.array([[c_, s_], [-s_, c_]])
 
         def d(c, k):
             cv2.fillPoly(c, [((poly + box / 2) * k).astype(np.int32)], 255, lineType=cv2.LINE_AA)
@@ -342,7 +347,53 @@ def _inside(fr: Frame, rng: np.random.Generator, y_lo: float, y_hi: float, margi
 
 def render(world: ForeignWorld, rng: np.random.Generator, cls: str) -> tuple[np.ndarray, dict]:
     """One unit of class ``cls``: the grey image in 0..1 and its truth (without path and split)."""
+    imgs, truth = render_frames(world, rng, cls)
+    return imgs[0], truth
+
+
+def _replay(imgs: list[np.ndarray], rng: np.random.Generator, draw: Callable[[np.ndarray, np.random.Generator, int],
+                                                                            None]) -> None:
+    """``draw(img, rng, k)`` on every frame ``k`` from the same state of ``rng``: the same object, drawn at each
+    frame's pose. ``rng`` ends as one draw leaves it, so a still (one frame) is drawn as it always was."""
+    state = rng.bit_generator.state
+    for k in range(1, len(imgs)):
+        twin = np.random.Generator(type(rng.bit_generator)())
+        twin.bit_generator.state = state
+        draw(imgs[k], twin, k)
+    draw(imgs[0], rng, 0)
+
+
+def _swirl(fr: Frame, motion: np.random.Generator | None, frames: int, x: float, y: float, omega: float,
+           fall: float, y_lo: float, y_hi: float, margin: float) -> list[tuple[float, float]]:
+    """Where an object at (x, y) in frame 0 is in each frame while the liquid still turns after the spin stop:
+    round the axis at ``omega`` rad a frame on an orbit of its own radius (seen from the side, so only its x
+    moves), and ``fall`` px a frame down (negative: up) within rows y_lo..y_hi."""
+    if frames == 1 or motion is None:
+        return [(x, y)]
+    ys = [float(np.clip(y + fall * k, y_lo, y_hi)) for k in range(frames)]
+    reach = float(fr.half_width(np.array(ys)).min()) - fr.shape.wall_px - margin
+    off = x - fr.cx
+    radius = max(abs(off), motion.uniform(abs(off), max(reach, abs(off))), 1e-6)
+    theta = math.asin(float(np.clip(off / radius, -1, 1)))
+    if motion.uniform() < 0.5:  # behind the axis: moving the other way across the picture
+        theta = math.pi - theta
+    return [(fr.cx + radius * math.sin(theta + omega * k), ys[k]) for k in range(frames)]
+
+
+def render_frames(world: ForeignWorld, rng: np.random.Generator, cls: str, frames: int = 1,
+                  motion: np.random.Generator | None = None) -> tuple[list[np.ndarray], dict]:
+    """One unit of class ``cls`` as ``frames`` grey images in 0..1 after the spin stop, and its truth.
+
+    The container, its glass, marks on the glass (dust, scratches, cracks) and the light stay put; the liquid
+    still turns, so suspended particles circle the axis and sink, particles on the base slide more slowly and
+    tumble, free bubbles rise and circle, bubbles on the glass stay and those at the surface drift. ``motion``
+    draws the movement and each later frame's noise, so that with one frame the still of ``render`` is drawn."""
     import cv2
+
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if frames > 1 and motion is None:
+        raise ValueError("a sequence needs a motion generator")
 
     shape = world.shapes[int(rng.integers(0, len(world.shapes)))]
     fr = place(shape, rng)
@@ -384,6 +435,9 @@ def render(world: ForeignWorld, rng: np.random.Generator, cls: str) -> tuple[np.
     img = np.where(cap, 0.06 + 0.05 * np.exp(-((xx - fr.cx + 12) ** 2) / 60.0), img)
 
     # Nuisances on any unit.
+    imgs = [img] if frames == 1 else [img.copy() for _ in range(frames)]
+    reach = shape.body_width / 2 - shape.wall_px
+    omega = 0.0 if motion is None else float(motion.choice([-1, 1]) * motion.uniform(2.0, 12.0) / reach)
     nuisances: list[str] = []
     liq_top, liq_bot = y_fill + 6, fr.inner_bottom() - 4
     if rng.uniform() < 0.4:
@@ -391,35 +445,51 @@ def render(world: ForeignWorld, rng: np.random.Generator, cls: str) -> tuple[np.
         for _ in range(int(rng.integers(1, 7))):
             if rng.uniform() < 0.5:
                 x, y = _inside(fr, rng, y_fill + 2, y_fill + 12, 3)
+                path = _swirl(fr, motion, frames, x, y, 0.3 * omega, 0.0, y, y, 3)
             else:
                 x, y = _inside(fr, rng, liq_top, liq_bot, 4)
-            draw_bubble(img, rng, x, y, rng.uniform(2.0, 9.0))
+                stuck = motion is None or motion.uniform() < 0.5  # held by the glass
+                path = (_swirl(fr, motion, frames, x, y, 0.0 if stuck else omega,
+                               0.0 if stuck else -motion.uniform(1.0, 5.0), y_fill + 4, liq_bot, 4))
+            r = rng.uniform(2.0, 9.0)
+            _replay(imgs, rng, lambda im, g, k, path=path, r=r: draw_bubble(im, g, *path[k], r))
     if rng.uniform() < 0.35:
         nuisances.append("dust")
         for _ in range(int(rng.integers(1, 4))):
             x, y = _inside(fr, rng, fr.neck_top + 8, fr.inner_bottom() - 2, -shape.wall_px + 1)
-            draw_dust(img, rng, x, y, rng.uniform(1.5, 5.0))
+            size = rng.uniform(1.5, 5.0)
+            _replay(imgs, rng, lambda im, g, k, x=x, y=y, size=size: draw_dust(im, g, x, y, size))
     if rng.uniform() < 0.25:
         nuisances.append("scratch")
         x, y = _inside(fr, rng, fr.body_top, fr.inner_bottom() - 30, 2)
-        draw_scratch(img, rng, x, y, rng.uniform(30, 150))
+        length = rng.uniform(30, 150)
+        _replay(imgs, rng, lambda im, g, k: draw_scratch(im, g, x, y, length))
     if rng.uniform() < 0.2:
         nuisances.append("glare")
         gx = fr.cx + rng.uniform(-0.35, 0.35) * shape.body_width
-        img = img * (1 + rng.uniform(0.05, 0.12) * np.exp(-((xx - gx) ** 2) / (2 * rng.uniform(3, 8) ** 2))
-                     * inner)
+        gain = rng.uniform(0.05, 0.12)
+        width = rng.uniform(3, 8)
+        glare = 1 + gain * np.exp(-((xx - gx) ** 2) / (2 * width ** 2)) * inner
+        imgs = [im * glare for im in imgs]
 
     defects: list[dict] = []
     if cls == "particle":
         size = float(math.exp(rng.uniform(math.log(3.0), math.log(13.0))))
         if rng.uniform() < 0.5:  # sunk to the base
             x, y = _inside(fr, rng, liq_bot - 30, liq_bot - size / 2, size / 2 + 1)
+            speed, fall = (0.0, 0.0) if motion is None else (motion.uniform(0.3, 0.8), 0.0)
         else:
             x, y = _inside(fr, rng, liq_top + size, liq_bot - size / 2, size / 2 + 1)
-        kind = draw_particle(img, rng, x, y, size)
-        defects.append({"class": "particle", "kind": kind, "size_um": round(size * world.pixel_um, 1),
+            speed, fall = (0.0, 0.0) if motion is None else (1.0, motion.uniform(-0.5, 2.0))
+        path = _swirl(fr, motion, frames, x, y, speed * omega, fall, liq_top + size, liq_bot - size / 2, size / 2 + 1)
+        tumble = 0.0 if motion is None else motion.uniform(-0.3, 0.3)
+        kinds: list[str] = []
+        _replay(imgs, rng, lambda im, g, k: kinds.append(draw_particle(im, g, *path[k], size, tumble * k)))
+        defects.append({"class": "particle", "kind": kinds[-1], "size_um": round(size * world.pixel_um, 1),
                         "bbox": [round(x - size / 2), round(y - size / 2), round(x + size / 2), round(y + size / 2)],
                         "length_mm": None, "deviation_mm": None})
+        if frames > 1:  # where it is in each frame (the bbox is frame 0's)
+            defects[-1]["track"] = [[round(px, 1), round(py, 1)] for px, py in path]
     elif cls == "crack":
         length = float(math.exp(rng.uniform(math.log(20.0), math.log(100.0))))
         where = str(rng.choice(["body", "wall", "shoulder", "heel", "neck"], p=[0.35, 0.2, 0.2, 0.15, 0.1]))
@@ -435,7 +505,7 @@ def render(world: ForeignWorld, rng: np.random.Generator, cls: str) -> tuple[np.
             x, y = _inside(fr, rng, fr.neck_top + 10, fr.shoulder_top, -shape.wall_px)
         else:
             x, y = _inside(fr, rng, fr.body_top + 10, fr.inner_bottom() - 20, 4)
-        draw_crack(img, rng, x, y, length)
+        _replay(imgs, rng, lambda im, g, k: draw_crack(im, g, x, y, length))
         defects.append({"class": "crack", "kind": where, "size_um": None, "length_mm": round(length * world.pixel_um
                                                                                             / 1000, 3),
                         "bbox": [round(x - length / 2), round(y - length / 2), round(x + length / 2),
@@ -446,11 +516,15 @@ def render(world: ForeignWorld, rng: np.random.Generator, cls: str) -> tuple[np.
         defects.append({"class": "fill_level", "kind": "under" if deviation < 0 else "over", "size_um": None,
                         "length_mm": None, "bbox": None, "deviation_mm": round(fill_mm - nominal_mm, 3)})
 
-    img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), world.blur_sigma_px)
-    img = img + rng.normal(0, 1, img.shape).astype(np.float32) * (world.noise + 0.012 * np.sqrt(np.clip(img, 0, 1)))
+    out = []
+    for k, im in enumerate(imgs):
+        g = rng if k == 0 else motion  # frame 0's noise as a still's; later frames' from the motion stream
+        im = cv2.GaussianBlur(im.astype(np.float32), (0, 0), world.blur_sigma_px)
+        im = im + g.normal(0, 1, im.shape).astype(np.float32) * (world.noise + 0.012 * np.sqrt(np.clip(im, 0, 1)))
+        out.append(np.clip(im, 0, 1))
     truth = {"class": cls, "format": shape.name, "pixel_um": world.pixel_um, "image_size": [W, H],
              "defects": defects, "nuisances": nuisances, "fill_height_mm": round(fill_mm, 3)}
-    return np.clip(img, 0, 1), truth
+    return out, truth
 
 
 def encode(img: np.ndarray, encoding: str, tint: tuple[float, float, float], rng: np.random.Generator) -> bytes:

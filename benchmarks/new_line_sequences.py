@@ -16,7 +16,10 @@ Then, as the walk in docs/new_line.md does, it exports the run and calibrates th
 of another lot of the line (``--calibrate-good``; `vialinspect package calibrate`), because a validation split of
 ~100 good units cannot hold a 1% budget, and scores that package too; then fits the good-only anomaly model on
 the same lot's good units (`vialinspect package fit-anomaly`) and scores it alone and with the class thresholds.
-Writes --out/summary.json and prints a
+``--world fx68`` or ``fx61`` renders a foreign world's
+units instead (benchmarks/foreign_world.py, which shares no code with the simulator): its container and glass
+marks stay put over the K frames, suspended particles circle the axis and sink, particles on the base slide and
+tumble, free bubbles rise, bubbles on the glass stay. Writes --out/summary.json and prints a
 table; ``--resume`` re-scores an existing --out without rendering or training again.
 """
 
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import new_line as NL  # noqa: E402 - the sibling script: its scoring, training run and module loader
 
 W = NL._sibling("worlds")
+F = NL._sibling("foreign_world")
 _JOB: dict = {}
 
 
@@ -52,6 +56,10 @@ def render_unit(task: tuple[str, int, int, str]) -> dict:
     split, code, index, cls = task
     world, seed, frames, root = _JOB["world"], _JOB["seed"], _JOB["frames"], _JOB["root"]
     rng = np.random.default_rng(np.random.SeedSequence([seed, W._world_key(world), code, index]))
+    if isinstance(world, F.ForeignWorld):
+        motion = np.random.default_rng(np.random.SeedSequence([seed, W._world_key(world), code, index, 7]))
+        rel = f"{split}/{cls}/{world.name}_{code}_{index:06d}"
+        return _render_foreign_unit(world, rng, motion, frames, root, rel, cls)
     fmt = world.formats[int(rng.integers(0, len(world.formats)))]
     enc = world.encoding if world.encoding != "mixed" else W.SINGLE_ENCODINGS[int(rng.integers(0, 4))]
     cfg = replace(world.sim_config(cls, fmt), frames=frames)
@@ -66,6 +74,19 @@ def render_unit(task: tuple[str, int, int, str]) -> dict:
     return {"path": rel, "class": cls, "pixel_um": world.pixel_um, "format": rec.format,
             "defects": [{"class": d.cls, "bbox": list(d.bbox) if d.bbox else None, "kind": d.kind,
                          "size_um": d.size_um} for d in rec.defects]}
+
+
+def _render_foreign_unit(world, rng: np.random.Generator, motion: np.random.Generator, frames: int, root: Path,
+                         rel: str, cls: str) -> dict:
+    """One unit of a foreign world (benchmarks/foreign_world.py: drawn without the simulator) as K frames."""
+    imgs, truth = F.render_frames(world, rng, cls, frames, motion)
+    enc = world.encodings[int(rng.integers(0, len(world.encodings)))]
+    (root / rel).mkdir(parents=True)
+    for k, img in enumerate(imgs):
+        (root / rel / f"f{k}{F.SUFFIX[enc]}").write_bytes(F.encode(img, enc, world.tint, rng))
+    return {"path": rel, "class": cls, "pixel_um": world.pixel_um, "format": truth["format"],
+            "defects": [{k: d[k] for k in ("class", "bbox", "kind", "size_um")} for d in truth["defects"]],
+            "nuisances": truth["nuisances"]}
 
 
 def _init(world, seed: int, frames: int, root: str) -> None:
@@ -152,7 +173,9 @@ def anomaly_run(pkg: Path, lot: Path, data: Path, out: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--world", default="w65", help=f"world (known: {', '.join(W.WORLDS)}; default w65)")
+    p.add_argument("--world", default="w65",
+                   help=f"world (known: {', '.join([*W.WORLDS, *F.WORLDS])}; default w65; fx* are drawn by "
+                        "foreign_world.py, which shares no code with the simulator)")
     p.add_argument("--frames", type=int, default=4, help="frames per unit (default 4)")
     p.add_argument("--labels", type=int, default=200, help="labelled units of the line (default 200)")
     p.add_argument("--good", type=int, default=600, help="further good units in training (default 600)")
@@ -184,7 +207,10 @@ def main() -> int:
         p.error(f"--resume: {out} holds no finished run (run/best.pt and summary.json)")
     if out.exists() and not resume:
         p.error(f"{out} exists; choose a new directory (or --resume)")
-    world = W.get_world(a.world)
+    try:
+        world = F.WORLDS[a.world] if a.world in F.WORLDS else W.get_world(a.world)
+    except ValueError as e:
+        p.error(str(e))
     data = out / "data"
     pace_gflops = NL._sibling("pace").pace_gflops
     pace0 = round(pace_gflops(), 1)

@@ -113,3 +113,56 @@ def test_bad_counts_and_a_non_empty_folder_are_refused(fw, built):
         fw.build_world("fx68", root, 4, 0)
     with pytest.raises(ValueError, match="whole number"):
         fw.build_world("fx68", root.parent / "new", -1, 0)
+
+
+def _sequence(fw, cls: str, i: int, frames: int = 4):
+    rng = np.random.default_rng(np.random.SeedSequence([3, i]))
+    motion = np.random.default_rng(np.random.SeedSequence([3, i, 7]))
+    return fw.render_frames(fw.WORLDS["fx68"], rng, cls, frames, motion)
+
+
+def test_one_frame_is_the_still_of_render(fw):
+    for cls in fw.CLASSES:
+        a, ta = fw.render(fw.WORLDS["fx61"], np.random.default_rng(11), cls)
+        (b,), tb = fw.render_frames(fw.WORLDS["fx61"], np.random.default_rng(11), cls)
+        assert np.array_equal(a, b) and ta == tb
+
+
+def _blocks(im: np.ndarray, n: int = 8) -> np.ndarray:
+    """Means of n x n blocks: each frame's own noise averages away, what was drawn does not."""
+    h, w = im.shape[0] // n * n, im.shape[1] // n * n
+    return im[:h, :w].reshape(h // n, n, w // n, n).mean((1, 3))
+
+
+def test_a_crack_stays_where_it_is_in_every_frame(fw):
+    imgs, truth = _sequence(fw, "crack", 1)
+    x0, y0, x1, y1 = truth["defects"][0]["bbox"]
+    box = (slice(max(y0, 0), y1), slice(max(x0, 0), x1))
+    assert all(np.abs(_blocks(im[box], 4) - _blocks(imgs[0][box], 4)).max() < 0.03 for im in imgs[1:])
+
+
+def test_in_a_sequence_the_particle_moves_and_the_glass_stays(fw):
+    def dark(im, x, y):  # how much darker the 3 x 3 px at (x, y) are than their 17 x 17 px surroundings
+        x, y = int(round(x)), int(round(y))
+        return float(np.median(im[y - 8:y + 9, x - 8:x + 9]) - im[y - 1:y + 2, x - 1:x + 2].mean())
+
+    left = 0
+    for i in range(12):
+        imgs, truth = _sequence(fw, "particle", i)
+        assert len(imgs) == 4 and all(im.shape == imgs[0].shape for im in imgs)
+        d = truth["defects"][0]
+        track = d["track"]
+        x0, y0, x1, y1 = d["bbox"]
+        assert abs(track[0][0] - (x0 + x1) / 2) <= 1 and abs(track[0][1] - (y0 + y1) / 2) <= 1  # frame 0's box
+        assert all(dark(im, *xy) > 0.1 for im, xy in zip(imgs, track, strict=True))  # drawn where the track says
+        left += dark(imgs[3], *track[0]) < 0.05  # and gone from where it was
+        assert np.abs(_blocks(imgs[3][:40]) - _blocks(imgs[0][:40])).max() < 0.02  # the cap: only noise differs
+    assert left >= 8
+
+
+def test_a_sequence_is_drawn_again_from_the_same_seeds(fw):
+    a, ta = _sequence(fw, "good", 2)
+    b, tb = _sequence(fw, "good", 2)
+    assert ta == tb and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="motion"):
+        fw.render_frames(fw.WORLDS["fx68"], np.random.default_rng(0), "good", 4)

@@ -74,15 +74,18 @@ def test_particle_recall_by_size_bins_the_units_by_pixels(nl, tmp_path):
                    ">= 8 px": {"n": 1, "recall": 1.0}}
 
 
-def test_the_sequence_benchmark_writes_units_of_k_frames_the_truth_names(tmp_path):
+@pytest.mark.parametrize("name", ["w65", "fx68"])
+def test_the_sequence_benchmark_writes_units_of_k_frames_the_truth_names(tmp_path, name):
     """benchmarks/new_line_sequences.py: one folder of K frames per unit, read back as K-frame containers, and a
-    truth row for every test unit under the id evaluation gives it (the per-size recall looks units up by it)."""
+    truth row for every test unit under the id evaluation gives it (the per-size recall looks units up by it);
+    for a simulated world and a foreign one (drawn by foreign_world.py)."""
     import json
 
     from vialinspect.datasets.imagefolder import read_imagefolder
 
     with benchmark("new_line_sequences") as m:
-        built = m.build(m.W.get_world("w65"), tmp_path, frames=2, n_labels=4, n_good=1, n_test=4, seed=3)
+        world = m.F.WORLDS[name] if name in m.F.WORLDS else m.W.get_world(name)
+        built = m.build(world, tmp_path, frames=2, n_labels=4, n_good=1, n_test=4, seed=3)
     assert built["units"] == 9
     ds = read_imagefolder(tmp_path)
     assert ds.header["frames_per_container"] == 2 and not ds.problems
