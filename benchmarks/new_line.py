@@ -152,23 +152,52 @@ def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = FRR) -> d
 SIZE_BINS_PX = ((0.0, 5.0), (5.0, 8.0), (8.0, float("inf")))  # particle size (largest dimension) in pixels
 
 
+def _truth_rows(test_dir: Path) -> dict[str, dict]:
+    path = Path(test_dir) / "truth.jsonl"
+    if not path.is_file():
+        return {}
+    return {(row := json.loads(line))["path"]: row for line in path.read_text().splitlines()}
+
+
 def particle_recall_by_size(test_dir: Path, ids: list[str], rejected: np.ndarray) -> dict[str, dict]:
     """Recall of the particle units in bins of their largest particle's size in pixels (``truth.jsonl`` of a
     world: size_um / pixel_um), with the unit counts: what a line's camera resolves decides how far down the
     detection reaches, so one recall over all sizes hides where it stops."""
     truth = {}
-    path = Path(test_dir) / "truth.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            sizes = [d["size_um"] for d in row["defects"] if d["class"] == "particle" and d.get("size_um")]
-            if sizes and row.get("pixel_um"):
-                truth[row["path"]] = max(sizes) / row["pixel_um"]
+    for row in _truth_rows(test_dir).values():
+        sizes = [d["size_um"] for d in row["defects"] if d["class"] == "particle" and d.get("size_um")]
+        if sizes and row.get("pixel_um"):
+            truth[row["path"]] = max(sizes) / row["pixel_um"]
     out = {}
     for lo, hi in SIZE_BINS_PX:
         hits = [bool(r) for i, r in zip(ids, rejected, strict=True) if i in truth and lo <= truth[i] < hi]
         name = f"{lo:g}-{hi:g} px" if hi != float("inf") else f">= {lo:g} px"
         out[name] = {"n": len(hits), "recall": round(float(np.mean(hits)), 4) if hits else None}
+    return out
+
+
+def recall_by_kind(test_dir: Path, ids: list[str], rejected: np.ndarray, scores: np.ndarray) -> dict:
+    """Where the truth names them: recall of each defect class by the kind its world drew (a particle's
+    material, a crack's place), with the unit counts; and the nuisances on the good units that score highest on
+    each class, which are what sets a 2% budget's threshold."""
+    truth = _truth_rows(test_dir)
+    kinds: dict[str, dict[str, list[bool]]] = {}
+    good: list[tuple[str, np.ndarray]] = []
+    for i, rej, sc in zip(ids, rejected, scores, strict=True):
+        row = truth.get(i)
+        if row is None:
+            continue
+        if not row["defects"] and "nuisances" in row:
+            good.append((i, sc))
+        for d in row["defects"]:
+            if d.get("kind"):
+                kinds.setdefault(d["class"], {}).setdefault(str(d["kind"]), []).append(bool(rej))
+    out: dict = {c: {k: {"n": len(v), "recall": round(float(np.mean(v)), 4)} for k, v in sorted(ks.items())}
+                 for c, ks in kinds.items()}
+    if good:
+        out["top_good_nuisances"] = {
+            c: [[round(float(sc[j]), 4), truth[i]["nuisances"]] for i, sc in sorted(good, key=lambda g: -g[1][j])[:8]]
+            for j, c in enumerate(CLASSES)}
     return out
 
 
@@ -184,6 +213,7 @@ def score_run(model: str, test_dir: Path) -> dict:
     res = {"at_frr": recall_at_frr(labels, s)}
     th2 = np.array(res["at_frr"]["thresholds"])
     res["particle_by_size"] = particle_recall_by_size(test_dir, [r.id for r in recs], (s >= th2).any(1))
+    res["by_kind"] = recall_by_kind(test_dir, [r.id for r in recs], (s >= th2).any(1), s)
     res["auroc"] = {c: (None if (a := auroc(labels[:, i], s[:, i])) is None else round(a, 4))
                     for i, c in enumerate(CLASSES)}
     th = report["thresholds"] if "thresholds" in report else None
@@ -364,6 +394,18 @@ def _print_row(r: dict) -> None:
     by = r.get("particle_by_size") or {}
     print("   particle recall by size: " + ", ".join(f"{k} {v['recall']} (n={v['n']})" for k, v in by.items()),
           flush=True)
+    print_by_kind(r.get("by_kind") or {})
+
+
+def print_by_kind(by_kind: dict) -> None:
+    """The per-kind recall and the nuisances on the highest-scoring good units, where the truth names them."""
+    for c in ("particle", "crack"):
+        if by_kind.get(c):
+            print(f"   {c} recall by kind: " + ", ".join(f"{k} {v['recall']} (n={v['n']})"
+                                                      for k, v in by_kind[c].items()), flush=True)
+    for c, top in (by_kind.get("top_good_nuisances") or {}).items():
+        print(f"   good units scoring highest on {c}: " + "; ".join(f"{v} {'+'.join(n) or 'none'}" for v, n in top[:5]),
+              flush=True)
 
 
 def print_table(summary: dict) -> None:

@@ -252,6 +252,7 @@ def main() -> int:
     print(f"| {world.name} | {a.frames} | {r['particle']} | {r['crack']} | {r['fill_level']} | {au['particle']} / "
           f"{au['crack']} / {au['fill_level']} | {sizes} | {cal['frr']}, {cal['particle']} / {cal['crack']} / "
           f"{cal['fill_level']} | {fit['train_minutes']} | {fit['peak_rss_gb']} |")
+    NL.print_by_kind(res.get("by_kind") or {})
     if "package_calibrated" in res:
         pc = res["package_calibrated"]
         print(f"package calibrated on {pc['good_units']} good units of another lot: FRR {pc['frr']}, recall "

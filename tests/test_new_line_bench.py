@@ -111,3 +111,27 @@ def test_sequence_benchmark_calibration_lot_reads_as_good_units(tmp_path):
     digest = {(tmp_path / "lot" / r.frames[0]).read_bytes() for r in lot.records}
     train = read_imagefolder(tmp_path / "w")
     assert not digest & {(tmp_path / "w" / r.frames[0]).read_bytes() for r in train.records}
+
+
+def test_recall_by_kind_counts_each_kind_and_names_what_the_top_good_units_carry(tmp_path):
+    """benchmarks/new_line.py: per-kind recall from the truth's kinds, and the nuisances on the good units that
+    score highest on each class (where the truth names them; the foreign worlds' rows do)."""
+    import json
+
+    rows = [{"path": "test/particle/a", "defects": [{"class": "particle", "kind": "fibre"}], "nuisances": []},
+            {"path": "test/particle/b", "defects": [{"class": "particle", "kind": "fibre"}], "nuisances": []},
+            {"path": "test/particle/c", "defects": [{"class": "particle", "kind": "opaque"}], "nuisances": []},
+            {"path": "test/crack/d", "defects": [{"class": "crack", "kind": "heel"}], "nuisances": []},
+            {"path": "test/good/e", "defects": [], "nuisances": ["bubbles"]},
+            {"path": "test/good/f", "defects": [], "nuisances": ["scratch"]}]
+    (tmp_path / "truth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [r["path"] for r in rows] + ["test/good/unknown"]
+    rejected = np.array([True, False, True, False, False, False, False])
+    scores = np.array([[.9, 0, 0], [.1, 0, 0], [.8, 0, 0], [0, .2, 0], [.5, .1, 0], [.2, .7, 0], [1, 1, 1]])
+    with benchmark("new_line") as m:
+        out = m.recall_by_kind(tmp_path, ids, rejected, scores)
+    assert out["particle"] == {"fibre": {"n": 2, "recall": 0.5}, "opaque": {"n": 1, "recall": 1.0}}
+    assert out["crack"] == {"heel": {"n": 1, "recall": 0.0}}
+    top = out["top_good_nuisances"]
+    assert top["particle"] == [[0.5, ["bubbles"]], [0.2, ["scratch"]]]  # the unit without a truth row is left out
+    assert top["crack"][0] == [0.7, ["scratch"]]
