@@ -85,7 +85,8 @@ def _render_foreign_unit(world, rng: np.random.Generator, motion: np.random.Gene
     for k, img in enumerate(imgs):
         (root / rel / f"f{k}{F.SUFFIX[enc]}").write_bytes(F.encode(img, enc, world.tint, rng))
     return {"path": rel, "class": cls, "pixel_um": world.pixel_um, "format": truth["format"],
-            "defects": [{k: d[k] for k in ("class", "bbox", "kind", "size_um")} for d in truth["defects"]],
+            "defects": [{k: d[k] for k in ("class", "bbox", "kind", "size_um", "track") if k in d}
+                        for d in truth["defects"]],
             "nuisances": truth["nuisances"]}
 
 
