@@ -373,7 +373,7 @@ def _swirl(fr: Frame, motion: np.random.Generator | None, frames: int, x: float,
     ys = [float(np.clip(y + fall * k, y_lo, y_hi)) for k in range(frames)]
     reach = float(fr.half_width(np.array(ys)).min()) - fr.shape.wall_px - margin
     off = x - fr.cx
-    radius = max(abs(off), motion.uniform(abs(off), max(reach, abs(off))), 1e-6)
+    radius = max(motion.uniform(abs(off), max(reach, abs(off))), 1e-6)  # never inside the object's own offset
     theta = math.asin(float(np.clip(off / radius, -1, 1)))
     if motion.uniform() < 0.5:  # behind the axis: moving the other way across the picture
         theta = math.pi - theta

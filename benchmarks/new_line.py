@@ -212,8 +212,9 @@ def score_run(model: str, test_dir: Path) -> dict:
     s = np.array([[class_scores(sc)[c] for c in CLASSES] for sc in scores], np.float64)
     res = {"at_frr": recall_at_frr(labels, s)}
     th2 = np.array(res["at_frr"]["thresholds"])
-    res["particle_by_size"] = particle_recall_by_size(test_dir, [r.id for r in recs], (s >= th2).any(1))
-    res["by_kind"] = recall_by_kind(test_dir, [r.id for r in recs], (s >= th2).any(1), s)
+    ids, rejected = [r.id for r in recs], (s >= th2).any(1)
+    res["particle_by_size"] = particle_recall_by_size(test_dir, ids, rejected)
+    res["by_kind"] = recall_by_kind(test_dir, ids, rejected, s)
     res["auroc"] = {c: (None if (a := auroc(labels[:, i], s[:, i])) is None else round(a, 4))
                     for i, c in enumerate(CLASSES)}
     th = report["thresholds"] if "thresholds" in report else None
