@@ -35,7 +35,12 @@ class ImplantConfig:
     particle_um: tuple[float, float] = (150.0, 900.0)
     crack_px: tuple[float, float] = (15.0, 100.0)  # length along the path, log-uniform
     crack_mm: tuple[float, float] = (1.0, 6.0)
-    fibre_share: float = 0.2  # of particles: long, under a pixel thick
+    fibre_share: float = 0.2  # of particles
+    fibre_width_px: tuple[float, float] = (0.4, 0.9)  # thickness (the simulator's: under a pixel)
+    fibre_length: tuple[float, float] = (2.5, 2.5)  # length as a multiple of the particle size range (uniform)
+    # Shares of the compact particle kinds (sprites.particle): the simulator's glass, metal, rubber, and a thin
+    # glass flake with a bright and a dark edge (not in the simulator's draw).
+    kinds: tuple[tuple[str, float], ...] = (("glass", 0.3), ("metal", 0.3), ("rubber", 0.4))
     crack_share: float = 0.4  # of implants
     contrast: tuple[float, float] = (0.45, 1.0)  # multiplies the sprite's own opacity
     blur_px: tuple[float, float] = (0.4, 1.1)
@@ -75,14 +80,30 @@ def _particle(rng: np.random.Generator, cfg: ImplantConfig, pixel_um: float | No
               blur: float) -> sprites.Sprite:
     if rng.uniform() < cfg.fibre_share:
         kind = "fibre"
-        size = _loguniform(rng, 2.5 * cfg.particle_px[0], 2.5 * cfg.particle_px[1]) if pixel_um is None else \
-            _loguniform(rng, 2.5 * cfg.particle_um[0], 2.5 * cfg.particle_um[1]) / pixel_um
+        lo, hi = cfg.fibre_length
+        k = lo if lo == hi else float(rng.uniform(lo, hi))  # a fixed multiple draws nothing (old draws kept)
+        size = _loguniform(rng, k * cfg.particle_px[0], k * cfg.particle_px[1]) if pixel_um is None else \
+            _loguniform(rng, k * cfg.particle_um[0], k * cfg.particle_um[1]) / pixel_um
     else:
-        kind = str(rng.choice(["glass", "metal", "rubber"], p=[0.3, 0.3, 0.4]))
+        names = [k for k, _ in cfg.kinds]
+        shares = np.array([w for _, w in cfg.kinds], np.float64)
+        kind = str(rng.choice(names, p=shares / shares.sum()))
         size = _loguniform(rng, *cfg.particle_px) if pixel_um is None else \
             _loguniform(rng, *cfg.particle_um) / pixel_um
     return sprites.particle(kind, cx, cy, max(size, 1.5), float(rng.uniform(0, np.pi)),
-                            int(rng.integers(2**31)), blur)
+                            int(rng.integers(2**31)), blur, cfg.fibre_width_px)
+
+
+# The looks `train` can draw synthetic particles in (setting implant_look). "simulator": the simulator's own
+# particle kinds. "varied": also thick fibres (to ~2 px: fibre bundles, coarse synthetic fibres at 60-75 µm/px),
+# fibres as short as compact particles, and thin glass flakes seen by their refracting edges: kinds a line shows
+# that the simulator does not draw (issue 27: on a line drawn by another renderer, still images found 0 of 13
+# fibres and 1 of 15 glass shards).
+IMPLANT_LOOKS: dict[str, dict] = {
+    "simulator": {},
+    "varied": {"fibre_share": 0.25, "fibre_width_px": (0.4, 1.8), "fibre_length": (1.0, 2.5),
+               "kinds": (("glass", 0.2), ("metal", 0.25), ("rubber", 0.3), ("flake", 0.25))},
+}
 
 
 def _crack(rng: np.random.Generator, cfg: ImplantConfig, pixel_um: float | None, cx: float, cy: float,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vialinspect.datasets.implant import ImplantConfig, implant, scratch
+from vialinspect.datasets.implant import IMPLANT_LOOKS, ImplantConfig, implant, scratch
 from vialinspect.datasets.records import DEFECT_CLASSES
 from vialinspect.datasets.torch_dataset import Sample
 from vialinspect.training.data import TrainTransform
@@ -50,6 +50,34 @@ def test_implanted_particle_sinks_between_frames_and_crack_stays():
     assert rows[0] < rows[1] < rows[2]  # it moves down
     frames, _ = implant([img, img], "crack", np.random.default_rng(5))
     assert np.array_equal(frames[0], frames[1])
+
+
+def test_a_glass_flake_is_seen_by_a_bright_and_a_dark_edge_and_lets_light_through():
+    cfg = ImplantConfig(fibre_share=0.0, kinds=(("flake", 1.0),), particle_px=(10.0, 12.0), blur_px=(0.5, 0.5),
+                        contrast=(1.0, 1.0))
+    img = _backlit()
+    for seed in range(4):
+        frames, mask = implant([img], "particle", np.random.default_rng(seed), cfg=cfg)
+        d = frames[0] - img
+        assert d.max() > 0.03 and d.min() < -0.1  # one edge bends light toward the camera, the other away
+        assert np.median(frames[0][mask > 0]) > 0.5 * 0.8  # the glass lets most of the light through
+
+
+def test_the_varied_look_draws_thicker_and_shorter_fibres_than_the_simulator():
+    def fibres(look: str) -> tuple[float, float]:
+        cfg = ImplantConfig(**{**IMPLANT_LOOKS[look], "fibre_share": 1.0}, particle_px=(8.0, 8.01), blur_px=(0.5, 0.5),
+                            contrast=(1.0, 1.0))
+        darkest, length = [], []
+        for s in range(12):
+            img = _backlit(400, 200)
+            f, m = implant([img], "particle", np.random.default_rng(s), cfg=cfg)
+            darkest.append(float((img - f[0]).max()))
+            ys, xs = np.nonzero(m)
+            length.append(float(max(np.ptp(ys), np.ptp(xs))))
+        return float(np.mean(darkest)), float(np.mean(length))
+    sim, varied = fibres("simulator"), fibres("varied")
+    assert varied[0] > sim[0] + 0.05  # thicker: blocks more light at its core
+    assert varied[1] < sim[1]  # 1-2.5x the size instead of 2.5x
 
 
 def test_implant_sizes_follow_the_pixel_scale():

@@ -308,7 +308,8 @@ def test_auto_settings_resolve_by_the_kind_of_data_and_given_ones_stay():
 
 
 @pytest.mark.parametrize("bad,match", [({"map_head": "sparse"}, "map_head"), ({"branch_width": 0}, "branch_width"),
-                                       ({"widths": [8, 8, 8]}, "widths"), ({"widths": [8, 8, 0, 8, 8]}, "widths")])
+                                       ({"widths": [8, 8, 8]}, "widths"), ({"widths": [8, 8, 0, 8, 8]}, "widths"),
+                                       ({"implant_look": "photoreal"}, "implant_look")])
 def test_network_settings_are_checked_before_training(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(bad)

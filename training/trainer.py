@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from vialinspect.datasets.implant import ImplantConfig
+from vialinspect.datasets.implant import IMPLANT_LOOKS, ImplantConfig
 from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.datasets.records import ContainerRecord, fit_frames, split_for
@@ -114,7 +114,8 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
     cache = int(_cache_bytes(cfg.cache_gb, workers) * cache_share)
     base = ContainerDataset(root, records, cache_bytes=cache, crack_min_mm=cfg.crack_min_mm,
                             nuisance_masks=cfg.map_nuisance_weight != 1.0)
-    implant_cfg = ImplantConfig(particle_um=tuple(cfg.implant_particle_um), scratch_share=cfg.implant_scratches)
+    implant_cfg = ImplantConfig(particle_um=tuple(cfg.implant_particle_um), scratch_share=cfg.implant_scratches,
+                                **IMPLANT_LOOKS[cfg.implant_look])
     transform = TrainTransform(spec, aug, implant, implant_cfg, image_label_weight=cfg.image_label_weight)
     items = TrainingItems(base, transform, cfg.crop, cfg.crops_per_full)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,

@@ -75,12 +75,16 @@ def _polygon(rng: np.random.Generator, radius: float, irregular: float, angle: f
     return np.stack([c * x - s * y, s * x + c * y], axis=-1)
 
 
-def particle(kind: str, cx: float, cy: float, size_px: float, angle: float, seed: int, blur: float) -> Sprite:
-    """A particle of ``size_px`` (largest dimension) centred at (cx, cy)."""
+def particle(kind: str, cx: float, cy: float, size_px: float, angle: float, seed: int, blur: float,
+             fibre_width_px: tuple[float, float] = (0.4, 0.9)) -> Sprite:
+    """A particle of ``size_px`` (largest dimension) centred at (cx, cy); a fibre's thickness is drawn from
+    ``fibre_width_px`` (uniform)."""
     rng = np.random.default_rng(seed)
     r = max(size_px / 2, 0.3)
     if kind == "fibre":
-        return _fibre(rng, cx, cy, size_px, angle, blur)
+        return _fibre(rng, cx, cy, size_px, angle, blur, fibre_width_px)
+    if kind == "flake":
+        return _flake(rng, cx, cy, r, angle, blur)
     aspect = float(rng.uniform(0.55, 1.0))
     poly = _polygon(rng, r, 0.25 if kind in ("metal", "glass") else 0.12, angle, aspect)
     cv_ = _Canvas(cx - r * 1.6, cy - r * 1.6, cx + r * 1.6, cy + r * 1.6, int(np.ceil(3 * blur)) + 2)
@@ -111,7 +115,7 @@ def particle(kind: str, cx: float, cy: float, size_px: float, angle: float, seed
     return Sprite(cv_.x0, cv_.y0, alpha.astype(np.float32), glow.astype(np.float32))
 
 
-def _fibre(rng, cx, cy, length_px, angle, blur) -> Sprite:
+def _fibre(rng, cx, cy, length_px, angle, blur, width_px=(0.4, 0.9)) -> Sprite:
     n = 10
     curl = float(rng.normal(0, 0.8))
     a = angle + curl * (np.arange(n + 1) / n - 0.5)
@@ -121,10 +125,30 @@ def _fibre(rng, cx, cy, length_px, angle, blur) -> Sprite:
     x, y = x - x.mean() + cx, y - y.mean() + cy
     cv_ = _Canvas(x.min(), y.min(), x.max(), y.max(), int(np.ceil(3 * blur)) + 2)
     hi = cv_.new()
-    width = float(rng.uniform(0.4, 0.9))  # fibres are ~15-35 µm thick: under one pixel
+    width = float(rng.uniform(*width_px))  # the simulator's: ~15-35 µm thick, under one pixel
     cv2.polylines(hi, [cv_.pt(x, y)], False, 255, max(1, int(round(width * SS))), cv2.LINE_AA, SHIFT)
     alpha = float(rng.uniform(0.55, 0.8)) * cv_.reduce(hi, blur)
     return Sprite(cv_.x0, cv_.y0, alpha, np.zeros_like(alpha))
+
+
+def _flake(rng, cx, cy, r, angle, blur) -> Sprite:
+    """A thin glass flake (lamella) shed by the container's inner wall: the glass lets most of the light
+    through, and it is seen by its edges, which bend the light: toward the camera on one side (a bright edge),
+    away from it on the other (a dark edge). Flat and thin: often long and narrow as seen."""
+    aspect = float(rng.uniform(0.3, 1.0))
+    poly = _polygon(rng, r, 0.2, angle, aspect)
+    cv_ = _Canvas(cx - r * 1.6, cy - r * 1.6, cx + r * 1.6, cy + r * 1.6, int(np.ceil(3 * blur)) + 3)
+    body_hi, moved_hi = cv_.new(), cv_.new()
+    cv2.fillPoly(body_hi, [cv_.pt(cx + poly[:, 0], cy + poly[:, 1])], 255, cv2.LINE_AA, SHIFT)
+    side = float(rng.uniform(0, 2 * np.pi))  # the light's side: where the edge is bright
+    shift = float(rng.uniform(0.6, 1.2))  # px; how far the refracted light moves
+    dx, dy = shift * np.cos(side), shift * np.sin(side)
+    cv2.fillPoly(moved_hi, [cv_.pt(cx + dx + poly[:, 0], cy + dy + poly[:, 1])], 255, cv2.LINE_AA, SHIFT)
+    body, moved = cv_.reduce(body_hi, blur), cv_.reduce(moved_hi, blur)
+    bright, dark = np.clip(moved - body, 0, 1), np.clip(body - moved, 0, 1)
+    alpha = float(rng.uniform(0.15, 0.45)) * body + float(rng.uniform(0.3, 0.6)) * dark
+    glow = float(rng.uniform(0.15, 0.4)) * bright
+    return Sprite(cv_.x0, cv_.y0, np.clip(alpha, 0, 1).astype(np.float32), glow.astype(np.float32))
 
 
 def bubble(cx: float, cy: float, size_px: float, blur: float, flatten: float = 1.0) -> Sprite:
