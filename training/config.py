@@ -168,9 +168,9 @@ class TrainConfig:
     # Size range of the synthetic particles (largest dimension, log-uniform) where the pixel scale is known.
     implant_particle_um: tuple[Float, Float] = (150.0, 900.0)
     # The look of the synthetic particles (datasets/implant.py IMPLANT_LOOKS): "simulator" (the simulator's
-    # kinds) or "varied" (also thick and short fibres and thin glass flakes). "varied" found more particles in
-    # still images of two lines drawn by another renderer (0.46 -> 0.54, 0.43 -> 0.54; one run each), short of
-    # the gain set before the runs for a new default (docs/new_line.md, "Particles in still images").
+    # kinds) or "varied" (also thick and short fibres and thin glass flakes). "varied" had no consistent effect on
+    # still images of lines drawn by another renderer (+0.08, +0.11, -0.16 in particles against same-day runs;
+    # docs/new_line.md, "Particles in still images"), so it is not the default.
     implant_look: str = "simulator"
     # Chance that a drawn good unit from a line's camera also gets a scratch on the glass (a smooth thin arc) as
     # a known-clean nuisance, so the crack map learns a scratch is not a crack. Off: measured once on two lines
