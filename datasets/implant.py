@@ -36,7 +36,7 @@ class ImplantConfig:
     crack_px: tuple[float, float] = (15.0, 100.0)  # length along the path, log-uniform
     crack_mm: tuple[float, float] = (1.0, 6.0)
     fibre_share: float = 0.2  # of particles
-    fibre_width_px: tuple[float, float] = (0.4, 0.9)  # thickness (the simulator's: under a pixel)
+    fibre_width_px: tuple[float, float] = sprites.FIBRE_WIDTH_PX  # thickness
     fibre_length: tuple[float, float] = (2.5, 2.5)  # length as a multiple of the particle size range (uniform)
     # Shares of the compact particle kinds (sprites.particle): the simulator's glass, metal, rubber, and a thin
     # glass flake with a bright and a dark edge (not in the simulator's draw).

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 SS = 4  # supersampling factor
+FIBRE_WIDTH_PX = (0.4, 0.9)  # the simulator's fibres: ~15-35 µm thick, under one pixel
 SHIFT = 4  # fixed-point bits for cv2 drawing
 _ONE = 1 << SHIFT
 
@@ -76,7 +77,7 @@ def _polygon(rng: np.random.Generator, radius: float, irregular: float, angle: f
 
 
 def particle(kind: str, cx: float, cy: float, size_px: float, angle: float, seed: int, blur: float,
-             fibre_width_px: tuple[float, float] = (0.4, 0.9)) -> Sprite:
+             fibre_width_px: tuple[float, float] = FIBRE_WIDTH_PX) -> Sprite:
     """A particle of ``size_px`` (largest dimension) centred at (cx, cy); a fibre's thickness is drawn from
     ``fibre_width_px`` (uniform)."""
     rng = np.random.default_rng(seed)
@@ -115,7 +116,7 @@ def particle(kind: str, cx: float, cy: float, size_px: float, angle: float, seed
     return Sprite(cv_.x0, cv_.y0, alpha.astype(np.float32), glow.astype(np.float32))
 
 
-def _fibre(rng, cx, cy, length_px, angle, blur, width_px=(0.4, 0.9)) -> Sprite:
+def _fibre(rng, cx, cy, length_px, angle, blur, width_px=FIBRE_WIDTH_PX) -> Sprite:
     n = 10
     curl = float(rng.normal(0, 0.8))
     a = angle + curl * (np.arange(n + 1) / n - 0.5)
@@ -125,7 +126,7 @@ def _fibre(rng, cx, cy, length_px, angle, blur, width_px=(0.4, 0.9)) -> Sprite:
     x, y = x - x.mean() + cx, y - y.mean() + cy
     cv_ = _Canvas(x.min(), y.min(), x.max(), y.max(), int(np.ceil(3 * blur)) + 2)
     hi = cv_.new()
-    width = float(rng.uniform(*width_px))  # the simulator's: ~15-35 µm thick, under one pixel
+    width = float(rng.uniform(*width_px))
     cv2.polylines(hi, [cv_.pt(x, y)], False, 255, max(1, int(round(width * SS))), cv2.LINE_AA, SHIFT)
     alpha = float(rng.uniform(0.55, 0.8)) * cv_.reduce(hi, blur)
     return Sprite(cv_.x0, cv_.y0, alpha, np.zeros_like(alpha))
