@@ -11,6 +11,8 @@ arc, an aluminium crimp cap), its own liquid and meniscus, particles as irregula
 curled fibres, cracks as branching random walks with glints, bubbles as dark rings around a bright centre, dust
 specks anywhere on the glass (above the liquid too), faint scratches and glare stripes; then blur, noise and the
 file encodings of a plant (8/16-bit PNG, tinted colour JPEG). It imports nothing from ``vialinspect``.
+``fx66s`` draws prefilled syringes the same way: held needle down, a glass flange, a black rubber stopper riding
+on an air gap above the liquid, the cone and a rigid needle shield, and silicone oil droplets in the liquid.
 
 Layout and truth rows are those of ``worlds.py`` (``DIR/{train,val,test}/{good,particle,crack,fill_level}/``,
 ``truth.jsonl``, ``world.json``), so ``new_line.py --worlds fx68`` scores it the same way. Every foreign world is
@@ -58,11 +60,32 @@ class VialShape:
 
 
 @dataclass(frozen=True)
+class SyringeShape:
+    """A prefilled syringe of a foreign line, held needle down, in pixels of its images: a glass flange at the
+    top, an open barrel (no plunger rod yet, as at inspection), a black rubber stopper riding on an air gap above
+    the liquid, the cone and a rigid needle shield at the bottom."""
+
+    name: str
+    width: int
+    height: int
+    barrel_width: int  # outer diameter of the barrel
+    flange_width: int
+    flange_height: int
+    cone_height: int  # glass taper from the barrel to the hub, hidden in part by the shield
+    shield_width: int
+    shield_height: int
+    stopper_height: int
+    wall_px: float
+    fill_fraction: float  # nominal liquid column over the barrel's inner length
+    air_gap: tuple[float, float]  # px between the stopper and the meniscus (the bubble a stoppering leaves)
+
+
+@dataclass(frozen=True)
 class ForeignWorld:
     name: str
     description: str
     pixel_um: float
-    shapes: tuple[VialShape, ...]
+    shapes: tuple[VialShape | SyringeShape, ...]
     light: float  # back light, fraction of full scale
     gradient: float  # left-to-right light slope across the image
     vignetting: float
@@ -97,6 +120,17 @@ WORLDS: dict[str, ForeignWorld] = {w.name: w for w in (
                 VialShape("squat", 380, 700, 320, 190, 66, 50, 60, 9.0, 22.0, 0.45)),
         light=0.72, gradient=0.18, vignetting=0.25, blur_sigma_px=1.1, noise=0.014,
         liquid_transmission=0.86, encodings=ENCODINGS, tint=(1.05, 1.0, 0.92),
+    ),
+    ForeignWorld(
+        name="fx66s",
+        description="prefilled syringes held needle down, 1 mL long and 2.25 mL, 66 µm/px: a flange, a stopper "
+                    "on an air gap, a rigid needle shield, silicone oil droplets; same renderer as fx68, "
+                    "other containers; held out",
+        pixel_um=66.0,
+        shapes=(SyringeShape("1mL", 232, 1120, 124, 196, 30, 56, 118, 250, 110, 9.0, 0.62, (14.0, 40.0)),
+                SyringeShape("2.25mL", 284, 1060, 164, 244, 34, 64, 142, 240, 124, 11.0, 0.58, (16.0, 45.0))),
+        light=0.80, gradient=0.12, vignetting=0.20, blur_sigma_px=0.9, noise=0.012,
+        liquid_transmission=0.92, encodings=ENCODINGS, tint=(0.97, 1.0, 1.06),
     ),
 )}
 
@@ -142,8 +176,96 @@ class Frame:
         inner_top = self.body_top + self.shape.wall_px
         return self.inner_bottom() - fraction * (self.inner_bottom() - inner_top)
 
+    def dust_span(self) -> tuple[float, float]:
+        """Rows of the glass a dust speck may sit on (above the liquid too)."""
+        return self.neck_top + 8, self.inner_bottom() - 2
 
-def place(shape: VialShape, rng: np.random.Generator) -> Frame:
+    def scratch_span(self) -> tuple[float, float]:
+        return self.body_top, self.inner_bottom() - 30
+
+    def crack_site(self, rng: np.random.Generator) -> tuple[str, float, float]:
+        """Where a crack starts: the place's name and a point near it."""
+        s = self.shape
+        where = str(rng.choice(["body", "wall", "shoulder", "heel", "neck"], p=[0.35, 0.2, 0.2, 0.15, 0.1]))
+        if where == "wall":
+            side = rng.choice([-1, 1])
+            y = rng.uniform(self.body_top + 20, self.bottom - 40)
+            x = self.cx + side * (s.body_width / 2 - s.wall_px * 1.5)
+        elif where == "shoulder":
+            x, y = _inside(self, rng, self.shoulder_top + 4, self.body_top + 10, -s.wall_px)
+        elif where == "heel":
+            x, y = _inside(self, rng, self.bottom - 40, self.bottom - 8, -s.wall_px)
+        elif where == "neck":
+            x, y = _inside(self, rng, self.neck_top + 10, self.shoulder_top, -s.wall_px)
+        else:
+            x, y = _inside(self, rng, self.body_top + 10, self.inner_bottom() - 20, 4)
+        return where, x, y
+
+
+@dataclass(frozen=True)
+class SyringeFrame:
+    """Where a syringe lies in one image (pixels, y down): flange, barrel, cone, needle shield."""
+
+    cx: float
+    top: float  # top of the flange
+    barrel_top: float  # below the flange
+    cone_top: float  # where the straight barrel ends and the glass narrows to the hub
+    shield_top: float
+    bottom: float  # the shield's lower end
+    shape: SyringeShape
+
+    def half_width(self, y: np.ndarray) -> np.ndarray:
+        """Outer half-width of the glass at rows ``y`` (0 outside it; the shield is drawn over the cone)."""
+        s = self.shape
+        y = np.asarray(y, np.float64)
+        hw = np.zeros_like(y)
+        hw[(y >= self.top) & (y < self.barrel_top)] = s.flange_width / 2
+        hw[(y >= self.barrel_top) & (y < self.cone_top)] = s.barrel_width / 2
+        cone = (y >= self.cone_top) & (y < self.cone_top + s.cone_height)
+        t = (y[cone] - self.cone_top) / s.cone_height
+        hub = 0.22 * s.barrel_width
+        hw[cone] = hub + (s.barrel_width / 2 - hub) * (0.5 + 0.5 * np.cos(np.pi * t))
+        return hw
+
+    def inner_bottom(self) -> float:
+        return self.shield_top - 2
+
+    def fill_row(self, fraction: float) -> float:
+        inner_top = self.barrel_top + self.shape.wall_px
+        return self.cone_top - fraction * (self.cone_top - inner_top)
+
+    def dust_span(self) -> tuple[float, float]:
+        return self.barrel_top + 8, self.inner_bottom() - 2
+
+    def scratch_span(self) -> tuple[float, float]:
+        return self.barrel_top + 10, self.cone_top - 30
+
+    def crack_site(self, rng: np.random.Generator) -> tuple[str, float, float]:
+        s = self.shape
+        where = str(rng.choice(["barrel", "wall", "cone", "flange"], p=[0.45, 0.25, 0.2, 0.1]))
+        if where == "wall":
+            side = rng.choice([-1, 1])
+            y = rng.uniform(self.barrel_top + 20, self.cone_top - 10)
+            x = self.cx + side * (s.barrel_width / 2 - s.wall_px * 1.5)
+        elif where == "cone":
+            x, y = _inside(self, rng, self.cone_top - 6, self.shield_top - 2, -s.wall_px)
+        elif where == "flange":  # the flange takes the knocks of handling
+            side = rng.choice([-1, 1])
+            x = self.cx + side * rng.uniform(s.barrel_width / 2, s.flange_width / 2 - 6)
+            y = rng.uniform(self.top + 4, self.barrel_top - 4)
+        else:
+            x, y = _inside(self, rng, self.barrel_top + 20, self.cone_top - 20, 4)
+        return where, x, y
+
+
+def place(shape: VialShape | SyringeShape, rng: np.random.Generator) -> Frame | SyringeFrame:
+    if isinstance(shape, SyringeShape):
+        cx = shape.width / 2 + rng.uniform(-4, 4)
+        top = 12 + rng.uniform(-3, 3)
+        bottom = shape.height - 14 + rng.uniform(-3, 3)
+        shield_top = bottom - shape.shield_height
+        return SyringeFrame(cx, top, top + shape.flange_height, shield_top - 0.6 * shape.cone_height, shield_top,
+                            bottom, shape)
     cx = shape.width / 2 + rng.uniform(-4, 4)
     top = 14 + rng.uniform(-3, 3)
     neck_top = top + shape.cap_height
@@ -302,6 +424,20 @@ def draw_bubble(img: np.ndarray, rng: np.random.Generator, x: float, y: float, r
            lambda p, c: p + bright * c)
 
 
+def draw_droplet(img: np.ndarray, rng: np.random.Generator, x: float, y: float, r: float) -> None:
+    """A silicone oil droplet of radius ``r`` px: a faint dark ring, a little lighter in the middle."""
+    import cv2
+
+    box = int(math.ceil(2 * r)) + 6
+
+    def ring(c, k):
+        cv2.circle(c, (int(box / 2 * k), int(box / 2 * k)), max(1, int(r * k)), 255, max(1, int(0.8 * k)),
+                   lineType=cv2.LINE_AA)
+    dark = rng.uniform(0.08, 0.25)
+    _stamp(img, _coverage(ring, box), int(round(x)) - box // 2, int(round(y)) - box // 2,
+           lambda p, c: p * (1 - dark * c))
+
+
 def draw_dust(img: np.ndarray, rng: np.random.Generator, x: float, y: float, size: float) -> None:
     import cv2
 
@@ -335,7 +471,8 @@ def draw_scratch(img: np.ndarray, rng: np.random.Generator, x: float, y: float, 
 # One unit
 
 
-def _inside(fr: Frame, rng: np.random.Generator, y_lo: float, y_hi: float, margin: float) -> tuple[float, float]:
+def _inside(fr: Frame | SyringeFrame, rng: np.random.Generator, y_lo: float, y_hi: float, margin: float
+            ) -> tuple[float, float]:
     """A point inside the container's glass between rows y_lo and y_hi, ``margin`` px in from the walls."""
     for _ in range(50):
         y = rng.uniform(y_lo, y_hi)
@@ -363,7 +500,7 @@ def _replay(imgs: list[np.ndarray], rng: np.random.Generator, draw: Callable[[np
     draw(imgs[0], rng, 0)
 
 
-def _swirl(fr: Frame, motion: np.random.Generator | None, frames: int, x: float, y: float, omega: float,
+def _swirl(fr: Frame | SyringeFrame, motion: np.random.Generator | None, frames: int, x: float, y: float, omega: float,
            fall: float, y_lo: float, y_hi: float, margin: float) -> list[tuple[float, float]]:
     """Where an object at (x, y) in frame 0 is in each frame while the liquid still turns after the spin stop:
     round the axis at ``omega`` rad a frame on an orbit of its own radius (seen from the side, so only its x
@@ -411,10 +548,18 @@ def render_frames(world: ForeignWorld, rng: np.random.Generator, cls: str, frame
     wall = np.where(t < 1, 0.22 + 0.6 * t ** 2, 0.95)
     edge = np.exp(-((d - shape.wall_px) ** 2) / 1.2) * 0.12
     img = np.where(inside, img * (wall + edge), img)
-    # The base seen edge-on: a dark arc bowed upward (the push-up).
-    base_y = fr.inner_bottom() - 6 * (1 - ((xx - fr.cx) / (shape.body_width / 2)) ** 2)
-    base = inside & (yy > base_y) & (yy < fr.bottom)
-    img = np.where(base, img * 0.35, img)
+    syringe = isinstance(fr, SyringeFrame)
+    body_width = shape.barrel_width if syringe else shape.body_width
+    if syringe:
+        # The flange is a glass disk seen edge-on: dark but for the bore that runs through it.
+        flange = inside & (yy < fr.barrel_top) & (np.abs(xx - fr.cx) > body_width / 2 - shape.wall_px)
+        img = np.where(flange, img * 0.45, img)
+        base_y = fr.inner_bottom()
+    else:
+        # The base seen edge-on: a dark arc bowed upward (the push-up).
+        base_y = fr.inner_bottom() - 6 * (1 - ((xx - fr.cx) / (shape.body_width / 2)) ** 2)
+        base = inside & (yy > base_y) & (yy < fr.bottom)
+        img = np.where(base, img * 0.35, img)
 
     # Liquid up to the fill row; the meniscus a dark band that climbs the wall.
     deviation = 0.0
@@ -424,19 +569,41 @@ def render_frames(world: ForeignWorld, rng: np.random.Generator, cls: str, frame
         frac = shape.fill_fraction * (1 + deviation)
     y_fill = fr.fill_row(frac)
     inner = inside & (d > shape.wall_px)
-    rel = np.clip((xx - fr.cx) / (shape.body_width / 2 - shape.wall_px), -1, 1)
+    rel = np.clip((xx - fr.cx) / (body_width / 2 - shape.wall_px), -1, 1)
     surface = y_fill - 5.0 * rel ** 4
     liquid = inner & (yy > surface) & (yy < base_y)
     img = np.where(liquid, img * world.liquid_transmission, img)
     band = inner & (yy > surface - 1.5) & (yy < surface + 4.5)
     img = np.where(band, img * 0.42, img)
-    # Crimp cap: aluminium, nearly opaque, a little sheen.
-    cap = (yy >= fr.top) & (yy < fr.neck_top + 6) & (np.abs(xx - fr.cx) < shape.neck_width / 2 + 8)
-    img = np.where(cap, 0.06 + 0.05 * np.exp(-((xx - fr.cx + 12) ** 2) / 60.0), img)
+    if syringe:
+        # The stopper rides on the air gap the stoppering leaves above the liquid: black rubber pressed against
+        # the glass, its face a little convex, a faint sheen on one side, two lighter grooves between its ribs.
+        gap = rng.uniform(*shape.air_gap)
+        face = y_fill - gap + 3.0 * (1 - rel ** 2)
+        plug = (np.abs(xx - fr.cx) < body_width / 2 - 0.6 * shape.wall_px) & (yy <= face) \
+            & (yy > face - shape.stopper_height)
+        rubber = 0.05 + 0.03 * np.exp(-((xx - fr.cx - 0.25 * body_width) ** 2) / 80.0)
+        for g in (0.33, 0.66):
+            rubber = rubber + 0.05 * (np.abs(yy - (face - g * shape.stopper_height)) < 2.0) \
+                * (np.abs(xx - fr.cx) > body_width / 2 - 1.6 * shape.wall_px)
+        img = np.where(plug, rubber, img)
+        # Rigid needle shield: grey-black plastic with rounded lower corners and a few moulded ribs.
+        sx, sb = np.abs(xx - fr.cx), fr.bottom
+        r = 10.0
+        shield = (yy >= fr.shield_top) & (yy <= sb) & (sx < shape.shield_width / 2) \
+            & ~((yy > sb - r) & (sx > shape.shield_width / 2 - r)
+                & (np.hypot(sx - (shape.shield_width / 2 - r), yy - (sb - r)) > r))
+        ribs = 0.02 * (np.sin((xx - fr.cx) * 0.9) > 0.6)
+        img = np.where(shield, 0.10 + ribs + 0.04 * np.exp(-((xx - fr.cx + 0.2 * shape.shield_width) ** 2) / 50.0),
+                       img)
+    else:
+        # Crimp cap: aluminium, nearly opaque, a little sheen.
+        cap = (yy >= fr.top) & (yy < fr.neck_top + 6) & (np.abs(xx - fr.cx) < shape.neck_width / 2 + 8)
+        img = np.where(cap, 0.06 + 0.05 * np.exp(-((xx - fr.cx + 12) ** 2) / 60.0), img)
 
     # Nuisances on any unit.
     imgs = [img] if frames == 1 else [img.copy() for _ in range(frames)]
-    reach = shape.body_width / 2 - shape.wall_px
+    reach = body_width / 2 - shape.wall_px
     omega = 0.0 if motion is None else float(motion.choice([-1, 1]) * motion.uniform(2.0, 12.0) / reach)
     nuisances: list[str] = []
     liq_top, liq_bot = y_fill + 6, fr.inner_bottom() - 4
@@ -456,21 +623,31 @@ def render_frames(world: ForeignWorld, rng: np.random.Generator, cls: str, frame
     if rng.uniform() < 0.35:
         nuisances.append("dust")
         for _ in range(int(rng.integers(1, 4))):
-            x, y = _inside(fr, rng, fr.neck_top + 8, fr.inner_bottom() - 2, -shape.wall_px + 1)
+            x, y = _inside(fr, rng, *fr.dust_span(), -shape.wall_px + 1)
             size = rng.uniform(1.5, 5.0)
             _replay(imgs, rng, lambda im, g, k, x=x, y=y, size=size: draw_dust(im, g, x, y, size))
     if rng.uniform() < 0.25:
         nuisances.append("scratch")
-        x, y = _inside(fr, rng, fr.body_top, fr.inner_bottom() - 30, 2)
+        x, y = _inside(fr, rng, *fr.scratch_span(), 2)
         length = rng.uniform(30, 150)
         _replay(imgs, rng, lambda im, g, k: draw_scratch(im, g, x, y, length))
     if rng.uniform() < 0.2:
         nuisances.append("glare")
-        gx = fr.cx + rng.uniform(-0.35, 0.35) * shape.body_width
+        gx = fr.cx + rng.uniform(-0.35, 0.35) * body_width
         gain = rng.uniform(0.05, 0.12)
         width = rng.uniform(3, 8)
         glare = 1 + gain * np.exp(-((xx - gx) ** 2) / (2 * width ** 2)) * inner
         imgs = [im * glare for im in imgs]
+    if syringe and rng.uniform() < 0.45:
+        # Silicone oil off the barrel's lubricated wall: droplets in the liquid that move with it. Oil bends light
+        # far less than air does (refractive index 1.40 against water's 1.33), so a droplet is a faint ring.
+        nuisances.append("silicone_oil")
+        for _ in range(int(rng.integers(4, 30))):
+            x, y = _inside(fr, rng, liq_top, liq_bot, 3)
+            rise = 0.0 if motion is None else -motion.uniform(0.0, 1.0)
+            path = _swirl(fr, motion, frames, x, y, omega, rise, liq_top, liq_bot, 3)
+            r = rng.uniform(0.7, 2.5)
+            _replay(imgs, rng, lambda im, g, k, path=path, r=r: draw_droplet(im, g, *path[k], r))
 
     defects: list[dict] = []
     if cls == "particle":
@@ -492,19 +669,7 @@ def render_frames(world: ForeignWorld, rng: np.random.Generator, cls: str, frame
             defects[-1]["track"] = [[round(px, 1), round(py, 1)] for px, py in path]
     elif cls == "crack":
         length = float(math.exp(rng.uniform(math.log(20.0), math.log(100.0))))
-        where = str(rng.choice(["body", "wall", "shoulder", "heel", "neck"], p=[0.35, 0.2, 0.2, 0.15, 0.1]))
-        if where == "wall":
-            side = rng.choice([-1, 1])
-            y = rng.uniform(fr.body_top + 20, fr.bottom - 40)
-            x = fr.cx + side * (shape.body_width / 2 - shape.wall_px * 1.5)
-        elif where == "shoulder":
-            x, y = _inside(fr, rng, fr.shoulder_top + 4, fr.body_top + 10, -shape.wall_px)
-        elif where == "heel":
-            x, y = _inside(fr, rng, fr.bottom - 40, fr.bottom - 8, -shape.wall_px)
-        elif where == "neck":
-            x, y = _inside(fr, rng, fr.neck_top + 10, fr.shoulder_top, -shape.wall_px)
-        else:
-            x, y = _inside(fr, rng, fr.body_top + 10, fr.inner_bottom() - 20, 4)
+        where, x, y = fr.crack_site(rng)
         _replay(imgs, rng, lambda im, g, k: draw_crack(im, g, x, y, length))
         defects.append({"class": "crack", "kind": where, "size_um": None, "length_mm": round(length * world.pixel_um
                                                                                             / 1000, 3),

@@ -16,10 +16,11 @@ Then, as the walk in docs/new_line.md does, it exports the run and calibrates th
 of another lot of the line (``--calibrate-good``; `vialinspect package calibrate`), because a validation split of
 ~100 good units cannot hold a 1% budget, and scores that package too; then fits the good-only anomaly model on
 the same lot's good units (`vialinspect package fit-anomaly`) and scores it alone and with the class thresholds.
-``--world fx68`` or ``fx61`` renders a foreign world's
-units instead (benchmarks/foreign_world.py, which shares no code with the simulator): its container and glass
-marks stay put over the K frames, suspended particles circle the axis and sink, particles on the base slide and
-tumble, free bubbles rise, bubbles on the glass stay. Writes --out/summary.json and prints a
+``--world fx68``, ``fx61`` (vials) or ``fx66s`` (prefilled
+syringes) renders a foreign world's units instead (benchmarks/foreign_world.py, which shares no code with the
+simulator): its container and glass marks stay put over the K frames, suspended particles circle the axis and
+sink, particles on the base slide and tumble, free bubbles rise, bubbles on the glass stay, a syringe's silicone
+oil droplets turn with the liquid. Writes --out/summary.json and prints a
 table; ``--resume`` re-scores an existing --out without rendering or training again.
 """
 

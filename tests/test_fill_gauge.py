@@ -291,3 +291,27 @@ def test_a_grey_base_is_still_the_bottom_not_the_cap_above(base_level):
     assert abs(g.meniscus_row - 401) <= 2
     low = measure_geometry([_drawn_vial(440, base_level, rng)])
     assert abs((g.fill_px - low.fill_px) - 40) <= 1.5
+
+
+def test_formats_of_one_height_and_another_width_get_their_own_reference():
+    """A 1 mL long and a 2.25 mL syringe (or an 8R and a 10R vial) stand about as tall under one camera and hold
+    different liquid columns: one shared reference would widen the spread until fill defects hide in it (seen on
+    a syringe line drawn by benchmarks/foreign_world.py, fx66s: fill level 0.76 at 2% false rejects)."""
+    from vialinspect.vision.classical import Geometry
+
+    rng = np.random.default_rng(4)
+
+    def unit(width: float, height: int, column: float) -> Geometry:
+        top = 12 + int(rng.integers(-2, 3))
+        zero = top + height - 250 + rng.normal(0, 1)
+        return Geometry("syringe", width + rng.normal(0, 0.5), (top, top + height - 1), zero,
+                        zero - column + rng.normal(0, 1.5))
+
+    slim = [unit(123, 1094, 515) for _ in range(MIN_GROUP + 10)]
+    wide = [unit(163, 1034, 450) for _ in range(MIN_GROUP + 10)]  # 5.5% shorter: within the height tolerance
+    gauge = fit_fill_gauge(slim + wide)
+    assert sorted(round(g.width_px) for g in gauge.groups) == [123, 163]
+    for w, h, col in ((123, 1094, 515), (163, 1034, 450)):
+        assert gauge.read_geometry(unit(w, h, col)).deviation < 4
+        low = gauge.read_geometry(unit(w, h, col * 0.88))  # 12% short: a fill-level defect
+        assert low.deviation > 6 and gauge.groups[low.group].width_px == pytest.approx(w, abs=2)

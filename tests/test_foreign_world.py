@@ -170,3 +170,34 @@ def test_a_sequence_is_drawn_again_from_the_same_seeds(fw):
     assert ta == tb and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     with pytest.raises(ValueError, match="motion"):
         fw.render_frames(fw.WORLDS["fx68"], np.random.default_rng(0), "good", 4)
+
+
+def _syringes(fw, cls: str, n: int):
+    w = fw.WORLDS["fx66s"]
+    for i in range(n):
+        img, truth = fw.render(w, np.random.default_rng(np.random.SeedSequence([9, i])), cls)
+        yield w, img, truth
+
+
+def test_a_syringe_is_measured_as_a_syringe_with_its_meniscus_under_the_stopper(fw):
+    """The syringe line is drawn without the simulator too (flange, stopper on an air gap, needle shield): the
+    project's geometry must read it as a syringe and find the liquid's surface, not the stopper's face."""
+    from vialinspect.vision.classical import measure_geometry
+
+    for w, img, truth in _syringes(fw, "good", 4):
+        shape = next(s for s in w.shapes if s.name == truth["format"])
+        # The frame's lower end is drawn within +-3 px of height - 14: the meniscus to within a few px.
+        meniscus = shape.height - 14 - shape.shield_height - 2 - truth["fill_height_mm"] * 1000 / w.pixel_um
+        g = measure_geometry([img])
+        assert g.kind == "syringe"
+        assert abs(g.meniscus_row - meniscus) < 8, (truth["format"], g.meniscus_row, meniscus)
+
+
+def test_a_syringes_cracks_lie_on_its_own_glass_and_its_fill_defects_move_the_stopper(fw):
+    places = {t["defects"][0]["kind"] for _, _, t in _syringes(fw, "crack", 24)}
+    assert places <= {"barrel", "wall", "cone", "flange"} and len(places) >= 3
+    good = [t["fill_height_mm"] for _, _, t in _syringes(fw, "good", 8) if t["format"] == "1mL"]
+    wrong = [t for _, _, t in _syringes(fw, "fill_level", 8) if t["format"] == "1mL"]
+    assert good and wrong
+    for t in wrong:
+        assert abs(t["fill_height_mm"] - np.median(good)) > 2.0  # mm: 10-25% of a ~33 mm column

@@ -74,8 +74,9 @@ class FillGauge:
 
     def match(self, g: Geometry) -> int | None:
         """The reference group of a unit's geometry, or None: the same kind and silhouette height (within
-        ``MATCH_TOL``), and of those the nearest body width. The height decides, not the width: a container
-        partly out of the picture at the side measures narrower, and the fill is still measured right."""
+        ``MATCH_TOL``), and of those the nearest body width (the groups were fitted apart by width too). The
+        width only chooses, it does not exclude: a container partly out of the picture at the side measures
+        narrower, and its fill is still measured right."""
         best, best_d = None, math.inf
         h = _height(g)
         for i, grp in enumerate(self.groups):
@@ -163,9 +164,11 @@ def _height(g: Geometry) -> float:
 
 
 def fit_fill_gauge(geometries: Iterable[Geometry | None]) -> FillGauge:
-    """A gauge from the good units' geometries (None: not found). Units are grouped by kind and silhouette height
-    (greedy, tallest first, within ``MATCH_TOL``; the group's body width is its units' median); groups of fewer
-    than ``MIN_GROUP`` units are dropped as mis-measurements. ``FillGaugeError`` when no group remains."""
+    """A gauge from the good units' geometries (None: not found). Units are grouped by kind, silhouette height and
+    body width (greedy, tallest first, each within ``MATCH_TOL`` of the group's median): formats of one height and
+    another diameter (an 8R and a 10R vial, a 1 mL long and a 2.25 mL syringe) hold different liquid columns and
+    must not share a reference. Groups of fewer than ``MIN_GROUP`` units are dropped as mis-measurements.
+    ``FillGaugeError`` when no group remains."""
     found: list[Geometry] = []
     missing = 0
     for g in geometries:
@@ -177,8 +180,8 @@ def fit_fill_gauge(geometries: Iterable[Geometry | None]) -> FillGauge:
     centres: list[tuple[str, float, float]] = []
     for g in sorted(found, key=lambda x: (x.kind, -_height(x))):
         h = _height(g)
-        for i, (kind, _w, hh) in enumerate(centres):
-            if kind == g.kind and abs(h - hh) / hh <= MATCH_TOL:
+        for i, (kind, ww, hh) in enumerate(centres):
+            if kind == g.kind and abs(h - hh) / hh <= MATCH_TOL and abs(g.outer_width_px - ww) / ww <= MATCH_TOL:
                 members[i].append(g)
                 ws = [m.outer_width_px for m in members[i]]
                 hs = [_height(m) for m in members[i]]
