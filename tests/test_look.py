@@ -95,6 +95,17 @@ def test_known_pixel_scale_only_chooses_the_format(stills):
     assert narrowed.format == "vial-2R" and "syringe-1mL" not in narrowed.formats
 
 
+def test_a_container_the_simulator_lacks_does_not_pull_the_scale_between_two(stills):
+    """Half the line's syringes are wider than the simulator's 1 mL one (here: rendered at 50 µm/px, so they read
+    as 40% wider under a 70 µm/px camera, as a 2.25 mL syringe does): matched to the 1 mL format they give another
+    scale. The line's scale must be one group's, not a median between the two, and the user is told."""
+    wide = render(replace(CAM, pixel_um=50.0), 8, formats=("syringe-1mL",), seed=5)
+    look = estimate_look(stills[:8] + wide)
+    assert within(look.pixel_um, 70.0, 0.01) or within(look.pixel_um, 50.0, 0.01), look.pixel_um
+    assert any("pixel scales disagree" in p and "--pixel-um" in p for p in look.problems), look.problems
+    assert not any("disagree" in p for p in estimate_look(stills).problems)
+
+
 def test_sequences_give_noise_and_flicker():
     cam = replace(CAM, pixel_um=80.0, flicker=0.01)
     look = estimate_look(render(cam, 8, frames=3, formats=("vial-10R",)))

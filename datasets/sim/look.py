@@ -39,7 +39,9 @@ What is measured, per unit, and how:
 Limits. The look is the simulator's parameters, fitted by the simulator's own models: a line whose light or optics
 follow other models gets the nearest simulated look, not its own. The container must be seen whole in width with
 bare light beside it (a body at least 16 px wide); a unit cut off by the picture's side is not measured. The
-formats are the simulator's (a line's own container is matched to the nearest, with a note when none fits well);
+formats are the simulator's (a line's own container is matched to the nearest, with a note when none fits well;
+one the simulator lacks gives its units another pixel scale, and the largest group of agreeing units sets the
+line's, with a note);
 the field of view is the simulator's framing of that format, whatever the line's picture size (a note when they
 differ). Not estimated: liquid, product and meniscus appearance, glass colour, nuisance rates, defect sizes, frame
 timing, lens distortion. Colour images are measured on their grey conversion (a colour tint scales the back light
@@ -784,6 +786,36 @@ def estimate_look(units: Iterable[Sequence[np.ndarray]], formats: Sequence[str] 
     return combine(measured, n, reasons)
 
 
+SCALE_TOL = 0.06  # units whose pixel scales agree within this fraction are taken to show one simulator format
+
+
+def _line_scale(measured: Sequence[UnitMeasure]) -> tuple[float, str | None]:
+    """The line's pixel scale (µm/px) and a note where its units disagree. Each unit's scale is its body width
+    against the outer diameter of the simulator format it was matched to; a container the simulator does not have
+    (a 2.25 mL syringe matched to the 1 mL one, a 6R vial to the 10R) gives another scale, and a median over both
+    lands between them, right for neither. So the scales are grouped (within ``SCALE_TOL``), the largest group's
+    median is the line's, and the note names the others."""
+    groups: list[list[UnitMeasure]] = []
+    for u in sorted(measured, key=lambda u: u.pixel_um):
+        if groups and u.pixel_um <= float(np.median([g.pixel_um for g in groups[-1]])) * (1 + SCALE_TOL):
+            groups[-1].append(u)
+        else:
+            groups.append([u])
+    # The most units; between equals, those whose outlines fit their format best.
+    groups.sort(key=lambda g: (-len(g), float(np.mean([u.fit_score for u in g]))))
+    main = groups[0]
+    px = float(np.median([u.pixel_um for u in main]))
+    others = [g for g in groups[1:] if len(g) >= max(2, 0.1 * len(measured))]
+    if not others:
+        return px, None
+    parts = ", ".join(f"{len(g)} at {np.median([u.pixel_um for u in g]):.1f} µm/px (matched to "
+                      f"{Counter(u.format for u in g).most_common(1)[0][0]})" for g in others)
+    return px, (f"the units' pixel scales disagree: {len(main)} give {px:.1f} µm/px (matched to "
+                f"{Counter(u.format for u in main).most_common(1)[0][0]}), {parts}; the line runs a container the "
+                "simulator does not have, or matched one to the wrong format. The largest group's scale is used: "
+                "give --pixel-um if the camera's scale is known")
+
+
 def combine(measured: Sequence[UnitMeasure], n_units: int | None = None,
             reasons: Counter[str] | None = None) -> LineLook:
     """A line's look from its units' measures (``n_units`` looked at, ``reasons`` why the others were not
@@ -801,7 +833,9 @@ def combine(measured: Sequence[UnitMeasure], n_units: int | None = None,
     order = [f for f, _ in counts.most_common()]
     fmt = order[0]
     frames = Counter(u.frames for u in measured).most_common(1)[0][0]
-    px = float(np.median([u.pixel_um for u in measured]))
+    px, scale_note = _line_scale(measured)
+    if scale_note:
+        problems.append(scale_note)
     sizes = {f: Counter(u.shape for u in measured if u.format == f).most_common(1)[0][0] for f in order}
     image_hw = sizes[fmt]
     for f, (h, w) in sizes.items():
