@@ -26,8 +26,18 @@ COMMANDS = (
     quality.add_qualify, quality.add_drift,
 )
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser without abbreviated flags, for every command (subparsers take their parent's class).
+    With abbreviations on, a mistyped ``--n 40`` for ``--containers`` is read as ``--nuisance 40`` and answered
+    with an error about ``--nuisance``; a flag the command does not have should be named as such."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vialinspect",
         description="Automated visual inspection of injectable containers: simulate, train, export, inspect, review.",
     )
