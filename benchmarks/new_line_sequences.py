@@ -192,6 +192,10 @@ def main() -> int:
     p.add_argument("--settings", default=None,
                    help="training settings as JSON over train's defaults, e.g. '{\"image_label_weight\": 0}' "
                         "(default: none, plain `vialinspect train`)")
+    p.add_argument("--init", default="auto",
+                   help="the model training starts from, as `vialinspect train --init` takes it (default auto: what "
+                        "plain `train` chooses, builtin:default for sequences; a checkpoint or package path tries "
+                        "another start)")
     p.add_argument("--out", default="bench_out/new_line_sequences", help="output directory (must not exist)")
     p.add_argument("--resume", action="store_true",
                    help="--out holds a finished run of this script: score it again and calibrate, no new training")
@@ -229,7 +233,7 @@ def main() -> int:
         train_dir = out / "train_data"
         train_dir.mkdir()
         (data / "train").rename(train_dir / "train")
-        fit = NL.train_run(train_dir, run, "auto", None, a.minutes, a.seed, settings)
+        fit = NL.train_run(train_dir, run, a.init, None, a.minutes, a.seed, settings)
     res = NL.score_run(str(run / "best.pt"), data)  # its test/ split folder: every test unit
     if a.calibrate_good:
         lot = out / "lot"
@@ -242,7 +246,8 @@ def main() -> int:
             res["anomaly"] = anomaly_run(pkg, lot, data, out)
     pace1 = round(pace_gflops(), 1)
     summary = {"world": world.name, "frames": a.frames, "labels": a.labels, "good": a.good, "test": a.test,
-               "minutes": a.minutes, "seed": a.seed, "settings": settings, "render": built, **fit, **res,
+               "minutes": a.minutes, "seed": a.seed, "settings": settings, "init": a.init, "render": built, **fit,
+               **res,
                "pace_gflops_start": pace0, "pace_gflops_end": pace1}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     r, au, cal = res["at_frr"], res["auroc"], res["calibrated"]
