@@ -26,6 +26,7 @@ COMMANDS = (
     quality.add_qualify, quality.add_drift,
 )
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser without abbreviated flags, for every command (subparsers take their parent's class).
     With abbreviations on, a mistyped ``--n 40`` for ``--containers`` is read as ``--nuisance 40`` and answered
