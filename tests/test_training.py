@@ -226,6 +226,24 @@ def test_init_auto_starts_image_level_data_from_the_simulator_model(coarse_data,
     assert seen == ["builtin:default"]
 
 
+@pytest.mark.parametrize("frames_from,frames_to,says", [
+    (4, 8, "trained on 4 frame(s) a unit, this data has 8: the weights of frames 5-8 start at zero"),
+    (4, 5, "the weights of frame 5 start at zero"), (4, 2, "the weights of frames 3-4 dropped"),
+    (1, 4, "trained on 1 frame(s) a unit, this data has 4: its frame differences start at zero")])
+def test_a_start_trained_on_another_frame_count_says_what_carries_over(frames_from, frames_to, says):
+    from vialinspect.training.trainer import _init_weights
+
+    start = VialNet(frames_from, widths=SMALL, motion=True, contrast=True)
+    net = VialNet.from_arch(start.arch(), frames_to)
+    lines = []
+    _init_weights(net, "START", {"state_dict": start.state_dict()}, frames_to, lines.append)
+    assert any(says in x for x in lines) and lines[-1] == "initialised from START"
+    lines.clear()
+    _init_weights(VialNet.from_arch(start.arch()), "START", {"state_dict": start.state_dict()}, frames_from,
+                  lines.append)
+    assert lines == ["initialised from START"]
+
+
 def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(coarse_data, tiny_run, tmp_path):
     """Real-image layout: colour JPEGs of another size, no masks, no fill heights, fine-tuned from a model."""
     import json
@@ -234,9 +252,12 @@ def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(c
 
     ds = open_dataset(coarse_data)
     root = _as_imagefolder(coarse_data, tmp_path / "real")
+    lines = []
     summary = train(root, tmp_path / "run", small_config(epochs=1), init=str(tiny_run / "best.pt"), progress=False,
-                    log=lambda *a: None)
+                    log=lines.append)
     assert summary["epochs_run"] == 1
+    # the log says that the start's motion (2 frames a unit) does not carry over to still images
+    assert any("trained on 2 frame(s) a unit, this data has 1: what it learnt of motion dropped" in x for x in lines)
     ck = load_checkpoint(tmp_path / "run" / "best.pt")
     # init "auto": the simulator's data (with masks) trained from random weights
     assert load_checkpoint(tiny_run / "best.pt")["init"] is None

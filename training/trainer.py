@@ -185,6 +185,17 @@ def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
     if unexpected or missing:
         raise TrainingError(f"--init {init}: its network does not match (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]})")
+    groups = ck["state_dict"]["stem.0.weight"].shape[1] // 4
+    frames_from = 1 if groups == 1 else groups - 1
+    if frames_from != frames:
+        # A user should know that part of the start is new: what the model learnt of motion covers the frames
+        # both counts share (docs/new_line.md: 8 frames a unit from the 4-frame default model).
+        lo, hi = sorted((frames_from, frames))
+        which = f"frame {hi}" if hi == lo + 1 else f"frames {lo + 1}-{hi}"
+        new = ("its frame differences start at zero" if frames_from == 1 else
+               "what it learnt of motion dropped" if frames == 1 else
+               f"the weights of {which} start at zero" if frames > frames_from else f"the weights of {which} dropped")
+        log(f"{init} was trained on {frames_from} frame(s) a unit, this data has {frames}: {new}")
     log(f"initialised from {init}")
 
 
