@@ -135,3 +135,25 @@ def test_recall_by_kind_counts_each_kind_and_names_what_the_top_good_units_carry
     top = out["top_good_nuisances"]
     assert top["particle"] == [[0.5, ["bubbles"]], [0.2, ["scratch"]]]  # the unit without a truth row is left out
     assert top["crack"][0] == [0.7, ["scratch"]]
+
+
+def test_crack_combination_takes_each_units_first_frame_and_combines_the_scores(tmp_path):
+    with benchmark("crack_combination") as cc:
+        data = tmp_path / "data"
+        for cls, unit, ext in (("good", "u1", ".png"), ("crack", "u2", ".jpg")):
+            d = data / "test" / cls / unit
+            d.mkdir(parents=True)
+            for k in range(4):
+                (d / f"f{k}{ext}").write_bytes(f"{unit} frame {k}".encode())
+        assert cc.first_frames(data, tmp_path / "stills") == 2
+        assert (tmp_path / "stills" / "test" / "crack" / "u2.jpg").read_bytes() == b"u2 frame 0"
+        assert (tmp_path / "stills" / "test" / "good" / "u1.png").read_bytes() == b"u1 frame 0"
+        with pytest.raises(SystemExit, match="no first frame"):
+            (data / "test" / "good" / "u3").mkdir()
+            cc.first_frames(data, tmp_path / "again")
+        seq = np.array([[0.9, 0.2, 0.1], [0.1, 0.6, 0.3]])
+        still = np.array([[0.2, 0.8, 0.5], [0.3, 0.4, 0.7]])
+        c = cc.combinations(seq, still)
+        assert np.array_equal(c["cracks from the still network"], [[0.9, 0.8, 0.1], [0.1, 0.4, 0.3]])
+        assert np.allclose(c["cracks: mean of both"], [[0.9, 0.5, 0.1], [0.1, 0.5, 0.3]])
+        assert c["sequence network alone"] is seq and c["still network alone"] is still
