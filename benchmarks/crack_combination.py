@@ -35,21 +35,27 @@ CLASSES = NL.CLASSES
 
 
 def first_frames(data: Path, out: Path) -> int:
-    """``data``'s test units as still images: ``out/test/<class>/<unit><ext>`` from each unit's ``f0`` frame."""
-    n = 0
-    for unit in sorted((data / "test").glob("*/*")):
-        if not unit.is_dir():
-            continue
-        f0 = sorted(unit.glob("f0.*"))
-        if not f0:
-            raise SystemExit(f"{unit}: no first frame f0.* (is {data} a sequence benchmark's world?)")
-        dst = out / "test" / unit.parent.name / (unit.name + f0[0].suffix)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f0[0], dst)
-        n += 1
-    if not n:
+    """``data``'s test units as still images: ``out/test/<class>/<unit><ext>`` from each unit's first frame, as the
+    project's ImageFolder reader orders a unit's frames (``f0`` ... or ``f00`` ... past ten frames)."""
+    from vialinspect.datasets.imagefolder import read_imagefolder
+    from vialinspect.datasets.manifest import DatasetError
+
+    try:
+        units = [r for r in read_imagefolder(data).records if r.split == "test"]
+    except DatasetError as e:
+        raise SystemExit(str(e)) from None
+    if not units:
         raise SystemExit(f"{data}: no test units under {data / 'test'}")
-    return n
+    read = {Path(r.id) for r in units}
+    for unit in sorted((data / "test").glob("*/*")):
+        if unit.is_dir() and unit.relative_to(data) not in read:
+            raise SystemExit(f"{unit}: no first frame (is {data} a sequence benchmark's world?)")
+    for r in units:
+        f0, unit = data / r.frames[0], Path(r.id)
+        dst = out / "test" / unit.parent.name / (unit.name + f0.suffix)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f0, dst)
+    return len(units)
 
 
 def combinations(seq: np.ndarray, still: np.ndarray) -> dict[str, np.ndarray]:
