@@ -33,7 +33,8 @@ from vialinspect.datasets.sim.formats import get_format  # noqa: E402
 from vialinspect.datasets.sim.render import framing_for  # noqa: E402
 from vialinspect.export.package import load_package  # noqa: E402
 from vialinspect.vision.cost import model_gflop, padded  # noqa: E402
-from vialinspect.vision.model import InferenceModel, VialNet  # noqa: E402
+from vialinspect.vision.model import InferenceModel  # noqa: E402
+from vialinspect.vision.pair import network_from_arch  # noqa: E402
 from vialinspect.vision.preprocess import InputSpec  # noqa: E402
 from vialinspect.vision.runtime import OnnxModel  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> int:
     fr = framing_for(get_format(a.format), spec.pixel_um or 40.0)
     h, w = padded(fr.height, spec.pad_multiple), padded(fr.width, spec.pad_multiple)
     weights = torch.load(pkg.weights_path, map_location="cpu", weights_only=True)
-    net = VialNet.from_arch(weights["model"])
+    net = network_from_arch(weights["model"])
     net.load_state_dict(weights["state_dict"])
     eager = InferenceModel(net.eval(), (spec.pixel_um or 40.0) / 1000).eval()
     torch.set_num_threads(os.cpu_count() or 1)

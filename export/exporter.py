@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vialinspect.vision.model import VialNet
+from vialinspect.vision.pair import Network
 from vialinspect.vision.preprocess import InputSpec, Prepared
 
 from .onnx_export import DEFAULT_OPSET, ExportError, export_onnx, parity
@@ -59,7 +59,7 @@ def package_metadata(spec: InputSpec, ck: dict[str, Any], precision: str, opset:
     }
 
 
-def export_package(net: VialNet, spec: InputSpec, ck: dict[str, Any], out: Path, held_out: list[Prepared],
+def export_package(net: Network, spec: InputSpec, ck: dict[str, Any], out: Path, held_out: list[Prepared],
                    fill_specs: list, opset: int = DEFAULT_OPSET, fp16: bool = False, git_commit: str = "unknown",
                    overwrite: bool = False, step: Callable[[str], None] | None = None,
                    extra_metadata: dict[str, Any] | None = None) -> ModelPackage:

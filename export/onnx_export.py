@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from vialinspect.errors import VialinspectError
-from vialinspect.vision.model import InferenceModel, VialNet
+from vialinspect.vision.model import InferenceModel
+from vialinspect.vision.pair import Network
 from vialinspect.vision.postprocess import to_scores
 from vialinspect.vision.preprocess import InputSpec, Prepared
 from vialinspect.vision.runtime import FEATURES_NAME, INPUT_NAME, OUTPUT_NAMES
@@ -63,7 +64,7 @@ class _Half(torch.nn.Module):
         return tuple(o.float() for o in self.m(x.half()))
 
 
-def export_onnx(net: VialNet, spec: InputSpec, metadata_props: dict[str, str], opset: int = DEFAULT_OPSET,
+def export_onnx(net: Network, spec: InputSpec, metadata_props: dict[str, str], opset: int = DEFAULT_OPSET,
                 fp16: bool = False) -> bytes:
     """The graph: ``OUTPUT_NAMES`` and the ``features`` output the good-only anomaly model reads. Only a package
     with an anomaly model asks for it; measured 2026-12-04 on the default network (vial-2R, batch 1, 2 cores),
@@ -97,7 +98,7 @@ def export_onnx(net: VialNet, spec: InputSpec, metadata_props: dict[str, str], o
     return proto.SerializeToString()
 
 
-def parity(net: VialNet, spec: InputSpec, onnx_bytes: bytes, prepared: list[Prepared], thresholds: dict[str, float],
+def parity(net: Network, spec: InputSpec, onnx_bytes: bytes, prepared: list[Prepared], thresholds: dict[str, float],
            fill_specs: list[tuple[float, float] | None], fp16: bool = False) -> ParityResult:
     """Compare ONNX Runtime (CPU) with PyTorch container by container."""
     import onnxruntime as ort

@@ -15,7 +15,7 @@ import torch
 # imports it from here.
 from vialinspect.datasets.content_hash import dataset_hash  # noqa: F401
 from vialinspect.errors import VialinspectError
-from vialinspect.vision.model import VialNet
+from vialinspect.vision.pair import Network, network_from_arch
 from vialinspect.vision.preprocess import InputSpec
 
 FORMAT = "vialinspect-checkpoint"
@@ -54,9 +54,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ck
 
 
-def build_model(ck: dict[str, Any]) -> tuple[VialNet, InputSpec]:
-    m = ck["model"]
-    net = VialNet.from_arch(m)
+def build_model(ck: dict[str, Any]) -> tuple[Network, InputSpec]:
+    net = network_from_arch(ck["model"])
     try:
         net.load_state_dict(ck["state_dict"])
     except RuntimeError as e:

@@ -196,6 +196,16 @@ class TrainConfig:
     # validation split clearly better; "on" always where the gauge can be fitted, "off" never. Data with fill
     # heights (the simulator's) learns the fill height itself and never uses the gauge.
     fill_gauge: str = "auto"
+    # A line's spin-stop sequences (several frames a unit) with image-level labels: also train a still-image
+    # network on each unit's first frame, after the sequence network and from the still-image transfer model,
+    # and average the two networks' crack probabilities (vision/pair.py). Measured post hoc on three foreign
+    # lines: cracks 0.91/0.97/0.97 found at <= 2% false rejects against 0.75/0.94/0.87 from the sequence network
+    # alone, particles unchanged (docs/new_line.md). "auto": for such data when training starts from a shipped
+    # model or from random weights (a line's first model; fine-tuning a line's own model keeps its network);
+    # "on": for any multi-frame data; "off": never.
+    still_network: str = "auto"
+    # The share of max_minutes the still network gets (the sequence network trains first, in the rest).
+    still_share: Float = 0.5
 
     def for_data(self, has_mask: bool) -> TrainConfig:
         """These settings with every "auto" (None) setting resolved for the data: with masks (the simulator's)
@@ -278,6 +288,10 @@ class TrainConfig:
             raise _bad("map_hard_negatives", f"must be >= 0, got {self.map_hard_negatives}")
         if self.fill_gauge not in ("auto", "on", "off"):
             raise _bad("fill_gauge", f"must be auto, on or off, got {self.fill_gauge!r}")
+        if self.still_network not in ("auto", "on", "off"):
+            raise _bad("still_network", f"must be auto, on or off, got {self.still_network!r}")
+        if not 0 < self.still_share < 1:
+            raise _bad("still_share", f"must be within (0, 1), got {self.still_share}")
         if self.val_every < 1:
             raise _bad("val_every", f"must be >= 1, got {self.val_every}")
         if self.frames is not None and self.frames < 1:

@@ -15,7 +15,7 @@ from vialinspect.datasets.sim.render import framing_for
 from vialinspect.export.exporter import export_package
 from vialinspect.export.package import ModelPackage, PackageError, package_weights
 from vialinspect.vision.cost import model_gflop, padded
-from vialinspect.vision.model import VialNet
+from vialinspect.vision.pair import Network
 from vialinspect.vision.preprocess import InputSpec, Prepared, preprocess
 
 from .checkpoint import CheckpointError, build_model, git_commit, load_checkpoint
@@ -39,7 +39,7 @@ def held_out(data_dir: Path, spec, count: int) -> tuple[list[Prepared], list]:
     return prepared, specs
 
 
-def cost_metadata(net: VialNet, spec: InputSpec) -> dict[str, Any]:
+def cost_metadata(net: Network, spec: InputSpec) -> dict[str, Any]:
     """The package's ``cost`` section: GFLOP of one container of each simulator format, framed at the model's pixel
     scale (the default camera's 40 µm/px where it has none) and padded as the runtime pads it (vision/cost.py)."""
     pixel_um = spec.pixel_um or 40.0

@@ -11,7 +11,8 @@ import torch
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.records import ContainerRecord
 from vialinspect.vision.fill_gauge import FillGauge, GaugeReading, apply_reading
-from vialinspect.vision.model import InferenceModel, VialNet
+from vialinspect.vision.model import InferenceModel
+from vialinspect.vision.pair import Network
 from vialinspect.vision.postprocess import to_scores
 from vialinspect.vision.preprocess import InputSpec, Prepared, preprocess
 from vialinspect.vision.scores import Scores
@@ -22,7 +23,7 @@ from .data import image_size, input_shape
 class TorchPredictor:
     """PyTorch inference for a batch of same-size containers."""
 
-    def __init__(self, net: VialNet, spec: InputSpec, device: str = "cpu", has_fill: bool = True):
+    def __init__(self, net: Network, spec: InputSpec, device: str = "cpu", has_fill: bool = True):
         self.spec, self.device, self.has_fill = spec, torch.device(device), has_fill
         mm_per_px = (spec.pixel_um or 40.0) / 1000.0
         self.model = InferenceModel(net, mm_per_px).to(self.device).eval()

@@ -24,7 +24,8 @@ from vialinspect.datasets.records import ContainerRecord, fit_frames, split_for
 from vialinspect.datasets.torch_dataset import ContainerDataset
 from vialinspect.errors import VialinspectError
 from vialinspect.export.builtin import is_builtin
-from vialinspect.vision.model import NUISANCE_PRIOR, VialNet, adapt_first_layer, soft_rows
+from vialinspect.vision.model import NUISANCE_PRIOR, VialNet, soft_rows
+from vialinspect.vision.pair import Network, adapt_state, has_arch, network_from_arch, stem_key, subnetworks
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import fill_probability
 
@@ -174,10 +175,10 @@ def _load_init(init: str) -> dict:
     return _package_state(init) if is_builtin(init) or Path(init).is_dir() else load_checkpoint(init)
 
 
-def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
-    state = adapt_first_layer(ck["state_dict"], frames)
+def _init_weights(net: Network, init: str, ck: dict, frames: int, log) -> None:
+    state = adapt_state(ck["state_dict"], frames)
     missing, unexpected = net.load_state_dict(state, strict=False)
-    added = [k for k in missing if k.startswith("nuisance_head.")]
+    added = [k for k in missing if k.removeprefix("sequence.").removeprefix("still.").startswith("nuisance_head.")]
     if added:  # a head the initial model does not have starts at its own initialisation (its prior)
         missing = [k for k in missing if k not in added]
         cut = float(torch.nn.functional.softplus(torch.tensor(NUISANCE_PRIOR)))
@@ -185,7 +186,7 @@ def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
     if unexpected or missing:
         raise TrainingError(f"--init {init}: its network does not match (missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]})")
-    groups = ck["state_dict"]["stem.0.weight"].shape[1] // 4
+    groups = ck["state_dict"][stem_key(ck["state_dict"])].shape[1] // 4
     frames_from = 1 if groups == 1 else groups - 1
     if frames_from != frames:
         # A user should know that part of the start is new: what the model learnt of motion covers the frames
@@ -199,13 +200,13 @@ def _init_weights(net: VialNet, init: str, ck: dict, frames: int, log) -> None:
     log(f"initialised from {init}")
 
 
-def _teacher(init: str, ck: dict, frames: int, device: torch.device, channels_last: bool) -> VialNet:
+def _teacher(init: str, ck: dict, frames: int, device: torch.device, channels_last: bool) -> Network:
     """The --init model, frozen, as the teacher for ``distill`` (its own widths; its stem fitted to ``frames``)."""
-    if not ck.get("model", {}).get("widths"):
+    if not has_arch(ck.get("model")):
         raise TrainingError(f"--init {init}: its architecture is not recorded, so it cannot be the teacher for "
                             "distill; set distill to 0")
-    net = VialNet.from_arch(ck["model"], frames)
-    net.load_state_dict(adapt_first_layer(ck["state_dict"], frames))
+    net = network_from_arch(ck["model"], frames)
+    net.load_state_dict(adapt_state(ck["state_dict"], frames))
     net.eval().requires_grad_(False)
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if channels_last else net
@@ -240,10 +241,10 @@ class _Run:
     cfg: TrainConfig
     d: Dist
     device: torch.device
-    net: VialNet
+    net: Network
     model: torch.nn.Module
     channels_last: bool
-    teacher: VialNet | None
+    teacher: Network | None
     distill_ok: torch.Tensor | None
     implant: float
     train_loader: DataLoader
@@ -269,25 +270,41 @@ class _Progress:
 
 def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str | None = None, resume: bool = False,
           log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
-    """Train VialNet on ``data_dir``; writes ``best.pt`` and ``last.pt`` into ``out_dir``; returns a summary.
+    """Train on ``data_dir``; writes ``best.pt`` (calibrated) into ``out_dir``; returns a summary.
 
     ``log`` takes the run's progress lines (default: this module's logger at INFO; `vialinspect train` passes
-    ``print``). The steps: the data (``_prepare_data``), a resumed run (``_resume_checkpoint``), the line's fill
-    gauge and the start (``_auto_init``), the network (``_build_network``), its teacher, loaders and optimiser
-    (``_setup_run``), then each epoch (``_epoch``, ``_validate_and_checkpoint``) and the calibration of the best
-    model (``_finish``)."""
+    ``print``). One network (``train_network``, which also writes ``last.pt``), or, on a line's spin-stop sequences
+    with image-level labels (``still_network``), a sequence network and a still-image network in ``out_dir``'s
+    ``sequence`` and ``still`` folders, paired in ``best.pt`` (``pair_train``)."""
     cfg.validate()
     word = None if init is None else str(init).lower()  # the words are case-blind; paths are not
     if word in ("none", "scratch"):
         init = None
     elif word == "auto":
         init = "auto"
+    log = logger.info if log is None else log
+    if cfg.still_network != "off":
+        from .pair_train import still_network_wanted, train_pair
+
+        if still_network_wanted(data_dir, Path(out_dir), cfg, init, resume, log):
+            return train_pair(data_dir, Path(out_dir), cfg, init, resume, log, progress)
+    return train_network(data_dir, out_dir, cfg, init, resume, log, progress)[0]
+
+
+def train_network(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str | None, resume: bool,
+                  log: Callable[[str], None], progress: bool = True) -> tuple[dict, LineGauge | None]:
+    """Train one network on ``data_dir``; writes ``best.pt`` and ``last.pt`` into ``out_dir``; returns a summary and
+    the line's fill gauge where one was fitted (data without fill heights).
+
+    The steps: the data (``_prepare_data``), a resumed run (``_resume_checkpoint``), the line's fill gauge and the
+    start (``_auto_init``), the network (``_build_network``), its teacher, loaders and optimiser (``_setup_run``),
+    then each epoch (``_epoch``, ``_validate_and_checkpoint``) and the calibration of the best model
+    (``_finish``). ``init`` is a model reference, "auto" or None (random weights)."""
     # The time budget counts from here: reading and hashing the data and the final calibration are part of
     # the run a budget is given for.
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     d = _setup_dist(device)
-    log = logger.info if log is None else log
     if not d.main:
         log = lambda *a, **k: None  # noqa: E731 - only rank 0 talks
     torch.manual_seed(cfg.seed + d.rank)
@@ -326,7 +343,7 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
         if cfg.max_minutes and cfg.anneal_to_budget:
             _fit_schedule_to_budget(run.schedule, run.sched.last_epoch, (time.perf_counter() - t_start) / 60,
                                     cfg.max_minutes, d, device)
-    return _finish(run, data, prog, stopped, best_path, t_start, gauge, log)
+    return _finish(run, data, prog, stopped, best_path, t_start, gauge, log), gauge
 
 
 def _prepare_data(data_dir: str | Path, cfg: TrainConfig, d: Dist, device: torch.device,
@@ -376,16 +393,16 @@ def _auto_init(gauge_fitted: bool, has_mask: bool, resumed: dict | None, d: Dist
 
 
 def _build_network(cfg: TrainConfig, init: str | None, init_ck: dict | None, resumed: dict | None, frames: int,
-                   log: Callable[[str], None]) -> tuple[VialNet, TrainConfig]:
+                   log: Callable[[str], None]) -> tuple[Network, TrainConfig]:
     """The network to train, with the weights it starts from, and the settings that describe it."""
     if resumed:
-        net = VialNet.from_arch(resumed["model"], frames)
-    elif init_ck is not None and init_ck.get("model", {}).get("widths"):
-        # Fine-tuning keeps the initial model's network, whatever the settings say; the recorded settings
-        # then say what was trained.
-        arch = init_ck["model"]
-        net = VialNet.from_arch({**arch, "nuisance": bool(arch.get("nuisance")) or cfg.nuisance_head}, frames)
+        net = network_from_arch(resumed["model"], frames)
+    elif init_ck is not None and has_arch(init_ck.get("model")):
+        # Fine-tuning keeps the initial model's network (one network or a pair), whatever the settings say; the
+        # recorded settings then say what was trained (a pair's: its sequence network's).
+        net = network_from_arch(init_ck["model"], frames, nuisance=cfg.nuisance_head)
         a = net.arch()
+        a = a.get("sequence", a)
         cfg = replace(cfg, widths=tuple(a["widths"]), motion_branch=a["motion"], contrast_branch=a["contrast"],
                       branch_width=a["branch_width"], map_head=a["head"], nuisance_head=a["nuisance"])
     else:
@@ -395,25 +412,28 @@ def _build_network(cfg: TrainConfig, init: str | None, init_ck: dict | None, res
         _init_weights(net, init, init_ck, frames, log)
     if resumed:
         net.load_state_dict(resumed["state_dict"])
-    frozen = [name for name in cfg.frozen if getattr(net, name, None) is not None]
+    frozen = [name for name in cfg.frozen if any(getattr(n, name, None) is not None for n in subnetworks(net))]
     if frozen:
         if init_ck is None and not resumed:
             raise TrainingError(f"frozen {cfg.frozen}: freezing parts of the network is for fine-tuning; give --init")
-        for name in frozen:
-            getattr(net, name).requires_grad_(False)
+        for part in _parts(net, frozen):
+            part.requires_grad_(False)
         log(f"frozen at the initial model's weights: {', '.join(frozen)}")
     return net, cfg
 
 
-def _keep_frozen_statistics(net: VialNet, cfg: TrainConfig) -> None:
+def _parts(net: Network, names) -> list[torch.nn.Module]:
+    """The parts of ``net`` of these names (``FREEZABLE``), in each network of a pair."""
+    return [p for n in subnetworks(net) for name in names if (p := getattr(n, name, None)) is not None]
+
+
+def _keep_frozen_statistics(net: Network, cfg: TrainConfig) -> None:
     """Frozen parts run as at inference (their batch norms on the initial model's statistics), in training too."""
-    for name in cfg.frozen:
-        part = getattr(net, name, None)
-        if part is not None:
-            part.eval()
+    for part in _parts(net, cfg.frozen):
+        part.eval()
 
 
-def _setup_run(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device, net: VialNet, init: str | None,
+def _setup_run(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device, net: Network, init: str | None,
                init_ck: dict | None, resumed: dict | None, log: Callable[[str], None]) -> _Run:
     """The network on its device (DDP-wrapped under several processes), the teacher for ``distill``, the loaders
     and the optimiser."""
@@ -655,7 +675,9 @@ def _finish(run: _Run, data: _Data, prog: _Progress, stopped: str, best_path: Pa
     summary: dict = {"stopped": stopped, "epochs_run": len(prog.history), "monitor": run.cfg.monitor,
                      "best_value": prog.best, "rank": d.rank, "weights_sha256": weights_digest(run.net)}
     if d.main:
+        t_cal = time.perf_counter()
         summary["calibration"] = finalize(best_path, data.ds.root, data.val, run.cfg, run.device, log, gauge)
+        summary["calibration_minutes"] = (time.perf_counter() - t_cal) / 60
     summary["minutes"] = (time.perf_counter() - t_start) / 60
     if d.world > 1:
         dist.barrier()
@@ -740,7 +762,7 @@ def monitored(val: dict, monitor: str) -> float:
 
 
 @torch.no_grad()
-def _validate(net: VialNet, loader, device, channels_last: bool, cfg: TrainConfig, spec: InputSpec,
+def _validate(net: Network, loader, device, channels_last: bool, cfg: TrainConfig, spec: InputSpec,
               has_fill: bool = True, records: list[ContainerRecord] | None = None, synthetic=None) -> dict:
     """Validation loss and AUROCs; ``records`` (the loader's, by item index) give the fill specs against
     which the measured heights decide fill level. The ``synthetic`` loader's units (good units with synthetic

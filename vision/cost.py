@@ -13,10 +13,18 @@ import numpy as np
 import torch
 
 from .model import VialNet
+from .pair import Network, PairNet
 
 
-def model_gflop(net: VialNet, frames: int, h: int, w: int) -> float:
-    """GFLOP of one container of ``frames`` frames of ``h`` x ``w`` pixels (already padded as the input spec pads)."""
+def model_gflop(net: Network, frames: int, h: int, w: int) -> float:
+    """GFLOP of one container of ``frames`` frames of ``h`` x ``w`` pixels (already padded as the input spec pads);
+    a pair's is its sequence network's on the frames and its still network's on the first."""
+    if isinstance(net, PairNet):
+        return model_gflop(net.sequence, frames, h, w) + model_gflop(net.still, 1, h, w)
+    return _vialnet_gflop(net, frames, h, w)
+
+
+def _vialnet_gflop(net: VialNet, frames: int, h: int, w: int) -> float:
     flop = 0
 
     def count(m, _inp, out):

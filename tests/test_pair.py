@@ -1,0 +1,208 @@
+"""The sequence network paired with a still-image network for cracks (vision/pair.py, training/pair_train.py)."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import SMALL_WIDTHS, small_config
+from vialinspect.datasets.generate import generate
+from vialinspect.datasets.sim.config import CameraConfig, SimConfig
+from vialinspect.vision.cost import model_gflop
+from vialinspect.vision.model import VialNet
+from vialinspect.vision.pair import PairNet, adapt_state, mean_probability_logit, network_from_arch
+
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def _pair(frames=3, seed=0):
+    torch.manual_seed(seed)
+    seq = VialNet(frames, SMALL_WIDTHS, motion=True, contrast=True, branch_width=8, head="separable")
+    still = VialNet(1, SMALL_WIDTHS, contrast=True, branch_width=8, head="separable")
+    for n in (seq, still):  # away from the map head's prior, so the two networks' cracks differ
+        torch.nn.init.normal_(n.map_head[-1].bias, 0.0, 2.0)
+    return PairNet(seq, still).eval()
+
+
+def test_mean_probability_logit_is_exact_and_finite_at_any_logit():
+    a = torch.tensor([-3.0, 0.0, 2.5, -100.0, 100.0, -100.0, 40.0], requires_grad=True)
+    b = torch.tensor([1.0, 0.0, -4.0, -100.0, 100.0, 100.0, -90.0])
+    m = mean_probability_logit(a, b)
+    want = (torch.sigmoid(a) + torch.sigmoid(b)) / 2
+    assert torch.allclose(torch.sigmoid(m), want, atol=1e-6)
+    assert torch.isfinite(m).all()
+    assert float(m[3].detach()) == pytest.approx(-100.0, abs=1e-4)  # both sure there is nothing: the mean is too
+    assert abs(float(m[5].detach())) < 1e-4  # one sure either way: an even chance
+    m.sum().backward()
+    assert torch.isfinite(a.grad).all()
+
+
+def test_pair_takes_particles_and_fill_from_the_sequence_and_averages_cracks():
+    net = _pair()
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        cls, maps, rows, ctx = net.forward_features(x)
+        s_cls, s_maps, s_rows, s_ctx = net.sequence.forward_features(x)
+        t_cls, t_maps, _, _ = net.still.forward_features(x[:, :1])
+    for k in (0, 2):
+        assert torch.equal(cls[:, k], s_cls[:, k])
+        assert torch.equal(maps[:, k], s_maps[:, k])
+    assert torch.equal(rows, s_rows) and torch.equal(ctx, s_ctx)
+    want = (torch.sigmoid(s_cls[:, 1]) + torch.sigmoid(t_cls[:, 1])) / 2
+    assert torch.allclose(torch.sigmoid(cls[:, 1]), want, atol=1e-6)
+    assert not torch.allclose(cls[:, 1], s_cls[:, 1])  # the still network counts
+    want_map = (torch.sigmoid(s_maps[:, 1]) + torch.sigmoid(t_maps[:, 1])) / 2
+    assert torch.allclose(torch.sigmoid(maps[:, 1]), want_map, atol=1e-6)
+    # The still network sees the first frame only: the others move its crack score not at all.
+    y = x.clone()
+    y[:, 1:] += 0.5
+    with torch.no_grad():
+        assert torch.equal(net.still(y[:, :1])[0], t_cls)
+
+
+def test_pair_is_rebuilt_from_its_record_for_another_frame_count_and_costs_both_networks():
+    net = _pair(frames=3)
+    arch = json.loads(json.dumps(net.arch()))  # as a checkpoint or package stores it
+    again = network_from_arch(arch)
+    again.load_state_dict(net.state_dict())
+    assert isinstance(again, PairNet) and again.frames == 3 and again.still.frames == 1
+    five = network_from_arch(arch, frames=5)
+    assert five.sequence.frames == 5 and five.still.frames == 1
+    state = adapt_state(net.state_dict(), 5)
+    five.load_state_dict(state)  # the sequence network's stem and motion branch re-shaped, the still one's kept
+    assert torch.equal(state["still.stem.0.weight"], net.state_dict()["still.stem.0.weight"])
+    g = model_gflop(net, 3, 128, 64)
+    assert g == pytest.approx(model_gflop(net.sequence, 3, 128, 64) + model_gflop(net.still, 1, 128, 64))
+    assert network_from_arch(arch, nuisance=True).still.nuisance_head is not None
+    with pytest.raises(ValueError, match="one frame"):
+        PairNet(net.sequence, net.sequence)
+
+
+@pytest.fixture(scope="module")
+def line_sequences(tmp_path_factory):
+    """A line's spin-stop sequences as an ImageFolder (2 frames a unit, image-level labels, no masks)."""
+    out = tmp_path_factory.mktemp("line_seq") / "data"
+    generate(out, 40, SimConfig(frames=2, defect_rate=0.6, formats=("vial-2R",), camera=CameraConfig(pixel_um=120.0)),
+             seed=5, workers=2, layout="imagefolder")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_run(line_sequences, tmp_path_factory):
+    from vialinspect.training.trainer import train
+
+    run = tmp_path_factory.mktemp("pair_run")
+    summary = train(line_sequences, run, small_config(epochs=1), init="none", **QUIET)
+    return run, summary
+
+
+def test_train_on_a_lines_sequences_pairs_a_still_network_and_calibrates_the_pair(pair_run, line_sequences):
+    from vialinspect.training.checkpoint import build_model, load_checkpoint
+    from vialinspect.training.predict import TorchPredictor, predict_records
+    from vialinspect.training.trainer import _splits
+
+    run, summary = pair_run
+    seq, still, pair = (load_checkpoint(run / p) for p in ("sequence/best.pt", "still/best.pt", "best.pt"))
+    assert seq["input_spec"]["frames"] == 2 and still["input_spec"]["frames"] == 1
+    assert pair["model"]["arch"] == "VialNetPair" and pair["input_spec"]["frames"] == 2
+    assert set(summary["networks"]) == {"sequence", "still"} and summary["epochs_run"] == 2
+    assert set(pair["thresholds"]) == {"particle", "crack", "fill_level"}
+    assert pair["networks"]["still"]["init"] is None  # --init none: both from random weights
+    net, spec = build_model(pair)
+    assert torch.equal(net.state_dict()["still.stem.0.weight"], still["state_dict"]["stem.0.weight"])
+    # The thresholds are the pair's: its crack scores on the validation split, not either network's.
+    from vialinspect.datasets.reader import open_dataset
+
+    ds = open_dataset(line_sequences)
+    _, val = _splits(ds, 2, lambda *a: None)
+    scores = predict_records(TorchPredictor(net, spec), ds.root, val)
+    seq_net, _ = build_model(seq)
+    alone = predict_records(TorchPredictor(seq_net, spec), ds.root, val)
+    assert [s.probs["particle"] for s in scores] == pytest.approx([s.probs["particle"] for s in alone], abs=1e-6)
+    assert [s.probs["crack"] for s in scores] != pytest.approx([s.probs["crack"] for s in alone], abs=1e-6)
+    assert pair["calibration"]["n_good"] == sum(1 for r in val if not r.classes)
+
+
+def test_the_pair_exports_to_one_graph_that_decides_as_pytorch_does(pair_run, line_sequences, tmp_path):
+    from vialinspect.export.package import load_package
+    from vialinspect.training.export_run import export_model
+
+    run, _ = pair_run
+    pkg = load_package(export_model(run / "best.pt", tmp_path / "pkg", parity_data=line_sequences,
+                                    step=lambda *a: None).path)
+    assert pkg.metadata["architecture"]["arch"] == "VialNetPair"
+    assert pkg.metadata["cost"]["gflop_per_container"]["vial-2R"] > 0
+    assert pkg.metadata["export"]["parity"]["decisions_identical"]
+    # A package's weights re-export (another opset or fp16 later) as a pair too.
+    again = export_model(pkg.path, tmp_path / "again", parity_data=line_sequences, step=lambda *a: None)
+    assert again.metadata["architecture"]["arch"] == "VialNetPair"
+
+
+def test_the_still_network_is_a_lines_first_model_only(line_sequences, coarse_data, tmp_path):
+    from vialinspect.training.pair_train import still_network_wanted
+
+    cfg = small_config()
+    log = []
+    assert still_network_wanted(line_sequences, tmp_path, cfg, "auto", False, log.append)
+    assert still_network_wanted(line_sequences, tmp_path, cfg, "builtin:default", False, log.append)
+    assert still_network_wanted(line_sequences, tmp_path, cfg, None, False, log.append)
+    # Fine-tuning a line's own model keeps its network; data with masks (the simulator's) trains one network.
+    assert not still_network_wanted(line_sequences, tmp_path, cfg, str(tmp_path / "pkg"), False, log.append)
+    assert not still_network_wanted(coarse_data, tmp_path, cfg, "auto", False, log.append)
+    assert still_network_wanted(coarse_data, tmp_path, replace(cfg, still_network="on"), "auto", False, log.append)
+    assert not still_network_wanted(line_sequences, tmp_path, replace(cfg, frames=1), "auto", False, log.append)
+    # A resumed run is what it was.
+    assert not still_network_wanted(line_sequences, tmp_path, cfg, "auto", True, log.append)
+    (tmp_path / "sequence").mkdir()
+    assert still_network_wanted(coarse_data, tmp_path, cfg, "auto", True, log.append)
+
+
+def test_still_network_off_trains_one_network(line_sequences, tmp_path):
+    from vialinspect.training.checkpoint import load_checkpoint
+    from vialinspect.training.trainer import train
+
+    train(line_sequences, tmp_path, small_config(epochs=1, still_network="off"), init="none", **QUIET)
+    assert load_checkpoint(tmp_path / "best.pt")["model"]["arch"] == "VialNet"
+    assert not (tmp_path / "sequence").exists()
+
+
+def test_a_pair_resumes_the_still_network_and_fine_tunes_as_a_pair(pair_run, line_sequences, tmp_path):
+    import shutil
+
+    from vialinspect.training.checkpoint import load_checkpoint
+    from vialinspect.training.trainer import train
+
+    run = tmp_path / "run"
+    shutil.copytree(pair_run[0], run)
+    log = []
+    train(line_sequences, run, small_config(epochs=2), init="none", resume=True, progress=False, log=log.append)
+    assert any("resuming the still network" in line for line in log)
+    assert len(load_checkpoint(run / "still/last.pt")["history"]) == 2
+    assert len(load_checkpoint(run / "sequence/last.pt")["history"]) == 1  # not trained again
+    pair = load_checkpoint(run / "best.pt")
+    assert len(pair["networks"]["still"]["history"]) == 2
+
+    # Fine-tuning from the pair keeps the pair; frozen parts are frozen in both networks.
+    ft = tmp_path / "ft"
+    log = []
+    train(line_sequences, ft, small_config(epochs=1, frozen=("stem", "s2")), init=str(run / "best.pt"),
+          progress=False, log=log.append)
+    ck = load_checkpoint(ft / "best.pt")
+    assert ck["model"]["arch"] == "VialNetPair" and not (ft / "sequence").exists()
+    before = pair["state_dict"]
+    for k in ("sequence.stem.0.weight", "still.stem.0.weight", "still.s2.0.0.weight"):
+        assert torch.equal(ck["state_dict"][k], before[k])
+    assert not torch.equal(ck["state_dict"]["still.s3.0.0.weight"], before["still.s3.0.0.weight"])
+    assert any("frozen" in line and "stem" in line for line in log)
+
+
+def test_mean_probability_logit_matches_numpy_on_a_grid():
+    a, b = np.meshgrid(np.linspace(-20, 20, 41), np.linspace(-20, 20, 41))
+    m = mean_probability_logit(torch.tensor(a), torch.tensor(b)).numpy()
+
+    def sig(v):
+        return 1 / (1 + np.exp(-v))
+
+    assert np.allclose(sig(m), (sig(a) + sig(b)) / 2, atol=1e-9)
