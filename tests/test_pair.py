@@ -125,19 +125,32 @@ def test_train_on_a_lines_sequences_pairs_a_still_network_and_calibrates_the_pai
     assert pair["calibration"]["n_good"] == sum(1 for r in val if not r.classes)
 
 
-def test_the_pair_exports_to_one_graph_that_decides_as_pytorch_does(pair_run, line_sequences, tmp_path):
+@pytest.fixture(scope="module")
+def pair_package(pair_run, line_sequences, tmp_path_factory):
     from vialinspect.export.package import load_package
     from vialinspect.training.export_run import export_model
 
-    run, _ = pair_run
-    pkg = load_package(export_model(run / "best.pt", tmp_path / "pkg", parity_data=line_sequences,
-                                    step=lambda *a: None).path)
+    out = tmp_path_factory.mktemp("pair_pkg") / "pkg"
+    return load_package(export_model(pair_run[0] / "best.pt", out, parity_data=line_sequences,
+                                     step=lambda *a: None).path)
+
+
+def test_the_pair_exports_to_one_graph_that_decides_as_pytorch_does(pair_package, line_sequences, tmp_path, capsys):
+    from vialinspect.training.export_run import export_model
+
+    pkg = pair_package
     assert pkg.metadata["architecture"]["arch"] == "VialNetPair"
     assert pkg.metadata["cost"]["gflop_per_container"]["vial-2R"] > 0
     assert pkg.metadata["export"]["parity"]["decisions_identical"]
     # A package's weights re-export (another opset or fp16 later) as a pair too.
     again = export_model(pkg.path, tmp_path / "again", parity_data=line_sequences, step=lambda *a: None)
     assert again.metadata["architecture"]["arch"] == "VialNetPair"
+    from vialinspect.cli import main
+
+    assert main(["package", "show", str(pkg.path)]) == 0
+    shown = capsys.readouterr().out
+    assert "sequence network VialNet (2 frame(s)" in shown
+    assert "still network on the first frame VialNet (1 frame(s)" in shown
 
 
 def test_the_still_network_is_a_lines_first_model_only(line_sequences, coarse_data, tmp_path):
@@ -159,13 +172,18 @@ def test_the_still_network_is_a_lines_first_model_only(line_sequences, coarse_da
     assert still_network_wanted(coarse_data, tmp_path, cfg, "auto", True, log.append)
 
 
-def test_still_network_off_trains_one_network(line_sequences, tmp_path):
+def test_still_network_off_trains_one_network(line_sequences, tmp_path, capsys):
+    from vialinspect.cli import main
     from vialinspect.training.checkpoint import load_checkpoint
-    from vialinspect.training.trainer import train
 
-    train(line_sequences, tmp_path, small_config(epochs=1, still_network="off"), init="none", **QUIET)
-    assert load_checkpoint(tmp_path / "best.pt")["model"]["arch"] == "VialNet"
-    assert not (tmp_path / "sequence").exists()
+    cfg = tmp_path / "settings.json"
+    cfg.write_text(json.dumps(small_config().to_json()))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(line_sequences), "--out", str(run), "--config", str(cfg), "--init", "none",
+                 "--epochs", "1", "--still-network", "off"]) == 0
+    assert load_checkpoint(run / "best.pt")["model"]["arch"] == "VialNet"
+    assert not (run / "sequence").exists()
+    assert "still network" not in capsys.readouterr().out
 
 
 def test_a_pair_resumes_the_still_network_and_fine_tunes_as_a_pair(pair_run, line_sequences, tmp_path):
@@ -206,3 +224,35 @@ def test_mean_probability_logit_matches_numpy_on_a_grid():
         return 1 / (1 + np.exp(-v))
 
     assert np.allclose(sig(m), (sig(a) + sig(b)) / 2, atol=1e-9)
+
+
+def test_the_station_decides_each_unit_with_the_pair(pair_package, line_sequences, tmp_path):
+    from tests.test_station import K, ListSource, RecordingLine, _recipe
+    from vialinspect.datasets.imagefolder import read_imagefolder
+    from vialinspect.datasets.imageio import read_gray
+    from vialinspect.inspection_station.pipeline import ModelSlot, Pipeline
+    from vialinspect.inspection_station.station import load_model
+    from vialinspect.inspection_station.stats import StationStats
+    from vialinspect.inspection_station.store import RecordStore
+
+    units = [r for r in read_imagefolder(line_sequences).records if r.split == "test"][:4]
+    frames = {f"u{i}": [read_gray(line_sequences / f) for f in r.frames] for i, r in enumerate(units)}
+    assert K == 2 and all(len(f) == K for f in frames.values())
+    h, w = next(iter(frames.values()))[0].shape
+    script = [(0.0, cid, k, px, None) for cid, fr in frames.items() for k, px in enumerate(fr)]
+    model = load_model(pair_package.path, device="cpu", threads=1)
+    store = RecordStore(tmp_path / "store", min_free_mb=0.0)
+    line = RecordingLine()
+    recipe = _recipe(frame_size=[w, h], model=str(pair_package.path), deadline_ms=5000)
+    pipe = Pipeline(ListSource(script), recipe, ModelSlot(model), store, line, StationStats(), window_s=1.0,
+                    read_timeout_s=0.05)
+    pipe.start()
+    assert pipe.join(timeout=60)
+    rows = {r["container_id"]: r for r in store.iter_decisions()}
+    store.close()
+    assert set(rows) == set(frames)
+    want = model.runner.predict(list(frames.values()))
+    for (cid, row), s in zip(sorted(rows.items()), [want[int(c[1:])] for c in sorted(rows)], strict=True):
+        assert not any(r.startswith("not_inspected") for r in row["reasons"]), (cid, row["reasons"])
+        assert row["model_version"] == pair_package.version_id
+        assert row["scores"]["crack"] == pytest.approx(s.probs["crack"], abs=1e-5)

@@ -81,7 +81,7 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
     still_budget = None
     if budget:
         reserve = 1.5 * seq.get("calibration_minutes", 0.0)  # the pair's calibration runs both networks
-        still_budget = budget - (time.perf_counter() - t_start) / 60 - reserve
+        still_budget = round(budget - (time.perf_counter() - t_start) / 60 - reserve, 2)
         if still_budget < MIN_STILL_MINUTES:
             log(f"warning: {still_budget:.1f} min of the budget left for the still network; it gets "
                 f"{MIN_STILL_MINUTES:g} min (one epoch at least), past the budget")

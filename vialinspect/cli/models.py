@@ -93,6 +93,7 @@ def cmd_package_show(a: argparse.Namespace) -> int:
     print(f"  input        {field('input', 'frames')} frame(s), {field('input', 'dtype')}, "
           f"{field('input', 'pixel_um')} µm/px, normalise (x - {field('input', 'normalisation', 'mean')}) / "
           f"{field('input', 'normalisation', 'std')}")
+    print(f"  network      {network_line(m.get('architecture') or {})}")
     print(f"  thresholds   {', '.join(f'{k}={v:.4f}' for k, v in m['thresholds'].items())}")
     print(f"  training     data {str(field('training', 'data_hash'))[:16]}…, commit {field('training', 'git_commit')}")
     parity = field("export", "parity", "max_abs_prob")
@@ -120,6 +121,20 @@ def cmd_package_show(a: argparse.Namespace) -> int:
     if m.get("parent_version"):
         print(f"  parent       {m['parent_version']} ({m.get('change_reason')})")
     return 0
+
+
+def network_line(arch: dict) -> str:
+    """What ``package show`` says of the network a package runs."""
+    def one(a: dict) -> str:
+        parts = [f"{a.get('frames', '?')} frame(s)", "widths " + "/".join(str(w) for w in a.get("widths", []))]
+        parts += [b for b in ("motion", "contrast") if a.get(b)]
+        return f"VialNet ({', '.join(parts)})"
+
+    if arch.get("arch") == "VialNetPair":
+        return (f"sequence network {one(arch.get('sequence', {}))} + still network on the first frame "
+                f"{one(arch.get('still', {}))}; cracks: the mean of both, particles and fill level: the sequence "
+                "network's")
+    return one(arch) if arch.get("widths") else "not recorded"
 
 
 def cmd_package_thresholds(a: argparse.Namespace) -> int:

@@ -34,13 +34,16 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     overrides = {"epochs": a.epochs, "frames": a.frames, "device": a.device, "frr": a.frr, "batch_size": a.batch_size,
                  "lr": a.lr, "workers": a.workers, "max_minutes": a.max_minutes, "seed": a.seed, "distill": a.distill,
-                 "implant": a.implant}
+                 "implant": a.implant, "still_network": a.still_network}
     try:
         cfg = load_config(a.config, overrides)
         summary = train(a.data, a.out, cfg, init=a.init, resume=a.resume, progress=show_progress(), log=print)
     except ValueError as e:
         raise UserError(str(e)) from None
-    print(f"{summary['stopped']}; {summary['epochs_run']} epoch(s); {summary['minutes']:.1f} min in all "
+    nets = summary.get("networks")
+    pair = "" if not nets else (f" (sequence network {nets['sequence']['epochs_run']}, still network "
+                                f"{nets['still']['epochs_run']}; each in its folder of {a.out})")
+    print(f"{summary['stopped']}; {summary['epochs_run']} epoch(s){pair}; {summary['minutes']:.1f} min in all "
           "(data check, training, validation, calibration); "
           f"best model: {Path(a.out) / 'best.pt'}")
     return 0
@@ -64,6 +67,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                         "synthetic particles, fibres or cracks with their exact masks, so the maps learn where "
                         "defects are on the line's own images (default 0.8; 0 = off; data with masks never "
                         "implants)")
+    t.add_argument("--still-network", choices=["auto", "on", "off"], default=None,
+                   help="a line's spin-stop sequences (several frames a unit): also train a still-image network on "
+                        "each unit's first frame and average the two networks' crack scores; particles and the fill "
+                        "level stay the sequence network's. auto (the default): for such data without masks when "
+                        "training starts from a shipped model or from random weights; the time budget is shared "
+                        "half and half (setting still_share); RUN/sequence and RUN/still hold each network's run")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to train (default auto)")
     t.add_argument("--config", default=None, help="settings file (.yaml, .toml or .json); flags override it")
     t.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
