@@ -201,6 +201,14 @@ def test_a_pair_resumes_the_still_network_and_fine_tunes_as_a_pair(pair_run, lin
     assert len(load_checkpoint(run / "sequence/last.pt")["history"]) == 1  # not trained again
     pair = load_checkpoint(run / "best.pt")
     assert len(pair["networks"]["still"]["history"]) == 2
+    # Stopped before the still network's first epoch was saved: it starts again, the sequence network stays.
+    for f in (run / "still").iterdir():
+        f.unlink()
+    log = []
+    train(line_sequences, run, small_config(epochs=1), init="none", resume=True, progress=False, log=log.append)
+    assert any("training the still network" in line for line in log)
+    assert len(load_checkpoint(run / "still/last.pt")["history"]) == 1
+    assert len(load_checkpoint(run / "sequence/last.pt")["history"]) == 1
 
     # Fine-tuning from the pair keeps the pair; frozen parts are frozen in both networks.
     ft = tmp_path / "ft"
@@ -209,7 +217,7 @@ def test_a_pair_resumes_the_still_network_and_fine_tunes_as_a_pair(pair_run, lin
           progress=False, log=log.append)
     ck = load_checkpoint(ft / "best.pt")
     assert ck["model"]["arch"] == "VialNetPair" and not (ft / "sequence").exists()
-    before = pair["state_dict"]
+    before = load_checkpoint(run / "best.pt")["state_dict"]
     for k in ("sequence.stem.0.weight", "still.stem.0.weight", "still.s2.0.0.weight"):
         assert torch.equal(ck["state_dict"][k], before[k])
     assert not torch.equal(ck["state_dict"]["still.s3.0.0.weight"], before["still.s3.0.0.weight"])

@@ -4,7 +4,8 @@ The run directory holds each network's own run (``sequence/`` and ``still/``: th
 each calibrated on its own) and ``best.pt``, the pair, calibrated on the same validation split. The sequence
 network trains first, in ``1 - still_share`` of the time budget; the still network trains on each unit's first
 frame in what is left, less the time the pair's calibration is expected to take. ``--resume`` continues the
-network that was training when the run stopped.
+network that was training when the run stopped (the sequence network is not trained again once the still
+network has begun).
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
     budget = cfg.max_minutes
     one = replace(cfg, still_network="off")
     gauge = None
-    resume_still = resume and (still_dir / "last.pt").is_file()
-    if resume_still:
-        log(f"the sequence network is trained ({seq_dir / 'best.pt'}); resuming the still network")
+    # The still network's folder is made only once the sequence network is trained and calibrated.
+    seq_done = resume and still_dir.is_dir()
+    resume_still = seq_done and (still_dir / "last.pt").is_file()
+    if seq_done:
+        log(f"the sequence network is trained ({seq_dir / 'best.pt'}); "
+            + ("resuming the still network" if resume_still else "training the still network"))
         history = load_checkpoint(seq_dir / "best.pt").get("history", [])
         seq = {"stopped": "trained before the resume", "epochs_run": len(history)}
     else:
@@ -71,7 +75,7 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
     ds = open_dataset(data_dir)
     frames = cfg.frames or ds.frames_per_container
     train_recs, val = _splits(ds, frames, lambda *_: None)
-    if resume_still and cfg.fill_gauge != "off" and not any(
+    if seq_done and cfg.fill_gauge != "off" and not any(
             r.fill_height_mm is not None and "axis_px" in r.extra for r in train_recs):
         gauge = fit_line_gauge(ds.root, [r for r in train_recs if not r.classes], log)  # as the sequence run did
     # The still network starts where a line's still images start (builtin:still, which learnt no fill level across

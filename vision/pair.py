@@ -15,8 +15,6 @@ take one network:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +23,6 @@ from .model import VialNet, adapt_first_layer
 
 PAIR_ARCH = "VialNetPair"
 CRACK = 1  # the crack channel of the class logits and maps (vision.model.CLASSES)
-_LOG2 = math.log(2.0)
 
 
 def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
