@@ -198,9 +198,10 @@ class TrainConfig:
     fill_gauge: str = "auto"
     # A line's spin-stop sequences (several frames a unit) with image-level labels: also train a still-image
     # network on each unit's first frame, after the sequence network and from the still-image transfer model,
-    # and average the two networks' crack probabilities (vision/pair.py). Measured post hoc on three foreign
-    # lines: cracks 0.91/0.97/0.97 found at <= 2% false rejects against 0.75/0.94/0.87 from the sequence network
-    # alone, particles unchanged (docs/new_line.md). "auto": for such data when training starts from a shipped
+    # and average the two networks' crack probabilities (vision/pair.py). Measured as built on five lines (20
+    # minutes, 200 labels): against its own sequence network, cracks +0.03 to +0.16 at <= 2% false rejects on four,
+    # -0.03 on one, particles unchanged; 2.8 GFLOP a vial-2R container against 0.95 (docs/new_line.md). "auto": for
+    # such data when training starts from a shipped
     # model or from random weights (a line's first model; fine-tuning a line's own model keeps its network);
     # "on": for any multi-frame data; "off": never.
     still_network: str = "auto"
