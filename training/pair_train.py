@@ -50,7 +50,7 @@ def still_network_wanted(data_dir: str | Path, out: Path, cfg: TrainConfig, init
 def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | None, resume: bool,
                log: Callable[[str], None], progress: bool = True) -> dict:
     """Both networks, then the pair in ``out/best.pt`` calibrated on the validation split; returns a summary."""
-    from .trainer import _splits, finalize, pick_device, train_network
+    from .trainer import _splits, finalize, has_fill_heights, pick_device, train_network
 
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +75,7 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
     ds = open_dataset(data_dir)
     frames = cfg.frames or ds.frames_per_container
     train_recs, val = _splits(ds, frames, lambda *_: None)
-    if seq_done and cfg.fill_gauge != "off" and not any(
-            r.fill_height_mm is not None and "axis_px" in r.extra for r in train_recs):
+    if seq_done and cfg.fill_gauge != "off" and not has_fill_heights(train_recs):
         gauge = fit_line_gauge(ds.root, [r for r in train_recs if not r.classes], log)  # as the sequence run did
     # The still network starts where a line's still images start (builtin:still, which learnt no fill level across
     # cameras: the fill gauge measures it here) or, without a gauge, from the default model; --init none: from

@@ -356,7 +356,7 @@ def _prepare_data(data_dir: str | Path, cfg: TrainConfig, d: Dist, device: torch
     train_recs, val_recs = _splits(ds, frames, log)
     pixel = {r.pixel_um for r in train_recs}
     spec = InputSpec(frames=frames, pixel_um=pixel.pop() if len(pixel) == 1 else None, max_side=cfg.max_side)
-    has_fill = any(r.fill_height_mm is not None and "axis_px" in r.extra for r in train_recs)
+    has_fill = has_fill_heights(train_recs)
     has_mask = any(r.mask is not None for r in train_recs)
     log(f"data: {len(train_recs)} train / {len(val_recs)} val containers, K={frames}, "
         f"pixel {spec.pixel_um or 'unknown'} µm/px, masks {'yes' if has_mask else 'no'}, "
@@ -364,6 +364,12 @@ def _prepare_data(data_dir: str | Path, cfg: TrainConfig, d: Dist, device: torch
         + (f", {d.world} processes" if d.world > 1 else ""))
     data_hash = dataset_hash(ds) if d.main else ""
     return _Data(ds, frames, train_recs, val_recs, spec, has_fill, has_mask, data_hash)
+
+
+def has_fill_heights(records: list[ContainerRecord]) -> bool:
+    """Whether the records carry fill heights the row head learns from (the simulator's; an ImageFolder has none,
+    and the line's fill gauge measures the fill level instead)."""
+    return any(r.fill_height_mm is not None and "axis_px" in r.extra for r in records)
 
 
 def _resume_checkpoint(last_path: Path, data_dir: str | Path, data_hash: str, cfg: TrainConfig,

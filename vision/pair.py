@@ -49,9 +49,6 @@ class PairNet(nn.Module):
         self.sequence, self.still = sequence, still
         self.frames = sequence.frames
 
-    def parts(self) -> list[tuple[str, VialNet]]:
-        return [("sequence", self.sequence), ("still", self.still)]
-
     def arch(self) -> dict:
         return {"arch": PAIR_ARCH, "frames": self.frames, "crack": "mean",
                 "sequence": self.sequence.arch(), "still": self.still.arch()}
@@ -107,7 +104,7 @@ def stem_key(state: dict) -> str:
 
 def subnetworks(net: nn.Module) -> list[nn.Module]:
     """The VialNets a network is made of (for freezing parts by name in each)."""
-    return [n for _, n in net.parts()] if isinstance(net, PairNet) else [net]
+    return [net.sequence, net.still] if isinstance(net, PairNet) else [net]
 
 
 def pair_state(sequence_state: dict, still_state: dict) -> dict:
