@@ -51,6 +51,25 @@ class ImplantConfig:
     scratch_share: float = 0.0
     scratch_px: tuple[float, float] = (30.0, 140.0)  # scratch length where the pixel scale is unknown
     scratch_mm: tuple[float, float] = (2.0, 9.0)
+    # Share of the particles drawn into a unit of several frames that lie on the vial's floor (where the caller
+    # found it, ``Floor``) and barely move: a dense particle sunk to the base before the frames are taken slides
+    # with the last of the swirl instead of sinking through the liquid. 0 = off.
+    resting_share: float = 0.0
+    resting_slide_px: float = 0.8  # its sideways step from frame to frame (normal, standard deviation)
+    # How far above the floor's row a settled particle's lowest pixel may lie, as a share of the inner half width:
+    # a vial's base is domed (push-up), so seen from the side the particles on it spread over a band ~1.5 mm high.
+    resting_band: float = 0.2
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Where a vial's liquid meets its base in a unit's pixels, found by the caller (training: the classical
+    geometry of ``vision.classical``): the floor's row, the axis's column at that row, and how far from the axis
+    (inner half width) a particle can lie."""
+
+    row: float
+    col: float
+    half_px: float
 
 
 def _loguniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -126,29 +145,60 @@ def _crack(rng: np.random.Generator, cfg: ImplantConfig, pixel_um: float | None,
     return sprites.crack(p[:, 0] + cx, p[:, 1] + cy, float(rng.uniform(0.45, 0.8)), int(rng.integers(2**31)), blur)
 
 
+def _on_floor(light: np.ndarray, cfg: ImplantConfig, floor: Floor,
+              rng: np.random.Generator) -> tuple[float, float] | None:
+    """(row, col) on or just above ``floor``, lit enough to show a dark object there: where a settled particle's
+    lowest pixel goes; None where no such place is found."""
+    h, w = light.shape
+    bright = max(float(np.percentile(light, 99)), 1e-3)
+    for _ in range(8):
+        col = floor.col + float(rng.uniform(-0.8, 0.8)) * floor.half_px
+        row = floor.row - float(rng.uniform(0.0, cfg.resting_band)) * floor.half_px
+        r, c = int(round(row)) - 3, int(round(col))
+        if 12 <= r < h - 12 and 12 <= c < w - 12 and light[r, c] >= cfg.min_light * bright:
+            return row, col
+    return None
+
+
 def implant(frames: list[np.ndarray], cls: str, rng: np.random.Generator, pixel_um: float | None = None,
-            cfg: ImplantConfig | None = None) -> tuple[list[np.ndarray], np.ndarray] | None:
+            cfg: ImplantConfig | None = None, floor: Floor | None = None) -> tuple[list[np.ndarray], np.ndarray] | None:
     """Draw one defect of ``cls`` ("particle" or "crack") into a container's K float32 frames in [0, 1].
 
     Returns new frames (the inputs are not changed) and the (H, W) uint8 mask of the defect's pixels, or None
     where the image has no place lit enough to show one. A particle sinks a few pixels from frame to frame
-    (it moves, as particles do after the spin stops); a crack is on the glass and stays put.
+    (it moves, as particles do after the spin stops); a crack is on the glass and stays put. Where ``floor`` is
+    given and there are several frames, ``cfg.resting_share`` of the particles lie on it instead and only slide
+    a little (a particle that settled before the frames were taken).
     """
     cfg = cfg or ImplantConfig()
     if cls not in IMPLANT_CLASSES:
         raise ValueError(f"cannot implant {cls!r}; implantable: {', '.join(IMPLANT_CLASSES)}")
     light = light_map(frames[0])
-    spots = placements(light, cfg, margin=12)
-    if len(spots) == 0:
-        return None
-    cy, cx = (float(v) for v in spots[int(rng.integers(len(spots)))])
+    resting = None
+    if cls == "particle" and floor is not None and len(frames) > 1 and cfg.resting_share > 0 \
+            and rng.uniform() < cfg.resting_share:
+        resting = _on_floor(light, cfg, floor, rng)
+    if resting is None:
+        spots = placements(light, cfg, margin=12)
+        if len(spots) == 0:
+            return None
+        cy, cx = (float(v) for v in spots[int(rng.integers(len(spots)))])
+    else:
+        cy, cx = resting
     blur = float(rng.uniform(*cfg.blur_px))
     contrast = float(rng.uniform(*cfg.contrast))
     out = [np.array(f, np.float32, copy=True) for f in frames]
     mask = np.zeros(frames[0].shape, np.uint8)
     seed = int(rng.integers(2**31))
-    dy = float(rng.uniform(2.0, 8.0)) if cls == "particle" else 0.0
-    dx = float(rng.normal(0.0, 3.0)) if cls == "particle" else 0.0
+    if resting is not None:
+        # Its lowest visible pixel on the chosen row: the same object drawn there, then lifted by its overhang.
+        box = _particle(np.random.default_rng(seed), cfg, pixel_um, cx, cy, blur).bbox()
+        if box is not None:
+            cy -= max(box[3] - resting[0], 0.0)
+        dy, dx = 0.0, float(rng.normal(0.0, cfg.resting_slide_px))
+    else:
+        dy = float(rng.uniform(2.0, 8.0)) if cls == "particle" else 0.0
+        dx = float(rng.normal(0.0, 3.0)) if cls == "particle" else 0.0
     for k, f in enumerate(out):
         r = np.random.default_rng(seed)  # the same object in every frame, moved
         make = _particle if cls == "particle" else _crack

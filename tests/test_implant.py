@@ -173,3 +173,76 @@ def test_scratches_are_drawn_as_known_clean_and_leave_the_defects_drawn_as_they_
         assert b["has_mask"] == 1.0
         differ += int(not np.array_equal(a["x"], b["x"]))
     assert differ == 8
+
+
+def _vial_frames(k: int = 4):
+    """A simulated 2R vial's K frames (float, [0, 1]) and its record: a container whose floor the geometry finds."""
+    from vialinspect.datasets.generate import make_container
+    from vialinspect.datasets.sim.config import SimConfig
+
+    rec, imgs, _ = make_container(SimConfig(formats=("vial-2R",), frames=k, defect_rate=0.0), 0, 17)
+    return [np.asarray(f, np.float32) / (65535.0 if f.dtype == np.uint16 else 255.0) for f in imgs], rec
+
+
+def test_liquid_floor_is_the_top_of_the_vials_base_not_its_lowest_point():
+    from vialinspect.training.data import liquid_floor
+    from vialinspect.vision.classical import measure_geometry
+
+    frames, _ = _vial_frames()
+    floor = liquid_floor(frames)
+    g = measure_geometry([(f * 255 + 0.5).astype(np.uint8) for f in frames])
+    assert floor is not None and g.meniscus_row < floor.row < g.zero_row
+    r, c = int(floor.row), int(round(floor.col))
+    med = np.median(np.stack(frames), axis=0)
+    liquid = med[r - 12:r - 4, c - 2:c + 3].mean()
+    base = med[r + 2:int(g.zero_row) - 1, c - 2:c + 3].mean()
+    assert liquid > base + 0.1  # light above the floor, the dark base below it
+    assert liquid_floor([np.zeros((200, 100), np.float32)] * 2) is None  # no container: no floor
+
+
+def test_a_resting_particle_lies_on_the_floor_and_slides_without_sinking():
+    from vialinspect.datasets.implant import Floor
+    from vialinspect.training.data import liquid_floor
+
+    frames, _ = _vial_frames()
+    floor = liquid_floor(frames)
+    cfg = ImplantConfig(resting_share=1.0, fibre_share=0.0)
+    for seed in range(4):
+        out, mask = implant(frames, "particle", np.random.default_rng(seed), None, cfg, floor)
+        ys, xs = np.nonzero(mask)
+        assert floor.row - cfg.resting_band * floor.half_px - 1 <= ys.max() <= floor.row + 1  # on the floor band
+        assert abs(xs.mean() - floor.col) <= floor.half_px
+        rows = [np.nonzero(np.abs(f - g) > 1e-4)[0].mean() for f, g in zip(out, frames, strict=True)]
+        assert np.ptp(rows) < 0.5  # it does not sink (a moving particle sinks 2-8 px a frame)
+    # Without a floor, or in one frame, or with the share at 0, particles are drawn as before.
+    plain = implant(frames, "particle", np.random.default_rng(9), None, ImplantConfig(fibre_share=0.0))
+    off = implant(frames, "particle", np.random.default_rng(9), None, ImplantConfig(fibre_share=0.0), floor)
+    assert np.array_equal(plain[1], off[1])
+    nofloor = implant(frames, "particle", np.random.default_rng(9), None, cfg, None)
+    assert np.array_equal(plain[1], nofloor[1])
+    one = implant(frames[:1], "particle", np.random.default_rng(9), None, cfg, Floor(floor.row, floor.col, 40.0))
+    assert np.array_equal(one[1], implant(frames[:1], "particle", np.random.default_rng(9), None,
+                                          ImplantConfig(fibre_share=0.0))[1])
+
+
+def test_train_transform_lays_resting_particles_on_the_floor_of_a_line_sequence():
+    from vialinspect.training.config import SettingError, TrainConfig
+    from vialinspect.training.data import liquid_floor
+
+    assert TrainConfig().implant_resting == 0.0
+    assert TrainConfig.from_dict({"implant_resting": 0.3}).implant_resting == 0.3
+    with pytest.raises(SettingError, match="implant_resting"):
+        TrainConfig.from_dict({"implant_resting": 1.5})
+    frames, _ = _vial_frames()
+    floor = liquid_floor(frames)
+    u8 = [(f * 255 + 0.5).astype(np.uint8) for f in frames]
+    h, w = u8[0].shape
+    good = Sample(frames=u8, masks=np.zeros((3, h, w), np.uint8), labels=np.zeros(3, np.float32), has_mask=False,
+                  fill_height_mm=float("nan"), rows=np.array([np.nan, np.nan], np.float32), index=0, implantable=True)
+    cfg = ImplantConfig(per_unit=(1, 1), crack_share=0.0, fibre_share=0.0, resting_share=1.0)
+    t = TrainTransform(InputSpec(frames=4, pixel_um=None), None, implant=1.0, implant_cfg=cfg)
+    for seed in range(3):
+        drawn = t.implanted(good, seed)
+        ys, _ = np.nonzero(drawn.masks[0])
+        assert list(drawn.labels) == [1.0, 0.0, 0.0]
+        assert floor.row - 0.2 * floor.half_px - 1 <= ys.max() <= floor.row + 1

@@ -176,6 +176,9 @@ class TrainConfig:
     # a known-clean nuisance, so the crack map learns a scratch is not a crack. Off: measured once on two lines
     # (docs/new_line.md), not adopted.
     implant_scratches: Float = 0.0
+    # Spin-stop sequences: the share of the synthetic particles that lie on the vial's floor and barely move (a
+    # dense particle settled before the frames), placed by the container's classical geometry; vials only.
+    implant_resting: Float = 0.0
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
     # stopping see particles and cracks where the labelled split holds few or none (a 50-label line's split held
@@ -279,6 +282,8 @@ class TrainConfig:
             raise _bad("implant_look", f"must be {' or '.join(IMPLANT_LOOKS)}, got {self.implant_look!r}")
         if not 0 <= self.implant_scratches <= 1:
             raise _bad("implant_scratches", f"must be within 0..1, got {self.implant_scratches}")
+        if not 0 <= self.implant_resting <= 1:
+            raise _bad("implant_resting", f"must be within 0..1, got {self.implant_resting}")
         lo, hi = self.implant_particle_um
         if not 0 < lo <= hi:
             raise _bad("implant_particle_um", f"must be [low, high] with 0 < low <= high, got "

@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from vialinspect.datasets.implant import ImplantConfig, implant, scratch
+from vialinspect.datasets.implant import Floor, ImplantConfig, implant, scratch
 from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord
 from vialinspect.datasets.torch_dataset import ContainerDataset, Sample
+from vialinspect.vision.classical import measure_geometry
 from vialinspect.vision.postprocess import MAP_STRIDE
 from vialinspect.vision.preprocess import InputSpec, preprocess
 from vialinspect.vision.scores import LOCALIZED as LOCALIZED_CLASSES
@@ -97,6 +98,41 @@ def _crop_window(rec: ContainerRecord, h: int, w: int, size: int, rng: np.random
     return top, left
 
 
+INNER_SHARE = 0.8  # a vial's inner diameter over its outer, as the classical geometry assumes without a format
+
+
+def liquid_floor(frames: list[np.ndarray]) -> Floor | None:
+    """Where a vial's liquid meets its base in ``frames`` (float, [0, 1]), by the classical geometry of the line's
+    own silhouette (``vision.classical.measure_geometry``); None for a syringe (its liquid ends at the cone, not on
+    a floor the geometry finds) or where the container, its lowest point, its meniscus or its axis is not found."""
+    u8 = [(np.clip(f, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8) for f in frames]
+    try:
+        g = measure_geometry(u8)
+    except ValueError:
+        return None
+    if g.kind != "vial" or g.zero_row is None or g.meniscus_row is None or g.axis is None \
+            or g.zero_row - g.meniscus_row < 16:
+        return None
+    half = 0.5 * g.outer_width_px * INNER_SHARE - 3.0
+    if half < 4:
+        return None
+    # The geometry's lowest point is the lower edge of the base's dark band; the liquid's floor is its upper
+    # edge: up the axis from there, the first row brighter than halfway between the band and the liquid.
+    med = np.median(np.stack(frames), axis=0)
+    zero, top = int(g.zero_row), int(g.meniscus_row)
+    rows = np.arange(top, min(zero + 1, med.shape[0]))
+    cols = np.clip(np.round(g.axis[0] + g.axis[1] * rows).astype(int), 0, med.shape[1] - 1)
+    prof = np.array([med[r, max(c - 2, 0):c + 3].mean() for r, c in zip(rows, cols, strict=True)])
+    if len(prof) < 16:
+        return None
+    cut = 0.5 * (float(prof[-3:].min()) + float(np.percentile(prof, 90)))
+    above = np.nonzero(prof[::-1] > cut)[0]
+    if len(above) == 0:
+        return None
+    floor = float(rows[len(rows) - 1 - above[0]])
+    return Floor(row=floor, col=float(g.axis[0] + g.axis[1] * floor), half_px=float(half))
+
+
 class TrainTransform:
     """Sample -> dict of arrays the loss needs; runs in the data-loading workers.
 
@@ -110,6 +146,9 @@ class TrainTransform:
                  image_label_weight: float = 1.0):
         self.spec, self.augment = spec, augment
         self.implant, self.implant_cfg = implant, implant_cfg or ImplantConfig()
+        # A unit's floor, by its index: the geometry (~30 ms) depends only on the unit's own frames, which are
+        # drawn into before any augmentation, so each unit is measured once per process.
+        self._floors: dict[int, Floor | None] = {}
         self.image_label_weight = image_label_weight
 
     def implanted(self, s: Sample, seed: int | None) -> Sample:
@@ -130,12 +169,17 @@ class TrainTransform:
         if rng.uniform() >= self.implant:
             return s
         frames = [to_unit(f, None) for f in s.frames]
+        floor = None
+        if cfg.resting_share > 0 and len(frames) > 1:
+            if s.index not in self._floors:
+                self._floors[s.index] = liquid_floor(frames)
+            floor = self._floors[s.index]
         masks = np.zeros_like(s.masks)
         # Several defects in one unit: more places that teach the map per decoded image (a particle is a
         # cell or two among thousands), and units with a particle and a crack both, as a line has them.
         for _ in range(int(rng.integers(cfg.per_unit[0], cfg.per_unit[1] + 1))):
             cls = "crack" if rng.uniform() < cfg.crack_share else "particle"
-            done = implant(frames, cls, rng, self.spec.pixel_um, cfg)
+            done = implant(frames, cls, rng, self.spec.pixel_um, cfg, floor)
             if done is None:
                 continue
             frames, mask = done

@@ -517,6 +517,7 @@ class Geometry:
     silhouette_rows: tuple[int, int]  # first and last row of the container
     zero_row: float | None  # the container's lowest point (vials: inside of the bottom; syringes: needle shield)
     meniscus_row: float | None  # centre of the liquid surface band
+    axis: tuple[float, float] | None = None  # the container's axis: column = axis[0] + axis[1] * row
 
     @property
     def fill_px(self) -> float | None:
@@ -557,7 +558,7 @@ def measure_geometry(frames: Sequence[np.ndarray], params: BaselineParams | None
         if abs(math.log(est / px_mm)) > math.log(1.25):
             g = _find_geometry(med, mx, p, None, est, wide_meniscus=True)
     return Geometry(kind=g.kind, outer_width_px=2.0 * g.outer_half_px, silhouette_rows=tuple(g.sil_rows),
-                    zero_row=g.zero_row, meniscus_row=g.meniscus_row)
+                    zero_row=g.zero_row, meniscus_row=g.meniscus_row, axis=(float(g.axis_a0), float(g.axis_a1)))
 
 
 # ---------------------------------------------------------------- the inspector
