@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/station.py [--model models/default] [--rate 1200] [--minutes 2]
                                            [--containers 120] [--format vial-2R] [--defect-rate 0.5]
-                                           [--neighbour THREADS[:DUTY]] [--json bench_out/station.json]
+                                           [--neighbour THREADS[:DUTY]] [--device auto] [--compare-cpu]
+                                           [--json bench_out/station.json]
 
 1. Render ``--containers`` simulated units (K frames each) into memory, so the simulator's cost is not counted.
    By default half of them have a defect, so over half of the units are flagged and their four frames kept:
@@ -19,6 +20,9 @@
    for ``--minutes`` (decision latency p50/p99 at line speed, resident memory sampled every 5 s, growth
    from the first to the last minute). The station's memory is the process's resident memory less the replay
    buffer (the pre-rendered frames stand in for the camera and are not the station's).
+4. With ``--compare-cpu``, where the station ran on a GPU (``--device auto`` finds one, or ``cuda``): the raw
+   runtime and the line-rate run again on the CPU in the same run, so that a GPU's figures stand beside the CPU's
+   of the same machine at the same time.
 Targets on 2 CPU cores: >= 1,200 containers/min at K=4, >= 85% of raw runtime throughput, p99 <= 100 ms,
 resident memory <= 1 GB and flat (< 5% growth) over a 30-minute run (``--minutes 30``).
 """
@@ -96,6 +100,39 @@ def not_inspected_causes(run: dict) -> dict[str, int]:
     return {r: n for r, n in run["reasons"].items() if r.startswith("not_inspected:")}
 
 
+def raw_rate(runner, units: list[list[np.ndarray]], seconds: float) -> float:
+    """Units a minute of preprocessing + ``runner`` on ``units`` in batches of 8, nothing else, over ``seconds``."""
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        for j in range(0, len(units), 8):
+            n += len(runner.predict_prepared([preprocess(u, runner.spec) for u in units[j:j + 8]]))
+    return 60.0 * n / (time.perf_counter() - t0)
+
+
+def line_figures(run: dict) -> dict:
+    """What a line-rate run says about the line: achieved rate, latency, units not inspected and why."""
+    return {"achieved_per_min": round(run["sustained_per_min"], 1), "latency_p50_ms": run["latency_p50_ms"],
+            "latency_p99_ms": run["latency_p99_ms"], "not_inspected": run["not_inspected"],
+            "causes": not_inspected_causes(run)}
+
+
+def cpu_comparison(model_path: Path, spin: bool, recipe: Recipe, units: list[list[np.ndarray]], rate: float,
+                   total: int, store_dir: Path, raw_seconds: float = 10.0) -> dict:
+    """The raw runtime and a line-rate run of ``total`` units at ``rate`` on the CPU: the figures a GPU station's
+    are compared with, taken in the same run."""
+    raw = load_model(model_path, device="cpu", spin=True).runner
+    input_hw = preprocess(units[0], raw.spec).x.shape[1:]
+    raw.warm_up(*input_hw, batch=8)
+    raw_per_min = raw_rate(raw, units, raw_seconds)
+    del raw
+    gc.collect()
+    model = load_model(model_path, device="cpu", spin=spin)
+    model.runner.warm_up(*input_hw, batch=8)
+    run = run_station(model, recipe, units, rate, total, store_dir)
+    return {"provider": model.runner.status.provider, "raw_runtime_per_min": round(raw_per_min, 1),
+            "line_run": line_figures(run)}
+
+
 def run_station(model, recipe: Recipe, units, rate: float, total: int, store_dir: Path, samples: list | None = None):
     stats = StationStats()
     store = RecordStore(store_dir, sample_accepted=recipe.sample_accepted, min_free_mb=50)
@@ -152,6 +189,12 @@ def main() -> int:
                    help="make a slow day: a second process runs float32 matrix products on THREADS threads, busy "
                         "for DUTY of every 0.1 s (default 1), for the whole run (benchmarks/neighbour.py); the "
                         "ceiling it leaves is measured and recorded. Default: none")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                   help="where the model runs (default auto: a GPU where ONNX Runtime has one, else the CPU); a "
+                        "GPU that fails to start falls back to the CPU, as on the line, and the result says so")
+    p.add_argument("--compare-cpu", action="store_true",
+                   help="where the station ran on a GPU, measure the raw runtime and the line-rate run on the CPU "
+                        "too, in the same run (result key cpu_comparison)")
     p.add_argument("--json", default="bench_out/station.json", help="where to write the JSON result")
     a = p.parse_args()
     neighbour = None
@@ -170,7 +213,9 @@ def run(a: argparse.Namespace, neighbour: Neighbour | None) -> int:
     # machines' pace varies by up to 40% from day to day, and the line's headroom with it.
     ceiling_start = sgemm_ceiling()
     print(f"float32 matrix-product ceiling: {ceiling_start:.0f} GFLOP/s", flush=True)
-    model = load_model(Path(a.model), device="auto", spin=a.spin == "on")
+    model = load_model(Path(a.model), device=a.device, spin=a.spin == "on")
+    status = model.runner.status
+    print(f"model runs on {status.provider}" + (f" ({status.reason})" if status.fallback else ""), flush=True)
     k = model.runner.spec.frames
     try:
         cfg = SimConfig(formats=(a.format,), frames=k, camera=SimConfig().camera, defect_rate=a.defect_rate)
@@ -191,18 +236,10 @@ def run(a: argparse.Namespace, neighbour: Neighbour | None) -> int:
     # whatever the station's own setting: the station is measured against the best the runtime can do.
     # This machine's speed drifts by 20% from minute to minute, so raw is measured again right before each
     # capacity step, and each step is compared with the raw rate of the same moment.
-    raw = load_model(Path(a.model), device="auto", spin=True).runner
+    raw = load_model(Path(a.model), device=a.device, spin=True).runner
     input_hw = preprocess(units[0], raw.spec).x.shape[1:]
     raw.warm_up(*input_hw, batch=8)
-
-    def raw_rate(runner, seconds: float) -> float:
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < seconds:
-            for j in range(0, len(units), 8):
-                n += len(runner.predict_prepared([preprocess(u, runner.spec) for u in units[j:j + 8]]))
-        return 60.0 * n / (time.perf_counter() - t0)
-
-    raw_per_min = raw_rate(raw, 10.0)
+    raw_per_min = raw_rate(raw, units, 10.0)
     print(f"raw runtime: {raw_per_min:.0f} units/min", flush=True)
     model.runner.warm_up(*input_hw, batch=8)
 
@@ -214,7 +251,7 @@ def run(a: argparse.Namespace, neighbour: Neighbour | None) -> int:
         # so that both are taken on the same machine at the same time.
         rounds = []
         for _ in range(a.rounds):
-            r_raw = raw_rate(raw, 5.0)
+            r_raw = raw_rate(raw, units, 5.0)
             run = run_station(model, recipe, units, 1.2 * r_raw, max(int(1.2 * r_raw * a.sweep_seconds / 60), 50),
                               Path(tmp) / f"round{len(rounds)}")
             rounds.append({"raw_per_min": round(r_raw, 1), "inspected_per_min": round(run["inspected_per_min"], 1),
@@ -230,7 +267,7 @@ def run(a: argparse.Namespace, neighbour: Neighbour | None) -> int:
         # turned-away units cost recording work of their own.
         sustained, sustained_raw, sweep = None, None, []
         for frac in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4):
-            step_raw = raw_rate(raw, 5.0)
+            step_raw = raw_rate(raw, units, 5.0)
             rate = step_raw * frac
             run = run_station(model, recipe, units, rate, max(int(rate * a.sweep_seconds / 60), 50),
                               Path(tmp) / f"sweep{frac}")
@@ -251,12 +288,21 @@ def run(a: argparse.Namespace, neighbour: Neighbour | None) -> int:
         total = int(a.rate * a.minutes)
         samples: list[tuple[float, float]] = []
         line_run = run_station(model, recipe, units, a.rate, total, Path(tmp) / "line", samples)
+        compared = None
+        if a.compare_cpu and model.runner.status.provider != "CPUExecutionProvider":
+            print(f"the same on the CPU: raw runtime, then {a.minutes:g} min at {a.rate:.0f}/min ...", flush=True)
+            compared = cpu_comparison(Path(a.model), a.spin == "on", recipe, units, a.rate, total,
+                                      Path(tmp) / "cpu_line")
+        elif a.compare_cpu:
+            print("--compare-cpu: the station ran on the CPU already; nothing to compare", flush=True)
     ceiling_end = sgemm_ceiling()
     first = [m for t, m in samples if t <= 60.0] or [m for _, m in samples[:1]]
     last = [m for t, m in samples if t >= samples[-1][0] - 60.0] if samples else []
     growth = (np.mean(last) / np.mean(first) - 1.0) if first and last else None
     result = {
-        "model": model.version, "provider": model.runner.status.provider, "spin": a.spin, "format": a.format,
+        "model": model.version, "provider": model.runner.status.provider, "device_requested": a.device,
+        "provider_fallback": model.runner.status.reason if model.runner.status.fallback else None,
+        "spin": a.spin, "format": a.format,
         "defect_rate": a.defect_rate,
         "frames": k, "frame_size": [w, h], "cores": os.cpu_count(),
         "model_gflop_per_container": (model_cost.get("gflop_per_container") or {}).get(a.format),
@@ -282,6 +328,7 @@ def run(a: argparse.Namespace, neighbour: Neighbour | None) -> int:
         "line_run_not_inspected": line_run["not_inspected"], "line_run_reasons": line_run["reasons"],
         "line_run_kept_frames": line_run["kept_frames"], "line_run_kept_uncompressed": line_run["kept_uncompressed"],
         "line_run_kept_mb": line_run["kept_mb"],
+        "cpu_comparison": compared,
         "rss_mb_max": round(max(m for _, m in samples), 1) if samples else round(rss_mb(), 1),
         "replay_buffer_mb": round(replay_mb, 1),
         "station_rss_mb_max": round((max(m for _, m in samples) if samples else rss_mb()) - replay_mb, 1),
