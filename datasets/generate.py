@@ -10,6 +10,7 @@ masks, ``truth.jsonl``).
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -99,22 +100,35 @@ def make_container(cfg: SimConfig, index: int, seed: int,
 _WORKER: dict = {}
 
 
-def _fresh_opencv_pool() -> None:
-    """Rebuild OpenCV's thread pool in this thread before forking workers.
+def before_fork() -> None:
+    """Before forking workers: rebuild OpenCV's thread pool in this thread, and collect this process's unreachable
+    objects (``forked_child`` is the workers' half).
 
     A pool started by a thread that has since ended (a station's or a simulated camera's thread) is inherited by
     a fork()ed child in a state that deadlocks its first cv2.setNumThreads. Setting the thread count twice here
-    makes the pool this thread's, which forks cleanly. (fork rather than forkserver or spawn: those re-import
-    the caller's main module, which breaks scripts without a ``__main__`` guard.)
+    makes the pool this thread's, which forks cleanly. Unreachable objects are destroyed here, where their own
+    threads exist: an ONNX Runtime session left in a reference cycle (a model used and dropped earlier in the
+    process) that a child's garbage collector destroys hangs the child for ever on a lock of the parent's
+    threads (seen as a test that never ended). (fork rather than forkserver or spawn: those re-import the
+    caller's main module, which breaks scripts without a ``__main__`` guard.)
     """
     import cv2
 
     n = cv2.getNumThreads()
     cv2.setNumThreads(1)
     cv2.setNumThreads(n)
+    gc.collect()
+
+
+def forked_child() -> None:
+    """First thing in a fork()ed worker: what it inherited from its parent is never garbage-collected here (it is
+    the parent's, and destroying an inherited ONNX Runtime session in a child deadlocks), only what the worker
+    makes itself."""
+    gc.freeze()
 
 
 def _init_worker(cfg: SimConfig, seed: int, root: str, passes: int = 1, layout: str = "manifest") -> None:
+    forked_child()
     # One thread per process: the processes already fill the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import cv2
@@ -200,7 +214,7 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
             _init_worker(cfg, seed, root, passes, layout)
             results = map(_work, range(items))
         else:
-            _fresh_opencv_pool()
+            before_fork()
             pool = mp.get_context("fork").Pool(workers, initializer=_init_worker,
                                                initargs=(cfg, seed, root, passes, layout))
             results = pool.imap(_work, range(items), chunksize=4)

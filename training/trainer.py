@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from vialinspect.datasets.generate import before_fork, forked_child
 from vialinspect.datasets.implant import IMPLANT_LOOKS, ImplantConfig
 from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
@@ -119,9 +120,16 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
                                 resting_share=cfg.implant_resting, **IMPLANT_LOOKS[cfg.implant_look])
     transform = TrainTransform(spec, aug, implant, implant_cfg, image_label_weight=cfg.image_label_weight)
     items = TrainingItems(base, transform, cfg.crop, cfg.crops_per_full)
+    if workers > 0:
+        before_fork()  # the workers are fork()ed (datasets.generate.before_fork says why)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
-                        collate_fn=collate, pin_memory=False)
+                        collate_fn=collate, pin_memory=False,
+                        worker_init_fn=_worker_started if workers > 0 else None)
     return loader, sampler
+
+
+def _worker_started(_worker_id: int) -> None:
+    forked_child()
 
 
 def _cache_bytes(cache_gb: float, workers: int) -> int:
