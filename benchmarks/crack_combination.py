@@ -11,7 +11,8 @@ AUROCs:
 
 - each network alone;
 - particles and the fill level from the sequence network, cracks from the still network;
-- the same with the mean of both networks' crack scores.
+- the same with the mean of both networks' crack scores (what the pair ``train`` builds does);
+- the mean of both networks' particle scores too.
 
 It measures whether a package of two networks would be worth building (docs/new_line.md, "Crack scores from a
 still-image network"); it builds nothing.
@@ -65,6 +66,8 @@ def combinations(seq: np.ndarray, still: np.ndarray) -> dict[str, np.ndarray]:
         "still network alone": still,
         "cracks from the still network": np.column_stack([seq[:, 0], still[:, 1], seq[:, 2]]),
         "cracks: mean of both": np.column_stack([seq[:, 0], (seq[:, 1] + still[:, 1]) / 2, seq[:, 2]]),
+        "cracks and particles: mean of both": np.column_stack([(seq[:, 0] + still[:, 0]) / 2,
+                                                               (seq[:, 1] + still[:, 1]) / 2, seq[:, 2]]),
     }
 
 

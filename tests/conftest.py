@@ -53,3 +53,14 @@ def tiny_run(coarse_data, tmp_path_factory):
     train(coarse_data, run, small_config(epochs=1, **EARLIER_NETWORK), init="auto", progress=False,
           log=lambda *a: None)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_run, coarse_data, tmp_path_factory):
+    """``tiny_run``'s model exported as a package (read-only for the tests that share it: copy it to change it)."""
+    from vialinspect.cli import main
+
+    out = tmp_path_factory.mktemp("pkg") / "model"
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out),
+                 "--parity-data", str(coarse_data), "--parity-count", "4"]) == 0
+    return out

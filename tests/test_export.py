@@ -15,11 +15,8 @@ from vialinspect.vision.runtime import CPU, OnnxModel, provider_plan
 
 
 @pytest.fixture(scope="module")
-def package(tiny_run, coarse_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pkg") / "model"
-    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out),
-                 "--parity-data", str(coarse_data), "--parity-count", "4"]) == 0
-    return out
+def package(tiny_package):
+    return tiny_package
 
 
 def test_package_files_metadata_and_onnx_props(package, tiny_run, capsys):

@@ -156,4 +156,5 @@ def test_crack_combination_takes_each_units_first_frame_and_combines_the_scores(
         c = cc.combinations(seq, still)
         assert np.array_equal(c["cracks from the still network"], [[0.9, 0.8, 0.1], [0.1, 0.4, 0.3]])
         assert np.allclose(c["cracks: mean of both"], [[0.9, 0.5, 0.1], [0.1, 0.5, 0.3]])
+        assert np.allclose(c["cracks and particles: mean of both"], [[0.55, 0.5, 0.1], [0.2, 0.5, 0.3]])
         assert c["sequence network alone"] is seq and c["still network alone"] is still

@@ -9,16 +9,6 @@ import pytest
 from tests.benchmark_module import benchmark
 
 
-@pytest.fixture(scope="module")
-def tiny_package(tiny_run, coarse_data, tmp_path_factory):
-    from vialinspect.cli import main
-
-    out = tmp_path_factory.mktemp("runtime_bench") / "model"
-    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out),
-                 "--parity-data", str(coarse_data), "--parity-count", "2"]) == 0
-    return out
-
-
 def _input(spec, batch=2, h=128, w=64):
     return np.random.default_rng(0).standard_normal((batch, spec.frames, h, w)).astype(np.float32)
 
