@@ -264,3 +264,28 @@ def test_the_station_decides_each_unit_with_the_pair(pair_package, line_sequence
         assert not any(r.startswith("not_inspected") for r in row["reasons"]), (cid, row["reasons"])
         assert row["model_version"] == pair_package.version_id
         assert row["scores"]["crack"] == pytest.approx(s.probs["crack"], abs=1e-5)
+
+
+def test_the_still_networks_start_is_a_setting_checked_before_anything_trains(line_sequences, tmp_path, capsys):
+    from vialinspect.cli import main
+    from vialinspect.training.config import SettingError, TrainConfig
+    from vialinspect.training.pair_train import still_start
+
+    auto = TrainConfig()
+    assert still_start(auto, "auto", gauge_fitted=True) == "builtin:still"
+    assert still_start(auto, "builtin:default", gauge_fitted=False) == "builtin:default"
+    assert still_start(auto, None, gauge_fitted=True) is None  # --init none: random weights for both
+    narrow = TrainConfig.from_dict({"still_init": "builtin:default"})
+    assert still_start(narrow, "auto", gauge_fitted=True) == "builtin:default"
+    assert still_start(narrow, None, gauge_fitted=True) == "builtin:default"
+    with pytest.raises(SettingError, match="still_init"):
+        TrainConfig.from_dict({"still_init": " "})
+    for bad, says in (("builtin:nope", "no built-in model 'nope'"), (str(tmp_path / "none.pt"), "no such checkpoint")):
+        cfg = tmp_path / "settings.json"
+        cfg.write_text(json.dumps({**small_config().to_json(), "still_init": bad}))
+        run = tmp_path / "run"
+        assert main(["train", "--data", str(line_sequences), "--out", str(run), "--config", str(cfg), "--init",
+                     "none", "--epochs", "1", "--still-network", "on"]) != 0
+        err = capsys.readouterr()
+        assert says in err.out + err.err and "still_init" in err.out + err.err
+        assert not (run / "sequence" / "best.pt").exists()  # refused before the sequence network trained

@@ -212,6 +212,11 @@ class TrainConfig:
     still_network: str = "auto"
     # The share of max_minutes the still network gets (the sequence network trains first, in the rest).
     still_share: Float = 0.5
+    # Where the still network starts: "auto" (the still-image transfer model builtin:still where the fill gauge
+    # measures the fill level, else builtin:default; random weights with --init none), or a model as --init takes
+    # it (builtin:NAME, a checkpoint or a package). builtin:default is the narrower network: less compute per
+    # container (docs/new_line.md).
+    still_init: str = "auto"
 
     def for_data(self, has_mask: bool) -> TrainConfig:
         """These settings with every "auto" (None) setting resolved for the data: with masks (the simulator's)
@@ -300,6 +305,9 @@ class TrainConfig:
             raise _bad("still_network", f"must be auto, on or off, got {self.still_network!r}")
         if not 0 < self.still_share < 1:
             raise _bad("still_share", f"must be within (0, 1), got {self.still_share}")
+        if not isinstance(self.still_init, str) or not self.still_init.strip():
+            raise _bad("still_init", f"must be auto or a model (builtin:NAME, a checkpoint or a package), got "
+                                     f"{self.still_init!r}")
         if self.val_every < 1:
             raise _bad("val_every", f"must be >= 1, got {self.val_every}")
         if self.frames is not None and self.frames < 1:

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vialinspect.datasets.reader import open_dataset
-from vialinspect.export.builtin import is_builtin
+from vialinspect.export.builtin import is_builtin, resolve_model_ref
 from vialinspect.vision.pair import PairNet, network_from_arch, pair_state
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -47,11 +47,35 @@ def still_network_wanted(data_dir: str | Path, out: Path, cfg: TrainConfig, init
     return first_model and not any(r.mask is not None for r in ds.records)
 
 
+def still_start(cfg: TrainConfig, init: str | None, gauge_fitted: bool) -> str | None:
+    """The model the still network starts from (``TrainConfig.still_init``); None: random weights."""
+    if cfg.still_init != "auto":
+        return cfg.still_init
+    if init is None:
+        return None
+    return STILL_START if gauge_fitted else "builtin:default"
+
+
+def check_still_init(ref: str) -> None:
+    """``TrainingError`` now, before the sequence network's minutes are spent, where ``still_init`` names no model."""
+    from .trainer import TrainingError
+
+    if ref == "auto":
+        return
+    try:
+        path = resolve_model_ref(ref)
+    except LookupError as e:
+        raise TrainingError(f"still_init: {e}") from None
+    if not path.exists():
+        raise TrainingError(f"still_init: {ref}: no such checkpoint or package")
+
+
 def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | None, resume: bool,
                log: Callable[[str], None], progress: bool = True) -> dict:
     """Both networks, then the pair in ``out/best.pt`` calibrated on the validation split; returns a summary."""
     from .trainer import _splits, finalize, has_fill_heights, pick_device, train_network
 
+    check_still_init(cfg.still_init)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     seq_dir, still_dir = out / SEQUENCE, out / STILL
@@ -77,10 +101,10 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
     train_recs, val = _splits(ds, frames, lambda *_: None)
     if seq_done and cfg.fill_gauge != "off" and not has_fill_heights(train_recs):
         gauge = fit_line_gauge(ds.root, [r for r in train_recs if not r.classes], log)  # as the sequence run did
-    # The still network starts where a line's still images start (builtin:still, which learnt no fill level across
-    # cameras: the fill gauge measures it here) or, without a gauge, from the default model; --init none: from
-    # random weights, as the sequence network did.
-    still_init = None if init is None else (STILL_START if gauge is not None else "builtin:default")
+    # By default the still network starts where a line's still images start (builtin:still, which learnt no fill
+    # level across cameras: the fill gauge measures it here) or, without a gauge, from the default model; --init
+    # none: from random weights, as the sequence network did.
+    still_init = still_start(cfg, init, gauge is not None)
     still_budget = None
     if budget:
         reserve = 1.5 * seq.get("calibration_minutes", 0.0)  # the pair's calibration runs both networks
