@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import subprocess
 import sys
 import time
@@ -94,18 +93,13 @@ def _render_foreign_unit(world, rng: np.random.Generator, motion: np.random.Gene
 def _init(world, seed: int, frames: int, root: str) -> None:
     import cv2
 
-    from vialinspect.datasets.generate import forked_child
-
-    forked_child()
-
     cv2.setNumThreads(1)
     _JOB.update(world=world, seed=seed, frames=frames, root=Path(root))
 
 
 def render_units(tasks: list[tuple[str, int, int, str]], world, seed: int, frames: int, root: Path) -> list[dict]:
     """``render_unit`` for each task, on every core; their truth rows in task order."""
-    W.before_fork()
-    with mp.get_context("fork").Pool(initializer=_init, initargs=(world, seed, frames, str(root))) as pool:
+    with W.fork_pool(None, _init, (world, seed, frames, str(root))) as pool:
         return pool.map(render_unit, tasks, chunksize=4)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -44,7 +43,7 @@ from vialinspect import set_offline_env  # noqa: E402
 
 set_offline_env()  # before any library that could phone home is imported
 
-from vialinspect.datasets.generate import before_fork, forked_child, make_container  # noqa: E402
+from vialinspect.datasets.generate import fork_pool, make_container  # noqa: E402
 from vialinspect.datasets.imagefolder import GOOD  # noqa: E402
 from vialinspect.datasets.records import DEFECT_CLASSES, SPLITS  # noqa: E402
 from vialinspect.datasets.sim.config import NUISANCE_TAGS, CameraConfig, SimConfig  # noqa: E402
@@ -288,7 +287,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(world: World, seed: int, root: str) -> None:
-    forked_child()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import cv2
 
@@ -351,8 +349,7 @@ def build_world(world: World | str, out: Path, n_train: int, n_test: int, seed: 
             finally:
                 cv2.setNumThreads(threads)
         else:
-            before_fork()
-            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(w, seed, str(out)))
+            pool = fork_pool(workers, _init_worker, (w, seed, str(out)))
             results = pool.imap(_work, tasks, chunksize=4)
             rows = list(progress(results, total=len(tasks)) if progress else results)
             pool.close()

@@ -127,8 +127,19 @@ def forked_child() -> None:
     gc.freeze()
 
 
-def _init_worker(cfg: SimConfig, seed: int, root: str, passes: int = 1, layout: str = "manifest") -> None:
+def fork_pool(workers: int | None, initializer: Callable[..., None], initargs: tuple = ()) -> mp.pool.Pool:
+    """A pool of fork()ed workers that is safe to start from any of this project's processes: ``before_fork``
+    here, ``forked_child`` first in each worker, then ``initializer(*initargs)``."""
+    before_fork()
+    return mp.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(initializer, initargs))
+
+
+def _start_worker(initializer: Callable[..., None], initargs: tuple) -> None:
     forked_child()
+    initializer(*initargs)
+
+
+def _init_worker(cfg: SimConfig, seed: int, root: str, passes: int = 1, layout: str = "manifest") -> None:
     # One thread per process: the processes already fill the cores.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import cv2
@@ -214,9 +225,7 @@ def generate(out: Path, n: int, cfg: SimConfig, seed: int = 0, workers: int | No
             _init_worker(cfg, seed, root, passes, layout)
             results = map(_work, range(items))
         else:
-            before_fork()
-            pool = mp.get_context("fork").Pool(workers, initializer=_init_worker,
-                                               initargs=(cfg, seed, root, passes, layout))
+            pool = fork_pool(workers, _init_worker, (cfg, seed, root, passes, layout))
             results = pool.imap(_work, range(items), chunksize=4)
         it = progress(results, total=items) if progress else results
         for row in it:

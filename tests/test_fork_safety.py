@@ -1,7 +1,7 @@
-"""Workers fork()ed from a process that used ONNX Runtime do not hang (datasets.generate before_fork and
-forked_child): a session dropped in a reference cycle, with the station's sleeping (non-spinning) threads, hangs
-a child whose garbage collector destroys it. Seen once as a test run that never ended (a documented walk's
-``vialinspect generate`` after models had been run in the same process)."""
+"""Workers fork()ed from a process that used ONNX Runtime do not hang (datasets.generate fork_pool, with
+before_fork and forked_child): a session dropped in a reference cycle, with the station's sleeping (non-spinning)
+threads, hangs a child whose garbage collector destroys it. Seen once as a test run that never ended (a documented
+walk's ``vialinspect generate`` after models had been run in the same process)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent('''
     import gc, multiprocessing as mp, sys, time
     import numpy as np, onnxruntime as ort
     from onnx import TensorProto, helper
-    from vialinspect.datasets.generate import before_fork, forked_child
+    from vialinspect.datasets.generate import fork_pool
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])
@@ -31,9 +31,8 @@ SCRIPT = textwrap.dedent('''
     time.sleep(0.3)  # its threads asleep on their condition variable
     gc.disable()  # the collector has not come round before the fork
     safe = sys.argv[1] == "safe"
-    if safe:
-        before_fork()
-    with mp.get_context("fork").Pool(1, initializer=forked_child if safe else None) as pool:
+    pool = fork_pool(1, lambda: None) if safe else mp.get_context("fork").Pool(1)
+    with pool:
         try:
             pool.apply_async(gc.collect).get(timeout=8)
         except mp.TimeoutError:
@@ -53,6 +52,6 @@ def test_a_forked_worker_survives_an_onnx_session_its_parent_dropped():
 
 
 def test_without_the_fork_helpers_the_same_worker_hangs():
-    # The case above is a real one on this ONNX Runtime: without before_fork and forked_child the child hangs.
+    # The case above is a real one on this ONNX Runtime: in a plain fork pool the child hangs.
     hung = _run("unsafe")
     assert hung.returncode == 3 and hung.stdout.strip() == "hung", hung.stdout + hung.stderr
