@@ -171,8 +171,9 @@ def main() -> int:
     rows = []
     ort_cpu = OnnxModel(str(pkg.onnx_path), spec, device="cpu")
     cases = [("pytorch-eager", "cpu", run_eager), ("onnxruntime", ort_cpu.status.provider, ort_cpu._run)]
-    gpu = OnnxModel(str(pkg.onnx_path), spec, device="cuda")
-    if not gpu.status.fallback:
+    # Whether the CUDA provider starts; the probe's session is dropped here, provider_cases opens the measured ones.
+    gpu = OnnxModel(str(pkg.onnx_path), spec, device="cuda").status
+    if not gpu.fallback:
         import tempfile
 
         from vialinspect.export.onnx_export import export_onnx
@@ -206,8 +207,8 @@ def main() -> int:
               "target_batch1_ratio": 2.0,
               "model_gflop_per_container": round(gflop, 3), "sgemm_ceiling_gflop_per_s": round(ceiling, 1),
               "meets_target": bool(ratios["batch1"] >= 2.0) if "batch1" in ratios else None,
-              "gpu": None if gpu.status.fallback else gpu.status.provider,
-              "gpu_note": gpu.status.reason if gpu.status.fallback else None}
+              "gpu": None if gpu.fallback else gpu.provider,
+              "gpu_note": gpu.reason if gpu.fallback else None}
     print(f"{'engine':27s} {'provider':22s} {'batch':>5s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'GFLOP/s':>8s}")
     for r in rows:
         print(f"{r['engine']:27s} {r['provider']:22s} {r['batch']:5d} {r['images_per_s']:8.1f} {r['p50_ms']:8.2f} "
@@ -217,8 +218,8 @@ def main() -> int:
     print(f"model: {gflop:.2f} GFLOP per container; this machine's float32 matrix-product ceiling: "
           f"{ceiling:.0f} GFLOP/s{need}")
     print(f"ONNX Runtime / eager: {ratios} (target >= 2.0 at batch 1); by round: {round_ratios}")
-    if gpu.status.fallback:
-        print(f"GPU: not measured ({gpu.status.reason})")
+    if gpu.fallback:
+        print(f"GPU: not measured ({gpu.reason})")
     out = Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

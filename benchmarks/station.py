@@ -116,13 +116,20 @@ def line_figures(run: dict) -> dict:
             "causes": not_inspected_causes(run)}
 
 
+def raw_runner(model_path: Path, device: str, units: list[list[np.ndarray]]):
+    """The runtime at its fastest (spinning threads), warmed up on ``units``' input size at batch 8, and that size:
+    what the station is measured against, whatever its own setting."""
+    raw = load_model(model_path, device=device, spin=True).runner
+    input_hw = preprocess(units[0], raw.spec).x.shape[1:]
+    raw.warm_up(*input_hw, batch=8)
+    return raw, input_hw
+
+
 def cpu_comparison(model_path: Path, spin: bool, recipe: Recipe, units: list[list[np.ndarray]], rate: float,
                    total: int, store_dir: Path, raw_seconds: float = 10.0) -> dict:
     """The raw runtime and a line-rate run of ``total`` units at ``rate`` on the CPU: the figures a GPU station's
     are compared with, taken in the same run."""
-    raw = load_model(model_path, device="cpu", spin=True).runner
-    input_hw = preprocess(units[0], raw.spec).x.shape[1:]
-    raw.warm_up(*input_hw, batch=8)
+    raw, input_hw = raw_runner(model_path, "cpu", units)
     raw_per_min = raw_rate(raw, units, raw_seconds)
     del raw
     gc.collect()
@@ -236,9 +243,7 @@ def run(a: argparse.Namespace, neighbour: Neighbour | None) -> int:
     # whatever the station's own setting: the station is measured against the best the runtime can do.
     # This machine's speed drifts by 20% from minute to minute, so raw is measured again right before each
     # capacity step, and each step is compared with the raw rate of the same moment.
-    raw = load_model(Path(a.model), device=a.device, spin=True).runner
-    input_hw = preprocess(units[0], raw.spec).x.shape[1:]
-    raw.warm_up(*input_hw, batch=8)
+    raw, input_hw = raw_runner(Path(a.model), a.device, units)
     raw_per_min = raw_rate(raw, units, 10.0)
     print(f"raw runtime: {raw_per_min:.0f} units/min", flush=True)
     model.runner.warm_up(*input_hw, batch=8)
