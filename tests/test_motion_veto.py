@@ -155,8 +155,31 @@ def test_fit_refuses_too_few_units_and_a_nuisance_that_sinks(monkeypatch):
 
 
 def test_floor_heights_per_container_kind():
-    assert floor_heights(["syringe-1mL", "vial-2R", "unknown"]) == {"syringe": 5.0, "vial": 0.0}
+    assert floor_heights(["syringe-1mL", "vial-2R", "unknown"]) == {"syringe": 5.0, "vial": 0.7}
     assert floor_heights([]) == {}
+
+
+@pytest.mark.parametrize("index", [1, 8, 0])  # the simulator's units 1 (vial-10R), 8 (vial-2R), 0 (syringe-1mL)
+def test_floor_row_is_the_liquids_floor(index):
+    """On the simulator's own containers the veto's floor is where the liquid meets the glass (the inside of a
+    vial's bottom, the top of a syringe's cone), not the lowest point the geometry finds, and never below it:
+    a floor placed low would let the veto clear a particle resting on it."""
+    from vialinspect.datasets.sim.config import SimConfig
+    from vialinspect.datasets.sim.render import framing_for, render
+    from vialinspect.datasets.sim.scene import sample_scene
+
+    cfg = SimConfig()
+    scene = sample_scene(cfg, index, 0)
+    frames = np.stack([f.astype(np.float32) / np.iinfo(f.dtype).max for f in render(scene, cfg.camera).frames])
+    fmt, fr = scene.format, framing_for(scene.format, cfg.camera.pixel_um)
+    floor = fr.to_px(0.0, fmt.bottom_mm)[1] - scene.pose.dz_mm / fr.mm_per_px  # the pose moves it up by dz
+    veto = MotionVeto(v_low=-1.0, v_high=1.0, pixel_um=cfg.camera.pixel_um,
+                      floor_mm=floor_heights([fmt.name]))
+    got = veto.floor_row(frames, cfg.camera.pixel_um)
+    assert got is not None
+    # A vial's floor is found to a pixel; a syringe's lies a few pixels above the barrel's start (the geometry
+    # measures the shield's top edge), on the safe side.
+    assert floor - (6.0 if fmt.kind == "syringe" else 1.5) <= got <= floor + 1.5, (fmt.name, got, floor)
 
 
 # ---------------------------------------------------------------- retraining fits one; the runtime applies it

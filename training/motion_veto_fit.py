@@ -40,15 +40,18 @@ class MotionVetoError(VialinspectError):
 
 def floor_heights(formats: Iterable[str]) -> dict[str, float]:
     """Per container kind, the liquid's floor above the row ``vision.classical.measure_geometry`` calls the lowest
-    point, for the simulator's container formats among ``formats`` (others are unknown). A vial's lowest point is
-    the inside of its bottom, the floor itself; a syringe's is the needle shield, ``bottom_mm`` below the barrel."""
+    point, for the simulator's container formats among ``formats`` (others are unknown): ``bottom_mm`` for both
+    kinds. A vial's lowest point is the outside of its bottom glass against the back light, its floor the glass's
+    thickness above it (until 2026-12-05 this took the vial's floor to be its lowest point, 0.7 mm low, and the
+    veto could clear a particle resting on the floor); a syringe's is the needle shield, the cone below the
+    barrel. The highest over a kind's formats: a floor set too high only keeps more of the map from the veto."""
     from vialinspect.datasets.sim.formats import FORMATS
 
     out: dict[str, float] = {}
     for name in formats:
         fmt = FORMATS.get(name)
         if fmt is not None:
-            out[fmt.kind] = max(out.get(fmt.kind, 0.0), float(fmt.bottom_mm) if fmt.kind == "syringe" else 0.0)
+            out[fmt.kind] = max(out.get(fmt.kind, 0.0), float(fmt.bottom_mm))
     return out
 
 
