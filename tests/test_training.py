@@ -258,6 +258,10 @@ def test_imagefolder_training_uses_image_labels_only_and_evaluates_every_image(c
     assert summary["epochs_run"] == 1
     # the log says that the start's motion (2 frames a unit) does not carry over to still images
     assert any("trained on 2 frame(s) a unit, this data has 1: what it learnt of motion dropped" in x for x in lines)
+    # ... and, before training, what a line's still images with few good units lack (datasets.readiness)
+    assert any(x.startswith("advice: still images") for x in lines)
+    assert any(x.startswith("advice: ") and "good unit(s) to train on: thresholds need at least 299" in x
+               for x in lines)
     ck = load_checkpoint(tmp_path / "run" / "best.pt")
     # init "auto": the simulator's data (with masks) trained from random weights
     assert load_checkpoint(tiny_run / "best.pt")["init"] is None

@@ -21,6 +21,7 @@ from vialinspect.datasets.generate import before_fork, forked_child
 from vialinspect.datasets.implant import IMPLANT_LOOKS, ImplantConfig
 from vialinspect.datasets.manifest import Dataset
 from vialinspect.datasets.reader import open_dataset
+from vialinspect.datasets.readiness import line_advice
 from vialinspect.datasets.records import ContainerRecord, fit_frames, split_for
 from vialinspect.datasets.torch_dataset import ContainerDataset
 from vialinspect.errors import VialinspectError
@@ -291,6 +292,8 @@ def train(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, init: str
     elif word == "auto":
         init = "auto"
     log = logger.info if log is None else log
+    if not resume and int(os.environ.get("RANK", "0")) == 0:
+        _advise(data_dir, log)
     if cfg.still_network != "off":
         from .pair_train import still_network_wanted, train_pair
 
@@ -352,6 +355,16 @@ def train_network(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, i
             _fit_schedule_to_budget(run.schedule, run.sched.last_epoch, (time.perf_counter() - t_start) / 60,
                                     cfg.max_minutes, d, device)
     return _finish(run, data, prog, stopped, best_path, t_start, gauge, log), gauge
+
+
+def _advise(data_dir: str | Path, log: Callable[[str], None]) -> None:
+    """Log what a line's image-level data lacks (``datasets.readiness``) before the minutes are spent."""
+    try:
+        ds = open_dataset(data_dir)
+    except (OSError, ValueError, VialinspectError):
+        return  # training opens it again and says what is wrong
+    for line in line_advice(r for r in ds.records if r.split in ("train", "val")):
+        log(f"advice: {line}")
 
 
 def _prepare_data(data_dir: str | Path, cfg: TrainConfig, d: Dist, device: torch.device,

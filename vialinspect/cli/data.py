@@ -167,6 +167,7 @@ def _open(path: str, check_files: bool = True):
 
 def cmd_dataset_check(a: argparse.Namespace) -> int:
     from vialinspect.datasets.reader import decode_check, summarize
+    from vialinspect.datasets.readiness import line_advice
 
     ds = _open(a.path)
     problems = list(ds.problems)
@@ -174,8 +175,10 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
         problems += decode_check(ds, progress=progress("decode"))
     summary = summarize(ds)
     summary["problems"] = len(problems)
+    advice = line_advice(r for r in ds.records if r.split in ("train", "val"))
     if a.json:
-        print(json.dumps({"summary": summary, "problems": [str(p) for p in problems]}, indent=2))
+        print(json.dumps({"summary": summary, "problems": [str(p) for p in problems], "advice": advice},
+                         indent=2))
     else:
         print(f"{ds.root}: {ds.kind} dataset, {summary['containers']} containers, {summary['frames']} frames")
         if "units" in summary:
@@ -184,6 +187,11 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
             items = ", ".join(f"{k}={v}" for k, v in sorted(summary[key].items(), key=lambda kv: str(kv[0])))
             print(f"  {key:22s} {items or '-'}")
         print(f"  {'good_with_bubbles':22s} {summary['good_with_bubbles']}")
+        if advice:  # not problems: the data is valid; what it lacks for learning a line
+            print("advice for learning a line from these images (counted over the train and val splits, "
+                  "which `train` reads):")
+            for line in advice:
+                print(f"  - {line}")
         if problems:
             print(f"{len(problems)} problem(s):")
             for p in problems[:a.max_problems]:
@@ -228,10 +236,13 @@ def add_dataset(sub: argparse._SubParsersAction) -> None:
     dsub = d.add_subparsers(dest="dataset_command", metavar="ACTION")
     c = dsub.add_parser("check", help="validate a dataset and print counts",
                         description="Validate every manifest row and decode every image; print counts per split, "
-                                    "class, nuisance and format. Exit status 1 if any problem is found.")
+                                    "class, nuisance and format. For image-level data (an ImageFolder, a manifest "
+                                    "without masks) also print advice: what the images lack for learning a line "
+                                    "(still images, too few good units, few labelled rejects of a class); advice "
+                                    "is not a problem. Exit status 1 if any problem is found.")
     c.add_argument("path", help="dataset directory")
     c.add_argument("--quick", action="store_true", help="check the manifest and file presence only; decode nothing")
-    c.add_argument("--json", action="store_true", help="print the summary and problems as JSON")
+    c.add_argument("--json", action="store_true", help="print the summary, problems and advice as JSON")
     c.add_argument("--max-problems", type=positive_int, default=50, help="problems to list (default 50)")
     c.set_defaults(func=cmd_dataset_check)
     v = dsub.add_parser("preview", help="write a contact sheet PNG with annotations drawn",
