@@ -44,9 +44,8 @@ def line_advice(records: Iterable[ContainerRecord]) -> list[str]:
     if good < need:
         out.append(f"{good} good unit(s) to train on: thresholds need at least {need} good units of the line to "
                    f"promise a {CALIBRATION_BUDGET:.0%} false-reject budget over three classes; calibrate the exported "
-                   "package on a lot of the line's accepted units (`vialinspect package calibrate`), and bring "
-                   "as many good units as there are: they also carry the synthetic defects and teach the line's "
-                   "nuisances")
+                   "package on a lot of the line's accepted units (`vialinspect package calibrate`); for "
+                   "training, a few hundred good units carry the synthetic defects and teach the line's nuisances")
     for c in DEFECTS:
         n = sum(1 for r in recs if c in r.classes)
         if n == 0 and c == "fill_level":
