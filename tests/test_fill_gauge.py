@@ -70,6 +70,41 @@ def test_positive_release_when_the_unit_cannot_be_measured_or_matches_no_referen
     assert odd.probability == 1.0 and "error" in odd.problem
 
 
+def test_a_container_lying_on_its_side_is_not_measured_nor_read(line, tmp_path):
+    """A syringe on rollers or a rotated photograph: the rows of a container lying down are not its height, and a
+    syringe's finger flange can even pass for its barrel; the geometry refuses it, the gauge makes no reference
+    of such units and reads one as unmeasurable (positive release), and the classical inspector rejects it."""
+    import cv2
+
+    from vialinspect.vision.classical import ClassicalInspector
+
+    good, _ = line
+    lying = {f: [[cv2.rotate(fr, cv2.ROTATE_90_CLOCKWISE) for fr in u] for u in us] for f, us in good.items()}
+    for f, units in lying.items():
+        with pytest.raises(ValueError, match="no upright container found"):
+            measure_geometry(units[0])
+        measure_geometry(good[f][0])  # the same unit standing is measured
+        assert measure_all(units) == [None] * len(units)
+        with pytest.raises(FillGaugeError, match="no container geometry shared"):
+            fit_fill_gauge(measure_all(units))
+    gauge = fit_fill_gauge(measure_all(good["syringe-1mL"]))
+    r = gauge.read(lying["syringe-1mL"][0])
+    assert r.probability == 1.0 and "no upright container" in r.problem
+    s = ClassicalInspector().score(lying["vial-2R"][0])
+    assert set(s.probs.values()) == {1.0} and "no upright container" in s.extra["error"]
+    # training says why the gauge is not used, so that the user learns what about the images keeps it out
+    from vialinspect.datasets.records import ContainerRecord
+    from vialinspect.training.fill_fit import fit_line_gauge
+
+    recs = []
+    for i, u in enumerate(lying["vial-2R"]):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), u[0])
+        recs.append(ContainerRecord(id=f"good/{i}.png", frames=[f"{i}.png"]))
+    lines = []
+    assert fit_line_gauge(tmp_path, recs, lines.append) is None
+    assert "fill gauge: not used" in lines[0] and "e.g. good/0.png: no upright container found" in lines[0]
+
+
 def test_too_few_good_units_make_no_reference(line):
     good, _ = line
     with pytest.raises(FillGaugeError, match="no container geometry shared"):

@@ -12,6 +12,7 @@ import numpy as np
 
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.records import ContainerRecord
+from vialinspect.vision.classical import measure_geometry
 from vialinspect.vision.fill_gauge import FillGauge, FillGaugeError, apply_reading, fit_fill_gauge, measure_all
 from vialinspect.vision.scores import Scores
 
@@ -53,17 +54,31 @@ def fit_line_gauge(root: Path, good: list[ContainerRecord], log: Callable[[str],
     try:
         gauge = fit_fill_gauge(geos)
     except FillGaugeError as e:
-        log(f"fill gauge: not used ({e}); the network decides the fill level")
+        log(f"fill gauge: not used ({e}{_why_unmeasured(root, good, geos)}); the network decides the fill level")
         return None
     found = gauge.n_measured / len(geos)
     if found < MIN_FOUND:
         log(f"fill gauge: not used (the liquid column was found in {found:.0%} of {len(geos)} good units, "
-            f"fewer than {MIN_FOUND:.0%}); the network decides the fill level")
+            f"fewer than {MIN_FOUND:.0%}{_why_unmeasured(root, good, geos)}); the network decides the fill level")
         return None
     log(f"fill gauge: {len(gauge.groups)} container geometr{'y' if len(gauge.groups) == 1 else 'ies'} from "
         f"{gauge.n_measured} of {len(geos)} good units")
     scores = [gauge.read_geometry(g) for g in geos if g is not None]
     return LineGauge(gauge, np.array([r.probability for r in scores if r.problem is None], np.float64))
+
+
+def _why_unmeasured(root: Path, good: list[ContainerRecord], geos: list) -> str:
+    """Why the first good unit the geometry did not measure was not measured (``; e.g. ID: reason``), so that a
+    user learns what about the line's images keeps the gauge out (a container lying on its side, the bottom
+    out of view, no meniscus); empty where every unit was measured."""
+    for r, g in zip(good, geos, strict=True):
+        if g is None:
+            try:
+                measure_geometry(next(_frames(root, [r])))
+            except ValueError as e:
+                return f"; e.g. {r.id}: {e}"
+            return ""
+    return ""
 
 
 def choose_fill_gauge(line: LineGauge, root: Path, val_recs: list[ContainerRecord], scores: list[Scores],
