@@ -18,6 +18,7 @@ DEFECTS = ("particle", "crack", "fill_level")
 FEW_LABELLED = 10  # labelled units of a class under which its own figures are coarse and its look barely taught
 CALIBRATION_BUDGET = 0.01  # the false-reject budget `package calibrate` holds by default, shared by three classes
 GUIDE = "docs/new_line.md#what-a-plant-must-bring-and-what-it-gets-today"
+TRAINED_SPLITS = ("train", "val")  # what `train` reads; a held-out test split is not counted
 
 
 def good_units_to_calibrate(budget: float = CALIBRATION_BUDGET, classes: int = len(DEFECTS)) -> int:
@@ -28,9 +29,9 @@ def good_units_to_calibrate(budget: float = CALIBRATION_BUDGET, classes: int = l
 
 def line_advice(records: Iterable[ContainerRecord]) -> list[str]:
     """Sentences on what this data lacks for learning a line, for image-level data (no record has a mask);
-    none for data with masks (the simulator's) or without records. Pass the records training reads (not a
-    held-out test split)."""
-    recs = list(records)
+    none for data with masks (the simulator's) or without records. Counted over the records `train` reads
+    (``TRAINED_SPLITS``), not a held-out test split."""
+    recs = [r for r in records if r.split in TRAINED_SPLITS]
     if not recs or any(r.mask is not None for r in recs):
         return []
     out: list[str] = []

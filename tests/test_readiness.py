@@ -72,3 +72,14 @@ def test_dataset_check_prints_the_advice_and_still_exits_0(tmp_path, capsys):
     assert main(["dataset", "check", str(root), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["problems"] == [] and len(got["advice"]) == 4
+
+
+def test_a_held_out_test_split_is_not_counted():
+    recs = _records(good=600, particle=60, crack=60, fill=60, frames=4)
+    for r in recs[:400]:
+        r.split = "test"
+    assert line_advice(recs) == ["200 good unit(s) to train on: thresholds need at least 299 good units of the "
+                                 "line to promise a 1% false-reject budget over three classes; calibrate the "
+                                 "exported package on a lot of the line's accepted units (`vialinspect package "
+                                 "calibrate`); for training, a few hundred good units carry the synthetic defects "
+                                 "and teach the line's nuisances"]

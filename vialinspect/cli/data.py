@@ -175,7 +175,7 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
         problems += decode_check(ds, progress=progress("decode"))
     summary = summarize(ds)
     summary["problems"] = len(problems)
-    advice = line_advice(r for r in ds.records if r.split in ("train", "val"))
+    advice = line_advice(ds.records)
     if a.json:
         print(json.dumps({"summary": summary, "problems": [str(p) for p in problems], "advice": advice},
                          indent=2))
