@@ -82,6 +82,16 @@ def score(labels: np.ndarray, scores: np.ndarray) -> dict:
     return {"recall": {c: r[c] for c in CLASSES}, "frr": r["frr"], "auroc": au}
 
 
+def print_table(first: str, res: dict[str, dict]) -> None:
+    """``score``'s results, one row per name, as a markdown table whose first column is headed ``first``."""
+    print(f"| {first} | particle | crack | fill level | AUROC particle / crack / fill |")
+    print("|---|---|---|---|---|")
+    for name, r in res.items():
+        rec, au = r["recall"], r["auroc"]
+        print(f"| {name} | {rec['particle']} | {rec['crack']} | {rec['fill_level']} | "
+              f"{au['particle']} / {au['crack']} / {au['fill_level']} |")
+
+
 def _unit_scores(model: str, data: Path) -> dict[str, tuple[list[bool], list[float]]]:
     from vialinspect.training.evaluate import evaluate_model
     from vialinspect.vision.scores import class_scores
@@ -113,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     s_still = np.array([still[k][1] for k in keys])
     res = {name: score(labels, s) for name, s in combinations(s_seq, s_still).items()}
     print(f"{len(keys)} test units; recall at <= {NL.FRR:.0%} false rejects, particle / crack / fill level")
-    print("| combination | particle | crack | fill level | AUROC particle / crack / fill |")
-    print("|---|---|---|---|---|")
-    for name, r in res.items():
-        rec, au = r["recall"], r["auroc"]
-        print(f"| {name} | {rec['particle']} | {rec['crack']} | {rec['fill_level']} | "
-              f"{au['particle']} / {au['crack']} / {au['fill_level']} |")
+    print_table("combination", res)
     if a.out:
         a.out.write_text(json.dumps({"units": len(keys), "results": res}, indent=1))
     return 0

@@ -49,6 +49,15 @@ F = NL._sibling("foreign_world")
 _JOB: dict = {}
 
 
+def get_world(name: str):
+    """A line by name: the simulator's (``worlds.py``) or the foreign renderer's (``foreign_world.py``)."""
+    if name in F.WORLDS:
+        return F.WORLDS[name]
+    if name in W.WORLDS:
+        return W.WORLDS[name]
+    raise ValueError(f"unknown world {name!r}; known: {', '.join([*W.WORLDS, *F.WORLDS])}")
+
+
 def render_unit(task: tuple[str, int, int, str]) -> dict:
     """One unit of class ``cls`` as K frames in ``root/<split>/<cls>/<uid>/f<k>.<ext>``; its truth row."""
     from vialinspect.datasets.generate import make_container
@@ -212,7 +221,7 @@ def main() -> int:
     if out.exists() and not resume:
         p.error(f"{out} exists; choose a new directory (or --resume)")
     try:
-        world = F.WORLDS[a.world] if a.world in F.WORLDS else W.get_world(a.world)
+        world = get_world(a.world)
     except ValueError as e:
         p.error(str(e))
     data = out / "data"

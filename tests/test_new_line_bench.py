@@ -84,7 +84,7 @@ def test_the_sequence_benchmark_writes_units_of_k_frames_the_truth_names(tmp_pat
     from vialinspect.datasets.imagefolder import read_imagefolder
 
     with benchmark("new_line_sequences") as m:
-        world = m.F.WORLDS[name] if name in m.F.WORLDS else m.W.get_world(name)
+        world = m.get_world(name)
         built = m.build(world, tmp_path, frames=2, n_labels=4, n_good=1, n_test=4, seed=3)
     assert built["units"] == 9
     ds = read_imagefolder(tmp_path)
@@ -158,3 +158,36 @@ def test_crack_combination_takes_each_units_first_frame_and_combines_the_scores(
         assert np.allclose(c["cracks: mean of both"], [[0.9, 0.5, 0.1], [0.1, 0.5, 0.3]])
         assert np.allclose(c["cracks and particles: mean of both"], [[0.55, 0.5, 0.1], [0.2, 0.5, 0.3]])
         assert c["sequence network alone"] is seq and c["still network alone"] is still
+
+
+def test_the_sequence_benchmark_knows_both_renderers_worlds_and_names_them_all_for_a_wrong_one():
+    with benchmark("new_line_sequences") as m:
+        assert m.get_world("w58").name == "w58" and m.get_world("fx66s").name == "fx66s"
+        with pytest.raises(ValueError, match="known: w65, w72, w58, fx68, fx61, fx66s"):
+            m.get_world("w99")
+
+
+def test_mirror_average_scores_each_unit_as_if_the_camera_saw_it_mirrored(tmp_path):
+    """benchmarks/mirror_average.py: a unit's mirrored scores are the scores of the same unit written mirrored
+    on disk, and the frame reader is put back afterwards."""
+    import cv2
+
+    from vialinspect.training import predict
+
+    read = predict.read_gray
+    with benchmark("mirror_average") as ma:
+        data = tmp_path / "data"
+        ma.S.build(ma.S.get_world("w65"), data, 4, 0, 0, 4, 5)
+        flipped = tmp_path / "flipped"
+        for f in sorted(data.rglob("*.png")):
+            dst = flipped / f.relative_to(data)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(dst), cv2.flip(cv2.imread(str(f), cv2.IMREAD_UNCHANGED), 1))
+        model = "builtin:default"
+        labels, own, ids = ma.unit_scores(model, data, False)
+        labels_m, mirrored, ids_m = ma.unit_scores(model, data, True)
+        _, on_disk, ids_d = ma.unit_scores(model, flipped, False)
+    assert predict.read_gray is read
+    assert ids == ids_m == ids_d and len(ids) == 4 and (labels == labels_m).all()
+    assert np.allclose(mirrored, on_disk, atol=1e-6)
+    assert not np.allclose(own[:, :2], mirrored[:, :2], atol=1e-6)  # the mirror is another look, not the same
