@@ -26,14 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import crack_combination as CC  # noqa: E402 - its scoring of (N, 3) scores
+import new_line as NL  # noqa: E402 - its scoring of a model on a world's test units
 import new_line_sequences as S  # noqa: E402 - its worlds and its rendering of a run's units
 
 
 def unit_scores(model: str, data: Path, mirrored: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Labels (N, 3), scores (N, 3) and ids of ``data``'s test units, each frame mirrored if ``mirrored``."""
     import vialinspect.training.predict as P
-    from vialinspect.training.evaluate import evaluate_model
-    from vialinspect.vision.scores import class_scores
 
     read = P.read_gray
     if mirrored:
@@ -41,11 +40,9 @@ def unit_scores(model: str, data: Path, mirrored: bool) -> tuple[np.ndarray, np.
         # mirrored unit exactly as it would a camera's.
         P.read_gray = lambda path: np.ascontiguousarray(read(path)[:, ::-1])
     try:
-        _rep, recs, scores = evaluate_model(model, data, None, split="test")
+        _rep, recs, labels, s = NL.scores_on_test(model, data)
     finally:
         P.read_gray = read
-    labels = np.array([[c in r.classes for c in CC.CLASSES] for r in recs], np.float32)
-    s = np.array([[class_scores(x)[c] for c in CC.CLASSES] for x in scores], np.float64)
     return labels, s, [r.id for r in recs]
 
 

@@ -201,15 +201,24 @@ def recall_by_kind(test_dir: Path, ids: list[str], rejected: np.ndarray, scores:
     return out
 
 
-def score_run(model: str, test_dir: Path) -> dict:
-    """Evaluate ``model`` on the world's test split; recall at <= 2% FRR, AUROC, and the calibrated result."""
+def scores_on_test(model: str, test_dir: Path) -> tuple[dict, list, np.ndarray, np.ndarray]:
+    """``model`` evaluated on the world's test split: the report, the records, their labels (N, 3) and their
+    class scores (N, 3), in ``CLASSES`` order."""
     from vialinspect.training.evaluate import evaluate_model
-    from vialinspect.training.metrics import auroc
-    from vialinspect.vision.scores import class_scores, rejected_classes
+    from vialinspect.vision.scores import class_scores
 
     report, recs, scores = evaluate_model(model, test_dir, None, split="test")
     labels = np.array([[c in r.classes for c in CLASSES] for r in recs], np.float32)
     s = np.array([[class_scores(sc)[c] for c in CLASSES] for sc in scores], np.float64)
+    return report, recs, labels, s
+
+
+def score_run(model: str, test_dir: Path) -> dict:
+    """Evaluate ``model`` on the world's test split; recall at <= 2% FRR, AUROC, and the calibrated result."""
+    from vialinspect.training.metrics import auroc
+    from vialinspect.vision.scores import rejected_classes
+
+    report, recs, labels, s = scores_on_test(model, test_dir)
     res = {"at_frr": recall_at_frr(labels, s)}
     th2 = np.array(res["at_frr"]["thresholds"])
     ids, rejected = [r.id for r in recs], (s >= th2).any(1)

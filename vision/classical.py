@@ -201,7 +201,6 @@ def _find_geometry(m: np.ndarray, mx: np.ndarray, p: BaselineParams, fmt: Contai
     else:
         a1, a0 = 0.0, float(np.median(cs))
     sil = np.nonzero(has | (m[:, ::4] < lvl).any(axis=1))[0]
-    body_width = float(np.median(width[body]))
     dark_cols = np.nonzero((m[::4] < lvl).any(axis=0))[0]
     tall, wide = int(sil[-1] - sil[0] + 1), int(dark_cols[-1] - dark_cols[0] + 1) if len(dark_cols) else 0
     if tall < wide:
@@ -213,7 +212,7 @@ def _find_geometry(m: np.ndarray, mx: np.ndarray, p: BaselineParams, fmt: Contai
     # A running median over rows keeps a crack or a droplet at the edge from moving the edge onto itself.
     left, right = _running_median(left, 7), _running_median(right, 7)
     g = _Geometry(kind="vial", axis_a0=float(a0), axis_a1=float(a1),
-                  outer_half_px=body_width / 2, sil_rows=(int(sil[0]), int(sil[-1])),
+                  outer_half_px=float(np.median(width[body])) / 2, sil_rows=(int(sil[0]), int(sil[-1])),
                   row_left=left, row_right=right)
     _find_levels(mx, g, p, fmt, px_mm, wide_meniscus)
     return g
