@@ -34,7 +34,9 @@ command a user runs, within --minutes, and is scored on the world's test split (
 
 Scores: per class, the share of that class's test units rejected (for any class) at a false-reject rate <= 2%
 of the test's good units (thresholds set on the test's good units: the best the scores allow, so that methods
-are compared by how well they separate, not by how well a small validation split sets thresholds); AUROC per
+are compared by how well they separate, not by how well a small validation split sets thresholds; the classes
+share the 2% at one quantile of the good units' scores, except a fill level decided by the line's fill gauge, whose
+threshold sits just above the highest good unit's reading, as `vialinspect.training.calibrate` sets it); AUROC per
 class; and, separately, what the run's own calibrated thresholds give (false rejects and recall), which is
 what a user gets. Training time and peak memory of each run; the machine's pace in the same run.
 Writes --out/summary.json and prints a table.
@@ -114,16 +116,25 @@ def labelled_subset(world_dir: Path, out: Path, n_labels: int, n_good: int, seed
     return counts
 
 
-def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = FRR) -> dict:
+def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = FRR, fill_edge: bool = False) -> dict:
     """Per class, the share of its units rejected for any class when each class's threshold is the same
     quantile of the good units' scores, the lowest quantile whose union keeps false rejects <= ``frr``.
 
-    ``labels`` (N, 3) 0/1, ``scores`` (N, 3)."""
+    ``fill_edge``: the fill level is the line's fill gauge's, and its threshold sits just above the highest
+    measured good unit's fill score (a score of 1 is a unit the gauge could not measure, rejected at any
+    threshold), as ``vialinspect.training.calibrate`` puts it; the particle and crack thresholds share what is
+    left at one quantile. ``labels`` (N, 3) 0/1, ``scores`` (N, 3)."""
     good = labels.sum(1) == 0
     g = scores[good]
+    fill_th = None
+    if fill_edge:
+        measured = g[:, 2][g[:, 2] < 1.0]
+        fill_th = float(measured.max()) + 1e-7 if len(measured) else 0.5
 
     def at(q: float) -> tuple[np.ndarray, float]:
         th = np.quantile(g, q, axis=0, method="higher") + 1e-7 if len(g) else np.full(3, 0.5)
+        if fill_th is not None:
+            th[2] = fill_th
         rej = (scores >= th).any(1)
         return th, float(rej[good].mean()) if good.any() else 0.0
 
@@ -142,7 +153,7 @@ def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = FRR) -> d
                 lo = q
     th, f = best
     rej = (scores >= th).any(1)
-    out = {"frr": round(f, 4), "thresholds": [round(float(t), 5) for t in th]}
+    out = {"frr": round(f, 4), "thresholds": [round(float(t), 5) for t in th], "fill_edge": fill_edge}
     for i, c in enumerate(CLASSES):
         pos = labels[:, i] > 0
         out[c] = round(float(rej[pos].mean()), 4) if pos.any() else None
@@ -219,7 +230,10 @@ def score_run(model: str, test_dir: Path) -> dict:
     from vialinspect.vision.scores import rejected_classes
 
     report, recs, labels, s = scores_on_test(model, test_dir)
-    res = {"at_frr": recall_at_frr(labels, s)}
+    gauged = "fill_gauge" in report  # the line's gauge decides the fill level: its threshold at the good units' edge
+    res = {"at_frr": recall_at_frr(labels, s, fill_edge=gauged)}
+    if gauged:  # the same scores with the three classes at one quantile, as figures before 2026-12-06 were read
+        res["at_frr_equal_quantile"] = recall_at_frr(labels, s)
     th2 = np.array(res["at_frr"]["thresholds"])
     ids, rejected = [r.id for r in recs], (s >= th2).any(1)
     res["particle_by_size"] = particle_recall_by_size(test_dir, ids, rejected)
@@ -260,7 +274,8 @@ def gauge_run(data: Path, world_dir: Path) -> dict:
     labels = np.array([[c in r.classes for c in CLASSES] for r in recs], np.float32)
     s = np.zeros((len(recs), 3))
     s[:, 2] = [x.probability for x in readings]
-    res = {"at_frr": recall_at_frr(labels, s), "auroc": {"fill_level": round(auroc(labels[:, 2], s[:, 2]), 4)},
+    res = {"at_frr": recall_at_frr(labels, s, fill_edge=True),
+           "auroc": {"fill_level": round(auroc(labels[:, 2], s[:, 2]), 4)},
            "gauge": {"groups": len(gauge.groups), "fitted_on": gauge.n_measured, "not_measured": gauge.n_unmeasured,
                      "test_unmeasured_good": sum(1 for r, x in zip(recs, readings, strict=True)
                                                  if x.problem and not r.classes),

@@ -69,6 +69,47 @@ def test_calibration_warns_when_the_validation_split_is_too_small_for_the_budget
     assert cal["thresholds"]["particle"] > 0.49 and cal["val_false_reject_rate"] == 0
 
 
+def _gauged_lot(n_good: int, unmeasured: int, seed: int = 0):
+    """A calibration lot scored with a fill gauge: good units only, the gauge's readings in ``extra``."""
+    rng = np.random.default_rng(seed)
+    recs, scores = [], []
+    for i in range(n_good):
+        lost = i < unmeasured
+        reading = {"probability": 1.0, "problem": "meniscus not found"} if lost else {"probability": 0.0}
+        fill = 1.0 if lost else float(rng.uniform(0.0, 0.3))
+        recs.append(ContainerRecord(id=str(i), frames=["x"], classes=[]))
+        scores.append(Scores(probs={"particle": float(rng.beta(1, 8)), "crack": float(rng.beta(1, 8)),
+                                    "fill_level": fill}, extra={"fill_gauge": reading}))
+    return recs, scores
+
+
+def test_a_fill_gauge_takes_the_edge_of_the_good_units_and_the_network_classes_the_rest():
+    recs, scores = _gauged_lot(1000, unmeasured=1)
+    cal = calibrate(recs, scores, frr=0.01)
+    th, shares = cal["thresholds"], cal["shares"]
+    highest = max(s.probs["fill_level"] for s in scores if s.probs["fill_level"] < 1.0)
+    # Just above the highest measured good unit: the one it could not measure (score 1) does not lift it.
+    assert highest < th["fill_level"] < highest + 2e-4
+    assert shares["fill_level"] == pytest.approx(2 / 1001)  # the one it cannot measure, and the next unit
+    assert shares["particle"] == shares["crack"] == pytest.approx((0.01 - 2 / 1001) / 2)
+    assert cal["expected_false_reject_rate"] <= 0.01 + 1e-9
+    # Against an equal split of the same budget, the network's classes may reject more good units.
+    plain = [Scores(probs=s.probs) for s in scores]  # the same scores, not known to be a gauge's
+    equal = calibrate(recs, plain, frr=0.01)
+    assert equal["shares"]["particle"] == pytest.approx(0.01 / 3)
+    assert th["particle"] <= equal["thresholds"]["particle"] and th["crack"] <= equal["thresholds"]["crack"]
+    assert th["particle"] < equal["thresholds"]["particle"] or th["crack"] < equal["thresholds"]["crack"]
+
+
+def test_a_fill_gauge_that_cannot_measure_many_good_units_spends_no_more_than_an_equal_share_of_it():
+    recs, scores = _gauged_lot(300, unmeasured=10)
+    cal = calibrate(recs, scores, frr=0.01)
+    assert cal["shares"]["fill_level"] == pytest.approx(0.01 / 3)  # the edge costs more: capped, as before
+    assert cal["shares"]["particle"] == pytest.approx(0.01 / 3)
+    assert cal["thresholds"]["fill_level"] < 0.31  # still at the edge of those it measured
+    assert cal["expected_false_reject_rate"] > 0.01  # and the lot's unmeasured units are counted against it
+
+
 def test_fill_probability_is_one_half_at_the_spec_edge():
     assert fill_probability(14.3, 13.7, 0.6) == pytest.approx(0.5)
     assert fill_probability(15.0, 13.7, 0.6) > 0.99 and fill_probability(13.8, 13.7, 0.6) < 0.01

@@ -238,16 +238,15 @@ def test_training_on_image_level_data_fits_the_gauge_and_evaluate_reports_it(tin
 def test_the_gauge_threshold_comes_from_the_line_good_units_not_the_small_validation_split():
     from vialinspect.datasets.records import ContainerRecord
     from vialinspect.training.calibrate import calibrate
-    from vialinspect.training.fill_fit import LineGauge
 
-    line = LineGauge(FillGauge(()), np.linspace(0.0, 0.5, 1001))  # 1,001 good training units' scores
+    good_train = np.linspace(0.0, 0.5, 1001)  # the gauge's scores of 1,001 good training units
     recs = [ContainerRecord(id=f"g{i}", frames=["x.png"], classes=[], split="val") for i in range(50)]
     scores = [Scores(probs={"particle": 0.1, "crack": 0.1, "fill_level": 0.99 if i == 0 else 0.1}) for i in range(50)]
-    shares = []
-    cal = calibrate(recs, scores, 0.03, fill_threshold=lambda share: shares.append(share) or line.threshold(share))
-    assert shares == [0.01]  # the same share of the budget as each learned class
-    # 1% of 1,001 units: the 10 highest (k = floor(0.01 * 1002) - 1 = 9 allowed) lie above the threshold
-    assert 0.49 < cal["thresholds"]["fill_level"] < 0.5
+    cal = calibrate(recs, scores, 0.03, fill_good_scores=good_train)
+    # Just above the highest good training unit, which costs 1/1,002 of the budget; the rest is the network's.
+    assert 0.5 < cal["thresholds"]["fill_level"] < 0.5002
+    assert cal["shares"]["fill_level"] == pytest.approx(1 / 1002)
+    assert cal["shares"]["particle"] == cal["shares"]["crack"] == pytest.approx((0.03 - 1 / 1002) / 2)
     # the validation split alone would have put it above its one high good unit
     assert calibrate(recs, scores, 0.03)["thresholds"]["fill_level"] > 0.99
 

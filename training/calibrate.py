@@ -3,12 +3,18 @@
 The budget (default 1% of good units rejected) is shared equally by the classes whose threshold is
 learned. Fill level is decided by the measured height against the product's spec wherever both exist:
 the spec, not a statistic, defines that defect, so its threshold stays at the spec edge (0.5).
+
+Where the line's fill gauge decides the fill level (a measurement against the line's good units, no spec), its
+threshold sits at the edge of the good units' readings, just above the highest, and takes only the share that
+edge costs, 1 / (n + 1) of n good units; the network's classes share the rest. A gauge's good units end at a few
+robust deviations and a wrong fill lies beyond them, so a lower fill threshold buys almost no fill recall, while
+every good unit the network's classes may reject buys particles and cracks (docs/new_line.md, "The false-reject
+budget").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 
@@ -52,40 +58,69 @@ def threshold_for_budget(good_scores: np.ndarray, budget: float) -> float:
     return float(min(t + PARITY_MARGIN, 0.9999))
 
 
+def fill_is_gauged(scores: list[Scores]) -> bool:
+    """Whether these scores' fill level is the line's fill gauge's (``vision.fill_gauge.apply_reading``)."""
+    return bool(scores) and all("fill_gauge" in s.extra for s in scores)
+
+
+def measured_good_fill(records: list[ContainerRecord], scores: list[Scores]) -> np.ndarray:
+    """The gauge's fill-level scores of the good units it measured. A unit it could not measure scores 1 and is
+    rejected at any threshold (positive release), so it does not move the threshold."""
+    return np.array([s.probs["fill_level"] for r, s in zip(records, scores, strict=True)
+                     if r.is_good and not s.extra["fill_gauge"].get("problem")], np.float64)
+
+
 def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float = 0.01,
-              fill_threshold: Callable[[float], float] | None = None) -> dict:
+              fill_good_scores: np.ndarray | None = None) -> dict:
     """Thresholds per class plus what they achieve on these (validation) records.
 
     ``expected_false_reject_rate`` is what the thresholds promise on new good units, the sum over the learned
     classes of (rejected + 1) / (n_good + 1); where the validation split has too few good units to promise
-    the budget, ``warning`` says how many it needs. ``fill_threshold(share)``, where given, sets the fill-level
-    threshold for its share of the budget from more good units than these (the line's fill gauge, from its
-    good training units); the share is the same as each learned class's."""
+    the budget, ``warning`` says how many it needs; ``shares`` is each learned class's part of the budget.
+    Where the fill gauge decides the fill level (its readings in these scores, or ``fill_good_scores``: its
+    scores of more good units than these, the line's good training units), the fill threshold sits just above
+    the highest measured good unit's and takes what that costs, (u + 1) / (n + 1) of the budget with u of the n
+    good units unmeasured (rejected at any threshold), at most an equal share; the other learned classes share
+    the rest."""
     spec_fill = fill_is_spec_decided(records, scores)
     cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
     good = [c for c, r in zip(cs, records, strict=True) if r.is_good]
     learned = [c for c in CLASSES if not (c == "fill_level" and spec_fill)]
     thresholds = {"fill_level": SPEC_EDGE} if spec_fill else {}
+    shares = {c: frr / len(learned) for c in learned}
+    gauged = "fill_level" in learned and (fill_good_scores is not None or fill_is_gauged(scores))
+    if gauged:
+        fill_good = (np.asarray(fill_good_scores, np.float64) if fill_good_scores is not None
+                     else measured_good_fill(records, scores))
+        unmeasured = 0 if fill_good_scores is not None else sum(1 for r in records if r.is_good) - len(fill_good)
+        if len(learned) > 1:
+            # What the edge costs: the good units it cannot measure, and one more for the next unit.
+            cost = (unmeasured + 1) / (len(fill_good) + unmeasured + 1)
+            shares["fill_level"] = min(shares["fill_level"], cost)
+            rest = (frr - shares["fill_level"]) / (len(learned) - 1)
+            shares.update({c: rest for c in learned if c != "fill_level"})
+        # A budget of 0 puts it just above the highest measured good unit, whatever share that costs.
+        thresholds["fill_level"] = float(min(max(threshold_for_budget(fill_good, 0.0), PARITY_MARGIN), 0.9999))
     expected = 0.0
     for c in learned:
         g = np.array([x[c] for x in good])
-        if c == "fill_level" and fill_threshold is not None:
-            thresholds[c] = float(min(max(fill_threshold(frr / len(learned)), PARITY_MARGIN), 0.9999))
-        else:
-            thresholds[c] = threshold_for_budget(g, frr / len(learned))
+        if c not in thresholds:
+            thresholds[c] = threshold_for_budget(g, shares[c])
         expected += (int((g >= thresholds[c]).sum()) + 1) / (len(good) + 1)
     rejected_good = sum(1 for g in good if rejected_classes(g, thresholds))
     out = {
         "thresholds": thresholds,
         "frr_budget": frr,
+        "shares": shares,
         "n_good": len(good),
         "val_false_reject_rate": rejected_good / len(good) if good else None,
         "expected_false_reject_rate": expected if learned and good else None,
         "fill_level_by_spec": spec_fill,
     }
-    if learned and rejects_allowed(len(good), frr / len(learned)) < 0 and not (
-            fill_threshold is not None and learned == ["fill_level"]):
-        need = math.ceil(len(learned) / frr - 1 - 1e-9)  # the fewest for which rejects_allowed is 0
+    # The classes whose threshold these good units set (not a fill gauge set on other units), at their share.
+    own = [shares[c] for c in learned if not (c == "fill_level" and fill_good_scores is not None)]
+    if own and rejects_allowed(len(good), min(own)) < 0:
+        need = math.ceil(1 / min(own) - 1 - 1e-9)  # the fewest for which rejects_allowed is 0
         out["warning"] = (f"{len(good)} good validation units cannot promise a {frr:.2%} false-reject budget "
                           f"over {len(learned)} learned class(es); that takes at least {need}: the thresholds "
                           f"sit above every good unit's score")

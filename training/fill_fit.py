@@ -16,7 +16,6 @@ from vialinspect.vision.classical import measure_geometry
 from vialinspect.vision.fill_gauge import FillGauge, FillGaugeError, apply_reading, fit_fill_gauge, measure_all
 from vialinspect.vision.scores import Scores
 
-from .calibrate import threshold_for_budget
 from .metrics import auroc
 
 MIN_FOUND = 0.9  # the gauge is not used where its geometry is found in fewer of the line's good units
@@ -36,13 +35,10 @@ class LineGauge:
     """A line's fitted gauge and its fill-level scores on the good units it was fitted on (those measured)."""
 
     gauge: FillGauge
+    # The gauge's scores of the good units it measured: the fill threshold is set on these (hundreds to
+    # thousands), not on a validation split's ~100 (``training.calibrate``). Units it cannot measure are rejected
+    # at any threshold and are left out.
     good_scores: np.ndarray
-
-    def threshold(self, budget: float) -> float:
-        """The fill-level threshold that rejects at most ``budget`` of new good units, as the line's good
-        training units tell (hundreds to thousands: a validation split's ~100 cannot set a 0.3% share). Units
-        the gauge cannot measure are rejected at any threshold; they do not move it."""
-        return threshold_for_budget(self.good_scores, budget)
 
 
 def fit_line_gauge(root: Path, good: list[ContainerRecord], log: Callable[[str], None]) -> LineGauge | None:

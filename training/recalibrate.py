@@ -38,7 +38,8 @@ def recalibrate_package(model_dir: str | Path, data_dir: str | Path, out: str | 
     record = {
         "data": {"path": str(Path(data_dir).resolve()), "hash": dataset_hash(ds, recs), "split": split,
                  "n_containers": len(recs)},
-        **{k: cal[k] for k in ("frr_budget", "n_good", "expected_false_reject_rate", "fill_level_by_spec")},
+        **{k: cal[k] for k in ("frr_budget", "shares", "n_good", "expected_false_reject_rate",
+                               "fill_level_by_spec")},
         "false_reject_rate_on_lot": cal["val_false_reject_rate"],
         "previous_thresholds": dict(pkg.thresholds),
     }

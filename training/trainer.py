@@ -873,7 +873,7 @@ def finalize(best_path: Path, root: Path, val_recs: list[ContainerRecord], cfg: 
             ck["fill_gauge"] = gauge.gauge.to_json()
             gauge_choice["threshold_from_good_train_units"] = len(gauge.good_scores)
     used = gauge_choice is not None and gauge_choice["used"]
-    cal = calibrate(val_recs, scores, cfg.frr, fill_threshold=gauge.threshold if used else None)
+    cal = calibrate(val_recs, scores, cfg.frr, fill_good_scores=gauge.good_scores if used else None)
     if gauge_choice is not None:
         cal["fill_gauge"] = gauge_choice
     ck["thresholds"] = cal["thresholds"]

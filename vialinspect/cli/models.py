@@ -169,8 +169,10 @@ def cmd_package_calibrate(a: argparse.Namespace) -> int:
     old, new = rec["previous_thresholds"], pkg.thresholds
     print(f"{rec['n_good']} good units of {rec['data']['n_containers']}; budget {rec['frr_budget']:.2%}, "
           f"expected false-reject rate on new units {rec['expected_false_reject_rate']:.2%}")
+    shares = rec.get("shares") or {}
     for c in sorted(new):
-        print(f"  {c:11s} {old.get(c, float('nan')):.4f} -> {new[c]:.4f}")
+        share = f"  ({shares[c]:.2%} of the budget)" if c in shares else ""
+        print(f"  {c:11s} {old.get(c, float('nan')):.4f} -> {new[c]:.4f}{share}")
     if rec.get("warning"):
         print(f"warning: {rec['warning']}")
     _wrote_version(pkg)
@@ -262,7 +264,9 @@ def add_package(sub: argparse._SubParsersAction) -> None:
     kc.add_argument("--out", required=True, help="new package directory")
     kc.add_argument("--split", default="all", choices=["train", "val", "test", "all"],
                     help="which of the dataset's containers (default all)")
-    kc.add_argument("--frr", type=float, default=0.01, help="false-reject budget (default 0.01)")
+    kc.add_argument("--frr", type=float, default=0.01,
+                    help="false-reject budget, shared by the classes (a fill gauge takes only what its good units' "
+                         "edge costs) (default 0.01)")
     kc.add_argument("--reason", required=True, help="why the thresholds change (recorded in the package)")
     kc.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="cpu",
                     help="execution provider for scoring (default cpu)")
