@@ -36,7 +36,6 @@ def test_recall_at_frr_keeps_the_false_reject_budget_and_counts_any_class(nl):
 def test_a_gauged_fill_level_sits_at_the_good_units_edge_and_leaves_the_budget_to_the_others(nl):
     rng = np.random.default_rng(1)
     good = np.column_stack([rng.uniform(0, 0.5, 200), rng.uniform(0, 0.5, 200), rng.uniform(0.0, 0.3, 200)])
-    good[0, 2] = 1.0  # a good unit the gauge could not measure: rejected, and it does not lift the edge
     particle = np.column_stack([rng.uniform(0.45, 0.6, 50), rng.uniform(0, 0.5, 50), rng.uniform(0, 0.3, 50)])
     fill = np.column_stack([rng.uniform(0, 0.5, 20), rng.uniform(0, 0.5, 20), rng.uniform(0.35, 0.9, 20)])
     scores = np.vstack([good, particle, fill])
@@ -46,10 +45,14 @@ def test_a_gauged_fill_level_sits_at_the_good_units_edge_and_leaves_the_budget_t
     equal = nl.recall_at_frr(labels, scores)
     edge = nl.recall_at_frr(labels, scores, fill_edge=True)
     assert edge["frr"] <= 0.02 and edge["fill_edge"] and not equal["fill_edge"]
-    assert 0.3 > edge["thresholds"][2] > np.sort(good[:, 2])[-2]  # just above the highest measured good unit
+    assert good[:, 2].max() < edge["thresholds"][2] < 0.3  # just above the highest good unit
     assert edge["fill_level"] == 1.0
     # What the fill level no longer spends, the particle threshold gets: lower, and more particles found.
     assert edge["thresholds"][0] < equal["thresholds"][0] and edge["particle"] > equal["particle"]
+    # A good unit the gauge could not measure (score 1) is rejected, and it does not lift the edge.
+    scores[0, 2] = 1.0
+    lost = nl.recall_at_frr(labels, scores, fill_edge=True)
+    assert lost["thresholds"][2] < 0.3 and lost["fill_level"] == 1.0 and lost["frr"] <= 0.02
 
 
 def test_world_reuse_needs_the_same_counts_and_seed(nl):
