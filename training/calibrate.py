@@ -6,10 +6,10 @@ the spec, not a statistic, defines that defect, so its threshold stays at the sp
 
 Where the line's fill gauge decides the fill level (a measurement against the line's good units, no spec), its
 threshold sits at the edge of the good units' readings, just above the highest, and takes only the share that
-edge costs, 1 / (n + 1) of n good units; the network's classes share the rest. A gauge's good units end at a few
-robust deviations and a wrong fill lies beyond them, so a lower fill threshold buys almost no fill recall, while
-every good unit the network's classes may reject buys particles and cracks (docs/new_line.md, "The false-reject
-budget").
+edge costs (1 / (n + 1) of n good units, more for those it cannot measure); the network's classes share the
+rest. A gauge's good units end at a few robust deviations and a wrong fill lies beyond them, so a lower fill
+threshold buys almost no fill recall, while every good unit the network's classes may reject buys particles and
+cracks (docs/new_line.md, "The false-reject budget").
 """
 
 from __future__ import annotations
