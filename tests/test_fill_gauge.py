@@ -233,6 +233,22 @@ def test_training_on_image_level_data_fits_the_gauge_and_evaluate_reports_it(tin
     assert rep2["fill_gauge"]["n_unmeasured"] == rep["fill_gauge"]["n_unmeasured"]
     assert rep2["classes"]["fill_level"]["auroc"] == rep["classes"]["fill_level"]["auroc"]
     assert rep["classes"]["fill_level"]["auroc"] >= 0.95, rep["classes"]["fill_level"]
+    # Calibrated on the line's units, the gauge's threshold sits at the edge of the good units it measured and
+    # takes only what that costs; the command says each class's share.
+    capsys.readouterr()
+    assert main(["package", "calibrate", str(tmp_path / "pkg"), "--data", str(root), "--split", "all", "--frr",
+                 "0.1", "--out", str(tmp_path / "pkg2"), "--reason", "the line's units"]) == 0
+    assert "of the budget" in capsys.readouterr().out
+    new = load_package(tmp_path / "pkg2")
+    shares, th = new.metadata["calibration"]["shares"], new.thresholds
+    assert shares["fill_level"] < shares["particle"] == shares["crack"]
+    assert sum(shares.values()) == pytest.approx(0.1)
+    from vialinspect.training.evaluate import evaluate_model
+
+    _, recs, scores = evaluate_model(str(tmp_path / "pkg"), root, None, split="all")
+    good_fill = [s.probs["fill_level"] for r, s in zip(recs, scores, strict=True)
+                 if r.is_good and not s.extra["fill_gauge"].get("problem")]
+    assert len(good_fill) >= 30 and max(good_fill) < th["fill_level"] < max(good_fill) + 2e-4
 
 
 def test_the_gauge_threshold_comes_from_the_line_good_units_not_the_small_validation_split():
