@@ -100,7 +100,7 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
             rest = (frr - shares["fill_level"]) / (len(learned) - 1)
             shares.update({c: rest for c in learned if c != "fill_level"})
         # A budget of 0 puts it just above the highest measured good unit, whatever share that costs.
-        thresholds["fill_level"] = float(min(max(threshold_for_budget(fill_good, 0.0), PARITY_MARGIN), 0.9999))
+        thresholds["fill_level"] = threshold_for_budget(fill_good, 0.0)
     expected = 0.0
     for c in learned:
         g = np.array([x[c] for x in good])
