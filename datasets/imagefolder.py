@@ -9,6 +9,12 @@ from a mark on the glass (it stays) and a bubble (it rises); a larger or nested 
 containers of its own. Every container of a dataset has the same number of frames: the most common count; a
 unit with another count is skipped and reported. Optional ``DATA/train``, ``DATA/val``, ``DATA/test`` folders
 holding the class folders fix the split; otherwise it is derived from the file path.
+
+Folder names are read as people write them: case, spaces and hyphens do not matter, nor a plural
+(``Particles/``, ``Fill Level/``, ``cracks/``), ``fill/`` is the fill level, ``ok/`` and ``normal/`` (anomalib's
+name) are good units, and ``validation/`` is the val split. The dataset's header lists each folder read so
+(``folders_read_as``), and ``vialinspect dataset check`` shows it, so that a user sees which folder became which
+class.
 """
 
 from __future__ import annotations
@@ -23,14 +29,32 @@ from .records import DEFECT_CLASSES, SPLITS, ContainerRecord, split_for
 GOOD = "good"
 MAX_SEQUENCE = 16  # images in a folder read as one unit's sequence (spin-stop: 4-16); a larger one holds stills
 FOLDER_CLASSES = (GOOD, *DEFECT_CLASSES)
+# Other names a folder of each class or split is commonly given, after _plain(); the canonical names need none.
+_CLASS_NAMES = {**{c: c for c in FOLDER_CLASSES}, "ok": GOOD, "normal": GOOD, "fill": "fill_level",
+                "filllevel": "fill_level"}
+_SPLIT_NAMES = {**{s: s for s in SPLITS}, "validation": "val", "valid": "val"}
+
+
+def _plain(name: str) -> str:
+    n = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return n[:-1] if n.endswith("s") and n[:-1] in _CLASS_NAMES else n
+
+
+def folder_class(name: str) -> str | None:
+    """The class a folder of that name holds (``good`` or a defect class), or None."""
+    return _CLASS_NAMES.get(_plain(name))
+
+
+def folder_split(name: str) -> str | None:
+    """The split a folder of that name fixes, or None."""
+    return _SPLIT_NAMES.get(name.strip().lower())
 
 
 def is_imagefolder(root: Path) -> bool:
     root = Path(root)
     if not root.is_dir():
         return False
-    names = {p.name for p in root.iterdir() if p.is_dir()}
-    return bool(names & set(FOLDER_CLASSES)) or bool(names & set(SPLITS))
+    return any(folder_class(p.name) or folder_split(p.name) for p in root.iterdir() if p.is_dir())
 
 
 def read_imagefolder(root: Path) -> Dataset:
@@ -39,18 +63,28 @@ def read_imagefolder(root: Path) -> Dataset:
         raise DatasetError(f"{root}: not a directory")
     problems: list[Problem] = []
     records: list[ContainerRecord] = []
-    split_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLITS]
-    groups = [(d, d.name) for d in split_dirs] if split_dirs else [(root, None)]
+    split_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and folder_split(d.name)]
+    groups = [(d, folder_split(d.name)) for d in split_dirs] if split_dirs else [(root, None)]
+    read_as = {d.name: split for d, split in groups if split and d.name != split}
+    if split_dirs:  # split folders fix the split of everything; a class folder beside them would be lost quietly
+        for d in sorted(root.iterdir()):
+            if d.is_dir() and folder_class(d.name):
+                problems.append(Problem(None, None, f"class folder {d.name} beside the split folders "
+                                                    f"({', '.join(x.name for x in split_dirs)}); skipped: move it "
+                                                    "into one of them"))
     for base, fixed_split in groups:
         for d in sorted(base.iterdir()):
             if not d.is_dir():
                 continue
-            if d.name not in FOLDER_CLASSES:
-                if not (fixed_split is None and d.name in SPLITS):
+            cls = folder_class(d.name)
+            if cls is None:
+                if not (fixed_split is None and folder_split(d.name)):
                     problems.append(Problem(None, None, f"folder {d.relative_to(root)} is not a class "
                                                         f"(expected: {', '.join(FOLDER_CLASSES)}); skipped"))
                 continue
-            classes = [] if d.name == GOOD else [d.name]
+            if d.name != cls:
+                read_as[d.relative_to(root).as_posix()] = cls
+            classes = [] if cls == GOOD else [cls]
             for unit, frames in _containers(d, root, problems):
                 rel = unit.relative_to(root).as_posix()
                 records.append(ContainerRecord(id=rel, frames=frames, classes=classes,
@@ -65,6 +99,8 @@ def read_imagefolder(root: Path) -> Dataset:
                                                 "skipped"))
     records = [r for r in records if len(r.frames) == k]
     header = {"format": "imagefolder", "frames_per_container": k, "classes": list(DEFECT_CLASSES)}
+    if read_as:
+        header["folders_read_as"] = read_as
     return Dataset(root=root, kind="imagefolder", header=header, records=records, problems=problems)
 
 

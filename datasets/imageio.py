@@ -285,7 +285,10 @@ def _decode_gray(path: Path, data: bytes, max_pixels: int | None = None) -> np.n
     if why:
         raise ImageError(f"{path}: {why}")
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        # A JPEG is turned upright as its EXIF orientation says, as every viewer shows it (a photograph taken
+        # upright is often stored sideways with orientation 6); IMREAD_UNCHANGED would ignore the tag.
+        flags = cv2.IMREAD_ANYCOLOR if data.startswith(b"\xff\xd8") else cv2.IMREAD_UNCHANGED
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except (cv2.error, MemoryError, ValueError) as e:
         raise ImageError(f"{path}: cannot decode ({type(e).__name__}: {str(e).strip()[:200]})") from None
     if img is None or img.size == 0:

@@ -273,3 +273,49 @@ def test_imagefolder_with_split_folders_keeps_them(tmp_path):
     ds = read_imagefolder(tmp_path)
     assert sorted((r.split, r.classes) for r in ds.records) == sorted(
         [("train", []), ("train", ["crack"]), ("test", []), ("test", ["crack"])])
+
+
+def test_imagefolder_reads_class_folders_as_people_name_them(tmp_path):
+    for d in ("Good", "Particles", "cracks", "Fill Level", "other"):
+        (tmp_path / d).mkdir()
+        cv2.imwrite(str(tmp_path / d / "x.png"), np.zeros((5, 5), np.uint8))
+    ds = open_dataset(tmp_path)
+    assert {r.id: r.classes for r in ds.records} == {"Good/x.png": [], "Particles/x.png": ["particle"],
+                                                     "cracks/x.png": ["crack"], "Fill Level/x.png": ["fill_level"]}
+    assert ds.header["folders_read_as"] == {"Fill Level": "fill_level", "Good": "good", "Particles": "particle",
+                                            "cracks": "crack"}
+    assert [p.message for p in ds.problems] == [
+        "folder other is not a class (expected: good, particle, crack, fill_level); skipped"]
+
+
+def test_class_folders_beside_split_folders_are_reported_not_lost_quietly(tmp_path):
+    for d in ("Validation/OK", "train/good", "crack"):
+        (tmp_path / d).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / d / "x.png"), np.zeros((5, 5), np.uint8))
+    ds = read_imagefolder(tmp_path)
+    assert sorted((r.split, r.id) for r in ds.records) == [("train", "train/good/x.png"),
+                                                           ("val", "Validation/OK/x.png")]
+    assert ds.header["folders_read_as"] == {"Validation": "val", "Validation/OK": "good"}
+    assert len(ds.problems) == 1 and "class folder crack beside the split folders" in ds.problems[0].message
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_jpeg_is_read_upright_as_its_exif_orientation_says(tmp_path, orientation):
+    from PIL import Image, ImageOps
+
+    from vialinspect.training.data import image_size
+
+    img = np.zeros((40, 20), np.uint8)
+    img[2:8, 2:6] = 255  # a bright mark near the stored image's top-left corner
+    im = Image.fromarray(img)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    im.save(path, exif=exif, quality=100)
+    got = read_gray(path)
+    with Image.open(path) as shown:
+        upright = np.asarray(ImageOps.exif_transpose(shown).convert("L"))
+    assert got.shape == upright.shape == ((20, 40) if orientation >= 5 else (40, 20))
+    assert np.abs(got.astype(int) - upright).max() <= 1
+    rec = ContainerRecord(id="photo", frames=["photo.jpg"], classes=[], split="train")
+    assert image_size(tmp_path, rec) == (got.shape[1], got.shape[0])  # the header's size agrees with the pixels

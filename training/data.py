@@ -38,7 +38,11 @@ def image_size(root: Path, rec: ContainerRecord) -> tuple[int, int]:
     if rec.image_size:
         return int(rec.image_size[0]), int(rec.image_size[1])
     with Image.open(root / rec.frames[0]) as im:
-        return im.size
+        w, h = im.size
+        # read_gray turns a JPEG upright by its EXIF orientation; 5-8 are the quarter turns
+        if im.format == "JPEG" and im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w
+        return w, h
 
 
 def input_shape(size: tuple[int, int], spec: InputSpec) -> tuple[int, int]:

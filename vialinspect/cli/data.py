@@ -177,8 +177,8 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
     summary["problems"] = len(problems)
     advice = line_advice(ds.records)
     if a.json:
-        print(json.dumps({"summary": summary, "problems": [str(p) for p in problems], "advice": advice},
-                         indent=2))
+        print(json.dumps({"summary": summary, "problems": [str(p) for p in problems], "advice": advice,
+                          "folders_read_as": ds.header.get("folders_read_as", {})}, indent=2))
     else:
         print(f"{ds.root}: {ds.kind} dataset, {summary['containers']} containers, {summary['frames']} frames")
         if "units" in summary:
@@ -187,6 +187,8 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
             items = ", ".join(f"{k}={v}" for k, v in sorted(summary[key].items(), key=lambda kv: str(kv[0])))
             print(f"  {key:22s} {items or '-'}")
         print(f"  {'good_with_bubbles':22s} {summary['good_with_bubbles']}")
+        if read_as := ds.header.get("folders_read_as"):
+            print(f"  {'folders_read_as':22s} " + ", ".join(f"{k}/ = {v}" for k, v in read_as.items()))
         if advice:  # not problems: the data is valid; what it lacks for learning a line
             print("advice for learning a line from these images (counted over the train and val splits, "
                   "which `train` reads):")
