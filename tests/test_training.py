@@ -861,6 +861,14 @@ def test_hard_negatives_make_the_worst_background_cell_count():
     w_plain = map_loss(spot, target, 10.0) - map_loss(maps, target, 10.0)
     w_hard = map_loss(spot, target, 10.0, hard_negatives=4) - map_loss(maps, target, 10.0, hard_negatives=4)
     assert w_hard > 30 * w_plain > 0
+    # The term's weight scales only the hard negatives' pull: 4x heavier, 4x the rise from the firing cell.
+    def rise(balanced: bool, **kw) -> float:
+        return float(map_loss(spot, target, 10.0, balanced=balanced, **kw)
+                     - map_loss(maps, target, 10.0, balanced=balanced, **kw))
+
+    for balanced in (True, False):
+        hard = [rise(balanced, hard_negatives=4, hard_negative_weight=w) - rise(balanced) for w in (1.0, 4.0)]
+        assert hard[1] == pytest.approx(4 * hard[0], rel=1e-3) and hard[0] > 0
 
 
 def test_frozen_parts_keep_the_initial_weights_and_statistics_while_the_rest_learns(coarse_data, tiny_run, tmp_path):

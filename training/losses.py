@@ -31,7 +31,8 @@ def row_loss(row_logits: torch.Tensor, rows_px: torch.Tensor, has_fill: torch.Te
 
 def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanced: bool = False,
              nuisance: torch.Tensor | None = None, nuisance_weight: float = 1.0,
-             ignore: torch.Tensor | None = None, hard_negatives: int = 0) -> torch.Tensor:
+             ignore: torch.Tensor | None = None, hard_negatives: int = 0,
+             hard_negative_weight: float = 1.0) -> torch.Tensor:
     """Per-cell BCE; defect cells weigh ``pos_weight`` times a background cell, since they are rare.
 
     ``nuisance`` (B, 1, h, w), 1 in the cells of nuisance objects (bubbles, droplets, glass marks): there a
@@ -51,7 +52,7 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
     own mean (in the weighted loss, one mean over items and classes). Where no mask marks the nuisance objects
     (a line's own good images, a reviewed false reject), the bubble, dust speck, printed dot or oil droplet
     that looks most like a particle is one cell among thousands in the background mean; this term is what
-    teaches the map that it is not one."""
+    teaches the map that it is not one. ``hard_negative_weight`` scales the term."""
     pos = (target > 0.5).to(maps.dtype)
     neg = 1.0 - pos
     w_neg = neg
@@ -66,13 +67,13 @@ def map_loss(maps: torch.Tensor, target: torch.Tensor, pos_weight: float, balanc
                                                   pos_weight=pw)
         if hard_negatives > 0:
             per_cell = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
-            loss = loss + _worst_background(per_cell, w_neg, hard_negatives).mean()
+            loss = loss + hard_negative_weight * _worst_background(per_cell, w_neg, hard_negatives).mean()
         return loss
     per_cell = F.binary_cross_entropy_with_logits(maps, target, reduction="none")
     dims = (0, 2, 3)
     l_neg = (per_cell * w_neg).sum(dims) / w_neg.sum(dims).clamp(min=1.0)
     if hard_negatives > 0:
-        l_neg = l_neg + _worst_background(per_cell, w_neg, hard_negatives).mean((0, 2))
+        l_neg = l_neg + hard_negative_weight * _worst_background(per_cell, w_neg, hard_negatives).mean((0, 2))
     n_pos = pos.sum(dims)
     l_pos = (per_cell * pos).sum(dims) / n_pos.clamp(min=1.0)
     return (l_neg + (n_pos > 0).to(maps.dtype) * l_pos).mean()
@@ -100,7 +101,7 @@ def distill_loss(maps: torch.Tensor, teacher_maps: torch.Tensor, pos_weight: flo
 
 
 def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 10.0, balanced: bool = False,
-               nuisance_weight: float = 1.0, hard_negatives: int = 0):
+               nuisance_weight: float = 1.0, hard_negatives: int = 0, hard_negative_weight: float = 1.0):
     class_logits, maps, row_logits = outputs
     labels = batch["labels"]
     l_cls = F.binary_cross_entropy_with_logits(class_logits, labels, weight=batch.get("label_weight"))
@@ -109,7 +110,8 @@ def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float 
         nuisance, ignore = batch.get("map_nuisance"), batch.get("map_ignore")
         l_map = map_loss(maps[has_mask], batch["map_target"][has_mask], pos_weight, balanced,
                          None if nuisance is None else nuisance[has_mask], nuisance_weight,
-                         None if ignore is None or not bool(ignore.any()) else ignore[has_mask], hard_negatives)
+                         None if ignore is None or not bool(ignore.any()) else ignore[has_mask], hard_negatives,
+                         hard_negative_weight)
     else:
         l_map = maps.sum() * 0.0
     l_row = row_loss(row_logits, batch["rows"], batch["has_fill"])
