@@ -276,7 +276,8 @@ def gauge_run(data: Path, world_dir: Path) -> dict:
     s[:, 2] = [x.probability for x in readings]
     res = {"at_frr": recall_at_frr(labels, s, fill_edge=True),
            "auroc": {"fill_level": round(auroc(labels[:, 2], s[:, 2]), 4)},
-           "gauge": {"groups": len(gauge.groups), "fitted_on": gauge.n_measured, "not_measured": gauge.n_unmeasured,
+           "gauge": {"method": gauge.method, "groups": len(gauge.groups), "fitted_on": gauge.n_measured,
+                     "not_measured": gauge.n_unmeasured,
                      "test_unmeasured_good": sum(1 for r, x in zip(recs, readings, strict=True)
                                                  if x.problem and not r.classes),
                      "fit_seconds": round(fit_s, 1)}}

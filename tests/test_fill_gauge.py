@@ -360,8 +360,69 @@ def test_formats_of_one_height_and_another_width_get_their_own_reference():
     slim = [unit(123, 1094, 515) for _ in range(MIN_GROUP + 10)]
     wide = [unit(163, 1034, 450) for _ in range(MIN_GROUP + 10)]  # 5.5% shorter: within the height tolerance
     gauge = fit_fill_gauge(slim + wide)
+    assert gauge.method == "geometry-v1"  # one camera: heights spread by a few pixels
     assert sorted(round(g.width_px) for g in gauge.groups) == [123, 163]
     for w, h, col in ((123, 1094, 515), (163, 1034, 450)):
         assert gauge.read_geometry(unit(w, h, col)).deviation < 4
         low = gauge.read_geometry(unit(w, h, col * 0.88))  # 12% short: a fill-level defect
         assert low.deviation > 6 and gauge.groups[low.group].width_px == pytest.approx(w, abs=2)
+
+
+def test_a_scale_that_varies_by_image_is_read_against_each_unit_s_own_size(line):
+    """Photographed at 60-75 µm/px, one format's silhouette spans 25% of heights, and a column in pixels says
+    nothing (fx68's units each resized by U(0.8, 1.0): fill level 0.59 at 2% false rejects by the pixel gauge).
+    The fit sees the spread in the good units, groups them by shape and reads columns at the group's scale."""
+    import cv2
+
+    good, bad = line
+    rng = np.random.default_rng(5)
+
+    def zoomed(frames):
+        f = float(rng.uniform(0.8, 1.0))
+        return [cv2.resize(x, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) for x in frames]
+
+    units = [zoomed(u) for us in good.values() for u in us for _ in range(2)]
+    gauge = fit_fill_gauge(measure_all(units))
+    assert gauge.method == "geometry-v2" and gauge.per_image_scale
+    assert sorted(g.kind for g in gauge.groups) == ["syringe", "vial"]
+    good_p = [gauge.read(zoomed(u)).probability for us in good.values() for u in us]
+    bad_p = [gauge.read(zoomed(u)).probability for us in bad.values() for u in us]
+    assert max(good_p) < min(bad_p), (sorted(good_p)[-3:], sorted(bad_p)[:3])
+    again = FillGauge.from_json(json.loads(json.dumps(gauge.to_json())))
+    assert again == gauge and again.per_image_scale
+    # Under one camera the same units keep the pixel gauge.
+    assert fit_fill_gauge(measure_all(u for us in good.values() for u in us)).method == "geometry-v1"
+
+
+def test_by_shape_two_formats_keep_their_own_references_and_a_short_fill_stands_out(monkeypatch):
+    import vialinspect.vision.fill_gauge as fg
+    from vialinspect.vision.classical import Geometry
+
+    rng = np.random.default_rng(6)
+
+    def unit(width: float, height: int, column: float, s: float) -> Geometry:
+        top = 12 + rng.normal(0, 2)
+        zero = top + (height - 40) * s + rng.normal(0, 1)
+        return Geometry("vial", width * s + rng.normal(0, 0.5), (top, top + height * s - 1), zero,
+                        zero - column * s + rng.normal(0, 1.5))
+
+    shapes = ((236, 692, 254), (300, 820, 343))  # a 2R-like and a 6R-like vial: aspect 0.341 and 0.366
+    units = [unit(*sh, rng.uniform(0.8, 1.0)) for sh in shapes for _ in range(MIN_GROUP + 20)]
+    gauge = fit_fill_gauge(units)
+    assert gauge.per_image_scale and len(gauge.groups) == 2
+    for sh in shapes:
+        for s in (0.8, 0.9, 1.0):
+            ok = gauge.read_geometry(unit(*sh, s))
+            assert ok.deviation < 4, (sh, s, ok)
+            low = gauge.read_geometry(unit(sh[0], sh[1], sh[2] * 0.9, s))  # 10% short: a fill-level defect
+            assert low.deviation > 6 and gauge.groups[low.group].width_px / gauge.groups[low.group].height_px \
+                == pytest.approx(sh[0] / sh[1], rel=0.03)
+    # Fitted and read in pixels (as the gauge did before): the 25% spread of scale hides the defects among the
+    # good units.
+    monkeypatch.setattr(fg, "SCALE_VARIES", float("inf"))
+    pixel = fit_fill_gauge(units)
+    assert pixel.method == "geometry-v1"
+    ok = [pixel.read_geometry(unit(*sh, rng.uniform(0.8, 1.0))).probability for sh in shapes for _ in range(20)]
+    low = [pixel.read_geometry(unit(sh[0], sh[1], sh[2] * 0.9, rng.uniform(0.8, 1.0))).probability
+           for sh in shapes for _ in range(20)]
+    assert max(ok) > min(low)

@@ -58,7 +58,9 @@ def fit_line_gauge(root: Path, good: list[ContainerRecord], log: Callable[[str],
             f"fewer than {MIN_FOUND:.0%}{_why_unmeasured(root, good, geos)}); the network decides the fill level")
         return None
     log(f"fill gauge: {len(gauge.groups)} container geometr{'y' if len(gauge.groups) == 1 else 'ies'} from "
-        f"{gauge.n_measured} of {len(geos)} good units")
+        f"{gauge.n_measured} of {len(geos)} good units"
+        + ("; the images' scale varies (a format's heights spread), so units are grouped by shape and each "
+           "column is read against its unit's own height" if gauge.per_image_scale else ""))
     scores = [gauge.read_geometry(g) for g in geos if g is not None]
     return LineGauge(gauge, np.array([r.probability for r in scores if r.problem is None], np.float64))
 

@@ -8,6 +8,14 @@ format under one camera apart): the score is how many robust standard deviations
 deviation) the column is from the good units' median. Nothing is learnt from defect labels, so it needs no
 fill-level examples and does not drift with the network's training.
 
+Where the camera's scale varies from image to image (a set photographed at 60-75 µm/px: one format's silhouette
+spans ~25% of heights), a column in pixels tells nothing until it is referred to the unit's own size. The fit sees
+it in the good units themselves (a group whose silhouette heights spread by more than ``SCALE_VARIES``) and then
+groups the units by container shape (kind and body width over silhouette height, ``ASPECT_TOL``) instead of size,
+and reads each unit's column and headspace scaled to its group's median height (method ``geometry-v2``). A fixed
+camera keeps the pixel gauge as it was (``geometry-v1``); two formats of one shape and different sizes are told
+apart only there.
+
 It stands in for the network's image-level fill-level classifier, which with a few hundred labels does not learn
 what the fill level is across formats (docs/new_line.md). Positive release: a unit whose container, lowest point
 or meniscus is not found, or whose geometry matches none of the reference groups, scores 1 (rejected for
@@ -27,11 +35,16 @@ import numpy as np
 from .classical import Geometry, measure_geometry
 from .scores import Scores
 
-METHOD = "geometry-v1"
+METHOD = "geometry-v1"  # one pixel scale for the line: groups by size, columns in pixels
+METHOD_PER_IMAGE = "geometry-v2"  # the scale varies by image: groups by shape, columns scaled to the group's height
 Z_HALF = 6.0  # robust deviations at which the score is 0.5 (the threshold is calibrated on good units anyway)
 MATCH_TOL = 0.08  # a unit belongs to a group within this fraction of the group's body width and height
 MIN_SCALE_PX = 0.5  # the spread never counts as tighter than half a pixel
 MIN_GROUP = 10  # fewer good units than this do not make a reference (a mis-measured geometry, not a format)
+# A group's silhouette heights spreading by more than this (robust SD over median) mean the scale varies by image.
+# Under one camera they spread by ~0.4% (a simulated line's and a foreign line's formats, measured).
+SCALE_VARIES = 0.015
+ASPECT_TOL = 0.03  # by shape: a unit belongs to a group within this fraction of the group's width over height
 
 
 class FillGaugeError(ValueError):
@@ -72,7 +85,24 @@ class FillGauge:
     n_unmeasured: int = 0  # good units whose geometry was not found
     method: str = METHOD
 
+    @property
+    def per_image_scale(self) -> bool:
+        return self.method == METHOD_PER_IMAGE
+
     def match(self, g: Geometry) -> int | None:
+        """The reference group of a unit's geometry, or None (``match_size``, or by shape where the scale varies
+        by image: the same kind and the nearest width over height within ``ASPECT_TOL``)."""
+        if not self.per_image_scale:
+            return self.match_size(g)
+        best, best_d = None, math.inf
+        a = _aspect(g)
+        for i, grp in enumerate(self.groups):
+            d = abs(a - grp.width_px / grp.height_px) / (grp.width_px / grp.height_px)
+            if grp.kind == g.kind and d <= ASPECT_TOL and d < best_d:
+                best, best_d = i, d
+        return best
+
+    def match_size(self, g: Geometry) -> int | None:
         """The reference group of a unit's geometry, or None: the same kind and silhouette height (within
         ``MATCH_TOL``), and of those the nearest body width (the groups were fitted apart by width too). The
         width only chooses, it does not exclude: a container partly out of the picture at the side measures
@@ -108,11 +138,12 @@ class FillGauge:
         if i is None:
             return GaugeReading(1.0, fill_px=fill, problem="container geometry unlike the line's good units")
         grp = self.groups[i]
+        k = grp.height_px / _height(g) if self.per_image_scale else 1.0  # to the group's scale
         zs = []
         if fill is not None:
-            zs.append(abs(fill - grp.median_px) / grp.scale_px)
+            zs.append(abs(fill * k - grp.median_px) / grp.scale_px)
         if head is not None and grp.head_median_px is not None and grp.head_scale_px:
-            zs.append(abs(head - grp.head_median_px) / grp.head_scale_px)
+            zs.append(abs(head * k - grp.head_median_px) / grp.head_scale_px)
         if not zs:
             return GaugeReading(1.0, fill_px=fill, problem="lowest point not found and no headspace reference")
         z = min(zs)
@@ -127,8 +158,9 @@ class FillGauge:
         """A stored gauge; ``FillGaugeError`` naming the first problem when it is not one."""
         if not isinstance(d, dict):
             raise FillGaugeError(f"must be a table, got {type(d).__name__}")
-        if d.get("method") != METHOD:
-            raise FillGaugeError(f"method {d.get('method')!r} unknown (this version reads {METHOD!r})")
+        if d.get("method") not in (METHOD, METHOD_PER_IMAGE):
+            raise FillGaugeError(f"method {d.get('method')!r} unknown (this version reads {METHOD!r} and "
+                                 f"{METHOD_PER_IMAGE!r})")
         groups = d.get("groups")
         if not isinstance(groups, list) or not groups:
             raise FillGaugeError("groups: must be a non-empty list")
@@ -148,7 +180,7 @@ class FillGauge:
                     or (grp.head_scale_px is not None and grp.head_scale_px <= 0):
                 raise FillGaugeError(f"groups[{k}]: widths, heights and spreads must be finite and positive")
             out.append(grp)
-        return cls(tuple(out), int(d.get("n_measured", 0)), int(d.get("n_unmeasured", 0)))
+        return cls(tuple(out), int(d.get("n_measured", 0)), int(d.get("n_unmeasured", 0)), str(d["method"]))
 
 
 def _robust(values: list) -> tuple[float, float]:
@@ -161,6 +193,42 @@ def _robust(values: list) -> tuple[float, float]:
 
 def _height(g: Geometry) -> float:
     return float(g.silhouette_rows[1] - g.silhouette_rows[0] + 1)
+
+
+def _aspect(g: Geometry) -> float:
+    return g.outer_width_px / _height(g)
+
+
+def _spread(values: list[float]) -> float:
+    """Robust standard deviation over the median."""
+    v = np.asarray(values, dtype=np.float64)
+    med = float(np.median(v))
+    return 1.4826 * float(np.median(np.abs(v - med))) / med
+
+
+def _cluster(found: list[Geometry], near) -> list[list[Geometry]]:
+    """Greedy grouping, tallest first: each unit joins the first group whose median geometry ``near`` accepts
+    (``near(unit, members)``), else starts one."""
+    members: list[list[Geometry]] = []
+    for g in sorted(found, key=lambda x: (x.kind, -_height(x))):
+        for ms in members:
+            if ms[0].kind == g.kind and near(g, ms):
+                ms.append(g)
+                break
+        else:
+            members.append([g])
+    return members
+
+
+def _by_size(g: Geometry, ms: list[Geometry]) -> bool:
+    hh = float(np.median([_height(m) for m in ms]))
+    ww = float(np.median([m.outer_width_px for m in ms]))
+    return abs(_height(g) - hh) / hh <= MATCH_TOL and abs(g.outer_width_px - ww) / ww <= MATCH_TOL
+
+
+def _by_shape(g: Geometry, ms: list[Geometry]) -> bool:
+    aa = float(np.median([_aspect(m) for m in ms]))
+    return abs(_aspect(g) - aa) / aa <= ASPECT_TOL
 
 
 def fit_fill_gauge(geometries: Iterable[Geometry | None]) -> FillGauge:
@@ -176,32 +244,24 @@ def fit_fill_gauge(geometries: Iterable[Geometry | None]) -> FillGauge:
             missing += 1
         else:
             found.append(g)
-    members: list[list[Geometry]] = []
-    centres: list[tuple[str, float, float]] = []
-    for g in sorted(found, key=lambda x: (x.kind, -_height(x))):
-        h = _height(g)
-        for i, (kind, ww, hh) in enumerate(centres):
-            if kind == g.kind and abs(h - hh) / hh <= MATCH_TOL and abs(g.outer_width_px - ww) / ww <= MATCH_TOL:
-                members[i].append(g)
-                ws = [m.outer_width_px for m in members[i]]
-                hs = [_height(m) for m in members[i]]
-                centres[i] = (kind, float(np.median(ws)), float(np.median(hs)))
-                break
-        else:
-            members.append([g])
-            centres.append((g.kind, g.outer_width_px, h))
+    members = [ms for ms in _cluster(found, _by_size) if len(ms) >= MIN_GROUP]
+    per_image = any(_spread([_height(m) for m in ms]) > SCALE_VARIES for ms in members)
+    if per_image:
+        members = [ms for ms in _cluster(found, _by_shape) if len(ms) >= MIN_GROUP]
     groups = []
-    for (kind, w, h), ms in zip(centres, members, strict=True):
-        if len(ms) < MIN_GROUP:
-            continue
-        med, scale = _robust([m.fill_px for m in ms])
-        heads = [m.headspace_px for m in ms if m.headspace_px is not None]
+    for ms in members:
+        w = float(np.median([m.outer_width_px for m in ms]))
+        h = float(np.median([_height(m) for m in ms]))
+        k = [h / _height(m) if per_image else 1.0 for m in ms]  # each unit to the group's scale
+        med, scale = _robust([m.fill_px * km for m, km in zip(ms, k, strict=True)])
+        heads = [m.headspace_px * km for m, km in zip(ms, k, strict=True) if m.headspace_px is not None]
         head = _robust(heads) if len(heads) >= MIN_GROUP else (None, None)
-        groups.append(FillGroup(kind, round(w, 3), round(h, 3), med, scale, len(ms), *head))
+        groups.append(FillGroup(ms[0].kind, round(w, 3), round(h, 3), med, scale, len(ms), *head))
     if not groups:
         raise FillGaugeError(f"no container geometry shared by {MIN_GROUP} or more good units "
                              f"({len(found)} measured, {missing} not found)")
-    return FillGauge(tuple(groups), n_measured=len(found), n_unmeasured=missing)
+    return FillGauge(tuple(groups), n_measured=len(found), n_unmeasured=missing,
+                     method=METHOD_PER_IMAGE if per_image else METHOD)
 
 
 def measure_all(frame_sets: Iterable[Sequence[np.ndarray]]) -> list[Geometry | None]:
