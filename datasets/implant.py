@@ -51,6 +51,12 @@ class ImplantConfig:
     scratch_share: float = 0.0
     scratch_px: tuple[float, float] = (30.0, 140.0)  # scratch length where the pixel scale is unknown
     scratch_mm: tuple[float, float] = (2.0, 9.0)
+    # Chance that a drawn good unit also gets one to three gas bubbles (the simulator's sprite: a dark ring with a
+    # bright centre, rising between frames), as known-clean nuisances: no mask, so the particle map learns that a
+    # bubble of any size and place is not a particle. 0 = off.
+    bubble_share: float = 0.0
+    bubble_px: tuple[float, float] = (3.0, 16.0)  # diameter where the pixel scale is unknown, log-uniform
+    bubble_um: tuple[float, float] = (100.0, 1200.0)
     # Share of the particles drawn into a unit of several frames that lie on the vial's floor (where the caller
     # found it, ``Floor``) and barely move: a dense particle sunk to the base before the frames are taken slides
     # with the last of the swirl instead of sinking through the liquid. 0 = off.
@@ -229,4 +235,26 @@ def scratch(frames: list[np.ndarray], rng: np.random.Generator, pixel_um: float 
     for f in out:
         sprites.paste(f, s, light=light)
         np.clip(f, 0.0, 1.0, out=f)
+    return out
+
+
+def bubbles(frames: list[np.ndarray], rng: np.random.Generator, pixel_um: float | None = None,
+            cfg: ImplantConfig | None = None) -> list[np.ndarray] | None:
+    """Draw one to three gas bubbles into a container's K float32 frames in [0, 1], rising a few pixels from frame
+    to frame; new frames, or None where no place is lit enough."""
+    cfg = cfg or ImplantConfig()
+    light = light_map(frames[0])
+    spots = placements(light, cfg, margin=12)
+    if len(spots) == 0:
+        return None
+    out = [np.array(f, np.float32, copy=True) for f in frames]
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx = (float(v) for v in spots[int(rng.integers(len(spots)))])
+        size = _loguniform(rng, *cfg.bubble_px) if pixel_um is None else \
+            _loguniform(rng, *cfg.bubble_um) / pixel_um
+        blur, flatten = float(rng.uniform(*cfg.blur_px)), float(rng.uniform(0.7, 1.0))
+        contrast, rise = float(rng.uniform(0.5, 1.0)), float(rng.uniform(1.0, 4.0))
+        for k, f in enumerate(out):
+            sprites.paste(f, sprites.bubble(cx, cy - k * rise, size, blur, flatten), light=light, contrast=contrast)
+            np.clip(f, 0.0, 1.0, out=f)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vialinspect.datasets.implant import IMPLANT_LOOKS, ImplantConfig, implant, scratch
+from vialinspect.datasets.implant import IMPLANT_LOOKS, ImplantConfig, bubbles, implant, scratch
 from vialinspect.datasets.records import DEFECT_CLASSES
 from vialinspect.datasets.torch_dataset import Sample
 from vialinspect.training.data import TrainTransform
@@ -173,6 +173,30 @@ def test_scratches_are_drawn_as_known_clean_and_leave_the_defects_drawn_as_they_
         assert b["has_mask"] == 1.0
         differ += int(not np.array_equal(a["x"], b["x"]))
     assert differ == 8
+
+
+def test_bubbles_are_drawn_as_known_clean_rings_that_rise_between_frames():
+    img = _backlit()
+    frames = bubbles([img, img, img], np.random.default_rng(4), 60.0, ImplantConfig(bubble_um=(900.0, 1200.0)))
+    changed = [np.abs(f - img) > 0.01 for f in frames]
+    assert all(c.sum() > 4 for c in changed)
+    tops = [np.nonzero(c)[0].min() for c in changed]
+    assert tops[0] > tops[1] > tops[2]  # rising: higher in each frame
+    assert (frames[0] > img + 0.01).any() and (frames[0] < img - 0.01).any()  # a bright centre in a dark ring
+    assert bubbles([np.zeros((200, 100), np.float32)], np.random.default_rng(0)) is None
+    spec = InputSpec(frames=1, pixel_um=None)
+    plain = TrainTransform(spec, None, implant=0.5)
+    bubbled = TrainTransform(spec, None, implant=0.5, implant_cfg=ImplantConfig(bubble_share=1.0))
+    differ = 0
+    for seed in range(8):
+        a, b = plain(_sample([0, 0, 0]), seed=seed), bubbled(_sample([0, 0, 0]), seed=seed)
+        # No mask and no label: the bubbles are known clean; the synthetic defects drawn stay as they were.
+        assert np.array_equal(a["map_target"], b["map_target"]) and np.array_equal(a["labels"], b["labels"])
+        assert b["has_mask"] == 1.0
+        differ += int(not np.array_equal(a["x"], b["x"]))
+    assert differ == 8
+    labelled = bubbled(_sample([1, 0, 0]), seed=0)  # a labelled defect unit is never drawn into
+    assert np.array_equal(labelled["x"], plain(_sample([1, 0, 0]), seed=0)["x"])
 
 
 def _vial_frames(k: int = 4):

@@ -179,6 +179,10 @@ class TrainConfig:
     # a known-clean nuisance, so the crack map learns a scratch is not a crack. Off: measured once on two lines
     # (docs/new_line.md), not adopted.
     implant_scratches: Float = 0.0
+    # Chance that a drawn good unit from a line's camera also gets one to three gas bubbles (the simulator's
+    # sprite, 0.1-1.2 mm) as known-clean nuisances, so the particle map learns a bubble it has not seen on the line
+    # is not a particle.
+    implant_bubbles: Float = 0.0
     # Spin-stop sequences: the share of the synthetic particles that lie on the vial's floor and barely move (a
     # dense particle settled before the frames), placed by the container's classical geometry; vials only. Off:
     # at 0.3 on one line particles fell 0.91 -> 0.85, the network calling still bubbles and dust particles too
@@ -290,6 +294,8 @@ class TrainConfig:
             raise _bad("implant", f"must be within 0..1, got {self.implant}")
         if self.implant_look not in IMPLANT_LOOKS:
             raise _bad("implant_look", f"must be {' or '.join(IMPLANT_LOOKS)}, got {self.implant_look!r}")
+        if not 0 <= self.implant_bubbles <= 1:
+            raise _bad("implant_bubbles", f"must be within 0..1, got {self.implant_bubbles}")
         if not 0 <= self.implant_scratches <= 1:
             raise _bad("implant_scratches", f"must be within 0..1, got {self.implant_scratches}")
         if not 0 <= self.implant_resting <= 1:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from vialinspect.datasets.implant import Floor, ImplantConfig, implant, scratch
+from vialinspect.datasets.implant import Floor, ImplantConfig, bubbles, implant, scratch
 from vialinspect.datasets.records import DEFECT_CLASSES, ContainerRecord
 from vialinspect.datasets.torch_dataset import ContainerDataset, Sample
 from vialinspect.vision.classical import measure_geometry
@@ -170,6 +170,12 @@ class TrainTransform:
                 scratched = scratch([to_unit(f, None) for f in s.frames], srng, self.spec.pixel_um, cfg)
                 if scratched is not None:
                     s = replace(s, frames=scratched)
+        if cfg.bubble_share > 0:
+            brng = np.random.default_rng(None if seed is None else [seed, 3])  # its own stream, as scratches
+            if brng.uniform() < cfg.bubble_share:
+                bubbled = bubbles([to_unit(f, None) for f in s.frames], brng, self.spec.pixel_um, cfg)
+                if bubbled is not None:
+                    s = replace(s, frames=bubbled)
         if rng.uniform() >= self.implant:
             return s
         frames = [to_unit(f, None) for f in s.frames]
