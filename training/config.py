@@ -181,7 +181,8 @@ class TrainConfig:
     implant_scratches: Float = 0.0
     # Chance that a drawn good unit from a line's camera also gets one to three gas bubbles (the simulator's
     # sprite, 0.1-1.2 mm) as known-clean nuisances, so the particle map learns a bubble it has not seen on the line
-    # is not a particle.
+    # is not a particle. Off: at 0.5 on a foreign line's still images particles +0.015, AUROC +0.010
+    # (docs/new_line.md, "Particles in still images"): not adopted.
     implant_bubbles: Float = 0.0
     # Spin-stop sequences: the share of the synthetic particles that lie on the vial's floor and barely move (a
     # dense particle settled before the frames), placed by the container's classical geometry; vials only. Off:
