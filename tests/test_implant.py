@@ -162,17 +162,23 @@ def test_scratches_are_drawn_as_known_clean_and_leave_the_defects_drawn_as_they_
     ys, xs = np.nonzero(changed)
     assert changed.sum() > 10 and max(np.ptp(ys), np.ptp(xs)) > 25  # a long thin line (2-9 mm at 60 µm/px)
     assert scratch([np.zeros((200, 100), np.float32)], np.random.default_rng(0)) is None
+    _assert_known_clean_nuisance(ImplantConfig(scratch_share=1.0))
+
+
+def _assert_known_clean_nuisance(cfg: ImplantConfig) -> None:
+    """A nuisance drawn by ``cfg`` into good units changes every drawn unit's image, adds no mask and no label,
+    leaves the synthetic defects drawn as they were, and is never drawn into a labelled defect unit."""
     spec = InputSpec(frames=1, pixel_um=None)
     plain = TrainTransform(spec, None, implant=0.5)
-    scratched = TrainTransform(spec, None, implant=0.5, implant_cfg=ImplantConfig(scratch_share=1.0))
+    drawn = TrainTransform(spec, None, implant=0.5, implant_cfg=cfg)
     differ = 0
     for seed in range(8):
-        a, b = plain(_sample([0, 0, 0]), seed=seed), scratched(_sample([0, 0, 0]), seed=seed)
-        # The scratch adds no mask and no label; the synthetic defects drawn are the same with it or without.
+        a, b = plain(_sample([0, 0, 0]), seed=seed), drawn(_sample([0, 0, 0]), seed=seed)
         assert np.array_equal(a["map_target"], b["map_target"]) and np.array_equal(a["labels"], b["labels"])
         assert b["has_mask"] == 1.0
         differ += int(not np.array_equal(a["x"], b["x"]))
     assert differ == 8
+    assert np.array_equal(drawn(_sample([1, 0, 0]), seed=0)["x"], plain(_sample([1, 0, 0]), seed=0)["x"])
 
 
 def test_bubbles_are_drawn_as_known_clean_rings_that_rise_between_frames():
@@ -184,19 +190,7 @@ def test_bubbles_are_drawn_as_known_clean_rings_that_rise_between_frames():
     assert tops[0] > tops[1] > tops[2]  # rising: higher in each frame
     assert (frames[0] > img + 0.01).any() and (frames[0] < img - 0.01).any()  # a bright centre in a dark ring
     assert bubbles([np.zeros((200, 100), np.float32)], np.random.default_rng(0)) is None
-    spec = InputSpec(frames=1, pixel_um=None)
-    plain = TrainTransform(spec, None, implant=0.5)
-    bubbled = TrainTransform(spec, None, implant=0.5, implant_cfg=ImplantConfig(bubble_share=1.0))
-    differ = 0
-    for seed in range(8):
-        a, b = plain(_sample([0, 0, 0]), seed=seed), bubbled(_sample([0, 0, 0]), seed=seed)
-        # No mask and no label: the bubbles are known clean; the synthetic defects drawn stay as they were.
-        assert np.array_equal(a["map_target"], b["map_target"]) and np.array_equal(a["labels"], b["labels"])
-        assert b["has_mask"] == 1.0
-        differ += int(not np.array_equal(a["x"], b["x"]))
-    assert differ == 8
-    labelled = bubbled(_sample([1, 0, 0]), seed=0)  # a labelled defect unit is never drawn into
-    assert np.array_equal(labelled["x"], plain(_sample([1, 0, 0]), seed=0)["x"])
+    _assert_known_clean_nuisance(ImplantConfig(bubble_share=1.0))
 
 
 def _vial_frames(k: int = 4):
