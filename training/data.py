@@ -163,19 +163,15 @@ class TrainTransform:
         rng = np.random.default_rng(None if seed is None else [seed, 1])
         s = replace(s, has_mask=True, implantable=False)  # a good unit holds no defect in any cell
         cfg = self.implant_cfg
-        if cfg.scratch_share > 0:
-            # Its own stream: the defects drawn below are the same whether scratches are on or off.
-            srng = np.random.default_rng(None if seed is None else [seed, 2])
-            if srng.uniform() < cfg.scratch_share:
-                scratched = scratch([to_unit(f, None) for f in s.frames], srng, self.spec.pixel_um, cfg)
-                if scratched is not None:
-                    s = replace(s, frames=scratched)
-        if cfg.bubble_share > 0:
-            brng = np.random.default_rng(None if seed is None else [seed, 3])  # its own stream, as scratches
-            if brng.uniform() < cfg.bubble_share:
-                bubbled = bubbles([to_unit(f, None) for f in s.frames], brng, self.spec.pixel_um, cfg)
-                if bubbled is not None:
-                    s = replace(s, frames=bubbled)
+        # Known-clean nuisances, each from its own stream: the defects drawn below are the same with them or not.
+        for share, draw, stream in ((cfg.scratch_share, scratch, 2), (cfg.bubble_share, bubbles, 3)):
+            if share <= 0:
+                continue
+            nrng = np.random.default_rng(None if seed is None else [seed, stream])
+            if nrng.uniform() < share:
+                drawn = draw([to_unit(f, None) for f in s.frames], nrng, self.spec.pixel_um, cfg)
+                if drawn is not None:
+                    s = replace(s, frames=drawn)
         if rng.uniform() >= self.implant:
             return s
         frames = [to_unit(f, None) for f in s.frames]

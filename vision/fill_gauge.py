@@ -98,7 +98,8 @@ class FillGauge:
         best, best_d = None, math.inf
         a = _aspect(g)
         for i, grp in enumerate(self.groups):
-            d = abs(a - grp.width_px / grp.height_px) / (grp.width_px / grp.height_px)
+            ga = grp.width_px / grp.height_px
+            d = abs(a - ga) / ga
             if grp.kind == g.kind and d <= ASPECT_TOL and d < best_d:
                 best, best_d = i, d
         return best
@@ -184,12 +185,17 @@ class FillGauge:
         return cls(tuple(out), int(d.get("n_measured", 0)), int(d.get("n_unmeasured", 0)), str(d["method"]))
 
 
-def _robust(values: list) -> tuple[float, float]:
-    """Median and robust standard deviation (1.4826 x MAD, at least ``MIN_SCALE_PX``), rounded for storage."""
+def _median_sd(values: list) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 x the median absolute deviation)."""
     v = np.asarray(values, dtype=np.float64)
     med = float(np.median(v))
-    scale = max(1.4826 * float(np.median(np.abs(v - med))), MIN_SCALE_PX)
-    return round(med, 3), round(scale, 4)
+    return med, 1.4826 * float(np.median(np.abs(v - med)))
+
+
+def _robust(values: list) -> tuple[float, float]:
+    """Median and robust standard deviation (at least ``MIN_SCALE_PX``), rounded for storage."""
+    med, sd = _median_sd(values)
+    return round(med, 3), round(max(sd, MIN_SCALE_PX), 4)
 
 
 def _height(g: Geometry) -> float:
@@ -202,34 +208,34 @@ def _aspect(g: Geometry) -> float:
 
 def _spread(values: list[float]) -> float:
     """Robust standard deviation over the median."""
-    v = np.asarray(values, dtype=np.float64)
-    med = float(np.median(v))
-    return 1.4826 * float(np.median(np.abs(v - med))) / med
+    med, sd = _median_sd(values)
+    return sd / med
 
 
-def _cluster(found: list[Geometry], near) -> list[list[Geometry]]:
-    """Greedy grouping, tallest first: each unit joins the first group whose median geometry ``near`` accepts
-    (``near(unit, members)``), else starts one."""
+def _size(g: Geometry) -> tuple[float, ...]:
+    return g.outer_width_px, _height(g)
+
+
+def _shape(g: Geometry) -> tuple[float, ...]:
+    return (_aspect(g),)
+
+
+def _cluster(found: list[Geometry], key, tol: float) -> list[list[Geometry]]:
+    """Greedy grouping, tallest first: each unit joins the first group of its kind whose centre (the members'
+    median ``key``) it is within ``tol`` of in every coordinate, else starts one."""
     members: list[list[Geometry]] = []
+    centres: list[tuple[float, ...]] = []
     for g in sorted(found, key=lambda x: (x.kind, -_height(x))):
-        for ms in members:
-            if ms[0].kind == g.kind and near(g, ms):
-                ms.append(g)
+        v = key(g)
+        for i, c in enumerate(centres):
+            if members[i][0].kind == g.kind and all(abs(x - cx) / cx <= tol for x, cx in zip(v, c, strict=True)):
+                members[i].append(g)
+                centres[i] = tuple(float(x) for x in np.median([key(m) for m in members[i]], axis=0))
                 break
         else:
             members.append([g])
+            centres.append(v)
     return members
-
-
-def _by_size(g: Geometry, ms: list[Geometry]) -> bool:
-    hh = float(np.median([_height(m) for m in ms]))
-    ww = float(np.median([m.outer_width_px for m in ms]))
-    return abs(_height(g) - hh) / hh <= MATCH_TOL and abs(g.outer_width_px - ww) / ww <= MATCH_TOL
-
-
-def _by_shape(g: Geometry, ms: list[Geometry]) -> bool:
-    aa = float(np.median([_aspect(m) for m in ms]))
-    return abs(_aspect(g) - aa) / aa <= ASPECT_TOL
 
 
 def fit_fill_gauge(geometries: Iterable[Geometry | None]) -> FillGauge:
@@ -245,10 +251,10 @@ def fit_fill_gauge(geometries: Iterable[Geometry | None]) -> FillGauge:
             missing += 1
         else:
             found.append(g)
-    members = [ms for ms in _cluster(found, _by_size) if len(ms) >= MIN_GROUP]
+    members = [ms for ms in _cluster(found, _size, MATCH_TOL) if len(ms) >= MIN_GROUP]
     per_image = any(_spread([_height(m) for m in ms]) > SCALE_VARIES for ms in members)
     if per_image:
-        members = [ms for ms in _cluster(found, _by_shape) if len(ms) >= MIN_GROUP]
+        members = [ms for ms in _cluster(found, _shape, ASPECT_TOL) if len(ms) >= MIN_GROUP]
     groups = []
     for ms in members:
         w = float(np.median([m.outer_width_px for m in ms]))
