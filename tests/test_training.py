@@ -334,7 +334,8 @@ def test_auto_settings_resolve_by_the_kind_of_data_and_given_ones_stay():
 
 @pytest.mark.parametrize("bad,match", [({"map_head": "sparse"}, "map_head"), ({"branch_width": 0}, "branch_width"),
                                        ({"widths": [8, 8, 8]}, "widths"), ({"widths": [8, 8, 0, 8, 8]}, "widths"),
-                                       ({"implant_look": "photoreal"}, "implant_look")])
+                                       ({"implant_look": "photoreal"}, "implant_look"),
+                                       ({"mil_pool": "mean"}, "mil_pool")])
 def test_network_settings_are_checked_before_training(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(bad)
@@ -869,6 +870,33 @@ def test_hard_negatives_make_the_worst_background_cell_count():
     for balanced in (True, False):
         hard = [rise(balanced, hard_negatives=4, hard_negative_weight=w) - rise(balanced) for w in (1.0, 4.0)]
         assert hard[1] == pytest.approx(4 * hard[0], rel=1e-3) and hard[0] > 0
+
+
+def test_soft_mil_pooling_shares_a_labelled_defects_push_with_the_next_candidates():
+    from vialinspect.training.losses import soft_peak
+
+    # A labelled particle unit without a mask: a bubble-like cell is the map's peak, the faint particle is second.
+    maps = torch.full((2, 3, 12, 12), -6.0)
+    maps[:, 0, 2, 2], maps[:, 0, 8, 8] = 1.0, 0.0
+    maps[1, 0, 2, 2] = 5.0  # the second item: one cell stands out
+    value = soft_peak(maps)
+    assert float(value[0, 0]) < 1.0 and float(value[1, 0]) == pytest.approx(5.0, abs=0.05)
+    assert (value <= maps.amax((2, 3)) + 1e-6).all()  # never above the peak
+
+    def grads(pool: str, has_mask: bool, labels=(1.0, 0.0, 0.0)) -> torch.Tensor:
+        m = maps[:1].clone().requires_grad_(True)
+        batch = {"labels": torch.tensor([labels]), "has_mask": torch.tensor([float(has_mask)]),
+                 "map_target": torch.zeros(1, 3, 12, 12), "rows": torch.zeros(1, 2), "has_fill": torch.zeros(1)}
+        loss, _ = total_loss((m.amax((2, 3)), m, torch.zeros(1, 2, 16)), batch, balanced=True, mil_pool=pool)
+        loss.backward()
+        return m.grad[0, 0]
+
+    peak_only, soft = grads("max", False), grads("soft", False)
+    assert float(peak_only[8, 8]) == 0.0 and float(peak_only[2, 2]) < 0  # max pooling: only the peak is pushed up
+    assert float(soft[8, 8]) < 0 and float(soft[2, 2]) < float(soft[8, 8])  # soft: both, the peak more
+    # A masked unit (a good unit, an implanted defect) and a negative class keep the peak's logit.
+    assert torch.equal(grads("soft", True), grads("max", True))
+    assert torch.equal(grads("soft", False, (0.0, 1.0, 0.0)), grads("max", False, (0.0, 1.0, 0.0)))
 
 
 def test_frozen_parts_keep_the_initial_weights_and_statistics_while_the_rest_learns(coarse_data, tiny_run, tmp_path):

@@ -19,6 +19,8 @@ from vialinspect.datasets.validation import one_line
 from vialinspect.errors import VialinspectError
 from vialinspect.vision.model import FREEZABLE, MAP_HEADS
 
+from .losses import MIL_POOLS
+
 # What the settings left "auto" (None) become, by the kind of data (TrainConfig.for_data). Data with masks: the
 # recipe of the default model. Data without (a line's own images with image-level labels): measured on
 # benchmarks/new_line.py's worlds (docs/new_line.md), where the simulator's recipe learnt no particle: the
@@ -140,6 +142,10 @@ class TrainConfig:
     # Weight of that hard-negative term against the background mean and the defect cells' mean (1: alike). At 4 on
     # a foreign line's still images the line's own bubbles fell, unseen ones did not (docs/new_line.md): not adopted.
     map_hard_negative_weight: Float = 1.0
+    # How a labelled reject without a mask (image-level label) reaches its class maps in the loss: "max", its map's
+    # peak (the logit inference uses); "soft", the peak shared with the map's next highest cells (losses.soft_peak),
+    # so that a faint particle beside a brighter bubble also gets a share of the push.
+    mil_pool: str = "max"
     # Weight of a background cell inside a nuisance object's box (bubble, droplet, glass mark): the hard
     # negatives a good unit must pass with. 1 = an ordinary background cell.
     map_nuisance_weight: Float = 1.0
@@ -309,6 +315,8 @@ class TrainConfig:
             raise _bad("image_label_weight", f"must be within 0..1, got {self.image_label_weight}")
         if self.map_hard_negative_weight < 0:
             raise _bad("map_hard_negative_weight", f"must be >= 0, got {self.map_hard_negative_weight}")
+        if self.mil_pool not in MIL_POOLS:
+            raise _bad("mil_pool", f"must be one of {', '.join(MIL_POOLS)}, got {self.mil_pool!r}")
         if self.map_hard_negatives is not None and self.map_hard_negatives < 0:
             raise _bad("map_hard_negatives", f"must be >= 0, got {self.map_hard_negatives}")
         if self.fill_gauge not in ("auto", "on", "off"):

@@ -100,12 +100,44 @@ def distill_loss(maps: torch.Tensor, teacher_maps: torch.Tensor, pos_weight: flo
     return ((per_cell - floor) * w).sum() / w.sum()
 
 
+MIL_POOLS = ("max", "soft")
+SOFT_MIL_CELLS = 16  # the map cells a labelled defect's push is shared among under mil_pool "soft"
+
+
+def soft_peak(maps: torch.Tensor, cells: int = SOFT_MIL_CELLS) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C): each map's ``cells`` highest logits averaged with softmax weights (held fixed in the
+    gradient), so each of them gets its weight's share of the push: nearly all of it where one cell stands out
+    (the value is then the peak, and a confident defect saturates as under max pooling), a real share where
+    several are close. Never above the peak."""
+    flat = maps.flatten(2)
+    top = flat.topk(min(cells, flat.shape[-1]), dim=-1).values
+    w = torch.softmax(top.detach(), -1)
+    return (w * top).sum(-1)
+
+
+def image_level_logits(class_logits: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor,
+                       has_mask: torch.Tensor) -> torch.Tensor:
+    """The class logits the loss sees under mil_pool "soft": for an item without a mask (a line's labelled
+    reject), a positive local class (particle, crack: their logit is the map's peak) takes ``soft_peak``
+    instead. Where the peak of a labelled particle unit is a bubble, max pooling raises only that bubble, which
+    the good units' hard negatives lower again; the soft peak also reaches the next candidates, the faint
+    particle among them. Negatives, masked items and the fill level keep the peak (inference always does)."""
+    take = (~has_mask)[:, None] & (labels > 0.5)
+    take[:, 2:] = False  # the fill level is global: its logit is not a map peak
+    if not bool(take.any()):
+        return class_logits
+    return torch.where(take, soft_peak(maps).to(class_logits.dtype), class_logits)
+
+
 def total_loss(outputs, batch: dict, weights=(1.0, 1.0, 1.0), pos_weight: float = 10.0, balanced: bool = False,
-               nuisance_weight: float = 1.0, hard_negatives: int = 0, hard_negative_weight: float = 1.0):
+               nuisance_weight: float = 1.0, hard_negatives: int = 0, hard_negative_weight: float = 1.0,
+               mil_pool: str = "max"):
     class_logits, maps, row_logits = outputs
     labels = batch["labels"]
-    l_cls = F.binary_cross_entropy_with_logits(class_logits, labels, weight=batch.get("label_weight"))
     has_mask = batch["has_mask"] > 0
+    if mil_pool == "soft":
+        class_logits = image_level_logits(class_logits, maps, labels, has_mask)
+    l_cls = F.binary_cross_entropy_with_logits(class_logits, labels, weight=batch.get("label_weight"))
     if has_mask.any():
         nuisance, ignore = batch.get("map_nuisance"), batch.get("map_ignore")
         l_map = map_loss(maps[has_mask], batch["map_target"][has_mask], pos_weight, balanced,

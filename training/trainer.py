@@ -610,7 +610,7 @@ def _train_step(run: _Run, batch: dict) -> tuple[float, dict]:
         outputs = run.model(b["x"])
     loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
                              cfg.map_balanced, cfg.map_nuisance_weight, cfg.map_hard_negatives,
-                             cfg.map_hard_negative_weight)
+                             cfg.map_hard_negative_weight, cfg.mil_pool)
     if run.teacher is not None:
         keep = run.distill_ok[b["index"].long()]
         if bool(keep.any()):
@@ -803,7 +803,8 @@ def _validate(net: Network, loader, device, channels_last: bool, cfg: TrainConfi
         b = _to(batch, device, channels_last)
         outputs = net(b["x"])
         loss, _ = total_loss(outputs, b, cfg.loss_weights, cfg.map_pos_weight, cfg.map_balanced,
-                             cfg.map_nuisance_weight, cfg.map_hard_negatives, cfg.map_hard_negative_weight)
+                             cfg.map_nuisance_weight, cfg.map_hard_negatives, cfg.map_hard_negative_weight,
+                             cfg.mil_pool)
         losses.append(float(loss) * len(b["x"]))
         probs.append(torch.sigmoid(outputs[0]).cpu().numpy())
         labels.append(b["labels"].cpu().numpy())
