@@ -123,11 +123,13 @@ def _particle(rng: np.random.Generator, cfg: ImplantConfig, pixel_um: float | No
 # particle kinds. "varied": also thick fibres (to ~2 px: fibre bundles, coarse synthetic fibres at 60-75 µm/px),
 # fibres as short as compact particles, and thin glass flakes seen by their refracting edges: kinds a line shows
 # that the simulator does not draw (issue 27: on a line drawn by another renderer, still images found 0 of 13
-# fibres and 1 of 15 glass shards).
+# fibres and 1 of 15 glass shards). "no_glass": the simulator's kinds without its glass particle, whose dark rim
+# around a bright glint is also how a gas bubble looks in one still image (its share goes to metal and rubber).
 IMPLANT_LOOKS: dict[str, dict] = {
     "simulator": {},
     "varied": {"fibre_share": 0.25, "fibre_width_px": (0.4, 1.8), "fibre_length": (1.0, 2.5),
                "kinds": (("glass", 0.2), ("metal", 0.25), ("rubber", 0.3), ("flake", 0.25))},
+    "no_glass": {"kinds": (("metal", 0.45), ("rubber", 0.55))},
 }
 
 

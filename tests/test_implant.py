@@ -80,6 +80,21 @@ def test_the_varied_look_draws_thicker_and_shorter_fibres_than_the_simulator():
     assert varied[1] < sim[1]  # 1-2.5x the size instead of 2.5x
 
 
+def test_the_no_glass_look_never_draws_the_bubble_like_glass_particle(monkeypatch):
+    from vialinspect.datasets.sim import sprites
+
+    drawn: list[str] = []
+    real = sprites.particle
+    monkeypatch.setattr(sprites, "particle", lambda kind, *a, **k: drawn.append(kind) or real(kind, *a, **k))
+    for look in ("simulator", "no_glass"):
+        drawn.clear()
+        cfg = ImplantConfig(**IMPLANT_LOOKS[look])
+        for s in range(40):
+            implant([_backlit(400, 200)], "particle", np.random.default_rng(s), cfg=cfg)
+        assert ("glass" in drawn) == (look == "simulator")
+        assert {"metal", "rubber", "fibre"} <= set(drawn)
+
+
 def test_implant_sizes_follow_the_pixel_scale():
     cfg = ImplantConfig(fibre_share=0.0, particle_um=(400.0, 400.01))
     areas = {}
