@@ -144,7 +144,8 @@ class TrainConfig:
     map_hard_negative_weight: Float = 1.0
     # How a labelled reject without a mask (image-level label) reaches its class maps in the loss: "max", its map's
     # peak (the logit inference uses); "soft", the peak shared with the map's next highest cells (losses.soft_peak),
-    # so that a faint particle beside a brighter bubble also gets a share of the push.
+    # so that a faint particle beside a brighter bubble also gets a share of the push. "soft" found fewer particles
+    # on a foreign line's still images (0.34 against 0.46; docs/new_line.md): not adopted.
     mil_pool: str = "max"
     # Weight of a background cell inside a nuisance object's box (bubble, droplet, glass mark): the hard
     # negatives a good unit must pass with. 1 = an ordinary background cell.
