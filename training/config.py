@@ -181,9 +181,9 @@ class TrainConfig:
     # kinds), "varied" (also thick and short fibres and thin glass flakes) or "no_glass" (without the simulator's
     # glass particle, which looks like a bubble in a still image). "varied" had no consistent effect on still images
     # of lines drawn by another renderer (+0.08, +0.11, -0.16 in particles against same-day runs); "no_glass" gained
-    # on both such lines measured (+0.06, +0.10, within a run's spread) and cost nothing on a simulator's line; the
-    # documented figures are to be measured again with it before it becomes the default (docs/new_line.md,
-    # "Particles in still images").
+    # on both such lines measured (+0.06, +0.10, within a run's spread) and on two simulator lines (+0.01, +0.045;
+    # one of them lost cracks, 0.85 -> 0.72, in that run); the documented figures are to be measured again with it
+    # before it becomes the default (docs/new_line.md, "Particles in still images").
     implant_look: str = "simulator"
     # Chance that a drawn good unit from a line's camera also gets a scratch on the glass (a smooth thin arc) as
     # a known-clean nuisance, so the crack map learns a scratch is not a crack. Off: measured once on two lines
