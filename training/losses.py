@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vialinspect.vision.model import ROW_STRIDE, soft_rows
+from vialinspect.vision.scores import CLASSES, LOCALIZED
 
 
 def row_loss(row_logits: torch.Tensor, rows_px: torch.Tensor, has_fill: torch.Tensor) -> torch.Tensor:
@@ -122,8 +123,8 @@ def image_level_logits(class_logits: torch.Tensor, maps: torch.Tensor, labels: t
     instead. Where the peak of a labelled particle unit is a bubble, max pooling raises only that bubble, which
     the good units' hard negatives lower again; the soft peak also reaches the next candidates, the faint
     particle among them. Negatives, masked items and the fill level keep the peak (inference always does)."""
-    take = (~has_mask)[:, None] & (labels > 0.5)
-    take[:, 2:] = False  # the fill level is global: its logit is not a map peak
+    peak = torch.tensor([c in LOCALIZED for c in CLASSES], device=labels.device)  # the fill level is global
+    take = (~has_mask)[:, None] & (labels > 0.5) & peak
     if not bool(take.any()):
         return class_logits
     return torch.where(take, soft_peak(maps).to(class_logits.dtype), class_logits)
