@@ -110,6 +110,8 @@ def test_train_on_a_lines_sequences_pairs_a_still_network_and_calibrates_the_pai
     assert set(summary["networks"]) == {"sequence", "still"} and summary["epochs_run"] == 2
     assert set(pair["thresholds"]) == {"particle", "crack", "fill_level"}
     assert pair["networks"]["still"]["init"] is None  # --init none: both from random weights
+    # Sequences keep the simulator's synthetic particles, in both networks (no_glass is for a line's still images)
+    assert seq["config"]["implant_look"] == still["config"]["implant_look"] == "simulator"
     net, spec = build_model(pair)
     assert torch.equal(net.state_dict()["still.stem.0.weight"], still["state_dict"]["stem.0.weight"])
     # The thresholds are the pair's: its crack scores on the validation split, not either network's.

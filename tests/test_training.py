@@ -332,6 +332,16 @@ def test_auto_settings_resolve_by_the_kind_of_data_and_given_ones_stay():
         TrainConfig.from_dict({"map_hard_negatives": -1})
 
 
+def test_implant_look_auto_leaves_out_glass_for_still_images_only():
+    cfg = TrainConfig()
+    assert cfg.implant_look == "auto"
+    assert cfg.for_data(False, 1).implant_look == "no_glass"  # a line's still images
+    assert cfg.for_data(False, 4).implant_look == "simulator"  # a line's sequences
+    assert cfg.for_data(True, 1).implant_look == "simulator"  # the simulator's data, the default model's recipe
+    given = TrainConfig.from_dict({"implant_look": "simulator"})
+    assert given.for_data(False, 1).implant_look == "simulator"  # a given look stays
+
+
 @pytest.mark.parametrize("bad,match", [({"map_head": "sparse"}, "map_head"), ({"branch_width": 0}, "branch_width"),
                                        ({"widths": [8, 8, 8]}, "widths"), ({"widths": [8, 8, 0, 8, 8]}, "widths"),
                                        ({"implant_look": "photoreal"}, "implant_look"),

@@ -178,13 +178,13 @@ class TrainConfig:
     # Size range of the synthetic particles (largest dimension, log-uniform) where the pixel scale is known.
     implant_particle_um: tuple[Float, Float] = (150.0, 900.0)
     # The look of the synthetic particles (datasets/implant.py IMPLANT_LOOKS): "simulator" (the simulator's
-    # kinds), "varied" (also thick and short fibres and thin glass flakes) or "no_glass" (without the simulator's
-    # glass particle, which looks like a bubble in a still image). "varied" had no consistent effect on still images
-    # of lines drawn by another renderer (+0.08, +0.11, -0.16 in particles against same-day runs); "no_glass" gained
-    # on both such lines measured (+0.06, +0.10, within a run's spread) and on two simulator lines (+0.01, +0.045;
-    # one of them lost cracks, 0.85 -> 0.72, in that run); the documented figures are to be measured again with it
-    # before it becomes the default (docs/new_line.md, "Particles in still images").
-    implant_look: str = "simulator"
+    # kinds), "varied" (also thick and short fibres and thin glass flakes), "no_glass" (without the simulator's
+    # glass particle, which looks like a bubble in a still image), or "auto": "no_glass" for a line's still images
+    # (one image a unit, no masks), "simulator" otherwise (a sequence tells a glass particle from a bubble by how
+    # it moves; the pair's still network gives only its crack score). "varied" had no consistent effect on still
+    # images (+0.08, +0.11, -0.16 in particles against same-day runs); "no_glass" against the simulator's look on
+    # still images: docs/new_line.md, "Particles in still images".
+    implant_look: str = "auto"
     # Chance that a drawn good unit from a line's camera also gets a scratch on the glass (a smooth thin arc) as
     # a known-clean nuisance, so the crack map learns a scratch is not a crack. Off: measured once on two lines
     # (docs/new_line.md), not adopted.
@@ -236,11 +236,14 @@ class TrainConfig:
     # container (docs/new_line.md).
     still_init: str = "auto"
 
-    def for_data(self, has_mask: bool) -> TrainConfig:
+    def for_data(self, has_mask: bool, frames: int = 1) -> TrainConfig:
         """These settings with every "auto" (None) setting resolved for the data: with masks (the simulator's)
-        or without (a line's own images, labelled per image)."""
+        or without (a line's own images, labelled per image), of ``frames`` images a unit."""
         auto = MASKED_DATA if has_mask else IMAGE_LEVEL
-        return replace(self, **{k: copy.deepcopy(v) for k, v in auto.items() if getattr(self, k) is None})
+        cfg = replace(self, **{k: copy.deepcopy(v) for k, v in auto.items() if getattr(self, k) is None})
+        if cfg.implant_look == "auto":
+            cfg = replace(cfg, implant_look="no_glass" if not has_mask and frames == 1 else "simulator")
+        return cfg
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -303,8 +306,8 @@ class TrainConfig:
                                      f"got {self.class_draw!r}")
         if not 0 <= self.implant <= 1:
             raise _bad("implant", f"must be within 0..1, got {self.implant}")
-        if self.implant_look not in IMPLANT_LOOKS:
-            raise _bad("implant_look", f"must be one of {', '.join(IMPLANT_LOOKS)}, got {self.implant_look!r}")
+        if self.implant_look not in ("auto", *IMPLANT_LOOKS):
+            raise _bad("implant_look", f"must be auto or one of {', '.join(IMPLANT_LOOKS)}, got {self.implant_look!r}")
         if not 0 <= self.implant_bubbles <= 1:
             raise _bad("implant_bubbles", f"must be within 0..1, got {self.implant_bubbles}")
         if not 0 <= self.implant_scratches <= 1:

@@ -115,8 +115,11 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
             still_budget = MIN_STILL_MINUTES
     log(f"2/2 still network on each unit's first frame, from {still_init or 'random weights'} -> {still_dir}"
         + (f" ({still_budget:.1f} min)" if still_budget else ""))
-    still, _ = train_network(data_dir, still_dir, replace(one, frames=1, fill_gauge="off", max_minutes=still_budget),
-                             still_init, resume_still, log, progress)
+    # Only the still network's crack score enters the pair, so its synthetic particles keep the sequence
+    # network's look (the pair's figures were measured so).
+    look = "simulator" if one.implant_look == "auto" else one.implant_look
+    still, _ = train_network(data_dir, still_dir, replace(one, frames=1, fill_gauge="off", max_minutes=still_budget,
+                                                          implant_look=look), still_init, resume_still, log, progress)
     log("pairing: cracks from the mean of both networks' probabilities; particles and fill level from the "
         "sequence network")
     best = out / "best.pt"

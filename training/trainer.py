@@ -330,7 +330,7 @@ def train_network(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, i
     resumed = None
     if resume:
         resumed, cfg = _resume_checkpoint(last_path, data_dir, data.hash, cfg, d)
-    cfg = cfg.for_data(data.has_mask)
+    cfg = cfg.for_data(data.has_mask, data.frames)
     # Data without fill heights: the line's fill gauge, from its good training units (fill_fit.py), fitted first
     # because it chooses the start below; whether it decides the fill level is settled on validation at the end.
     gauge = None
@@ -503,7 +503,8 @@ def _loaders(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device,
             "fibres or cracks with their masks (setting implant)")
     if not data.has_mask:
         log(f"no masks in the data (image-level labels): {implant:.0%} of the good units drawn get synthetic "
-            f"particles, fibres or cracks with their masks (setting implant); class draw {cfg.class_draw}, "
+            f"particles, fibres or cracks with their masks (setting implant; particles in the look "
+            f"{cfg.implant_look}); class draw {cfg.class_draw}, "
             f"map loss {'balanced' if cfg.map_balanced else 'weighted'}, {cfg.map_hard_negatives} hard negatives")
     if cfg.monitor == "last":
         log("best.pt is the last epoch (setting monitor: last): no early stop, the validation split is logged only")
