@@ -980,3 +980,43 @@ def test_image_level_data_keeps_the_last_epoch_and_masked_data_the_best(coarse_d
     assert summary["epochs_run"] == 2 and summary["stopped"].startswith("early stop")
     assert load_checkpoint(tmp_path / "auroc" / "best.pt")["epoch"] == 0
     assert TrainConfig().for_data(True).monitor == "auroc"
+
+
+def _folder_records(good: int, particle: int, split: str = "train", prefix: str = ""):
+    from vialinspect.datasets.records import ContainerRecord
+
+    return [ContainerRecord(id=f"{prefix}{c or 'good'}/{i}.png", frames=[f"{prefix}{c or 'good'}/{i}.png"],
+                            classes=[c] if c else [], split=split)
+            for c, n in (("", good), ("particle", particle)) for i in range(n)]
+
+
+def test_a_held_out_validation_split_gets_the_good_units_its_thresholds_need(tmp_path):
+    from vialinspect.datasets.manifest import Dataset
+    from vialinspect.datasets.readiness import good_units_to_calibrate
+    from vialinspect.training.trainer import _splits
+
+    def split(recs, frr=0.01):
+        log: list[str] = []
+        train_recs, val = _splits(Dataset(tmp_path, "imagefolder", {}, recs), 1, log.append, frr)
+        return train_recs, val, log
+
+    def good(recs):
+        return sum(1 for r in recs if r.is_good)
+
+    # Plenty of good units: the split holds what a 1% budget over three classes needs, not just 15% of them.
+    train_recs, val, log = split(_folder_records(good=1200, particle=100))
+    assert good(val) == good_units_to_calibrate(0.01) == 299
+    assert {r.id for r in train_recs}.isdisjoint(r.id for r in val) and len(train_recs) + len(val) == 1300
+    assert 5 < len(val) - good(val) < 30  # the defects keep their 15%
+    assert "(299 good units" in log[0] and "added to the 15%" in log[0]
+    assert [r.id for r in split(_folder_records(good=1200, particle=100))[1]] == [r.id for r in val]  # stable
+    # A looser budget needs no more than the 15% already hold (99 good units for 3%).
+    _, val3, log3 = split(_folder_records(good=1200, particle=100), frr=0.03)
+    assert good(val3) > 99 and "added" not in log3[0]
+    # Few good units: at most a third of them leave training.
+    train_recs, val, _ = split(_folder_records(good=600, particle=100))
+    assert good(val) == 200 and good(train_recs) == 400
+    # The data's own validation split is what it is.
+    own = _folder_records(good=600, particle=100) + _folder_records(good=20, particle=5, split="val", prefix="v/")
+    train_recs, val, log = split(own)
+    assert len(val) == 25 and len(train_recs) == 700 and not log

@@ -98,7 +98,7 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
                                    progress)
     ds = open_dataset(data_dir)
     frames = cfg.frames or ds.frames_per_container
-    train_recs, val = _splits(ds, frames, lambda *_: None)
+    train_recs, val = _splits(ds, frames, lambda *_: None, cfg.frr)
     if seq_done and cfg.fill_gauge != "off" and not has_fill_heights(train_recs):
         gauge = fit_line_gauge(ds.root, [r for r in train_recs if not r.classes], log)  # as the sequence run did
     # By default the still network starts where a line's still images start (builtin:still, which learnt no fill
