@@ -93,11 +93,13 @@ def _splits(ds: Dataset, frames: int, log, frr: float = 0.01) -> tuple[list[Cont
     val = [r for r in recs if r.split == "val"]
     if not val:
         # No validation split (e.g. an ImageFolder without one): hold out ~15% of train, deterministically.
-        val = [r for r in train if split_for("val:" + r.id, (0.85, 0.15, 0.0)) == "val"]
+        in_val = [split_for("val:" + r.id, (0.85, 0.15, 0.0)) == "val" for r in train]
+        val = [r for r, v in zip(train, in_val, strict=True) if v]
+        train = [r for r, v in zip(train, in_val, strict=True) if not v]
         extra = _calibration_good(train, val, frr)
         val += extra
-        held = {id(r) for r in val}
-        train = [r for r in train if id(r) not in held]
+        taken = {id(r) for r in extra}
+        train = [r for r in train if id(r) not in taken]
         n_good = sum(1 for r in val if r.is_good)
         log(f"note: no validation split in the data; held out {len(val)} training containers for validation "
             f"and the thresholds ({n_good} good units" + (f", {len(extra)} of them added to the 15% for the "
@@ -111,13 +113,12 @@ CALIBRATION_GOOD_MAX = 1 / 3  # of the good units, at most, held out for the thr
 
 
 def _calibration_good(train: list[ContainerRecord], val: list[ContainerRecord], frr: float) -> list[ContainerRecord]:
-    """Good training units to add to a held-out validation split so that its thresholds can promise ``frr``
-    over the three classes (``good_units_to_calibrate``), at most ``CALIBRATION_GOOD_MAX`` of the good units;
-    drawn by a hash of their ids, so the split is the same in every run. On a line's folder of 800 units the 15%
-    held out 108 good units, too few for a 1% budget: the thresholds sat above every one of them, and the test's
-    good units were rejected at 2.5-3.5% (docs/new_line.md, "Thresholds")."""
-    held = {id(r) for r in val}
-    good = [r for r in train if r.is_good and id(r) not in held]
+    """Good units of ``train`` (what the 15% left) to add to a held-out validation split so that its thresholds can
+    promise ``frr`` over the three classes (``good_units_to_calibrate``), at most ``CALIBRATION_GOOD_MAX`` of all
+    the good units; drawn by a hash of their ids, so the split is the same in every run. On a line's folder of 800
+    units the 15% held out 108 good units, too few for a 1% budget: the thresholds sat above every one of them, and
+    the test's good units were rejected at 2.5-3.5% (docs/new_line.md, "Thresholds")."""
+    good = [r for r in train if r.is_good]
     have = sum(1 for r in val if r.is_good)
     cap = math.floor((have + len(good)) * CALIBRATION_GOOD_MAX)
     n = max(0, min(good_units_to_calibrate(frr) - have, cap - have))
