@@ -58,6 +58,30 @@ def test_train_writes_self_describing_checkpoints_and_resumes(coarse_data, tmp_p
     assert summary["epochs_run"] == 3 and load_checkpoint(run / "last.pt")["epoch"] == 2
 
 
+def test_resume_refuses_a_run_whose_validation_split_has_changed(coarse_data, tmp_path):
+    from vialinspect.datasets.reader import open_dataset
+    from vialinspect.training.checkpoint import save_checkpoint
+    from vialinspect.training.trainer import TrainingError, split_digest
+
+    run = tmp_path / "run"
+    train(coarse_data, run, small_config(epochs=1), progress=False, log=lambda *a: None)
+    last = load_checkpoint(run / "last.pt")
+    val = [r for r in open_dataset(coarse_data).records if r.split == "val"]
+    assert last["dataset"]["val_digest"] == split_digest(val) != split_digest(val[1:])
+    # Thresholds set on units the run trained on would promise a budget they do not hold: a changed split is refused.
+    last["dataset"]["val_digest"] = split_digest(val[1:])
+    save_checkpoint(run / "last.pt", last)
+    with pytest.raises(TrainingError, match="not the one .* started with"):
+        train(coarse_data, run, small_config(epochs=2), resume=True, progress=False, log=lambda *a: None)
+    # A run from before the split was recorded resumes, and the log says the split could not be checked.
+    del last["dataset"]["val_digest"]
+    save_checkpoint(run / "last.pt", last)
+    log: list[str] = []
+    summary = train(coarse_data, run, small_config(epochs=2), resume=True, progress=False, log=log.append)
+    assert summary["epochs_run"] == 2
+    assert any("does not record its validation split" in m for m in log)
+
+
 def test_the_motion_branch_setting_trains_resumes_and_exports_with_parity(coarse_data, tmp_path):
     from vialinspect.export.package import load_package
 

@@ -353,7 +353,7 @@ def train_network(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, i
     last_path, best_path = out / "last.pt", out / "best.pt"
     resumed = None
     if resume:
-        resumed, cfg = _resume_checkpoint(last_path, data_dir, data.hash, cfg, d)
+        resumed, cfg = _resume_checkpoint(last_path, data_dir, data, cfg, d, log)
     cfg = cfg.for_data(data.has_mask, data.frames)
     # Data without fill heights: the line's fill gauge, from its good training units (fill_fit.py), fitted first
     # because it chooses the start below; whether it decides the fill level is settled on validation at the end.
@@ -418,14 +418,35 @@ def has_fill_heights(records: list[ContainerRecord]) -> bool:
     return any(r.fill_height_mm is not None and "axis_px" in r.extra for r in records)
 
 
-def _resume_checkpoint(last_path: Path, data_dir: str | Path, data_hash: str, cfg: TrainConfig,
-                       d: Dist) -> tuple[dict, TrainConfig]:
+def split_digest(records: list[ContainerRecord]) -> str:
+    """Which containers a split holds, as a short digest of their ids (the checkpoint records the validation
+    split's, so that ``--resume`` can tell it is the split the run started with)."""
+    h = hashlib.sha256()
+    for i in sorted(r.id for r in records):
+        h.update(i.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _resume_checkpoint(last_path: Path, data_dir: str | Path, data: _Data, cfg: TrainConfig, d: Dist,
+                       log: Callable[[str], None]) -> tuple[dict, TrainConfig]:
     """``--resume``: the run's ``last.pt``, and its settings with this call's epochs and time budget."""
     if not last_path.is_file():
         raise TrainingError(f"--resume: no {last_path} to resume from")
     resumed = load_checkpoint(last_path)
-    if resumed.get("dataset", {}).get("hash") not in (None, data_hash) and d.main:
+    recorded = resumed.get("dataset", {})
+    if recorded.get("hash") not in (None, data.hash) and d.main:
         raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
+    # Where the data has no validation split, train holds one out by a rule that may change between versions
+    # (2026-12-06: good units added for the thresholds). A run resumed under another rule would set its thresholds
+    # on units it has trained on, which score lower than unseen ones: its false rejects would exceed the budget.
+    if recorded.get("val_digest") not in (None, split_digest(data.val)) and d.main:
+        raise TrainingError(f"--resume: the validation split held out now is not the one {last_path} started with "
+                            "(this version of train holds out another split, or the data's split changed); its "
+                            "thresholds would be set on units it trained on. Start a new run with --out")
+    if "val_digest" not in recorded:
+        log(f"note: {last_path} does not record its validation split (a run started before 2026-12-07), so it "
+            "cannot be checked; if this version of train holds out another split, the run's thresholds are set on "
+            "units it trained on and may reject more good units than its budget")
     cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
     return resumed, cfg
 
@@ -583,7 +604,7 @@ def _checkpoint_meta(run: _Run, data: _Data, data_dir: str | Path, init: str | N
         "classes": ["particle", "crack", "fill_level"],
         "config": run.cfg.to_json(),
         "dataset": {"root": str(Path(data_dir).resolve()), "hash": data.hash, "kind": data.ds.kind,
-                    "n_train": len(data.train), "n_val": len(data.val)},
+                    "n_train": len(data.train), "n_val": len(data.val), "val_digest": split_digest(data.val)},
         "git_commit": git_commit(),
         "heads": {"fill": data.has_fill, "maps": data.has_mask or run.implant > 0},
         "init": init or (resumed or {}).get("init"),
