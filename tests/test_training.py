@@ -82,6 +82,29 @@ def test_resume_refuses_a_run_whose_validation_split_has_changed(coarse_data, tm
     assert any("does not record its validation split" in m for m in log)
 
 
+@pytest.mark.parametrize("frames", [1, 2])  # one network; a line's sequences train the pair
+def test_a_resumed_run_holds_out_the_split_its_own_budget_drew(frames, tmp_path):
+    import shutil
+
+    from vialinspect.datasets.generate import generate
+    from vialinspect.datasets.sim.config import CameraConfig, SimConfig
+
+    # A line's folder without val/: how many good units validate depends on --frr.
+    data = tmp_path / "line"
+    generate(data, 80, SimConfig(frames=frames, defect_rate=0.5, formats=("vial-2R",),
+                                 camera=CameraConfig(pixel_um=120.0)), seed=5, workers=1, layout="imagefolder")
+    for split in ("val", "test"):
+        shutil.rmtree(data / split, ignore_errors=True)
+    run, first, again = tmp_path / "run", [], []
+    train(data, run, small_config(epochs=1, frr=0.3), init="none", progress=False, log=first.append)
+    # Resumed without --frr: split and thresholds by the run's 30%, not by the default 1%.
+    train(data, run, small_config(epochs=2), init="none", resume=True, progress=False, log=again.append)
+    held = [m for m in first + again if "held out" in m]
+    assert len(held) >= 2 and len(set(held)) == 1 and "30.00% false-reject budget" in held[0]
+    cal = load_checkpoint(run / "best.pt")["calibration"]  # the pair's own, on the pair's split
+    assert cal["frr_budget"] == 0.3 and f"({cal['n_good']} good units" in held[0]
+
+
 def test_the_motion_branch_setting_trains_resumes_and_exports_with_parity(coarse_data, tmp_path):
     from vialinspect.export.package import load_package
 

@@ -80,6 +80,10 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
     out.mkdir(parents=True, exist_ok=True)
     seq_dir, still_dir = out / SEQUENCE, out / STILL
     budget = cfg.max_minutes
+    if resume and (seq_dir / "last.pt").is_file():
+        # The pair's split and calibration keep the false-reject budget the run started with, as each network's do
+        # (train_network resumes with the run's own settings; --frr sets how many good units validate).
+        cfg = replace(cfg, frr=load_checkpoint(seq_dir / "last.pt")["config"]["frr"])
     one = replace(cfg, still_network="off")
     gauge = None
     # The still network's folder is made only once the sequence network is trained and calibrated.

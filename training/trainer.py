@@ -349,11 +349,13 @@ def train_network(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    data = _prepare_data(data_dir, cfg, d, device, log)
     last_path, best_path = out / "last.pt", out / "best.pt"
     resumed = None
-    if resume:
-        resumed, cfg = _resume_checkpoint(last_path, data_dir, data, cfg, d, log)
+    if resume:  # first: the data is split by the run's own settings (--frr sets how many good units validate)
+        resumed, cfg = _resume_checkpoint(last_path, cfg)
+    data = _prepare_data(data_dir, cfg, d, device, log)
+    if resumed:
+        _check_resumed_data(resumed, last_path, data_dir, data, d, log)
     cfg = cfg.for_data(data.has_mask, data.frames)
     # Data without fill heights: the line's fill gauge, from its good training units (fill_fit.py), fitted first
     # because it chooses the start below; whether it decides the fill level is settled on validation at the end.
@@ -427,12 +429,17 @@ def split_digest(records: list[ContainerRecord]) -> str:
     return h.hexdigest()[:16]
 
 
-def _resume_checkpoint(last_path: Path, data_dir: str | Path, data: _Data, cfg: TrainConfig, d: Dist,
-                       log: Callable[[str], None]) -> tuple[dict, TrainConfig]:
+def _resume_checkpoint(last_path: Path, cfg: TrainConfig) -> tuple[dict, TrainConfig]:
     """``--resume``: the run's ``last.pt``, and its settings with this call's epochs and time budget."""
     if not last_path.is_file():
         raise TrainingError(f"--resume: no {last_path} to resume from")
     resumed = load_checkpoint(last_path)
+    return resumed, TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
+
+
+def _check_resumed_data(resumed: dict, last_path: Path, data_dir: str | Path, data: _Data, d: Dist,
+                        log: Callable[[str], None]) -> None:
+    """That ``data`` is the dataset the resumed run trained on, split as it was."""
     recorded = resumed.get("dataset", {})
     if recorded.get("hash") not in (None, data.hash) and d.main:
         raise TrainingError(f"--resume: {data_dir} is not the dataset {last_path} was trained on")
@@ -447,8 +454,6 @@ def _resume_checkpoint(last_path: Path, data_dir: str | Path, data: _Data, cfg: 
         log(f"note: {last_path} does not record its validation split (a run started before 2026-12-07), so it "
             "cannot be checked; if this version of train holds out another split, the run's thresholds are set on "
             "units it trained on and may reject more good units than its budget")
-    cfg = TrainConfig.from_dict({**resumed["config"], "epochs": cfg.epochs, "max_minutes": cfg.max_minutes})
-    return resumed, cfg
 
 
 def _auto_init(gauge_fitted: bool, has_mask: bool, resumed: dict | None, d: Dist, device: torch.device,
