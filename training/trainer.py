@@ -332,7 +332,8 @@ def train_network(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, i
     """Train one network on ``data_dir``; writes ``best.pt`` and ``last.pt`` into ``out_dir``; returns a summary and
     the line's fill gauge where one was fitted (data without fill heights).
 
-    The steps: the data (``_prepare_data``), a resumed run (``_resume_checkpoint``), the line's fill gauge and the
+    The steps: a resumed run's settings (``_resume_checkpoint``), the data (``_prepare_data``, checked against the
+    resumed run's by ``_check_resumed_data``), the line's fill gauge and the
     start (``_auto_init``), the network (``_build_network``), its teacher, loaders and optimiser (``_setup_run``),
     then each epoch (``_epoch``, ``_validate_and_checkpoint``) and the calibration of the best model
     (``_finish``). ``init`` is a model reference, "auto" or None (random weights)."""
