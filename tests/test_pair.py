@@ -226,6 +226,33 @@ def test_a_pair_resumes_the_still_network_and_fine_tunes_as_a_pair(pair_run, lin
     assert any("frozen" in line and "stem" in line for line in log)
 
 
+def test_a_resumed_pair_keeps_the_settings_and_start_it_began_with(pair_run, line_sequences, tmp_path):
+    import shutil
+
+    from vialinspect.training.checkpoint import load_checkpoint
+    from vialinspect.training.trainer import train
+
+    run = tmp_path / "run"
+    shutil.copytree(pair_run[0], run)
+    before = load_checkpoint(run / "best.pt")
+    for f in (run / "still").iterdir():  # stopped before the still network's first epoch was saved
+        f.unlink()
+    log = []
+    # A call with other settings than the run's, and the CLI's default start: the still network begins as the run
+    # would have begun it (from random weights: the run was given --init none), on the split the run drew.
+    train(line_sequences, run, small_config(epochs=1, frames=1, still_share=0.9, frr=0.2, fill_gauge="off",
+                                            still_init="builtin:still"), init="auto", resume=True, log=log.append,
+          progress=False)
+    assert any("from random weights" in line for line in log), log
+    still, pair = load_checkpoint(run / "still/last.pt"), load_checkpoint(run / "best.pt")
+    assert still["init"] is None and pair["networks"]["still"]["init"] is None
+    assert still["input_spec"]["frames"] == 1 and pair["input_spec"]["frames"] == 2
+    for key in ("frames", "still_share", "frr", "fill_gauge", "still_init"):
+        assert pair["config"][key] == before["config"][key], key
+    assert pair["calibration"]["n_good"] == before["calibration"]["n_good"]
+    assert set(pair["thresholds"]) == set(before["thresholds"])
+
+
 def test_mean_probability_logit_matches_numpy_on_a_grid():
     a, b = np.meshgrid(np.linspace(-20, 20, 41), np.linspace(-20, 20, 41))
     m = mean_probability_logit(torch.tensor(a), torch.tensor(b)).numpy()

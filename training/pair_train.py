@@ -73,17 +73,20 @@ def check_still_init(ref: str) -> None:
 def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | None, resume: bool,
                log: Callable[[str], None], progress: bool = True) -> dict:
     """Both networks, then the pair in ``out/best.pt`` calibrated on the validation split; returns a summary."""
-    from .trainer import _splits, finalize, has_fill_heights, pick_device, train_network
+    from .trainer import _resume_checkpoint, _splits, finalize, has_fill_heights, pick_device, train_network
 
-    check_still_init(cfg.still_init)
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     seq_dir, still_dir = out / SEQUENCE, out / STILL
+    if resume:
+        # A resumed pair is the run it was, as each network is (train_network): the settings the pair reads itself
+        # (the split's false-reject budget, frames, the fill gauge, the still network's share, start and look) and
+        # the start it was given come from the sequence network's last.pt, with this call's epochs and time budget.
+        # Its recorded config says still_network "off" (one network of the pair); this call's word is kept.
+        resumed, run_cfg = _resume_checkpoint(seq_dir / "last.pt", cfg)
+        cfg, init = replace(run_cfg, still_network=cfg.still_network), resumed.get("init")
+    check_still_init(cfg.still_init)
     budget = cfg.max_minutes
-    if resume and (seq_dir / "last.pt").is_file():
-        # The pair's split and calibration keep the false-reject budget the run started with, as each network's do
-        # (train_network resumes with the run's own settings; --frr sets how many good units validate).
-        cfg = replace(cfg, frr=load_checkpoint(seq_dir / "last.pt")["config"]["frr"])
     one = replace(cfg, still_network="off")
     gauge = None
     # The still network's folder is made only once the sequence network is trained and calibrated.

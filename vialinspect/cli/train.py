@@ -76,7 +76,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to train (default auto)")
     t.add_argument("--config", default=None, help="settings file (.yaml, .toml or .json); flags override it")
     t.add_argument("--resume", action="store_true",
-                   help="continue from RUN/last.pt (with a still network: the network that was training)")
+                   help="continue from RUN/last.pt with the run's own settings and start; only --epochs and "
+                        "--max-minutes are taken from this call (with a still network: the network that was "
+                        "training)")
     t.add_argument("--frr", type=float, default=None,
                    help="false-reject budget for threshold calibration on the validation split (default 0.01)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="containers per batch (default 4)")
