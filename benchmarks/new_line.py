@@ -117,47 +117,24 @@ def labelled_subset(world_dir: Path, out: Path, n_labels: int, n_good: int, seed
 
 
 def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = FRR, fill_edge: bool = False) -> dict:
-    """Per class, the share of its units rejected for any class when each class's threshold is the same
-    quantile of the good units' scores, the lowest quantile whose union keeps false rejects <= ``frr``.
+    """Per class, the share of its units rejected for any class at <= ``frr`` false rejects, thresholds set on the
+    test's good units (``vialinspect.training.calibrate.recall_at_false_rejects``: what `vialinspect evaluate`
+    reports as its operating points).
 
     ``fill_edge``: the fill level is the line's fill gauge's, and its threshold sits just above the highest
     measured good unit's fill score (a score of 1 is a unit the gauge could not measure, rejected at any
     threshold), as ``vialinspect.training.calibrate`` puts it; the particle and crack thresholds share what is
     left at one quantile. ``labels`` (N, 3) 0/1, ``scores`` (N, 3)."""
-    good = labels.sum(1) == 0
-    g = scores[good]
-    fill_th = None
+    from vialinspect.training.calibrate import recall_at_false_rejects
+
+    fixed = None
     if fill_edge:
+        g = scores[labels.sum(1) == 0]
         measured = g[:, 2][g[:, 2] < 1.0]
-        fill_th = float(measured.max()) + 1e-7 if len(measured) else 0.5
-
-    def at(q: float) -> tuple[np.ndarray, float]:
-        th = np.quantile(g, q, axis=0, method="higher") + 1e-7 if len(g) else np.full(3, 0.5)
-        if fill_th is not None:
-            th[2] = fill_th
-        rej = (scores >= th).any(1)
-        return th, float(rej[good].mean()) if good.any() else 0.0
-
-    # False rejects fall as the quantile rises (at 1 nothing good is rejected): the lowest quantile within the
-    # budget, by bisection from 1 - frr (each class alone could spend the whole budget there).
-    lo, hi = 1.0 - frr, 1.0
-    best = at(lo)
-    if best[1] > frr:
-        best = at(hi)
-        for _ in range(40):
-            q = (lo + hi) / 2
-            th, f = at(q)
-            if f <= frr:
-                hi, best = q, (th, f)
-            else:
-                lo = q
-    th, f = best
-    rej = (scores >= th).any(1)
-    out = {"frr": round(f, 4), "thresholds": [round(float(t), 5) for t in th], "fill_edge": fill_edge}
-    for i, c in enumerate(CLASSES):
-        pos = labels[:, i] > 0
-        out[c] = round(float(rej[pos].mean()), 4) if pos.any() else None
-    return out
+        fixed = {2: float(measured.max()) + 1e-7 if len(measured) else 0.5}
+    p = recall_at_false_rejects(labels, scores, frr, fixed)
+    return {"frr": p["frr"], "thresholds": [round(t, 5) for t in p["thresholds"]], "fill_edge": fill_edge,
+            **p["recall"]}
 
 
 SIZE_BINS_PX = ((0.0, 5.0), (5.0, 8.0), (8.0, float("inf")))  # particle size (largest dimension) in pixels

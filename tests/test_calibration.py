@@ -7,6 +7,7 @@ from vialinspect.datasets.records import ContainerRecord, Defect, FillSpec
 from vialinspect.training.calibrate import (
     calibrate,
     hold_detection,
+    operating_points,
     rejects_allowed,
     threshold_for_budget,
     threshold_for_recall,
@@ -108,6 +109,38 @@ def test_a_fill_gauge_that_cannot_measure_many_good_units_spends_no_more_than_an
     assert cal["shares"]["particle"] == pytest.approx(0.01 / 3)
     assert cal["thresholds"]["fill_level"] < 0.31  # still at the edge of those it measured
     assert cal["expected_false_reject_rate"] > 0.01  # and the lot's unmeasured units are counted against it
+
+
+def test_operating_points_keep_each_budget_and_set_the_fill_level_as_calibration_does():
+    recs, scores = _gauged_lot(300, unmeasured=2)
+    rng = np.random.default_rng(4)
+    for i in range(60):  # particles that overlap the good units' tail, and fill-level units beyond the edge
+        cls = "particle" if i < 40 else "fill_level"
+        recs.append(ContainerRecord(id=f"d{i}", frames=["x"], classes=[cls]))
+        probs = {"particle": float(rng.beta(4, 3)) if cls == "particle" else float(rng.beta(1, 8)),
+                 "crack": float(rng.beta(1, 8)), "fill_level": float(rng.uniform(0.5, 0.9)) if i >= 40 else 0.1}
+        scores.append(Scores(probs=probs, extra={"fill_gauge": {"probability": probs["fill_level"]}}))
+    points = operating_points(recs, scores)
+    assert [p["budget"] for p in points] == [0.01, 0.02, 0.05]
+    highest = max(s.probs["fill_level"] for r, s in zip(recs, scores, strict=True)
+                  if r.is_good and s.probs["fill_level"] < 1.0)
+    for p in points:
+        good_rejected = sum(1 for r, s in zip(recs, scores, strict=True)
+                            if r.is_good and any(s.probs[c] >= t for c, t in p["thresholds"].items()))
+        assert p["false_reject_rate"] == pytest.approx(good_rejected / 300, abs=1e-4)
+        assert p["false_reject_rate"] <= p["budget"] and p["reached"]
+        assert p["fill_level_threshold"] == "gauge edge" and highest < p["thresholds"]["fill_level"] < 0.31
+        assert p["recall"]["fill_level"] == 1.0 and p["recall"]["crack"] is None
+    found = [p["recall"]["particle"] for p in points]
+    assert found == sorted(found) and found[0] < found[-1]  # a larger budget finds more of the overlapping tail
+    # The two good units the gauge could not measure are rejected at every budget (positive release).
+    assert all(p["false_reject_rate"] >= 2 / 300 for p in points)
+    # A fill level decided by the spec keeps the spec's edge; a lot of good units alone has no points.
+    spec = [ContainerRecord(id=r.id, frames=["x"], classes=r.classes, fill_spec=FillSpec(13.7, 0.6)) for r in recs]
+    measured = [Scores(probs=s.probs, fill_height_mm=13.7) for s in scores]
+    assert {p["fill_level_threshold"] for p in operating_points(spec, measured)} == {"spec edge"}
+    assert all(p["thresholds"]["fill_level"] == 0.5 for p in operating_points(spec, measured))
+    assert operating_points(recs[:300], scores[:300]) == []
 
 
 def test_fill_probability_is_one_half_at_the_spec_edge():

@@ -216,6 +216,7 @@ def test_training_on_image_level_data_fits_the_gauge_and_evaluate_reports_it(tin
                  str(tmp_path / "rep")]) == 0
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["fill_gauge"]["decides_fill_level"] is True, rep["fill_gauge"]
+    assert {p["fill_level_threshold"] for p in rep["operating_points"]} == {"gauge edge"}
     # At 120 µm/px a vial-2R is ~180 px tall: the meniscus is missed in a few units (rejected, positive release).
     assert rep["fill_gauge"]["n_unmeasured"] <= 4, rep["fill_gauge"]
     # The exported package carries the gauge, says so, and ONNX Runtime's scores get it as the checkpoint's did.

@@ -138,6 +138,15 @@ def test_evaluate_cli_on_a_checkpoint(coarse_data, tiny_run, tmp_path, capsys):
                 "fill_height_mae_mm", "nuisance_false_reject_rate", "thresholds", "model", "confusion"):
         assert key in rep
     assert rep["n_containers"] == 48
+    # What the scores separate at each false-reject budget, thresholds set on this data's own good units.
+    points = rep["operating_points"]
+    assert [p["budget"] for p in points] == [0.01, 0.02, 0.05]
+    assert {p["fill_level_threshold"] for p in points} == {"spec edge"}
+    # One epoch of a tiny network misreads the fill height of every good unit here: the spec rejects them all,
+    # whatever the other classes' thresholds, and the report says the budget cannot be reached.
+    assert rep["false_reject_rate"] == 1.0 and not any(p["reached"] for p in points)
+    assert "(budget not reachable)" in (tmp_path / "rep" / "report.md").read_text()
+    assert "budget not reachable: the fill level's spec edge alone" in capsys.readouterr().out
     for png in ("pod.png", "roc.png", "confusion.png", "worst.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
 

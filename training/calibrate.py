@@ -127,6 +127,79 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
     return out
 
 
+OPERATING_BUDGETS = (0.01, 0.02, 0.05)  # the false-reject rates at which ``evaluate`` reports what is found
+
+
+def recall_at_false_rejects(labels: np.ndarray, scores: np.ndarray, frr: float,
+                            fixed: dict[int, float] | None = None) -> dict:
+    """One point of the operating curve of these units: per class, the share of its units rejected (for any
+    class) when the thresholds are set on these units' own good ones, each class's at the same quantile of the
+    good units' scores, the lowest quantile whose union keeps false rejects <= ``frr``. What the scores separate,
+    not what release thresholds promise (``calibrate`` sets those on other units).
+
+    ``fixed``: columns whose threshold is given (a fill level decided by the spec, or by the line's gauge at
+    its good units' edge); the other classes share what it leaves. ``labels`` (N, C) 0/1 and ``scores``
+    (N, C), columns in ``CLASSES`` order. Returns ``frr`` (reached), ``thresholds`` and one recall per class
+    (None for a class without units)."""
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    good = labels.sum(1) == 0
+    g = scores[good]
+    fixed = fixed or {}
+
+    def at(q: float) -> tuple[np.ndarray, float]:
+        th = np.quantile(g, q, axis=0, method="higher") + 1e-7 if len(g) else np.full(scores.shape[1], 0.5)
+        for i, t in fixed.items():
+            th[i] = t
+        rej = (scores >= th).any(1)
+        return th, float(rej[good].mean()) if good.any() else 0.0
+
+    # False rejects fall as the quantile rises (at 1 nothing good is rejected but what ``fixed`` rejects): the
+    # lowest quantile within the budget, by bisection from 1 - frr (each class alone could spend it all there).
+    lo, hi = 1.0 - frr, 1.0
+    best = at(lo)
+    if best[1] > frr:
+        best = at(hi)
+        for _ in range(40):
+            q = (lo + hi) / 2
+            th, f = at(q)
+            if f <= frr:
+                hi, best = q, (th, f)
+            else:
+                lo = q
+    th, f = best
+    rej = (scores >= th).any(1)
+    recall = {c: (round(float(rej[labels[:, i] > 0].mean()), 4) if (labels[:, i] > 0).any() else None)
+              for i, c in enumerate(CLASSES[:scores.shape[1]])}
+    return {"frr": round(f, 4), "thresholds": [float(t) for t in th], "recall": recall}
+
+
+def operating_points(records: list[ContainerRecord], scores: list[Scores],
+                     budgets: tuple[float, ...] = OPERATING_BUDGETS) -> list[dict]:
+    """``recall_at_false_rejects`` of these units at each budget, with the fill level's threshold where it is
+    not learnt: the spec edge, or the line's gauge just above the highest good unit it measured (as
+    ``calibrate`` sets them). Empty without good units or without defective units. ``reached`` is False where
+    the good units rejected at any threshold of the learnt classes already exceed the budget (the recall is
+    then the one at those highest thresholds)."""
+    if not any(r.is_good for r in records) or all(r.is_good for r in records):
+        return []
+    cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
+    labels = np.array([[c in r.classes for c in CLASSES] for r in records], np.float64)
+    x = np.array([[c[k] for k in CLASSES] for c in cs], np.float64)
+    fill, fixed, rule = CLASSES.index("fill_level"), {}, "shared quantile"
+    if fill_is_spec_decided(records, scores):
+        fixed[fill], rule = SPEC_EDGE, "spec edge"
+    elif fill_is_gauged(scores):
+        fixed[fill], rule = threshold_for_budget(measured_good_fill(records, scores), 0.0), "gauge edge"
+    out = []
+    for b in budgets:
+        p = recall_at_false_rejects(labels, x, b, fixed)
+        # Not reached where the fixed fill threshold (or units scored 1, such as those the gauge could not
+        # measure) rejects more good units than the budget at any threshold of the learnt classes.
+        out.append({"budget": b, "false_reject_rate": p["frr"], "reached": p["frr"] <= b, "recall": p["recall"],
+                    "thresholds": dict(zip(CLASSES, p["thresholds"], strict=True)), "fill_level_threshold": rule})
+    return out
+
+
 def threshold_for_recall(positive_scores: np.ndarray, recall: float) -> float | None:
     """Highest threshold that still detects at least ``recall`` of these defective units (a parity margin
     below the deciding unit's score, so ONNX Runtime decides that unit the same way); None without units."""

@@ -23,6 +23,7 @@ from vialinspect.vision.fill_gauge import FillGauge
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
+from .calibrate import operating_points
 from .checkpoint import CheckpointError, build_model, load_checkpoint
 from .metrics import auroc, evaluate
 from .predict import TorchPredictor, predict_records
@@ -172,6 +173,7 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     scores, flagged = predict_guarded(m, ds.root, usable, batch_size, progress)
     th = thresholds or m.thresholds
     report = evaluate(usable, scores, th, m.model_id)
+    report["operating_points"] = operating_points(usable, scores)
     report["dataset"] = {"path": str(Path(data_dir).resolve()), "kind": ds.kind, "split": split or "default",
                          "skipped_frame_count": dropped, "bad_rows": len(ds.problems)}
     report["model_source"] = m.source

@@ -70,6 +70,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         for c, m in report["classes"].items()
     ])
 
+    points = report.get("operating_points") or []
+    if points:
+        out += ["", "## Found at a false-reject budget", ""]
+        out += _table(["budget", "good units rejected", *(f"{c} found" for c in points[0]["recall"])], [
+            [_pct(p["budget"], 0),
+             _pct(p["false_reject_rate"], 1) + ("" if p["reached"] else " (budget not reachable)"),
+             *(_pct(r) for r in p["recall"].values())]
+            for p in points
+        ])
+        out += ["", "Thresholds set on this data's own good units, the learnt classes at one quantile of their "
+                    f"scores (fill level: {points[0]['fill_level_threshold']}); a unit counts as found when it is "
+                    "rejected for any class. What the model's scores separate on this data, not what its release "
+                    "thresholds promise: those are set on other units (training's validation split, or "
+                    "`package calibrate` on a lot of accepted units), and the per-class table is theirs."]
+
     out += ["", "## Probability of detection by particle size", ""]
     pod = report["pod_by_particle_size"]
     if pod:

@@ -118,6 +118,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"  {c:11s} recall {v.get('recall')}  precision {v.get('precision')}  AUROC {v.get('auroc')}")
     if report.get("fill_height_mae_mm") is not None:
         print(f"  fill height MAE {report['fill_height_mae_mm']} mm")
+    points = report.get("operating_points") or []
+    if points:
+        print("  found at a false-reject budget, thresholds set on this data's own good units (what the scores "
+              "separate; not release thresholds):")
+        for p in points:
+            found = "  ".join(f"{c} {'-' if r is None else f'{r:.2f}'}" for c, r in p["recall"].items())
+            reach = ("" if p["reached"] else ", budget not reachable: the fill level's "
+                     f"{p['fill_level_threshold']} alone rejects more")
+            print(f"    <= {p['budget']:.0%} ({p['false_reject_rate']:.1%} of good units rejected{reach}): {found}")
     ood = report.get("out_of_domain")
     if ood is not None:
         print(f"  out of domain: {ood['n']} of {report['n_containers']} units ({ood['fraction']:.1%}) would be "
