@@ -30,6 +30,14 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def ids_digest(records: Sequence[ContainerRecord]) -> str:
+    """Which containers these are, not what they hold: sha256 of their sorted ids joined by newlines, as hex. A lot's
+    hash in a package's out-of-domain guard and anomaly model (``fit-domain``, ``fit-anomaly``). Training's
+    ``split_digest`` (its validation split, checked on ``--resume``) has a format of its own, already recorded in
+    checkpoints; neither may change."""
+    return hashlib.sha256("\n".join(sorted(r.id for r in records)).encode()).hexdigest()
+
+
 def container_digest(root: str | Path, frames: Sequence[str]) -> str:
     """Content hash of one container's frames: the same images give the same digest wherever they live."""
     h = hashlib.sha256()

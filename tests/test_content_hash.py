@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vialinspect.datasets.content_hash import container_digest, dataset_hash, file_sha256
+from vialinspect.datasets.content_hash import container_digest, dataset_hash, file_sha256, ids_digest
 from vialinspect.datasets.manifest import MANIFEST_NAME
 from vialinspect.datasets.records import ContainerRecord
 
@@ -63,3 +63,10 @@ def test_container_digest_is_over_the_frames_file_digests(tmp_path):
     frames = ds.records[0].frames
     assert file_sha256(ds.root / frames[0]) == hashlib.sha256((ds.root / frames[0]).read_bytes()).hexdigest()
     assert container_digest(ds.root, frames) != container_digest(ds.root, list(reversed(frames)))
+
+
+def test_a_lots_ids_digest_is_the_recorded_definition_and_ignores_order():
+    recs = [ContainerRecord(id=i, frames=["x.png"], classes=[]) for i in ("unit-b", "unit-a", "day2/unit-c")]
+    want = hashlib.sha256(b"day2/unit-c\nunit-a\nunit-b").hexdigest()  # what fit-domain and fit-anomaly recorded
+    assert ids_digest(recs) == ids_digest(recs[::-1]) == want
+    assert ids_digest(recs[:2]) != want

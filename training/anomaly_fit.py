@@ -10,13 +10,13 @@ that its defect is normal.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vialinspect.datasets.content_hash import ids_digest
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.export.package import ModelPackage, PackageError, load_package, open_runner, with_anomaly
@@ -48,7 +48,7 @@ class _GoodUnits:
             if limit is not None and len(recs) > limit:
                 recs = [recs[i] for i in np.linspace(0, len(recs) - 1, limit).round().astype(int)]
             self.lots.append({"path": str(Path(d).resolve()), "n_good": len(recs),
-                              "hash": hashlib.sha256("\n".join(sorted(r.id for r in recs)).encode()).hexdigest()})
+                              "hash": ids_digest(recs)})
             self.units += [(ds.root, list(r.frames)) for r in recs]
 
     def features(self, i: int) -> np.ndarray:

@@ -9,13 +9,13 @@ guard will turn such units away as ``out_of_domain``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vialinspect.datasets.content_hash import ids_digest
 from vialinspect.datasets.imageio import read_gray
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.export.package import ModelPackage, load_package, with_domain
@@ -37,7 +37,7 @@ def fit_package_domain(package: str | Path, data: list[str | Path], out: str | P
         ds = open_dataset(d)
         recs = select_records(ds, split)
         lots.append({"path": str(Path(d).resolve()), "n_containers": len(recs),
-                     "hash": hashlib.sha256("\n".join(sorted(r.id for r in recs)).encode()).hexdigest()})
+                     "hash": ids_digest(recs)})
         bar = progress(total=len(recs)) if progress else None
         for r in recs:
             frames = [read_gray(ds.root / f) for f in r.frames]

@@ -423,7 +423,8 @@ def has_fill_heights(records: list[ContainerRecord]) -> bool:
 
 def split_digest(records: list[ContainerRecord]) -> str:
     """Which containers a split holds, as a short digest of their ids (the checkpoint records the validation
-    split's, so that ``--resume`` can tell it is the split the run started with)."""
+    split's, so that ``--resume`` can tell it is the split the run started with). Not
+    ``datasets.content_hash.ids_digest``: another separator and length, already recorded in checkpoints."""
     h = hashlib.sha256()
     for i in sorted(r.id for r in records):
         h.update(i.encode() + b"\0")
