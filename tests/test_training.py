@@ -770,6 +770,28 @@ def test_augmentation_moves_frames_masks_and_rows_together_and_never_flips_verti
     assert noise_differs
 
 
+def test_exposure_lut_on_float_frames_is_linear_interpolation_between_its_levels():
+    import numpy as np
+
+    from vialinspect.training.augment import exposure_lut, to_unit
+
+    rng = np.random.default_rng(4)
+    # Implanted frames are float: the LUT is read between its levels, as np.interp reads it; the ends and
+    # values outside [0, 1] (clipped) included.
+    f = np.concatenate([rng.uniform(-0.1, 1.1, 5000), [0.0, 1.0, 1.0 - 1e-7, 0.5]]).astype(np.float32)
+    for _ in range(20):
+        lut = exposure_lut(rng, 256, 1.0)
+        if lut is None:
+            continue
+        want = np.interp(np.clip(f, 0, 1), np.linspace(0.0, 1.0, 256), lut)
+        got = to_unit(f.reshape(-1, 1), lut).ravel()
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        # Integer frames index the LUT directly.
+        u8 = rng.integers(0, 256, 100).astype(np.uint8)
+        np.testing.assert_array_equal(to_unit(u8, lut), lut[u8])
+
+
 def test_block_max_matches_the_definition():
     import numpy as np
 

@@ -82,7 +82,16 @@ def to_unit(frame: np.ndarray, lut: np.ndarray | None) -> np.ndarray:
         f = np.clip(frame.astype(np.float32), 0.0, 1.0)
     if lut is None:
         return f
-    return np.interp(f, np.linspace(0.0, 1.0, len(lut), dtype=np.float32), lut).astype(np.float32)
+    # The LUT's levels are evenly spaced, so linear interpolation is an index and a slope: np.interp's search
+    # for each pixel took a third of a training step's data time (implanted frames are float).
+    pos = f * np.float32(len(lut) - 1)
+    i = pos.astype(np.int32)
+    np.clip(i, 0, len(lut) - 2, out=i)
+    pos -= i
+    out = np.take(np.diff(lut).astype(np.float32), i)
+    out *= pos
+    out += np.take(lut, i)
+    return out
 
 
 def sensor(frames: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
