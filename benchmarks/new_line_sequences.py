@@ -1,8 +1,8 @@
 """New-line benchmark, spin-stop sequences: a line that hands over K frames per unit instead of one still image.
 
     .venv/bin/python benchmarks/new_line_sequences.py [--world w65] [--frames 4] [--labels 200] [--good 600]
-        [--test 400] [--minutes 10] [--calibrate-good 1000] [--anomaly on|off] [--seed 0] [--settings JSON]
-        [--out bench_out/new_line_sequences] [--resume]
+        [--test 400] [--test-good 1000] [--minutes 10] [--calibrate-good 1000] [--anomaly on|off] [--seed 0]
+        [--settings JSON] [--out bench_out/new_line_sequences] [--resume]
 
 Particle inspection takes a sequence after the spin stops: a particle moves between frames, a mark on the glass
 does not, a bubble rises. In one still image (benchmarks/new_line.py) a glass fragment looks like a bubble and
@@ -16,6 +16,8 @@ Then, as the walk in docs/new_line.md does, it exports the run and calibrates th
 of another lot of the line (``--calibrate-good``; `vialinspect package calibrate`), because a validation split of
 ~100 good units cannot hold a 1% budget, and scores that package too; then fits the good-only anomaly model on
 the same lot's good units (`vialinspect package fit-anomaly`) and scores it alone and with the class thresholds.
+Beside each recall at 2% it prints a 90% interval over bootstrap draws of the test units (the same scores), and
+``--test-good N`` adds N good units to the test, so that the thresholds rest on more good units than its ~200.
 ``--world fx68``, ``fx61`` (vials) or ``fx66s`` (prefilled
 syringes) renders a foreign world's units instead (benchmarks/foreign_world.py, which shares no code with the
 simulator): its container and glass marks stay put over the K frames, suspended particles circle the axis and
@@ -47,6 +49,7 @@ import new_line as NL  # noqa: E402 - the sibling script: its scoring, training 
 W = NL._sibling("worlds")
 F = NL._sibling("foreign_world")
 _JOB: dict = {}
+TEST_GOOD = 1000  # further good test units by default: the thresholds at 2% rest on ~1,200 good units, not ~200
 
 
 def get_world(name: str):
@@ -112,19 +115,33 @@ def render_units(tasks: list[tuple[str, int, int, str]], world, seed: int, frame
         return pool.map(render_unit, tasks, chunksize=4)
 
 
-def build(world, out: Path, frames: int, n_labels: int, n_good: int, n_test: int, seed: int) -> dict:
+def build(world, out: Path, frames: int, n_labels: int, n_good: int, n_test: int, seed: int,
+          n_test_good: int = 0) -> dict:
     """The training folder (N labelled units in the world's class mix plus further good units) and the test
-    folder (half good, the rest the three defect classes alike), each unit drawn from its own seed."""
+    folder (half good, the rest the three defect classes alike, plus ``n_test_good`` further good units), each
+    unit drawn from its own seed."""
     tasks = [("train", 1, i, c) for i, c in enumerate(W._split_classes(world, seed, "train", n_labels))]
     tasks += [("train", 2, i, W.GOOD) for i in range(n_good)]
     tasks += [("test", 3, i, c) for i, c in enumerate(W._split_classes(world, seed, "test", n_test))]
+    tasks += test_good_tasks(0, n_test_good)
     t0 = time.perf_counter()
     rows = render_units(tasks, world, seed, frames, out)
-    with open(out / "truth.jsonl", "w") as fh:  # beside the split folders, as worlds.py writes it
+    write_truth(out, rows, "w")
+    return {"units": len(rows), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def test_good_tasks(start: int, stop: int) -> list[tuple[str, int, int, str]]:
+    """The further good test units ``start`` to ``stop``: their own seed stream (code 5), so the first N are
+    the same units whenever they are drawn, with a run's build or added to it later."""
+    return [("test", 5, i, W.GOOD) for i in range(start, stop)]
+
+
+def write_truth(out: Path, rows: list[dict], mode: str) -> None:
+    """The test units' truth rows in ``out/truth.jsonl``, beside the split folders as worlds.py writes it."""
+    with open(out / "truth.jsonl", mode) as fh:
         for r in rows:
             if r["path"].startswith("test/"):
                 fh.write(json.dumps(r) + "\n")
-    return {"units": len(rows), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def render_good_lot(world, out: Path, frames: int, n: int, seed: int) -> dict:
@@ -189,6 +206,11 @@ def main() -> int:
     p.add_argument("--labels", type=int, default=200, help="labelled units of the line (default 200)")
     p.add_argument("--good", type=int, default=600, help="further good units in training (default 600)")
     p.add_argument("--test", type=int, default=400, help="test units (default 400)")
+    p.add_argument("--test-good", type=int, default=None,
+                   help="further good units in the test (default 1000; figures before 2026-12-07 had 0): the "
+                        "thresholds at 2%% then rest on ~1,200 good units, not on the few highest of ~200; with "
+                        "--resume, as many as the run had unless given, and those its test folder lacks are "
+                        "rendered into it (the first N are always the same units)")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget (default 10)")
     p.add_argument("--calibrate-good", type=int, default=1000,
                    help="good units of another lot to calibrate the exported package on (default 1000; 0: skip)")
@@ -220,10 +242,13 @@ def main() -> int:
         p.error(f"--resume: {out} holds no finished run (run/best.pt and summary.json)")
     if out.exists() and not resume:
         p.error(f"{out} exists; choose a new directory (or --resume)")
+    if a.test_good is not None and a.test_good < 0:
+        p.error("--test-good: must be >= 0")
     try:
         world = get_world(a.world)
     except ValueError as e:
         p.error(str(e))
+    a.test_good = TEST_GOOD if a.test_good is None and not resume else a.test_good
     data = out / "data"
     pace_gflops = NL._sibling("pace").pace_gflops
     pace0 = round(pace_gflops(), 1)
@@ -232,9 +257,20 @@ def main() -> int:
         old = json.loads((out / "summary.json").read_text())
         built, fit = old["render"], {k: old[k] for k in ("train_minutes", "peak_rss_gb")}
         a.minutes, a.seed, settings = old["minutes"], old["seed"], old.get("settings")
+        a.labels, a.good, a.test, a.frames = old["labels"], old["good"], old["test"], old["frames"]
+        world = get_world(old["world"])  # the run's line, whatever --world says
+        have = old.get("test_good", 0)
+        a.test_good = have if a.test_good is None else a.test_good
+        if a.test_good < have:
+            p.error(f"--test-good: {out}'s test folder already holds {have} further good units; give at least that")
+        if a.test_good > have:
+            t0 = time.perf_counter()
+            write_truth(data, render_units(test_good_tasks(have, a.test_good), world, a.seed, a.frames, data), "a")
+            print(f"== {world.name}: {a.test_good - have} further good test units rendered in "
+                  f"{time.perf_counter() - t0:.1f} s")
     else:
         data.mkdir(parents=True)
-        built = build(world, data, a.frames, a.labels, a.good, a.test, a.seed)
+        built = build(world, data, a.frames, a.labels, a.good, a.test, a.seed, a.test_good)
         print(f"== {world.name}: {built['units']} units of {a.frames} frames rendered in {built['seconds']} s")
         # The test units live beside the training folder, not in it: train reads only what it is given.
         train_dir = out / "train_data"
@@ -253,6 +289,7 @@ def main() -> int:
             res["anomaly"] = anomaly_run(pkg, lot, data, out)
     pace1 = round(pace_gflops(), 1)
     summary = {"world": world.name, "frames": a.frames, "labels": a.labels, "good": a.good, "test": a.test,
+               "test_good": a.test_good,
                "minutes": a.minutes, "seed": a.seed, "settings": settings, "init": a.init, "render": built, **fit,
                **res,
                "pace_gflops_start": pace0, "pace_gflops_end": pace1}
@@ -266,6 +303,7 @@ def main() -> int:
     print(f"| {world.name} | {a.frames} | {r['particle']} | {r['crack']} | {r['fill_level']} | {au['particle']} / "
           f"{au['crack']} / {au['fill_level']} | {sizes} | {cal['frr']}, {cal['particle']} / {cal['crack']} / "
           f"{cal['fill_level']} | {fit['train_minutes']} | {fit['peak_rss_gb']} |")
+    NL.print_interval(res.get("at_frr_interval"))
     NL.print_by_kind(res.get("by_kind") or {})
     if "package_calibrated" in res:
         pc = res["package_calibrated"]

@@ -140,6 +140,13 @@ def test_operating_points_keep_each_budget_and_set_the_fill_level_as_calibration
     measured = [Scores(probs=s.probs, fill_height_mm=13.7) for s in scores]
     assert {p["fill_level_threshold"] for p in operating_points(spec, measured)} == {"spec edge"}
     assert all(p["thresholds"]["fill_level"] == 0.5 for p in operating_points(spec, measured))
+    # Where the spec's edge alone rejects more good units than a budget (20 of 300 read beyond it), that budget
+    # is not reached, whatever the learnt classes' thresholds: their recall is then the one at their highest.
+    over = [Scores(probs=s.probs, fill_height_mm=15.0 if r.is_good and i < 20 else 13.7)
+            for i, (r, s) in enumerate(zip(spec, scores, strict=True))]
+    points = operating_points(spec, over)
+    assert [p["reached"] for p in points] == [False, False, False]
+    assert all(p["false_reject_rate"] >= 20 / 300 for p in points)
     assert operating_points(recs[:300], scores[:300]) == []
 
 

@@ -55,6 +55,33 @@ def test_a_gauged_fill_level_sits_at_the_good_units_edge_and_leaves_the_budget_t
     assert lost["thresholds"][2] < 0.3 and lost["fill_level"] == 1.0 and lost["frr"] <= 0.02
 
 
+def test_recall_interval_holds_the_figure_and_narrows_with_more_good_units(nl):
+    """The bootstrap interval of the recall at 2%: it holds the figure of the units as drawn, is a point where the
+    classes separate, and narrows as more good units set the thresholds (the reason for --test-good)."""
+    rng = np.random.default_rng(2)
+
+    def lot(n_good: int) -> tuple[np.ndarray, np.ndarray]:
+        good = rng.uniform(0.0, 0.6, (n_good, 3))
+        particle = np.column_stack([rng.uniform(0.4, 1.0, 60), rng.uniform(0, 0.5, 60), rng.uniform(0, 0.5, 60)])
+        crack = np.column_stack([rng.uniform(0, 0.5, 60), rng.uniform(0.7, 1.0, 60), rng.uniform(0, 0.5, 60)])
+        scores = np.vstack([good, particle, crack])
+        labels = np.zeros_like(scores)
+        labels[n_good:n_good + 60, 0] = 1
+        labels[n_good + 60:, 1] = 1
+        return labels, scores
+
+    labels, scores = lot(200)
+    iv = nl.recall_interval(labels, scores, draws=300)
+    at = nl.recall_at_frr(labels, scores)
+    assert iv["particle"][0] <= at["particle"] <= iv["particle"][1] and iv["particle"][0] < iv["particle"][1]
+    assert iv["crack"] == [1.0, 1.0] and iv["fill_level"] is None
+    wide = iv["particle"][1] - iv["particle"][0]
+    labels, scores = lot(2000)
+    more = nl.recall_interval(labels, scores, draws=300)
+    assert more["particle"][1] - more["particle"][0] < wide
+    assert nl.recall_interval(labels, scores, draws=50, seed=1) == nl.recall_interval(labels, scores, draws=50, seed=1)
+
+
 def test_world_reuse_needs_the_same_counts_and_seed(nl):
     meta = {"seed": 0, "counts": {"train": {"good": 6, "particle": 4}, "test": {"good": 3, "crack": 2}}}
     assert nl._world_matches(meta, 10, 5, 0)
@@ -116,6 +143,25 @@ def test_the_sequence_benchmark_writes_units_of_k_frames_the_truth_names(tmp_pat
     assert len(test_ids) == 4 and {t["path"] for t in truth} == test_ids
     assert {r.id.split("/")[1] for r in ds.records if r.split == "train"} <= {"good", "particle", "crack",
                                                                               "fill_level"}
+
+
+def test_further_good_test_units_are_the_same_units_drawn_with_the_build_or_added_later(tmp_path):
+    """--test-good: the further good test units come from their own seed stream, so those rendered into a run's
+    test folder later (--resume) are the ones a build with them would have drawn, with their truth rows."""
+    import json
+
+    with benchmark("new_line_sequences") as m:
+        world = m.get_world("fx68")
+        m.build(world, tmp_path / "a", frames=2, n_labels=0, n_good=0, n_test=2, seed=3, n_test_good=3)
+        m.build(world, tmp_path / "b", frames=2, n_labels=0, n_good=0, n_test=2, seed=3, n_test_good=1)
+        m.write_truth(tmp_path / "b", m.render_units(m.test_good_tasks(1, 3), world, 3, 2, tmp_path / "b"), "a")
+    files = {d: sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d / "test" / "good").rglob("*.*"))
+             for d in ("a", "b")}
+    assert files["a"] == files["b"] and len(files["a"]) >= 6  # 3 further good units of 2 frames, and the test's own
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files["a"])
+    rows = {d: sorted(json.loads(line)["path"] for line in (tmp_path / d / "truth.jsonl").read_text().splitlines())
+            for d in ("a", "b")}
+    assert rows["a"] == rows["b"] and len(rows["a"]) == 5
 
 
 def test_sequence_benchmark_calibration_lot_reads_as_good_units(tmp_path):

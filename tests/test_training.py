@@ -142,11 +142,11 @@ def test_evaluate_cli_on_a_checkpoint(coarse_data, tiny_run, tmp_path, capsys):
     points = rep["operating_points"]
     assert [p["budget"] for p in points] == [0.01, 0.02, 0.05]
     assert {p["fill_level_threshold"] for p in points} == {"spec edge"}
-    # One epoch of a tiny network misreads the fill height of every good unit here: the spec rejects them all,
-    # whatever the other classes' thresholds, and the report says the budget cannot be reached.
-    assert rep["false_reject_rate"] == 1.0 and not any(p["reached"] for p in points)
-    assert "(budget not reachable)" in (tmp_path / "rep" / "report.md").read_text()
-    assert "budget not reachable: the fill level's spec edge alone" in capsys.readouterr().out
+    # A budget the spec's edge alone exceeds is said so in the report and on the terminal, and only then (the
+    # rule itself is tested in test_calibration; how well a one-epoch network reads fill heights is not pinned).
+    unreachable = sum(not p["reached"] for p in points)
+    assert (tmp_path / "rep" / "report.md").read_text().count("(budget not reachable)") == unreachable
+    assert capsys.readouterr().out.count("budget not reachable: the fill level's spec edge alone") == unreachable
     for png in ("pod.png", "roc.png", "confusion.png", "worst.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
 
