@@ -248,7 +248,6 @@ def main() -> int:
         world = get_world(a.world)
     except ValueError as e:
         p.error(str(e))
-    a.test_good = TEST_GOOD if a.test_good is None and not resume else a.test_good
     data = out / "data"
     pace_gflops = NL._sibling("pace").pace_gflops
     pace0 = round(pace_gflops(), 1)
@@ -269,6 +268,7 @@ def main() -> int:
             print(f"== {world.name}: {a.test_good - have} further good test units rendered in "
                   f"{time.perf_counter() - t0:.1f} s")
     else:
+        a.test_good = TEST_GOOD if a.test_good is None else a.test_good
         data.mkdir(parents=True)
         built = build(world, data, a.frames, a.labels, a.good, a.test, a.seed, a.test_good)
         print(f"== {world.name}: {built['units']} units of {a.frames} frames rendered in {built['seconds']} s")
