@@ -11,7 +11,8 @@ AUROCs:
 
 - each network alone;
 - particles and the fill level from the sequence network, cracks from the still network;
-- the same with the mean of both networks' crack scores (what the pair ``train`` builds does);
+- the same with the mean of both networks' crack scores (what pairs built before 2026-12-07 did; a pair now takes
+  the peak of the two networks' mean crack map, which needs the maps: ``vialinspect evaluate`` scores it);
 - the mean of both networks' particle scores too.
 
 It measures whether a package of two networks would be worth building (docs/new_line.md, "Crack scores from a

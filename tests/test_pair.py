@@ -39,8 +39,9 @@ def test_mean_probability_logit_is_exact_and_finite_at_any_logit():
     assert torch.isfinite(a.grad).all()
 
 
-def test_pair_takes_particles_and_fill_from_the_sequence_and_averages_cracks():
+def test_pair_takes_particles_and_fill_from_the_sequence_and_its_crack_from_the_peak_of_the_mean_map():
     net = _pair()
+    assert net.crack == "map_peak" and net.arch()["crack"] == "map_peak"
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
         cls, maps, rows, ctx = net.forward_features(x)
@@ -50,16 +51,59 @@ def test_pair_takes_particles_and_fill_from_the_sequence_and_averages_cracks():
         assert torch.equal(cls[:, k], s_cls[:, k])
         assert torch.equal(maps[:, k], s_maps[:, k])
     assert torch.equal(rows, s_rows) and torch.equal(ctx, s_ctx)
-    want = (torch.sigmoid(s_cls[:, 1]) + torch.sigmoid(t_cls[:, 1])) / 2
-    assert torch.allclose(torch.sigmoid(cls[:, 1]), want, atol=1e-6)
-    assert not torch.allclose(cls[:, 1], s_cls[:, 1])  # the still network counts
     want_map = (torch.sigmoid(s_maps[:, 1]) + torch.sigmoid(t_maps[:, 1])) / 2
     assert torch.allclose(torch.sigmoid(maps[:, 1]), want_map, atol=1e-6)
+    assert torch.allclose(torch.sigmoid(cls[:, 1]), want_map.amax((1, 2)), atol=1e-6)
+    # Both networks must see the crack in the same place: never more than the mean of their own peaks.
+    peaks = (torch.sigmoid(s_cls[:, 1]) + torch.sigmoid(t_cls[:, 1])) / 2
+    assert (torch.sigmoid(cls[:, 1]) <= peaks + 1e-6).all()
+    assert not torch.allclose(cls[:, 1], s_cls[:, 1])  # the still network counts
     # The still network sees the first frame only: the others move its crack score not at all.
     y = x.clone()
     y[:, 1:] += 0.5
     with torch.no_grad():
         assert torch.equal(net.still(y[:, :1])[0], t_cls)
+
+
+def test_pair_peak_of_the_mean_map_is_low_where_the_two_networks_peak_in_different_places():
+    seq = VialNet(2, SMALL_WIDTHS, head="separable")
+    still = VialNet(1, SMALL_WIDTHS, head="separable")
+    net = PairNet(seq, still).eval()
+    s_maps = torch.full((1, 3, 4, 4), -8.0)
+    t_maps = torch.full((1, 3, 4, 4), -8.0)
+    s_maps[0, 1, 0, 0] = 8.0  # the sequence network sees a crack top left
+    t_maps[0, 1, 3, 3] = 8.0  # the still network one bottom right
+    cls = torch.zeros(1, 3)
+    cls[0, 1] = 8.0
+    seq.forward_features = lambda x: (cls.clone(), s_maps, torch.zeros(1, 2, 8), torch.zeros(1, 4, 4, 4))
+    still.forward_features = lambda x: (cls.clone(), t_maps, torch.zeros(1, 2, 8), torch.zeros(1, 4, 4, 4))
+    x = torch.zeros(1, 2, 32, 32)
+    assert float(torch.sigmoid(net.forward_features(x)[0][0, 1])) == pytest.approx(0.5, abs=1e-3)
+    net.crack = "mean"  # the rule of pairs built before 2026-12-07: each sure of its own crack, so the pair is
+    assert float(torch.sigmoid(net.forward_features(x)[0][0, 1])) == pytest.approx(1.0, abs=1e-3)
+    t_maps[0, 1, 3, 3], t_maps[0, 1, 0, 0] = -8.0, 8.0  # both in the same place
+    net.crack = "map_peak"
+    assert float(torch.sigmoid(net.forward_features(x)[0][0, 1])) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_pair_recorded_before_the_map_peak_rule_is_rebuilt_with_its_own_rule():
+    net = _pair()
+    arch = json.loads(json.dumps(net.arch()))
+    old = {k: v for k, v in arch.items() if k != "crack"} | {"crack": "mean"}
+    again = network_from_arch(old)
+    again.load_state_dict(net.state_dict())
+    again.eval()
+    assert again.crack == "mean" and again.arch()["crack"] == "mean"
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        cls = again.forward_features(x)[0]
+        s_cls = net.sequence.forward_features(x)[0]
+        t_cls = net.still.forward_features(x[:, :1])[0]
+    want = (torch.sigmoid(s_cls[:, 1]) + torch.sigmoid(t_cls[:, 1])) / 2
+    assert torch.allclose(torch.sigmoid(cls[:, 1]), want, atol=1e-6)
+    assert network_from_arch(arch).crack == "map_peak"
+    with pytest.raises(ValueError, match="unknown crack rule"):
+        PairNet(net.sequence, net.still, crack="max")
 
 
 def test_pair_is_rebuilt_from_its_record_for_another_frame_count_and_costs_both_networks():
@@ -318,3 +362,11 @@ def test_the_still_networks_start_is_a_setting_checked_before_anything_trains(li
         err = capsys.readouterr()
         assert says in err.out + err.err and "still_init" in err.out + err.err
         assert not (run / "sequence" / "best.pt").exists()  # refused before the sequence network trained
+
+
+def test_package_show_names_the_pairs_crack_rule():
+    from vialinspect.cli.models import network_line
+
+    arch = _pair().arch()
+    assert "peak of both networks' mean crack map" in network_line(arch)
+    assert "mean of both networks' crack scores" in network_line({**arch, "crack": "mean"})

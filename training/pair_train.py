@@ -127,8 +127,8 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
     look = "simulator" if one.implant_look == "auto" else one.implant_look
     still, _ = train_network(data_dir, still_dir, replace(one, frames=1, fill_gauge="off", max_minutes=still_budget,
                                                           implant_look=look), still_init, resume_still, log, progress)
-    log("pairing: cracks from the mean of both networks' probabilities; particles and fill level from the "
-        "sequence network")
+    log("pairing: cracks from the peak of both networks' mean crack map (both must see a crack in the same place); "
+        "particles and fill level from the sequence network")
     best = out / "best.pt"
     write_pair(seq_dir / "best.pt", still_dir / "best.pt", best, cfg)
     cal = finalize(best, ds.root, val, cfg, pick_device(cfg.device), log, gauge)

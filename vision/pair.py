@@ -10,7 +10,11 @@ crack probabilities found more cracks than either network alone, particles uncha
 outputs have VialNet's form, so training, calibration, export, the station and the review app take it as they
 take one network:
 - particle and fill level (class, map, rows) and the anomaly context: the sequence network's;
-- crack: the mean of the two networks' probabilities, for the class and for every map cell, as a logit.
+- crack: the mean of the two networks' probabilities for every map cell, as a logit; the class score is that
+  map's peak (``crack="map_peak"``, pairs built since 2026-12-07), as a single network's particle and crack scores
+  are its map's peak: both networks must see the crack in the same place. Pairs built before take the mean of
+  the two networks' own peaks (``crack="mean"``), which two networks seeing two different places also raise
+  (a scratch here, a bubble there); their records say so and they are rebuilt as they were.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from .model import VialNet, adapt_first_layer
 
 PAIR_ARCH = "VialNetPair"
 CRACK = 1  # the crack channel of the class logits and maps (vision.model.CLASSES)
+CRACK_RULES = ("map_peak", "mean")  # how the pair's crack class score is made (see the module's docstring)
+CRACK_RULE = "map_peak"  # what a new pair takes
 
 
 def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,15 +48,18 @@ def mean_probability_logit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class PairNet(nn.Module):
     """The sequence network and the still network (see the module's docstring)."""
 
-    def __init__(self, sequence: VialNet, still: VialNet):
+    def __init__(self, sequence: VialNet, still: VialNet, crack: str = CRACK_RULE):
         super().__init__()
         if still.frames != 1:
             raise ValueError(f"the still network takes one frame, this one {still.frames}")
+        if crack not in CRACK_RULES:
+            raise ValueError(f"unknown crack rule {crack!r} for a pair; known: {', '.join(CRACK_RULES)}")
         self.sequence, self.still = sequence, still
         self.frames = sequence.frames
+        self.crack = crack
 
     def arch(self) -> dict:
-        return {"arch": PAIR_ARCH, "frames": self.frames, "crack": "mean",
+        return {"arch": PAIR_ARCH, "frames": self.frames, "crack": self.crack,
                 "sequence": self.sequence.arch(), "still": self.still.arch()}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,9 +68,13 @@ class PairNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         class_logits, maps, row_logits, ctx = self.sequence.forward_features(x)
         s_class, s_maps, _, _ = self.still.forward_features(x[:, :1])
-        crack = mean_probability_logit(class_logits[:, CRACK:CRACK + 1], s_class[:, CRACK:CRACK + 1].to(class_logits))
-        class_logits = torch.cat([class_logits[:, :CRACK], crack, class_logits[:, CRACK + 1:]], 1)
         crack_map = mean_probability_logit(maps[:, CRACK:CRACK + 1], s_maps[:, CRACK:CRACK + 1].to(maps))
+        if self.crack == "map_peak":
+            crack = crack_map.amax((2, 3)).to(class_logits)
+        else:
+            crack = mean_probability_logit(class_logits[:, CRACK:CRACK + 1],
+                                           s_class[:, CRACK:CRACK + 1].to(class_logits))
+        class_logits = torch.cat([class_logits[:, :CRACK], crack, class_logits[:, CRACK + 1:]], 1)
         maps = torch.cat([maps[:, :CRACK], crack_map, maps[:, CRACK + 1:]], 1)
         return class_logits, maps, row_logits, ctx
 
@@ -84,7 +97,7 @@ def network_from_arch(arch: dict, frames: int | None = None, nuisance: bool = Fa
     if is_pair_arch(arch):
         seq, still = arch["sequence"], arch["still"]
         return PairNet(network_from_arch(seq, frames or arch["frames"], nuisance),
-                       network_from_arch(still, 1, nuisance))
+                       network_from_arch(still, 1, nuisance), crack=str(arch.get("crack", "mean")))
     return VialNet.from_arch({**arch, "nuisance": bool(arch.get("nuisance")) or nuisance}, frames)
 
 

@@ -131,9 +131,10 @@ def network_line(arch: dict) -> str:
         return f"VialNet ({', '.join(parts)})"
 
     if arch.get("arch") == "VialNetPair":
+        cracks = ("the peak of both networks' mean crack map" if arch.get("crack") == "map_peak"
+                  else "the mean of both networks' crack scores")
         return (f"sequence network {one(arch.get('sequence', {}))} + still network on the first frame "
-                f"{one(arch.get('still', {}))}; cracks: the mean of both, particles and fill level: the sequence "
-                "network's")
+                f"{one(arch.get('still', {}))}; cracks: {cracks}, particles and fill level: the sequence network's")
     return one(arch) if arch.get("widths") else "not recorded"
 
 
