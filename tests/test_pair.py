@@ -79,7 +79,8 @@ def test_pair_peak_of_the_mean_map_is_low_where_the_two_networks_peak_in_differe
     still.forward_features = lambda x: (cls.clone(), t_maps, torch.zeros(1, 2, 8), torch.zeros(1, 4, 4, 4))
     x = torch.zeros(1, 2, 32, 32)
     assert float(torch.sigmoid(net.forward_features(x)[0][0, 1])) == pytest.approx(0.5, abs=1e-3)
-    net.crack = "mean"  # the rule of pairs built before 2026-12-07: each sure of its own crack, so the pair is
+    # The rule of pairs built before 2026-12-07: each network sure of a crack in its own place, so the pair is sure.
+    net.crack = "mean"
     assert float(torch.sigmoid(net.forward_features(x)[0][0, 1])) == pytest.approx(1.0, abs=1e-3)
     t_maps[0, 1, 3, 3], t_maps[0, 1, 0, 0] = -8.0, 8.0  # both in the same place
     net.crack = "map_peak"
