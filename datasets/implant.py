@@ -65,6 +65,10 @@ class ImplantConfig:
     # How far above the floor's row a settled particle's lowest pixel may lie, as a share of the inner half width:
     # a vial's base is domed (push-up), so seen from the side the particles on it spread over a band ~1.5 mm high.
     resting_band: float = 0.2
+    # A particle drawn into several frames turns by a rate drawn uniformly within +-this (radians a frame): a
+    # particle tumbles in the turning liquid and so changes its look from frame to frame, where a mark on the glass
+    # does not. 0 = it keeps its pose.
+    tumble: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def placements(light: np.ndarray, cfg: ImplantConfig, margin: int) -> np.ndarray
 
 
 def _particle(rng: np.random.Generator, cfg: ImplantConfig, pixel_um: float | None, cx: float, cy: float,
-              blur: float) -> sprites.Sprite:
+              blur: float, turn: float = 0.0) -> sprites.Sprite:
     if rng.uniform() < cfg.fibre_share:
         kind = "fibre"
         lo, hi = cfg.fibre_length
@@ -115,7 +119,7 @@ def _particle(rng: np.random.Generator, cfg: ImplantConfig, pixel_um: float | No
         kind = str(rng.choice(names, p=shares / shares.sum()))
         size = _loguniform(rng, *cfg.particle_px) if pixel_um is None else \
             _loguniform(rng, *cfg.particle_um) / pixel_um
-    return sprites.particle(kind, cx, cy, max(size, 1.5), float(rng.uniform(0, np.pi)),
+    return sprites.particle(kind, cx, cy, max(size, 1.5), float(rng.uniform(0, np.pi)) + turn,
                             int(rng.integers(2**31)), blur, cfg.fibre_width_px)
 
 
@@ -207,10 +211,14 @@ def implant(frames: list[np.ndarray], cls: str, rng: np.random.Generator, pixel_
     else:
         dy = float(rng.uniform(2.0, 8.0)) if cls == "particle" else 0.0
         dx = float(rng.normal(0.0, 3.0)) if cls == "particle" else 0.0
+    # Drawn only when asked for, so that units drawn without tumbling stay as they were drawn before it existed.
+    spin = float(rng.uniform(-cfg.tumble, cfg.tumble)) if cls == "particle" and cfg.tumble > 0 else 0.0
     for k, f in enumerate(out):
-        r = np.random.default_rng(seed)  # the same object in every frame, moved
-        make = _particle if cls == "particle" else _crack
-        s = make(r, cfg, pixel_um, cx + k * dx, cy + k * dy, blur)
+        r = np.random.default_rng(seed)  # the same object in every frame, moved (and turned)
+        if cls == "particle":
+            s = _particle(r, cfg, pixel_um, cx + k * dx, cy + k * dy, blur, turn=k * spin)
+        else:
+            s = _crack(r, cfg, pixel_um, cx, cy, blur)
         sprites.paste(f, s, light=light, contrast=contrast)
         np.clip(f, 0.0, 1.0, out=f)
         if sprites.stamp_mask(mask, s, 1) is None and k == 0:

@@ -279,3 +279,43 @@ def test_train_transform_lays_resting_particles_on_the_floor_of_a_line_sequence(
         ys, _ = np.nonzero(drawn.masks[0])
         assert list(drawn.labels) == [1.0, 0.0, 0.0]
         assert floor.row - 0.2 * floor.half_px - 1 <= ys.max() <= floor.row + 1
+
+
+def _orientation(diff: np.ndarray) -> float:
+    """The main axis (radians, 0..pi) of a darkening, from its second moments."""
+    ys, xs = np.nonzero(diff > 1e-3)
+    w = diff[ys, xs]
+    x, y = xs - np.average(xs, weights=w), ys - np.average(ys, weights=w)
+    cxx, cyy, cxy = np.average(x * x, weights=w), np.average(y * y, weights=w), np.average(x * y, weights=w)
+    return float(0.5 * np.arctan2(2 * cxy, cxx - cyy)) % np.pi
+
+
+def _turned(a: float, b: float) -> float:
+    d = abs(a - b) % np.pi
+    return min(d, np.pi - d)
+
+
+def test_a_tumbling_particle_turns_from_frame_to_frame_and_a_plain_one_keeps_its_pose():
+    from vialinspect.training.config import SettingError, TrainConfig
+
+    img = np.full((200, 120), 0.8, np.float32)
+    frames = [img] * 4
+    fibres = {"fibre_share": 1.0, "particle_px": (8.0, 8.01), "blur_px": (0.5, 0.5)}
+    turns = []
+    for seed in range(6):
+        for tumble in (0.0, 1.0):
+            out, _ = implant(frames, "particle", np.random.default_rng(seed), None,
+                             ImplantConfig(**fibres, tumble=tumble))
+            axes = [_orientation(img - f) for f in out]
+            if tumble == 0.0:
+                assert max(_turned(a, axes[0]) for a in axes) < 0.05  # moved, not turned
+            else:
+                turns.append(_turned(axes[3], axes[0]))
+    assert max(turns) > 0.5  # three frames at up to 1 rad a frame
+    assert ImplantConfig().tumble == 0.0 and TrainConfig().implant_tumble == 0.0  # off by default
+    crack = implant(frames, "crack", np.random.default_rng(2), None, ImplantConfig(**fibres, tumble=1.0))
+    assert np.array_equal(crack[1], implant(frames, "crack", np.random.default_rng(2), None,
+                                            ImplantConfig(**fibres))[1])  # a crack on the glass does not turn
+    assert TrainConfig.from_dict({"implant_tumble": 0.25}).implant_tumble == 0.25
+    with pytest.raises(SettingError, match="implant_tumble"):
+        TrainConfig.from_dict({"implant_tumble": -0.1})

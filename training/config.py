@@ -199,6 +199,10 @@ class TrainConfig:
     # at 0.3 on one line particles fell 0.91 -> 0.85, the network calling still bubbles and dust particles too
     # (docs/new_line.md), not adopted.
     implant_resting: Float = 0.0
+    # Spin-stop sequences: each synthetic particle turns by a rate drawn within +-this many radians a frame, as a
+    # particle tumbles in the turning liquid (the simulator's objects tumble at up to 6 rad/s, 0.24 rad a frame at
+    # its 25 frames/s), where a mark on the glass keeps its look. 0: the particle keeps its pose in every frame.
+    implant_tumble: Float = 0.0
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
     # stopping see particles and cracks where the labelled split holds few or none (a 50-label line's split held
@@ -314,6 +318,8 @@ class TrainConfig:
             raise _bad("implant_scratches", f"must be within 0..1, got {self.implant_scratches}")
         if not 0 <= self.implant_resting <= 1:
             raise _bad("implant_resting", f"must be within 0..1, got {self.implant_resting}")
+        if not 0 <= self.implant_tumble <= 3.15:
+            raise _bad("implant_tumble", f"must be within 0..3.15 (radians a frame), got {self.implant_tumble}")
         lo, hi = self.implant_particle_um
         if not 0 < lo <= hi:
             raise _bad("implant_particle_um", f"must be [low, high] with 0 < low <= high, got "
