@@ -122,16 +122,16 @@ def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = FRR, fill
     reports as its operating points).
 
     ``fill_edge``: the fill level is the line's fill gauge's, and its threshold sits just above the highest
-    measured good unit's fill score (a score of 1 is a unit the gauge could not measure, rejected at any
-    threshold), as ``vialinspect.training.calibrate`` puts it; the particle and crack thresholds share what is
-    left at one quantile. ``labels`` (N, 3) 0/1, ``scores`` (N, 3)."""
-    from vialinspect.training.calibrate import recall_at_false_rejects
+    measured good unit's fill score within the far fence of their scores (a score of 1 is a unit the gauge could
+    not measure, and one beyond the fence a unit it mis-measured: both rejected), as
+    ``vialinspect.training.calibrate.gauge_edge`` puts it; the particle and crack thresholds share what is left at
+    one quantile. ``labels`` (N, 3) 0/1, ``scores`` (N, 3)."""
+    from vialinspect.training.calibrate import gauge_edge, recall_at_false_rejects
 
     fixed = None
     if fill_edge:
         g = scores[labels.sum(1) == 0]
-        measured = g[:, 2][g[:, 2] < 1.0]
-        fixed = {2: float(measured.max()) + 1e-7 if len(measured) else 0.5}
+        fixed = {2: gauge_edge(g[:, 2][g[:, 2] < 1.0])[0]}
     p = recall_at_false_rejects(labels, scores, frr, fixed)
     return {"frr": p["frr"], "thresholds": [round(t, 5) for t in p["thresholds"]], "fill_edge": fill_edge,
             **p["recall"]}

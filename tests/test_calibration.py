@@ -6,6 +6,7 @@ import pytest
 from vialinspect.datasets.records import ContainerRecord, Defect, FillSpec
 from vialinspect.training.calibrate import (
     calibrate,
+    gauge_edge,
     hold_detection,
     operating_points,
     rejects_allowed,
@@ -109,6 +110,48 @@ def test_a_fill_gauge_that_cannot_measure_many_good_units_spends_no_more_than_an
     assert cal["shares"]["particle"] == pytest.approx(0.01 / 3)
     assert cal["thresholds"]["fill_level"] < 0.31  # still at the edge of those it measured
     assert cal["expected_false_reject_rate"] > 0.01  # and the lot's unmeasured units are counted against it
+
+
+def test_a_good_unit_the_gauge_mis_measured_far_out_does_not_lift_the_fill_edge():
+    """One leaning container among the good units, scored tens of robust deviations out, would put the fill threshold
+    above every fill-level defect below it; the edge is the other good units', and the unit is rejected."""
+    recs, scores = _gauged_lot(300, unmeasured=0)
+    plain = calibrate(recs, scores, frr=0.01)
+    assert plain["fill_gauge_beyond_fence"] == 0 and "warning" not in plain
+    scores[5] = Scores(probs={**scores[5].probs, "fill_level": 0.83}, extra={"fill_gauge": {"probability": 0.83}})
+    cal = calibrate(recs, scores, frr=0.03)
+    assert cal["thresholds"]["fill_level"] < 0.31  # the others' edge, not 0.83
+    assert cal["fill_gauge_beyond_fence"] == 1
+    assert "far beyond" in cal["warning"] and "0.830" in cal["warning"]
+    assert cal["shares"]["fill_level"] == pytest.approx(2 / 301)  # the unit it rejects is counted, and the next
+    assert cal["shares"]["particle"] == pytest.approx((0.03 - 2 / 301) / 2)
+    assert calibrate(recs, scores, frr=0.01)["shares"]["fill_level"] == pytest.approx(0.01 / 3)  # capped as before
+    # What evaluate reports at each budget reads the edge the same way: fill-level units at 0.40-0.70 are found.
+    for i in range(20):
+        recs.append(ContainerRecord(id=f"f{i}", frames=["x"], classes=["fill_level"]))
+        f = 0.4 + 0.015 * i
+        scores.append(Scores(probs={"particle": 0.05, "crack": 0.05, "fill_level": f},
+                             extra={"fill_gauge": {"probability": f}}))
+    for p in operating_points(recs, scores):
+        assert p["thresholds"]["fill_level"] < 0.31 and p["recall"]["fill_level"] == 1.0
+        assert p["false_reject_rate"] >= 1 / 300  # the far-out good unit is among the rejected
+
+
+def test_gauge_edge_sets_aside_only_what_lies_far_beyond_the_good_units():
+    rng = np.random.default_rng(3)
+    g = rng.uniform(0.0, 0.3, 500)
+    t, beyond = gauge_edge(g)
+    assert len(beyond) == 0 and g.max() < t < g.max() + 2e-4  # a clean lot: just above its highest, as before
+    t, beyond = gauge_edge(np.concatenate([g, [0.9, 0.7]]))
+    assert list(beyond) == [0.9, 0.7] and g.max() < t < 0.31
+    t, beyond = gauge_edge(np.concatenate([g, [0.33]]))  # the tail of the good units is not beyond the fence
+    assert len(beyond) == 0 and 0.33 < t
+    # Too few units to place the quartiles: just above the highest, whatever it is.
+    t, beyond = gauge_edge(np.array([0.1, 0.2, 0.9]))
+    assert len(beyond) == 0 and t > 0.9
+    # Good units all alike: the fence never comes closer than GAUGE_FENCE_MIN_IQR's few deviations.
+    t, beyond = gauge_edge(np.concatenate([np.full(100, 0.1), [0.12]]))
+    assert len(beyond) == 0 and t > 0.12
 
 
 def test_operating_points_keep_each_budget_and_set_the_fill_level_as_calibration_does():

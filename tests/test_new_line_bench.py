@@ -53,6 +53,10 @@ def test_a_gauged_fill_level_sits_at_the_good_units_edge_and_leaves_the_budget_t
     scores[0, 2] = 1.0
     lost = nl.recall_at_frr(labels, scores, fill_edge=True)
     assert lost["thresholds"][2] < 0.3 and lost["fill_level"] == 1.0 and lost["frr"] <= 0.02
+    # Nor does one the gauge mis-measured far beyond the others (a leaning container): it is rejected too.
+    scores[1, 2] = 0.83
+    far = nl.recall_at_frr(labels, scores, fill_edge=True)
+    assert far["thresholds"][2] < 0.3 and far["fill_level"] == 1.0 and far["frr"] <= 0.02
 
 
 def test_recall_interval_holds_the_figure_and_narrows_with_more_good_units(nl):

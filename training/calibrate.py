@@ -9,7 +9,9 @@ threshold sits at the edge of the good units' readings, just above the highest, 
 edge costs (1 / (n + 1) of n good units, more for those it cannot measure); the network's classes share the
 rest. A gauge's good units end at a few robust deviations and a wrong fill lies beyond them, so a lower fill
 threshold buys almost no fill recall, while every good unit the network's classes may reject buys particles and
-cracks (docs/new_line.md, "The false-reject budget").
+cracks (docs/new_line.md, "The false-reject budget"). The edge is the good units' own: a good unit the gauge
+scores far beyond the rest (``gauge_edge``) was mis-measured, not filled differently, and rejecting it costs one
+false reject where a threshold above it would accept every fill-level defect below it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM, binned
 
 SPEC_EDGE = 0.5
 PARITY_MARGIN = 1e-4  # equals the export's parity tolerance on probabilities
+# The fill gauge's edge ignores good units beyond Tukey's far fence of the good units' own fill scores (third
+# quartile + 3 interquartile ranges), given enough units to place the quartiles; the spread never counts as narrower
+# than GAUGE_FENCE_MIN_IQR (a score of 0.02 is ~0.1 robust deviations near the median).
+GAUGE_FENCE_IQR = 3.0
+GAUGE_FENCE_MIN_UNITS = 20
+GAUGE_FENCE_MIN_IQR = 0.02
 
 
 def fill_is_spec_decided(records: list[ContainerRecord], scores: list[Scores]) -> bool:
@@ -58,6 +66,25 @@ def threshold_for_budget(good_scores: np.ndarray, budget: float) -> float:
     return float(min(t + PARITY_MARGIN, 0.9999))
 
 
+def gauge_edge(good_fill: np.ndarray) -> tuple[float, np.ndarray]:
+    """The fill gauge's threshold on these measured good units' fill scores: just above the highest that lies
+    within the far fence of their own scores (``GAUGE_FENCE_IQR``), and the scores beyond it, highest first
+    (those units are rejected at it).
+
+    A good unit's liquid column lies within a few robust deviations of the line's good units, and every fill-level
+    defect measured beyond them; a good unit tens of deviations out was mis-measured (a container leaning in the
+    image, cut by its edge, its meniscus hidden). Were the threshold put above it, the one unit would put every
+    fill-level defect below its score out of reach (issue 27: one leaning vial among 1,200 good units of a line,
+    28 robust deviations out, left 3% of the fill-level defects found). Rejecting it costs one false reject."""
+    g = np.sort(np.asarray(good_fill, np.float64))[::-1]
+    beyond = g[:0]
+    if len(g) >= GAUGE_FENCE_MIN_UNITS:
+        q1, q3 = np.quantile(g, [0.25, 0.75])
+        fence = q3 + GAUGE_FENCE_IQR * max(q3 - q1, GAUGE_FENCE_MIN_IQR)
+        beyond = g[g > fence]
+    return threshold_for_budget(g[len(beyond):], 0.0), beyond
+
+
 def fill_is_gauged(scores: list[Scores]) -> bool:
     """Whether these scores' fill level is the line's fill gauge's (``vision.fill_gauge.apply_reading``)."""
     return bool(scores) and all("fill_gauge" in s.extra for s in scores)
@@ -79,9 +106,10 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
     the budget, ``warning`` says how many it needs; ``shares`` is each learned class's part of the budget.
     Where the fill gauge decides the fill level (its readings in these scores, or ``fill_good_scores``: its
     scores of more good units than these, the line's good training units), the fill threshold sits just above
-    the highest measured good unit's and takes what that costs, (u + 1) / (n + 1) of the budget with u of the n
-    good units unmeasured (rejected at any threshold), at most an equal share; the other learned classes share
-    the rest."""
+    the highest measured good unit's within the far fence of their scores (``gauge_edge``) and takes what that
+    costs, (u + b + 1) / (n + 1) of the budget with u of the n good units unmeasured and b beyond the fence (both
+    rejected), at most an equal share; the other learned classes share the rest. Units beyond the fence are
+    counted in ``fill_gauge_beyond_fence`` and named in ``warning``."""
     spec_fill = fill_is_spec_decided(records, scores)
     cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
     good = [c for c, r in zip(cs, records, strict=True) if r.is_good]
@@ -93,14 +121,15 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
         fill_good = (np.asarray(fill_good_scores, np.float64) if fill_good_scores is not None
                      else measured_good_fill(records, scores))
         unmeasured = 0 if fill_good_scores is not None else sum(1 for r in records if r.is_good) - len(fill_good)
+        # Just above the highest measured good unit within the fence, whatever share that costs.
+        thresholds["fill_level"], beyond = gauge_edge(fill_good)
         if len(learned) > 1:
-            # What the edge costs: the good units it cannot measure, and one more for the next unit.
-            cost = (unmeasured + 1) / (len(fill_good) + unmeasured + 1)
+            # What the edge costs: the good units it cannot measure or rejects beyond the fence, and one more for
+            # the next unit.
+            cost = (unmeasured + len(beyond) + 1) / (len(fill_good) + unmeasured + 1)
             shares["fill_level"] = min(shares["fill_level"], cost)
             rest = (frr - shares["fill_level"]) / (len(learned) - 1)
             shares.update({c: rest for c in learned if c != "fill_level"})
-        # A budget of 0 puts it just above the highest measured good unit, whatever share that costs.
-        thresholds["fill_level"] = threshold_for_budget(fill_good, 0.0)
     expected = 0.0
     for c in learned:
         g = np.array([x[c] for x in good])
@@ -117,13 +146,24 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
         "expected_false_reject_rate": expected if learned and good else None,
         "fill_level_by_spec": spec_fill,
     }
+    warnings = []
     # The classes whose threshold these good units set (not a fill gauge set on other units), at their share.
     own = [shares[c] for c in learned if not (c == "fill_level" and fill_good_scores is not None)]
     if own and rejects_allowed(len(good), min(own)) < 0:
         need = math.ceil(1 / min(own) - 1 - 1e-9)  # the fewest for which rejects_allowed is 0
-        out["warning"] = (f"{len(good)} good validation units cannot promise a {frr:.2%} false-reject budget "
-                          f"over {len(learned)} learned class(es); that takes at least {need}: the thresholds "
-                          f"sit above every good unit's score")
+        warnings.append(f"{len(good)} good validation units cannot promise a {frr:.2%} false-reject budget "
+                        f"over {len(learned)} learned class(es); that takes at least {need}: the thresholds "
+                        f"sit above every good unit's score")
+    if gauged:
+        out["fill_gauge_beyond_fence"] = len(beyond)
+        if len(beyond):
+            warnings.append(f"the fill gauge scores {len(beyond)} of the {len(fill_good)} good units it measured far "
+                            f"beyond the others ({', '.join(f'{b:.3f}' for b in beyond[:5])}; the others end below "
+                            f"{thresholds['fill_level']:.4f}): containers mis-measured (leaning, cut by the image's "
+                            f"edge, the meniscus hidden?); the fill threshold stays at the others' edge and rejects "
+                            f"such units: look at them")
+    if warnings:
+        out["warning"] = "; ".join(warnings)
     return out
 
 
@@ -176,10 +216,10 @@ def recall_at_false_rejects(labels: np.ndarray, scores: np.ndarray, frr: float,
 def operating_points(records: list[ContainerRecord], scores: list[Scores],
                      budgets: tuple[float, ...] = OPERATING_BUDGETS) -> list[dict]:
     """``recall_at_false_rejects`` of these units at each budget, with the fill level's threshold where it is
-    not learnt: the spec edge, or the line's gauge just above the highest good unit it measured (as
-    ``calibrate`` sets them). Empty without good units or without defective units. ``reached`` is False where
-    the good units rejected at any threshold of the learnt classes already exceed the budget (the recall is
-    then the one at those highest thresholds)."""
+    not learnt: the spec edge, or the line's gauge just above the highest good unit it measured within the far
+    fence of their scores (``gauge_edge``, as ``calibrate`` sets them). Empty without good units or without
+    defective units. ``reached`` is False where the good units rejected at any threshold of the learnt classes
+    already exceed the budget (the recall is then the one at those highest thresholds)."""
     if not any(r.is_good for r in records) or all(r.is_good for r in records):
         return []
     cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
@@ -189,7 +229,7 @@ def operating_points(records: list[ContainerRecord], scores: list[Scores],
     if fill_is_spec_decided(records, scores):
         fixed[fill], rule = SPEC_EDGE, "spec edge"
     elif fill_is_gauged(scores):
-        fixed[fill], rule = threshold_for_budget(measured_good_fill(records, scores), 0.0), "gauge edge"
+        fixed[fill], rule = gauge_edge(measured_good_fill(records, scores))[0], "gauge edge"
     out = []
     for b in budgets:
         p = recall_at_false_rejects(labels, x, b, fixed)

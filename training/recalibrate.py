@@ -43,6 +43,8 @@ def recalibrate_package(model_dir: str | Path, data_dir: str | Path, out: str | 
         "false_reject_rate_on_lot": cal["val_false_reject_rate"],
         "previous_thresholds": dict(pkg.thresholds),
     }
+    if "fill_gauge_beyond_fence" in cal:  # good units of the lot the gauge mis-measured, rejected (gauge_edge)
+        record["fill_gauge_beyond_fence"] = cal["fill_gauge_beyond_fence"]
     if "warning" in cal:
         record["warning"] = cal["warning"]
     new = with_thresholds(pkg, cal["thresholds"], Path(out), reason, overwrite=overwrite, calibration=record)
