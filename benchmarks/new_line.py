@@ -122,7 +122,7 @@ def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = FRR, fill
     reports as its operating points).
 
     ``fill_edge``: the fill level is the line's fill gauge's, and its threshold sits just above the highest
-    measured good unit's fill score within the far fence of their scores (a score of 1 is a unit the gauge could
+    measured good unit's fill score within the fence of ``gauge_edge`` (a score of 1 is a unit the gauge could
     not measure, and one beyond the fence a unit it mis-measured: both rejected), as
     ``vialinspect.training.calibrate.gauge_edge`` puts it; the particle and crack thresholds share what is left at
     one quantile. ``labels`` (N, 3) 0/1, ``scores`` (N, 3)."""

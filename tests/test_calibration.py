@@ -144,14 +144,18 @@ def test_gauge_edge_sets_aside_only_what_lies_far_beyond_the_good_units():
     assert len(beyond) == 0 and g.max() < t < g.max() + 2e-4  # a clean lot: just above its highest, as before
     t, beyond = gauge_edge(np.concatenate([g, [0.9, 0.7]]))
     assert list(beyond) == [0.9, 0.7] and g.max() < t < 0.31
-    t, beyond = gauge_edge(np.concatenate([g, [0.33]]))  # the tail of the good units is not beyond the fence
-    assert len(beyond) == 0 and 0.33 < t
-    # Too few units to place the quartiles: just above the highest, whatever it is.
+    t, beyond = gauge_edge(np.concatenate([g, [0.33, 0.45]]))  # the good units' tail is not beyond the fence
+    assert len(beyond) == 0 and 0.45 < t
+    # Good units all alike: the fence stays at 6 robust deviations (score 0.5), however narrow their spread.
+    t, beyond = gauge_edge(np.concatenate([np.full(100, 0.1), [0.12, 0.3]]))
+    assert len(beyond) == 0 and t > 0.3
+    # Too few units to place the quartiles: the 6 deviations still hold.
     t, beyond = gauge_edge(np.array([0.1, 0.2, 0.9]))
-    assert len(beyond) == 0 and t > 0.9
-    # Good units all alike: the fence never comes closer than GAUGE_FENCE_MIN_IQR's few deviations.
-    t, beyond = gauge_edge(np.concatenate([np.full(100, 0.1), [0.12]]))
-    assert len(beyond) == 0 and t > 0.12
+    assert list(beyond) == [0.9] and 0.2 < t < 0.21
+    # A lot spread wider than the gauge's reference: Tukey's far fence of its own scores, where higher.
+    wide = np.concatenate([rng.uniform(0.1, 0.3, 500), [0.52]])  # quartiles ~0.15 and ~0.25: the fence at ~0.55
+    t, beyond = gauge_edge(np.concatenate([wide, [0.95]]))
+    assert list(beyond) == [0.95] and 0.52 < t < 0.52 + 2e-4
 
 
 def test_operating_points_keep_each_budget_and_set_the_fill_level_as_calibration_does():

@@ -27,12 +27,13 @@ from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM, binned
 
 SPEC_EDGE = 0.5
 PARITY_MARGIN = 1e-4  # equals the export's parity tolerance on probabilities
-# The fill gauge's edge ignores good units beyond Tukey's far fence of the good units' own fill scores (third
-# quartile + 3 interquartile ranges), given enough units to place the quartiles; the spread never counts as narrower
-# than GAUGE_FENCE_MIN_IQR (a score of 0.02 is ~0.1 robust deviations near the median).
+# The fill gauge's edge ignores good units beyond a fence (``gauge_edge``): the gauge's score at Z_HALF robust
+# deviations (vision.fill_gauge: 6, where its score is 0.5), or Tukey's far fence of the good units' own fill scores
+# (third quartile + 3 interquartile ranges) where that lies higher (a lot spread wider than the gauge's reference),
+# given enough units to place the quartiles.
+GAUGE_FENCE_SCORE = 0.5
 GAUGE_FENCE_IQR = 3.0
 GAUGE_FENCE_MIN_UNITS = 20
-GAUGE_FENCE_MIN_IQR = 0.02
 
 
 def fill_is_spec_decided(records: list[ContainerRecord], scores: list[Scores]) -> bool:
@@ -68,20 +69,21 @@ def threshold_for_budget(good_scores: np.ndarray, budget: float) -> float:
 
 def gauge_edge(good_fill: np.ndarray) -> tuple[float, np.ndarray]:
     """The fill gauge's threshold on these measured good units' fill scores: just above the highest that lies
-    within the far fence of their own scores (``GAUGE_FENCE_IQR``), and the scores beyond it, highest first
-    (those units are rejected at it).
+    within the fence (``GAUGE_FENCE_SCORE``, or Tukey's far fence of these scores where higher), and the scores
+    beyond it, highest first (those units are rejected at it).
 
-    A good unit's liquid column lies within a few robust deviations of the line's good units, and every fill-level
-    defect measured beyond them; a good unit tens of deviations out was mis-measured (a container leaning in the
-    image, cut by its edge, its meniscus hidden). Were the threshold put above it, the one unit would put every
-    fill-level defect below its score out of reach (issue 27: one leaning vial among 1,200 good units of a line,
-    28 robust deviations out, left 3% of the fill-level defects found). Rejecting it costs one false reject."""
+    A good unit's liquid column lies within a few robust deviations of the line's good units (the highest of
+    1,200 good units of a line 2.3-3.0), and the fill-level defects measured beyond them (from 4.2); a "good" unit
+    6 or more deviations out was mis-measured (a container leaning in the image, cut by its edge, its meniscus
+    hidden) or is not good. Were the threshold put above it, the one unit would put every fill-level defect below
+    its score out of reach (issue 27: one leaning vial among 1,200 good units of a line, 28.6 robust deviations out,
+    left 3% of the fill-level defects found). Rejecting it costs one false reject."""
     g = np.sort(np.asarray(good_fill, np.float64))[::-1]
-    beyond = g[:0]
+    fence = GAUGE_FENCE_SCORE
     if len(g) >= GAUGE_FENCE_MIN_UNITS:
         q1, q3 = np.quantile(g, [0.25, 0.75])
-        fence = q3 + GAUGE_FENCE_IQR * max(q3 - q1, GAUGE_FENCE_MIN_IQR)
-        beyond = g[g > fence]
+        fence = max(fence, float(q3 + GAUGE_FENCE_IQR * (q3 - q1)))
+    beyond = g[g >= fence]
     return threshold_for_budget(g[len(beyond):], 0.0), beyond
 
 
@@ -106,7 +108,8 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
     the budget, ``warning`` says how many it needs; ``shares`` is each learned class's part of the budget.
     Where the fill gauge decides the fill level (its readings in these scores, or ``fill_good_scores``: its
     scores of more good units than these, the line's good training units), the fill threshold sits just above
-    the highest measured good unit's within the far fence of their scores (``gauge_edge``) and takes what that
+    the highest measured good unit's within the fence (``gauge_edge``: 6 robust deviations or more is mis-measured)
+    and takes what that
     costs, (u + b + 1) / (n + 1) of the budget with u of the n good units unmeasured and b beyond the fence (both
     rejected), at most an equal share; the other learned classes share the rest. Units beyond the fence are
     counted in ``fill_gauge_beyond_fence`` and named in ``warning``."""
@@ -217,7 +220,7 @@ def operating_points(records: list[ContainerRecord], scores: list[Scores],
                      budgets: tuple[float, ...] = OPERATING_BUDGETS) -> list[dict]:
     """``recall_at_false_rejects`` of these units at each budget, with the fill level's threshold where it is
     not learnt: the spec edge, or the line's gauge just above the highest good unit it measured within the far
-    fence of their scores (``gauge_edge``, as ``calibrate`` sets them). Empty without good units or without
+    fence (``gauge_edge``, as ``calibrate`` sets them). Empty without good units or without
     defective units. ``reached`` is False where the good units rejected at any threshold of the learnt classes
     already exceed the budget (the recall is then the one at those highest thresholds)."""
     if not any(r.is_good for r in records) or all(r.is_good for r in records):
