@@ -354,3 +354,35 @@ def test_the_shipped_and_exported_packages_pass_the_metadata_and_onnx_checks(pac
     still = load_package("builtin:still")  # the still-image transfer model (make still-model)
     assert still.metadata["input"]["spec"]["frames"] == 1 and still.weights_path is not None
     assert load_package(package).metadata["input"]["spec"]["frames"] == 2
+
+
+def test_calibrating_on_a_lot_with_a_mis_measured_good_unit_says_so_and_keeps_the_fill_edge(
+        package, coarse_data, tmp_path, capsys, monkeypatch):
+    """A lot whose fill level a line's gauge decides, one good unit of it mis-measured far out (a leaning
+    container): the fill threshold stays at the other good units' edge, and the command says which score and why."""
+    from dataclasses import replace
+
+    import vialinspect.training.recalibrate as recal
+
+    real = recal.evaluate_model
+
+    def gauged(*a, **k):
+        report, recs, scores = real(*a, **k)
+        far = next(i for i, r in enumerate(recs) if r.is_good)
+        out = []
+        for i, s in enumerate(scores):
+            f = 0.83 if i == far else 0.05 + 0.25 * (i % 7) / 7
+            out.append(replace(s, probs={**s.probs, "fill_level": f}, fill_height_mm=None,
+                               extra={**s.extra, "fill_gauge": {"probability": f}}))
+        return report, recs, out
+
+    monkeypatch.setattr(recal, "evaluate_model", gauged)
+    capsys.readouterr()
+    out = tmp_path / "calibrated"
+    assert main(["package", "calibrate", str(package), "--data", str(coarse_data), "--out", str(out), "--frr", "0.2",
+                 "--reason", "lot"]) == 0
+    printed = capsys.readouterr().out
+    assert "far beyond the others (0.830" in printed and "look at them" in printed
+    new = load_package(out)
+    assert new.metadata["calibration"]["fill_gauge_beyond_fence"] == 1
+    assert new.thresholds["fill_level"] < 0.31  # the others' edge, not above the mis-measured unit
