@@ -202,6 +202,8 @@ class TrainConfig:
     # Spin-stop sequences: each synthetic particle turns by a rate drawn within +-this many radians a frame, as a
     # particle tumbles in the turning liquid (the simulator's objects tumble at up to 6 rad/s, 0.24 rad a frame at
     # its 25 frames/s), where a mark on the glass keeps its look. 0: the particle keeps its pose in every frame.
+    # Off: at 0.25 particles +0.03 on fx68 and -0.03 on the held-out fx61, the particle AUROC down on both
+    # (docs/new_line.md, "Tumbling synthetic particles"), not adopted.
     implant_tumble: Float = 0.0
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
