@@ -427,3 +427,36 @@ def test_by_shape_two_formats_keep_their_own_references_and_a_short_fill_stands_
     low = [pixel.read_geometry(unit(sh[0], sh[1], sh[2] * 0.9, rng.uniform(0.8, 1.0))).probability
            for sh in shapes for _ in range(20)]
     assert max(ok) > min(low)
+
+
+def test_evaluate_names_the_good_units_the_gauge_measured_far_beyond_the_others(monkeypatch, capsys):
+    """evaluate's fill gauge report lists the good units beyond the gauge's fence (rejected at every threshold it
+    sets), and the command prints them, so that a leaning container in a test folder is looked at."""
+    import vialinspect.training.evaluate as ev
+    from vialinspect.cli import main
+    from vialinspect.datasets.records import ContainerRecord
+    from vialinspect.training.evaluate import fill_gauge_report
+    from vialinspect.vision.fill_gauge import FillGauge, FillGroup
+
+    gauge = FillGauge((FillGroup("vial", 300.0, 800.0, 350.0, 2.0, 100),), n_measured=100)
+    recs, scores = [], []
+    for i in range(60):
+        f = 0.826 if i == 7 else 0.3 * i / 60
+        problem = {"problem": "meniscus not found"} if i == 9 else {}
+        recs.append(ContainerRecord(id=f"g{i}", frames=["x"], classes=[] if i < 50 else ["fill_level"]))
+        scores.append(Scores(probs={"particle": 0.1, "crack": 0.1, "fill_level": 1.0 if problem else f},
+                             extra={"fill_gauge": {"probability": f, **problem}}))
+    rep = fill_gauge_report(recs, scores, gauge)
+    assert rep["n_good_beyond_fence"] == 1 and rep["good_beyond_fence"] == [{"id": "g7", "fill_score": 0.826}]
+    assert rep["n_unmeasured"] == 1  # the unit it could not measure is not counted again
+    recs[7] = ContainerRecord(id="g7", frames=["x"], classes=["fill_level"])  # a real fill defect is not listed
+    assert fill_gauge_report(recs, scores, gauge)["n_good_beyond_fence"] == 0
+
+    def fake(*a, **k):
+        return ({"n_containers": 60, "false_reject_rate": 0.02, "classes": {}, "fill_gauge": rep}, [], [])
+
+    monkeypatch.setattr(ev, "evaluate_model", fake)
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: None)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "m", "--data", "d", "--out", "o"]) == 0
+    assert "1 good unit(s) measured far beyond the others" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from vialinspect.vision.fill_gauge import FillGauge
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
-from .calibrate import operating_points
+from .calibrate import gauge_edge, operating_points
 from .checkpoint import CheckpointError, build_model, load_checkpoint
 from .metrics import auroc, evaluate
 from .predict import TorchPredictor, predict_records
@@ -98,12 +98,19 @@ def out_of_domain_report(records: list[ContainerRecord], flagged_index: set[int]
 
 
 def fill_gauge_report(records: list[ContainerRecord], scores: list[Scores], gauge: FillGauge) -> dict[str, Any]:
-    """How the package's fill gauge saw the units: its reference, and the units it could not measure or match
-    (rejected for fill level by positive release), with the first few ids and why."""
+    """How the package's fill gauge saw the units: its reference, the units it could not measure or match
+    (rejected for fill level by positive release), with the first few ids and why, and the good units it measured
+    beyond the fence of ``gauge_edge`` (mis-measured: rejected at every threshold it sets), highest first."""
     problems = [(r.id, s.extra.get("fill_gauge", {}).get("problem")) for r, s in zip(records, scores, strict=True)]
     problems = [(i, p) for i, p in problems if p]
+    good = [(r.id, float(s.probs["fill_level"])) for r, s in zip(records, scores, strict=True)
+            if r.is_good and not s.extra.get("fill_gauge", {}).get("problem")]
+    _, beyond = gauge_edge(np.array([f for _, f in good], np.float64))
+    far = sorted(((i, f) for i, f in good if len(beyond) and f >= beyond.min()), key=lambda x: -x[1])
     return {"decides_fill_level": True, "groups": len(gauge.groups), "fitted_on": gauge.n_measured,
-            "n_unmeasured": len(problems), "unmeasured": [{"id": i, "problem": p} for i, p in problems[:20]]}
+            "n_unmeasured": len(problems), "unmeasured": [{"id": i, "problem": p} for i, p in problems[:20]],
+            "n_good_beyond_fence": len(far), "good_beyond_fence": [{"id": i, "fill_score": round(f, 4)}
+                                                                    for i, f in far[:20]]}
 
 
 def anomaly_report(records: list[ContainerRecord], scores: list[Scores], threshold: float,

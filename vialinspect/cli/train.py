@@ -127,6 +127,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             reach = ("" if p["reached"] else ", budget not reachable: the fill level's "
                      f"{p['fill_level_threshold']} alone rejects more")
             print(f"    <= {p['budget']:.0%} ({p['false_reject_rate']:.1%} of good units rejected{reach}): {found}")
+    far = (report.get("fill_gauge") or {}).get("good_beyond_fence") or []
+    if far:
+        ids = ", ".join(f"{u['id']} ({u['fill_score']:.3f})" for u in far[:5])
+        print(f"  fill gauge: {report['fill_gauge']['n_good_beyond_fence']} good unit(s) measured far beyond the "
+              f"others, rejected at every budget above: {ids}: look at them (a leaning container, one cut by the "
+              "image's edge?)")
     ood = report.get("out_of_domain")
     if ood is not None:
         print(f"  out of domain: {ood['n']} of {report['n_containers']} units ({ood['fraction']:.1%}) would be "
