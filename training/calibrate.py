@@ -108,11 +108,10 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
     the budget, ``warning`` says how many it needs; ``shares`` is each learned class's part of the budget.
     Where the fill gauge decides the fill level (its readings in these scores, or ``fill_good_scores``: its
     scores of more good units than these, the line's good training units), the fill threshold sits just above
-    the highest measured good unit's within the fence (``gauge_edge``: 6 robust deviations or more is mis-measured)
-    and takes what that
-    costs, (u + b + 1) / (n + 1) of the budget with u of the n good units unmeasured and b beyond the fence (both
-    rejected), at most an equal share; the other learned classes share the rest. Units beyond the fence are
-    counted in ``fill_gauge_beyond_fence`` and named in ``warning``."""
+    the highest measured good unit's within the fence (``gauge_edge``: 6 robust deviations or more is
+    mis-measured) and takes what that costs, (u + b + 1) / (n + 1) of the budget with u of the n good units
+    unmeasured and b beyond the fence (both rejected), at most an equal share; the other learned classes share the
+    rest. Units beyond the fence are counted in ``fill_gauge_beyond_fence`` and named in ``warning``."""
     spec_fill = fill_is_spec_decided(records, scores)
     cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
     good = [c for c, r in zip(cs, records, strict=True) if r.is_good]
@@ -219,10 +218,10 @@ def recall_at_false_rejects(labels: np.ndarray, scores: np.ndarray, frr: float,
 def operating_points(records: list[ContainerRecord], scores: list[Scores],
                      budgets: tuple[float, ...] = OPERATING_BUDGETS) -> list[dict]:
     """``recall_at_false_rejects`` of these units at each budget, with the fill level's threshold where it is
-    not learnt: the spec edge, or the line's gauge just above the highest good unit it measured within the far
-    fence (``gauge_edge``, as ``calibrate`` sets them). Empty without good units or without
-    defective units. ``reached`` is False where the good units rejected at any threshold of the learnt classes
-    already exceed the budget (the recall is then the one at those highest thresholds)."""
+    not learnt: the spec edge, or the line's gauge just above the highest good unit it measured within the fence
+    of ``gauge_edge`` (as ``calibrate`` sets them). Empty without good units or without defective units.
+    ``reached`` is False where the good units rejected at any threshold of the learnt classes already exceed the
+    budget (the recall is then the one at those highest thresholds)."""
     if not any(r.is_good for r in records) or all(r.is_good for r in records):
         return []
     cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
