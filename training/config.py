@@ -142,6 +142,11 @@ class TrainConfig:
     # Weight of that hard-negative term against the background mean and the defect cells' mean (1: alike). At 4 on
     # a foreign line's still images the line's own bubbles fell, unseen ones did not (docs/new_line.md): not adopted.
     map_hard_negative_weight: Float = 1.0
+    # The share of good training units that, scored highest on any defect when last drawn, are drawn
+    # ``hard_good_weight`` times as often as the other good units (training.hard_goods; the good units' total
+    # share stays as class_draw says). 0 = off. A resumed run starts its scores afresh.
+    hard_good_top: Float = 0.0
+    hard_good_weight: Float = 3.0
     # How a labelled reject without a mask (image-level label) reaches its class maps in the loss: "max", its map's
     # peak (the logit inference uses); "soft", the peak shared with the map's next highest cells (losses.soft_peak),
     # so that a faint particle beside a brighter bubble also gets a share of the push. "soft" found fewer particles
@@ -330,6 +335,10 @@ class TrainConfig:
             raise _bad("image_label_weight", f"must be within 0..1, got {self.image_label_weight}")
         if self.map_hard_negative_weight < 0:
             raise _bad("map_hard_negative_weight", f"must be >= 0, got {self.map_hard_negative_weight}")
+        if not 0 <= self.hard_good_top <= 1:
+            raise _bad("hard_good_top", f"must be within 0..1, got {self.hard_good_top}")
+        if not (1 <= self.hard_good_weight < math.inf):
+            raise _bad("hard_good_weight", f"must be a finite factor >= 1, got {self.hard_good_weight}")
         if self.mil_pool not in MIL_POOLS:
             raise _bad("mil_pool", f"must be one of {', '.join(MIL_POOLS)}, got {self.mil_pool!r}")
         if self.map_hard_negatives is not None and self.map_hard_negatives < 0:

@@ -45,6 +45,7 @@ from .data import (
     input_shape,
 )
 from .fill_fit import LineGauge, choose_fill_gauge, fit_line_gauge
+from .hard_goods import HardGoodTracker
 from .losses import distill_loss, total_loss
 from .metrics import auroc
 from .predict import TorchPredictor, predict_records
@@ -291,6 +292,8 @@ class _Run:
     sched: torch.optim.lr_scheduler.LambdaLR
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler
+    hard_goods: HardGoodTracker | None = None  # hard_good_top > 0
+    base_weights: np.ndarray | None = None  # the sampler's weights before hard_goods reweighs them
 
 
 @dataclass
@@ -537,8 +540,16 @@ def _setup_run(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device, net
             "containers")
     train_loader, train_sampler, val_loader, synthetic_val_loader, implant = _loaders(cfg, data, d, device, log)
     opt, schedule, sched, amp_dtype, scaler = _optimiser(cfg, model, len(train_sampler), device, log)
-    return _Run(cfg, d, device, net, model, channels_last, teacher, distill_ok, implant, train_loader, train_sampler,
-                val_loader, synthetic_val_loader, opt, schedule, sched, amp_dtype, scaler)
+    run = _Run(cfg, d, device, net, model, channels_last, teacher, distill_ok, implant, train_loader, train_sampler,
+               val_loader, synthetic_val_loader, opt, schedule, sched, amp_dtype, scaler)
+    good = np.array([r.is_good for r in data.train], bool)
+    if cfg.hard_good_top > 0 and good.any():
+        n = len(data.train)
+        run.hard_goods = HardGoodTracker(n, good)
+        run.base_weights = train_sampler.weights if train_sampler.weights is not None else np.full(n, 1.0 / n)
+        log(f"hard good units: the {cfg.hard_good_top:.0%} of the {int(good.sum())} good training units scored "
+            f"highest when last drawn are drawn {cfg.hard_good_weight:g} times as often (setting hard_good_top)")
+    return run
 
 
 def _loaders(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device,
@@ -648,6 +659,9 @@ def _epoch(run: _Run, epoch: int, progress: bool, log: Callable[[str], None]) ->
                 f"{n / (t_note - t_epoch):.2f} batches/s")
     if bar:
         bar.close()
+    if run.hard_goods is not None:
+        run.hard_goods.end_epoch(d.world)
+        run.train_sampler.weights = run.hard_goods.weights(run.base_weights, cfg.hard_good_top, cfg.hard_good_weight)
     return run_loss / max(n, 1), t_epoch
 
 
@@ -665,6 +679,8 @@ def _train_step(run: _Run, batch: dict) -> tuple[float, dict]:
     loss, parts = total_loss([o.float() for o in outputs], b, cfg.loss_weights, cfg.map_pos_weight,
                              cfg.map_balanced, cfg.map_nuisance_weight, cfg.map_hard_negatives,
                              cfg.map_hard_negative_weight, cfg.mil_pool)
+    if run.hard_goods is not None:
+        run.hard_goods.observe(b["index"], b["full"], b["labels"], outputs[0])
     if run.teacher is not None:
         keep = run.distill_ok[b["index"].long()]
         if bool(keep.any()):
