@@ -263,3 +263,30 @@ def test_mirror_average_scores_each_unit_as_if_the_camera_saw_it_mirrored(tmp_pa
     assert ids == ids_m == ids_d and len(ids) == 4 and (labels == labels_m).all()
     assert np.allclose(mirrored, on_disk, atol=1e-6)
     assert not np.allclose(own[:, :2], mirrored[:, :2], atol=1e-6)  # the mirror is another look, not the same
+
+
+@pytest.mark.parametrize("case", ["no_run", "fewer_test_good", "negative"])
+def test_sequence_benchmark_resume_refuses_what_it_cannot_rescore(tmp_path, monkeypatch, capsys, case):
+    """--resume re-scores a finished run only, and never with fewer further good test units than its test folder
+    holds (the figures would rest on other units than the run's summary says)."""
+    import json
+    import sys
+
+    out = tmp_path / "bench"
+    if case != "no_run":
+        (out / "run").mkdir(parents=True)
+        (out / "run" / "best.pt").write_bytes(b"")
+        (out / "summary.json").write_text(json.dumps({
+            "world": "fx68", "frames": 2, "labels": 0, "good": 0, "test": 2, "test_good": 3, "minutes": 1.0,
+            "seed": 0, "settings": None, "render": {}, "train_minutes": 1.0, "peak_rss_gb": 1.0}))
+    test_good = {"no_run": "3", "fewer_test_good": "2", "negative": "-1"}[case]
+    monkeypatch.setattr(sys, "argv", ["new_line_sequences.py", "--resume", "--out", str(out), "--test-good",
+                                      test_good])
+    with benchmark("new_line_sequences") as m:
+        monkeypatch.setattr(m.NL, "score_run", lambda *a, **k: pytest.fail("scored a run it should refuse"))
+        with pytest.raises(SystemExit) as e:
+            m.main()
+    assert e.value.code == 2
+    says = {"no_run": "holds no finished run", "fewer_test_good": "already holds 3 further good units",
+            "negative": "--test-good: must be >= 0"}[case]
+    assert says in capsys.readouterr().err

@@ -144,7 +144,8 @@ class TrainConfig:
     map_hard_negative_weight: Float = 1.0
     # The share of good training units that, scored highest on any defect when last drawn, are drawn
     # ``hard_good_weight`` times as often as the other good units (training.hard_goods; the good units' total
-    # share stays as class_draw says). 0 = off. A resumed run starts its scores afresh.
+    # share stays as class_draw says). 0 = off. A resumed run starts its scores afresh. At 0.1 and 4: +0.008 on
+    # average over two lines, within a run's spread (docs/new_line.md): not adopted.
     hard_good_top: Float = 0.0
     hard_good_weight: Float = 3.0
     # How a labelled reject without a mask (image-level label) reaches its class maps in the loss: "max", its map's
