@@ -1,8 +1,12 @@
 """Drawing the good units the network scores highest more often (training.hard_goods, setting hard_good_top)."""
 
+import os
+import socket
+
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from tests.conftest import small_config
 from vialinspect.training import hard_goods
@@ -86,3 +90,34 @@ def test_training_reweighs_its_good_units_after_each_epoch(coarse_data, tmp_path
     hard = out / base
     assert hard[good].max() == pytest.approx(4 * hard[good].min())
     assert out[good].sum() == pytest.approx(base[good].sum())  # the good units' share as class_draw says
+
+
+def _merge_worker(rank, port, results):
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tr = HardGoodTracker(4, np.ones(4, bool))
+    # Each rank draws other units; unit 3 on both, where rank 1 scored it higher.
+    units = [0, 3] if rank == 0 else [1, 3]
+    logits = torch.tensor([[0.0, -9.0, -9.0], [-2.0 + 3.0 * rank, -9.0, -9.0]])
+    tr.observe(torch.tensor(units), torch.ones(2), torch.zeros(2, 3), logits)
+    tr.end_epoch(world=2)
+    results[rank] = [None if np.isnan(v) else round(float(v), 6) for v in tr.scores]
+    dist.destroy_process_group()
+
+
+def test_every_ddp_rank_ends_the_epoch_with_the_same_scores():
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_merge_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    sig = lambda x: round(float(1 / (1 + np.exp(-x))), 6)  # noqa: E731
+    assert results[0] == results[1] == [sig(0.0), sig(0.0), None, sig(1.0)]
