@@ -542,8 +542,8 @@ def _setup_run(cfg: TrainConfig, data: _Data, d: Dist, device: torch.device, net
     opt, schedule, sched, amp_dtype, scaler = _optimiser(cfg, model, len(train_sampler), device, log)
     run = _Run(cfg, d, device, net, model, channels_last, teacher, distill_ok, implant, train_loader, train_sampler,
                val_loader, synthetic_val_loader, opt, schedule, sched, amp_dtype, scaler)
-    good = np.array([r.is_good for r in data.train], bool)
-    if cfg.hard_good_top > 0 and good.any():
+    good = np.array([r.is_good for r in data.train], bool) if cfg.hard_good_top > 0 else np.zeros(0, bool)
+    if good.any():
         n = len(data.train)
         run.hard_goods = HardGoodTracker(n, good)
         run.base_weights = train_sampler.weights if train_sampler.weights is not None else np.full(n, 1.0 / n)
