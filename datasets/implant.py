@@ -69,6 +69,13 @@ class ImplantConfig:
     # particle tumbles in the turning liquid and so changes its look from frame to frame, where a mark on the glass
     # does not. 0 = it keeps its pose.
     tumble: float = 0.0
+    # Share of the synthetic cracks drawn at the container's two ends (``glass_ends``: the heel below, the
+    # shoulder and neck above) instead of anywhere lit. Handling and capping crack a container there, where the
+    # glass is thick and the outline busy, and a uniform draw over the lit pixels puts few cracks there (~7% of
+    # them within a vial's heel rows). 0 = off.
+    crack_ends: float = 0.0
+    # The ends, as shares of the silhouette's height: its highest and its lowest rows.
+    end_bands: tuple[float, float] = (0.35, 0.12)
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,42 @@ def placements(light: np.ndarray, cfg: ImplantConfig, margin: int) -> np.ndarray
     ok[:margin] = ok[h - margin:] = False
     ok[:, :margin] = ok[:, w - margin:] = False
     return np.argwhere(ok[::4, ::4]) * 4
+
+
+def glass_ends(frame: np.ndarray, bands: tuple[float, float] = (0.35, 0.12)) -> np.ndarray:
+    """(H, W) bool: the container's two ends in a back-lit ``frame`` (float, [0, 1]).
+
+    Its outline lies between the outermost dark pixels of each row (dark: under half the back light). Within it,
+    what lets through at least a quarter of the back light, in its larger connected pieces, is the glass a crack
+    would be seen on (not a cap, a stopper or a needle shield). Of the rows that glass spans, the ends are the
+    highest ``bands[0]`` and the lowest ``bands[1]`` share: a vial's neck and shoulder and its heel, a syringe's
+    flange end and its cone. All False where no container is seen."""
+    small = cv2.GaussianBlur(frame, (0, 0), 1.0)
+    bright = max(float(np.percentile(small[::4, ::4], 97)), 1e-3)
+    dark = small < 0.5 * bright
+    h, w = dark.shape
+    cols = np.arange(w)
+    seen = dark.sum(1) >= 3
+    left = np.where(seen, dark.argmax(1), w)
+    right = np.where(seen, w - 1 - dark[:, ::-1].argmax(1), -1)
+    out = (cols[None, :] > left[:, None]) & (cols[None, :] < right[:, None]) & (small >= 0.25 * bright)
+    # The glass is its larger connected pieces (a vial's neck beside the plug is cut off from the body by the dark
+    # shoulder); a glint on a cap or a shield is a small piece of its own.
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(out.astype(np.uint8), connectivity=8)
+    if n < 2:
+        return np.zeros((h, w), bool)
+    area = stats[1:, cv2.CC_STAT_AREA]
+    glass = np.isin(lab, 1 + np.nonzero(area >= 0.01 * area.max())[0])
+    rows = np.nonzero(glass.sum(1) >= 3)[0]
+    if len(rows) < 8:
+        return np.zeros((h, w), bool)
+    top, bottom = int(rows[0]), int(rows[-1])
+    span = bottom - top + 1
+    want = np.zeros(h, bool)
+    want[top:top + int(round(bands[0] * span))] = True
+    want[bottom + 1 - int(round(bands[1] * span)):bottom + 1] = True
+    out[~want] = False
+    return out
 
 
 def _particle(rng: np.random.Generator, cfg: ImplantConfig, pixel_um: float | None, cx: float, cy: float,
@@ -190,8 +233,14 @@ def implant(frames: list[np.ndarray], cls: str, rng: np.random.Generator, pixel_
     if cls == "particle" and floor is not None and len(frames) > 1 and cfg.resting_share > 0 \
             and rng.uniform() < cfg.resting_share:
         resting = _on_floor(light, cfg, floor, rng)
+    # Drawn only when asked for, so that units drawn without it stay as they were drawn before it existed.
+    at_ends = cls == "crack" and cfg.crack_ends > 0 and rng.uniform() < cfg.crack_ends
     if resting is None:
         spots = placements(light, cfg, margin=12)
+        if at_ends:
+            ends = glass_ends(frames[0], cfg.end_bands)
+            there = spots[ends[spots[:, 0], spots[:, 1]]] if len(spots) else spots
+            spots = there if len(there) else spots  # no end found lit: anywhere lit, as without the setting
         if len(spots) == 0:
             return None
         cy, cx = (float(v) for v in spots[int(rng.integers(len(spots)))])

@@ -211,6 +211,10 @@ class TrainConfig:
     # Off: at 0.25 particles +0.03 on fx68 and -0.03 on the held-out fx61, the particle AUROC down on both
     # (docs/new_line.md, "Tumbling synthetic particles"), not adopted.
     implant_tumble: Float = 0.0
+    # Data without masks: the share of the synthetic cracks drawn at the container's two ends (a vial's heel, its
+    # shoulder and neck; a syringe's flange end and cone: datasets/implant.py glass_ends), where handling and
+    # capping crack a container, instead of anywhere lit (which puts ~7% of them in a vial's heel rows). 0 = off.
+    implant_crack_ends: Float = 0.0
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
     # stopping see particles and cracks where the labelled split holds few or none (a 50-label line's split held
@@ -326,6 +330,8 @@ class TrainConfig:
             raise _bad("implant_scratches", f"must be within 0..1, got {self.implant_scratches}")
         if not 0 <= self.implant_resting <= 1:
             raise _bad("implant_resting", f"must be within 0..1, got {self.implant_resting}")
+        if not 0 <= self.implant_crack_ends <= 1:
+            raise _bad("implant_crack_ends", f"must be within 0..1, got {self.implant_crack_ends}")
         if not 0 <= self.implant_tumble <= 3.15:
             raise _bad("implant_tumble", f"must be within 0..3.15 (radians a frame), got {self.implant_tumble}")
         lo, hi = self.implant_particle_um

@@ -144,7 +144,7 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
                             nuisance_masks=cfg.map_nuisance_weight != 1.0)
     implant_cfg = ImplantConfig(particle_um=tuple(cfg.implant_particle_um), scratch_share=cfg.implant_scratches,
                                 bubble_share=cfg.implant_bubbles, resting_share=cfg.implant_resting,
-                                tumble=cfg.implant_tumble,
+                                tumble=cfg.implant_tumble, crack_ends=cfg.implant_crack_ends,
                                 **IMPLANT_LOOKS[cfg.implant_look])
     transform = TrainTransform(spec, aug, implant, implant_cfg, image_label_weight=cfg.image_label_weight)
     items = TrainingItems(base, transform, cfg.crop, cfg.crops_per_full)
