@@ -319,3 +319,54 @@ def test_a_tumbling_particle_turns_from_frame_to_frame_and_a_plain_one_keeps_its
     assert TrainConfig.from_dict({"implant_tumble": 0.25}).implant_tumble == 0.25
     with pytest.raises(SettingError, match="implant_tumble"):
         TrainConfig.from_dict({"implant_tumble": -0.1})
+
+
+def _toy_vial(h: int = 300, w: int = 160) -> np.ndarray:
+    """A back-lit vial seen from the side: bright field, dark walls and base, a black cap at the top."""
+    img = np.full((h, w), 0.85, np.float32)
+    img[20:290, 30:34] = img[20:290, 126:130] = 0.2  # the walls
+    img[286:290, 30:130] = 0.2  # the base
+    img[20:50, 30:130] = 0.05  # the cap
+    return img
+
+
+def test_glass_ends_are_the_lit_glass_at_the_top_and_bottom_of_the_container():
+    from vialinspect.datasets.implant import glass_ends
+
+    img = _toy_vial()
+    ends = glass_ends(img)
+    rows = np.nonzero(ends.any(1))[0]
+    cols = np.nonzero(ends.any(0))[0]
+    assert not ends[20:48].any()  # not on the cap: a crack there would not be seen
+    assert 30 < cols.min() and cols.max() < 130  # within the outline, not on the bright field beside it
+    # The lit glass spans rows ~50-289: its top 35% and its bottom 12%, nothing of the middle.
+    assert 48 <= rows.min() <= 52 and 128 <= rows[rows < 200].max() <= 136
+    assert 255 <= rows[rows > 200].min() <= 263 and not ends[140:250].any()
+    assert not glass_ends(np.full((200, 100), 0.8, np.float32)).any()  # no container seen: nothing
+
+
+def test_cracks_drawn_at_the_ends_lie_there_and_the_setting_off_draws_as_before():
+    from vialinspect.datasets.implant import glass_ends
+    from vialinspect.training.config import SettingError, TrainConfig
+
+    img = _toy_vial()
+    ends = glass_ends(img)
+    for seed in range(12):
+        _, mask = implant([img], "crack", np.random.default_rng(seed), None, ImplantConfig(crack_ends=1.0))
+        ys, xs = np.nonzero(mask)
+        assert ends[int(np.median(ys)), int(np.median(xs))] or ends[ys, xs].mean() > 0.5
+    # Off (the default), the draws are those made before the setting existed: the same cracks, some in the middle.
+    middle = 0
+    for seed in range(12):
+        a = implant([img], "crack", np.random.default_rng(seed), None, ImplantConfig())
+        b = implant([img], "crack", np.random.default_rng(seed), None, ImplantConfig(crack_ends=0.0))
+        assert np.array_equal(a[1], b[1]) and np.array_equal(a[0][0], b[0][0])
+        middle += int(not ends[tuple(np.argwhere(a[1])[0])])
+    assert middle > 0
+    # Particles are not moved to the ends.
+    p = implant([img], "particle", np.random.default_rng(4), None, ImplantConfig(crack_ends=1.0))
+    assert np.array_equal(p[1], implant([img], "particle", np.random.default_rng(4), None, ImplantConfig())[1])
+    assert TrainConfig().implant_crack_ends == 0.0
+    assert TrainConfig.from_dict({"implant_crack_ends": 0.5}).implant_crack_ends == 0.5
+    with pytest.raises(SettingError, match="implant_crack_ends"):
+        TrainConfig.from_dict({"implant_crack_ends": 1.5})
