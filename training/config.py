@@ -198,7 +198,8 @@ class TrainConfig:
     # Chance that a drawn good unit from a line's camera also gets one to three gas bubbles (the simulator's
     # sprite, 0.1-1.2 mm) as known-clean nuisances, so the particle map learns a bubble it has not seen on the line
     # is not a particle. Off: at 0.5 on a foreign line's still images particles +0.015, AUROC +0.010
-    # (docs/new_line.md, "Particles in still images"): not adopted.
+    # (docs/new_line.md, "Particles in still images"): not adopted. On spin-stop sequences at 0.5: fx68 particle /
+    # crack +0.045 / -0.030, w72 -0.045 / -0.075 ("What sets the crack threshold"): not adopted.
     implant_bubbles: Float = 0.0
     # Spin-stop sequences: the share of the synthetic particles that lie on the vial's floor and barely move (a
     # dense particle settled before the frames), placed by the container's classical geometry; vials only. Off:
@@ -214,6 +215,8 @@ class TrainConfig:
     # Data without masks: the share of the synthetic cracks drawn at the container's two ends (a vial's heel, its
     # shoulder and neck; a syringe's flange end and cone: datasets/implant.py glass_ends), where handling and
     # capping crack a container, instead of anywhere lit (which puts ~7% of them in a vial's heel rows). 0 = off.
+    # Off: at 0.5 on w65's sequences cracks fell 0.910 -> 0.881, its heel cracks found as before (docs/new_line.md,
+    # "What sets the crack threshold"), not adopted.
     implant_crack_ends: Float = 0.0
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
