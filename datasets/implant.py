@@ -74,7 +74,7 @@ class ImplantConfig:
     # glass is thick and the outline busy, and a uniform draw over the lit pixels puts few cracks there (~7% of
     # them within a vial's heel rows). 0 = off.
     crack_ends: float = 0.0
-    # The ends, as shares of the silhouette's height: its highest and its lowest rows.
+    # The ends, as shares of the rows the container's lit glass spans: its highest and its lowest (``glass_ends``).
     end_bands: tuple[float, float] = (0.35, 0.12)
 
 

@@ -370,3 +370,18 @@ def test_cracks_drawn_at_the_ends_lie_there_and_the_setting_off_draws_as_before(
     assert TrainConfig.from_dict({"implant_crack_ends": 0.5}).implant_crack_ends == 0.5
     with pytest.raises(SettingError, match="implant_crack_ends"):
         TrainConfig.from_dict({"implant_crack_ends": 1.5})
+
+
+def test_every_implant_setting_reaches_the_draw():
+    from vialinspect.training.config import TrainConfig
+    from vialinspect.training.trainer import implant_config
+
+    cfg = TrainConfig.from_dict({"implant_particle_um": [200.0, 800.0], "implant_scratches": 0.1,
+                                 "implant_bubbles": 0.2, "implant_resting": 0.3, "implant_tumble": 0.4,
+                                 "implant_crack_ends": 0.5, "implant_look": "varied"})
+    ic = implant_config(cfg)
+    assert (ic.particle_um, ic.scratch_share, ic.bubble_share, ic.resting_share, ic.tumble, ic.crack_ends) == \
+        ((200.0, 800.0), 0.1, 0.2, 0.3, 0.4, 0.5)
+    assert ic.kinds == IMPLANT_LOOKS["varied"]["kinds"]
+    # Today's defaults (implant_look resolved, as train resolves "auto" before it draws) draw as ImplantConfig's.
+    assert implant_config(TrainConfig(implant_look="simulator")) == ImplantConfig()

@@ -142,11 +142,7 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
     cache = int(_cache_bytes(cfg.cache_gb, workers) * cache_share)
     base = ContainerDataset(root, records, cache_bytes=cache, crack_min_mm=cfg.crack_min_mm,
                             nuisance_masks=cfg.map_nuisance_weight != 1.0)
-    implant_cfg = ImplantConfig(particle_um=tuple(cfg.implant_particle_um), scratch_share=cfg.implant_scratches,
-                                bubble_share=cfg.implant_bubbles, resting_share=cfg.implant_resting,
-                                tumble=cfg.implant_tumble, crack_ends=cfg.implant_crack_ends,
-                                **IMPLANT_LOOKS[cfg.implant_look])
-    transform = TrainTransform(spec, aug, implant, implant_cfg, image_label_weight=cfg.image_label_weight)
+    transform = TrainTransform(spec, aug, implant, implant_config(cfg), image_label_weight=cfg.image_label_weight)
     items = TrainingItems(base, transform, cfg.crop, cfg.crops_per_full)
     if workers > 0:
         before_fork()  # the workers are fork()ed (datasets.generate.before_fork says why)
@@ -154,6 +150,14 @@ def _loader(root, records, spec, cfg: TrainConfig, train: bool, d: Dist, augment
                         collate_fn=collate, pin_memory=False,
                         worker_init_fn=_worker_started if workers > 0 else None)
     return loader, sampler
+
+
+def implant_config(cfg: TrainConfig) -> ImplantConfig:
+    """How the synthetic defects and nuisances are drawn, from the training settings (``implant_*``)."""
+    return ImplantConfig(particle_um=tuple(cfg.implant_particle_um), scratch_share=cfg.implant_scratches,
+                         bubble_share=cfg.implant_bubbles, resting_share=cfg.implant_resting,
+                         tumble=cfg.implant_tumble, crack_ends=cfg.implant_crack_ends,
+                         **IMPLANT_LOOKS[cfg.implant_look])
 
 
 def _worker_started(_worker_id: int) -> None:
