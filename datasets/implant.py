@@ -112,7 +112,7 @@ def placements(light: np.ndarray, cfg: ImplantConfig, margin: int) -> np.ndarray
     return np.argwhere(ok[::4, ::4]) * 4
 
 
-def glass_ends(frame: np.ndarray, bands: tuple[float, float] = (0.35, 0.12)) -> np.ndarray:
+def glass_ends(frame: np.ndarray, bands: tuple[float, float] = ImplantConfig.end_bands) -> np.ndarray:
     """(H, W) bool: the container's two ends in a back-lit ``frame`` (float, [0, 1]).
 
     Its outline lies between the outermost dark pixels of each row (dark: under half the back light). Within it,
