@@ -219,6 +219,19 @@ def test_the_still_network_is_a_lines_first_model_only(line_sequences, coarse_da
     assert still_network_wanted(coarse_data, tmp_path, cfg, "auto", True, log.append)
 
 
+def test_the_still_network_can_learn_from_every_frame_and_validates_on_the_first(line_sequences):
+    from vialinspect.training.config import TrainConfig
+    from vialinspect.training.trainer import Dist, _prepare_data
+
+    said = []
+    for setting, train_frames in (("first", {1}), ("any", {2})):
+        data = _prepare_data(line_sequences, TrainConfig(frames=1, still_frames=setting), Dist(), torch.device("cpu"),
+                             said.append)
+        assert {len(r.frames) for r in data.train} == train_frames and {len(r.frames) for r in data.val} == {1}
+        assert data.spec.frames == 1
+    assert sum("still_frames: any" in line for line in said) == 1
+
+
 def test_still_network_off_trains_one_network(line_sequences, tmp_path, capsys):
     from vialinspect.cli import main
     from vialinspect.training.checkpoint import load_checkpoint

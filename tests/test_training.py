@@ -401,7 +401,8 @@ def test_implant_look_auto_leaves_out_glass_for_still_images_only():
 @pytest.mark.parametrize("bad,match", [({"map_head": "sparse"}, "map_head"), ({"branch_width": 0}, "branch_width"),
                                        ({"widths": [8, 8, 8]}, "widths"), ({"widths": [8, 8, 0, 8, 8]}, "widths"),
                                        ({"implant_look": "photoreal"}, "implant_look"),
-                                       ({"mil_pool": "mean"}, "mil_pool")])
+                                       ({"mil_pool": "mean"}, "mil_pool"),
+                                       ({"still_frames": "all"}, "still_frames")])
 def test_network_settings_are_checked_before_training(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict(bad)
@@ -505,6 +506,23 @@ def test_nuisance_and_left_out_cells_follow_the_crop_and_the_augmentation():
         assert (out["map_ignore"][0] == out["map_target"][1]).all() and out["map_ignore"][1:].sum() == 0
     plain = t(Sample(**{**s.__dict__, "nuisance": None}), full=False, seed=0)
     assert plain["map_nuisance"].sum() == 0
+
+
+def test_a_still_network_draws_any_frame_of_a_unit_given_whole_and_a_sequence_network_all():
+    import numpy as np
+
+    from vialinspect.datasets.torch_dataset import Sample
+
+    frames = [np.full((64, 48), 40 * (k + 1), np.uint8) for k in range(4)]  # each frame told by its grey
+    s = Sample(frames=frames, masks=np.zeros((3, 64, 48), np.uint8), labels=np.zeros(3, np.float32), has_mask=True,
+               fill_height_mm=float("nan"), rows=np.array([np.nan, np.nan], np.float32), index=0)
+    still = TrainTransform(InputSpec(frames=1, pixel_um=40.0))
+    drawn = [still.one_frame(s, seed) for seed in range(40)]
+    assert all(len(d.frames) == 1 for d in drawn)
+    assert {int(d.frames[0][0, 0]) for d in drawn} == {40, 80, 120, 160}  # every frame comes up
+    assert int(still.one_frame(s, 7).frames[0][0, 0]) == int(still.one_frame(s, 7).frames[0][0, 0])  # by the seed
+    assert still(s, full=True, seed=3)["x"].shape[0] == 1
+    assert TrainTransform(InputSpec(frames=4, pixel_um=40.0)).one_frame(s, 3) is s
 
 
 def test_nuisance_masks_are_built_only_when_training_weighs_them(coarse_data):

@@ -155,6 +155,14 @@ class TrainTransform:
         self._floors: dict[int, Floor | None] = {}
         self.image_label_weight = image_label_weight
 
+    def one_frame(self, s: Sample, seed: int | None) -> Sample:
+        """A one-frame network's training unit given with all its frames (setting ``still_frames: any``): one of
+        them, drawn by the draw's own seed, so each draw of a spin-stop unit can show another view of it."""
+        if self.spec.frames != 1 or len(s.frames) <= 1:
+            return s
+        k = int(np.random.default_rng(None if seed is None else [seed, 4]).integers(len(s.frames)))
+        return replace(s, frames=[s.frames[k]])
+
     def implanted(self, s: Sample, seed: int | None) -> Sample:
         """``s`` with a synthetic defect where the settings draw one (a good unit from a line's camera), else
         as it is; such a unit comes back marked as having (empty) masks, and as drawn (not implantable again)."""
@@ -196,6 +204,7 @@ class TrainTransform:
         return replace(s, frames=frames, masks=masks, labels=labels)
 
     def __call__(self, s: Sample, full: bool = True, seed: int | None = None) -> dict:
+        s = self.one_frame(s, seed)
         s = self.implanted(s, seed)
         if self.augment is not None:
             s = self.augment(s, seed=seed)
@@ -270,7 +279,7 @@ class TrainingItems(TorchDataset):
         rng = np.random.default_rng(seed)
         # A good unit from a line's camera gets its synthetic defect before cropping, so that half the crops
         # are centred on it, as on a simulated defect (the crops are not implantable again).
-        s = self.transform.implanted(s, seed)
+        s = self.transform.implanted(self.transform.one_frame(s, seed), seed)
         boxes = _blob_boxes(s.masks.max(0)) if s.masks.any() else None
         items = []
         for _ in range(self.crops):

@@ -120,7 +120,8 @@ def train_pair(data_dir: str | Path, out: Path, cfg: TrainConfig, init: str | No
             log(f"warning: {still_budget:.1f} min of the budget left for the still network; it gets "
                 f"{MIN_STILL_MINUTES:g} min (one epoch at least), past the budget")
             still_budget = MIN_STILL_MINUTES
-    log(f"2/2 still network on each unit's first frame, from {still_init or 'random weights'} -> {still_dir}"
+    which = "first frame" if cfg.still_frames == "first" else "frames, one at random a draw"
+    log(f"2/2 still network on each unit's {which}, from {still_init or 'random weights'} -> {still_dir}"
         + (f" ({still_budget:.1f} min)" if still_budget else ""))
     # Only the still network's crack score enters the pair, so its synthetic particles keep the sequence
     # network's look (the pair's figures were measured so).
