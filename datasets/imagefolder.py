@@ -15,6 +15,11 @@ Folder names are read as people write them: case, spaces and hyphens do not matt
 name) are good units, and ``validation/`` is the val split. The dataset's header lists each folder read so
 (``folders_read_as``), and ``vialinspect dataset check`` shows it, so that a user sees which folder became which
 class.
+
+What a file manager or a tool leaves in folders is passed over, not read as images: hidden entries (a name that
+starts with a dot: macOS's ``.DS_Store`` and its ``._name.png`` resource forks, which carry an image suffix,
+``.ipynb_checkpoints``) and Windows's ``Thumbs.db`` and ``desktop.ini``. Inside a unit's folder such a file
+would otherwise count as a frame, or make the folder a lot; the header counts them (``system_files_skipped``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .imageio import IMAGE_SUFFIXES
+from .imageio import IMAGE_SUFFIXES, is_system_file
 from .manifest import Dataset, DatasetError, Problem
 from .records import DEFECT_CLASSES, SPLITS, ContainerRecord, split_for
 
@@ -33,6 +38,13 @@ FOLDER_CLASSES = (GOOD, *DEFECT_CLASSES)
 _CLASS_NAMES = {**{c: c for c in FOLDER_CLASSES}, "ok": GOOD, "normal": GOOD, "fill": "fill_level",
                 "filllevel": "fill_level"}
 _SPLIT_NAMES = {**{s: s for s in SPLITS}, "validation": "val", "valid": "val"}
+
+
+def _entries(folder: Path, skipped: list[Path]) -> list[Path]:
+    """``folder``'s entries in name order, without system files (added to ``skipped``)."""
+    entries = sorted(folder.iterdir())
+    skipped += [p for p in entries if is_system_file(p)]
+    return [p for p in entries if not is_system_file(p)]
 
 
 def _plain(name: str) -> str:
@@ -63,17 +75,19 @@ def read_imagefolder(root: Path) -> Dataset:
         raise DatasetError(f"{root}: not a directory")
     problems: list[Problem] = []
     records: list[ContainerRecord] = []
-    split_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and folder_split(d.name)]
+    skipped: list[Path] = []
+    top = _entries(root, skipped)
+    split_dirs = [d for d in top if d.is_dir() and folder_split(d.name)]
     groups = [(d, folder_split(d.name)) for d in split_dirs] if split_dirs else [(root, None)]
     read_as = {d.name: split for d, split in groups if split and d.name != split}
     if split_dirs:  # split folders fix the split of everything; a class folder beside them would be lost quietly
-        for d in sorted(root.iterdir()):
+        for d in top:
             if d.is_dir() and folder_class(d.name):
                 problems.append(Problem(None, None, f"class folder {d.name} beside the split folders "
                                                     f"({', '.join(x.name for x in split_dirs)}); skipped: move it "
                                                     "into one of them"))
     for base, fixed_split in groups:
-        for d in sorted(base.iterdir()):
+        for d in (top if base == root else _entries(base, skipped)):
             if not d.is_dir():
                 continue
             cls = folder_class(d.name)
@@ -85,7 +99,7 @@ def read_imagefolder(root: Path) -> Dataset:
             if d.name != cls:
                 read_as[d.relative_to(root).as_posix()] = cls
             classes = [] if cls == GOOD else [cls]
-            for unit, frames in _containers(d, root, problems):
+            for unit, frames in _containers(d, root, problems, skipped):
                 rel = unit.relative_to(root).as_posix()
                 records.append(ContainerRecord(id=rel, frames=frames, classes=classes,
                                                split=fixed_split or split_for(rel)))
@@ -101,20 +115,27 @@ def read_imagefolder(root: Path) -> Dataset:
     header = {"format": "imagefolder", "frames_per_container": k, "classes": list(DEFECT_CLASSES)}
     if read_as:
         header["folders_read_as"] = read_as
+    if skipped:
+        header["system_files_skipped"] = len(skipped)
     return Dataset(root=root, kind="imagefolder", header=header, records=records, problems=problems)
 
 
 
-def _containers(folder: Path, root: Path, problems: list[Problem]) -> list[tuple[Path, list[str]]]:
+def _containers(folder: Path, root: Path, problems: list[Problem],
+                skipped: list[Path]) -> list[tuple[Path, list[str]]]:
     """(entry, frames) of every container under a class folder: each image file is one; a folder of at most
     ``MAX_SEQUENCE`` images and no subfolders is one sequence; a larger or nested folder (a lot, a day) is
-    walked for both."""
+    walked for both. System files are passed over (``skipped``)."""
     out = []
-    for entry in sorted(folder.iterdir()):
-        inside = sorted(entry.iterdir()) if entry.is_dir() else [entry]
-        if entry.is_dir() and (len(inside) > MAX_SEQUENCE or any(not f.is_file() for f in inside)):
-            out += _containers(entry, root, problems)
-        elif frames := _frames([f for f in inside if f.is_file()], root, problems):
+    for entry in _entries(folder, skipped):
+        inside, passed_over = [entry], []
+        if entry.is_dir():
+            inside = _entries(entry, passed_over)
+            if len(inside) > MAX_SEQUENCE or any(not f.is_file() for f in inside):
+                out += _containers(entry, root, problems, skipped)  # counts what it passes over itself
+                continue
+        skipped += passed_over
+        if frames := _frames([f for f in inside if f.is_file()], root, problems):
             out.append((entry, frames))
     return out
 

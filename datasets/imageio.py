@@ -16,6 +16,18 @@ import numpy as np
 from vialinspect.errors import VialinspectError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # what Windows writes into folders of pictures
+
+
+def is_system_file(path: Path) -> bool:
+    """A hidden entry (a name starting with a dot: macOS's ``.DS_Store`` and ``._name.png`` resource forks,
+    ``.ipynb_checkpoints``) or a file Windows leaves in folders of pictures: never an inspection image."""
+    return path.name.startswith(".") or path.name.lower() in _SYSTEM_FILES
+
+
+def is_image_file(path: Path) -> bool:
+    """A name of an image file (by its suffix) that is not a system file: what a folder of frames holds."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not is_system_file(path)
 
 
 class ImageError(VialinspectError):

@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
-from vialinspect.datasets.imageio import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageError, read_gray_bounded
+from vialinspect.datasets.imageio import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageError, is_image_file, read_gray_bounded
 from vialinspect.errors import VialinspectError
 
 from .assembly import NO_SEQ
@@ -460,8 +460,8 @@ class FolderSource(Source):
 
     @staticmethod
     def _images(root: Path) -> list[Path]:
-        return sorted((p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                      key=lambda p: p.name)
+        # A system file with an image's suffix (a macOS ._name.png) would shift every later unit's frames.
+        return sorted((p for p in root.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: p.name)
 
     @property
     def exhausted(self) -> bool:

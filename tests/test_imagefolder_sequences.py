@@ -40,3 +40,32 @@ def test_stills_in_lot_folders_stay_one_container_each(tmp_path):
     assert ds.header["frames_per_container"] == 1 and len(ds.records) == 21
     assert [r.id for r in singles] == ["particle/single.png"]
     assert any("3 frames" in p.message for p in ds.problems)  # the nested day folder reads as one 3-frame unit
+
+
+def test_system_files_are_passed_over_not_read_as_frames_or_problems(tmp_path):
+    for u in range(2):
+        for k in range(4):
+            _img(tmp_path / "particle" / f"u{u}" / f"f{k}.png")
+        # What a Mac and Windows leave: a resource fork with an image suffix inside a unit, a folder's metadata
+        (tmp_path / "particle" / f"u{u}" / "._f0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+        (tmp_path / "particle" / f"u{u}" / ".DS_Store").write_bytes(b"Bud1")
+    for k in range(4):
+        _img(tmp_path / "good" / "g0" / f"f{k}.png")
+    (tmp_path / "good" / "Thumbs.db").write_bytes(b"x")
+    (tmp_path / "good" / ".ipynb_checkpoints").mkdir()  # a hidden folder does not make good/ a lot
+    _img(tmp_path / "good" / ".ipynb_checkpoints" / "f0-checkpoint.png")
+    (tmp_path / ".git").mkdir()
+    ds = read_imagefolder(tmp_path)
+    assert sorted(r.id for r in ds.records) == ["good/g0", "particle/u0", "particle/u1"]
+    assert all(len(r.frames) == 4 and not any("/." in f for f in r.frames) for r in ds.records)
+    assert ds.problems == [] and ds.header["system_files_skipped"] == 7
+    # An ordinary file that is not an image is still reported
+    (tmp_path / "good" / "notes.txt").write_text("x")
+    assert [p.id for p in read_imagefolder(tmp_path).problems] == ["good/notes.txt"]
+    # In a lot folder of stills, counted once
+    stills = tmp_path / "stills"
+    for k in range(20):
+        _img(stills / "crack" / "lot1" / f"c{k:02d}.png")
+    (stills / "crack" / "lot1" / ".DS_Store").write_bytes(b"Bud1")
+    ds = read_imagefolder(stills)
+    assert ds.header["system_files_skipped"] == 1 and len(ds.records) == 20 and not ds.problems

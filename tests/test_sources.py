@@ -149,6 +149,20 @@ def test_folder_loop_keeps_ids_unique_and_converts_to_gray(tmp_path):
     assert frames[1].pixels.dtype == np.uint16
 
 
+def test_folder_passes_over_system_files_that_would_shift_the_units_frames(tmp_path):
+    folder = tmp_path / "copied_from_a_mac"
+    folder.mkdir()
+    for unit in ("u1", "u2"):
+        for k in range(2):
+            write_png(folder / f"{unit}_f{k}.png", np.full((8, 6), 100 + k, np.uint8))
+    (folder / "._u1_f0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a resource fork, named as an image
+    (folder / "Thumbs.db").write_bytes(b"x")
+    with open_source(f"folder:{folder}", 2) as src:
+        frames = read_all(src)
+    assert [f.container_id for f in frames] == ["u1", "u1", "u2", "u2"]
+    assert [int(f.pixels[0, 0]) for f in frames] == [100, 101, 100, 101]  # each unit's own frames, in order
+
+
 def test_video_file_source(tmp_path):
     path = tmp_path / "line.avi"
     w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))

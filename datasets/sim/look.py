@@ -66,7 +66,7 @@ import cv2
 import numpy as np
 
 from ..imagefolder import is_imagefolder
-from ..imageio import IMAGE_SUFFIXES, ImageError, read_gray_bounded
+from ..imageio import ImageError, is_image_file, read_gray_bounded
 from ..manifest import MANIFEST_NAME
 from ..reader import open_dataset
 from .config import CameraConfig, SimConfig
@@ -949,7 +949,7 @@ def good_units(root: str | Path) -> list[list[Path]]:
         if not units:
             raise ValueError(f"{root}: no good units (the folder good/, or rows without defect classes)")
         return units
-    images = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in root.iterdir() if p.is_file() and is_image_file(p))
     if not images:
         raise ValueError(f"{root}: no images (an ImageFolder with good/, a dataset, or a folder of image files)")
     return [[p] for p in images]

@@ -178,7 +178,8 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
     advice = line_advice(ds.records)
     if a.json:
         print(json.dumps({"summary": summary, "problems": [str(p) for p in problems], "advice": advice,
-                          "folders_read_as": ds.header.get("folders_read_as", {})}, indent=2))
+                          "folders_read_as": ds.header.get("folders_read_as", {}),
+                          "system_files_skipped": ds.header.get("system_files_skipped", 0)}, indent=2))
     else:
         print(f"{ds.root}: {ds.kind} dataset, {summary['containers']} containers, {summary['frames']} frames")
         if "units" in summary:
@@ -189,6 +190,9 @@ def cmd_dataset_check(a: argparse.Namespace) -> int:
         print(f"  {'good_with_bubbles':22s} {summary['good_with_bubbles']}")
         if read_as := ds.header.get("folders_read_as"):
             print(f"  {'folders_read_as':22s} " + ", ".join(f"{k}/ = {v}" for k, v in read_as.items()))
+        if skipped := ds.header.get("system_files_skipped"):
+            print(f"  {'system_files_skipped':22s} {skipped} (hidden files such as .DS_Store and ._*, Thumbs.db, "
+                  "desktop.ini: not images)")
         if advice:  # not problems: the data is valid; what it lacks for learning a line
             print("advice for learning a line from these images (counted over the train and val splits, "
                   "which `train` reads):")
