@@ -525,6 +525,16 @@ def test_a_still_network_draws_any_frame_of_a_unit_given_whole_and_a_sequence_ne
     assert TrainTransform(InputSpec(frames=4, pixel_um=40.0)).one_frame(s, 3) is s
 
 
+def test_still_frames_any_leaves_masked_data_on_its_first_frame(coarse_data):
+    from vialinspect.training.trainer import Dist, _prepare_data
+
+    said = []
+    data = _prepare_data(coarse_data, TrainConfig(frames=1, still_frames="any"), Dist(), torch.device("cpu"),
+                         said.append)
+    assert {len(r.frames) for r in data.train} == {1}  # a mask covers both frames: not one frame's defect
+    assert any("for data without masks" in line for line in said)
+
+
 def test_nuisance_masks_are_built_only_when_training_weighs_them(coarse_data):
     from vialinspect.datasets.reader import open_dataset
     from vialinspect.datasets.torch_dataset import ContainerDataset

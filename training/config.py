@@ -252,9 +252,9 @@ class TrainConfig:
     still_share: Float = 0.5
     # Which frames of a line's spin-stop units the still network learns from: "first" (frame 0, the frame it is
     # given in the pair) or "any" (each time a training unit is drawn, one of its frames at random: K views of its
-    # bubbles and particles, each elsewhere, at no extra labels or time; validation and the pair keep frame 0).
-    # "first": "any" on w65's sequences found fewer cracks (0.910 -> 0.866 at 2% false rejects; docs/new_line.md,
-    # "The still network on every frame"), not adopted.
+    # bubbles and particles, each elsewhere, at no extra labels or time; validation and the pair keep frame 0;
+    # data without masks only, as a mask covers all the frames). Default "first": "any" found fewer cracks on w65's
+    # sequences (0.910 -> 0.866 at 2% false rejects; docs/new_line.md, "The still network on every frame").
     still_frames: str = "first"
     # Where the still network starts: "auto" (the still-image transfer model builtin:still where the fill gauge
     # measures the fill level, else builtin:default; random weights with --init none), or a model as --init takes

@@ -412,10 +412,13 @@ def _prepare_data(data_dir: str | Path, cfg: TrainConfig, d: Dist, device: torch
     frames = cfg.frames or ds.frames_per_container
     train_recs, val_recs = _splits(ds, frames, log, cfg.frr)
     if frames == 1 and cfg.still_frames == "any" and ds.frames_per_container > 1:
-        whole = {r.id: r for r in ds.records}
-        train_recs = [whole[r.id] for r in train_recs]  # TrainTransform.one_frame draws one frame a draw
-        log(f"the training units' {ds.frames_per_container} frames each taken as still images, one at random a draw "
-            "(setting still_frames: any); validation on the first frame")
+        if any(r.mask is not None for r in train_recs):  # a mask covers all the frames: a moving particle's track
+            log("note: setting still_frames: any is for data without masks; the still network learns frame 0")
+        else:
+            whole = {r.id: r for r in ds.records}
+            train_recs = [whole[r.id] for r in train_recs]  # TrainTransform.one_frame draws one frame a draw
+            log(f"the training units' {ds.frames_per_container} frames each taken as still images, one at random a "
+                "draw (setting still_frames: any); validation on the first frame")
     pixel = {r.pixel_um for r in train_recs}
     spec = InputSpec(frames=frames, pixel_um=pixel.pop() if len(pixel) == 1 else None, max_side=cfg.max_side)
     has_fill = has_fill_heights(train_recs)
