@@ -146,9 +146,17 @@ def test_evaluate_cli_on_a_checkpoint(coarse_data, tiny_run, tmp_path, capsys):
     # rule itself is tested in test_calibration; how well a one-epoch network reads fill heights is not pinned).
     unreachable = sum(not p["reached"] for p in points)
     assert (tmp_path / "rep" / "report.md").read_text().count("(budget not reachable)") == unreachable
-    assert capsys.readouterr().out.count("budget not reachable: the fill level's spec edge alone") == unreachable
-    for png in ("pod.png", "roc.png", "confusion.png", "worst.png"):
+    out = capsys.readouterr().out
+    assert out.count("budget not reachable: the fill level's spec edge alone") == unreachable
+    assert "what decides the 2% point" in out
+    for png in ("pod.png", "roc.png", "confusion.png", "worst.png", "budget.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
+    # The units that decide the 2% point: named in the JSON, the markdown and on the terminal
+    bu = rep["budget_units"]
+    assert bu["budget"] == 0.02 and set(bu["classes"]) == {"particle", "crack", "fill_level"}
+    top = bu["classes"]["particle"]["good_highest"][0]["id"]
+    assert "What decides the 2% point" in (tmp_path / "rep" / "report.md").read_text()
+    assert top in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_corrupt_checkpoint_and_bad_paths_give_clear_errors(coarse_data, tmp_path, capsys):

@@ -23,6 +23,7 @@ from vialinspect.vision.fill_gauge import FillGauge
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
+from .budget_units import budget_units
 from .calibrate import gauge_edge, operating_points
 from .checkpoint import CheckpointError, build_model, load_checkpoint
 from .metrics import auroc, evaluate
@@ -181,6 +182,8 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     th = thresholds or m.thresholds
     report = evaluate(usable, scores, th, m.model_id)
     report["operating_points"] = operating_points(usable, scores)
+    if (units := budget_units(usable, scores, report["operating_points"])) is not None:
+        report["budget_units"] = units
     report["dataset"] = {"path": str(Path(data_dir).resolve()), "kind": ds.kind, "split": split or "default",
                          "skipped_frame_count": dropped, "bad_rows": len(ds.problems)}
     report["model_source"] = m.source

@@ -15,7 +15,7 @@ import numpy as np
 
 from vialinspect.datasets.imageio import ImageError, read_gray, to_uint8
 from vialinspect.datasets.records import ContainerRecord
-from vialinspect.vision.scores import CLASSES, Scores, class_scores
+from vialinspect.vision.scores import CLASSES, LOCALIZED, Scores, class_scores
 
 from .metrics import roc_curve, worst_item_class
 
@@ -84,6 +84,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     "rejected for any class. What the model's scores separate on this data, not what its release "
                     "thresholds promise: those are set on other units (training's validation split, or "
                     "`package calibrate` on a lot of accepted units), and the per-class table is theirs."]
+    out += _budget_units_md(report.get("budget_units"))
 
     out += ["", "## Probability of detection by particle size", ""]
     pod = report["pod_by_particle_size"]
@@ -261,26 +262,10 @@ def _plot_worst(plt: Any, report: dict[str, Any], path: Path, records: list[Cont
         score = _DASH if item["score"] is None else f"{item['score']:.3f}"
         ax.set_title(f"{name}\n{item['kind'].replace('_', ' ')} · {cls} {score}", fontsize=8)
         i = index.get(item["id"])
-        if i is None or not records[i].frames:
+        if i is None:
             ax.text(0.5, 0.5, "record not given", ha="center", va="center", transform=ax.transAxes)
             continue
-        try:
-            img = to_uint8(read_gray(Path(dataset_root) / records[i].frames[0]))
-        except (ImageError, OSError) as e:
-            ax.text(0.5, 0.5, f"cannot read frame:\n{e}", ha="center", va="center", fontsize=6, wrap=True,
-                    transform=ax.transAxes)
-            continue
-        h, w = img.shape
-        ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
-        maps = scores[i].maps
-        if maps is not None and cls in CLASSES and np.ndim(maps) == 3 and CLASSES.index(cls) < len(maps):
-            heat = np.clip(np.asarray(maps[CLASSES.index(cls)], dtype=np.float32), 0, 1)
-            stride = scores[i].map_stride
-            # extent does the upsampling: map cell (r, c) covers image pixels [c*stride, (c+1)*stride).
-            ax.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=0.6 * heat, interpolation="bilinear",
-                      extent=(0, heat.shape[1] * stride, heat.shape[0] * stride, 0))
-        ax.set_xlim(0, w)
-        ax.set_ylim(h, 0)
+        _draw_unit(ax, records[i], scores[i], cls, Path(dataset_root))
     fig.suptitle("worst false rejects and misses (overlay: model's map for the named class)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -300,7 +285,8 @@ def write_report(report: dict[str, Any], out_dir: Path, records: list[ContainerR
                  scores: list[Scores] | None = None, dataset_root: Path | None = None,
                  thresholds: dict[str, float] | None = None) -> dict[str, Path]:
     """Write report.json, report.md, pod.png, roc.png, confusion.png and, with records, scores and the
-    dataset root, worst.png. Returns the paths by name (json, md, pod, roc, confusion, worst)."""
+    dataset root, worst.png and (where the report has its budget's units) budget.png. Returns the paths by name
+    (json, md, pod, roc, confusion, worst, budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,7 +310,89 @@ def write_report(report: dict[str, Any], out_dir: Path, records: list[ContainerR
     if records is not None and scores is not None and dataset_root is not None:
         paths["worst"] = out_dir / "worst.png"
         _plot_worst(plt, report, paths["worst"], records, scores, Path(dataset_root))
+        if _plot_budget_units(plt, report, out_dir / "budget.png", records, scores, Path(dataset_root)):
+            paths["budget"] = out_dir / "budget.png"
+        else:
+            (out_dir / "budget.png").unlink(missing_ok=True)  # an earlier report's, not this one's
     return paths
+
+
+def _units(items: list[dict[str, Any]]) -> str:
+    return "; ".join(f"`{u['id']}` {u['score']:.3f}" for u in items) or _DASH
+
+
+def _budget_units_md(bu: dict[str, Any] | None) -> list[str]:
+    """The units that decide the quoted budget's figures (``training.budget_units``), as a markdown section."""
+    if not bu:
+        return []
+    out = ["", f"### What decides the {bu['budget']:.0%} point", ""]
+    out += _table(["class", "threshold", "good units scoring highest (they set the threshold)", "missed",
+                   "missed units scoring highest"], [
+        [c, f"{v['threshold']:.4f}", _units(v["good_highest"]), str(v["n_missed"]), _units(v["missed"])]
+        for c, v in bu["classes"].items()])
+    out += ["", "Look at these units first (`budget.png`: each around its class map's peak): what the good ones "
+                "show (bubbles, scratches, dust) is what the model confuses with a defect, and the missed ones "
+                "are what it does not find at this budget."]
+    return out
+
+
+def _plot_budget_units(plt: Any, report: dict[str, Any], path: Path, records: list[ContainerRecord],
+                       scores: list[Scores], dataset_root: Path, n: int = 4, half: int = 48) -> bool:
+    """budget.png: per class with a map, the good units scoring highest and the units missed at the quoted
+    budget, each shown ``half`` px around its class map's peak (a crack or a particle is a few pixels wide).
+    False (nothing written) where there are no such units."""
+    bu = report.get("budget_units") or {}
+    index = {r.id: i for i, r in enumerate(records)}
+    rows = [(c, kind, v[key][:n]) for c, v in (bu.get("classes") or {}).items() if c in LOCALIZED
+            for kind, key in (("good", "good_highest"), ("missed", "missed")) if v[key]]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.2 * n, 2.5 * len(rows)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, (cls, kind, items) in enumerate(rows):
+        for ax, item in zip(axes[r], items, strict=False):
+            name = item["id"] if len(item["id"]) <= 22 else "…" + item["id"][-21:]
+            ax.set_title(f"{kind} · {cls} {item['score']:.3f}\n{name}", fontsize=7)
+            i = index.get(item["id"])
+            if i is not None:
+                _draw_unit(ax, records[i], scores[i], cls, Path(dataset_root), half)
+    fig.suptitle(f"what decides the {bu['budget']:.0%} point (overlay: the model's map for the class)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _draw_unit(ax: Any, record: ContainerRecord, sc: Scores, cls: str | None, dataset_root: Path,
+               half: int | None = None) -> None:
+    """A unit's first frame on ``ax`` with its map for ``cls`` laid over; with ``half``, only the window of that
+    many pixels around the map's peak."""
+    if not record.frames:
+        ax.text(0.5, 0.5, "record not given", ha="center", va="center", transform=ax.transAxes)
+        return
+    try:
+        img = to_uint8(read_gray(Path(dataset_root) / record.frames[0]))
+    except (ImageError, OSError) as e:
+        ax.text(0.5, 0.5, f"cannot read frame:\n{e}", ha="center", va="center", fontsize=6, wrap=True,
+                transform=ax.transAxes)
+        return
+    h, w = img.shape
+    ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="bilinear")
+    x0, x1, y0, y1 = 0, w, 0, h
+    maps = sc.maps
+    if maps is not None and cls in CLASSES and np.ndim(maps) == 3 and CLASSES.index(cls) < len(maps):
+        heat = np.clip(np.asarray(maps[CLASSES.index(cls)], dtype=np.float32), 0, 1)
+        stride = sc.map_stride
+        # extent does the upsampling: map cell (r, c) covers image pixels [c*stride, (c+1)*stride).
+        ax.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=0.6 * heat, interpolation="bilinear",
+                  extent=(0, heat.shape[1] * stride, heat.shape[0] * stride, 0))
+        if half is not None:
+            r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            cy, cx = (r + 0.5) * stride, (c + 0.5) * stride
+            x0, x1, y0, y1 = cx - half, cx + half, cy - half, cy + half
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
 
 
 # ---------------------------------------------------------------------------------------------------------

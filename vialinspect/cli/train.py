@@ -127,6 +127,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             reach = ("" if p["reached"] else ", budget not reachable: the fill level's "
                      f"{p['fill_level_threshold']} alone rejects more")
             print(f"    <= {p['budget']:.0%} ({p['false_reject_rate']:.1%} of good units rejected{reach}): {found}")
+    if bu := report.get("budget_units"):
+        def listed(units: list[dict]) -> str:
+            return ", ".join(f"{u['id']} ({u['score']:.3f})" for u in units[:3]) or "-"
+
+        print(f"  what decides the {bu['budget']:.0%} point (all of them in report.md, budget.png):")
+        for c, v in bu["classes"].items():
+            print(f"    {c:11s} threshold {v['threshold']:.4f}; good units scoring highest "
+                  f"{listed(v['good_highest'])}; missed {v['n_missed']}"
+                  + (f": {listed(v['missed'])}" if v["missed"] else ""))
     far = (report.get("fill_gauge") or {}).get("good_beyond_fence") or []
     if far:
         ids = ", ".join(f"{u['id']} ({u['fill_score']:.3f})" for u in far[:5])
