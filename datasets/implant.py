@@ -76,6 +76,10 @@ class ImplantConfig:
     crack_ends: float = 0.0
     # The ends, as shares of the rows the container's lit glass spans: its highest and its lowest (``glass_ends``).
     end_bands: tuple[float, float] = (0.35, 0.12)
+    # The local light a synthetic crack needs, as a share of the image's bright level (as a particle's,
+    # ``min_light``, by default). Lower, cracks also land on grey glass: a syringe's flange, a vial's heel band (a
+    # crack there is a dark line on grey, as the fx66s line's missed flange cracks are).
+    crack_min_light: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -102,11 +106,12 @@ def light_map(frame: np.ndarray) -> np.ndarray:
     return cv2.resize(small, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def placements(light: np.ndarray, cfg: ImplantConfig, margin: int) -> np.ndarray:
-    """(N, 2) candidate (row, col) where a dark object would be seen against the light."""
+def placements(light: np.ndarray, cfg: ImplantConfig, margin: int, min_light: float | None = None) -> np.ndarray:
+    """(N, 2) candidate (row, col) where a dark object would be seen against the light (at least ``min_light``,
+    default ``cfg.min_light``, of the image's bright level)."""
     h, w = light.shape
     bright = float(np.percentile(light, 99))
-    ok = light >= cfg.min_light * max(bright, 1e-3)
+    ok = light >= (cfg.min_light if min_light is None else min_light) * max(bright, 1e-3)
     ok[:margin] = ok[h - margin:] = False
     ok[:, :margin] = ok[:, w - margin:] = False
     return np.argwhere(ok[::4, ::4]) * 4
@@ -236,7 +241,7 @@ def implant(frames: list[np.ndarray], cls: str, rng: np.random.Generator, pixel_
     # Drawn only when asked for, so that units drawn without it stay as they were drawn before it existed.
     at_ends = cls == "crack" and cfg.crack_ends > 0 and rng.uniform() < cfg.crack_ends
     if resting is None:
-        spots = placements(light, cfg, margin=12)
+        spots = placements(light, cfg, margin=12, min_light=cfg.crack_min_light if cls == "crack" else None)
         if at_ends:
             ends = glass_ends(frames[0], cfg.end_bands)
             there = spots[ends[spots[:, 0], spots[:, 1]]] if len(spots) else spots

@@ -378,10 +378,31 @@ def test_every_implant_setting_reaches_the_draw():
 
     cfg = TrainConfig.from_dict({"implant_particle_um": [200.0, 800.0], "implant_scratches": 0.1,
                                  "implant_bubbles": 0.2, "implant_resting": 0.3, "implant_tumble": 0.4,
-                                 "implant_crack_ends": 0.5, "implant_look": "varied"})
+                                 "implant_crack_ends": 0.5, "implant_crack_light": 0.15, "implant_look": "varied"})
     ic = implant_config(cfg)
-    assert (ic.particle_um, ic.scratch_share, ic.bubble_share, ic.resting_share, ic.tumble, ic.crack_ends) == \
-        ((200.0, 800.0), 0.1, 0.2, 0.3, 0.4, 0.5)
+    assert (ic.particle_um, ic.scratch_share, ic.bubble_share, ic.resting_share, ic.tumble, ic.crack_ends,
+            ic.crack_min_light) == ((200.0, 800.0), 0.1, 0.2, 0.3, 0.4, 0.5, 0.15)
     assert ic.kinds == IMPLANT_LOOKS["varied"]["kinds"]
     # Today's defaults (implant_look resolved, as train resolves "auto" before it draws) draw as ImplantConfig's.
     assert implant_config(TrainConfig(implant_look="simulator")) == ImplantConfig()
+
+
+def test_cracks_land_on_grey_glass_only_when_asked():
+    from vialinspect.datasets.implant import light_map, placements
+
+    frame = np.full((200, 160), 0.9, np.float32)
+    frame[80:140, 40:120] = 0.25  # a grey band (a flange, a heel): 28% of the bright level
+    light = light_map(frame)
+    def grey(spots):
+        return int(((spots[:, 0] >= 96) & (spots[:, 0] < 124) & (spots[:, 1] >= 62) & (spots[:, 1] < 98)).sum())
+
+    assert grey(placements(light, ImplantConfig(), 12)) == 0
+    assert grey(placements(light, ImplantConfig(), 12, min_light=0.15)) > 0
+    drawn = [implant([frame], "crack", np.random.default_rng(s), None, ImplantConfig(crack_min_light=0.15))
+             for s in range(40)]
+    on_grey = [m for _, m in filter(None, drawn) if m[96:124, 62:98].any()]
+    assert on_grey  # some synthetic cracks now lie on the grey band
+    # particles keep the particles' light
+    parts = [implant([frame], "particle", np.random.default_rng(s), None, ImplantConfig(crack_min_light=0.15))
+             for s in range(40)]
+    assert not [m for _, m in filter(None, parts) if m[96:124, 62:98].any()]

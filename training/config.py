@@ -219,6 +219,10 @@ class TrainConfig:
     # Off: at 0.5 on w65's sequences cracks fell 0.910 -> 0.881, its heel cracks found as before (docs/new_line.md,
     # "What sets the crack threshold"), not adopted.
     implant_crack_ends: Float = 0.0
+    # Data without masks: the local light a synthetic crack needs, as a share of the image's bright level (the
+    # particles' 0.4 by default). Lower, cracks also land on grey glass (a syringe's flange, a vial's heel band),
+    # where a line's missed cracks were seen (docs/new_line.md). 0.4 = as before; measured once, not adopted.
+    implant_crack_light: Float = 0.4
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
     # stopping see particles and cracks where the labelled split holds few or none (a 50-label line's split held
@@ -340,6 +344,8 @@ class TrainConfig:
             raise _bad("implant_scratches", f"must be within 0..1, got {self.implant_scratches}")
         if not 0 <= self.implant_resting <= 1:
             raise _bad("implant_resting", f"must be within 0..1, got {self.implant_resting}")
+        if not 0 < self.implant_crack_light <= 1:
+            raise _bad("implant_crack_light", f"must be within (0, 1], got {self.implant_crack_light}")
         if not 0 <= self.implant_crack_ends <= 1:
             raise _bad("implant_crack_ends", f"must be within 0..1, got {self.implant_crack_ends}")
         if not 0 <= self.implant_tumble <= 3.15:
