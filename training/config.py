@@ -221,7 +221,8 @@ class TrainConfig:
     implant_crack_ends: Float = 0.0
     # Data without masks: the local light a synthetic crack needs, as a share of the image's bright level (the
     # particles' 0.4 by default). Lower, cracks also land on grey glass (a syringe's flange, a vial's heel band),
-    # where a line's missed cracks were seen (docs/new_line.md). 0.4 = as before; measured once, not adopted.
+    # where a line's missed flange cracks were seen. 0.4: at 0.15 fx66s found its flange cracks 2 of 7 as before,
+    # cracks 0.836 as before (docs/new_line.md, "Three more ways at the crack threshold"), not adopted.
     implant_crack_light: Float = 0.4
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
@@ -258,7 +259,7 @@ class TrainConfig:
     # given in the pair) or "any" (each time a training unit is drawn, one of its frames at random: K views of its
     # bubbles and particles, each elsewhere, at no extra labels or time; validation and the pair keep frame 0;
     # data without masks only, as a mask covers all the frames). Default "first": "any" found fewer cracks on w65's
-    # sequences (0.910 -> 0.866 at 2% false rejects; docs/new_line.md, "The still network on every frame").
+    # sequences (0.910 -> 0.866 at 2% false rejects; docs/new_line.md, "Three more ways at the crack threshold").
     still_frames: str = "first"
     # Where the still network starts: "auto" (the still-image transfer model builtin:still where the fill gauge
     # measures the fill level, else builtin:default; random weights with --init none), or a model as --init takes
