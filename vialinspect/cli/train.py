@@ -59,9 +59,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--epochs", type=positive_int, default=None, help="maximum epochs (default 30)")
     t.add_argument("--frames", type=positive_int, default=None, help="frames per container (default: the data's)")
     t.add_argument("--init", default="auto",
-                   help="start from this model's weights (fine-tuning): a checkpoint, a package directory or "
-                        "builtin:default; none trains from random weights; auto (the default): builtin:default "
-                        "for data without masks (a line's own images), none for data with masks (the simulator's)")
+                   help="start from this model's weights (fine-tuning): a checkpoint, a package directory, "
+                        "builtin:default or builtin:still; none trains from random weights; auto (the default): "
+                        "none for data with masks (the simulator's); for data without masks (a line's own "
+                        "images) builtin:still for still images whose fill gauge could be fitted, else "
+                        "builtin:default (spin-stop sequences; a line the gauge cannot measure)")
     t.add_argument("--implant", type=float, default=None,
                    help="data without masks (an ImageFolder): share 0..1 of the good units drawn that get "
                         "synthetic particles, fibres or cracks with their exact masks, so the maps learn where "
