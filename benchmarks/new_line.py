@@ -254,6 +254,12 @@ def score_run(model: str, test_dir: Path) -> dict:
     ood = report.get("out_of_domain")
     if ood:
         res["out_of_domain"] = round(float(ood["fraction"]), 4)
+    if bf := report.get("by_format"):
+        # Each container format apart: its good units rejected at the 2% point set over all formats (the figures
+        # above), and its recall with the point set on its own good units, as a recipe calibrated on it sees.
+        res["by_format"] = {r["format"]: {"good": r["good"], "frr_at_point": (r.get("at_budget_point") or {}).get(
+            "false_reject_rate"), "own_point": r.get("own_point") and {
+                k: r["own_point"][k] for k in ("false_reject_rate", "recall")}} for r in bf["formats"]}
     return res
 
 
@@ -415,6 +421,7 @@ def _print_row(r: dict) -> None:
     print(f"   recall at FRR<=2%: particle {f['particle']}, crack {f['crack']}, fill {f['fill_level']} "
           f"(FRR {f['frr']}); AUROC {r['auroc']}; calibrated {r.get('calibrated', '-')}", flush=True)
     print_interval(r.get("at_frr_interval"))
+    print_by_format(r.get("by_format"))
     if "gauge" in r:
         print(f"   fill gauge: {r['gauge']}", flush=True)
     by = r.get("particle_by_size") or {}
@@ -428,6 +435,18 @@ def print_interval(interval: dict | None) -> None:
     if interval:
         print("   90% interval over resampled test units (the same scores): "
               + ", ".join(f"{c} {v[0]}-{v[1]}" for c, v in interval.items() if v), flush=True)
+
+
+def print_by_format(by_format: dict | None) -> None:
+    """Each container format's good units rejected at the 2% point set over all formats, and its recall with the
+    point set on its own good units (``score_run``), where the line has several formats."""
+    for f, v in (by_format or {}).items():
+        own = v["own_point"]
+        alone = "-" if not own else f"{own['false_reject_rate']:.1%} rejected, " + " / ".join(
+            "-" if x is None else str(x) for x in own["recall"].values())
+        rate = "-" if v["frr_at_point"] is None else f"{v['frr_at_point']:.1%}"
+        print(f"   format {f} ({v['good']} good): {rate} rejected at the point over all formats; alone {alone}",
+              flush=True)
 
 
 def print_by_kind(by_kind: dict) -> None:

@@ -304,6 +304,7 @@ def main() -> int:
           f"{au['crack']} / {au['fill_level']} | {sizes} | {cal['frr']}, {cal['particle']} / {cal['crack']} / "
           f"{cal['fill_level']} | {fit['train_minutes']} | {fit['peak_rss_gb']} |")
     NL.print_interval(res.get("at_frr_interval"))
+    NL.print_by_format(res.get("by_format"))
     NL.print_by_kind(res.get("by_kind") or {})
     if "package_calibrated" in res:
         pc = res["package_calibrated"]

@@ -112,7 +112,8 @@ def test_calibrating_a_package_on_a_lot_sets_the_training_rule_thresholds(packag
     out = tmp_path / "calibrated"
     assert main(["package", "calibrate", str(package), "--data", str(coarse_data), "--out", str(out), "--frr", "0.2",
                  "--reason", "calibration lot"]) == 0
-    assert "good units" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "good units" in printed and "by container format" in printed
     pkg, new = load_package(package), load_package(out)
     _, recs, scores = evaluate_model(load_model(package, device="cpu"), coarse_data, None, split="all")
     want = calibrate(recs, scores, 0.2)
@@ -123,6 +124,11 @@ def test_calibrating_a_package_on_a_lot_sets_the_training_rule_thresholds(packag
     assert rec["n_good"] == sum(r.is_good for r in recs) == want["n_good"] and rec["frr_budget"] == 0.2
     assert rec["data"]["n_containers"] == len(recs) and len(rec["data"]["hash"]) == 64
     assert rec["previous_thresholds"] == pkg.thresholds
+    # The lot holds several formats: each one's false rejects at the new thresholds, as calibrate counts them.
+    by = {r["format"]: r for r in want["by_format"]["formats"]}
+    assert {r["format"]: r["false_rejects"] for r in rec["by_format"]} == {
+        f: r["at_thresholds"]["false_rejects"] for f, r in by.items()}
+    assert sum(r["good"] for r in rec["by_format"]) == rec["n_good"]
     # The package itself can be replaced (written aside, then renamed into place).
     copy = tmp_path / "copy"
     shutil.copytree(package, copy)

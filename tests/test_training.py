@@ -157,6 +157,18 @@ def test_evaluate_cli_on_a_checkpoint(coarse_data, tiny_run, tmp_path, capsys):
     top = bu["classes"]["particle"]["good_highest"][0]["id"]
     assert "What decides the 2% point" in (tmp_path / "rep" / "report.md").read_text()
     assert top in (tmp_path / "rep" / "report.md").read_text()
+    # Each container format apart (the simulator's manifest names them): every unit in one row, in the JSON, the
+    # markdown and on the terminal.
+    from vialinspect.datasets.reader import open_dataset
+
+    formats = {r.format for r in open_dataset(coarse_data).records}
+    assert len(formats) >= 2
+    bf = rep["by_format"]
+    assert {r["format"] for r in bf["formats"]} == formats and bf["n_without_format"] == 0
+    assert sum(r["good"] for r in bf["formats"]) == sum(1 for r in open_dataset(coarse_data).records if r.is_good)
+    assert all({"at_model_thresholds", "at_budget_point", "own_point"} <= set(r) for r in bf["formats"])
+    assert "## By container format" in (tmp_path / "rep" / "report.md").read_text()
+    assert "by container format" in out
 
 
 def test_corrupt_checkpoint_and_bad_paths_give_clear_errors(coarse_data, tmp_path, capsys):

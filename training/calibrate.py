@@ -23,6 +23,7 @@ import numpy as np
 from vialinspect.datasets.records import ContainerRecord
 from vialinspect.vision.scores import CLASSES, LOCALIZED, Scores, class_scores, rejected_classes, score_at
 
+from .by_format import by_format, uneven_warning
 from .metrics import DEFAULT_CRACK_BINS_MM, DEFAULT_POD_BINS_UM, binned
 
 SPEC_EDGE = 0.5
@@ -100,7 +101,7 @@ def measured_good_fill(records: list[ContainerRecord], scores: list[Scores]) -> 
 
 
 def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float = 0.01,
-              fill_good_scores: np.ndarray | None = None) -> dict:
+              fill_good_scores: np.ndarray | None = None, format_names: dict[int, str] | None = None) -> dict:
     """Thresholds per class plus what they achieve on these (validation) records.
 
     ``expected_false_reject_rate`` is what the thresholds promise on new good units, the sum over the learned
@@ -111,7 +112,11 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
     the highest measured good unit's within the fence (``gauge_edge``: 6 robust deviations or more is
     mis-measured) and takes what that costs, (u + b + 1) / (n + 1) of the budget with u of the n good units
     unmeasured and b beyond the fence (both rejected), at most an equal share; the other learned classes share the
-    rest. Units beyond the fence are counted in ``fill_gauge_beyond_fence`` and named in ``warning``."""
+    rest. Units beyond the fence are counted in ``fill_gauge_beyond_fence`` and named in ``warning``.
+
+    Where the units hold several container formats (``training.by_format``; ``format_names`` names the fill
+    gauge's groups), ``by_format`` gives each format's false rejects at the thresholds, and ``warning`` names a
+    format that spends far more than the budget: the thresholds hold it over the formats together."""
     spec_fill = fill_is_spec_decided(records, scores)
     cs = [class_scores(s, r.fill_spec_mm) for r, s in zip(records, scores, strict=True)]
     good = [c for c, r in zip(cs, records, strict=True) if r.is_good]
@@ -164,6 +169,11 @@ def calibrate(records: list[ContainerRecord], scores: list[Scores], frr: float =
                             f"{thresholds['fill_level']:.4f}): containers mis-measured (leaning, cut by the image's "
                             f"edge, the meniscus hidden?); the fill threshold stays at the others' edge and rejects "
                             f"such units: look at them")
+    table = by_format(records, scores, {"at_thresholds": thresholds}, format_names)
+    if table is not None:
+        out["by_format"] = table
+        if (uneven := uneven_warning(table, "at_thresholds", frr)) is not None:
+            warnings.append(uneven)
     if warnings:
         out["warning"] = "; ".join(warnings)
     return out

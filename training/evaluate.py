@@ -23,7 +23,8 @@ from vialinspect.vision.fill_gauge import FillGauge
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
-from .budget_units import budget_units
+from .budget_units import QUOTED_BUDGET, budget_units
+from .by_format import by_format, gauge_format_names, own_points
 from .calibrate import gauge_edge, operating_points
 from .checkpoint import CheckpointError, build_model, load_checkpoint
 from .metrics import auroc, evaluate
@@ -96,6 +97,21 @@ def out_of_domain_report(records: list[ContainerRecord], flagged_index: set[int]
     return {"n": len(flagged), "fraction": len(flagged) / len(records) if records else 0.0,
             "good_flagged": len(flagged_good), "good_fraction": len(flagged_good) / len(good) if good else None,
             "ids": [r.id for r in flagged[:20]]}
+
+
+def format_report(records: list[ContainerRecord], scores: list[Scores], thresholds: dict[str, float],
+                  points: list[dict], gauge: FillGauge | None) -> dict[str, Any] | None:
+    """Each container format apart (``training.by_format``): at the model's thresholds, at the quoted budget's
+    point (thresholds set on all these good units together) and at that budget with thresholds set on the
+    format's own good units. None for units of one format."""
+    names = gauge_format_names(gauge)
+    point = next((p for p in points if abs(p["budget"] - QUOTED_BUDGET) < 1e-9), None)
+    sets = {"at_model_thresholds": thresholds}
+    if point is not None:
+        sets["at_budget_point"] = point["thresholds"]
+    own = own_points(records, scores, QUOTED_BUDGET, names) if point is not None else None
+    table = by_format(records, scores, sets, names, own)
+    return None if table is None else {"budget": QUOTED_BUDGET, **table}
 
 
 def fill_gauge_report(records: list[ContainerRecord], scores: list[Scores], gauge: FillGauge) -> dict[str, Any]:
@@ -184,6 +200,8 @@ def evaluate_model(model: str | Path | LoadedModel, data_dir: str | Path, out_di
     report["operating_points"] = operating_points(usable, scores)
     if (units := budget_units(usable, scores, report["operating_points"])) is not None:
         report["budget_units"] = units
+    if (formats := format_report(usable, scores, th, report["operating_points"], m.fill_gauge)) is not None:
+        report["by_format"] = formats
     report["dataset"] = {"path": str(Path(data_dir).resolve()), "kind": ds.kind, "split": split or "default",
                          "skipped_frame_count": dropped, "bad_rows": len(ds.problems)}
     report["model_source"] = m.source

@@ -14,6 +14,7 @@ from pathlib import Path
 from vialinspect.datasets.reader import open_dataset
 from vialinspect.export.package import ModelPackage, load_package, with_thresholds
 
+from .by_format import gauge_format_names
 from .calibrate import calibrate
 from .checkpoint import dataset_hash
 from .evaluate import EvaluationError, evaluate_model, package_model
@@ -31,7 +32,7 @@ def recalibrate_package(model_dir: str | Path, data_dir: str | Path, out: str | 
     # The package verified once, and the very one scored is the one re-versioned.
     _, recs, scores = evaluate_model(package_model(pkg, device=device), data_dir, None, split=split,
                                      progress=progress)
-    cal = calibrate(recs, scores, frr)
+    cal = calibrate(recs, scores, frr, format_names=gauge_format_names(pkg.fill_gauge))
     if not cal["n_good"]:
         raise EvaluationError(f"{data_dir}: no good units in split {split or 'default'} to calibrate on")
     ds = open_dataset(data_dir)
@@ -45,6 +46,9 @@ def recalibrate_package(model_dir: str | Path, data_dir: str | Path, out: str | 
     }
     if "fill_gauge_beyond_fence" in cal:  # good units of the lot the gauge mis-measured, rejected (gauge_edge)
         record["fill_gauge_beyond_fence"] = cal["fill_gauge_beyond_fence"]
+    if "by_format" in cal:  # several container formats in the lot: each one's false rejects (training.by_format)
+        record["by_format"] = [{"format": r["format"], "good": r["good"], **{k: r["at_thresholds"][k] for k in
+                                ("false_rejects", "false_reject_rate")}} for r in cal["by_format"]["formats"]]
     if "warning" in cal:
         record["warning"] = cal["warning"]
     new = with_thresholds(pkg, cal["thresholds"], Path(out), reason, overwrite=overwrite, calibration=record)

@@ -85,6 +85,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     "thresholds promise: those are set on other units (training's validation split, or "
                     "`package calibrate` on a lot of accepted units), and the per-class table is theirs."]
     out += _budget_units_md(report.get("budget_units"))
+    out += _by_format_md(report.get("by_format"))
 
     out += ["", "## Probability of detection by particle size", ""]
     pod = report["pod_by_particle_size"]
@@ -333,6 +334,34 @@ def _budget_units_md(bu: dict[str, Any] | None) -> list[str]:
     out += ["", "Look at these units first (`budget.png`: each around its class map's peak): what the good ones "
                 "show (bubbles, scratches, dust) is what the model confuses with a defect, and the missed ones "
                 "are what it does not find at this budget."]
+    return out
+
+
+def _by_format_md(bf: dict[str, Any] | None) -> list[str]:
+    """Each container format apart (``training.by_format``), as a markdown section."""
+    if not bf:
+        return []
+    b = f"{bf['budget']:.0%}"
+    classes = list(bf["formats"][0]["defects"])
+
+    def found(x: dict[str, Any] | None) -> list[str]:
+        return [_DASH] * (1 + len(classes)) if not x else [
+            _pct(x["false_reject_rate"], 1), *(_pct(x["recall"][c]) for c in classes)]
+
+    out = ["", "## By container format", ""]
+    out += _table(["format", "good units", "defective (" + " / ".join(classes) + ")",
+                   "model's thresholds: good rejected", *(f"{c} found" for c in classes),
+                   f"{b} point over all formats: good rejected", *(f"{c} found" for c in classes),
+                   f"{b} point set on the format alone: good rejected", *(f"{c} found" for c in classes)], [
+        [r["format"], str(r["good"]), " / ".join(str(r["defects"][c]) for c in classes),
+         *found(r["at_model_thresholds"]), *found(r.get("at_budget_point")), *found(r.get("own_point"))]
+        for r in bf["formats"]])
+    extra = f" {bf['n_without_format']} unit(s) had no format (the fill gauge matched no group)." \
+        if bf.get("n_without_format") else ""
+    out += ["", f"A line runs each format under its own recipe, which must hold the budget on its own units: "
+                f"thresholds set over all formats together can spend most of it on one (the {b} point over all "
+                f"formats), and a format's own point is what a recipe calibrated on that format's good units "
+                f"sees. A format's name is its manifest's, or the fill gauge's group.{extra}"]
     return out
 
 

@@ -32,6 +32,7 @@ from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import fill_probability
 
 from .augment import Augmenter
+from .by_format import gauge_format_names
 from .calibrate import calibrate
 from .checkpoint import build_model, dataset_hash, git_commit, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -959,7 +960,8 @@ def finalize(best_path: Path, root: Path, val_recs: list[ContainerRecord], cfg: 
             ck["fill_gauge"] = gauge.gauge.to_json()
             gauge_choice["threshold_from_good_train_units"] = len(gauge.good_scores)
     used = gauge_choice is not None and gauge_choice["used"]
-    cal = calibrate(val_recs, scores, cfg.frr, fill_good_scores=gauge.good_scores if used else None)
+    cal = calibrate(val_recs, scores, cfg.frr, fill_good_scores=gauge.good_scores if used else None,
+                    format_names=gauge_format_names(gauge.gauge) if used else None)
     if gauge_choice is not None:
         cal["fill_gauge"] = gauge_choice
     ck["thresholds"] = cal["thresholds"]

@@ -174,6 +174,9 @@ def cmd_package_calibrate(a: argparse.Namespace) -> int:
     for c in sorted(new):
         share = f"  ({shares[c]:.2%} of the budget)" if c in shares else ""
         print(f"  {c:11s} {old.get(c, float('nan')):.4f} -> {new[c]:.4f}{share}")
+    if rec.get("by_format"):
+        print("  good units rejected on the lot, by container format: " + ", ".join(
+            f"{r['format']} {r['false_rejects']} of {r['good']}" for r in rec["by_format"]))
     if rec.get("warning"):
         print(f"warning: {rec['warning']}")
     _wrote_version(pkg)

@@ -138,6 +138,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
             print(f"    {c:11s} threshold {v['threshold']:.4f}; good units scoring highest "
                   f"{listed(v['good_highest'])}; missed {v['n_missed']}"
                   + (f": {listed(v['missed'])}" if v["missed"] else ""))
+    if bf := report.get("by_format"):
+        print(f"  by container format (good units rejected; at the {bf['budget']:.0%} point set over all formats, "
+              "then set on the format alone):")
+        for r in bf["formats"]:
+            def rate(x: dict | None) -> str:
+                return "-" if not x or x["false_reject_rate"] is None else f"{x['false_reject_rate']:.1%}"
+
+            own = r.get("own_point")
+            found = "" if not own else "; alone: " + "  ".join(
+                f"{c} {'-' if v is None else f'{v:.2f}'}" for c, v in own["recall"].items())
+            print(f"    {r['format']}: {r['good']} good; model's thresholds {rate(r['at_model_thresholds'])}; "
+                  f"{rate(r.get('at_budget_point'))} at the point over all, {rate(own)} alone{found}")
     far = (report.get("fill_gauge") or {}).get("good_beyond_fence") or []
     if far:
         ids = ", ".join(f"{u['id']} ({u['fill_score']:.3f})" for u in far[:5])
