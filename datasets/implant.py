@@ -80,6 +80,11 @@ class ImplantConfig:
     # ``min_light``, by default). Lower, cracks also land on grey glass: a syringe's flange, a vial's heel band (a
     # crack there is a dark line on grey, as the fx66s line's missed flange cracks are).
     crack_min_light: float = 0.4
+    # Draw the defects only within the container's outline (``container_outline``: between the outermost dark
+    # pixels of each row, the walls), not on the back light beside or above it: a particle is in the liquid, a
+    # crack on the glass. Off, a quarter of the synthetic defects on a vial line and half on a syringe line lay
+    # in the empty light around the container.
+    inside: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,14 +122,10 @@ def placements(light: np.ndarray, cfg: ImplantConfig, margin: int, min_light: fl
     return np.argwhere(ok[::4, ::4]) * 4
 
 
-def glass_ends(frame: np.ndarray, bands: tuple[float, float] = ImplantConfig.end_bands) -> np.ndarray:
-    """(H, W) bool: the container's two ends in a back-lit ``frame`` (float, [0, 1]).
-
-    Its outline lies between the outermost dark pixels of each row (dark: under half the back light). Within it,
-    what lets through at least a quarter of the back light, in its larger connected pieces, is the glass a crack
-    would be seen on (not a cap, a stopper or a needle shield). Of the rows that glass spans, the ends are the
-    highest ``bands[0]`` and the lowest ``bands[1]`` share: a vial's neck and shoulder and its heel, a syringe's
-    flange end and its cone. All False where no container is seen."""
+def _outline(frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The container's outline in a back-lit ``frame`` (float, [0, 1]): (H, W) bool, the columns strictly between
+    the outermost dark pixels (under half the back light) of each row with at least three; the frame smoothed;
+    its bright level."""
     small = cv2.GaussianBlur(frame, (0, 0), 1.0)
     bright = max(float(np.percentile(small[::4, ::4], 97)), 1e-3)
     dark = small < 0.5 * bright
@@ -133,7 +134,26 @@ def glass_ends(frame: np.ndarray, bands: tuple[float, float] = ImplantConfig.end
     seen = dark.sum(1) >= 3
     left = np.where(seen, dark.argmax(1), w)
     right = np.where(seen, w - 1 - dark[:, ::-1].argmax(1), -1)
-    out = (cols[None, :] > left[:, None]) & (cols[None, :] < right[:, None]) & (small >= 0.25 * bright)
+    return (cols[None, :] > left[:, None]) & (cols[None, :] < right[:, None]), small, bright
+
+
+def container_outline(frame: np.ndarray) -> np.ndarray:
+    """(H, W) bool: within the container's outline in a back-lit ``frame`` (float, [0, 1]), between the outermost
+    dark pixels of each row (its walls, a cap, a plunger); all False where no row shows one."""
+    return _outline(frame)[0]
+
+
+def glass_ends(frame: np.ndarray, bands: tuple[float, float] = ImplantConfig.end_bands) -> np.ndarray:
+    """(H, W) bool: the container's two ends in a back-lit ``frame`` (float, [0, 1]).
+
+    Its outline lies between the outermost dark pixels of each row (dark: under half the back light). Within it,
+    what lets through at least a quarter of the back light, in its larger connected pieces, is the glass a crack
+    would be seen on (not a cap, a stopper or a needle shield). Of the rows that glass spans, the ends are the
+    highest ``bands[0]`` and the lowest ``bands[1]`` share: a vial's neck and shoulder and its heel, a syringe's
+    flange end and its cone. All False where no container is seen."""
+    outline, small, bright = _outline(frame)
+    h, w = outline.shape
+    out = outline & (small >= 0.25 * bright)
     # The glass is its larger connected pieces (a vial's neck beside the plug is cut off from the body by the dark
     # shoulder); a glint on a cap or a shield is a small piece of its own.
     n, lab, stats, _ = cv2.connectedComponentsWithStats(out.astype(np.uint8), connectivity=8)
@@ -242,6 +262,10 @@ def implant(frames: list[np.ndarray], cls: str, rng: np.random.Generator, pixel_
     at_ends = cls == "crack" and cfg.crack_ends > 0 and rng.uniform() < cfg.crack_ends
     if resting is None:
         spots = placements(light, cfg, margin=12, min_light=cfg.crack_min_light if cls == "crack" else None)
+        if cfg.inside and len(spots):
+            within = container_outline(frames[0])
+            there = spots[within[spots[:, 0], spots[:, 1]]]
+            spots = there if len(there) else spots  # no outline found lit: anywhere lit, as without the setting
         if at_ends:
             ends = glass_ends(frames[0], cfg.end_bands)
             there = spots[ends[spots[:, 0], spots[:, 1]]] if len(spots) else spots

@@ -378,10 +378,11 @@ def test_every_implant_setting_reaches_the_draw():
 
     cfg = TrainConfig.from_dict({"implant_particle_um": [200.0, 800.0], "implant_scratches": 0.1,
                                  "implant_bubbles": 0.2, "implant_resting": 0.3, "implant_tumble": 0.4,
-                                 "implant_crack_ends": 0.5, "implant_crack_light": 0.15, "implant_look": "varied"})
+                                 "implant_crack_ends": 0.5, "implant_crack_light": 0.15, "implant_look": "varied",
+                                 "implant_inside": True})
     ic = implant_config(cfg)
     assert (ic.particle_um, ic.scratch_share, ic.bubble_share, ic.resting_share, ic.tumble, ic.crack_ends,
-            ic.crack_min_light) == ((200.0, 800.0), 0.1, 0.2, 0.3, 0.4, 0.5, 0.15)
+            ic.crack_min_light, ic.inside) == ((200.0, 800.0), 0.1, 0.2, 0.3, 0.4, 0.5, 0.15, True)
     assert ic.kinds == IMPLANT_LOOKS["varied"]["kinds"]
     # Today's defaults (implant_look resolved, as train resolves "auto" before it draws) draw as ImplantConfig's.
     assert implant_config(TrainConfig(implant_look="simulator")) == ImplantConfig()
@@ -406,3 +407,43 @@ def test_cracks_land_on_grey_glass_only_when_asked():
     parts = [implant([frame], "particle", np.random.default_rng(s), None, ImplantConfig(crack_min_light=0.15))
              for s in range(40)]
     assert not [m for _, m in filter(None, parts) if m[96:124, 62:98].any()]
+
+
+def _walled(h: int = 240, w: int = 200) -> np.ndarray:
+    """A back-lit frame with a container's two dark walls (columns 60-65 and 135-140) from row 40 down; the rows
+    above show only the back light."""
+    frame = np.full((h, w), 0.9, np.float32)
+    frame[40:, 60:66] = 0.1
+    frame[40:, 135:141] = 0.1
+    return frame
+
+
+def test_the_container_outline_lies_between_its_walls():
+    from vialinspect.datasets.implant import container_outline
+
+    inside = container_outline(_walled())
+    assert inside[100, 100] and inside[200, 70] and inside[200, 130]
+    assert not inside[100, 30] and not inside[100, 170]  # beside the container
+    assert not inside[20, 100]  # above it: no wall in that row
+    assert not container_outline(np.full((100, 80), 0.9, np.float32)).any()  # no container
+
+
+def test_defects_land_within_the_outline_only_when_asked():
+    frame = _walled()
+
+    def outside(m: np.ndarray) -> bool:
+        # Where the defect lies: its pixels' centre, with a few pixels' slack (the outline holds the walls, and a
+        # long crack drawn from a point near the top may reach above it).
+        ys, xs = np.nonzero(m)
+        return not (57 <= xs.mean() <= 143 and ys.mean() >= 30)
+
+    for cls in ("particle", "crack"):
+        anywhere = [implant([frame] * 2, cls, np.random.default_rng(s), None, ImplantConfig()) for s in range(40)]
+        within = [implant([frame] * 2, cls, np.random.default_rng(s), None, ImplantConfig(inside=True))
+                  for s in range(40)]
+        assert any(outside(m) for _, m in filter(None, anywhere))  # the back light around it is lit too
+        masks = [m for _, m in filter(None, within)]
+        assert len(masks) >= 35 and not any(outside(m) for m in masks)
+    # No outline in the frame: drawn anywhere lit, as without the setting.
+    flat = np.full((120, 120), 0.9, np.float32)
+    assert implant([flat], "particle", np.random.default_rng(0), None, ImplantConfig(inside=True)) is not None

@@ -224,6 +224,10 @@ class TrainConfig:
     # where a line's missed flange cracks were seen. 0.4: at 0.15 fx66s found its flange cracks 2 of 7 as before,
     # cracks 0.836 as before (docs/new_line.md, "Three more ways at the crack threshold"), not adopted.
     implant_crack_light: Float = 0.4
+    # Data without masks: draw the synthetic defects only within the container's outline (datasets/implant.py
+    # container_outline), not on the empty back light beside and above it, where a quarter of them lay on vial
+    # lines and half on a syringe line.
+    implant_inside: bool = False
     # Data without masks: also validate on copies of the validation split's good units from the line's camera with
     # synthetic particles, fibres or cracks drawn in (the same draw every epoch), so that best.pt and early
     # stopping see particles and cracks where the labelled split holds few or none (a 50-label line's split held

@@ -158,7 +158,7 @@ def implant_config(cfg: TrainConfig) -> ImplantConfig:
     return ImplantConfig(particle_um=tuple(cfg.implant_particle_um), scratch_share=cfg.implant_scratches,
                          bubble_share=cfg.implant_bubbles, resting_share=cfg.implant_resting,
                          tumble=cfg.implant_tumble, crack_ends=cfg.implant_crack_ends,
-                         crack_min_light=cfg.implant_crack_light,
+                         crack_min_light=cfg.implant_crack_light, inside=cfg.implant_inside,
                          **IMPLANT_LOOKS[cfg.implant_look])
 
 
