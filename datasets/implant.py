@@ -82,8 +82,8 @@ class ImplantConfig:
     crack_min_light: float = 0.4
     # Draw the defects only within the container's outline (``container_outline``: between the outermost dark
     # pixels of each row, the walls), not on the back light beside or above it: a particle is in the liquid, a
-    # crack on the glass. Off, a quarter of the synthetic defects on a vial line and half on a syringe line lay
-    # in the empty light around the container.
+    # crack on the glass. Off (where 13-47% of the places lie in the empty light around the container on the
+    # lines measured): within the outline found no more (docs/new_line.md), so it is a setting, not the default.
     inside: bool = False
 
 
