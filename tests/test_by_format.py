@@ -54,7 +54,8 @@ def test_the_fill_gauge_group_names_the_format_where_the_record_does_not():
 
     names = gauge_format_names(gauge)
     fm = unit_formats(recs, scores, names)
-    assert fm[0] == "vial, 300 px high (gauge group 0)" and fm[1] == "syringe, 500 px high (gauge group 1)"
+    assert fm[0] == "vial, 60 px wide, 300 px high (gauge group 0)"
+    assert fm[1] == "syringe, 30 px wide, 500 px high (gauge group 1)"
     assert unit_formats(recs, scores)[1] == "gauge group 1"
     # A unit the gauge matched to no group has no format.
     scores[0] = Scores(probs=scores[0].probs, extra={"fill_gauge": {"probability": 1.0, "problem": "x"}})

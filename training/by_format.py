@@ -27,10 +27,13 @@ MIN_REJECTS = 3
 
 
 def gauge_format_names(gauge: FillGauge | None) -> dict[int, str]:
-    """A readable name for each of the fill gauge's reference groups: its kind and silhouette height."""
+    """A readable name for each of the fill gauge's reference groups: its kind, body width and silhouette height
+    (two groups of one height and kind differ by width: a narrower one is often containers cut by the image's
+    edge, not a format)."""
     if gauge is None:
         return {}
-    return {i: f"{g.kind}, {g.height_px:.0f} px high (gauge group {i})" for i, g in enumerate(gauge.groups)}
+    return {i: f"{g.kind}, {g.width_px:.0f} px wide, {g.height_px:.0f} px high (gauge group {i})"
+            for i, g in enumerate(gauge.groups)}
 
 
 def unit_formats(records: list[ContainerRecord], scores: list[Scores],
