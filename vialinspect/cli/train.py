@@ -139,12 +139,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                   f"{listed(v['good_highest'])}; missed {v['n_missed']}"
                   + (f": {listed(v['missed'])}" if v["missed"] else ""))
     if bf := report.get("by_format"):
+        def rate(x: dict | None) -> str:
+            return "-" if not x or x["false_reject_rate"] is None else f"{x['false_reject_rate']:.1%}"
+
         print(f"  by container format (good units rejected; at the {bf['budget']:.0%} point set over all formats, "
               "then set on the format alone):")
         for r in bf["formats"]:
-            def rate(x: dict | None) -> str:
-                return "-" if not x or x["false_reject_rate"] is None else f"{x['false_reject_rate']:.1%}"
-
             own = r.get("own_point")
             found = "" if not own else "; alone: " + "  ".join(
                 f"{c} {'-' if v is None else f'{v:.2f}'}" for c, v in own["recall"].items())
