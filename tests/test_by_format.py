@@ -3,7 +3,7 @@
 import numpy as np
 
 from vialinspect.datasets.records import ContainerRecord
-from vialinspect.training.by_format import by_format, own_points, uneven_warning, unit_formats
+from vialinspect.training.by_format import by_format, uneven_warning, unit_formats
 from vialinspect.training.calibrate import calibrate
 from vialinspect.vision.fill_gauge import FillGauge, FillGroup
 from vialinspect.vision.scores import Scores
@@ -94,6 +94,10 @@ def test_a_format_spending_far_more_than_the_budget_is_named_and_calibrate_warns
 
 def test_a_format_alone_sets_its_own_point():
     recs, scores = _units()
+
+    def own_points(recs, scores, budget):
+        return {r["format"]: r["own_point"] for r in by_format(recs, scores, {}, own_budget=budget)["formats"]}
+
     own = own_points(recs, scores, 0.02)
     # Alone, the vials' threshold sits just above their good units (<= 0.2): every vial particle is found.
     assert own["vial-2R"]["recall"]["particle"] == 1.0 and own["vial-2R"]["false_reject_rate"] <= 0.02

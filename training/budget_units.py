@@ -18,13 +18,18 @@ N_UNITS = 5  # listed per class and kind
 QUOTED_BUDGET = 0.02  # the budget whose figures the docs quote (the issue's target: <= 2% false rejects)
 
 
+def point_at(points: list[dict], budget: float = QUOTED_BUDGET) -> dict | None:
+    """The operating point of ``points`` (``calibrate.operating_points``) at ``budget``, or None."""
+    return next((p for p in points if abs(p["budget"] - budget) < 1e-9), None)
+
+
 def budget_units(records: list[ContainerRecord], scores: list[Scores], points: list[dict],
                  budget: float = QUOTED_BUDGET, n: int = N_UNITS) -> dict[str, Any] | None:
     """For the operating point at ``budget`` (one of ``points``, from ``calibrate.operating_points``), per class:
     its threshold, the ``n`` good units scoring highest on it (id, score), and the defective units of the class
     that point misses (rejected for no class), counted, the ``n`` scoring highest listed. None when ``points``
     has no such budget (no good or no defective units)."""
-    point = next((p for p in points if abs(p["budget"] - budget) < 1e-9), None)
+    point = point_at(points, budget)
     if point is None:
         return None
     th = point["thresholds"]

@@ -63,10 +63,11 @@ def _at(records: list[ContainerRecord], cs: list[dict[str, float]], idx: list[in
 
 
 def by_format(records: list[ContainerRecord], scores: list[Scores], thresholds: dict[str, dict[str, float]],
-              names: dict[int, str] | None = None, own: dict[str, dict] | None = None) -> dict[str, Any] | None:
+              names: dict[int, str] | None = None, own_budget: float | None = None) -> dict[str, Any] | None:
     """Per format: its good and defective units, and at each named set of ``thresholds`` (e.g. the model's and
-    the 2% point's) its false-reject rate and each class's recall; ``own`` adds, per format, a figure set on that
-    format's own units (``own_points``). None where the units hold fewer than two formats."""
+    the 2% point's) its false-reject rate and each class's recall; with ``own_budget``, also ``own_point``: that
+    budget's point set on the format's own units (``_own_point``). None where the units hold fewer than two
+    formats."""
     fm = unit_formats(records, scores, names)
     present = sorted({f for f in fm if f is not None})
     if len(present) < 2:
@@ -79,30 +80,24 @@ def by_format(records: list[ContainerRecord], scores: list[Scores], thresholds: 
                                "defects": {c: sum(1 for i in idx if c in records[i].classes) for c in CLASSES}}
         for name, th in thresholds.items():
             row[name] = _at(records, cs, idx, th)
-        if own is not None:
-            row["own_point"] = own.get(f)
+        if own_budget is not None:
+            row["own_point"] = _own_point([records[i] for i in idx], [scores[i] for i in idx], own_budget)
         rows.append(row)
     return {"formats": rows, "n_without_format": sum(1 for f in fm if f is None)}
 
 
-def own_points(records: list[ContainerRecord], scores: list[Scores], budget: float,
-               names: dict[int, str] | None = None) -> dict[str, dict]:
-    """Per format, ``calibrate.operating_points`` at ``budget`` with the thresholds set on that format's own good
-    units (what a recipe that runs the format alone would see); None for a format whose good units cannot hold the
-    budget (fewer than 1 / ``budget``) or that has no defective unit."""
-    from .calibrate import operating_points
+def _own_point(records: list[ContainerRecord], scores: list[Scores], budget: float) -> dict[str, Any] | None:
+    """``calibrate.operating_points`` at ``budget`` of one format's units, the thresholds set on its own good units
+    (what a recipe that runs the format alone would see); None where its good units cannot hold the budget (fewer
+    than 1 / ``budget``) or it has no defective unit."""
+    from .calibrate import operating_points  # calibrate imports this module
 
-    fm = unit_formats(records, scores, names)
-    out: dict[str, dict] = {}
-    for f in sorted({x for x in fm if x is not None}):
-        idx = [i for i, x in enumerate(fm) if x == f]
-        sub_r, sub_s = [records[i] for i in idx], [scores[i] for i in idx]
-        n_good = sum(1 for r in sub_r if r.is_good)
-        pts = operating_points(sub_r, sub_s, (budget,)) if n_good * budget >= 1 else []
-        out[f] = ({"false_reject_rate": pts[0]["false_reject_rate"], "recall": pts[0]["recall"],
-                   "thresholds": {c: round(float(t), 6) for c, t in pts[0]["thresholds"].items()}}
-                  if pts else None)
-    return out
+    n_good = sum(1 for r in records if r.is_good)
+    pts = operating_points(records, scores, (budget,)) if n_good * budget >= 1 else []
+    if not pts:
+        return None
+    return {"false_reject_rate": pts[0]["false_reject_rate"], "recall": pts[0]["recall"],
+            "thresholds": {c: round(float(t), 6) for c, t in pts[0]["thresholds"].items()}}
 
 
 def uneven_formats(table: dict[str, Any] | None, key: str, budget: float) -> list[dict[str, Any]]:

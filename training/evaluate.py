@@ -23,8 +23,8 @@ from vialinspect.vision.fill_gauge import FillGauge
 from vialinspect.vision.preprocess import InputSpec
 from vialinspect.vision.scores import CLASSES, Scores, class_scores, rejected_classes
 
-from .budget_units import QUOTED_BUDGET, budget_units
-from .by_format import by_format, gauge_format_names, own_points
+from .budget_units import QUOTED_BUDGET, budget_units, point_at
+from .by_format import by_format, gauge_format_names
 from .calibrate import gauge_edge, operating_points
 from .checkpoint import CheckpointError, build_model, load_checkpoint
 from .metrics import auroc, evaluate
@@ -104,13 +104,12 @@ def format_report(records: list[ContainerRecord], scores: list[Scores], threshol
     """Each container format apart (``training.by_format``): at the model's thresholds, at the quoted budget's
     point (thresholds set on all these good units together) and at that budget with thresholds set on the
     format's own good units. None for units of one format."""
-    names = gauge_format_names(gauge)
-    point = next((p for p in points if abs(p["budget"] - QUOTED_BUDGET) < 1e-9), None)
+    point = point_at(points)
     sets = {"at_model_thresholds": thresholds}
     if point is not None:
         sets["at_budget_point"] = point["thresholds"]
-    own = own_points(records, scores, QUOTED_BUDGET, names) if point is not None else None
-    table = by_format(records, scores, sets, names, own)
+    table = by_format(records, scores, sets, gauge_format_names(gauge),
+                      own_budget=QUOTED_BUDGET if point is not None else None)
     return None if table is None else {"budget": QUOTED_BUDGET, **table}
 
 
