@@ -19,8 +19,8 @@ command a user runs, within --minutes, and is scored on the world's test split (
 
 - default: the shipped model as it is (no training; the N = 0 row);
 - train: plain `vialinspect train --data IMAGEFOLDER`, as a user runs it without knowing any recipe (its "auto"
-  settings for image-level data: --init builtin:default, synthetic defects, balanced map loss with hard
-  negatives; training/config.py IMAGE_LEVEL);
+  settings for image-level data: --init auto, i.e. builtin:still where the fill gauge can be fitted, synthetic
+  defects, balanced map loss with hard negatives; training/config.py IMAGE_LEVEL); --init tries another start;
 - train-from-still: the same recipe started from the still-image transfer model (--init builtin:still,
   `make still-model`: the simulator's model trained further on one frame through many cameras); since the fill
   gauge, what "auto" starts from where the gauge can be fitted;
@@ -335,6 +335,10 @@ def main() -> int:
     p.add_argument("--settings", default=None,
                    help="training settings (JSON) every run uses on top of the defaults, for trying a change; the "
                         "summary records them")
+    p.add_argument("--init", default="auto",
+                   help="where the train method starts, as `vialinspect train --init` takes it (default auto: what "
+                        "plain `train` chooses; a checkpoint or package path tries another start, e.g. a candidate "
+                        "still-image transfer model); the summary records it")
     a = p.parse_args()
     try:
         settings = json.loads(a.settings) if a.settings else {}
@@ -374,12 +378,14 @@ def main() -> int:
         dirs[w] = d
     pace_gflops = _sibling("pace").pace_gflops
     summary: dict = {"pace_gflops_start": round(pace_gflops(), 1), "frr_budget": FRR, "good": a.good,
-                     "minutes": a.minutes, "settings": settings, "runs": []}
+                     "minutes": a.minutes, "settings": settings, "init": a.init, "runs": []}
     for w in names:
         held = bool(known[w].held_out)
         for n in labels:
             for m in methods:
                 init, implant = METHODS[m]
+                if m == "train":
+                    init = a.init
                 if m == "default" and n != labels[0]:
                     continue  # the shipped model does not depend on N
                 if m != "default" and n == 0 and a.good == 0:

@@ -73,6 +73,10 @@ def test_a_format_spending_far_more_than_the_budget_is_named_and_calibrate_warns
     t = by_format(recs, scores, {"at": TH})
     w = uneven_warning(t, "at", 0.02)
     assert w is not None and "syringe-1mL's good units" in w and "vial-2R 0.0% of 200" in w
+    # Over both formats these thresholds reject 10% of 400: the warning says they do not hold 2% together either,
+    # and at a 7% budget (10% within 1.5 x 7%) that they do, the syringes spending what the vials save.
+    assert "nor do they hold it over these formats together (10.0% of 400)" in w
+    assert "they hold the budget over these formats together" in uneven_warning(t, "at", 0.07)
     assert uneven_warning(t, "at", 0.2) is None  # 20% is within 1.5 x 20%
     # A format with no good units among these (only its defects) has no rate, and is left out of the list.
     no_good = [i for i, r in enumerate(recs) if not (r.format == "vial-2R" and r.is_good)]
@@ -108,3 +112,12 @@ def test_a_format_alone_sets_its_own_point():
     few = [i for i, r in enumerate(recs) if r.format == "vial-2R" and (r.classes or r.id.endswith(("/1", "/2")))]
     few += [i for i, r in enumerate(recs) if r.format == "syringe-1mL"]
     assert own_points([recs[i] for i in few], [scores[i] for i in few], 0.02)["vial-2R"] is None
+
+
+def test_every_format_over_the_budget_is_not_called_held_together():
+    recs, scores = _units()
+    # Thresholds at 0 reject every good unit of every format: the pooled rate is over the budget as well.
+    t = by_format(recs, scores, {"at": {"particle": 0.0, "crack": 0.0, "fill_level": 0.0}})
+    w = uneven_warning(t, "at", 0.02)
+    assert w is not None and "nor do they hold it over these formats together (100.0% of" in w
+    assert "they hold the budget over these formats together" not in w

@@ -118,6 +118,13 @@ def uneven_warning(table: dict[str, Any] | None, key: str, budget: float) -> str
     rates = ", ".join(f"{r['format']} {r[key]['false_reject_rate']:.1%} of {r['good']}" for r in table["formats"]
                       if r["good"])
     names = ", ".join(r["format"] for r in over)
+    good = sum(r["good"] for r in table["formats"])
+    pooled = sum(r[key]["false_rejects"] for r in table["formats"]) / good if good else 0.0
+    # Where every format is over, the thresholds do not hold the budget over them together either: saying they do
+    # (the usual case: one format spends what the others save) would send the user to the wrong fix.
+    together = ("they hold the budget over these formats together, not each recipe's"
+                if pooled <= UNEVEN_FACTOR * budget else
+                f"nor do they hold it over these formats together ({pooled:.1%} of {good})")
     return (f"the thresholds reject far more than the {budget:.1%} budget of {names}'s good units (by format: "
-            f"{rates}): they hold the budget over these formats together, not each recipe's; calibrate each "
-            f"format's package on that format's good units (package calibrate --data A_FOLDER_OF_THEM)")
+            f"{rates}): {together}; calibrate each format's package on that format's good units (package calibrate "
+            f"--data A_FOLDER_OF_THEM)")
