@@ -120,8 +120,8 @@ def uneven_warning(table: dict[str, Any] | None, key: str, budget: float) -> str
     names = ", ".join(r["format"] for r in over)
     good = sum(r["good"] for r in table["formats"])
     pooled = sum(r[key]["false_rejects"] for r in table["formats"]) / good if good else 0.0
-    # Where every format is over, the thresholds do not hold the budget over them together either: saying they do
-    # (the usual case: one format spends what the others save) would send the user to the wrong fix.
+    # Usually one format spends what the others save and the lot as a whole holds the budget; where the lot is far
+    # over it too (every format over), saying the thresholds hold it together would be false.
     together = ("they hold the budget over these formats together, not each recipe's"
                 if pooled <= UNEVEN_FACTOR * budget else
                 f"nor do they hold it over these formats together ({pooled:.1%} of {good})")
