@@ -121,7 +121,7 @@ def uneven_warning(table: dict[str, Any] | None, key: str, budget: float) -> str
     good = sum(r["good"] for r in table["formats"])
     pooled = sum(r[key]["false_rejects"] for r in table["formats"]) / good if good else 0.0
     # Usually one format spends what the others save and the lot as a whole holds the budget; where the lot is far
-    # over it too (every format over), saying the thresholds hold it together would be false.
+    # over it too (thresholds not set on it, or every format over), saying they hold it together would be false.
     together = ("they hold the budget over these formats together, not each recipe's"
                 if pooled <= UNEVEN_FACTOR * budget else
                 f"nor do they hold it over these formats together ({pooled:.1%} of {good})")
