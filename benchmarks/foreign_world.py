@@ -1,6 +1,7 @@
 """A line drawn by someone else: back-lit vial images from a renderer that shares no code with the simulator.
 
     .venv/bin/python benchmarks/foreign_world.py --world fx68 --out DIR --train 200 --test 100 [--val N] [--seed S]
+                                                 [--test-good N]
 
 The worlds of ``worlds.py`` are the project's own simulator under other optics: their particles, cracks, bubbles
 and glass are drawn by the same code that draws the synthetic defects ``train`` pastes onto a line's good units,
@@ -37,6 +38,7 @@ import numpy as np
 CLASSES: tuple[str, ...] = ("good", "particle", "crack", "fill_level")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SPLIT_CODE = {"train": 11, "val": 12, "test": 13}
+TEST_GOOD_CODE = 14  # the seed stream of the further good test units (``build_world``'s ``n_test_good``)
 ENCODINGS: tuple[str, ...] = ("png8", "png16", "jpeg_tint")
 SUFFIX = {"png8": ".png", "png16": ".png", "jpeg_tint": ".jpg"}
 SUPERSAMPLE = 4  # objects are drawn at 4x and averaged down: a 3-px particle keeps its partial pixels
@@ -720,14 +722,16 @@ def _quota(n: int) -> list[str]:
 
 
 def build_world(world: ForeignWorld | str, out: Path, n_train: int, n_test: int, seed: int = 0, n_val: int = 0,
-                progress: Callable | None = None) -> dict:
+                progress: Callable | None = None, n_test_good: int = 0) -> dict:
     """Render a foreign world's ImageFolder into ``out`` (which must not exist or be empty); the summary has the
-    keys of ``worlds.build_world``'s."""
+    keys of ``worlds.build_world``'s, and ``n_test_good`` adds good test units from their own seed stream, as
+    there."""
     w = WORLDS[world] if isinstance(world, str) else world
     counts_in = {"train": n_train, "val": n_val, "test": n_test}
-    for split, n in counts_in.items():
+    for split, n in {**counts_in, "further good test": n_test_good}.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"number of {split} images must be a whole number >= 0, got {n!r}")
+    counts_in["test"] += n_test_good  # a split folder is made wherever it holds any unit
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty directory")
@@ -735,22 +739,23 @@ def build_world(world: ForeignWorld | str, out: Path, n_train: int, n_test: int,
     key = zlib.crc32(w.name.encode())
     tasks = []
     for split in SPLITS:
-        n = counts_in[split]
-        if not n:
+        if not counts_in[split]:
             continue
         for c in CLASSES:
             (out / split / c).mkdir(parents=True, exist_ok=True)
+        n = n_test if split == "test" else counts_in[split]
         labels = _quota(n)
         order = np.random.default_rng(np.random.SeedSequence([seed, key, _SPLIT_CODE[split]])).permutation(n)
-        tasks += [(split, i, labels[j]) for i, j in enumerate(order)]
+        tasks += [(split, _SPLIT_CODE[split], i, labels[j], split) for i, j in enumerate(order)]
+    tasks += [("test", TEST_GOOD_CODE, i, "good", "testgood") for i in range(n_test_good)]
     rows = []
     try:
         it = progress(tasks, total=len(tasks)) if progress else tasks
-        for split, i, cls in it:
-            rng = np.random.default_rng(np.random.SeedSequence([seed, key, _SPLIT_CODE[split], i]))
+        for split, code, i, cls, stem in it:
+            rng = np.random.default_rng(np.random.SeedSequence([seed, key, code, i]))
             img, truth = render(w, rng, cls)
             enc = w.encodings[int(rng.integers(0, len(w.encodings)))]
-            rel = f"{split}/{cls}/{w.name}_{split}_{i:06d}{SUFFIX[enc]}"
+            rel = f"{split}/{cls}/{w.name}_{stem}_{i:06d}{SUFFIX[enc]}"
             (out / rel).write_bytes(encode(img, enc, w.tint, rng))
             rows.append({"path": rel, "split": split, "encoding": enc, **truth})
     except BaseException:
@@ -769,8 +774,8 @@ def build_world(world: ForeignWorld | str, out: Path, n_train: int, n_test: int,
             fh.write(json.dumps(r, sort_keys=True) + "\n")
     sizes = {s.name: [s.width, s.height] for s in w.shapes}
     meta = {"created_by": "benchmarks/foreign_world.py", "world": w.to_json(), "seed": seed,
-            "frames_per_container": 1, "classes": list(CLASSES), "counts": counts, "images": len(rows),
-            "image_sizes": sizes}
+            "frames_per_container": 1, "classes": list(CLASSES), "counts": counts, "test_good": n_test_good,
+            "images": len(rows), "image_sizes": sizes}
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {"world": w.name, "out": str(out), "seed": seed, "workers": 1, "images": len(rows), "counts": counts,
             "image_sizes": sizes, "seconds": round(time.perf_counter() - t0, 2)}
@@ -783,12 +788,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=200, help="training images (default 200)")
     p.add_argument("--val", type=int, default=0, help="validation images (default 0: no val folder)")
     p.add_argument("--test", type=int, default=100, help="test images (default 100)")
+    p.add_argument("--test-good", type=int, default=0,
+                   help="further good units in the test split, from their own seed stream (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
     a = p.parse_args(argv)
     if a.world not in WORLDS:
         p.error(f"unknown world {a.world!r}; known: {', '.join(WORLDS)}")
     try:
-        s = build_world(a.world, Path(a.out), a.train, a.test, a.seed, n_val=a.val)
+        s = build_world(a.world, Path(a.out), a.train, a.test, a.seed, n_val=a.val, n_test_good=a.test_good)
     except ValueError as e:
         p.error(str(e))
     print(json.dumps(s, indent=2))

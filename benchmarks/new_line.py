@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/new_line.py [--worlds w65,w58] [--labels 0,50,200] [--good 600]
         [--methods default,train,train-from-still,scratch,transfer,implant] [--minutes 10] [--test 400]
-        [--out bench_out/new_line] [--seed 0]
+        [--test-good 0] [--out bench_out/new_line] [--seed 0]
 
 A "world" (benchmarks/worlds.py) is a production line the shipped model never saw: the project's simulator
 under other optics (pixel scale, light, blur, noise), formats and encodings (16-bit PNG, tinted colour JPEG,
@@ -38,7 +38,9 @@ are compared by how well they separate, not by how well a small validation split
 share the 2% at one quantile of the good units' scores, except a fill level decided by the line's fill gauge, whose
 threshold sits just above the highest good unit's reading, as `vialinspect.training.calibrate` sets it); AUROC per
 class; and, separately, what the run's own calibrated thresholds give (false rejects and recall), which is
-what a user gets. Training time and peak memory of each run; the machine's pace in the same run.
+what a user gets. Training time and peak memory of each run; the machine's pace in the same run. The test holds
+about 200 good units, so the 2% point rests on its four highest; ``--test-good N`` adds N good units to it (their
+own seed stream: the test's other units stay the same) so that it rests on more.
 Writes --out/summary.json and prints a table.
 """
 
@@ -312,11 +314,12 @@ def train_run(data: Path, run: Path, init: str, implant: float, minutes: float, 
     return {"train_minutes": round(wall / 60, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
 
 
-def _world_matches(meta: dict, n_train: int, n_test: int, seed: int) -> bool:
+def _world_matches(meta: dict, n_train: int, n_test: int, seed: int, n_test_good: int = 0) -> bool:
     """Whether a rendered world (its world.json) is the one this run asks for, so it can be reused."""
     counts = meta.get("counts", {})
     return (meta.get("seed") == seed and sum(counts.get("train", {}).values()) == n_train
-            and sum(counts.get("test", {}).values()) == n_test)
+            and meta.get("test_good", 0) == n_test_good
+            and sum(counts.get("test", {}).values()) == n_test + n_test_good)
 
 
 def main() -> int:
@@ -330,6 +333,10 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"methods (default all: {', '.join(METHODS)})")
     p.add_argument("--minutes", type=float, default=10.0, help="time budget per training run (default 10)")
     p.add_argument("--test", type=int, default=400, help="test images per world (default 400)")
+    p.add_argument("--test-good", type=int, default=0,
+                   help="further good units in each world's test (default 0, as every still-image figure so far): "
+                        "with 1000 the thresholds at 2%% rest on ~1,200 good units instead of ~200, as in "
+                        "new_line_sequences.py; the test's other units stay the same")
     p.add_argument("--seed", type=int, default=0, help="seed of the worlds and of the labelled draws (default 0)")
     p.add_argument("--out", default="bench_out/new_line", help="output directory")
     p.add_argument("--settings", default=None,
@@ -356,8 +363,8 @@ def main() -> int:
     for m in methods:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
-    if min(labels) < 0 or a.good < 0 or a.minutes <= 0 or a.test < 10:
-        p.error("--labels and --good must be >= 0, --minutes > 0, --test >= 10")
+    if min(labels) < 0 or a.good < 0 or a.minutes <= 0 or a.test < 10 or a.test_good < 0:
+        p.error("--labels, --good and --test-good must be >= 0, --minutes > 0, --test >= 10")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     # Worlds are rendered (in forked processes) before anything starts PyTorch's thread pools.
@@ -366,19 +373,22 @@ def main() -> int:
     for w in names:
         d = out / "worlds" / w
         meta = d / "world.json"
-        if meta.is_file() and _world_matches(json.loads(meta.read_text()), pool, a.test, a.seed):
+        if meta.is_file() and _world_matches(json.loads(meta.read_text()), pool, a.test, a.seed, a.test_good):
             print(f"== world {w}: reusing {d}", flush=True)
         else:
             if d.exists():
                 import shutil
 
                 shutil.rmtree(d)
-            print(f"== world {w}: rendering {pool} training and {a.test} test images into {d}", flush=True)
-            (foreign if w in foreign.WORLDS else worlds).build_world(w, d, n_train=pool, n_test=a.test, seed=a.seed)
+            print(f"== world {w}: rendering {pool} training and {a.test + a.test_good} test images into {d}",
+                  flush=True)
+            (foreign if w in foreign.WORLDS else worlds).build_world(w, d, n_train=pool, n_test=a.test, seed=a.seed,
+                                                                      n_test_good=a.test_good)
         dirs[w] = d
     pace_gflops = _sibling("pace").pace_gflops
     summary: dict = {"pace_gflops_start": round(pace_gflops(), 1), "frr_budget": FRR, "good": a.good,
-                     "minutes": a.minutes, "settings": settings, "init": a.init, "runs": []}
+                     "minutes": a.minutes, "settings": settings, "init": a.init, "test": a.test,
+                     "test_good": a.test_good, "runs": []}
     for w in names:
         held = bool(known[w].held_out)
         for n in labels:

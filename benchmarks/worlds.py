@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/worlds.py --list
     .venv/bin/python benchmarks/worlds.py --world w65 --out DIR --train 200 --test 100 [--val N] [--seed S]
-                                          [--workers W]
+                                          [--test-good N] [--workers W]
 
 Each world is the project's own simulator under other optics and another image encoding (pixel scale, back light,
 blur, noise, brightness gradient, vignetting, exposure drift, container formats, nuisances, file type), rendered
@@ -16,7 +16,9 @@ and every defective image holds exactly one defect class (ImageFolder is single-
 next to the split folders (``read_imagefolder`` ignores root files): ``truth.jsonl``, one row per image with
 its defects' boxes and sizes for the benchmark's own scoring, and ``world.json``, the world's settings, counts
 and seed. Every image is drawn from its own seed (world, seed, split, index): the files are byte-identical
-whatever the number of workers, and no image repeats between the splits.
+whatever the number of workers, and no image repeats between the splits. ``--test-good N`` adds N good units
+to the test split from a seed stream of their own (files ``<world>_testgood_<i>``): the test's other units stay
+the same, so that thresholds at a small false-reject rate can rest on more good units.
 
 Encodings: ``png8`` 8-bit grey PNG; ``png16`` 16-bit grey PNG (the render scaled to 0..65535 with a little
 dither, so the low byte holds data); ``jpeg_tint`` a 3-channel colour JPEG (quality 90) of the grey render times
@@ -59,6 +61,7 @@ PNG16_DITHER = 128  # +- this many 16-bit steps (half an 8-bit step) of uniform 
 MAX_ATTEMPTS = 8  # redraws of a defective unit whose defect would not be in the picture
 _CAMERA_FIELDS = frozenset(f.name for f in fields(CameraConfig)) - {"pixel_um"}
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
+TEST_GOOD_CODE = 4  # the seed stream of the further good test units (``build_world``'s ``n_test_good``)
 
 
 @dataclass(frozen=True)
@@ -249,12 +252,15 @@ def encode(gray: np.ndarray, encoding: str, tint: tuple[float, float, float], rn
     return buf.tobytes()
 
 
-def render_unit(world: World, seed: int, split: str, index: int, cls: str) -> tuple[dict, bytes]:
+def render_unit(world: World, seed: int, split: str, index: int, cls: str, stream: int | None = None
+                ) -> tuple[dict, bytes]:
     """Render image ``index`` of ``split`` (class ``cls``): its truth row (without its path) and file bytes.
 
-    Everything is drawn from ``SeedSequence([seed, world, split, index])``. A defective unit whose defect would
-    have no pixels in the picture is redrawn (up to ``MAX_ATTEMPTS`` times)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _world_key(world), _SPLIT_CODE[split], index]))
+    Everything is drawn from ``SeedSequence([seed, world, stream, index])``, the stream being the split's code
+    unless given. A defective unit whose defect would have no pixels in the picture is redrawn (up to
+    ``MAX_ATTEMPTS`` times)."""
+    code = _SPLIT_CODE[split] if stream is None else stream
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _world_key(world), code, index]))
     fmt = world.formats[int(rng.integers(0, len(world.formats)))]
     enc = world.encoding if world.encoding != "mixed" else SINGLE_ENCODINGS[int(rng.integers(0, 4))]
     cfg = world.sim_config(cls, fmt)
@@ -294,26 +300,29 @@ def _init_worker(world: World, seed: int, root: str) -> None:
     _WORKER.update(world=world, seed=seed, root=Path(root))
 
 
-def _work(task: tuple[str, int, str, str]) -> dict:
-    split, index, cls, stem = task
+def _work(task: tuple[str, int, int, str, str]) -> dict:
+    split, stream, index, cls, stem = task
     world, seed, root = _WORKER["world"], _WORKER["seed"], _WORKER["root"]
-    row, data = render_unit(world, seed, split, index, cls)
+    row, data = render_unit(world, seed, split, index, cls, stream)
     rel = f"{split}/{cls}/{stem}{SUFFIX[row['encoding']]}"
     (root / rel).write_bytes(data)
     return {"path": rel, **row}
 
 
 def build_world(world: World | str, out: Path, n_train: int, n_test: int, seed: int = 0, workers: int | None = None,
-                n_val: int = 0, progress: Callable | None = None) -> dict:
+                n_val: int = 0, progress: Callable | None = None, n_test_good: int = 0) -> dict:
     """Render a world's ImageFolder into ``out`` (which must not exist or be empty); returns a summary.
 
-    ``progress`` wraps an iterator (e.g. tqdm) if given. The summary: world, out, seed, workers, images, counts
-    per split and class, image sizes per format, seconds."""
+    ``n_test_good`` further good units join the test split (files ``<world>_testgood_<i>``), drawn from their own
+    seed stream, so that the test's other units are the same with or without them and the first N are the same
+    units whatever N. ``progress`` wraps an iterator (e.g. tqdm) if given. The summary: world, out, seed, workers,
+    images, counts per split and class, image sizes per format, seconds."""
     w = get_world(world)
     counts_in = {"train": n_train, "val": n_val, "test": n_test}
-    for split, n in counts_in.items():
+    for split, n in {**counts_in, "further good test": n_test_good}.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"number of {split} images must be a whole number >= 0, got {n!r}")
+    counts_in["test"] += n_test_good  # a split folder is made wherever it holds any unit
     if sum(counts_in.values()) < 1:
         raise ValueError("nothing to build: train, val and test are all 0 images")
     out = Path(out)
@@ -323,15 +332,17 @@ def build_world(world: World | str, out: Path, n_train: int, n_test: int, seed: 
         raise ValueError(f"{out} is not empty; choose a new or empty directory")
     workers = max(1, workers or os.cpu_count() or 1)
 
-    tasks: list[tuple[str, int, str, str]] = []
+    tasks: list[tuple[str, int, int, str, str]] = []
     for split in SPLITS:
         n = counts_in[split]
         if n == 0:
             continue
         for cls in CLASSES:
             (out / split / cls).mkdir(parents=True, exist_ok=True)
+        n = n_test if split == "test" else n
         for i, cls in enumerate(_split_classes(w, seed, split, n)):
-            tasks.append((split, i, cls, f"{w.name}_{split}_{i:06d}"))
+            tasks.append((split, _SPLIT_CODE[split], i, cls, f"{w.name}_{split}_{i:06d}"))
+    tasks += [("test", TEST_GOOD_CODE, i, GOOD, f"{w.name}_testgood_{i:06d}") for i in range(n_test_good)]
 
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -373,7 +384,8 @@ def build_world(world: World | str, out: Path, n_train: int, n_test: int, seed: 
             fh.write(json.dumps(r, sort_keys=True) + "\n")
     sizes = {f: list(wh) for f, wh in w.image_sizes().items()}
     meta = {"created_by": "benchmarks/worlds.py", "world": w.to_json(), "seed": seed, "frames_per_container": 1,
-            "classes": list(CLASSES), "counts": counts, "images": len(rows), "image_sizes": sizes}
+            "classes": list(CLASSES), "counts": counts, "test_good": n_test_good, "images": len(rows),
+            "image_sizes": sizes}
     (out / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {"world": w.name, "out": str(out), "seed": seed, "workers": workers, "images": len(rows),
             "counts": counts, "image_sizes": sizes, "seconds": round(time.perf_counter() - t0, 2)}
@@ -407,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=200, help="training images (default 200; 0 for none)")
     p.add_argument("--val", type=int, default=0, help="validation images (default 0: no val folder)")
     p.add_argument("--test", type=int, default=100, help="test images (default 100; 0 for none)")
+    p.add_argument("--test-good", type=int, default=0,
+                   help="further good units in the test split, from their own seed stream (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     a = p.parse_args(argv)
@@ -417,11 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--world and --out are required (or --list)")
     if a.workers is not None and a.workers < 1:
         p.error(f"--workers must be at least 1, got {a.workers}")
-    for flag in ("train", "val", "test"):
+    for flag in ("train", "val", "test", "test_good"):
         if getattr(a, flag) < 0:
-            p.error(f"--{flag} must be >= 0, got {getattr(a, flag)}")
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     try:
-        summary = build_world(a.world, Path(a.out), a.train, a.test, seed=a.seed, workers=a.workers, n_val=a.val)
+        summary = build_world(a.world, Path(a.out), a.train, a.test, seed=a.seed, workers=a.workers, n_val=a.val,
+                              n_test_good=a.test_good)
     except (ValueError, OSError) as e:
         p.error(str(e))
     print(f"world {summary['world']}: {summary['images']} images in {summary['out']} "

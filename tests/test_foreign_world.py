@@ -71,6 +71,21 @@ def test_the_same_seed_draws_the_same_files(fw, built, tmp_path):
     assert not any(p.read_bytes() in seen for p in other.rglob("fx68_*"))
 
 
+def test_further_good_test_units_leave_the_other_units_as_they_were(fw, built, tmp_path):
+    root, _ = built
+    more = tmp_path / "more"
+    s = fw.build_world("fx68", more, n_train=24, n_test=8, seed=5, n_test_good=2)
+    for row in _truth(root):
+        assert (more / row["path"]).read_bytes() == (root / row["path"]).read_bytes()
+    extra = [r for r in _truth(more) if "testgood" in r["path"]]
+    assert [Path(r["path"]).stem for r in extra] == ["fx68_testgood_000000", "fx68_testgood_000001"]
+    assert all(r["split"] == "test" and r["class"] == "good" and not r["defects"] for r in extra)
+    assert s["counts"]["test"]["good"] == 4 + 2 and json.loads((more / "world.json").read_text())["test_good"] == 2
+    only = tmp_path / "only"
+    fw.build_world("fx68", only, n_train=0, n_test=0, seed=5, n_test_good=1)  # a test split of good units alone
+    assert (only / extra[0]["path"]).read_bytes() == (more / extra[0]["path"]).read_bytes()
+
+
 def test_a_particle_is_darker_than_the_liquid_around_it(built):
     root, _ = built
     seen = 0

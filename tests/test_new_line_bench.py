@@ -92,6 +92,9 @@ def test_world_reuse_needs_the_same_counts_and_seed(nl):
     assert not nl._world_matches(meta, 11, 5, 0)
     assert not nl._world_matches(meta, 10, 5, 1)
     assert not nl._world_matches({}, 10, 5, 0)
+    assert not nl._world_matches(meta, 10, 5, 0, n_test_good=3)  # built without the further good units
+    more = {"seed": 0, "test_good": 3, "counts": {"train": {"good": 10}, "test": {"good": 8}}}
+    assert nl._world_matches(more, 10, 5, 0, n_test_good=3) and not nl._world_matches(more, 10, 5, 0)
 
 
 def test_labelled_subset_nests_and_adds_only_good_units(nl, tmp_path):

@@ -169,6 +169,26 @@ def test_same_seed_gives_byte_identical_files_whatever_the_worker_count(mod, tmp
     assert c["images"] == 12 and _files(tmp_path / "other")["truth.jsonl"] != fa["truth.jsonl"]
 
 
+def test_further_good_test_units_leave_the_other_units_as_they_were(mod, tmp_path):
+    a = mod.build_world("w65", tmp_path / "plain", 2, 4, seed=4, workers=1)
+    b = mod.build_world("w65", tmp_path / "more", 2, 4, seed=4, workers=1, n_test_good=3)
+    fa, fb = _files(tmp_path / "plain"), _files(tmp_path / "more")
+    extra = sorted(set(fb) - set(fa) - {"truth.jsonl", "world.json"})
+    assert [(Path(k).parent.as_posix(), Path(k).stem) for k in extra] == [
+        ("test/good", f"w65_testgood_{i:06d}") for i in range(3)]
+    assert all(fb[k] == fa[k] for k in fa if k not in ("truth.jsonl", "world.json"))
+    assert b["counts"]["test"]["good"] == a["counts"]["test"]["good"] + 3 and b["images"] == a["images"] + 3
+    assert json.loads(fb["world.json"])["test_good"] == 3
+    rows = [r for r in _truth(tmp_path / "more") if "testgood" in r["path"]]
+    assert len(rows) == 3 and all(r["split"] == "test" and r["class"] == "good" and not r["defects"] for r in rows)
+    assert len({fb[k] for k in extra}) == 3 and not {fb[k] for k in extra} & set(fa.values())
+    c = mod.build_world("w65", tmp_path / "fewer", 2, 4, seed=4, workers=1, n_test_good=1)  # the first N: the same
+    assert _files(tmp_path / "fewer")[extra[0]] == fb[extra[0]]
+    with pytest.raises(ValueError, match=">= 0"):
+        mod.build_world("w65", tmp_path / "bad", 2, 4, workers=1, n_test_good=-1)
+    assert c["images"] == a["images"] + 1
+
+
 def test_refuses_a_non_empty_out_and_bad_arguments(mod, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
