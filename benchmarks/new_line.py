@@ -38,7 +38,8 @@ are compared by how well they separate, not by how well a small validation split
 share the 2% at one quantile of the good units' scores, except a fill level decided by the line's fill gauge, whose
 threshold sits just above the highest good unit's reading, as `vialinspect.training.calibrate` sets it); AUROC per
 class; and, separately, what the run's own calibrated thresholds give (false rejects and recall), which is
-what a user gets. Training time and peak memory of each run; the machine's pace in the same run. The test holds
+what a user gets. Training time, epochs and peak memory of each run; the machine's pace at the start and the end
+(a warning where they differ by more than half: a slow spell gives a time-budgeted run fewer epochs). The test holds
 about 200 good units, so the 2% point rests on its four highest; ``--test-good N`` adds N good units to it (their
 own seed stream: the test's other units stay the same) so that it rests on more.
 Writes --out/summary.json and prints a table.
@@ -50,6 +51,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -308,10 +310,24 @@ def train_run(data: Path, run: Path, init: str, implant: float, minutes: float, 
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
+    log_text = (run / "train.log").read_text()
     if status != 0:
-        tail = (run / "train.log").read_text()[-2000:]
-        raise SystemExit(f"training failed ({run}):\n{tail}")
-    return {"train_minutes": round(wall / 60, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
+        raise SystemExit(f"training failed ({run}):\n{log_text[-2000:]}")
+    return {"train_minutes": round(wall / 60, 2), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+            **epochs_run(log_text)}
+
+
+def epochs_run(log_text: str) -> dict:
+    """The epochs a training run got, from the last line `vialinspect train` prints: under a time budget they
+    say how much of the machine the run had, which the pace at the benchmark's two ends does not. A pair of
+    networks (sequences) gives each network's count too."""
+    m = re.search(r"(\d+) epoch\(s\)(?: \(sequence network (\d+), still network (\d+))?", log_text)
+    if not m:
+        return {}
+    out = {"epochs": int(m.group(1))}
+    if m.group(2):
+        out.update(epochs_sequence=int(m.group(2)), epochs_still=int(m.group(3)))
+    return out
 
 
 def _world_matches(meta: dict, n_train: int, n_test: int, seed: int, n_test_good: int = 0) -> bool:
@@ -477,17 +493,19 @@ def print_by_kind(by_kind: dict) -> None:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\nrecall at <= {FRR:.0%} false rejects (test good units set the thresholds); pace "
-          f"{summary['pace_gflops_start']} GFLOP/s")
-    print("| world | N | method | particle | crack | fill level | AUROC p/c | calibrated FRR | minutes | GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    p0, p1 = summary["pace_gflops_start"], summary.get("pace_gflops_end")
+    print(f"\nrecall at <= {FRR:.0%} false rejects (test good units set the thresholds); pace {p0}"
+          + (f" -> {p1}" if p1 is not None else "") + " GFLOP/s")
+    if p1 is not None and (warning := _sibling("pace").pace_changed(p0, p1)):
+        print(f"warning: {warning}")
+    print("| world | N | method | particle | crack | fill level | AUROC p/c | calibrated FRR | minutes | epochs | GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in summary["runs"]:
         f, au = r["at_frr"], r["auroc"]
         w = r["world"] + (" (held out)" if r["held_out"] else "")
         print(f"| {w} | {r['labels']} | {r['method']} | {f['particle']} | {f['crack']} | {f['fill_level']} | "
               f"{au.get('particle', '-')} / {au.get('crack', '-')} | {r.get('calibrated', {}).get('frr', '-')} | "
-              f"{r.get('train_minutes', '-')} | "
-              f"{r.get('peak_rss_gb', '-')} |")
+              f"{r.get('train_minutes', '-')} | {r.get('epochs', '-')} | {r.get('peak_rss_gb', '-')} |")
 
 
 if __name__ == "__main__":

@@ -254,7 +254,9 @@ def main() -> int:
     run = out / "run"
     if resume:
         old = json.loads((out / "summary.json").read_text())
-        built, fit = old["render"], {k: old[k] for k in ("train_minutes", "peak_rss_gb")}
+        built = old["render"]
+        fit = {k: old[k] for k in ("train_minutes", "peak_rss_gb", "epochs", "epochs_sequence", "epochs_still")
+               if k in old}
         a.minutes, a.seed, settings = old["minutes"], old["seed"], old.get("settings")
         a.labels, a.good, a.test, a.frames = old["labels"], old["good"], old["test"], old["frames"]
         world = get_world(old["world"])  # the run's line, whatever --world says
@@ -297,6 +299,11 @@ def main() -> int:
     r, au, cal = res["at_frr"], res["auroc"], res["calibrated"]
     sizes = " / ".join(str(v["recall"]) for v in res["particle_by_size"].values())
     print(f"\nrecall at <= 2% false rejects (test good units set the thresholds); pace {pace0} -> {pace1} GFLOP/s")
+    if warning := NL._sibling("pace").pace_changed(pace0, pace1):
+        print(f"warning: {warning}")
+    if "epochs" in fit:
+        print("epochs: " + ", ".join(f"{k.replace('epochs_', '').replace('epochs', 'in all')} {v}"
+                                     for k, v in fit.items() if k.startswith("epochs")))
     print("| world | K | particle | crack | fill level | AUROC p/c/f | particle < 5 / 5-8 / >= 8 px | calibrated FRR, "
           "p/c/f | minutes | GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -97,6 +97,32 @@ def test_world_reuse_needs_the_same_counts_and_seed(nl):
     assert nl._world_matches(more, 10, 5, 0, n_test_good=3) and not nl._world_matches(more, 10, 5, 0)
 
 
+def test_the_epochs_a_run_got_are_read_from_trains_last_line_and_a_pace_change_is_named(nl):
+    one = "epoch 8: ...\ntime budget of 10.0 min reached; 8 epoch(s); 8.3 min in all (data check, ...); best model: x"
+    assert nl.epochs_run(one) == {"epochs": 8}
+    pair = ("sequence network: time budget of 10.0 min reached; still network: time budget of 9.79 min reached; "
+            "27 epoch(s) (sequence network 11, still network 16; each in its folder of RUN); 19.3 min in all")
+    assert nl.epochs_run(pair) == {"epochs": 27, "epochs_sequence": 11, "epochs_still": 16}
+    assert nl.epochs_run("Traceback ...") == {}
+    pace = nl._sibling("pace")
+    assert pace.pace_changed(200.0, 250.0) is None and pace.pace_changed(250.0, 200.0) is None
+    assert "65.0 to 186.4" in pace.pace_changed(65.0, 186.4) and pace.pace_changed(186.4, 65.0)
+    assert pace.pace_changed(0.0, 100.0)
+
+
+
+def test_the_table_names_each_runs_epochs_and_warns_of_a_pace_change(nl, capsys):
+    row = {"world": "fx66s", "held_out": True, "labels": 200, "method": "train", "epochs": 8, "train_minutes": 8.4,
+           "peak_rss_gb": 1.4, "calibrated": {"frr": 0.01}, "auroc": {"particle": 0.89, "crack": 0.95},
+           "at_frr": {"particle": 0.54, "crack": 0.85, "fill_level": 1.0}}
+    nl.print_table({"pace_gflops_start": 65.0, "pace_gflops_end": 186.4, "runs": [row]})
+    out = capsys.readouterr().out
+    assert "pace 65.0 -> 186.4 GFLOP/s" in out and "warning: the machine's pace changed" in out
+    assert "| fx66s (held out) | 200 | train | 0.54 | 0.85 | 1.0 | 0.89 / 0.95 | 0.01 | 8.4 | 8 | 1.4 |" in out
+    nl.print_table({"pace_gflops_start": 200.0, "pace_gflops_end": 210.0, "runs": []})
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_labelled_subset_nests_and_adds_only_good_units(nl, tmp_path):
     world = tmp_path / "world"
     for cls, n in (("good", 30), ("particle", 10), ("crack", 10)):
