@@ -302,8 +302,9 @@ def main() -> int:
     if warning := NL._sibling("pace").pace_changed(pace0, pace1):
         print(f"warning: {warning}")
     if "epochs" in fit:
-        print("epochs: " + ", ".join(f"{k.replace('epochs_', '').replace('epochs', 'in all')} {v}"
-                                     for k, v in fit.items() if k.startswith("epochs")))
+        pair = (f" (sequence network {fit['epochs_sequence']}, still network {fit['epochs_still']})"
+                if "epochs_sequence" in fit else "")
+        print(f"epochs: {fit['epochs']}{pair}")
     print("| world | K | particle | crack | fill level | AUROC p/c/f | particle < 5 / 5-8 / >= 8 px | calibrated FRR, "
           "p/c/f | minutes | GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -110,7 +110,6 @@ def test_the_epochs_a_run_got_are_read_from_trains_last_line_and_a_pace_change_i
     assert pace.pace_changed(0.0, 100.0)
 
 
-
 def test_the_table_names_each_runs_epochs_and_warns_of_a_pace_change(nl, capsys):
     row = {"world": "fx66s", "held_out": True, "labels": 200, "method": "train", "epochs": 8, "train_minutes": 8.4,
            "peak_rss_gb": 1.4, "calibrated": {"frr": 0.01}, "auroc": {"particle": 0.89, "crack": 0.95},
@@ -319,3 +318,30 @@ def test_sequence_benchmark_resume_refuses_what_it_cannot_rescore(tmp_path, monk
     says = {"no_run": "holds no finished run", "fewer_test_good": "already holds 3 further good units",
             "negative": "--test-good: must be >= 0"}[case]
     assert says in capsys.readouterr().err
+
+
+def test_sequence_benchmark_resume_keeps_and_prints_the_epochs_of_both_networks(tmp_path, monkeypatch, capsys):
+    """A re-scored run keeps the epoch counts its training got (they cannot be read again without training) and
+    the table names them, each network's too."""
+    import json
+    import sys
+
+    out = tmp_path / "bench"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "best.pt").write_bytes(b"")
+    (out / "summary.json").write_text(json.dumps({
+        "world": "fx68", "frames": 2, "labels": 0, "good": 0, "test": 2, "test_good": 0, "minutes": 1.0,
+        "seed": 0, "settings": None, "render": {}, "train_minutes": 1.0, "peak_rss_gb": 1.0,
+        "epochs": 27, "epochs_sequence": 11, "epochs_still": 16}))
+    scored = {"at_frr": {"particle": 0.9, "crack": 0.8, "fill_level": 1.0},
+              "auroc": {"particle": 0.95, "crack": 0.9, "fill_level": 1.0},
+              "calibrated": {"frr": 0.0, "particle": 0.7, "crack": 0.6, "fill_level": 1.0},
+              "particle_by_size": {"0-5 px": {"n": 1, "recall": 1.0}}}
+    monkeypatch.setattr(sys, "argv", ["new_line_sequences.py", "--resume", "--out", str(out), "--calibrate-good",
+                                      "0"])
+    with benchmark("new_line_sequences") as m:
+        monkeypatch.setattr(m.NL, "score_run", lambda *a, **k: scored)
+        assert m.main() == 0
+    assert "epochs: 27 (sequence network 11, still network 16)" in capsys.readouterr().out
+    again = json.loads((out / "summary.json").read_text())
+    assert (again["epochs"], again["epochs_sequence"], again["epochs_still"]) == (27, 11, 16)
